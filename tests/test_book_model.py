@@ -1,0 +1,215 @@
+"""The Cython book against its pure-Python twin, on random command streams.
+
+Both books get the same commands; they must return the same fills (or the same error)
+and hold the same orders in the same queue order after every step. On top of that
+agreement, each step is checked against the rules themselves (docs/book.md), so a bug
+the two books share still fails: amounts are conserved, the book is never left crossed
+by a matchable pair, every fill is at the bid's rate within the ask's limit, and
+min_ticket and single_funder hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import matcher
+from matcher import reference
+from matcher.types import Fill, Order, OrderError
+
+CAP = 400
+RATES = st.integers(min_value=240, max_value=260)
+AMOUNTS = st.integers(min_value=1, max_value=1_000)
+TIFS = st.sampled_from(["gtc", "gtc", "day", "ioc", "fok"])
+
+
+def fill_qty(bid: Order, ask: Order) -> int:
+    """The rule of docs/book.md "Who can fill whom", written out again (no credit)."""
+    r, m, a = bid.remaining, bid.min_ticket, ask.remaining
+    if ask.single_funder:
+        q = a if r >= a else 0
+    else:
+        q = min(r, a)
+    return q if q >= max(1, min(m, r)) else 0
+
+
+@st.composite
+def commands(draw: st.DrawFn) -> list[tuple[Any, ...]]:
+    n = draw(st.integers(min_value=1, max_value=60))
+    out: list[tuple[Any, ...]] = []
+    for i in range(n):
+        kind = draw(st.sampled_from(["bid"] * 4 + ["ask"] * 3 + ["cancel", "amend", "amend",
+                                                               "expire", "quote", "bad"]))
+        # Ids are fresh per command; cancels and amends pick earlier ones (maybe gone).
+        target = draw(st.integers(min_value=0, max_value=max(i - 1, 0)))
+        if kind == "bid":
+            out.append(("bid", i, draw(st.integers(0, 3)), draw(RATES), draw(AMOUNTS),
+                        draw(st.sampled_from([0, 0, 50, 300, 2_000])), draw(TIFS)))
+        elif kind == "ask":
+            out.append(("ask", i, draw(st.integers(10, 13)),
+                        draw(st.one_of(st.none(), RATES)), draw(AMOUNTS),
+                        draw(TIFS), draw(st.booleans())))
+        elif kind == "cancel":
+            out.append(("cancel", target))
+        elif kind == "amend":
+            out.append(("amend", target, draw(st.one_of(st.none(), RATES)),
+                        draw(st.one_of(st.none(), AMOUNTS))))
+        elif kind == "expire":
+            out.append(("expire",))
+        elif kind == "quote":
+            out.append(("quote", draw(AMOUNTS), draw(st.booleans())))
+        else:
+            out.append(("bad", target, draw(st.sampled_from(
+                ["amount", "rate", "min_ticket", "tif", "duplicate", "big"]))))
+    return out
+
+
+def run(book: Any, cmd: tuple[Any, ...]) -> Any:
+    """Apply one command; return what it returned or a comparable form of what it raised."""
+    kind = cmd[0]
+    try:
+        if kind == "bid":
+            _, oid, funder, rate, amount, min_ticket, tif = cmd
+            return book.bid(oid, funder, rate, amount, min_ticket=min_ticket, tif=tif)
+        if kind == "ask":
+            _, oid, sme, max_rate, amount, tif, single = cmd
+            return book.ask(oid, sme, max_rate, amount, tif=tif, single_funder=single)
+        if kind == "cancel":
+            return book.cancel(cmd[1])
+        if kind == "amend":
+            return book.amend(cmd[1], rate_bps=cmd[2], amount=cmd[3])
+        if kind == "expire":
+            return book.expire_day()
+        if kind == "quote":
+            return book.quote(cmd[1], single_funder=cmd[2])
+        _, target, what = cmd
+        resting = [o.order_id for o in book.orders()]
+        args: dict[str, Any] = {"order_id": 10_000 + target, "funder": 1, "rate_bps": 250,
+                                "amount": 100, "min_ticket": 0, "tif": "gtc"}
+        if what == "amount":
+            args["amount"] = 0
+        elif what == "rate":
+            args["rate_bps"] = CAP + 1
+        elif what == "min_ticket":
+            args["min_ticket"] = -1
+        elif what == "tif":
+            args["tif"] = "gtd"
+        elif what == "big":
+            args["amount"] = 2**63
+        elif resting:
+            args["order_id"] = resting[target % len(resting)]
+        else:
+            return "nothing resting"
+        oid, funder, rate, amount = (args.pop(k) for k in
+                                     ("order_id", "funder", "rate_bps", "amount"))
+        return book.bid(oid, funder, rate, amount, **args)
+    except OrderError as e:
+        return ("OrderError", e.field, e.reason)
+    except KeyError as e:
+        return ("KeyError", e.args)
+
+
+@dataclass
+class Ledger:
+    """What the test knows of every order, to check conservation independently."""
+
+    amount: dict[int, int] = field(default_factory=dict)     # submitted or amended to
+    filled: dict[int, int] = field(default_factory=dict)
+    removed: dict[int, int] = field(default_factory=dict)    # cancelled, expired, dropped
+
+
+def check_step(cmd: tuple[Any, ...], result: Any, before: list[Order], after: list[Order],
+               ledger: Ledger) -> None:
+    was = {o.order_id: o for o in before}
+    now = {o.order_id: o for o in after}
+    fills: list[Fill] = result if isinstance(result, list) and cmd[0] != "expire" else []
+    if isinstance(result, tuple) and result and result[0] in ("OrderError", "KeyError"):
+        assert before == after, "a rejected command changed the book"
+        return
+    if cmd[0] == "quote":
+        assert before == after, "a quote changed the book"
+    # Each fill: the bid's rate, within the ask's limit, min_ticket and single_funder kept.
+    remaining = {oid: o.remaining for oid, o in was.items()}
+    new_tif = cmd[6] if cmd[0] == "bid" else cmd[5] if cmd[0] == "ask" else None
+    if cmd[0] in ("bid", "ask"):
+        remaining[cmd[1]] = cmd[4]
+    if cmd[0] == "amend" and cmd[1] in was:
+        o = was[cmd[1]]
+        remaining[o.order_id] = o.remaining if cmd[3] is None else cmd[3]
+    bid_rate: dict[int, int] = {oid: o.rate_bps for oid, o in was.items() if o.side == "bid"}
+    ask_limit = {oid: o.rate_bps for oid, o in was.items() if o.side == "ask"}
+    min_ticket = {oid: o.min_ticket for oid, o in was.items()}
+    single = {oid: o.single_funder for oid, o in was.items()}
+    if cmd[0] == "bid":
+        bid_rate[cmd[1]], min_ticket[cmd[1]] = cmd[3], cmd[5]
+    if cmd[0] == "ask":
+        ask_limit[cmd[1]], single[cmd[1]] = (CAP if cmd[3] is None else cmd[3]), cmd[6]
+    if cmd[0] == "amend" and cmd[1] in was and cmd[2] is not None:
+        (bid_rate if was[cmd[1]].side == "bid" else ask_limit)[cmd[1]] = cmd[2]
+    for f in fills:
+        assert f.rate_bps == bid_rate[f.bid_id], "pay-as-bid"
+        assert f.rate_bps <= ask_limit[f.ask_id], "within the ask's max rate"
+        r = remaining[f.bid_id]
+        assert f.amount >= max(1, min(min_ticket[f.bid_id], r)), "min_ticket"
+        if single[f.ask_id]:
+            assert f.amount == remaining[f.ask_id], "single_funder takes the whole ask"
+        remaining[f.bid_id] -= f.amount
+        remaining[f.ask_id] -= f.amount
+        assert remaining[f.bid_id] >= 0 and remaining[f.ask_id] >= 0
+        for oid in (f.bid_id, f.ask_id):
+            ledger.filled[oid] = ledger.filled.get(oid, 0) + f.amount
+    if cmd[0] in ("bid", "ask"):
+        ledger.amount[cmd[1]] = cmd[4]
+        if new_tif == "fok":
+            own = sum(f.amount for f in fills if cmd[1] in (f.bid_id, f.ask_id))
+            assert own in (0, cmd[4]), "FOK is all or nothing"
+    if cmd[0] == "amend" and cmd[1] in was:
+        o = was[cmd[1]]
+        ledger.amount[o.order_id] += (o.remaining if cmd[3] is None else cmd[3]) - o.remaining
+    # Orders that left without being filled were cancelled, expired or dropped.
+    for oid, rem in remaining.items():
+        if oid not in now and rem:
+            assert (cmd[0] in ("cancel", "expire") or new_tif in ("ioc", "fok")), (
+                f"order {oid} vanished with {rem} left")
+            assert cmd[0] == "expire" or oid == cmd[1], f"order {oid} vanished"
+            ledger.removed[oid] = ledger.removed.get(oid, 0) + rem
+        elif oid in now:
+            assert now[oid].remaining == rem, f"order {oid}: remaining off"
+    if cmd[0] == "expire":
+        assert result == sorted(o.order_id for o in before if o.tif == "day")
+        assert all(o.tif != "day" for o in after)
+    if cmd[0] == "cancel" and isinstance(result, int):
+        assert result == was[cmd[1]].remaining
+    # Conservation: amount = filled + resting + removed, for every order ever seen.
+    for oid, amount in ledger.amount.items():
+        resting = now[oid].remaining if oid in now else 0
+        assert amount == ledger.filled.get(oid, 0) + resting + ledger.removed.get(oid, 0)
+    # Never crossed: no resting pair that crosses could be filled.
+    bids = [o for o in after if o.side == "bid"]
+    asks = [o for o in after if o.side == "ask"]
+    for a in asks:
+        for b in bids:
+            if a.rate_bps >= b.rate_bps:
+                assert fill_qty(b, a) == 0, f"crossed: bid {b} and ask {a} could fill"
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(commands())
+def test_core_agrees_with_reference_and_keeps_the_rules(cmds: list[tuple[Any, ...]]) -> None:
+    core = matcher.Book(rate_cap_bps=CAP)
+    ref = reference.Book(rate_cap_bps=CAP)
+    ledger = Ledger()
+    for cmd in cmds:
+        before = ref.orders()
+        got, want = run(core, cmd), run(ref, cmd)
+        assert got == want, f"{cmd}: core {got} != reference {want}"
+        after = ref.orders()
+        assert core.orders() == after
+        assert core.depth(100) == ref.depth(100)
+        assert core.demand() == ref.demand()
+        assert core.best_bid() == ref.best_bid()
+        assert len(core) == len(ref) == len(after)
+        check_step(cmd, want, before, after, ledger)
