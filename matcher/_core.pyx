@@ -27,7 +27,7 @@ from matcher._idmap cimport IdMap, idmap_del, idmap_free, idmap_get, idmap_put
 
 import array as _array_module
 
-from matcher.types import MAX_AMOUNT, BatchError, Fill, Order, OrderError, Quote
+from matcher.types import MAX_AMOUNT, MAX_LINE, BatchError, Fill, Order, OrderError, Quote
 
 cdef enum:
     BID = 0
@@ -49,7 +49,7 @@ cdef enum:
     FILL_WORDS = 7     # int64 words per fill record
 
 cdef int64_t C_MAX_AMOUNT = MAX_AMOUNT
-cdef int64_t C_MAX_LINE = 10 ** 15
+cdef int64_t C_MAX_LINE = MAX_LINE
 cdef int32_t C_MAX_RATE_CAP = 1_000_000
 _TIF_NAMES = ("gtc", "day", "ioc", "fok")
 _SIDE_NAMES = ("bid", "ask")
@@ -261,11 +261,13 @@ cdef class CreditLines:
         return (self.line[s], self.used[s])
 
     def items(self) -> list[tuple[int, int, int]]:
-        """Every (funder, line, used), by funder."""
-        return sorted([(self.funder[i], self.line[i], self.used[i]) for i in range(self.n)])
+        """Every (funder, line, used) with a line or a use, by funder.
 
-    def __len__(self) -> int:
-        return self.n
+        A funder with neither is the same as one never seen (a bid may have made it a
+        slot), so it is left out: two tables that lend alike list alike.
+        """
+        return sorted([(self.funder[i], self.line[i], self.used[i]) for i in range(self.n)
+                       if self.line[i] or self.used[i]])
 
 
 # --- The book ---------------------------------------------------------------------
@@ -754,6 +756,38 @@ cdef class Book:
             raise OrderError("amount", "missing", "give rate_bps or amount to amend")
         S.fills_n = 0
         self._amend(oid, <int32_t>r, a, 0)
+        return self._take_fills() if S.fills_n else []
+
+    def rematch(self, funder) -> list:
+        """Match the funder's resting bids again, best first; returns the fills.
+
+        Only a credit line that rose can make a resting pair matchable without a new
+        order (docs/book.md), so the engine calls this on every book of the core
+        enterprise after raising a line.
+        """
+        cdef int64_t f = _int_in(funder, 0, INT64_MAX, "funder")
+        cdef list ids = []
+        cdef Py_ssize_t li = self.lv_n[BID] - 1
+        cdef int32_t s
+        cdef COrder* o
+        while li >= 0 and self._crosses_asks(self.lv[BID][li].rate):
+            s = self.lv[BID][li].head
+            while s >= 0:
+                if self.pool[s].owner == f:
+                    ids.append(self.pool[s].id)
+                s = self.pool[s].next
+            li -= 1
+        S.fills_n = 0
+        for oid in ids:
+            s = idmap_get(&self.ids, <int64_t>oid)
+            if s < 0:
+                continue
+            o = &self.pool[s]
+            S.partial_n = 0
+            if self._crosses_asks(o.rate) and self._plan_vs_asks(
+                    o.rate, o.remaining, o.min_ticket, self._left(o.credit)):
+                self._execute(BID, o.id, o.owner, o.rate, s, o.credit, 0)
+        S.partial_n = 0
         return self._take_fills() if S.fills_n else []
 
     def expire_day(self) -> list:

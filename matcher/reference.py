@@ -8,7 +8,7 @@ real matching share one code path and a failed FOK cannot leave a trace.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from sortedcontainers import SortedDict  # type: ignore[import-untyped]
@@ -16,6 +16,7 @@ from sortedcontainers import SortedDict  # type: ignore[import-untyped]
 from matcher.types import (
     MAX_AMOUNT,
     MAX_ID,
+    MAX_LINE,
     TIFS,
     BatchError,
     Fill,
@@ -29,7 +30,7 @@ from matcher.types import (
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["Book"]
+__all__ = ["Book", "CreditLines"]
 
 #: Batch ``tif`` word -> tif. Unknown codes are passed through so that validation rejects
 #: them as ``bad_tif`` at their documented place in the check order.
@@ -136,12 +137,48 @@ class _Candidates:
         return self._seen[i]
 
 
+class CreditLines:
+    """Funders' lines against one core enterprise, shared by that enterprise's books.
+
+    The twin of ``matcher.CreditLines``: a funder without a line cannot lend; lowering a
+    line below what is used stops new fills and cancels nothing.
+    """
+
+    def __init__(self) -> None:
+        self._lines: dict[int, list[int]] = {}  # funder -> [line, used]
+
+    def set(self, funder: int, line: int) -> None:
+        f = _check_int("funder", funder, 0, MAX_ID)
+        v = _check_int("line", line, 0, MAX_LINE)
+        self._lines.setdefault(f, [0, 0])[0] = v
+
+    def restore(self, funder: int, line: int, used: int) -> None:
+        f = _check_int("funder", funder, 0, MAX_ID)
+        v = _check_int("line", line, 0, MAX_LINE)
+        self._lines[f] = [v, _check_int("used", used, 0, MAX_ID)]
+
+    def get(self, funder: int) -> tuple[int, int]:
+        line, used = self._lines.get(_check_int("funder", funder, 0, MAX_ID), (0, 0))
+        return line, used
+
+    def items(self) -> list[tuple[int, int, int]]:
+        return sorted((f, line, used) for f, (line, used) in self._lines.items() if line or used)
+
+    def left(self, funder: int) -> int:
+        line, used = self._lines.get(funder, (0, 0))
+        return max(0, line - used)
+
+    def use(self, funder: int, amount: int) -> None:
+        self._lines.setdefault(funder, [0, 0])[1] += amount
+
+
 class Book:
     """A reverse-auction book: lowest bid rate wins, earliest breaks ties, pay-as-bid."""
 
-    def __init__(self, rate_cap_bps: int = 3600, credit: Mapping[int, int] | None = None) -> None:
+    def __init__(self, rate_cap_bps: int = 3600, credit: CreditLines | None = None) -> None:
         self.rate_cap_bps = _check_int("rate_cap_bps", rate_cap_bps, 0, MAX_ID)
-        #: Per-funder credit table. Not modelled yet: see ``_credit_left``.
+        #: Funders' credit lines, shared with the other books of the core enterprise;
+        #: ``None``: unlimited.
         self.credit = credit
         # rate -> {order_id: rec}; dicts keep arrival order, which is time priority.
         self._bids: SortedDict = SortedDict()
@@ -153,11 +190,9 @@ class Book:
     def _credit_left(self, funder: int) -> int | None:
         """The one place credit enters matching; ``None`` means unlimited.
 
-        Credit limits are accepted but not enforced yet, so every funder is unlimited.
-        When they are, this returns the funder's remaining line and the fill step must
-        debit it; the planner already subtracts what a plan has spent.
+        The planner subtracts what the plan itself has already spent; ``_execute`` debits.
         """
-        return None
+        return None if self.credit is None else self.credit.left(funder)
 
     # ----------------------------------------------------------------- book plumbing
 
@@ -249,6 +284,8 @@ class Book:
         """
         touched: list[int] = []
         for fill in fills:
+            if self.credit is not None:
+                self.credit.use(fill.funder, fill.amount)
             cp_id = fill.ask_id if agg.side == "bid" else fill.bid_id
             for rec in (agg, self._orders.get(cp_id)):
                 assert rec is not None, "a plan only names resting counterparties"
@@ -372,6 +409,26 @@ class Book:
             self._insert(rec)
         fills = self._plan(rec)
         return fills + self._rematch(self._execute(rec, fills))
+
+    def rematch(self, funder: int) -> list[Fill]:
+        """Match the funder's resting bids again, best first (after its line rose)."""
+        f = _check_int("funder", funder, 0, MAX_ID)
+        ids = [rec.order_id for level in self._bids.values() for rec in level.values()
+               if rec.owner == f]
+        out: list[Fill] = []
+        for oid in ids:
+            rec = self._orders.get(oid)
+            if rec is not None:
+                fills = self._plan(rec)
+                out += fills + self._rematch(self._execute(rec, fills))
+        return out
+
+    def restore(self, orders: Iterable[Order]) -> None:
+        """Append resting orders (as from ``orders()``) at the back of their levels."""
+        for o in orders:
+            self._check_new_id(self._check_id(o.order_id))
+            self._insert(_Rec(o.order_id, o.side, o.owner, o.rate_bps, o.remaining,
+                              o.min_ticket, o.tif, o.single_funder))
 
     def expire_day(self) -> list[int]:
         """End of day: ``day`` orders lapse; sorted ids make the result deterministic."""

@@ -15,6 +15,8 @@ from typing import Literal, NamedTuple
 MAX_AMOUNT = 10**12
 #: Ids and owners are non-negative int64.
 MAX_ID = 2**63 - 1
+#: The largest credit line (fen) a funder may set against one core enterprise.
+MAX_LINE = 10**15
 
 Side = Literal["bid", "ask"]
 Tif = Literal["gtc", "day", "ioc", "fok"]

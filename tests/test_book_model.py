@@ -213,3 +213,73 @@ def test_core_agrees_with_reference_and_keeps_the_rules(cmds: list[tuple[Any, ..
         assert core.best_bid() == ref.best_bid()
         assert len(core) == len(ref) == len(after)
         check_step(cmd, want, before, after, ledger)
+
+
+@st.composite
+def credit_commands(draw: st.DrawFn) -> list[tuple[Any, ...]]:
+    """Commands over two books of one core enterprise, with credit lines moving."""
+    n = draw(st.integers(min_value=1, max_value=50))
+    out: list[tuple[Any, ...]] = []
+    for i in range(n):
+        kind = draw(st.sampled_from(["bid"] * 4 + ["ask"] * 3 + ["line", "line", "cancel"]))
+        book = draw(st.integers(0, 1))
+        if kind == "bid":
+            out.append(("bid", book, i, draw(st.integers(0, 2)), draw(RATES), draw(AMOUNTS),
+                        draw(st.sampled_from([0, 0, 200])), "gtc"))
+        elif kind == "ask":
+            out.append(("ask", book, i, draw(st.integers(10, 12)),
+                        draw(st.one_of(st.none(), RATES)), draw(AMOUNTS),
+                        draw(st.sampled_from(["ioc", "gtc", "fok"])), draw(st.booleans())))
+        elif kind == "line":
+            out.append(("line", draw(st.integers(0, 2)), draw(st.integers(0, 1_500))))
+        else:
+            out.append(("cancel", book, draw(st.integers(0, max(i - 1, 0)))))
+    return out
+
+
+def run_credit(books: list[Any], lines: Any, cmd: tuple[Any, ...]) -> Any:
+    """One command; a line change re-matches the funder on every book, in book order."""
+    try:
+        if cmd[0] == "line":
+            lines.set(cmd[1], cmd[2])
+            return [fill for book in books for fill in book.rematch(cmd[1])]
+        book = books[cmd[1]]
+        if cmd[0] == "bid":
+            _, _, oid, funder, rate, amount, min_ticket, tif = cmd
+            return book.bid(oid, funder, rate, amount, min_ticket=min_ticket, tif=tif)
+        if cmd[0] == "ask":
+            _, _, oid, sme, max_rate, amount, tif, single = cmd
+            return book.ask(oid, sme, max_rate, amount, tif=tif, single_funder=single)
+        return book.cancel(cmd[2])
+    except KeyError as e:
+        return ("KeyError", e.args)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(credit_commands())
+def test_shared_credit_lines_agree_and_are_never_exceeded(cmds: list[tuple[Any, ...]]) -> None:
+    core_lines, ref_lines = matcher.CreditLines(), reference.CreditLines()
+    core = [matcher.Book(rate_cap_bps=CAP, credit=core_lines) for _ in range(2)]
+    ref = [reference.Book(rate_cap_bps=CAP, credit=ref_lines) for _ in range(2)]
+    for cmd in cmds:
+        used_before = {f: used for f, _, used in ref_lines.items()}
+        got, want = run_credit(core, core_lines, cmd), run_credit(ref, ref_lines, cmd)
+        assert got == want, f"{cmd}: core {got} != reference {want}"
+        assert core_lines.items() == ref_lines.items()
+        for c, r in zip(core, ref, strict=True):
+            assert c.orders() == r.orders()
+        # No funder lends past its line: a step can use at most what was left.
+        for funder, line, used in ref_lines.items():
+            assert used <= max(line, used_before.get(funder, 0)), f"funder {funder} over line"
+        # Never crossed: no resting pair that crosses could be filled with the credit left.
+        for book in ref:
+            orders = book.orders()
+            for a in (o for o in orders if o.side == "ask"):
+                for b in (o for o in orders if o.side == "bid"):
+                    line, used = ref_lines.get(b.owner)
+                    if a.rate_bps >= b.rate_bps and fill_qty(b, a) and line - used > 0:
+                        left = line - used
+                        q = (a.remaining if b.remaining >= a.remaining <= left else 0
+                             ) if a.single_funder else min(b.remaining, a.remaining, left)
+                        assert q < max(1, min(b.min_ticket, b.remaining)), (
+                            f"crossed: {b} and {a} could fill {q}")
