@@ -1,0 +1,336 @@
+"""The marketplace: one book per segment, credit lines per core enterprise, the
+participants' order names, and the sequencer that stamps what it accepts.
+
+A pure state machine (docs/adr/0001): `submit` takes a participant's command and the
+gateway's clock reading and returns an `Outcome` (the journal entry to write, replies,
+trades for the platform); `apply` is the deterministic half, used both by `submit` and by
+recovery, so replaying the journal runs exactly the code that ran live. No I/O, no clock,
+no randomness here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from msgspec import Struct
+
+from matcher import Book, CreditLines, OrderError
+from matcher import protocol as wire
+from matcher.participants import ALLOWED
+from matcher.protocol import Role
+from matcher.types import Fill
+
+
+class Segment(Struct, frozen=True, kw_only=True):
+    """One market: receivables owed by `core`, financed for `tenor_days`."""
+
+    id: str
+    core: str
+    tenor_days: int
+    rate_cap_bps: int = 3600
+
+
+class OrderInfo(Struct, kw_only=True):
+    """What the engine knows of a resting order beyond the book: names and progress."""
+
+    order_id: int
+    segment: str
+    owner: int
+    client_id: str
+    side: Literal["bid", "ask"]
+    filled: int
+    remaining: int
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The result of one command. `entry` is None when nothing changed (rejected, retry)."""
+
+    entry: wire.JournalEntry | None = None
+    replies: list[tuple[int, wire.Event]] = field(default_factory=list)
+    trades: list[wire.Trade] = field(default_factory=list)
+    segments: list[str] = field(default_factory=list)       # books that changed
+
+    @property
+    def accepted(self) -> bool:
+        return self.entry is not None
+
+
+class Reject(Exception):
+    """Raised inside `apply` before anything changes; becomes a `rejected` reply."""
+
+    def __init__(self, code: str, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.path = code, message, path
+
+
+def _client_id(cmd: wire.Command) -> str | None:
+    return getattr(cmd, "client_id", None)
+
+
+class Engine:
+    """All segments of one engine shard and everything that must survive a restart."""
+
+    def __init__(self, segments: Iterable[Segment] = (),
+                 names: Callable[[int], str] = str) -> None:
+        self.seq = 0
+        self.segments: dict[str, Segment] = {}
+        self.books: dict[str, Book] = {}
+        self.lines: dict[str, CreditLines] = {}          # core enterprise -> lines
+        self.orders: dict[int, OrderInfo] = {}           # resting orders by order id
+        self.clients: dict[tuple[int, str], int] = {}    # (participant, client id) -> order id
+        self.finished: dict[int, wire.Done] = {}         # orders ended today, for retries
+        self._names = names
+        for segment in segments:
+            self._open(segment)
+
+    # --- the two entry points ---
+
+    def submit(self, participant: int, role: Role, cmd: wire.Command, ts: int) -> Outcome:
+        """Check the role, stamp the next sequence number and apply."""
+        if type(cmd) not in ALLOWED[role]:
+            return self._rejected(participant, cmd, Reject(
+                "forbidden", f"a {role} may not send {type(cmd).__name__.lower()}", "$.type"))
+        return self.apply(wire.JournalEntry(self.seq + 1, ts, participant, cmd))
+
+    def apply(self, entry: wire.JournalEntry) -> Outcome:
+        """Apply one stamped command. Deterministic: the same entries give the same state.
+
+        State checks run first and raise `Reject` before anything changes, so a rejected
+        command leaves no trace and consumes no sequence number.
+        """
+        if entry.seq != self.seq + 1:
+            raise ValueError(f"seq {entry.seq} does not follow {self.seq}")
+        out = Outcome()
+        cmd = entry.command
+        try:
+            handler = _HANDLERS[type(cmd)]
+            handler(self, entry, out)
+        except Reject as r:
+            return self._rejected(entry.participant, cmd, r)
+        except OrderError as e:
+            return self._rejected(entry.participant, cmd,
+                                  Reject(e.reason, str(e), f"$.{e.field}"))
+        if out.entry is None:             # a retry: nothing changed, nothing to journal
+            return out
+        self.seq = entry.seq
+        return out
+
+    def _rejected(self, participant: int, cmd: wire.Command, r: Reject) -> Outcome:
+        return Outcome(replies=[(participant, wire.Rejected(
+            client_id=_client_id(cmd), code=r.code, message=r.message, path=r.path))])
+
+    # --- reads ---
+
+    def quote(self, req: wire.QuoteRequest) -> wire.Quote:
+        q = self._book(req.segment).quote(req.amount, single_funder=req.single_funder)
+        return wire.Quote(
+            segment=req.segment, amount=req.amount, single_funder=req.single_funder,
+            fillable=q.fillable if q else 0, avg_rate_bps=q.avg_rate_bps if q else None,
+            worst_rate_bps=q.worst_rate_bps if q else None, funders=q.funders if q else 0,
+            seq=self.seq, ref=req.ref)
+
+    def book_update(self, segment: str, levels: int = 10) -> wire.BookUpdate:
+        book = self.books[segment]
+        depth = book.depth(levels)
+        amount, orders = book.demand()
+        return wire.BookUpdate(
+            segment=segment, seq=self.seq, best_rate_bps=depth[0][0] if depth else None,
+            levels=[wire.Level(*lv) for lv in depth], demand_amount=amount,
+            demand_orders=orders)
+
+    def resting_client_ids(self, participant: int) -> list[str]:
+        """The participant's resting orders by client id, oldest first."""
+        return [o.client_id for o in self.orders.values() if o.owner == participant]
+
+    def credit(self, core: str, funder: int) -> tuple[int, int]:
+        """(line, used) of a funder against a core enterprise."""
+        lines = self.lines.get(core)
+        return lines.get(funder) if lines is not None else (0, 0)
+
+    # --- handlers: check, then change ---
+
+    def _book(self, segment: str) -> Book:
+        book = self.books.get(segment)
+        if book is None:
+            raise Reject("unknown_segment", f"no segment {segment!r}", "$.segment")
+        return book
+
+    def _open(self, segment: Segment) -> None:
+        lines = self.lines.setdefault(segment.core, CreditLines())
+        self.segments[segment.id] = segment
+        self.books[segment.id] = Book(rate_cap_bps=segment.rate_cap_bps, credit=lines)
+
+    def _retry(self, entry: wire.JournalEntry, client_id: str, out: Outcome) -> bool:
+        """A new order under a client id already used: answer as the first time did."""
+        order_id = self.clients.get((entry.participant, client_id))
+        if order_id is None:
+            return False
+        out.replies.append((entry.participant, wire.Accepted(
+            client_id=client_id, seq=order_id, order_id=order_id, duplicate=True)))
+        done = self.finished.get(order_id)
+        if done is not None:
+            out.replies.append((entry.participant, done))
+        return True
+
+    def _bid(self, entry: wire.JournalEntry, out: Outcome) -> None:
+        cmd = entry.command
+        assert isinstance(cmd, wire.Bid)
+        book = self._book(cmd.segment)
+        if self._retry(entry, cmd.client_id, out):
+            return
+        core = self.segments[cmd.segment].core
+        if self.lines[core].get(entry.participant) == (0, 0):
+            raise Reject("no_credit_line", f"set a credit line against {core} first",
+                         "$.segment")
+        fills = book.bid(entry.seq, entry.participant, cmd.rate_bps, cmd.amount,
+                         min_ticket=cmd.min_ticket, tif=cmd.tif)
+        self._new_order(entry, cmd.client_id, cmd.segment, "bid", cmd.amount, fills, out)
+
+    def _ask(self, entry: wire.JournalEntry, out: Outcome) -> None:
+        cmd = entry.command
+        assert isinstance(cmd, wire.Ask)
+        book = self._book(cmd.segment)
+        if self._retry(entry, cmd.client_id, out):
+            return
+        fills = book.ask(entry.seq, entry.participant, cmd.max_rate_bps, cmd.amount,
+                         tif=cmd.tif, single_funder=cmd.single_funder)
+        self._new_order(entry, cmd.client_id, cmd.segment, "ask", cmd.amount, fills, out)
+
+    def _new_order(self, entry: wire.JournalEntry, client_id: str, segment: str,
+                   side: Literal["bid", "ask"],
+                   amount: int, fills: list[Fill], out: Outcome) -> None:
+        """Record a just-placed order; the book has already matched it."""
+        order = OrderInfo(order_id=entry.seq, segment=segment, owner=entry.participant,
+                          client_id=client_id, side=side, filled=0, remaining=amount)
+        self.orders[order.order_id] = order
+        self.clients[(entry.participant, client_id)] = order.order_id
+        out.entry = entry
+        out.replies.append((entry.participant, wire.Accepted(
+            client_id=client_id, seq=entry.seq, order_id=order.order_id)))
+        self._fills(entry, segment, fills, out)
+        if order.remaining and self.books[segment].order(order.order_id) is None:
+            self._end(order, "unfilled", out)     # IOC or FOK: the rest is dropped
+        out.segments.append(segment)
+
+    def _target(self, entry: wire.JournalEntry, client_id: str) -> OrderInfo:
+        order_id = self.clients.get((entry.participant, client_id))
+        order = self.orders.get(order_id) if order_id is not None else None
+        if order is None:
+            code = "unknown_order" if order_id is None else "not_resting"
+            raise Reject(code, f"no resting order {client_id!r} of yours", "$.client_id")
+        return order
+
+    def _cancel(self, entry: wire.JournalEntry, out: Outcome) -> None:
+        cmd = entry.command
+        assert isinstance(cmd, wire.Cancel)
+        order = self._target(entry, cmd.client_id)
+        self.books[order.segment].cancel(order.order_id)
+        out.entry = entry
+        out.replies.append((entry.participant, wire.Accepted(
+            client_id=cmd.client_id, seq=entry.seq, order_id=order.order_id)))
+        self._end(order, "cancelled", out)
+        out.segments.append(order.segment)
+
+    def _amend(self, entry: wire.JournalEntry, out: Outcome) -> None:
+        cmd = entry.command
+        assert isinstance(cmd, wire.Amend)
+        order = self._target(entry, cmd.client_id)
+        if cmd.rate_bps is None and cmd.amount is None:
+            raise Reject("missing", "give rate_bps or amount to amend", "$.amount")
+        fills = self.books[order.segment].amend(order.order_id, rate_bps=cmd.rate_bps,
+                                                amount=cmd.amount)
+        if cmd.amount is not None:
+            order.remaining = cmd.amount
+        out.entry = entry
+        out.replies.append((entry.participant, wire.Accepted(
+            client_id=cmd.client_id, seq=entry.seq, order_id=order.order_id)))
+        self._fills(entry, order.segment, fills, out)
+        out.segments.append(order.segment)
+
+    def _set_credit_line(self, entry: wire.JournalEntry, out: Outcome) -> None:
+        cmd = entry.command
+        assert isinstance(cmd, wire.SetCreditLine)
+        lines = self.lines.get(cmd.core)
+        if lines is None:
+            raise Reject("unknown_core", f"no segment of core enterprise {cmd.core!r}",
+                         "$.core")
+        lines.set(entry.participant, cmd.amount)
+        out.entry = entry
+        out.replies.append((entry.participant, wire.Accepted(client_id=None, seq=entry.seq)))
+        # A higher line can make resting pairs matchable: re-match, segment by segment.
+        for segment in sorted(s.id for s in self.segments.values() if s.core == cmd.core):
+            self._fills(entry, segment, self.books[segment].rematch(entry.participant), out)
+
+    def _add_segment(self, entry: wire.JournalEntry, out: Outcome) -> None:
+        cmd = entry.command
+        assert isinstance(cmd, wire.AddSegment)
+        if cmd.segment in self.segments:
+            raise Reject("duplicate_segment", f"segment {cmd.segment!r} exists", "$.segment")
+        self._open(Segment(id=cmd.segment, core=cmd.core, tenor_days=cmd.tenor_days,
+                           rate_cap_bps=cmd.rate_cap_bps))
+        out.entry = entry
+        out.replies.append((entry.participant, wire.Accepted(client_id=None, seq=entry.seq)))
+        out.segments.append(cmd.segment)
+
+    def _end_of_day(self, entry: wire.JournalEntry, out: Outcome) -> None:
+        out.entry = entry
+        out.replies.append((entry.participant, wire.Accepted(client_id=None, seq=entry.seq)))
+        for segment in sorted(self.books):
+            expired = self.books[segment].expire_day()
+            for order_id in expired:
+                self._end(self.orders[order_id], "expired", out)
+            if expired:
+                out.segments.append(segment)
+        # The retry window is one business day: forget the orders that have ended.
+        self.clients = {k: v for k, v in self.clients.items() if v in self.orders}
+        self.finished.clear()
+
+    # --- fills and ends ---
+
+    def _fills(self, entry: wire.JournalEntry, segment: str, fills: list[Fill],
+               out: Outcome) -> None:
+        """Turn the book's fills into trades and both parties' fill events."""
+        if not fills:
+            return
+        seg = self.segments[segment]
+        for fill in fills:
+            bid, ask = self.orders[fill.bid_id], self.orders[fill.ask_id]
+            trade = wire.Trade(
+                trade_id=f"{entry.seq}-{len(out.trades)}", seq=entry.seq, ts=entry.ts,
+                segment=segment, core=seg.core, tenor_days=seg.tenor_days, funder=fill.funder,
+                sme=fill.sme, bid_order_id=fill.bid_id, ask_order_id=fill.ask_id,
+                bid_client_id=bid.client_id, ask_client_id=ask.client_id,
+                rate_bps=fill.rate_bps, amount=fill.amount)
+            out.trades.append(trade)
+            for order in (bid, ask):
+                order.filled += fill.amount
+                order.remaining -= fill.amount
+                out.replies.append((order.owner, wire.Fill(
+                    trade_id=trade.trade_id, seq=entry.seq, ts=entry.ts, segment=segment,
+                    core=seg.core, tenor_days=seg.tenor_days, funder=fill.funder,
+                    funder_name=self._names(fill.funder), sme=fill.sme,
+                    rate_bps=fill.rate_bps, amount=fill.amount, side=order.side,
+                    client_id=order.client_id, order_id=order.order_id)))
+                if order.remaining == 0:
+                    self._end(order, "filled", out)
+
+    def _end(self, order: OrderInfo, reason: wire.DoneReason, out: Outcome) -> None:
+        done = wire.Done(client_id=order.client_id, order_id=order.order_id, reason=reason,
+                         filled=order.filled, remaining=order.remaining)
+        del self.orders[order.order_id]
+        self.finished[order.order_id] = done
+        out.replies.append((order.owner, done))
+
+
+_HANDLERS: dict[type, Callable[[Engine, wire.JournalEntry, Outcome], None]] = {
+    wire.Bid: Engine._bid,
+    wire.Ask: Engine._ask,
+    wire.Cancel: Engine._cancel,
+    wire.Amend: Engine._amend,
+    wire.SetCreditLine: Engine._set_credit_line,
+    wire.AddSegment: Engine._add_segment,
+    wire.EndOfDay: Engine._end_of_day,
+}

@@ -1,0 +1,293 @@
+"""Every message that crosses the engine's edge, as msgspec Structs: the wire format.
+
+This module is the single source of truth for the protocol: the WebSocket speaks these
+as JSON, the journal stores commands as MessagePack, docs/protocol.md and the AsyncAPI
+document describe them (a test checks the three agree). Decoding validates every bound
+the type can express (unknown fields, missing fields, ranges, lengths) and names the
+JSON path of what is wrong; what depends on state (the segment's own rate cap, whose
+order it is) the engine checks.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from matcher.types import MAX_AMOUNT, MAX_LINE
+
+#: The highest rate cap a segment may have (bps): 100% a year.
+MAX_RATE_CAP = 10_000
+
+Name = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[!-~]+$")]
+"""A client id: 1 to 64 printable ASCII characters, no spaces."""
+SegmentId = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")]
+CoreId = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")]
+Amount = Annotated[int, Meta(ge=1, le=MAX_AMOUNT)]
+Rate = Annotated[int, Meta(ge=0, le=MAX_RATE_CAP)]
+MinTicket = Annotated[int, Meta(ge=0, le=MAX_AMOUNT)]
+LineAmount = Annotated[int, Meta(ge=0, le=MAX_LINE)]
+Tif = Literal["gtc", "day", "ioc", "fok"]
+Role = Literal["funder", "sme", "platform", "admin"]
+
+
+class _Message(Struct, tag_field="type", forbid_unknown_fields=True, kw_only=True):
+    """Base of every message: tagged by `type`, strict about fields."""
+
+
+# --- Commands: they change the market, so they are sequenced and journaled -------------
+
+
+class Bid(_Message, tag="bid"):
+    """A funder offers to lend up to `amount` fen at `rate_bps` in one segment."""
+
+    client_id: Name
+    segment: SegmentId
+    rate_bps: Rate
+    amount: Amount
+    min_ticket: MinTicket = 0
+    tif: Tif = "gtc"
+
+
+class Ask(_Message, tag="ask"):
+    """An SME asks to borrow `amount` fen at no more than `max_rate_bps` (null: any)."""
+
+    client_id: Name
+    segment: SegmentId
+    amount: Amount
+    max_rate_bps: Rate | None = None
+    tif: Tif = "ioc"
+    single_funder: bool = False
+
+
+class Cancel(_Message, tag="cancel"):
+    """Cancel one's own resting order, named by its client id."""
+
+    client_id: Name
+
+
+class Amend(_Message, tag="amend"):
+    """A funder changes its resting bid's rate and/or remaining amount."""
+
+    client_id: Name
+    rate_bps: Rate | None = None
+    amount: Amount | None = None
+
+
+class SetCreditLine(_Message, tag="set_credit_line"):
+    """A funder sets its total line (fen) against one core enterprise."""
+
+    core: CoreId
+    amount: LineAmount
+
+
+class AddSegment(_Message, tag="add_segment"):
+    """An admin opens a market: receivables of `core` with `tenor_days`."""
+
+    segment: SegmentId
+    core: CoreId
+    tenor_days: Annotated[int, Meta(ge=1, le=3660)]
+    rate_cap_bps: Annotated[int, Meta(ge=1, le=MAX_RATE_CAP)] = 3600
+
+
+class EndOfDay(_Message, tag="end_of_day"):
+    """The same-day disbursement cut-off: DAY orders expire, GTC orders stay."""
+
+
+Command = Bid | Ask | Cancel | Amend | SetCreditLine | AddSegment | EndOfDay
+
+
+# --- Requests that change nothing: answered at once, never journaled ----------------
+
+
+class QuoteRequest(_Message, tag="quote"):
+    """What an IOC ask of `amount` would get right now. `ref` is echoed back."""
+
+    segment: SegmentId
+    amount: Amount
+    single_funder: bool = False
+    ref: Name | None = None
+
+
+class Auth(_Message, tag="auth"):
+    """Authenticate a connection with an API key (for clients that cannot set headers)."""
+
+    key: Annotated[str, Meta(min_length=1, max_length=256)]
+
+
+class Subscribe(_Message, tag="subscribe"):
+    """Receive `book` updates for these segments (and `fills` for the platform role)."""
+
+    segments: Annotated[list[SegmentId], Meta(max_length=1000)] = []
+    fills: bool = False
+
+
+class Unsubscribe(_Message, tag="unsubscribe"):
+    segments: Annotated[list[SegmentId], Meta(max_length=1000)]
+
+
+ClientMessage = (
+    Bid | Ask | Cancel | Amend | SetCreditLine | AddSegment | EndOfDay
+    | QuoteRequest | Auth | Subscribe | Unsubscribe
+)
+
+
+# --- Events: what the engine and the gateway send -----------------------------------
+
+
+class _Event(Struct, tag_field="type", kw_only=True):
+    pass
+
+
+class Accepted(_Event, tag="accepted"):
+    """The command is sequenced and journaled. `duplicate`: a retry of an earlier one."""
+
+    client_id: str | None
+    seq: int
+    order_id: int | None = None
+    duplicate: bool = False
+
+
+class Rejected(_Event, tag="rejected"):
+    """The command changed nothing. `code` is stable; `path` points into the message."""
+
+    client_id: str | None
+    code: str
+    message: str
+    path: str | None = None
+
+
+class Fill(_Event, tag="fill"):
+    """A loan: `funder` lends `amount` fen to `sme` at `rate_bps`, sent to both parties.
+
+    `client_id` and `side` are the recipient's own order; `trade_id` is the same
+    deterministic id the platform stream carries.
+    """
+
+    trade_id: str
+    seq: int
+    ts: int
+    segment: str
+    core: str
+    tenor_days: int
+    funder: int
+    funder_name: str
+    sme: int
+    rate_bps: int
+    amount: int
+    side: Literal["bid", "ask"]
+    client_id: str
+    order_id: int
+
+
+DoneReason = Literal["filled", "cancelled", "expired", "unfilled"]
+
+
+class Done(_Event, tag="done"):
+    """An order has ended: nothing more will fill. `remaining` is what it gave up."""
+
+    client_id: str
+    order_id: int
+    reason: DoneReason
+    filled: int
+    remaining: int
+
+
+class Quote(_Event, tag="quote"):
+    """The answer to a quote request; `fillable` 0 and null rates when nothing fills."""
+
+    segment: str
+    amount: int
+    single_funder: bool
+    fillable: int
+    avg_rate_bps: float | None
+    worst_rate_bps: int | None
+    funders: int
+    seq: int
+    ref: str | None = None
+
+
+class Level(Struct, array_like=True, frozen=True):
+    """One rate level of the funder side: [rate_bps, amount, orders]."""
+
+    rate_bps: int
+    amount: int
+    orders: int
+
+
+class BookUpdate(_Event, tag="book"):
+    """A segment's market as of `seq`: funder levels best first and resting demand.
+
+    Funder identities never appear here.
+    """
+
+    segment: str
+    seq: int
+    best_rate_bps: int | None
+    levels: list[Level]
+    demand_amount: int
+    demand_orders: int
+
+
+class Error(_Event, tag="error"):
+    """A message the gateway could not take (malformed, not allowed); nothing changed."""
+
+    code: str
+    message: str
+    path: str | None = None
+
+
+class Welcome(_Event, tag="welcome"):
+    """Sent once authenticated: who the connection is and what it may do."""
+
+    participant: int
+    name: str
+    role: Role
+    segments: list[str]
+
+
+
+
+# --- The journal and the platform's fill stream --------------------------------------
+
+
+class JournalEntry(Struct, array_like=True, frozen=True):
+    """One accepted command as the sequencer stamped it: the unit of replay."""
+
+    seq: int
+    ts: int                 # ns since the epoch, from the gateway's clock
+    participant: int
+    command: Command
+
+
+class Trade(_Event, tag="trade"):
+    """One fill as the platform receives it on its Redis stream (one entry per fill).
+
+    `trade_id` is `"<seq>-<n>"`: the n-th fill of the command with that sequence number.
+    It is also the stream entry id, so a re-published fill cannot get a second id. The
+    platform role can also receive these over the WebSocket (`subscribe` with `fills`).
+    """
+
+    trade_id: str
+    seq: int
+    ts: int
+    segment: str
+    core: str
+    tenor_days: int
+    funder: int
+    sme: int
+    bid_order_id: int
+    ask_order_id: int
+    bid_client_id: str
+    ask_client_id: str
+    rate_bps: int
+    amount: int
+
+
+Event = Accepted | Rejected | Fill | Done | Quote | BookUpdate | Error | Welcome | Trade
+
+json_decoder = msgspec.json.Decoder(ClientMessage)
+json_encoder = msgspec.json.Encoder()
+journal_encoder = msgspec.msgpack.Encoder()
+journal_decoder = msgspec.msgpack.Decoder(list[JournalEntry])

@@ -1,0 +1,326 @@
+"""`matcher serve`: recover, open the market, serve WebSocket and HTTP, stop cleanly.
+
+Start: connect to Redis (or start a local one), recover the engine from the newest
+snapshot and the journal, journal whatever the configuration adds (segments, demo
+credit lines), then listen; `/health` says ready only from then on. SIGTERM: stop taking
+commands, let in-flight journal writes finish, write a snapshot, close connections with
+1001, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import redis.asyncio as aioredis
+from aiohttp import WSMsgType, web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from matcher import protocol as wire
+from matcher.participants import Directory
+from service.config import Config
+from service.gateway import CLOSE_UNAUTHORIZED, Gateway, system
+from service.journal import Journal, Keys
+from service.localredis import LocalRedis
+from service.metrics import Metrics
+from service.recovery import recover
+
+log = logging.getLogger("matcher.serve")
+STATIC = Path(__file__).with_name("static")
+
+
+class Service:
+    """One running gateway: the pieces `serve` wires together, also used by the tests."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.directory = Directory(config.all_participants())
+        self.metrics = Metrics()
+        self.local_redis: LocalRedis | None = None
+        self.client: aioredis.Redis | None = None
+        self.gateway: Gateway | None = None
+        self.runner: web.AppRunner | None = None
+        self.port = config.server.port
+        self.ready = False
+        self.stopped = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- lifecycle ---
+
+    async def start(self) -> None:
+        cfg = self.config
+        url = cfg.redis.url
+        if url is None:
+            self.local_redis = LocalRedis(cfg.redis.data_dir, durability=cfg.redis.durability)
+            url = await asyncio.to_thread(self.local_redis.start)
+            log.info("started a local redis-server at %s, data in %s", url, cfg.redis.data_dir)
+        self.redis_url = url
+        self.client = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2,
+                                              health_check_interval=0)
+        await self._check_durability()
+        keys = Keys(cfg.redis.shard)
+        recovered = await recover(self.client, keys, self.directory.name)
+        engine = recovered.engine
+        log.info("recovered seq %d: snapshot at %d + %d journaled commands in %.2fs",
+                 engine.seq, recovered.snapshot_seq, recovered.replayed, recovered.seconds)
+        journal = Journal(self.client, keys, max_retry_delay=cfg.redis.max_retry_delay,
+                          written_seq=engine.seq, on_batch=self.metrics.batch_size.observe)
+        journal.start()
+        self.gateway = Gateway(engine, journal, self.directory, cfg.limits, self.metrics,
+                               cfg.engine.snapshot_every)
+        await self._open_market(first_start=engine.seq == 0)
+        app = self._app()
+        self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, cfg.server.host, cfg.server.port, reuse_address=True)
+        await site.start()
+        server: Any = site._server
+        if server is not None and server.sockets:       # port 0: what the OS chose
+            self.port = server.sockets[0].getsockname()[1]
+        self._tasks.append(asyncio.get_running_loop().create_task(self._end_of_day_timer()))
+        self.ready = True
+        log.info("serving on http://%s:%d (WebSocket at /ws)", cfg.server.host, self.port)
+
+    async def stop(self) -> None:
+        """Finish in-flight writes, snapshot, close connections with 1001."""
+        if self.gateway is None:
+            return
+        self.ready = False
+        gw = self.gateway
+        gw.accepting = False
+        for task in self._tasks:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await gw.journal.flush()
+            await gw.take_snapshot()
+            log.info("snapshot written at seq %d", gw.engine.seq)
+        await gw.close_all()
+        await gw.journal.close()
+        if self.runner is not None:
+            await self.runner.cleanup()
+        if self.client is not None:
+            await self.client.aclose()
+        if self.local_redis is not None:
+            await asyncio.to_thread(self.local_redis.stop)
+        self.stopped.set()
+
+    async def _check_durability(self) -> None:
+        assert self.client is not None
+        want = self.config.redis.durability
+        try:
+            got = await self.client.config_get("append*")
+        except Exception as exc:  # managed Redis may refuse CONFIG
+            log.warning("cannot read the Redis persistence settings (%s); make sure "
+                        "appendonly=yes and appendfsync=%s", exc, want)
+            return
+        have = got.get("appendfsync") if got.get("appendonly") == "yes" else "no"
+        order = {"no": 0, "everysec": 1, "always": 2}
+        if order.get(str(have), 0) < order[want]:
+            log.warning("Redis persistence is weaker than configured: appendfsync=%s, "
+                        "durability=%s wants appendonly yes + appendfsync %s "
+                        "(see README, Durability)", have, want, want)
+
+    async def _open_market(self, first_start: bool) -> None:
+        """Journal what the configuration adds: segments, and for the demo lines and bids."""
+        gw = self.gateway
+        assert gw is not None
+        admin = system()
+        for seg in self.config.segments:
+            if seg.id not in gw.engine.segments:
+                gw.submit(admin, wire.AddSegment(segment=seg.id, core=seg.core,
+                                                 tenor_days=seg.tenor_days,
+                                                 rate_cap_bps=seg.rate_cap_bps),
+                          time.perf_counter())
+        demo = self.config.demo
+        if first_start and demo.credit_line:
+            funders = [p for p in self.directory if p.role == "funder"]
+            cores = sorted({s.core for s in gw.engine.segments.values()})
+            for funder in funders:
+                for core in cores:
+                    gw.submit(funder, wire.SetCreditLine(core=core, amount=demo.credit_line),
+                              time.perf_counter())
+            if demo.seed_bids:
+                self._seed_bids(funders)
+        await gw.journal.flush()
+
+    def _seed_bids(self, funders: list) -> None:  # type: ignore[type-arg]
+        """A few GTC bids per segment so the demo board is not empty."""
+        gw = self.gateway
+        assert gw is not None
+        rng = random.Random(2026)
+        for segment in sorted(gw.engine.segments):
+            tenor = gw.engine.segments[segment].tenor_days
+            for n, funder in enumerate(rng.sample(funders, min(8, len(funders)))):
+                rate = 220 + tenor // 6 + rng.randrange(0, 40)
+                amount = rng.randrange(5, 50) * 10_000_000          # 0.5 to 5 million CNY
+                gw.submit(funder, wire.Bid(client_id=f"seed-{segment}-{n}", segment=segment,
+                                           rate_bps=rate, amount=amount, tif="gtc"),
+                          time.perf_counter())
+
+    async def _end_of_day_timer(self) -> None:
+        """Issue `end_of_day` at the configured local time, every day."""
+        cfg = self.config.engine
+        zone = ZoneInfo(cfg.timezone)
+        hour, minute = map(int, cfg.end_of_day.split(":"))
+        while True:
+            now = dt.datetime.now(zone)
+            due = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+            if due <= now:
+                due += dt.timedelta(days=1)
+            await asyncio.sleep((due - now).total_seconds())
+            assert self.gateway is not None
+            log.info("end of day %s: DAY orders expire", due.date())
+            self.gateway.submit(system(), wire.EndOfDay(), time.perf_counter())
+
+    # --- HTTP and WebSocket ---
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        app.add_routes([
+            web.get("/ws", self._ws),
+            web.get("/health", self._health),
+            web.get("/metrics", self._metrics),
+            web.get("/v1/segments", self._segments),
+            web.get("/v1/segments/{segment}/quote", self._rest_quote),
+        ])
+        if STATIC.is_dir():
+            app.router.add_get("/", self._index)
+            app.router.add_static("/static/", STATIC)
+        return app
+
+    async def _index(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC / "index.html")
+
+    async def _health(self, request: web.Request) -> web.Response:
+        gw = self.gateway
+        ok = self.ready and gw is not None and gw.journal.healthy
+        body = {"status": "ready" if ok else "unavailable",
+                "seq": gw.engine.seq if gw else 0,
+                "journal_backlog": gw.journal.backlog if gw else 0}
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _segments(self, request: web.Request) -> web.Response:
+        gw = self.gateway
+        assert gw is not None
+        out = []
+        for seg_id in sorted(gw.engine.segments):
+            seg = gw.engine.segments[seg_id]
+            book = gw.engine.book_update(seg_id, levels=1)
+            out.append({"id": seg.id, "core": seg.core, "tenor_days": seg.tenor_days,
+                        "rate_cap_bps": seg.rate_cap_bps, "best_rate_bps": book.best_rate_bps,
+                        "demand_amount": book.demand_amount})
+        return web.json_response(out)
+
+    async def _rest_quote(self, request: web.Request) -> web.Response:
+        gw = self.gateway
+        assert gw is not None
+        segment = request.match_info["segment"]
+        if segment not in gw.engine.books:
+            return _json_error(404, "unknown_segment", f"no segment {segment!r}", "segment")
+        try:
+            req = wire.QuoteRequest(
+                segment=segment, amount=_int_param(request, "amount"),
+                single_funder=request.query.get("single_funder", "false") in ("1", "true"))
+            req = wire.json_decoder.decode(wire.json_encoder.encode(req))  # checks bounds
+        except (ValueError, wire.msgspec.ValidationError) as exc:  # type: ignore[attr-defined]
+            return _json_error(400, "invalid", str(exc), "amount")
+        assert isinstance(req, wire.QuoteRequest)
+        return web.Response(body=wire.json_encoder.encode(gw.engine.quote(req)),
+                            content_type="application/json")
+
+    async def _ws(self, request: web.Request) -> web.WebSocketResponse:
+        gw = self.gateway
+        assert gw is not None
+        limits = self.config.limits
+        ws = web.WebSocketResponse(max_msg_size=limits.max_frame_bytes, compress=False,
+                                   decode_text=False, heartbeat=30)
+        await ws.prepare(request)
+        header = request.headers.get("Authorization", "")
+        who = gw.authenticate(header[7:].strip()) if header.startswith("Bearer ") else None
+        if who is None:
+            who = await self._auth_message(ws, limits.auth_timeout)
+        if who is None:
+            await ws.close(code=CLOSE_UNAUTHORIZED, message=b"unauthorized")
+            return ws
+        conn = gw.attach(ws, who)
+        try:
+            async for msg in ws:
+                if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    gw.handle(conn, msg.data, time.perf_counter())
+                elif msg.type == WSMsgType.ERROR:
+                    break
+        finally:
+            gw.detach(conn)
+        return ws
+
+    async def _auth_message(self, ws: web.WebSocketResponse, timeout: float):  # type: ignore[no-untyped-def]
+        """The first message may be `{"type": "auth", "key": ...}` (browsers set no headers)."""
+        assert self.gateway is not None
+        try:
+            msg = await ws.receive(timeout=timeout)
+        except TimeoutError:
+            return None
+        if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+            return None
+        try:
+            auth = wire.json_decoder.decode(msg.data)
+        except wire.msgspec.MsgspecError:  # type: ignore[attr-defined]
+            return None
+        return self.gateway.authenticate(auth.key) if isinstance(auth, wire.Auth) else None
+
+
+def _int_param(request: web.Request, name: str) -> int:
+    value = request.query.get(name)
+    if value is None or not value.isdigit():
+        raise ValueError(f"{name}: a positive whole number of fen is required")
+    return int(value)
+
+
+def _json_error(status: int, code: str, message: str, path: str) -> web.Response:
+    return web.Response(status=status, content_type="application/json",
+                        body=wire.json_encoder.encode(wire.Error(code=code, message=message,
+                                                                 path=f"$.{path}")))
+
+
+async def serve(config: Config) -> int:
+    """Run until SIGTERM or SIGINT; return the exit status."""
+    service = Service(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await service.start()
+    except Exception:
+        await service.stop()
+        raise
+    if config.demo.funders or config.demo.smes:
+        print_demo_keys(config, service)
+    await stop.wait()
+    log.info("stopping: no new commands; flushing the journal and writing a snapshot")
+    await service.stop()
+    return 0
+
+
+def print_demo_keys(config: Config, service: Service) -> None:
+    d = config.demo
+    print(f"""
+Demo marketplace at http://{config.server.host}:{service.port}/  (WebSocket: /ws)
+Redis: {service.redis_url}   stream of fills: {Keys(config.redis.shard).fills}
+API keys (demo only):
+  funders  {d.key_prefix}-funder-1 .. {d.key_prefix}-funder-{d.funders}   (ids 1001 ..)
+  SMEs     {d.key_prefix}-sme-1 .. {d.key_prefix}-sme-{d.smes}   (ids 100001 ..)
+  and any keys of [[participants]] in the configuration
+""", flush=True)

@@ -1,0 +1,79 @@
+"""The `matcher` command: serve, replay, snapshot."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+import redis.asyncio as aioredis
+
+from matcher import snapshot
+from service import config as config_module
+from service.journal import Keys, last_seq
+from service.recovery import recover
+
+
+def _replay(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        client = aioredis.Redis.from_url(args.redis_url)
+        keys = Keys(args.shard)
+        try:
+            got = await recover(client, keys, use_snapshot=not args.full)
+            engine = got.engine
+            orders = sum(len(book) for book in engine.books.values())
+            print(f"seq {engine.seq}  snapshot {got.snapshot_seq}  replayed {got.replayed} "
+                  f"commands in {got.seconds:.2f}s")
+            print(f"segments {len(engine.segments)}  resting orders {orders}  "
+                  f"credit lines {sum(len(lines.items()) for lines in engine.lines.values())}")
+            print(f"state hash {snapshot.state_hash(engine)}")
+            if args.write_snapshot:
+                if await last_seq(client, keys) != engine.seq:
+                    print("the journal moved on while replaying; snapshot not written",
+                          file=sys.stderr)
+                    return 1
+                await client.set(keys.snapshot, snapshot.encode(snapshot.capture(engine)))
+                print(f"snapshot written at seq {engine.seq}")
+            return 0
+        finally:
+            await client.aclose()
+    return asyncio.run(run())
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from service.app import serve
+    cfg = config_module.load(args.config)
+    return uvloop.run(serve(cfg))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="matcher", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run the gateway (the demo marketplace without --config)")
+    p.add_argument("--config", help="TOML settings; environment MATCHER_<SECTION>_<KEY> "
+                                    "overrides (default: the packaged demo)")
+    p.add_argument("--demo", action="store_true", help="serve the demo marketplace (default)")
+    p.set_defaults(run=_serve)
+    for name, helptext in (("replay", "rebuild state from the journal and print its hash"),
+                           ("snapshot", "rebuild state from the journal and store a snapshot")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--redis-url", required=True)
+        p.add_argument("--shard", default="main")
+        if name == "replay":
+            p.add_argument("--full", action="store_true",
+                           help="ignore the snapshot: replay the whole journal")
+        p.set_defaults(run=_replay, write_snapshot=name == "snapshot",
+                       full=getattr(p, "full", False))
+    args = parser.parse_args(argv)
+    if args.command == "snapshot":
+        args.full = False
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

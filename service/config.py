@@ -1,0 +1,143 @@
+"""Settings of `matcher serve`: a TOML file, then environment variables on top.
+
+Every setting has an environment name, `MATCHER_<SECTION>_<KEY>` (for example
+`MATCHER_SERVER_PORT=8081`, `MATCHER_REDIS_URL=redis://...`). The file and the
+environment are converted into typed Structs by msgspec, so a wrong setting fails at
+start with its path (`$.server.port`), not later.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from matcher.engine import Segment
+from matcher.participants import Participant, hash_key
+from matcher.protocol import CoreId, Role, SegmentId
+
+Durability = Literal["always", "everysec", "no"]
+
+
+class _Section(Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8080
+
+
+class RedisConfig(_Section):
+    url: str | None = None          # None: start a local redis-server under `data_dir`
+    data_dir: str = "var/redis"
+    shard: SegmentId = "main"
+    durability: Durability = "always"
+    max_retry_delay: Annotated[float, Meta(gt=0)] = 1.0
+
+
+class EngineConfig(_Section):
+    snapshot_every: Annotated[int, Meta(ge=1)] = 100_000
+    end_of_day: Annotated[str, Meta(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")] = "16:30"
+    timezone: str = "Asia/Shanghai"
+
+
+class LimitsConfig(_Section):
+    max_frame_bytes: Annotated[int, Meta(ge=256)] = 64 * 1024
+    outbox: Annotated[int, Meta(ge=1)] = 4096          # queued messages per connection
+    rate: Annotated[float, Meta(gt=0)] = 5_000.0       # messages per second per connection
+    burst: Annotated[int, Meta(ge=1)] = 10_000
+    book_interval_ms: Annotated[int, Meta(ge=0)] = 50
+    journal_backlog: Annotated[int, Meta(ge=1)] = 200_000
+    auth_timeout: Annotated[float, Meta(gt=0)] = 10.0
+
+
+class SegmentConfig(_Section):
+    id: SegmentId
+    core: CoreId
+    tenor_days: Annotated[int, Meta(ge=1, le=3660)]
+    rate_cap_bps: Annotated[int, Meta(ge=1, le=10_000)] = 3600
+
+    def segment(self) -> Segment:
+        return Segment(id=self.id, core=self.core, tenor_days=self.tenor_days,
+                       rate_cap_bps=self.rate_cap_bps)
+
+
+class ParticipantConfig(_Section):
+    """`key` (plain, for demos and tests) or `key_sha256`; the plain key is hashed at load."""
+
+    id: Annotated[int, Meta(ge=1)]
+    name: Annotated[str, Meta(min_length=1, max_length=64)]
+    role: Role
+    key: str | None = None
+    key_sha256: str | None = None
+    cancel_on_disconnect: bool = True
+
+
+class DemoConfig(_Section):
+    """Generated participants with predictable keys, and opening credit lines and bids."""
+
+    funders: Annotated[int, Meta(ge=0)] = 0
+    smes: Annotated[int, Meta(ge=0)] = 0
+    key_prefix: str = "demo"
+    credit_line: Annotated[int, Meta(ge=0)] = 0       # fen, per funder and core enterprise
+    seed_bids: bool = False
+
+
+class Config(_Section):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
+    engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    segments: list[SegmentConfig] = []
+    participants: list[ParticipantConfig] = []
+    demo: DemoConfig = msgspec.field(default_factory=DemoConfig)
+
+    def all_participants(self) -> list[Participant]:
+        out = []
+        for p in self.participants + demo_participants(self.demo):
+            if (p.key is None) == (p.key_sha256 is None):
+                raise ValueError(f"participants: {p.name} needs exactly one of key, key_sha256")
+            digest = p.key_sha256 or hash_key(p.key or "")
+            out.append(Participant(id=p.id, name=p.name, role=p.role, key_sha256=digest,
+                                   cancel_on_disconnect=p.cancel_on_disconnect))
+        return out
+
+
+#: Demo participants' ids: funders from 1001, SMEs from 100001.
+DEMO_FUNDER_BASE, DEMO_SME_BASE = 1000, 100_000
+
+
+def demo_key(demo: DemoConfig, role: Role, n: int) -> str:
+    return f"{demo.key_prefix}-{role}-{n}"
+
+
+def demo_participants(demo: DemoConfig) -> list[ParticipantConfig]:
+    out = [ParticipantConfig(id=DEMO_FUNDER_BASE + n, name=f"Funder {n}", role="funder",
+                             key=demo_key(demo, "funder", n)) for n in range(1, demo.funders + 1)]
+    out += [ParticipantConfig(id=DEMO_SME_BASE + n, name=f"SME {n}", role="sme",
+                              key=demo_key(demo, "sme", n)) for n in range(1, demo.smes + 1)]
+    return out
+
+
+def _env_overrides(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
+    for section in ("server", "redis", "engine", "limits", "demo"):
+        prefix = f"MATCHER_{section.upper()}_"
+        for name, value in environ.items():
+            if name.startswith(prefix):
+                data.setdefault(section, {})[name[len(prefix):].lower()] = value
+    return data
+
+
+def load(path: str | Path | None, environ: dict[str, str] | None = None) -> Config:
+    """Read the file (or the packaged demo when `path` is None), then the environment."""
+    text = (Path(path).read_text() if path is not None
+            else resources.files("service").joinpath("demo.toml").read_text())
+    data = _env_overrides(tomllib.loads(text), dict(os.environ if environ is None else environ))
+    # strict=False: environment values are strings ("8081" -> 8081).
+    return msgspec.convert(data, Config, strict=False)

@@ -1,0 +1,318 @@
+"""The WebSocket side: authenticate, decode, hand commands to the engine, route replies.
+
+Single-threaded on the event loop: a command is decoded, applied by the engine and queued
+for the journal in one go, without awaiting, so matching never waits on I/O and commands
+keep their arrival order. Replies of an accepted command are held until the journal write
+that holds it returns; rejections and quotes change nothing and go out at once. Every
+connection has a bounded outbox drained by its own writer task: a client that cannot
+keep up is closed (4408) instead of slowing the market or its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from functools import partial
+
+import msgspec
+from aiohttp import WSMsgType, web
+
+from matcher import protocol as wire
+from matcher import snapshot
+from matcher.engine import Engine, Outcome
+from matcher.participants import SYSTEM, Directory, Participant
+from service.config import LimitsConfig
+from service.journal import Journal
+from service.metrics import Metrics
+
+log = logging.getLogger("matcher.gateway")
+
+CLOSE_UNAUTHORIZED = 4401      # no valid key
+CLOSE_SLOW_CONSUMER = 4408     # outbox full: the client does not read fast enough
+CLOSE_GOING_AWAY = 1001        # shutdown
+_PATH = re.compile(r" - at `(\$[^`]*)`$")
+_SYSTEM = Participant(id=SYSTEM, name="system", role="admin", key_sha256="")
+
+
+def decode_error(exc: msgspec.MsgspecError) -> wire.Error:
+    """msgspec's own message, with the JSON path split out."""
+    text = str(exc)
+    m = _PATH.search(text)
+    code = "invalid" if isinstance(exc, msgspec.ValidationError) else "malformed"
+    return wire.Error(code=code, message=text, path=m.group(1) if m else None)
+
+
+class Connection:
+    """One WebSocket client: its participant, outbox, subscriptions and rate budget."""
+
+    def __init__(self, ws: web.WebSocketResponse, participant: Participant,
+                 limits: LimitsConfig, on_slow: Callable[[Connection], None]) -> None:
+        self.ws = ws
+        self.participant = participant
+        self.limits = limits
+        self.outbox: deque[bytes] = deque()
+        self.segments: set[str] = set()
+        self.fills = False
+        self.closed = False
+        self._ready = asyncio.Event()
+        self._tokens = float(limits.burst)
+        self._refilled = time.monotonic()
+        self._on_slow = on_slow
+        self.writer = asyncio.get_running_loop().create_task(self._write())
+
+    def send(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if len(self.outbox) >= self.limits.outbox:
+            self._on_slow(self)
+            return
+        self.outbox.append(data)
+        self._ready.set()
+
+    def allow(self) -> bool:
+        """Token bucket: `rate` messages a second, bursts up to `burst`."""
+        now = time.monotonic()
+        self._tokens = min(self.limits.burst,
+                           self._tokens + (now - self._refilled) * self.limits.rate)
+        self._refilled = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                await self._ready.wait()
+                self._ready.clear()
+                while self.outbox:
+                    await self.ws.send_frame(self.outbox.popleft(), WSMsgType.TEXT)
+        except (ConnectionError, RuntimeError, asyncio.CancelledError):
+            pass
+
+    async def close(self, code: int, message: str) -> None:
+        self.closed = True
+        self.writer.cancel()
+        await self.ws.close(code=code, message=message.encode())
+
+
+class Gateway:
+    """Routes messages between connections, the engine and the journal."""
+
+    def __init__(self, engine: Engine, journal: Journal, directory: Directory,
+                 limits: LimitsConfig, metrics: Metrics, snapshot_every: int) -> None:
+        self.engine = engine
+        self.journal = journal
+        self.directory = directory
+        self.limits = limits
+        self.metrics = metrics
+        self.snapshot_every = snapshot_every
+        self.accepting = True
+        self.connections: dict[int, set[Connection]] = {}
+        self.subscribers: dict[str, set[Connection]] = {}
+        self.fill_subscribers: set[Connection] = set()
+        self._since_snapshot = 0
+        self._book_sent: dict[str, float] = {}
+        self._book_due: set[str] = set()
+        self._encode = wire.json_encoder.encode
+
+    # --- commands ---
+
+    def submit(self, who: Participant, cmd: wire.Command, received: float,
+               conn: Connection | None = None) -> None:
+        """Apply a command now; send its replies when the journal has it."""
+        if not self.accepting or self.journal.backlog >= self.limits.journal_backlog:
+            why = "shutting down" if not self.accepting else "journal backlog is full"
+            self._reply_now(who.id, wire.Rejected(
+                client_id=getattr(cmd, "client_id", None), code="unavailable",
+                message=f"not accepting commands: {why}"), conn)
+            return
+        out = self.engine.submit(who.id, who.role, cmd, time.time_ns())
+        if out.entry is None:
+            self._deliver(out, conn)
+            return
+        self.metrics.commands.labels(type(cmd).__name__.lower()).inc()
+        durable = self.journal.append(out.entry, out.trades)
+        self._since_snapshot += 1
+        if self._since_snapshot >= self.snapshot_every:
+            self.take_snapshot()
+        durable.add_done_callback(partial(self._durable, out, received, conn))
+        self.metrics.journal_backlog.set(self.journal.backlog)
+
+    def take_snapshot(self) -> asyncio.Future[int]:
+        self._since_snapshot = 0
+        return self.journal.snapshot(snapshot.encode(snapshot.capture(self.engine)))
+
+    def _durable(self, out: Outcome, received: float, conn: Connection | None,
+                 fut: asyncio.Future[int]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            self.accepting = False        # the journal is gone: acknowledge nothing more
+            return
+        self._deliver(out, conn)
+        self.metrics.latency.observe(time.perf_counter() - received)
+        self.metrics.seq.set(self.engine.seq)
+        self.metrics.journal_backlog.set(self.journal.backlog)
+        if out.trades:
+            self.metrics.fills.inc(len(out.trades))
+            self.metrics.filled_fen.inc(sum(t.amount for t in out.trades))
+        for segment in out.segments:
+            self.book_changed(segment)
+
+    def _deliver(self, out: Outcome, conn: Connection | None) -> None:
+        for participant, event in out.replies:
+            if isinstance(event, wire.Rejected):
+                self.metrics.rejects.labels(event.code).inc()
+            self._reply_now(participant, event, conn)
+        if out.trades and self.fill_subscribers:
+            for trade in out.trades:
+                data = self._encode(trade)
+                for c in self.fill_subscribers:
+                    c.send(data)
+
+    def _reply_now(self, participant: int, event: wire.Event, conn: Connection | None) -> None:
+        """To every connection of the participant (a system command has none)."""
+        data = self._encode(event)
+        for c in self.connections.get(participant, ()):
+            c.send(data)
+
+    # --- book updates, coalesced per segment ---
+
+    def book_changed(self, segment: str) -> None:
+        if segment in self._book_due:
+            return
+        wait = self._book_sent.get(segment, 0.0) + self.limits.book_interval_ms / 1000 \
+            - time.monotonic()
+        if wait <= 0:
+            self._publish_book(segment)
+        else:
+            self._book_due.add(segment)
+            asyncio.get_running_loop().call_later(wait, self._publish_book, segment)
+
+    def _publish_book(self, segment: str) -> None:
+        self._book_due.discard(segment)
+        self._book_sent[segment] = time.monotonic()
+        subscribers = self.subscribers.get(segment)
+        if subscribers:
+            data = self._encode(self.engine.book_update(segment))
+            for c in list(subscribers):
+                c.send(data)
+
+    # --- connections ---
+
+    def authenticate(self, key: str | None) -> Participant | None:
+        return self.directory.authenticate(key) if key else None
+
+    def attach(self, ws: web.WebSocketResponse, who: Participant) -> Connection:
+        conn = Connection(ws, who, self.limits, self._drop_slow)
+        self.connections.setdefault(who.id, set()).add(conn)
+        self.metrics.connections.labels(who.role).inc()
+        conn.send(self._encode(wire.Welcome(participant=who.id, name=who.name, role=who.role,
+                                            segments=sorted(self.engine.segments))))
+        return conn
+
+    def detach(self, conn: Connection) -> None:
+        who = conn.participant
+        conns = self.connections.get(who.id, set())
+        if conn not in conns:
+            return
+        conns.discard(conn)
+        conn.closed = True
+        conn.writer.cancel()
+        self.metrics.connections.labels(who.role).dec()
+        for segment in conn.segments:
+            self.subscribers.get(segment, set()).discard(conn)
+        self.fill_subscribers.discard(conn)
+        if not conns:
+            del self.connections[who.id]
+            if who.role == "funder" and who.cancel_on_disconnect and self.accepting:
+                # No stale quote outlives its sender: cancel what the funder left resting.
+                for client_id in self.engine.resting_client_ids(who.id):
+                    self.submit(who, wire.Cancel(client_id=client_id), time.perf_counter())
+
+    def _drop_slow(self, conn: Connection) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        self.metrics.dropped.inc()
+        log.warning("closing %s: outbox full (%d messages), it does not keep up",
+                    conn.participant.name, len(conn.outbox))
+        asyncio.get_running_loop().create_task(
+            conn.ws.close(code=CLOSE_SLOW_CONSUMER, message=b"slow consumer: outbox full"))
+
+    # --- one message ---
+
+    def handle(self, conn: Connection, data: bytes | str, received: float) -> None:
+        try:
+            msg = wire.json_decoder.decode(data)
+        except msgspec.MsgspecError as exc:
+            self._error(conn, decode_error(exc))
+            return
+        who = conn.participant
+        if not conn.allow():
+            client_id = getattr(msg, "client_id", None)
+            self.metrics.rejects.labels("rate_limited").inc()
+            conn.send(self._encode(wire.Rejected(
+                client_id=client_id, code="rate_limited",
+                message=f"over {self.limits.rate:g} messages/s on this connection")))
+            return
+        if isinstance(msg, wire.QuoteRequest):
+            self._quote(conn, msg)
+        elif isinstance(msg, wire.Subscribe | wire.Unsubscribe):
+            self._subscribe(conn, msg)
+        elif isinstance(msg, wire.Auth):
+            self._error(conn, wire.Error(code="already_authenticated",
+                                         message="this connection is signed in", path="$.type"))
+        else:
+            self.submit(who, msg, received, conn)
+
+    def _error(self, conn: Connection, error: wire.Error) -> None:
+        self.metrics.rejects.labels(error.code).inc()
+        conn.send(self._encode(error))
+
+    def _quote(self, conn: Connection, req: wire.QuoteRequest) -> None:
+        if req.segment not in self.engine.books:
+            self._error(conn, wire.Error(code="unknown_segment",
+                                         message=f"no segment {req.segment!r}", path="$.segment"))
+            return
+        self.metrics.quotes.inc()
+        conn.send(self._encode(self.engine.quote(req)))
+
+    def _subscribe(self, conn: Connection, msg: wire.Subscribe | wire.Unsubscribe) -> None:
+        for i, segment in enumerate(msg.segments):
+            if segment not in self.engine.books:
+                self._error(conn, wire.Error(code="unknown_segment",
+                                             message=f"no segment {segment!r}",
+                                             path=f"$.segments[{i}]"))
+                return
+        if isinstance(msg, wire.Unsubscribe):
+            for segment in msg.segments:
+                conn.segments.discard(segment)
+                self.subscribers.get(segment, set()).discard(conn)
+            return
+        if msg.fills:
+            if conn.participant.role not in ("platform", "admin"):
+                self._error(conn, wire.Error(code="forbidden", path="$.fills",
+                                             message="only the platform may follow all fills"))
+                return
+            conn.fills = True
+            self.fill_subscribers.add(conn)
+        for segment in msg.segments:
+            conn.segments.add(segment)
+            self.subscribers.setdefault(segment, set()).add(conn)
+            conn.send(self._encode(self.engine.book_update(segment)))
+
+    async def close_all(self) -> None:
+        for conns in list(self.connections.values()):
+            for conn in list(conns):
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await conn.close(CLOSE_GOING_AWAY, "server shutting down")
+
+
+def system() -> Participant:
+    """The gateway's own identity, for commands it issues (end of day, opening segments)."""
+    return _SYSTEM

@@ -1,0 +1,219 @@
+"""The journal on Redis Streams: group commit of accepted commands, the platform's fill
+stream, snapshots, and reading it all back for recovery.
+
+Group commit without a timer: while one write is in flight, newly accepted commands
+wait in `pending`; when the write returns, all of them go in the next one, so batches
+grow with load. Each write is one MULTI/EXEC: one journal entry for the whole batch (its
+stream id is the batch's last sequence number), one fill-stream entry per trade (its id
+is the trade id) and, when due, the snapshot. Atomic, so the journal and the fill stream
+never disagree; explicit ids, so a write that may or may not have landed is checked, not
+repeated. A command's replies are released only when its write has returned.
+
+Keys share the hash tag of the engine shard (`{main}` by default), so one shard's keys
+live in one Redis Cluster slot and the transaction stays legal when segments are sharded
+over several engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from matcher import protocol as wire
+
+log = logging.getLogger("matcher.journal")
+
+_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """The Redis keys of one engine shard."""
+
+    shard: str = "main"
+
+    @property
+    def journal(self) -> str:
+        return f"matcher:{{{self.shard}}}:journal"
+
+    @property
+    def fills(self) -> str:
+        return f"matcher:{{{self.shard}}}:fills"
+
+    @property
+    def snapshot(self) -> str:
+        return f"matcher:{{{self.shard}}}:snapshot"
+
+
+def trade_fields(trade: wire.Trade) -> dict[str, str | int]:
+    """A trade as flat stream fields, readable with any Redis client."""
+    return {f: getattr(trade, f) for f in trade.__struct_fields__}
+
+
+def stream_seq(entry_id: bytes | str) -> int:
+    """The sequence part of a stream id `"<seq>-<n>"`."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.split("-", 1)[0])
+
+
+class JournalLost(RuntimeError):
+    """Redis holds less than was acknowledged: it lost writes (see README, durability)."""
+
+
+class Journal:
+    """Writes accepted commands in groups and says when each is durable."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, *, max_retry_delay: float = 1.0,
+                 written_seq: int = 0, on_batch: Callable[[int], None] | None = None) -> None:
+        self.client = client
+        self.keys = keys
+        self.max_retry_delay = max_retry_delay
+        self.written_seq = written_seq            # everything up to here is in Redis
+        self.pending: list[wire.JournalEntry] = []
+        self._trades: list[wire.Trade] = []
+        self._snapshot: bytes | None = None
+        self._durable: asyncio.Future[int] | None = None   # resolves when `pending` lands
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.healthy = True
+        self.batches = 0
+        self._on_batch = on_batch
+
+    # --- the write side ---
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="journal")
+
+    def append(self, entry: wire.JournalEntry, trades: list[wire.Trade]) -> asyncio.Future[int]:
+        """Queue an accepted command and its trades; the future resolves once durable."""
+        self.pending.append(entry)
+        self._trades.extend(trades)
+        return self._batch_future()
+
+    def snapshot(self, data: bytes) -> asyncio.Future[int]:
+        """Write a snapshot with the batch that holds the state it was taken from."""
+        self._snapshot = data
+        return self._batch_future()
+
+    def _batch_future(self) -> asyncio.Future[int]:
+        if self._durable is None:
+            self._durable = asyncio.get_running_loop().create_future()
+            self._wake.set()
+        return self._durable
+
+    @property
+    def backlog(self) -> int:
+        return len(self.pending)
+
+    async def flush(self) -> None:
+        """Wait until everything appended so far is durable."""
+        if self._durable is not None:
+            await asyncio.shield(self._durable)
+
+    async def close(self) -> None:
+        await self.flush()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._durable is None:
+                continue
+            entries, trades, snap, done = self.pending, self._trades, self._snapshot, self._durable
+            self.pending, self._trades, self._snapshot, self._durable = [], [], None, None
+            try:
+                await self._write_until_done(entries, trades, snap)
+            except Exception as exc:      # a bug or lost data: nothing more can be acknowledged
+                log.critical("journal stopped: %s", exc)
+                self.healthy = False
+                done.set_exception(exc)
+                return
+            if entries:
+                self.written_seq = entries[-1].seq
+            self.batches += 1
+            if self._on_batch is not None and entries:
+                self._on_batch(len(entries))
+            done.set_result(self.written_seq)
+
+    async def _write_until_done(self, entries: list[wire.JournalEntry],
+                                trades: list[wire.Trade], snap: bytes | None) -> None:
+        delay = 0.05
+        attempt = 0
+        while True:
+            try:
+                if attempt and entries and await self._landed(entries[-1].seq):
+                    if snap is not None:
+                        await self.client.set(self.keys.snapshot, snap)
+                    break
+                await self._write(entries, trades, snap)
+                break
+            except _TRANSIENT as exc:
+                attempt += 1
+                self.healthy = False
+                log.warning("journal write of %d commands failed (%s: %s); none of them is "
+                            "acknowledged; retrying in %.2fs", len(entries),
+                            type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_retry_delay)
+        if attempt:
+            log.warning("journal write succeeded after %d retries", attempt)
+        self.healthy = True
+
+    async def _write(self, entries: list[wire.JournalEntry], trades: list[wire.Trade],
+                     snap: bytes | None) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        if entries:
+            batch = wire.journal_encoder.encode(entries)
+            pipe.xadd(self.keys.journal, {"n": len(entries), "e": batch},
+                      id=f"{entries[-1].seq}-0")
+        for trade in trades:
+            pipe.xadd(self.keys.fills, trade_fields(trade), id=trade.trade_id)  # type: ignore[arg-type]
+        if snap is not None:
+            pipe.set(self.keys.snapshot, snap)
+        await pipe.execute()
+
+    async def _landed(self, seq: int) -> bool:
+        """After an error: did the write of everything up to `seq` land anyway?"""
+        last = await last_seq(self.client, self.keys)
+        if last < self.written_seq:
+            raise JournalLost(f"Redis journal ends at seq {last}, but {self.written_seq} "
+                              "was acknowledged: Redis lost writes")
+        return last >= seq
+
+
+# --- the read side -------------------------------------------------------------------
+
+async def last_seq(client: aioredis.Redis, keys: Keys) -> int:
+    """The last sequence number in the journal, 0 when empty."""
+    try:
+        newest: Any = await client.xrevrange(keys.journal, count=1)
+    except ResponseError:
+        return 0
+    return stream_seq(newest[0][0]) if newest else 0
+
+
+async def read_journal(client: aioredis.Redis, keys: Keys, after: int = 0,
+                       chunk: int = 200) -> AsyncIterator[list[wire.JournalEntry]]:
+    """The journal's commands with sequence numbers above `after`, batch by batch."""
+    start = f"{after + 1}-0"
+    while True:
+        rows: Any = await client.xrange(keys.journal, min=start, count=chunk)
+        if not rows:
+            return
+        for _entry_id, fields in rows:
+            entries = wire.journal_decoder.decode(fields[b"e"])
+            yield [e for e in entries if e.seq > after]
+        start = f"({rows[-1][0].decode()}"
