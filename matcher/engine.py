@@ -11,7 +11,6 @@ no randomness here.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Literal
 
 from msgspec import Struct
@@ -32,7 +31,7 @@ class Segment(Struct, frozen=True, kw_only=True):
     rate_cap_bps: int = 3600
 
 
-class OrderInfo(Struct, kw_only=True):
+class OrderInfo(Struct, kw_only=True, gc=False):
     """What the engine knows of a resting order beyond the book: names and progress."""
 
     order_id: int
@@ -44,18 +43,39 @@ class OrderInfo(Struct, kw_only=True):
     remaining: int
 
 
-@dataclass(slots=True)
 class Outcome:
-    """The result of one command. `entry` is None when nothing changed (rejected, retry)."""
+    """The result of one command. `entry` is None when nothing changed (rejected, retry).
 
-    entry: wire.JournalEntry | None = None
-    replies: list[tuple[int, wire.Event]] = field(default_factory=list)
-    trades: list[wire.Trade] = field(default_factory=list)
-    segments: list[str] = field(default_factory=list)       # books that changed
+    `quiet` (recovery) skips building replies and trades: nobody is listening, and the
+    state changes are the same either way. (A plain class: one is made per command, and
+    a dataclass with list factories costs twice as much to create.)
+    """
+
+    __slots__ = ("entry", "quiet", "replies", "segments", "trades")
+
+    def __init__(self, quiet: bool = False,
+                 replies: list[tuple[int, wire.Event]] | None = None) -> None:
+        self.quiet = quiet
+        self.entry: wire.JournalEntry | None = None
+        self.replies: list[tuple[int, wire.Event]] = replies if replies is not None else []
+        self.trades: list[wire.Trade] = []
+        self.segments: list[str] = []          # books that changed
+
+    def __repr__(self) -> str:
+        return (f"Outcome(entry={self.entry!r}, replies={self.replies!r}, "
+                f"trades={self.trades!r}, segments={self.segments!r})")
 
     @property
     def accepted(self) -> bool:
         return self.entry is not None
+
+    def accept(self, entry: wire.JournalEntry, client_id: str | None = None,
+               order_id: int | None = None) -> None:
+        """The command is applied: journal it and tell its sender."""
+        self.entry = entry
+        if not self.quiet:
+            self.replies.append((entry.participant, wire.Accepted(
+                client_id=client_id, seq=entry.seq, order_id=order_id)))
 
 
 class Reject(Exception):
@@ -95,7 +115,7 @@ class Engine:
                 "forbidden", f"a {role} may not send {type(cmd).__name__.lower()}", "$.type"))
         return self.apply(wire.JournalEntry(self.seq + 1, ts, participant, cmd))
 
-    def apply(self, entry: wire.JournalEntry) -> Outcome:
+    def apply(self, entry: wire.JournalEntry, *, quiet: bool = False) -> Outcome:
         """Apply one stamped command. Deterministic: the same entries give the same state.
 
         State checks run first and raise `Reject` before anything changes, so a rejected
@@ -103,7 +123,7 @@ class Engine:
         """
         if entry.seq != self.seq + 1:
             raise ValueError(f"seq {entry.seq} does not follow {self.seq}")
-        out = Outcome()
+        out = Outcome(quiet=quiet)
         cmd = entry.command
         try:
             handler = _HANDLERS[type(cmd)]
@@ -187,7 +207,8 @@ class Engine:
                          "$.segment")
         fills = book.bid(entry.seq, entry.participant, cmd.rate_bps, cmd.amount,
                          min_ticket=cmd.min_ticket, tif=cmd.tif)
-        self._new_order(entry, cmd.client_id, cmd.segment, "bid", cmd.amount, fills, out)
+        self._new_order(entry, cmd.client_id, cmd.segment, "bid", cmd.amount, cmd.tif, fills,
+                        out)
 
     def _ask(self, entry: wire.JournalEntry, out: Outcome) -> None:
         cmd = entry.command
@@ -197,22 +218,22 @@ class Engine:
             return
         fills = book.ask(entry.seq, entry.participant, cmd.max_rate_bps, cmd.amount,
                          tif=cmd.tif, single_funder=cmd.single_funder)
-        self._new_order(entry, cmd.client_id, cmd.segment, "ask", cmd.amount, fills, out)
+        self._new_order(entry, cmd.client_id, cmd.segment, "ask", cmd.amount, cmd.tif, fills,
+                        out)
 
     def _new_order(self, entry: wire.JournalEntry, client_id: str, segment: str,
-                   side: Literal["bid", "ask"],
-                   amount: int, fills: list[Fill], out: Outcome) -> None:
+                   side: Literal["bid", "ask"], amount: int, tif: wire.Tif, fills: list[Fill],
+                   out: Outcome) -> None:
         """Record a just-placed order; the book has already matched it."""
         order = OrderInfo(order_id=entry.seq, segment=segment, owner=entry.participant,
                           client_id=client_id, side=side, filled=0, remaining=amount)
         self.orders[order.order_id] = order
         self.clients[(entry.participant, client_id)] = order.order_id
-        out.entry = entry
-        out.replies.append((entry.participant, wire.Accepted(
-            client_id=client_id, seq=entry.seq, order_id=order.order_id)))
-        self._fills(entry, segment, fills, out)
-        if order.remaining and self.books[segment].order(order.order_id) is None:
-            self._end(order, "unfilled", out)     # IOC or FOK: the rest is dropped
+        out.accept(entry, client_id, order.order_id)
+        if fills:
+            self._fills(entry, segment, fills, out)
+        if order.remaining and (tif == "ioc" or tif == "fok"):
+            self._end(order, "unfilled", out)     # the rest is dropped
         out.segments.append(segment)
 
     def _target(self, entry: wire.JournalEntry, client_id: str) -> OrderInfo:
@@ -228,9 +249,7 @@ class Engine:
         assert isinstance(cmd, wire.Cancel)
         order = self._target(entry, cmd.client_id)
         self.books[order.segment].cancel(order.order_id)
-        out.entry = entry
-        out.replies.append((entry.participant, wire.Accepted(
-            client_id=cmd.client_id, seq=entry.seq, order_id=order.order_id)))
+        out.accept(entry, cmd.client_id, order.order_id)
         self._end(order, "cancelled", out)
         out.segments.append(order.segment)
 
@@ -244,9 +263,7 @@ class Engine:
                                                 amount=cmd.amount)
         if cmd.amount is not None:
             order.remaining = cmd.amount
-        out.entry = entry
-        out.replies.append((entry.participant, wire.Accepted(
-            client_id=cmd.client_id, seq=entry.seq, order_id=order.order_id)))
+        out.accept(entry, cmd.client_id, order.order_id)
         self._fills(entry, order.segment, fills, out)
         out.segments.append(order.segment)
 
@@ -258,8 +275,7 @@ class Engine:
             raise Reject("unknown_core", f"no segment of core enterprise {cmd.core!r}",
                          "$.core")
         lines.set(entry.participant, cmd.amount)
-        out.entry = entry
-        out.replies.append((entry.participant, wire.Accepted(client_id=None, seq=entry.seq)))
+        out.accept(entry)
         # A higher line can make resting pairs matchable: re-match, segment by segment.
         for segment in sorted(s.id for s in self.segments.values() if s.core == cmd.core):
             self._fills(entry, segment, self.books[segment].rematch(entry.participant), out)
@@ -271,13 +287,11 @@ class Engine:
             raise Reject("duplicate_segment", f"segment {cmd.segment!r} exists", "$.segment")
         self._open(Segment(id=cmd.segment, core=cmd.core, tenor_days=cmd.tenor_days,
                            rate_cap_bps=cmd.rate_cap_bps))
-        out.entry = entry
-        out.replies.append((entry.participant, wire.Accepted(client_id=None, seq=entry.seq)))
+        out.accept(entry)
         out.segments.append(cmd.segment)
 
     def _end_of_day(self, entry: wire.JournalEntry, out: Outcome) -> None:
-        out.entry = entry
-        out.replies.append((entry.participant, wire.Accepted(client_id=None, seq=entry.seq)))
+        out.accept(entry)
         for segment in sorted(self.books):
             expired = self.books[segment].expire_day()
             for order_id in expired:
@@ -292,37 +306,43 @@ class Engine:
 
     def _fills(self, entry: wire.JournalEntry, segment: str, fills: list[Fill],
                out: Outcome) -> None:
-        """Turn the book's fills into trades and both parties' fill events."""
-        if not fills:
-            return
+        """Book the fills on both orders; report them as trades and fill events."""
         seg = self.segments[segment]
         for fill in fills:
             bid, ask = self.orders[fill.bid_id], self.orders[fill.ask_id]
-            trade = wire.Trade(
-                trade_id=f"{entry.seq}-{len(out.trades)}", seq=entry.seq, ts=entry.ts,
-                segment=segment, core=seg.core, tenor_days=seg.tenor_days, funder=fill.funder,
-                sme=fill.sme, bid_order_id=fill.bid_id, ask_order_id=fill.ask_id,
-                bid_client_id=bid.client_id, ask_client_id=ask.client_id,
-                rate_bps=fill.rate_bps, amount=fill.amount)
-            out.trades.append(trade)
+            if not out.quiet:
+                self._report(entry, seg, fill, bid, ask, out)
             for order in (bid, ask):
                 order.filled += fill.amount
                 order.remaining -= fill.amount
-                out.replies.append((order.owner, wire.Fill(
-                    trade_id=trade.trade_id, seq=entry.seq, ts=entry.ts, segment=segment,
-                    core=seg.core, tenor_days=seg.tenor_days, funder=fill.funder,
-                    funder_name=self._names(fill.funder), sme=fill.sme,
-                    rate_bps=fill.rate_bps, amount=fill.amount, side=order.side,
-                    client_id=order.client_id, order_id=order.order_id)))
                 if order.remaining == 0:
                     self._end(order, "filled", out)
+
+    def _report(self, entry: wire.JournalEntry, seg: Segment, fill: Fill, bid: OrderInfo,
+                ask: OrderInfo, out: Outcome) -> None:
+        trade = wire.Trade(
+            trade_id=f"{entry.seq}-{len(out.trades)}", seq=entry.seq, ts=entry.ts,
+            segment=seg.id, core=seg.core, tenor_days=seg.tenor_days, funder=fill.funder,
+            sme=fill.sme, bid_order_id=fill.bid_id, ask_order_id=fill.ask_id,
+            bid_client_id=bid.client_id, ask_client_id=ask.client_id,
+            rate_bps=fill.rate_bps, amount=fill.amount)
+        out.trades.append(trade)
+        funder_name = self._names(fill.funder)
+        for order in (bid, ask):
+            out.replies.append((order.owner, wire.Fill(
+                trade_id=trade.trade_id, seq=entry.seq, ts=entry.ts, segment=seg.id,
+                core=seg.core, tenor_days=seg.tenor_days, funder=fill.funder,
+                funder_name=funder_name, sme=fill.sme, rate_bps=fill.rate_bps,
+                amount=fill.amount, side=order.side, client_id=order.client_id,
+                order_id=order.order_id)))
 
     def _end(self, order: OrderInfo, reason: wire.DoneReason, out: Outcome) -> None:
         done = wire.Done(client_id=order.client_id, order_id=order.order_id, reason=reason,
                          filled=order.filled, remaining=order.remaining)
         del self.orders[order.order_id]
         self.finished[order.order_id] = done
-        out.replies.append((order.owner, done))
+        if not out.quiet:
+            out.replies.append((order.owner, done))
 
 
 _HANDLERS: dict[type, Callable[[Engine, wire.JournalEntry, Outcome], None]] = {

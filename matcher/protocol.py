@@ -20,10 +20,15 @@ from matcher.types import MAX_AMOUNT, MAX_LINE
 #: The highest rate cap a segment may have (bps): 100% a year.
 MAX_RATE_CAP = 10_000
 
-Name = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[!-~]+$")]
-"""A client id: 1 to 64 printable ASCII characters, no spaces."""
-SegmentId = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")]
-CoreId = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")]
+Name = Annotated[str, Meta(min_length=1, max_length=64)]
+"""A client id: any string of 1 to 64 characters, unique per participant."""
+SegmentId = Annotated[str, Meta(min_length=1, max_length=32)]
+"""A reference to a segment (or core enterprise): it must exist, so no pattern is needed,
+and none is paid for on every order and every journal replay."""
+CoreId = SegmentId
+NewId = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")]
+"""The id of a new segment or core enterprise: letters, digits, `_`, `.`, `-` (it appears
+in URLs)."""
 Amount = Annotated[int, Meta(ge=1, le=MAX_AMOUNT)]
 Rate = Annotated[int, Meta(ge=0, le=MAX_RATE_CAP)]
 MinTicket = Annotated[int, Meta(ge=0, le=MAX_AMOUNT)]
@@ -32,7 +37,7 @@ Tif = Literal["gtc", "day", "ioc", "fok"]
 Role = Literal["funder", "sme", "platform", "admin"]
 
 
-class _Message(Struct, tag_field="type", forbid_unknown_fields=True, kw_only=True):
+class _Message(Struct, tag_field="type", forbid_unknown_fields=True, kw_only=True, gc=False):
     """Base of every message: tagged by `type`, strict about fields."""
 
 
@@ -85,8 +90,8 @@ class SetCreditLine(_Message, tag="set_credit_line"):
 class AddSegment(_Message, tag="add_segment"):
     """An admin opens a market: receivables of `core` with `tenor_days`."""
 
-    segment: SegmentId
-    core: CoreId
+    segment: NewId
+    core: NewId
     tenor_days: Annotated[int, Meta(ge=1, le=3660)]
     rate_cap_bps: Annotated[int, Meta(ge=1, le=MAX_RATE_CAP)] = 3600
 
@@ -136,7 +141,7 @@ ClientMessage = (
 # --- Events: what the engine and the gateway send -----------------------------------
 
 
-class _Event(Struct, tag_field="type", kw_only=True):
+class _Event(Struct, tag_field="type", kw_only=True, gc=False):
     pass
 
 
@@ -252,7 +257,7 @@ class Welcome(_Event, tag="welcome"):
 # --- The journal and the platform's fill stream --------------------------------------
 
 
-class JournalEntry(Struct, array_like=True, frozen=True):
+class JournalEntry(Struct, array_like=True, frozen=True, gc=False):
     """One accepted command as the sequencer stamped it: the unit of replay."""
 
     seq: int

@@ -10,7 +10,6 @@ commands, let in-flight journal writes finish, write a snapshot, close connectio
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import random
@@ -50,6 +49,7 @@ class Service:
         self.runner: web.AppRunner | None = None
         self.port = config.server.port
         self.ready = False
+        self.exit_code = 0
         self.stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -98,10 +98,16 @@ class Service:
         gw.accepting = False
         for task in self._tasks:
             task.cancel()
-        with contextlib.suppress(Exception):
-            await gw.journal.flush()
-            await gw.take_snapshot()
+        timeout = self.config.server.shutdown_timeout
+        try:
+            await asyncio.wait_for(gw.journal.flush(), timeout)
+            await asyncio.wait_for(gw.take_snapshot(), timeout)
             log.info("snapshot written at seq %d", gw.engine.seq)
+        except Exception as exc:
+            self.exit_code = 1
+            log.error("could not finish the journal writes (%s: %s); the commands not yet "
+                      "written are lost, and none of them was acknowledged",
+                      type(exc).__name__, exc)
         await gw.close_all()
         await gw.journal.close()
         if self.runner is not None:
@@ -311,7 +317,7 @@ async def serve(config: Config) -> int:
     await stop.wait()
     log.info("stopping: no new commands; flushing the journal and writing a snapshot")
     await service.stop()
-    return 0
+    return service.exit_code
 
 
 def print_demo_keys(config: Config, service: Service) -> None:

@@ -19,7 +19,7 @@ from msgspec import Meta, Struct
 
 from matcher.engine import Segment
 from matcher.participants import Participant, hash_key
-from matcher.protocol import CoreId, Role, SegmentId
+from matcher.protocol import NewId, Role
 
 Durability = Literal["always", "everysec", "no"]
 
@@ -31,12 +31,13 @@ class _Section(Struct, forbid_unknown_fields=True, kw_only=True):
 class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 8080
+    shutdown_timeout: Annotated[float, Meta(gt=0)] = 10.0   # for in-flight journal writes
 
 
 class RedisConfig(_Section):
     url: str | None = None          # None: start a local redis-server under `data_dir`
     data_dir: str = "var/redis"
-    shard: SegmentId = "main"
+    shard: NewId = "main"
     durability: Durability = "always"
     max_retry_delay: Annotated[float, Meta(gt=0)] = 1.0
 
@@ -49,7 +50,7 @@ class EngineConfig(_Section):
 
 class LimitsConfig(_Section):
     max_frame_bytes: Annotated[int, Meta(ge=256)] = 64 * 1024
-    outbox: Annotated[int, Meta(ge=1)] = 4096          # queued messages per connection
+    outbox: Annotated[int, Meta(ge=1)] = 32_768        # queued messages per connection
     rate: Annotated[float, Meta(gt=0)] = 5_000.0       # messages per second per connection
     burst: Annotated[int, Meta(ge=1)] = 10_000
     book_interval_ms: Annotated[int, Meta(ge=0)] = 50
@@ -58,8 +59,8 @@ class LimitsConfig(_Section):
 
 
 class SegmentConfig(_Section):
-    id: SegmentId
-    core: CoreId
+    id: NewId
+    core: NewId
     tenor_days: Annotated[int, Meta(ge=1, le=3660)]
     rate_cap_bps: Annotated[int, Meta(ge=1, le=10_000)] = 3600
 

@@ -37,6 +37,7 @@ CLOSE_SLOW_CONSUMER = 4408     # outbox full: the client does not read fast enou
 CLOSE_GOING_AWAY = 1001        # shutdown
 _PATH = re.compile(r" - at `(\$[^`]*)`$")
 _SYSTEM = Participant(id=SYSTEM, name="system", role="admin", key_sha256="")
+_Held = tuple[Outcome, float, "Connection | None"]   # an outcome waiting for its batch
 
 
 def decode_error(exc: msgspec.MsgspecError) -> wire.Error:
@@ -117,6 +118,8 @@ class Gateway:
         self.subscribers: dict[str, set[Connection]] = {}
         self.fill_subscribers: set[Connection] = set()
         self._since_snapshot = 0
+        self._held_batch: asyncio.Future[int] | None = None
+        self._held: list[_Held] = []
         self._book_sent: dict[str, float] = {}
         self._book_due: set[str] = set()
         self._encode = wire.json_encoder.encode
@@ -136,37 +139,47 @@ class Gateway:
         if out.entry is None:
             self._deliver(out, conn)
             return
-        self.metrics.commands.labels(type(cmd).__name__.lower()).inc()
-        durable = self.journal.append(out.entry, out.trades)
+        self.metrics.command(type(cmd))
+        self._hold(self.journal.append(out.entry, out.trades), (out, received, conn))
         self._since_snapshot += 1
         if self._since_snapshot >= self.snapshot_every:
             self.take_snapshot()
-        durable.add_done_callback(partial(self._durable, out, received, conn))
-        self.metrics.journal_backlog.set(self.journal.backlog)
 
     def take_snapshot(self) -> asyncio.Future[int]:
         self._since_snapshot = 0
         return self.journal.snapshot(snapshot.encode(snapshot.capture(self.engine)))
 
-    def _durable(self, out: Outcome, received: float, conn: Connection | None,
-                 fut: asyncio.Future[int]) -> None:
-        if fut.cancelled() or fut.exception() is not None:
+    def _hold(self, batch: asyncio.Future[int], held: _Held) -> None:
+        """Keep the replies until their batch is durable: one callback per batch."""
+        if batch is not self._held_batch:
+            self._held_batch, self._held = batch, []
+            batch.add_done_callback(partial(self._durable, self._held))
+        self._held.append(held)
+
+    def _durable(self, held: list[_Held], batch: asyncio.Future[int]) -> None:
+        if batch.cancelled() or batch.exception() is not None:
             self.accepting = False        # the journal is gone: acknowledge nothing more
             return
-        self._deliver(out, conn)
-        self.metrics.latency.observe(time.perf_counter() - received)
-        self.metrics.seq.set(self.engine.seq)
-        self.metrics.journal_backlog.set(self.journal.backlog)
-        if out.trades:
-            self.metrics.fills.inc(len(out.trades))
-            self.metrics.filled_fen.inc(sum(t.amount for t in out.trades))
-        for segment in out.segments:
+        now = time.perf_counter()
+        segments: set[str] = set()
+        trades = 0
+        for out, received, conn in held:
+            self._deliver(out, conn)
+            self.metrics.latency.observe(now - received)
+            segments.update(out.segments)
+            if out.trades:
+                trades += len(out.trades)
+                self.metrics.filled_fen += sum(t.amount for t in out.trades)
+        self.metrics.fills += trades
+        self.metrics.seq = self.engine.seq
+        self.metrics.journal_backlog = self.journal.backlog
+        for segment in segments:
             self.book_changed(segment)
 
     def _deliver(self, out: Outcome, conn: Connection | None) -> None:
         for participant, event in out.replies:
             if isinstance(event, wire.Rejected):
-                self.metrics.rejects.labels(event.code).inc()
+                self.metrics.reject(event.code)
             self._reply_now(participant, event, conn)
         if out.trades and self.fill_subscribers:
             for trade in out.trades:
@@ -210,7 +223,7 @@ class Gateway:
     def attach(self, ws: web.WebSocketResponse, who: Participant) -> Connection:
         conn = Connection(ws, who, self.limits, self._drop_slow)
         self.connections.setdefault(who.id, set()).add(conn)
-        self.metrics.connections.labels(who.role).inc()
+        self.metrics.connections[who.role] += 1
         conn.send(self._encode(wire.Welcome(participant=who.id, name=who.name, role=who.role,
                                             segments=sorted(self.engine.segments))))
         return conn
@@ -223,7 +236,7 @@ class Gateway:
         conns.discard(conn)
         conn.closed = True
         conn.writer.cancel()
-        self.metrics.connections.labels(who.role).dec()
+        self.metrics.connections[who.role] -= 1
         for segment in conn.segments:
             self.subscribers.get(segment, set()).discard(conn)
         self.fill_subscribers.discard(conn)
@@ -238,7 +251,7 @@ class Gateway:
         if conn.closed:
             return
         conn.closed = True
-        self.metrics.dropped.inc()
+        self.metrics.dropped += 1
         log.warning("closing %s: outbox full (%d messages), it does not keep up",
                     conn.participant.name, len(conn.outbox))
         asyncio.get_running_loop().create_task(
@@ -255,7 +268,7 @@ class Gateway:
         who = conn.participant
         if not conn.allow():
             client_id = getattr(msg, "client_id", None)
-            self.metrics.rejects.labels("rate_limited").inc()
+            self.metrics.reject("rate_limited")
             conn.send(self._encode(wire.Rejected(
                 client_id=client_id, code="rate_limited",
                 message=f"over {self.limits.rate:g} messages/s on this connection")))
@@ -271,7 +284,7 @@ class Gateway:
             self.submit(who, msg, received, conn)
 
     def _error(self, conn: Connection, error: wire.Error) -> None:
-        self.metrics.rejects.labels(error.code).inc()
+        self.metrics.reject(error.code)
         conn.send(self._encode(error))
 
     def _quote(self, conn: Connection, req: wire.QuoteRequest) -> None:
@@ -279,7 +292,7 @@ class Gateway:
             self._error(conn, wire.Error(code="unknown_segment",
                                          message=f"no segment {req.segment!r}", path="$.segment"))
             return
-        self.metrics.quotes.inc()
+        self.metrics.quotes += 1
         conn.send(self._encode(self.engine.quote(req)))
 
     def _subscribe(self, conn: Connection, msg: wire.Subscribe | wire.Unsubscribe) -> None:

@@ -82,6 +82,8 @@ class Journal:
         self._trades: list[wire.Trade] = []
         self._snapshot: bytes | None = None
         self._durable: asyncio.Future[int] | None = None   # resolves when `pending` lands
+        self._inflight: asyncio.Future[int] | None = None  # the batch being written
+        self.error: Exception | None = None                # set once the journal stops
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.healthy = True
@@ -94,19 +96,26 @@ class Journal:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="journal")
 
     def append(self, entry: wire.JournalEntry, trades: list[wire.Trade]) -> asyncio.Future[int]:
-        """Queue an accepted command and its trades; the future resolves once durable."""
-        self.pending.append(entry)
-        self._trades.extend(trades)
+        """Queue an accepted command and its trades; the future resolves once durable.
+
+        Commands queued together share one future, so a caller can tell batches apart.
+        """
+        if self.error is None:
+            self.pending.append(entry)
+            self._trades.extend(trades)
         return self._batch_future()
 
     def snapshot(self, data: bytes) -> asyncio.Future[int]:
         """Write a snapshot with the batch that holds the state it was taken from."""
-        self._snapshot = data
+        if self.error is None:
+            self._snapshot = data
         return self._batch_future()
 
     def _batch_future(self) -> asyncio.Future[int]:
         if self._durable is None:
             self._durable = asyncio.get_running_loop().create_future()
+            if self.error is not None:      # stopped: nothing will ever be written
+                self._durable.set_exception(self.error)
             self._wake.set()
         return self._durable
 
@@ -115,12 +124,12 @@ class Journal:
         return len(self.pending)
 
     async def flush(self) -> None:
-        """Wait until everything appended so far is durable."""
-        if self._durable is not None:
-            await asyncio.shield(self._durable)
+        """Wait until everything appended so far is durable; raise if it never will be."""
+        last = self._durable or self._inflight
+        if last is not None:
+            await asyncio.shield(last)
 
     async def close(self) -> None:
-        await self.flush()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -130,16 +139,21 @@ class Journal:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self._durable is None:
+            if self._durable is None or self.error is not None:
                 continue
             entries, trades, snap, done = self.pending, self._trades, self._snapshot, self._durable
             self.pending, self._trades, self._snapshot, self._durable = [], [], None, None
+            self._inflight = done
             try:
                 await self._write_until_done(entries, trades, snap)
             except Exception as exc:      # a bug or lost data: nothing more can be acknowledged
-                log.critical("journal stopped: %s", exc)
+                log.critical("journal stopped, nothing more will be acknowledged: %s", exc)
                 self.healthy = False
+                self.error = exc
                 done.set_exception(exc)
+                if self._durable is not None:       # what queued up behind it fails too
+                    self._durable.set_exception(exc)
+                self.pending, self._trades, self._snapshot = [], [], None
                 return
             if entries:
                 self.written_seq = entries[-1].seq
@@ -207,13 +221,23 @@ async def last_seq(client: aioredis.Redis, keys: Keys) -> int:
 
 async def read_journal(client: aioredis.Redis, keys: Keys, after: int = 0,
                        chunk: int = 200) -> AsyncIterator[list[wire.JournalEntry]]:
-    """The journal's commands with sequence numbers above `after`, batch by batch."""
-    start = f"{after + 1}-0"
+    """The journal's commands with sequence numbers above `after`, batch by batch.
+
+    The next chunk is requested before this one is handed out, so Redis prepares it
+    while the caller applies.
+    """
+    ahead = asyncio.ensure_future(client.xrange(keys.journal, min=f"{after + 1}-0", count=chunk))
     while True:
-        rows: Any = await client.xrange(keys.journal, min=start, count=chunk)
+        rows: Any = await ahead
         if not rows:
             return
-        for _entry_id, fields in rows:
-            entries = wire.journal_decoder.decode(fields[b"e"])
-            yield [e for e in entries if e.seq > after]
-        start = f"({rows[-1][0].decode()}"
+        ahead = asyncio.ensure_future(
+            client.xrange(keys.journal, min=f"({rows[-1][0].decode()}", count=chunk))
+        try:
+            for _entry_id, fields in rows:
+                entries = wire.journal_decoder.decode(fields[b"e"])
+                yield [e for e in entries if e.seq > after] if entries[0].seq <= after \
+                    else entries
+        except BaseException:
+            ahead.cancel()
+            raise

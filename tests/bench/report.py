@@ -14,6 +14,14 @@ import platform
 import sys
 from pathlib import Path
 
+#: The baseline of each group, measured in the same run.
+BASELINES = {
+    "book-thin": "test_calls[reference-thin]",
+    "book-deep": "test_calls[reference-deep]",
+    "journal": "test_journal_throughput[xadd-per-command]",
+    "recovery": "test_full_recovery[read-and-decode-only]",
+}
+
 
 def rows(data: dict) -> list[tuple[str, str, float, float]]:
     rate: dict[str, float] = {}
@@ -22,8 +30,7 @@ def rows(data: dict) -> list[tuple[str, str, float, float]]:
     out = []
     for b in sorted(data["benchmarks"], key=lambda b: (b["group"] or "", b["name"])):
         group = b["group"] or ""
-        shape = group.rsplit("-", 1)[-1]
-        base = rate.get(f"test_calls[reference-{shape}]")
+        base = rate.get(BASELINES.get(group, ""))
         name = b["name"]
         out.append((group, name, rate[name], rate[name] / base if base else float("nan")))
     return out

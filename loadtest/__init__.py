@@ -1,0 +1,1 @@
+"""Open-loop load generation against `matcher serve`, and its report."""

@@ -1,0 +1,136 @@
+"""`matcher-loadtest`: run a profile against a running `matcher serve` (or start one).
+
+The participants' keys come from the same configuration the server reads (the demo's
+generated funders and SMEs, or `[[participants]]` with plain keys), so nothing is typed
+twice. The exit status is 0 only when the run reconciles and the generator kept up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from loadtest import report
+from loadtest.driver import Participant, Run
+from loadtest.profiles import PROFILES, Profile
+from service import config as config_module
+from service.localredis import LocalRedis, free_port
+
+
+def participants(cfg: config_module.Config, role: str, n: int) -> list[Participant]:
+    """Up to `n` participants of `role` with a known plain key."""
+    found = []
+    for p in cfg.participants + config_module.demo_participants(cfg.demo):
+        if p.role == role and p.key is not None:
+            found.append(Participant(p.id, p.key))
+    if len(found) < n:
+        raise SystemExit(f"the configuration has {len(found)} {role}s with plain keys; "
+                         f"the profile wants {n} (lower --{role}s)")
+    return found[:n]
+
+
+@contextlib.contextmanager
+def local_server(config_path: str | None, out: Path) -> Iterator[tuple[str, str]]:
+    """A redis-server and `matcher serve` of our own, for one-command runs."""
+    data = Path(tempfile.mkdtemp(prefix="loadtest-redis-", dir=out))
+    redis = LocalRedis(data, durability="always")
+    redis.start()
+    port = free_port()
+    env = dict(os.environ, MATCHER_REDIS_URL=redis.url, MATCHER_SERVER_PORT=str(port),
+               MATCHER_ENGINE_END_OF_DAY="23:59")
+    cmd = [sys.executable, "-m", "service.cli", "serve"]
+    if config_path:
+        cmd += ["--config", config_path]
+    log = open(out / "server.log", "ab")   # noqa: SIM115 - closed below
+    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the server did not start; see {out / 'server.log'}")
+            time.sleep(0.1)
+        yield f"ws://127.0.0.1:{port}/ws", redis.url
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+        redis.stop()
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="matcher-loadtest", description=__doc__)
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="smoke")
+    ap.add_argument("--url", default="ws://127.0.0.1:8080/ws")
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    ap.add_argument("--shard", default="main")
+    ap.add_argument("--config", help="the server's TOML (default: the packaged demo)")
+    ap.add_argument("--serve", action="store_true",
+                    help="start a local Redis and `matcher serve` for this run")
+    ap.add_argument("--out", default="results")
+    ap.add_argument("--rate", type=float, help="commands/s offered")
+    ap.add_argument("--duration", type=float, dest="duration_s", help="seconds (per step)")
+    ap.add_argument("--ramp", type=lambda s: tuple(float(x) for x in s.split(",")),
+                    help="offered rates, comma-separated")
+    ap.add_argument("--funders", type=int)
+    ap.add_argument("--smes", type=int)
+    ap.add_argument("--objective-p99-ms", type=float)
+    ap.add_argument("--seed", type=int)
+    args = ap.parse_args(argv)
+    profile: Profile = PROFILES[args.profile].with_(
+        rate=args.rate, duration_s=args.duration_s, ramp=args.ramp, funders=args.funders,
+        smes=args.smes, objective_p99_ms=args.objective_p99_ms, seed=args.seed)
+    cfg = config_module.load(args.config)
+    funders = participants(cfg, "funder", profile.funders)
+    smes = participants(cfg, "sme", profile.smes)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    with contextlib.ExitStack() as stack:
+        url, redis_url = args.url, args.redis_url
+        if args.serve:
+            url, redis_url = stack.enter_context(local_server(args.config, out))
+        run = Run(profile, url, redis_url, args.shard, funders, smes)
+        results = uvloop.run(run.execute())
+    results.update(started=started, command=shlex.join(["matcher-loadtest", *sys.argv[1:]]
+                                                       if argv is None else argv),
+                   machine=machine(), config={**asdict(profile), "url": url})
+    paths = report.write_all(results, out)
+    print(report.summary_table(results))
+    print(f"report: {paths.get('html', out)}")
+    return 0 if results["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""The run itself: real WebSocket clients for every funder and SME, a reader on the
+platform's Redis fill stream, and an open-loop scheduler.
+
+The scheduler sends each message at its intended time from a seeded Poisson schedule and
+never waits for answers; latency is measured from the intended time (or the actual send,
+if the timer fired early), so a stall anywhere shows in the numbers. Timestamps stay in
+the clients' own tables, keyed by client id, never in the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import sys
+import time
+import urllib.request
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import msgspec
+import redis.asyncio as aioredis
+
+from loadtest.measure import Recorder, histogram, summary
+from loadtest.profiles import Profile
+from loadtest.workload import FunderState, Market, Segment, arrivals
+from matcher import protocol as wire
+from service.journal import Keys
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(wire.Event).decode
+EARLY_NS = 500_000          # send up to 0.5 ms before the intended time (timer granularity)
+
+
+@dataclass
+class Participant:
+    id: int
+    key: str
+
+
+@dataclass
+class Step:
+    offered: float
+    start_ns: int = 0
+    end_ns: int = 0
+    ack: Any = field(default_factory=histogram)
+    acked: int = 0
+
+
+class Client:
+    """One authenticated connection; reads its events for as long as the run lasts."""
+
+    def __init__(self, run: Run, who: Participant, role: str, index: int) -> None:
+        self.run, self.who, self.role, self.index = run, who, role, index
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.pending: dict[str | None, deque[tuple[int, bool]]] = defaultdict(deque)
+        self.asks: dict[str, tuple[int, bool]] = {}        # ask client id -> (origin, measured)
+        self.reader: asyncio.Task[None] | None = None
+
+    async def connect(self, session: aiohttp.ClientSession) -> None:
+        self.ws = await session.ws_connect(
+            self.run.url, headers={"Authorization": f"Bearer {self.who.key}"},
+            compress=0, max_msg_size=0, heartbeat=None)
+        first = await self.ws.receive(timeout=30)
+        if first.type != aiohttp.WSMsgType.TEXT or '"welcome"' not in first.data:
+            raise RuntimeError(f"participant {self.who.id} was not welcomed: {first.data!r}")
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def send(self, msg: dict[str, Any], intended_ns: int, measured: bool) -> None:
+        assert self.ws is not None
+        now = time.perf_counter_ns()
+        origin = max(intended_ns, now)
+        self.pending[msg.get("client_id")].append((origin, measured))
+        if msg["type"] == "ask" and msg.get("tif", "ioc") in ("ioc", "fok"):
+            self.asks[msg["client_id"]] = (origin, measured)   # answered now or never
+        self.run.rec.record_send(intended_ns, now, measured)
+        await self.ws.send_frame(_encode(msg), aiohttp.WSMsgType.TEXT)
+
+    async def _read(self) -> None:
+        assert self.ws is not None
+        rec = self.run.rec
+        async for msg in self.ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                continue
+            now = time.perf_counter_ns()
+            event = _decode(msg.data)
+            if isinstance(event, wire.Accepted | wire.Rejected):
+                queue = self.pending.get(event.client_id)
+                if not queue:
+                    continue                    # not ours (cancel on disconnect, setup)
+                origin, measured = queue.popleft()
+                code = event.code if isinstance(event, wire.Rejected) else None
+                rec.record_ack(origin, now, code, measured)
+                self.run.step_ack(origin, now, measured)
+                self.run.outstanding -= 1
+            elif isinstance(event, wire.Fill):
+                if self.role == "sme":
+                    rec.fills_sme[event.trade_id] = event.amount
+                    first = self.asks.pop(event.client_id, None)
+                    if first is not None and first[1]:
+                        rec.ask_fill.record_value(max(1, (now - first[0]) // 1000))
+                    rec.second(now).fills += 1
+                else:
+                    rec.fills_funder[event.trade_id] = event.amount
+                    rec.lent[(event.funder, event.core)] += event.amount
+            elif isinstance(event, wire.Done):
+                if self.role == "funder":
+                    self.run.market.funders[self.index].live.pop(event.client_id, None)
+                else:
+                    self.asks.pop(event.client_id, None)
+
+
+class Run:
+    """Connect, open the market, offer the load, drain, reconcile."""
+
+    def __init__(self, profile: Profile, url: str, redis_url: str, shard: str,
+                 funders: list[Participant], smes: list[Participant]) -> None:
+        self.profile = profile
+        self.url = url
+        self.http = re.sub(r"^ws", "http", url).rsplit("/ws", 1)[0]
+        self.redis_url = redis_url
+        self.keys = Keys(shard)
+        self.rec = Recorder()
+        self.run_id = f"lt{time.time_ns() // 1_000_000 % 10**9}"
+        self.funders = [Client(self, p, "funder", i) for i, p in enumerate(funders)]
+        self.smes = [Client(self, p, "sme", i) for i, p in enumerate(smes)]
+        self.segments = self._segments()
+        self.market = Market(self.segments, len(funders), len(smes), profile.seed,
+                             profile.bids_per_funder, self.run_id)
+        self.lines: dict[tuple[int, str], int] = {}
+        self.steps = [Step(rate) for rate in profile.steps()]
+        self.offered: dict[int, int] = defaultdict(int)
+        self.outstanding = 0
+        self.memory: list[list[float]] = []
+        self._measure_wall_ns = 0
+
+    def _segments(self) -> list[Segment]:
+        with urllib.request.urlopen(f"{self.http}/v1/segments", timeout=10) as r:
+            rows = msgspec.json.decode(r.read())
+        return [Segment(s["id"], s["core"], s["tenor_days"]) for s in rows]
+
+    def step_ack(self, origin: int, now: int, measured: bool) -> None:
+        if not measured:
+            return
+        for step in self.steps:
+            if step.start_ns <= origin < step.end_ns:
+                step.ack.record_value(max(1, (now - origin) // 1000))
+                step.acked += 1
+                return
+
+    async def _send(self, client: Client, msg: dict[str, Any], intended_ns: int,
+                    measured: bool) -> None:
+        self.outstanding += 1
+        await client.send(msg, intended_ns, measured)
+
+    async def _await_acks(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.outstanding > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    # --- phases ---
+
+    async def open_market(self) -> None:
+        """Credit lines for every funder and core, then each funder's opening bids."""
+        now = time.perf_counter_ns()
+        for client in self.funders:
+            for core in sorted({s.core for s in self.segments}):
+                self.lines[(client.who.id, core)] = self.profile.credit_line
+                await self._send(client, {"type": "set_credit_line", "core": core,
+                                          "amount": self.profile.credit_line}, now, False)
+        await self._await_acks(30)
+        for client, state in zip(self.funders, self.market.funders, strict=True):
+            for _ in range(self.profile.bids_per_funder):
+                await self._send(client, self.market.bid(state), now, False)
+        await self._await_acks(30)
+
+    async def offer(self) -> None:
+        """The open-loop schedule, step after step."""
+        p = self.profile
+        rng = self.market.rng
+        t0 = time.perf_counter_ns() + 50_000_000
+        self.rec.start_ns = t0
+        self._measure_wall_ns = time.time_ns() + 50_000_000
+        offset = 0.0
+        for k, step in enumerate(self.steps):
+            warm = p.warmup_s if k == 0 else 0.0
+            times = arrivals(step.offered, offset, offset + warm + p.duration_s, rng)
+            step.start_ns = t0 + int((offset + warm) * 1e9)
+            step.end_ns = t0 + int((offset + warm + p.duration_s) * 1e9)
+            for t in times:
+                intended = t0 + int(t * 1e9)
+                measured = intended >= step.start_ns
+                if measured:
+                    self.offered[int((intended - t0) // 1_000_000_000)] += 1
+                wait = intended - EARLY_NS - time.perf_counter_ns()
+                if wait > 0:
+                    await asyncio.sleep(wait / 1e9)
+                if rng.random() < p.ask_share:
+                    sme, msg = self.market.ask()
+                    await self._send(self.smes[sme], msg, intended, measured)
+                else:
+                    f: FunderState = rng.choice(self.market.funders)
+                    await self._send(self.funders[f.index], self.market.requote(f), intended,
+                                     measured)
+            offset += warm + p.duration_s
+
+    async def platform_reader(self, stop: asyncio.Event, start_id: str) -> None:
+        """The platform's view: every fill on the Redis stream, and how late it arrived."""
+        client = aioredis.Redis.from_url(self.redis_url)
+        last = start_id
+        try:
+            while True:
+                rows: Any = await client.xread({self.keys.fills: last}, count=1000, block=50)
+                if not rows:
+                    if stop.is_set():
+                        return
+                    continue
+                now = time.time_ns()
+                for entry_id, fields in rows[0][1]:
+                    last = entry_id.decode()
+                    self.rec.fills_platform[last] = int(fields[b"amount"])
+                    self.rec.parties[last] = (int(fields[b"funder"]), int(fields[b"sme"]))
+                    ts = int(fields[b"ts"])
+                    if ts >= self._measure_wall_ns > 0:
+                        self.rec.platform.record_value(max(1, (now - ts) // 1000))
+        finally:
+            await client.aclose()
+
+    async def sample_memory(self, stop: asyncio.Event) -> None:
+        start = time.monotonic()
+        while not stop.is_set():
+            rss = await asyncio.to_thread(server_rss, self.http)
+            if rss is not None:
+                self.memory.append([round(time.monotonic() - start, 1), rss])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 5)
+
+    async def progress(self, stop: asyncio.Event, total_s: float) -> None:
+        tty = sys.stderr.isatty()
+        started = time.monotonic()
+        last_print = 0.0
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+            elapsed = time.monotonic() - started
+            sec = self.rec.seconds.get(int((time.perf_counter_ns() - self.rec.start_ns) / 1e9) - 1)
+            p99 = sec.ack.get_value_at_percentile(99) / 1000 if sec and sec.acked else 0.0
+            rate = sec.acked if sec else 0
+            line = (f"[{elapsed:6.1f}/{total_s:.0f}s] {rate:>7,} acks/s  p99 {p99:7.2f} ms  "
+                    f"sent {self.rec.sent:,}  fills {len(self.rec.fills_sme):,}")
+            if tty:
+                sys.stderr.write("\r" + line)
+                sys.stderr.flush()
+            elif elapsed - last_print >= 5:
+                print(line, file=sys.stderr, flush=True)
+                last_print = elapsed
+        if tty:
+            sys.stderr.write("\n")
+
+    async def execute(self) -> dict[str, Any]:
+        p = self.profile
+        redis = aioredis.Redis.from_url(self.redis_url)
+        newest: Any = await redis.xrevrange(self.keys.fills, count=1)
+        await redis.aclose()
+        start_id = newest[0][0].decode() if newest else "0-0"
+        conn = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=conn) as session:
+            clients = self.funders + self.smes
+            for i in range(0, len(clients), 200):    # connect in waves, not all at once
+                await asyncio.gather(*(c.connect(session) for c in clients[i:i + 200]))
+            stop = asyncio.Event()
+            reader = asyncio.get_running_loop().create_task(self.platform_reader(stop, start_id))
+            memory = asyncio.get_running_loop().create_task(self.sample_memory(stop))
+            await self.open_market()
+            total = p.warmup_s + p.duration_s * len(self.steps)
+            progress = asyncio.get_running_loop().create_task(self.progress(stop, total))
+            await self.offer()
+            await self._await_acks(30)
+            # Let the platform reader catch up with every fill the clients saw.
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not (
+                    set(self.rec.fills_sme) <= set(self.rec.fills_platform)
+                    and set(self.rec.fills_funder) <= set(self.rec.fills_platform)):
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)
+            stop.set()
+            await asyncio.gather(reader, memory, progress)
+            for c in clients:
+                if c.ws is not None:
+                    await c.ws.close()
+                if c.reader is not None:
+                    c.reader.cancel()
+        return self.results()
+
+    def results(self) -> dict[str, Any]:
+        p = self.profile
+        rec = self.rec
+        lag = summary(rec.lag, "generator lag behind schedule")
+        lag_ok = lag["p99"] <= p.max_lag_p99_ms
+        recon = rec.reconcile(self.lines, {c.who.id for c in self.funders},
+                              {c.who.id for c in self.smes})
+        ramp = None
+        capacity = None
+        if p.ramp:
+            ramp = []
+            for step in self.steps:
+                s = summary(step.ack, f"{step.offered:.0f}/s")
+                achieved = step.acked / p.duration_s
+                ok = s["p99"] <= p.objective_p99_ms and achieved >= 0.95 * step.offered
+                ramp.append({"offered": step.offered, "achieved": achieved, "p50": s["p50"],
+                             "p99": s["p99"], "ok": ok})
+            passing = [r["offered"] for r in ramp if r["ok"]]
+            capacity = max(passing) if passing else None
+        memory = ({"rss_start": self.memory[0][1], "rss_end": self.memory[-1][1],
+                   "samples": self.memory} if self.memory else None)
+        return {
+            "profile": p.name,
+            "ok": bool(recon["ok"] and lag_ok),
+            "duration_s": p.warmup_s + p.duration_s * len(self.steps),
+            "measures": {
+                "ack": summary(rec.ack, "send → accepted"),
+                "ask_fill": summary(rec.ask_fill, "SME ask sent → fill received"),
+                "platform": summary(rec.platform, "fill journaled → read by the platform"),
+            },
+            "timeline": rec.timeline(dict(self.offered)),
+            "ramp": ramp,
+            "capacity": capacity,
+            "objective_p99_ms": p.objective_p99_ms,
+            "lag": {"p50": lag["p50"], "p99": lag["p99"], "max": lag["max"],
+                    "limit_p99": p.max_lag_p99_ms, "ok": lag_ok},
+            "reconciliation": recon,
+            "memory": memory,
+        }
+
+
+def server_rss(http: str) -> float | None:
+    """The server's resident memory, from its Prometheus metrics."""
+    try:
+        with urllib.request.urlopen(f"{http}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    m = re.search(r"^process_resident_memory_bytes ([0-9.e+]+)$", text, re.M)
+    return float(m.group(1)) if m else None

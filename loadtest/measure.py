@@ -1,0 +1,132 @@
+"""What a run measures and what it reconciles, kept apart from the sockets.
+
+Latencies go into HdrHistograms in microseconds, measured from each message's intended
+send time (open loop: a stalled server or a stalled generator shows up as latency, no
+coordinated omission). Everything the reconciliation needs is counted from the clients'
+own view: what was sent, what was acknowledged, which fills each side saw.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
+
+PERCENTILES = (50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99, 100.0)
+EXPECTED_REJECTS = {"not_resting", "unknown_order"}   # a re-quote racing a fill
+
+
+def histogram() -> HdrHistogram:
+    return HdrHistogram(1, 120_000_000, 3)      # 1 us to 2 minutes, 3 digits
+
+
+def summary(h: HdrHistogram, label: str) -> dict[str, Any]:
+    """The percentiles in milliseconds."""
+    def ms(p: float) -> float:
+        return h.get_value_at_percentile(p) / 1000 if h.get_total_count() else 0.0
+    return {"label": label, "count": h.get_total_count(), "p50": ms(50), "p90": ms(90),
+            "p99": ms(99), "p999": ms(99.9), "max": h.get_max_value() / 1000,
+            "mean": h.get_mean_value() / 1000 if h.get_total_count() else 0.0,
+            "distribution": [[p, ms(p)] for p in PERCENTILES]}
+
+
+@dataclass
+class Second:
+    """One second of the measured run."""
+
+    offered: int = 0
+    sent: int = 0
+    acked: int = 0
+    fills: int = 0
+    ack: HdrHistogram = field(default_factory=histogram)
+
+
+@dataclass
+class Recorder:
+    start_ns: int = 0                           # the measured phase begins
+    ack: HdrHistogram = field(default_factory=histogram)
+    ask_fill: HdrHistogram = field(default_factory=histogram)
+    platform: HdrHistogram = field(default_factory=histogram)
+    lag: HdrHistogram = field(default_factory=histogram)
+    seconds: dict[int, Second] = field(default_factory=lambda: defaultdict(Second))
+    sent: int = 0
+    accepted: int = 0
+    rejected: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    fills_sme: dict[str, int] = field(default_factory=dict)       # trade id -> amount
+    fills_funder: dict[str, int] = field(default_factory=dict)
+    fills_platform: dict[str, int] = field(default_factory=dict)
+    parties: dict[str, tuple[int, int]] = field(default_factory=dict)  # trade -> (funder, sme)
+    lent: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
+
+    def second(self, t_ns: int) -> Second:
+        return self.seconds[max(0, (t_ns - self.start_ns) // 1_000_000_000)]
+
+    def record_send(self, intended_ns: int, now_ns: int, measured: bool) -> None:
+        self.sent += 1
+        if measured:
+            self.lag.record_value(max(1, (now_ns - intended_ns) // 1000))
+            self.second(now_ns).sent += 1
+
+    def record_ack(self, intended_ns: int, now_ns: int, code: str | None,
+                   measured: bool) -> None:
+        if code is None:
+            self.accepted += 1
+        else:
+            self.rejected[code] += 1
+        if measured:
+            us = max(1, (now_ns - intended_ns) // 1000)
+            self.ack.record_value(us)
+            sec = self.second(now_ns)
+            sec.acked += 1
+            sec.ack.record_value(us)
+
+    def reconcile(self, lines: dict[tuple[int, str], int], funders: set[int],
+                  smes: set[int]) -> dict[str, Any]:
+        """Acks = sends; the three views of the fills agree to the fen; no line exceeded.
+
+        Each side is compared with the platform's trades that involve it: resting bids of
+        funders outside the run (a demo's opening bids) can fill this run's asks.
+        """
+        problems = []
+        acks = self.accepted + sum(self.rejected.values())
+        if acks != self.sent:
+            problems.append(f"{self.sent} commands sent but {acks} acknowledged")
+        views = {"SMEs": (self.fills_sme, 1, smes), "funders": (self.fills_funder, 0, funders)}
+        for name, (view, side, ours) in views.items():
+            expected = {t: a for t, a in self.fills_platform.items()
+                        if self.parties[t][side] in ours}
+            if view != expected:
+                missing = len(set(expected) - set(view))
+                extra = len(set(view) - set(expected))
+                differ = sum(1 for t in set(view) & set(expected) if view[t] != expected[t])
+                problems.append(f"fills seen by {name} differ from the platform stream: "
+                                f"{missing} missing, {extra} extra, {differ} amounts differ")
+        over = [f"funder {f} lent {amount} against {core}, line {lines[(f, core)]}"
+                for (f, core), amount in sorted(self.lent.items())
+                if amount > lines.get((f, core), 0)]
+        problems += over
+        unexpected = {c: n for c, n in self.rejected.items() if c not in EXPECTED_REJECTS}
+        if unexpected:
+            problems.append(f"unexpected rejections: {unexpected}")
+        return {
+            "ok": not problems, "problems": problems, "commands_sent": self.sent,
+            "acks": acks, "accepted": self.accepted, "rejected": dict(self.rejected),
+            "fills_sme": len(self.fills_sme), "fills_funder": len(self.fills_funder),
+            "fills_platform": len(self.fills_platform),
+            "amount_sme": sum(self.fills_sme.values()),
+            "amount_funder": sum(self.fills_funder.values()),
+            "amount_platform": sum(self.fills_platform.values()), "over_line": over,
+        }
+
+    def timeline(self, offered: dict[int, int]) -> list[dict[str, Any]]:
+        last = max([*self.seconds, *offered], default=-1)
+        rows = []
+        for t in range(last + 1):
+            s = self.seconds.get(t, Second())
+            rows.append({"t": t, "offered": offered.get(t, 0), "sent": s.sent,
+                         "acked": s.acked, "fills": s.fills,
+                         "p99": s.ack.get_value_at_percentile(99) / 1000
+                         if s.ack.get_total_count() else 0.0})
+        return rows

@@ -1,0 +1,205 @@
+"""The platform's reader of the fill stream `matcher:{<shard>}:fills`: each trade to a callback.
+Design: a Redis consumer group, XACK only after the callback returns, so a crashed
+consumer's unfinished entries are redelivered (its own pending at start, a dead one's by
+XAUTOCLAIM): at least once. Duplicates are dropped by trade_id, the stream id; the
+platform's own store must key by trade_id too, as a redelivery can follow a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import inspect
+import logging
+import signal
+import sys
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from matcher.protocol import Trade
+from service.journal import Keys
+
+log = logging.getLogger("matcher.platform")
+
+Handler = Callable[[Trade], Awaitable[None] | None]
+"""Called once per trade, in stream order; may be async. Raising stops the consumer and
+leaves the trade unacknowledged, so it is delivered again on the next start."""
+
+_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+Entry = tuple[bytes | str, dict[bytes, bytes] | None]
+
+
+def decode_trade(fields: dict[bytes, bytes]) -> Trade:
+    """A fill-stream entry (flat string fields, see `service.journal.trade_fields`)."""
+    return msgspec.convert({k.decode(): v.decode() for k, v in fields.items()}, Trade,
+                           strict=False)
+
+
+def describe(trade: Trade) -> str:
+    """One line per loan, as the console prints it."""
+    yuan, fen = divmod(trade.amount, 100)
+    return (f"{trade.trade_id}  {trade.segment}  funder {trade.funder} lends SME {trade.sme} "
+            f"{yuan:,}.{fen:02d} CNY at {trade.rate_bps / 100:.2f}% for {trade.tenor_days} "
+            f"days  (bid {trade.bid_client_id}, ask {trade.ask_client_id})")
+
+
+class FillConsumer:
+    """One member of a consumer group on one shard's fill stream."""
+
+    def __init__(self, client: aioredis.Redis, handler: Handler, keys: Keys | None = None,
+                 *, group: str = "platform", consumer: str = "c1", block_ms: int = 1000,
+                 count: int = 100, claim_idle_ms: int = 60_000, remember: int = 100_000,
+                 max_retry_delay: float = 5.0) -> None:
+        self.client = client
+        self.handler = handler
+        self.keys = keys or Keys()
+        self.group = group
+        self.consumer = consumer
+        self.block_ms = block_ms
+        self.count = count
+        self.claim_idle_ms = claim_idle_ms       # a consumer silent this long is dead
+        self.max_retry_delay = max_retry_delay
+        self.handled = 0                          # trades given to the handler
+        self.duplicates = 0                       # deliveries dropped by trade_id
+        self._remember = remember
+        self._seen: OrderedDict[str, None] = OrderedDict()   # recent trade ids, bounded
+
+    @property
+    def stream(self) -> str:
+        return self.keys.fills
+
+    async def ensure_group(self) -> None:
+        """Create the group at the start of the stream (and the stream) if missing."""
+        try:
+            await self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Consume until `stop` is set; survive Redis restarts; a handler error stops it."""
+        delay = 0.1
+        while stop is None or not stop.is_set():
+            try:
+                await self.ensure_group()
+                await self.recover()
+                while stop is None or not stop.is_set():
+                    if not await self.poll():
+                        await self.claim_idle()        # quiet: take over a dead consumer's
+                delay = 0.1
+            except _TRANSIENT as exc:
+                log.warning("fill stream unavailable (%s: %s); retrying in %.1fs",
+                            type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_retry_delay)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                log.warning("consumer group %r is gone (Redis lost data?); recreating it: "
+                            "trades are delivered again and dropped by trade_id", self.group)
+
+    async def recover(self) -> int:
+        """Deliver again what this consumer read and did not acknowledge, then claim what
+        dead consumers left. Returns how many entries were delivered."""
+        delivered = 0
+        after: bytes | str = "0"
+        while True:
+            entries = await self._read(after, block=None)
+            if not entries:
+                break
+            for entry in entries:
+                await self._deliver(entry)
+            delivered += len(entries)
+            after = entries[-1][0]
+        return delivered + await self.claim_idle()
+
+    async def claim_idle(self) -> int:
+        """XAUTOCLAIM entries pending longer than `claim_idle_ms` in other consumers."""
+        delivered = 0
+        cursor: bytes | str = "0-0"
+        while True:
+            reply: Any = await self.client.xautoclaim(
+                self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms,
+                start_id=cursor, count=self.count)
+            cursor, claimed = reply[0], reply[1]
+            for entry in claimed:
+                await self._deliver(entry)
+            delivered += len(claimed)
+            if cursor in (b"0-0", "0-0"):
+                return delivered
+
+    async def poll(self) -> int:
+        """Wait up to `block_ms` for new entries and deliver them; how many there were."""
+        entries = await self._read(">", block=self.block_ms)
+        for entry in entries:
+            await self._deliver(entry)
+        return len(entries)
+
+    async def _read(self, after: bytes | str, block: int | None) -> list[Entry]:
+        reply: Any = await self.client.xreadgroup(self.group, self.consumer,
+                                                  {self.stream: after}, count=self.count,
+                                                  block=block)
+        return list(reply[0][1]) if reply else []       # RESP2: [[stream, entries]]
+
+    async def _deliver(self, entry: Entry) -> None:
+        entry_id, fields = entry
+        trade_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        if not fields:                                   # trimmed away while pending
+            pass
+        elif trade_id in self._seen:
+            self.duplicates += 1
+        else:
+            trade = decode_trade(fields)
+            result = self.handler(trade)
+            if inspect.isawaitable(result):
+                await result
+            self._seen[trade_id] = None
+            if len(self._seen) > self._remember:
+                self._seen.popitem(last=False)
+            self.handled += 1
+        await self.client.xack(self.stream, self.group, trade_id)
+
+
+async def _main(args: argparse.Namespace) -> int:
+    client = aioredis.Redis.from_url(args.redis_url, socket_connect_timeout=2,
+                                     socket_timeout=args.block_ms / 1000 + 5)
+    consumer = FillConsumer(client, lambda trade: print(describe(trade), flush=True),
+                            Keys(args.shard), group=args.group, consumer=args.consumer,
+                            block_ms=args.block_ms)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await consumer.run(stop)
+    finally:
+        with contextlib.suppress(Exception):
+            await client.aclose()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.platform",
+                                     description="Print the loans of the fill stream, one "
+                                                 "line each, as a consumer group member.")
+    parser.add_argument("--redis-url", required=True)
+    parser.add_argument("--shard", default="main")
+    parser.add_argument("--group", default="platform")
+    parser.add_argument("--consumer", default="c1")
+    parser.add_argument("--block-ms", type=int, default=1000)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(_main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,391 @@
+"""The engine as a pure state machine: no Redis, no event loop, just commands in and
+events out. Roles, names, credit lines, retries, end of day, determinism."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from matcher import protocol as wire
+from matcher.engine import Engine, Outcome, Segment
+from matcher.snapshot import capture, decode, encode, restore, state_hash
+
+SEGMENTS = [Segment(id="DFM-30D", core="DFM", tenor_days=30),
+            Segment(id="DFM-90D", core="DFM", tenor_days=90),
+            Segment(id="SGCC-90D", core="SGCC", tenor_days=90, rate_cap_bps=500)]
+F1, F2, S1, S2, ADMIN = 11, 12, 21, 22, 1
+ROLE = {F1: "funder", F2: "funder", S1: "sme", S2: "sme", ADMIN: "admin"}
+
+
+class Market:
+    """An engine plus a clock and a journal kept in a list, for the tests."""
+
+    def __init__(self) -> None:
+        self.engine = Engine(SEGMENTS, names=lambda p: f"P{p}")
+        self.journal: list[wire.JournalEntry] = []
+        self.ts = 0
+
+    def send(self, who: int, cmd: Any) -> Outcome:
+        self.ts += 1
+        out = self.engine.submit(who, ROLE[who], cmd, self.ts)  # type: ignore[arg-type]
+        if out.entry is not None:
+            self.journal.append(out.entry)
+        return out
+
+    def line(self, funder: int, core: str, amount: int) -> Outcome:
+        return self.send(funder, wire.SetCreditLine(core=core, amount=amount))
+
+    def bid(self, funder: int, cid: str, rate: int, amount: int, seg: str = "DFM-90D",
+            **kw: Any) -> Outcome:
+        return self.send(funder, wire.Bid(client_id=cid, segment=seg, rate_bps=rate,
+                                          amount=amount, **kw))
+
+    def ask(self, sme: int, cid: str, amount: int, seg: str = "DFM-90D", **kw: Any) -> Outcome:
+        return self.send(sme, wire.Ask(client_id=cid, segment=seg, amount=amount, **kw))
+
+
+def events(out: Outcome, who: int, kind: type) -> list[Any]:
+    return [e for p, e in out.replies if p == who and isinstance(e, kind)]
+
+
+def rejected(out: Outcome) -> wire.Rejected:
+    assert out.entry is None
+    [(_, event)] = out.replies
+    assert isinstance(event, wire.Rejected)
+    return event
+
+
+# --- roles and names -----------------------------------------------------------------
+
+def test_each_role_may_send_only_its_own_commands() -> None:
+    m = Market()
+    m.line(F1, "DFM", 10_000)
+    assert rejected(m.send(S1, wire.Bid(client_id="b", segment="DFM-90D", rate_bps=250,
+                                        amount=1))).code == "forbidden"
+    assert rejected(m.send(F1, wire.Ask(client_id="a", segment="DFM-90D",
+                                        amount=1))).code == "forbidden"
+    assert rejected(m.send(S1, wire.Amend(client_id="a", amount=1))).code == "forbidden"
+    assert rejected(m.send(S1, wire.SetCreditLine(core="DFM", amount=1))).code == "forbidden"
+    assert rejected(m.send(F1, wire.EndOfDay())).code == "forbidden"
+    assert rejected(m.send(F1, wire.AddSegment(segment="X", core="X",
+                                               tenor_days=1))).code == "forbidden"
+    assert m.send(ADMIN, wire.EndOfDay()).accepted
+    assert m.engine.seq == 2
+
+
+def test_nobody_can_cancel_or_amend_another_participants_order() -> None:
+    m = Market()
+    m.line(F1, "DFM", 10_000)
+    m.bid(F1, "mine", 250, 1_000)
+    assert rejected(m.send(F2, wire.Cancel(client_id="mine"))).code == "unknown_order"
+    assert rejected(m.send(F2, wire.Amend(client_id="mine", amount=5))).code == "unknown_order"
+    assert rejected(m.send(S1, wire.Cancel(client_id="mine"))).code == "unknown_order"
+    assert m.engine.books["DFM-90D"].depth() == [(250, 1_000, 1)]
+
+
+def test_a_rejected_command_changes_nothing_and_takes_no_sequence_number() -> None:
+    m = Market()
+    m.line(F1, "DFM", 10_000)
+    before = state_hash(m.engine)
+    for cmd, code, path in [
+        (wire.Bid(client_id="b", segment="NOPE", rate_bps=250, amount=5), "unknown_segment",
+         "$.segment"),
+        (wire.Bid(client_id="b", segment="SGCC-90D", rate_bps=250, amount=5), "no_credit_line",
+         "$.segment"),
+        (wire.Bid(client_id="b", segment="DFM-90D", rate_bps=3601, amount=5), "out_of_range",
+         "$.rate_bps"),
+        (wire.Cancel(client_id="ghost"), "unknown_order", "$.client_id"),
+        (wire.Amend(client_id="ghost", amount=3), "unknown_order", "$.client_id"),
+        (wire.SetCreditLine(core="NOPE", amount=3), "unknown_core", "$.core"),
+    ]:
+        r = rejected(m.send(F1, cmd))
+        assert (r.code, r.path) == (code, path), cmd
+    assert state_hash(m.engine) == before
+    assert m.engine.seq == 1
+
+
+def test_rate_above_the_segments_own_cap_is_rejected() -> None:
+    m = Market()
+    m.line(F1, "SGCC", 10_000)
+    r = rejected(m.bid(F1, "b", 501, 100, seg="SGCC-90D"))
+    assert (r.code, r.path) == ("out_of_range", "$.rate_bps")
+    assert m.bid(F1, "b", 500, 100, seg="SGCC-90D").accepted
+
+
+def test_fills_name_both_parties_and_carry_deterministic_trade_ids() -> None:
+    m = Market()
+    m.line(F1, "DFM", 10_000)
+    m.line(F2, "DFM", 10_000)
+    m.bid(F1, "f1-a", 250, 600)
+    m.bid(F2, "f2-a", 240, 300)
+    out = m.ask(S1, "s1-a", 800, max_rate_bps=260)
+    seq = out.entry.seq  # type: ignore[union-attr]
+    assert [(t.trade_id, t.funder, t.rate_bps, t.amount, t.bid_client_id, t.ask_client_id)
+            for t in out.trades] == [(f"{seq}-0", F2, 240, 300, "f2-a", "s1-a"),
+                                     (f"{seq}-1", F1, 250, 500, "f1-a", "s1-a")]
+    sme_fills = events(out, S1, wire.Fill)
+    assert [(f.funder, f.funder_name, f.side, f.client_id, f.amount) for f in sme_fills] == [
+        (F2, "P12", "ask", "s1-a", 300), (F1, "P11", "ask", "s1-a", 500)]
+    assert [(f.side, f.client_id, f.amount) for f in events(out, F1, wire.Fill)] == [
+        ("bid", "f1-a", 500)]
+    assert [(d.client_id, d.reason, d.filled) for d in events(out, F2, wire.Done)] == [
+        ("f2-a", "filled", 300)]
+    assert [(d.reason, d.filled, d.remaining) for d in events(out, S1, wire.Done)] == [
+        ("filled", 800, 0)]
+
+
+def test_an_ioc_ask_that_fills_partly_ends_unfilled_with_what_it_got() -> None:
+    m = Market()
+    m.line(F1, "DFM", 10_000)
+    m.bid(F1, "b", 250, 300)
+    out = m.ask(S1, "a", 500)
+    [done] = events(out, S1, wire.Done)
+    assert (done.reason, done.filled, done.remaining) == ("unfilled", 300, 200)
+
+
+# --- client ids and retries ----------------------------------------------------------
+
+def test_a_retried_bid_returns_the_original_acceptance_and_places_nothing() -> None:
+    m = Market()
+    m.line(F1, "DFM", 10_000)
+    first = m.bid(F1, "dup", 250, 1_000)
+    again = m.bid(F1, "dup", 260, 9_999)          # a retry names the same order
+    [a1], [a2] = events(first, F1, wire.Accepted), events(again, F1, wire.Accepted)
+    assert (a2.order_id, a2.seq, a2.duplicate) == (a1.order_id, a1.seq, True)
+    assert again.entry is None and not again.trades
+    assert m.engine.books["DFM-90D"].depth() == [(250, 1_000, 1)]
+
+
+def test_a_retried_ask_returns_its_done_and_makes_no_second_fill() -> None:
+    m = Market()
+    m.line(F1, "DFM", 10_000)
+    m.bid(F1, "b", 250, 1_000)
+    first = m.ask(S1, "once", 400)
+    again = m.ask(S1, "once", 400)
+    assert len(first.trades) == 1 and not again.trades
+    assert [type(e).__name__ for _, e in again.replies] == ["Accepted", "Done"]
+    assert events(again, S1, wire.Done) == events(first, S1, wire.Done)
+    assert m.engine.books["DFM-90D"].depth() == [(250, 600, 1)]
+
+
+def test_client_ids_are_per_participant() -> None:
+    m = Market()
+    m.line(F1, "DFM", 10_000)
+    m.line(F2, "DFM", 10_000)
+    assert not events(m.bid(F1, "same", 250, 100), F1, wire.Accepted)[0].duplicate
+    assert not events(m.bid(F2, "same", 250, 100), F2, wire.Accepted)[0].duplicate
+    assert m.engine.books["DFM-90D"].depth() == [(250, 200, 2)]
+
+
+def test_end_of_day_forgets_finished_client_ids_but_keeps_resting_ones() -> None:
+    m = Market()
+    m.line(F1, "DFM", 10_000)
+    m.bid(F1, "gtc", 250, 100)
+    m.ask(S1, "gone", 50)
+    m.send(ADMIN, wire.EndOfDay())
+    assert not events(m.ask(S1, "gone", 10), S1, wire.Accepted)[0].duplicate
+    assert events(m.bid(F1, "gtc", 250, 100), F1, wire.Accepted)[0].duplicate
+
+
+# --- amend and cancel ----------------------------------------------------------------
+
+def test_amend_down_keeps_priority_and_cancel_returns_done() -> None:
+    m = Market()
+    m.line(F1, "DFM", 10_000)
+    m.line(F2, "DFM", 10_000)
+    m.bid(F1, "first", 250, 500)
+    m.bid(F2, "second", 250, 500)
+    m.send(F1, wire.Amend(client_id="first", amount=200))
+    out = m.ask(S1, "a", 300)
+    assert [(t.funder, t.amount) for t in out.trades] == [(F1, 200), (F2, 100)]
+    cancel = m.send(F2, wire.Cancel(client_id="second"))
+    [done] = events(cancel, F2, wire.Done)
+    assert (done.reason, done.filled, done.remaining) == ("cancelled", 100, 400)
+    assert rejected(m.send(F2, wire.Cancel(client_id="second"))).code == "not_resting"
+
+
+def test_amend_across_the_book_fills_at_the_bid_rate() -> None:
+    m = Market()
+    m.line(F1, "DFM", 10_000)
+    m.bid(F1, "b", 300, 500)
+    m.ask(S1, "a", 400, max_rate_bps=280, tif="gtc")
+    out = m.send(F1, wire.Amend(client_id="b", rate_bps=270))
+    assert [(t.rate_bps, t.amount) for t in out.trades] == [(270, 400)]
+
+
+# --- credit lines --------------------------------------------------------------------
+
+def test_a_bid_needs_a_credit_line_against_the_core_enterprise() -> None:
+    m = Market()
+    assert rejected(m.bid(F1, "b", 250, 100)).code == "no_credit_line"
+    m.line(F1, "DFM", 100)
+    assert m.bid(F1, "b", 250, 100).accepted
+
+
+def test_credit_is_shared_across_the_segments_of_one_core_enterprise() -> None:
+    m = Market()
+    m.line(F1, "DFM", 1_000)
+    m.bid(F1, "short", 240, 800, seg="DFM-30D")
+    m.bid(F1, "long", 250, 800, seg="DFM-90D")
+    assert sum(t.amount for t in m.ask(S1, "a", 700, seg="DFM-30D").trades) == 700
+    out = m.ask(S2, "b", 700, seg="DFM-90D")       # only 300 of the line is left
+    assert [t.amount for t in out.trades] == [300]
+    assert m.engine.credit("DFM", F1) == (1_000, 1_000)
+
+
+def test_raising_a_line_rematches_resting_asks_and_lowering_cancels_nothing() -> None:
+    m = Market()
+    m.line(F1, "DFM", 100)
+    m.bid(F1, "b", 250, 1_000)
+    m.ask(S1, "a", 500, max_rate_bps=260, tif="gtc")      # gets 100: the line is used up
+    assert m.engine.books["DFM-90D"].demand() == (400, 1)
+    m.line(F1, "DFM", 50)                                  # below what is used
+    assert m.engine.credit("DFM", F1) == (50, 100)
+    assert m.engine.books["DFM-90D"].depth() == [(250, 900, 1)]
+    out = m.line(F1, "DFM", 1_000)
+    assert [(t.amount, t.ask_client_id) for t in out.trades] == [(400, "a")]
+    assert m.engine.books["DFM-90D"].demand() == (0, 0)
+
+
+@st.composite
+def sessions(draw: st.DrawFn) -> list[tuple[int, Any]]:
+    """Random commands on the two DFM segments (one core enterprise)."""
+    cmds: list[tuple[int, Any]] = []
+    for i in range(draw(st.integers(1, 80))):
+        seg = draw(st.sampled_from(["DFM-30D", "DFM-90D"]))
+        kind = draw(st.sampled_from(["bid", "bid", "ask", "ask", "line", "cancel", "amend"]))
+        funder = draw(st.sampled_from([F1, F2]))
+        if kind == "bid":
+            cmds.append((funder, wire.Bid(client_id=f"b{i}", segment=seg,
+                                          rate_bps=draw(st.integers(240, 260)),
+                                          amount=draw(st.integers(1, 2_000)),
+                                          min_ticket=draw(st.sampled_from([0, 0, 500])))))
+        elif kind == "ask":
+            cmds.append((draw(st.sampled_from([S1, S2])), wire.Ask(
+                client_id=f"a{i}", segment=seg, amount=draw(st.integers(1, 3_000)),
+                tif=draw(st.sampled_from(["ioc", "gtc"])),
+                single_funder=draw(st.booleans()))))
+        elif kind == "line":
+            cmds.append((funder, wire.SetCreditLine(core="DFM",
+                                                    amount=draw(st.integers(0, 5_000)))))
+        elif kind == "cancel":
+            cmds.append((funder, wire.Cancel(client_id=f"b{draw(st.integers(0, i))}")))
+        else:
+            cmds.append((funder, wire.Amend(client_id=f"b{draw(st.integers(0, i))}",
+                                            amount=draw(st.integers(1, 2_000)))))
+    return cmds
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sessions())
+def test_credit_lines_hold_across_segments_under_random_load(
+        cmds: list[tuple[int, Any]]) -> None:
+    m = Market()
+    lent: dict[int, int] = {F1: 0, F2: 0}
+    line: dict[int, int] = {F1: 0, F2: 0}
+    peak: dict[int, int] = {F1: 0, F2: 0}     # lending may stop below a lowered line...
+    for who, cmd in cmds:
+        if isinstance(cmd, wire.SetCreditLine):
+            line[who] = cmd.amount
+        out = m.send(who, cmd)
+        for t in out.trades:
+            lent[t.funder] += t.amount
+            # ...but no fill may take a funder past the line in force when it happened.
+            assert lent[t.funder] <= max(line[t.funder], peak[t.funder]), "over the line"
+        for f in (F1, F2):
+            peak[f] = max(peak[f], lent[f])
+            assert m.engine.credit("DFM", f)[1] == lent[f]
+    # The same journal gives the same state, and so does snapshot + the rest of it.
+    replay = Engine(SEGMENTS)
+    for entry in m.journal:
+        assert replay.apply(entry).accepted
+    assert state_hash(replay) == state_hash(m.engine)
+
+
+# --- determinism, snapshots ----------------------------------------------------------
+
+def random_session(m: Market, n: int, seed: int) -> None:
+    rng = random.Random(seed)
+    for f in (F1, F2):
+        m.line(f, "DFM", 10**9)
+        m.line(f, "SGCC", 10**9)
+    for i in range(n):
+        seg = rng.choice([s.id for s in SEGMENTS])
+        roll = rng.random()
+        if roll < 0.45:
+            m.bid(rng.choice([F1, F2]), f"b{i}", rng.randrange(240, 300), rng.randrange(1, 10**6),
+                  seg=seg, tif=rng.choice(["gtc", "day"]))
+        elif roll < 0.75:
+            m.ask(rng.choice([S1, S2]), f"a{i}", rng.randrange(1, 2 * 10**6), seg=seg,
+                  max_rate_bps=rng.choice([None, 260, 280]),
+                  tif=rng.choice(["ioc", "ioc", "gtc", "fok"]))
+        elif roll < 0.9:
+            m.send(rng.choice([F1, F2]), wire.Cancel(client_id=f"b{rng.randrange(i + 1)}"))
+        elif roll < 0.98:
+            m.send(rng.choice([F1, F2]), wire.Amend(client_id=f"b{rng.randrange(i + 1)}",
+                                                    rate_bps=rng.randrange(240, 300)))
+        else:
+            m.send(ADMIN, wire.EndOfDay())
+
+
+def test_replay_and_snapshot_plus_replay_equal_the_live_engine() -> None:
+    m = Market()
+    random_session(m, 3_000, seed=5)
+    live = state_hash(m.engine)
+    full = Engine(SEGMENTS)
+    half = len(m.journal) // 2
+    for entry in m.journal[:half]:
+        full.apply(entry)
+    snap = encode(capture(full))
+    for entry in m.journal[half:]:
+        full.apply(entry)
+    resumed = restore(decode(snap))
+    for entry in m.journal[half:]:
+        assert resumed.apply(entry).accepted
+    assert state_hash(full) == state_hash(resumed) == live
+
+
+def test_the_state_hash_sees_a_difference_in_queue_order() -> None:
+    a, b = Market(), Market()
+    for m, first, second in ((a, "x", "y"), (b, "y", "x")):
+        m.line(F1, "DFM", 1_000)
+        m.line(F2, "DFM", 1_000)
+        m.bid(F1 if first == "x" else F2, first, 250, 100)
+        m.bid(F2 if first == "x" else F1, second, 250, 100)
+    assert state_hash(a.engine) != state_hash(b.engine)
+
+
+def test_a_journal_entry_out_of_sequence_is_refused() -> None:
+    m = Market()
+    m.line(F1, "DFM", 100)
+    entry = wire.JournalEntry(5, 0, F1, wire.SetCreditLine(core="DFM", amount=1))
+    try:
+        m.engine.apply(entry)
+    except ValueError as e:
+        assert "does not follow" in str(e)
+    else:
+        raise AssertionError("applied out of sequence")
+
+
+def test_segments_added_at_run_time_trade_at_once() -> None:
+    m = Market()
+    assert m.send(ADMIN, wire.AddSegment(segment="CRRC-60D", core="CRRC",
+                                         tenor_days=60)).accepted
+    assert rejected(m.send(ADMIN, wire.AddSegment(segment="CRRC-60D", core="CRRC",
+                                                  tenor_days=60))).code == "duplicate_segment"
+    m.line(F1, "CRRC", 1_000)
+    m.bid(F1, "b", 250, 500, seg="CRRC-60D")
+    assert [t.amount for t in m.ask(S1, "a", 200, seg="CRRC-60D").trades] == [200]
+
+
+def test_end_of_day_expires_day_orders_and_keeps_gtc() -> None:
+    m = Market()
+    m.line(F1, "DFM", 10_000)
+    m.bid(F1, "day", 250, 100, tif="day")
+    m.bid(F1, "gtc", 251, 100, tif="gtc")
+    out = m.send(ADMIN, wire.EndOfDay())
+    assert [(d.client_id, d.reason) for d in events(out, F1, wire.Done)] == [("day", "expired")]
+    assert m.engine.books["DFM-90D"].depth() == [(251, 100, 1)]

@@ -1,0 +1,677 @@
+"""The journal against a real redis-server: group commit, the fill stream, replay and
+snapshots equal to the live engine, Redis restarts and lost data, and the `matcher
+replay` / `matcher snapshot` commands.
+
+Everything runs in this process (Engine + Journal + recover on one event loop), driven by
+`Driver`, a seeded random market session submitting commands as the gateway does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from websockets.asyncio.client import connect as ws_connect
+
+from matcher import protocol as wire
+from matcher import snapshot
+from matcher.engine import Engine, Outcome
+from matcher.protocol import Role
+from service.journal import Journal, JournalLost, Keys, read_journal, trade_fields
+from service.localredis import LocalRedis, free_port
+from service.recovery import recover
+from tests.conftest import ROOT, ServerProcess, run, write_config
+
+KEYS = Keys("main")
+M = 1_000_000                      # 10,000 CNY in fen: the unit of the random amounts
+
+ADMIN = 1
+FUNDERS = (11, 12, 13, 14)
+SMES = (21, 22, 23)
+ROLES: dict[int, Role] = {ADMIN: "admin", **dict.fromkeys(FUNDERS, "funder"),
+                          **dict.fromkeys(SMES, "sme")}
+#: (segment, core, tenor_days, rate_cap_bps): two core enterprises, two tenors each.
+SEGMENTS = (("DFM-30D", "DFM", 30, 3600), ("DFM-90D", "DFM", 90, 3600),
+            ("SGCC-30D", "SGCC", 30, 400), ("SGCC-90D", "SGCC", 90, 3600))
+CORES = ("DFM", "SGCC")
+
+
+class Driver:
+    """A seeded random market session that submits to an `Engine` as the gateway does.
+
+    Bids, asks (every tif, market asks, single_funder), cancels, amends, credit-line
+    changes, retries of used client ids, end of day, and a few commands the engine
+    rejects. Keeps every accepted entry, outcome and trade in order.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.engine = Engine()
+        self.ts = 1_767_225_600_000_000_000
+        self.counter = 0
+        self.used: dict[int, list[str]] = {p: [] for p in ROLES}
+        self.entries: list[wire.JournalEntry] = []
+        self.outcomes: list[Outcome] = []
+        self.trades: list[wire.Trade] = []
+        self.kinds: Counter[str] = Counter()      # accepted commands by type
+        self.rejected = 0
+        self.retries = 0
+
+    def submit(self, participant: int, cmd: wire.Command) -> Outcome:
+        self.ts += self.rng.randrange(1, 5_000_000)
+        out = self.engine.submit(participant, ROLES[participant], cmd, self.ts)
+        if out.entry is not None:
+            self.entries.append(out.entry)
+            self.outcomes.append(out)
+            self.trades.extend(out.trades)
+            self.kinds[type(cmd).__name__] += 1
+        elif any(isinstance(event, wire.Rejected) for _, event in out.replies):
+            self.rejected += 1
+        else:
+            self.retries += 1
+        return out
+
+    def opening(self) -> list[Outcome]:
+        outs = [self.submit(ADMIN, wire.AddSegment(segment=s, core=c, tenor_days=t,
+                                                   rate_cap_bps=cap))
+                for s, c, t, cap in SEGMENTS]
+        outs += [self.submit(f, wire.SetCreditLine(core=c,
+                                                   amount=self.rng.randrange(500, 3000) * M))
+                 for f in FUNDERS for c in CORES]
+        return outs
+
+    def step(self) -> Outcome:
+        participant, cmd = self.command()
+        return self.submit(participant, cmd)
+
+    def _client_id(self, participant: int) -> str:
+        rng = self.rng
+        if self.used[participant] and rng.random() < 0.04:       # a retry, or a reuse
+            return rng.choice(self.used[participant])
+        self.counter += 1
+        cid = f"{participant}-{self.counter}"
+        self.used[participant].append(cid)
+        return cid
+
+    def command(self) -> tuple[int, wire.Command]:
+        rng = self.rng
+        r = rng.random()
+        segment, core, tenor, cap = rng.choice(SEGMENTS)
+        base = 250 + tenor // 3
+        if r < 0.34:
+            f = rng.choice(FUNDERS)
+            rate = base + rng.randint(-25, 25) if rng.random() > 0.01 else cap + 1
+            return f, wire.Bid(
+                client_id=self._client_id(f), segment=segment, rate_bps=rate,
+                amount=rng.randint(1, 60) * M,
+                min_ticket=rng.randint(1, 20) * M if rng.random() < 0.2 else 0,
+                tif=rng.choices(("gtc", "day", "ioc", "fok"), (60, 25, 10, 5))[0])
+        if r < 0.64:
+            s = rng.choice(SMES)
+            return s, wire.Ask(
+                client_id=self._client_id(s), segment=segment, amount=rng.randint(1, 80) * M,
+                max_rate_bps=None if rng.random() < 0.2 else base + rng.randint(-40, 30),
+                tif=rng.choices(("ioc", "fok", "gtc", "day"), (55, 15, 18, 12))[0],
+                single_funder=rng.random() < 0.15)
+        if r < 0.76:
+            p = rng.choice(FUNDERS + SMES)
+            resting = self.engine.resting_client_ids(p)
+            if resting and rng.random() < 0.9:
+                return p, wire.Cancel(client_id=rng.choice(resting))
+            return p, wire.Cancel(client_id=rng.choice(self.used[p] or ["nothing"]))
+        if r < 0.88:
+            f = rng.choice(FUNDERS)
+            resting = self.engine.resting_client_ids(f)
+            cid = rng.choice(resting) if resting else f"{f}-none"
+            rate = base + rng.randint(-30, 30) if rng.random() < 0.6 else None
+            amount = rng.randint(1, 60) * M if rate is None or rng.random() < 0.4 else None
+            if rng.random() < 0.03:
+                rate = amount = None                     # rejected: nothing to amend
+            return f, wire.Amend(client_id=cid, rate_bps=rate, amount=amount)
+        if r < 0.95:
+            f, core = rng.choice(FUNDERS), rng.choice(CORES)
+            _line, used = self.engine.credit(core, f)
+            amount = used + rng.randrange(0, 1500) * M if rng.random() < 0.9 else \
+                rng.randrange(0, max(1, used // M + 1)) * M
+            return f, wire.SetCreditLine(core=core, amount=amount)
+        if r < 0.985:
+            s = rng.choice(SMES)
+            return s, wire.Ask(client_id=self._client_id(s), segment="NO-SUCH", amount=M)
+        return ADMIN, wire.EndOfDay()
+
+
+def connect(server: LocalRedis) -> aioredis.Redis:
+    return aioredis.Redis.from_url(server.url, socket_timeout=5, socket_connect_timeout=2)
+
+
+def take_snapshot(journal: Journal, engine: Engine) -> asyncio.Future[int]:
+    return journal.snapshot(snapshot.encode(snapshot.capture(engine)))
+
+
+async def play(driver: Driver, journal: Journal, commands: int, *, pause_every: int = 25,
+               snapshot_every: int = 0,
+               snapshots: list[tuple[int, str]] | None = None) -> None:
+    """Submit `commands` random commands, journal the accepted ones, wait until durable.
+
+    The loop yields every `pause_every` commands so writes go out while commands keep
+    coming (group commit under load); `snapshots` gets (seq, state hash) of each one.
+    """
+    futures: list[asyncio.Future[int]] = []
+    for n in range(1, commands + 1):
+        out = driver.step()
+        if out.entry is not None:
+            futures.append(journal.append(out.entry, out.trades))
+        if snapshot_every and n % snapshot_every == 0:
+            futures.append(take_snapshot(journal, driver.engine))
+            if snapshots is not None:
+                snapshots.append((driver.engine.seq, snapshot.state_hash(driver.engine)))
+        if pause_every and n % pause_every == 0:
+            await asyncio.sleep(0)
+    await asyncio.gather(*futures)
+
+
+async def open_market(driver: Driver, journal: Journal) -> None:
+    futures = [journal.append(out.entry, out.trades) for out in driver.opening() if out.entry]
+    await asyncio.gather(*futures)
+
+
+async def journal_rows(client: aioredis.Redis) -> list[tuple[str, list[wire.JournalEntry]]]:
+    rows = await client.xrange(KEYS.journal)
+    return [(entry_id.decode(), wire.journal_decoder.decode(fields[b"e"]))
+            for entry_id, fields in rows]
+
+
+async def journaled(client: aioredis.Redis) -> list[wire.JournalEntry]:
+    return [e async for batch in read_journal(client, KEYS) for e in batch]
+
+
+def decode_trade(fields: dict[bytes, bytes]) -> wire.Trade:
+    """A fill-stream entry back into a Trade (stream values are strings)."""
+    return msgspec.convert({k.decode(): v.decode() for k, v in fields.items()}, wire.Trade,
+                           strict=False)
+
+
+async def fill_stream(client: aioredis.Redis) -> list[tuple[str, wire.Trade]]:
+    rows = await client.xrange(KEYS.fills)
+    return [(entry_id.decode(), decode_trade(fields)) for entry_id, fields in rows]
+
+
+# --- group commit ---------------------------------------------------------------------
+
+
+def test_group_commit_writes_many_commands_at_once(redis_server: LocalRedis) -> None:
+    """1,000 commands appended without awaiting go out in a handful of writes, each a
+    stream entry whose id is the batch's last sequence number."""
+    async def scenario() -> None:
+        client = connect(redis_server)
+        journal = Journal(client, KEYS)
+        journal.start()
+        driver = Driver(seed=1)
+        await open_market(driver, journal)
+        batches0, entries0 = journal.batches, await client.xlen(KEYS.journal)
+        appended: list[tuple[int, asyncio.Future[int]]] = []
+        for _ in range(5000):                       # bounded; ~60% of commands are accepted
+            out = driver.step()
+            if out.entry is not None:
+                appended.append((out.entry.seq, journal.append(out.entry, out.trades)))
+                if len(appended) == 1000:
+                    break
+        assert len(appended) == 1000
+        results = await asyncio.wait_for(asyncio.gather(*(f for _, f in appended)), 10)
+        assert all(durable >= seq for (seq, _), durable in zip(appended, results, strict=True))
+        writes = journal.batches - batches0
+        stream_entries = await client.xlen(KEYS.journal) - entries0
+        assert writes == stream_entries
+        assert 1 <= writes <= 5, f"{writes} writes for 1000 commands: no group commit"
+        rows = await journal_rows(client)
+        for entry_id, entries in rows:
+            assert entry_id == f"{entries[-1].seq}-0"
+        assert [e for _, entries in rows for e in entries] == driver.entries
+        await journal.close()
+        await client.aclose()
+    run(scenario())
+
+
+def test_group_commit_batches_what_arrives_during_a_write(redis_server: LocalRedis) -> None:
+    """With the loop free between commands, each write takes everything that arrived
+    while the previous one was in flight: several writes, far fewer than commands."""
+    async def scenario() -> None:
+        client = connect(redis_server)
+        journal = Journal(client, KEYS)
+        journal.start()
+        driver = Driver(seed=2)
+        await open_market(driver, journal)
+        batches0 = journal.batches
+        seq0 = driver.engine.seq
+        await play(driver, journal, 2000, pause_every=10)
+        commands = driver.engine.seq - seq0
+        writes = journal.batches - batches0
+        assert 2 <= writes <= 2000 // 10 + 1 < commands
+        rows = await journal_rows(client)
+        assert len(rows) == journal.batches
+        for entry_id, entries in rows:
+            assert entry_id == f"{entries[-1].seq}-0"
+            assert [e.seq for e in entries] == list(range(entries[0].seq, entries[-1].seq + 1))
+        assert [e for _, entries in rows for e in entries] == driver.entries
+        await journal.close()
+        await client.aclose()
+    run(scenario())
+
+
+# --- the fill stream ------------------------------------------------------------------
+
+
+def test_fill_stream_has_one_entry_per_trade_keyed_by_trade_id(redis_server: LocalRedis) -> None:
+    async def scenario() -> None:
+        client = connect(redis_server)
+        journal = Journal(client, KEYS)
+        journal.start()
+        driver = Driver(seed=3)
+        await open_market(driver, journal)
+        await play(driver, journal, 2000)
+        assert len(driver.trades) > 200
+        rows = await client.xrange(KEYS.fills)
+        assert len(rows) == len(driver.trades)
+        for (entry_id, fields), trade in zip(rows, driver.trades, strict=True):
+            assert entry_id.decode() == trade.trade_id
+            assert {k.decode() for k in fields} == set(wire.Trade.__struct_fields__)
+            assert decode_trade(fields) == trade
+            assert fields == {k.encode(): str(v).encode() for k, v in trade_fields(trade).items()}
+        order = [tuple(map(int, entry_id.split(b"-"))) for entry_id, _ in rows]
+        assert order == sorted(order)                    # sequence order, n-th fill order
+        assert [t.seq for t in driver.trades] == sorted(t.seq for t in driver.trades)
+        await journal.close()
+        await client.aclose()
+    run(scenario())
+
+
+# --- replay and snapshots -------------------------------------------------------------
+
+
+def test_replay_and_snapshot_replay_equal_the_live_engine(redis_server: LocalRedis) -> None:
+    async def scenario() -> None:
+        client = connect(redis_server)
+        journal = Journal(client, KEYS)
+        journal.start()
+        driver = Driver(seed=4)
+        await open_market(driver, journal)
+        snapshots: list[tuple[int, str]] = []
+        await play(driver, journal, 4000, snapshot_every=900, snapshots=snapshots)
+        live = snapshot.state_hash(driver.engine)
+        # the session is the one described: all kinds of commands, trades, days
+        assert set(driver.kinds) == {"AddSegment", "SetCreditLine", "Bid", "Ask", "Cancel",
+                                     "Amend", "EndOfDay"}
+        assert driver.kinds["EndOfDay"] >= 3 and len(driver.trades) > 300
+        assert driver.rejected > 50 and driver.retries > 5
+        assert len(snapshots) == 4
+        assert sum(len(b) for b in driver.engine.books.values()) > 0
+
+        stored = await client.get(KEYS.snapshot)
+        assert stored is not None
+        state = snapshot.decode(stored)
+        assert (state.seq, snapshot.state_hash(snapshot.restore(state))) == snapshots[-1]
+
+        with_snapshot = await recover(client, KEYS, use_snapshot=True)
+        full = await recover(client, KEYS, use_snapshot=False)
+        assert with_snapshot.snapshot_seq == snapshots[-1][0] > 0
+        assert with_snapshot.replayed == driver.engine.seq - snapshots[-1][0] > 0
+        assert (full.snapshot_seq, full.replayed) == (0, driver.engine.seq)
+        assert with_snapshot.engine.seq == full.engine.seq == driver.engine.seq
+        assert snapshot.state_hash(with_snapshot.engine) == live
+        assert snapshot.state_hash(full.engine) == live
+        await journal.close()
+        await client.aclose()
+    run(scenario())
+
+
+def test_replay_makes_exactly_the_live_trades(redis_server: LocalRedis) -> None:
+    async def scenario() -> None:
+        client = connect(redis_server)
+        journal = Journal(client, KEYS)
+        journal.start()
+        driver = Driver(seed=5)
+        await open_market(driver, journal)
+        await play(driver, journal, 3000)
+        assert len(driver.trades) > 300
+        engine = Engine()
+        trades: list[wire.Trade] = []
+        replies: list[list[tuple[int, wire.Event]]] = []
+        async for entries in read_journal(client, KEYS):
+            for entry in entries:
+                out = engine.apply(entry)
+                assert out.accepted
+                trades.extend(out.trades)
+                replies.append(out.replies)
+        assert trades == driver.trades
+        assert replies == [out.replies for out in driver.outcomes]   # fills, dones too
+        assert snapshot.state_hash(engine) == snapshot.state_hash(driver.engine)
+        await journal.close()
+        await client.aclose()
+    run(scenario())
+
+
+# --- Redis going away -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_redis_restart_holds_acks_then_writes_everything_once(
+        redis_server: LocalRedis, caplog: pytest.LogCaptureFixture, how: str) -> None:
+    """Redis stopped (SIGTERM) or killed (SIGKILL; appendfsync always keeps every write)
+    under load, then started again on the same port and data directory."""
+    caplog.set_level(logging.WARNING, logger="matcher.journal")
+
+    async def scenario() -> None:
+        client = connect(redis_server)
+        journal = Journal(client, KEYS, max_retry_delay=0.1)
+        journal.start()
+        driver = Driver(seed=6)
+        await open_market(driver, journal)
+        await play(driver, journal, 300)
+        appended: list[tuple[int, asyncio.Future[int]]] = []
+        stop = asyncio.Event()
+
+        async def producer() -> None:
+            for _ in range(3000):               # bounded; one command every ~2 ms
+                if stop.is_set():
+                    return
+                out = driver.step()
+                if out.entry is not None:
+                    appended.append((out.entry.seq, journal.append(out.entry, out.trades)))
+                await asyncio.sleep(0.002)
+
+        task = asyncio.create_task(producer())
+        await asyncio.sleep(0.1)
+        await asyncio.to_thread(getattr(redis_server, how))  # under load
+        at_stop = len(appended)
+        unresolved = [f for _, f in appended if not f.done()]
+        await asyncio.sleep(0.3)
+        stop.set()
+        await task
+        await asyncio.sleep(0.5)                             # Redis still down
+        assert len(appended) > at_stop + 10
+        assert not any(f.done() for f in unresolved), "acknowledged while Redis was down"
+        assert not any(f.done() for _, f in appended[at_stop:])
+        assert not journal.healthy
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("retrying" in m and "none of them is acknowledged" in m for m in warnings)
+
+        await asyncio.to_thread(redis_server.start)          # same port, same data
+        results = await asyncio.wait_for(asyncio.gather(*(f for _, f in appended)), 20)
+        assert all(durable >= seq for (seq, _), durable in zip(appended, results, strict=True))
+        assert journal.healthy
+        assert any("succeeded after" in r.getMessage() for r in caplog.records)
+        entries = await journaled(client)
+        assert [e.seq for e in entries] == list(range(1, driver.engine.seq + 1))
+        assert entries == driver.entries
+        assert [t for _, t in await fill_stream(client)] == driver.trades
+        full = await recover(client, KEYS, use_snapshot=False)
+        assert snapshot.state_hash(full.engine) == snapshot.state_hash(driver.engine)
+        await journal.close()
+        await client.aclose()
+    run(scenario())
+
+
+def test_a_write_that_landed_without_its_reply_is_not_repeated(
+        redis_server: LocalRedis, caplog: pytest.LogCaptureFixture) -> None:
+    """The connection drops after Redis executed the transaction: the journal finds the
+    batch there (and still writes the snapshot that came with it) instead of writing it
+    twice, and acknowledges it."""
+    caplog.set_level(logging.WARNING, logger="matcher.journal")
+
+    async def scenario() -> None:
+        client = connect(redis_server)
+        journal = Journal(client, KEYS, max_retry_delay=0.1)
+        journal.start()
+        driver = Driver(seed=10)
+        await open_market(driver, journal)
+        real_write = journal._write
+        lost: list[tuple[int, bool]] = []            # (commands, with snapshot) per loss
+
+        async def write_then_lose_the_reply(entries: list[wire.JournalEntry],
+                                            trades: list[wire.Trade],
+                                            snap: bytes | None) -> None:
+            await real_write(entries, trades, snap)
+            if entries and (len(lost) < 2 or snap is not None):
+                lost.append((len(entries), snap is not None))
+                raise RedisConnectionError("connection lost before the reply (simulated)")
+
+        journal._write = write_then_lose_the_reply   # type: ignore[method-assign]
+        snapshots: list[tuple[int, str]] = []
+        await play(driver, journal, 1200, snapshot_every=400, snapshots=snapshots)
+        assert len(lost) >= 2 and any(with_snap for _, with_snap in lost)
+        assert journal.healthy and journal.written_seq == driver.engine.seq
+        assert await journaled(client) == driver.entries               # each exactly once
+        assert [t for _, t in await fill_stream(client)] == driver.trades
+        stored = await client.get(KEYS.snapshot)
+        assert stored is not None
+        state = snapshot.decode(stored)
+        assert (state.seq, snapshot.state_hash(snapshot.restore(state))) == snapshots[-1]
+        recovered = await recover(client, KEYS)
+        assert recovered.snapshot_seq == snapshots[-1][0]
+        assert snapshot.state_hash(recovered.engine) == snapshot.state_hash(driver.engine)
+        messages = [r.getMessage() for r in caplog.records]
+        assert sum("none of them is acknowledged" in m for m in messages) == len(lost)
+        await journal.close()
+        await client.aclose()
+    run(scenario())
+
+
+async def _acked_then_down(redis_server: LocalRedis, seed: int
+                           ) -> tuple[aioredis.Redis, Journal, Driver]:
+    client = connect(redis_server)
+    journal = Journal(client, KEYS, max_retry_delay=0.1)
+    journal.start()
+    driver = Driver(seed=seed)
+    await open_market(driver, journal)
+    await play(driver, journal, 300)
+    assert journal.written_seq == driver.engine.seq > 100
+    return client, journal, driver
+
+
+def _append(driver: Driver, journal: Journal, n: int) -> list[asyncio.Future[int]]:
+    futures = []
+    for _ in range(20 * n):
+        out = driver.step()
+        if out.entry is not None:
+            futures.append(journal.append(out.entry, out.trades))
+            if len(futures) == n:
+                break
+    return futures
+
+
+def _assert_journal_stopped(futures: list[asyncio.Future[int]], journal: Journal,
+                            caplog: pytest.LogCaptureFixture) -> None:
+    assert futures and all(f.done() for f in futures)
+    for f in futures:
+        assert isinstance(f.exception(), JournalLost)
+    assert not journal.healthy
+    critical = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert any("journal stopped" in m and "lost writes" in m for m in critical), critical
+
+
+def test_redis_back_with_less_data_stops_the_journal(
+        redis_server: LocalRedis, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Redis restarted empty while a write is being retried: JournalLost, nothing acked."""
+    caplog.set_level(logging.WARNING, logger="matcher.journal")
+    fresh = LocalRedis(tmp_path / "empty", port=redis_server.port, durability="always")
+
+    async def scenario() -> None:
+        client, journal, driver = await _acked_then_down(redis_server, seed=7)
+        await asyncio.to_thread(redis_server.kill)
+        futures = _append(driver, journal, 20)
+        await asyncio.sleep(0.3)                         # retrying against no Redis
+        assert not any(f.done() for f in futures)
+        await asyncio.to_thread(fresh.start)             # same port, no data
+        await asyncio.wait(futures, timeout=10)
+        _assert_journal_stopped(futures, journal, caplog)
+        later = _append(driver, journal, 5)              # nothing is acknowledged any more
+        await asyncio.wait(later, timeout=0.5)
+        assert not any(f.done() and f.exception() is None for f in later)
+        assert await client.xlen(KEYS.journal) == 0      # and nothing written over the hole
+        await client.aclose()
+
+    try:
+        run(scenario())
+    finally:
+        fresh.stop()
+
+
+def test_redis_back_with_less_data_while_idle_stops_the_journal(
+        redis_server: LocalRedis, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Redis replaced by an empty one between two writes: the next write must not land
+    on top of the hole (seq N+1 in an empty journal cannot be recovered)."""
+    caplog.set_level(logging.WARNING, logger="matcher.journal")
+    fresh = LocalRedis(tmp_path / "empty", port=redis_server.port, durability="always")
+
+    async def scenario() -> None:
+        client, journal, driver = await _acked_then_down(redis_server, seed=8)
+        await asyncio.to_thread(redis_server.kill)
+        await asyncio.to_thread(fresh.start)             # same port, no data
+        futures = _append(driver, journal, 20)
+        await asyncio.wait(futures, timeout=10)
+        try:
+            _assert_journal_stopped(futures, journal, caplog)
+            assert await client.xlen(KEYS.journal) == 0
+        finally:
+            await client.aclose()
+
+    try:
+        run(scenario())
+    finally:
+        fresh.stop()
+
+
+# --- the command line -----------------------------------------------------------------
+
+
+def matcher_cli(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def parse_replay(out: str) -> tuple[int, int, int, str]:
+    """(seq, snapshot seq, replayed, state hash) of `matcher replay`'s report."""
+    m = re.search(r"seq (\d+)\s+snapshot (\d+)\s+replayed (\d+) commands", out)
+    h = re.search(r"state hash ([0-9a-f]{64})", out)
+    assert m and h, out
+    return int(m[1]), int(m[2]), int(m[3]), h[1]
+
+
+def test_cli_replay_and_snapshot(redis_server: LocalRedis) -> None:
+    driver = Driver(seed=9)
+
+    async def session(commands: int) -> None:
+        client = connect(redis_server)
+        journal = Journal(client, KEYS, written_seq=driver.engine.seq)
+        journal.start()
+        if driver.engine.seq == 0:
+            await open_market(driver, journal)
+        await play(driver, journal, commands)
+        await journal.close()
+        await client.aclose()
+
+    run(session(1500))
+    seq, live = driver.engine.seq, snapshot.state_hash(driver.engine)
+    url = redis_server.url
+    out = matcher_cli("replay", "--redis-url", url)
+    assert parse_replay(out) == (seq, 0, seq, live)
+    orders = sum(len(b) for b in driver.engine.books.values())
+    assert f"segments 4  resting orders {orders}  " in out
+    assert parse_replay(matcher_cli("replay", "--redis-url", url, "--full")) == (seq, 0, seq, live)
+
+    out = matcher_cli("snapshot", "--redis-url", url)
+    assert parse_replay(out) == (seq, 0, seq, live)
+    assert f"snapshot written at seq {seq}" in out
+    assert parse_replay(matcher_cli("replay", "--redis-url", url)) == (seq, seq, 0, live)
+
+    run(session(500))                                    # the journal moves on
+    seq2, live2 = driver.engine.seq, snapshot.state_hash(driver.engine)
+    assert seq2 > seq
+    assert parse_replay(matcher_cli("replay", "--redis-url", url)) == (seq2, seq, seq2 - seq,
+                                                                      live2)
+    assert parse_replay(matcher_cli("replay", "--redis-url", url, "--full")) == (seq2, 0, seq2,
+                                                                                live2)
+
+
+# --- a journal that has stopped ------------------------------------------------------
+
+
+def test_a_stopped_journal_fails_what_comes_later_and_closes(
+        redis_server: LocalRedis, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Once stopped (JournalLost), the journal fails what is appended after, including the
+    snapshot `Service.stop` takes, and `close()` returns: a stopped journal must not keep
+    `matcher serve` from exiting."""
+    caplog.set_level(logging.WARNING, logger="matcher.journal")
+    fresh = LocalRedis(tmp_path / "empty", port=redis_server.port, durability="always")
+
+    async def scenario() -> None:
+        client, journal, driver = await _acked_then_down(redis_server, seed=11)
+        await asyncio.to_thread(redis_server.kill)
+        futures = _append(driver, journal, 20)
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(fresh.start)
+        await asyncio.wait(futures, timeout=10)
+        _assert_journal_stopped(futures, journal, caplog)
+        later = [*_append(driver, journal, 5), take_snapshot(journal, driver.engine)]
+        try:
+            await asyncio.wait(later, timeout=2)
+            assert all(f.done() and f.exception() is not None for f in later), \
+                "appended after the journal stopped: neither acknowledged nor failed"
+            with contextlib.suppress(JournalLost):
+                await asyncio.wait_for(journal.close(), 2)
+        finally:
+            await client.aclose()
+
+    try:
+        run(scenario())
+    finally:
+        fresh.stop()
+
+
+def test_serve_exits_on_sigterm_after_its_journal_stopped(
+        redis_server: LocalRedis, tmp_path: Path) -> None:
+    fresh = LocalRedis(tmp_path / "empty", port=redis_server.port, durability="always")
+    port = free_port()
+    config = write_config(tmp_path / "matcher.toml", redis_server.url, port)
+    server = ServerProcess(config, port, tmp_path / "server.log").start()
+    try:
+        redis_server.kill()
+        fresh.start()                                    # Redis back with nothing
+
+        async def one_command() -> None:
+            async with ws_connect(server.ws_url, close_timeout=1,
+                                  additional_headers={"Authorization": "Bearer key-f11"}) as ws:
+                await asyncio.wait_for(ws.recv(), 5)     # welcome
+                await ws.send(json.dumps({"type": "set_credit_line", "core": "DFM",
+                                          "amount": 100}))
+                deadline = time.monotonic() + 10
+                while "Redis lost writes" not in server.log.read_text():
+                    assert time.monotonic() < deadline, "the journal did not stop"
+                    await asyncio.sleep(0.05)
+
+        run(one_command())
+        assert server.get("/health")[0] == 503
+        try:
+            server.terminate(timeout=15)
+        except subprocess.TimeoutExpired:
+            pytest.fail("matcher serve still running 15 s after SIGTERM; its journal had "
+                        "stopped: " + server.log.read_text()[-600:])
+    finally:
+        if server.process is not None and server.process.poll() is None:
+            server.kill()
+        fresh.stop()

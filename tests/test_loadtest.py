@@ -1,0 +1,34 @@
+"""The load test's smoke profile against a real server and Redis: the whole chain runs,
+reconciles, and writes its report. Timings are not checked here (benchmarks are)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT, ServerProcess
+from service.localredis import LocalRedis
+
+
+def test_smoke_profile_reconciles_and_writes_its_report(
+        tmp_path: Path, server: ServerProcess, redis_server: LocalRedis) -> None:
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtest.cli", "--profile", "smoke", "--url", server.ws_url,
+         "--redis-url", redis_server.url, "--config", str(server.config), "--funders", "3",
+         "--smes", "2", "--duration", "3", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert "verdict" in proc.stdout, proc.stdout + proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    recon = results["reconciliation"]
+    assert recon["ok"], recon["problems"]
+    assert recon["commands_sent"] == recon["acks"] > 500
+    assert recon["fills_sme"] == recon["fills_platform"] > 0
+    assert recon["amount_sme"] == recon["amount_platform"]
+    assert results["measures"]["ack"]["count"] > 0
+    for name in ("report.html", "latency.png", "timeline.png"):
+        assert (out / name).stat().st_size > 1000, name
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "reconcil" in html.lower()

@@ -1,0 +1,243 @@
+"""The load test report: every file written, real PNGs, an HTML page that stands alone.
+
+The results dicts here are synthetic but shaped like the driver's (one fixed-rate run, one
+ramp), so the report is tested without running any load.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loadtest import report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def measure(label: str, scale: float, count: int) -> dict[str, Any]:
+    points = [50.0, 90.0, 99.0, 99.9, 99.99, 100.0]
+    values = [round(scale * f, 4) for f in (1.0, 2.0, 4.75, 7.75, 12.5, 18.0)]
+    return {"label": label, "count": count, "p50": values[0], "p90": values[1],
+            "p99": values[2], "p999": values[3], "max": values[5],
+            "mean": round(scale * 1.2, 4), "distribution": [list(pv) for pv in
+                                                             zip(points, values, strict=True)]}
+
+
+def fixed_results() -> dict[str, Any]:
+    return {
+        "profile": "same-day", "ok": True,
+        "started": "2026-11-21T21:40:00+00:00", "duration_s": 60.0,
+        "command": "matcher-loadtest --profile same-day --rate 5000 --out results/lt",
+        "machine": {"cpu": "AMD EPYC 7B13", "cores": 2, "python": "3.11.7",
+                    "platform": "Linux-6.1-x86_64"},
+        "config": {"rate": 5000.0, "duration_s": 60.0, "funders": 67, "smes": 6300,
+                   "ask_share": 0.3, "ramp": [], "extra": {"shard": "s1"}},
+        "measures": {
+            "ack": measure("send → accepted", 0.4, 300_000),
+            "ask_fill": measure("SME ask sent → fill received", 0.9, 90_000),
+            "platform": measure("fill journaled → read by the platform", 30.0, 85_000),
+        },
+        "timeline": [{"t": t, "offered": 5000, "sent": 4990, "acked": 4980 + (t % 3) * 5,
+                      "p99": 1.7 + 0.05 * (t % 7), "fills": 800} for t in range(60)],
+        "ramp": None, "capacity": None, "objective_p99_ms": 2.0,
+        "lag": {"p50": 0.1, "p99": 0.9, "max": 4.0, "limit_p99": 50.0, "ok": True},
+        "reconciliation": {"ok": True, "problems": [], "commands_sent": 300_000,
+                           "acks": 300_000, "accepted": 299_000,
+                           "rejected": {"not_resting": 1000}, "fills_sme": 5000,
+                           "fills_funder": 5000, "fills_platform": 5000,
+                           "amount_sme": 123_456_789, "amount_funder": 123_456_789,
+                           "amount_platform": 123_456_789, "over_line": []},
+        "memory": {"rss_start": 100_000_000, "rss_end": 120_000_000,
+                   "samples": [[0, 100_000_000], [30, 110_000_000], [60, 120_000_000]]},
+    }
+
+
+def ramp_results() -> dict[str, Any]:
+    results = fixed_results()
+    rates = [1000, 2500, 5000, 7500, 10_000, 12_500, 15_000, 17_500, 20_000]
+    p99s = [0.6, 0.7, 0.9, 1.1, 1.3, 1.6, 1.9, 4.5, 30.0]
+    results.update(
+        profile="ramp", command="matcher-loadtest --profile ramp",
+        ramp=[{"offered": r, "achieved": min(r, 17_800) - 5, "p50": p / 3, "p99": p,
+               "ok": p < 2.0} for r, p in zip(rates, p99s, strict=True)],
+        capacity=15_000)
+    return results
+
+
+def failing_results() -> dict[str, Any]:
+    results = fixed_results()
+    results["ok"] = False
+    results["reconciliation"].update(
+        ok=False, fills_platform=4998,
+        problems=["platform saw 4998 fills, SMEs saw 5000",
+                  "funder 12 over its credit line <DFM>"],
+        over_line=["funder 12 / DFM: 2000000000001 > 2000000000000"])
+    return results
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height from the IHDR chunk, after checking the signature."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path.name} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+def assert_real_png(path: Path) -> None:
+    width, height = png_size(path)
+    assert width >= 800 and height >= 450, (path.name, width, height)
+    # An empty axes alone is ~10 KB at this size; lines, legends and labels add more.
+    assert path.stat().st_size > 20_000, (path.name, path.stat().st_size)
+
+
+def test_write_all_writes_every_file_for_a_fixed_rate_run(tmp_path: Path) -> None:
+    paths = report.write_all(fixed_results(), tmp_path / "out")
+    assert set(paths) == {"results", "latency", "timeline", "html"}
+    assert {p.name for p in paths.values()} == {"results.json", "latency.png",
+                                                "timeline.png", "report.html"}
+    for path in paths.values():
+        assert path.is_file() and path.parent == tmp_path / "out"
+    assert not (tmp_path / "out" / "ramp.png").exists()
+
+
+def test_every_plot_is_a_real_png(tmp_path: Path) -> None:
+    paths = report.write_all(ramp_results(), tmp_path)
+    pngs = [p for p in paths.values() if p.suffix == ".png"]
+    assert sorted(p.name for p in pngs) == ["latency.png", "ramp.png", "timeline.png"]
+    for png in pngs:
+        assert_real_png(png)
+
+
+def test_ramp_run_plots_the_ramp_and_reports_capacity(tmp_path: Path) -> None:
+    results = ramp_results()
+    paths = report.write_all(results, tmp_path)
+    assert paths["ramp"] == tmp_path / "ramp.png"
+    table = report.summary_table(results)
+    assert re.search(r"^capacity\s+15,000/s offered", table, re.M), table
+    page = paths["html"].read_text(encoding="utf-8")
+    assert "15,000/s offered" in page
+    assert page.count("data:image/png;base64,") == 3
+    # The ramp table lists each step, the one over the objective marked.
+    assert "30.0" in page and "<b>no</b>" in page
+
+
+def test_summary_table_is_aligned_and_says_pass(tmp_path: Path) -> None:
+    table = report.summary_table(fixed_results())
+    lines = table.splitlines()
+    rows = [next(line for line in lines if line.startswith(name))
+            for name in ("latency (ms)", "ack ", "ask_fill ", "platform ")]
+    # Numbers are right-aligned: every row ends at the same column, and so does p99's column.
+    assert len({len(row) for row in rows}) == 1, rows
+    p99_end = rows[0].index("p99 ") + 3
+    assert all(row[p99_end - 1] != " " and row[p99_end] == " " for row in rows), rows
+    ack = rows[1].split()
+    assert ack[-6:] == ["300,000", "0.400", "0.800", "1.90", "3.10", "7.20"], ack
+    assert re.search(r"^throughput\s+4,985/s achieved", table, re.M), table
+    assert re.search(r"^generator lag\s+p50 0.100\s+p99 0.900\s+max 4.00 ms", table, re.M)
+    assert re.search(r"^reconciliation\s+PASS\s+sent 300,000\s+acks 300,000", table, re.M)
+    assert "fills sme/funder/platform 5,000/5,000/5,000" in table
+    assert re.search(r"^memory\s+server RSS 95.4 MiB -> 114.4 MiB\s+\(\+19.1 MiB\)", table, re.M)
+    assert "capacity" not in table
+    assert lines[-1].split() == ["verdict", "PASS"]
+
+
+def test_html_is_self_contained_with_verdict_numbers_and_images(tmp_path: Path) -> None:
+    results = fixed_results()
+    paths = report.write_all(results, tmp_path)
+    page = paths["html"].read_text(encoding="utf-8")
+    assert 'class="verdict PASS"' in page and 'class="verdict FAIL"' not in page
+    # Every number of the latency table appears in the page.
+    for row in report.summary_table(results).splitlines()[3:6]:
+        for cell in row.split()[-6:]:
+            assert f">{cell}<" in page, cell
+    assert "4,985/s achieved" in page
+    assert results["command"] in page
+    assert "<th>smes</th><td><code>6300</code>" in page
+    assert "AMD EPYC 7B13" in page
+    # Images embedded, decodable, the very files written; nothing fetched from elsewhere.
+    embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(embedded) == 2
+    assert {base64.b64decode(b) for b in embedded} == {
+        paths["latency"].read_bytes(), paths["timeline"].read_bytes()}
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", page)
+    assert "<link" not in page and "<script" not in page and "@import" not in page
+    assert "<style>" in page
+
+
+def test_results_json_round_trips(tmp_path: Path) -> None:
+    for results in (fixed_results(), ramp_results()):
+        paths = report.write_all(results, tmp_path / results["profile"])
+        assert json.loads(paths["results"].read_text(encoding="utf-8")) == results
+
+
+def test_results_json_is_strict_json_even_with_nan(tmp_path: Path) -> None:
+    results = fixed_results()
+    results["timeline"][3]["p99"] = float("nan")
+    results["measures"]["platform"]["max"] = float("inf")
+    paths = report.write_all(results, tmp_path)
+    text = paths["results"].read_text(encoding="utf-8")
+    assert "NaN" not in text and "Infinity" not in text
+    back = json.loads(text)
+    assert back["timeline"][3]["p99"] is None and back["measures"]["platform"]["max"] is None
+
+
+def test_failing_reconciliation_says_fail_and_lists_problems(tmp_path: Path) -> None:
+    results = failing_results()
+    table = report.summary_table(results)
+    assert re.search(r"^reconciliation\s+FAIL", table, re.M), table
+    assert table.splitlines()[-1].split()[:2] == ["verdict", "FAIL"]
+    for problem in results["reconciliation"]["problems"]:
+        assert f"- {problem}" in table
+    assert "over credit line: funder 12 / DFM" in table
+
+    page = report.write_all(results, tmp_path)["html"].read_text(encoding="utf-8")
+    assert 'class="verdict FAIL"' in page and 'class="verdict PASS"' not in page
+    assert "<li>platform saw 4998 fills, SMEs saw 5000</li>" in page
+    # Problems are escaped, not interpreted as markup.
+    assert "<li>funder 12 over its credit line &lt;DFM&gt;</li>" in page
+    assert "funder 12 / DFM: 2000000000001 &gt; 2000000000000" in page
+
+
+@pytest.mark.parametrize("change", ["not_ok_no_problems", "problems_but_ok", "lag", "driver"])
+def test_any_failing_check_fails_the_run(change: str) -> None:
+    results = fixed_results()
+    if change == "not_ok_no_problems":
+        results["reconciliation"]["ok"] = False
+    elif change == "problems_but_ok":
+        results["reconciliation"]["problems"] = ["acks 299999 != sent 300000"]
+    elif change == "lag":
+        results["lag"].update(p99=75.0, ok=False)
+    else:
+        results["ok"] = False
+    assert report.verdict(results) == "FAIL"
+    table = report.summary_table(results)
+    assert table.splitlines()[-1].split()[:2] == ["verdict", "FAIL"]
+    if change == "lag":
+        assert "OVER LIMIT" in table and "75.0" in table
+    if change == "not_ok_no_problems":
+        assert "- reconciliation not ok (no problem given)" in table
+    assert report.verdict(fixed_results()) == "PASS"
+
+
+def test_empty_run_still_reports(tmp_path: Path) -> None:
+    """A run that measured nothing must still produce every file, not crash at the end."""
+    results = copy.deepcopy(fixed_results())
+    results.update(timeline=[], memory=None, ok=False,
+                   measures={name: {**m, "count": 0, "p50": None, "p90": None, "p99": None,
+                                    "p999": None, "max": None, "mean": None,
+                                    "distribution": []}
+                             for name, m in results["measures"].items()})
+    paths = report.write_all(results, tmp_path)
+    for name in ("latency", "timeline"):
+        assert png_size(paths[name])[0] >= 800
+    table = report.summary_table(results)
+    assert "memory" not in table and "FAIL" in table
+    assert re.search(r"^ack\s+send → accepted\s+0(\s+-){5}$", table, re.M), table

@@ -1,0 +1,273 @@
+"""The platform's consumer of the fill stream (`service.platform`) against a real Redis:
+trades written by a Journal reach the handler once each, in order, across a consumer that
+dies mid-way (unacknowledged entries come back, acknowledged ones do not), across a
+take-over by another consumer, and when the group re-delivers what was handled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from matcher import protocol as wire
+from service.journal import Journal
+from service.localredis import LocalRedis
+from service.platform import FillConsumer, describe
+from tests.conftest import ROOT, run
+from tests.test_journal import KEYS, Driver, connect, open_market, play
+
+GROUP = "platform"
+
+
+class Crash(Exception):
+    """The consumer process dying in the middle of handling a trade."""
+
+
+async def write_trades(redis_server: LocalRedis, driver: Driver, commands: int) -> None:
+    """Run `commands` more random commands through a Journal (trades -> fill stream)."""
+    client = connect(redis_server)
+    journal = Journal(client, KEYS, written_seq=driver.engine.seq)
+    journal.start()
+    if driver.engine.seq == 0:
+        await open_market(driver, journal)
+    await play(driver, journal, commands)
+    await journal.close()
+    await client.aclose()
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def pending_ids(client: aioredis.Redis, consumer: str | None = None) -> list[str]:
+    rows = await client.xpending_range(KEYS.fills, GROUP, min="-", max="+", count=10_000,
+                                       consumername=consumer)
+    return [row["message_id"].decode() for row in rows]
+
+
+def test_consumed_exactly_once_across_a_consumer_restart(redis_server: LocalRedis) -> None:
+    async def scenario() -> None:
+        driver = Driver(seed=21)
+        await write_trades(redis_server, driver, 1500)
+        assert len(driver.trades) > 150
+        reader = connect(redis_server)
+        store: dict[str, wire.Trade] = {}          # the platform's store: keyed by trade_id
+        delivered_a: list[str] = []
+
+        def handler_a(trade: wire.Trade) -> None:
+            if len(delivered_a) == 60:
+                raise Crash                        # dies while handling the 61st trade
+            delivered_a.append(trade.trade_id)
+            store[trade.trade_id] = trade
+
+        a = FillConsumer(reader, handler_a, KEYS, group=GROUP, consumer="c1", count=25,
+                         block_ms=100)
+        with pytest.raises(Crash):
+            await asyncio.wait_for(a.run(), 10)
+        ids = [t.trade_id for t in driver.trades]
+        assert delivered_a == ids[:60]
+        # read 25 at a time: the 61st..75th were delivered to c1 and not acknowledged
+        assert await pending_ids(reader) == ids[60:75]
+
+        # the consumer restarts (same name) while the engine keeps trading
+        delivered_b: list[str] = []
+
+        async def handler_b(trade: wire.Trade) -> None:
+            delivered_b.append(trade.trade_id)
+            assert trade.trade_id not in store, f"{trade.trade_id} handled twice"
+            store[trade.trade_id] = trade
+
+        b = FillConsumer(reader, handler_b, KEYS, group=GROUP, consumer="c1", count=25,
+                         block_ms=100)
+        stop = asyncio.Event()
+        task = asyncio.create_task(b.run(stop))
+        await write_trades(redis_server, driver, 1500)
+        assert len(driver.trades) > len(ids) + 150
+        await wait_until(lambda: len(store) >= len(driver.trades) or task.done())
+        stop.set()
+        await asyncio.wait_for(task, 5)
+        all_ids = [t.trade_id for t in driver.trades]
+        assert delivered_b == all_ids[60:]        # the unacked first, in order; no acked one
+        assert delivered_a + delivered_b == all_ids
+        assert list(store.values()) == driver.trades
+        assert (b.handled, b.duplicates) == (len(all_ids) - 60, 0)
+        assert await pending_ids(reader) == []
+        await reader.aclose()
+    run(scenario())
+
+
+def test_another_consumer_takes_over_a_dead_ones_entries(redis_server: LocalRedis) -> None:
+    async def scenario() -> None:
+        driver = Driver(seed=22)
+        await write_trades(redis_server, driver, 1000)
+        ids = [t.trade_id for t in driver.trades]
+        reader = connect(redis_server)
+        got: list[str] = []
+
+        def dies_at_40(trade: wire.Trade) -> None:
+            if len(got) == 40:
+                raise Crash
+            got.append(trade.trade_id)
+
+        c1 = FillConsumer(reader, dies_at_40, KEYS, group=GROUP, consumer="c1", count=30,
+                          block_ms=100)
+        with pytest.raises(Crash):
+            await asyncio.wait_for(c1.run(), 10)
+        assert await pending_ids(reader, "c1") == ids[40:60]
+        await asyncio.sleep(0.3)                       # c1 has been silent for 300 ms
+
+        c2 = FillConsumer(reader, lambda t: got.append(t.trade_id), KEYS, group=GROUP,
+                          consumer="c2", count=30, block_ms=100, claim_idle_ms=200)
+        stop = asyncio.Event()
+        task = asyncio.create_task(c2.run(stop))
+        await wait_until(lambda: len(got) >= len(ids) or task.done())
+        stop.set()
+        await asyncio.wait_for(task, 5)
+        assert got == ids                              # c1's leftovers first, then the rest
+        assert await pending_ids(reader) == []
+        await reader.aclose()
+    run(scenario())
+
+
+def test_redelivered_trades_are_dropped_by_trade_id(redis_server: LocalRedis) -> None:
+    """The group is rewound (XGROUP SETID 0, as after restoring an older Redis): every
+    entry comes again, and none reaches the handler a second time."""
+    async def scenario() -> None:
+        driver = Driver(seed=23)
+        await write_trades(redis_server, driver, 800)
+        reader = connect(redis_server)
+        got: list[str] = []
+        consumer = FillConsumer(reader, lambda t: got.append(t.trade_id), KEYS, group=GROUP,
+                                block_ms=100)
+        stop = asyncio.Event()
+        task = asyncio.create_task(consumer.run(stop))
+        n = len(driver.trades)
+        await wait_until(lambda: len(got) >= n or task.done())
+        await reader.xgroup_setid(KEYS.fills, GROUP, id="0")
+        await wait_until(lambda: consumer.duplicates >= n or task.done())
+        stop.set()
+        await asyncio.wait_for(task, 5)
+        assert got == [t.trade_id for t in driver.trades]
+        assert (consumer.handled, consumer.duplicates) == (n, n)
+        assert await pending_ids(reader) == []
+        await reader.aclose()
+    run(scenario())
+
+
+# --- the console: `python -m service.platform`, killed with SIGKILL -------------------
+
+
+def start_console(redis_server: LocalRedis, log: Path) -> subprocess.Popen[str]:
+    with open(log, "a") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "service.platform", "--redis-url", redis_server.url,
+             "--group", GROUP, "--consumer", "c1", "--block-ms", "100"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def read_lines(proc: subprocess.Popen[str], enough: Callable[[list[str]], bool],
+               timeout: float) -> list[str]:
+    """Read stdout lines until `enough(lines)`, and not one line more (the rest stays in
+    the pipe: once the pipe is full, the console blocks on its next print)."""
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    lines: queue.Queue[str] = queue.Queue()
+    asked = threading.Semaphore(0)           # one release: read one line
+    quit_reader = threading.Event()
+
+    def reader() -> None:
+        while not quit_reader.is_set():
+            if not asked.acquire(timeout=0.1):
+                continue
+            line = stdout.readline()
+            lines.put(line)
+            if not line:
+                return
+
+    threading.Thread(target=reader, daemon=True).start()
+    got: list[str] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while not enough(got):
+            asked.release()
+            line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            if not line:
+                break
+            got.append(line)
+    finally:
+        quit_reader.set()
+    return got
+
+
+def trade_ids(lines: list[str]) -> list[str]:
+    return [line.split()[0] for line in lines if line.endswith("\n")]
+
+
+def test_console_killed_mid_way_resumes_with_what_it_had_not_acknowledged(
+        redis_server: LocalRedis, tmp_path: Path) -> None:
+    driver = Driver(seed=24)
+    run(write_trades(redis_server, driver, 4000))
+    first = [t.trade_id for t in driver.trades]
+    assert len(first) > 800                # more than a pipe holds: the console blocks
+
+    console = start_console(redis_server, tmp_path / "platform.log")
+    try:
+        lines = read_lines(console, lambda got: len(got) >= 150, timeout=20)
+        # unread, the pipe fills and the console blocks in a print: inside the handler,
+        # its entry and the rest of its read unacknowledged
+        time.sleep(1.0)
+        console.send_signal(signal.SIGKILL)
+        console.wait(10)
+        assert console.stdout is not None
+        lines += console.stdout.read().splitlines(keepends=True)   # printed before the kill
+    finally:
+        if console.poll() is None:
+            console.kill()
+    run1 = trade_ids(lines)
+    assert run1 == first[:len(run1)]
+    assert 150 <= len(run1) < len(first), "not killed mid-way"
+    assert lines[0].rstrip("\n") == describe(driver.trades[0])
+
+    async def pending() -> list[str]:
+        client = connect(redis_server)
+        try:
+            return await pending_ids(client, "c1")
+        finally:
+            await client.aclose()
+
+    unacked = run(pending())
+    assert unacked                                      # it died holding entries
+    acked = [i for i in run1 if i not in unacked]
+    assert acked == first[:len(acked)]
+    assert unacked == first[len(acked):len(acked) + len(unacked)]
+
+    run(write_trades(redis_server, driver, 1000))       # trading goes on meanwhile
+    everything = [t.trade_id for t in driver.trades]
+    expected = everything[len(acked):]
+
+    console = start_console(redis_server, tmp_path / "platform.log")
+    try:
+        lines = read_lines(console, lambda got: len(got) >= len(expected), timeout=30)
+        console.send_signal(signal.SIGTERM)
+        assert console.wait(10) == 0
+    finally:
+        if console.poll() is None:
+            console.kill()
+    run2 = trade_ids(lines)
+    assert run2 == expected                # unacked ones again, acked ones never, in order
+    assert run(pending()) == []
