@@ -152,14 +152,31 @@ class Engine:
             worst_rate_bps=q.worst_rate_bps if q else None, funders=q.funders if q else 0,
             seq=self.seq, ref=req.ref)
 
-    def book_update(self, segment: str, levels: int = 10) -> wire.BookUpdate:
+    def book_update(self, segment: str, levels: int = 10,
+                    last_fills: list[tuple[int, int]] | None = None) -> wire.BookUpdate:
         book = self.books[segment]
         depth = book.depth(levels)
         amount, orders = book.demand()
         return wire.BookUpdate(
             segment=segment, seq=self.seq, best_rate_bps=depth[0][0] if depth else None,
             levels=[wire.Level(*lv) for lv in depth], demand_amount=amount,
-            demand_orders=orders)
+            demand_orders=orders, last_fills=last_fills or [])
+
+    def status(self, participant: int) -> wire.Status:
+        """A participant's own resting orders and credit lines."""
+        orders = []
+        for o in self.orders.values():
+            if o.owner == participant:
+                resting = self.books[o.segment].order(o.order_id)
+                assert resting is not None
+                orders.append(wire.OrderStatus(
+                    client_id=o.client_id, order_id=o.order_id, segment=o.segment,
+                    side=o.side, rate_bps=resting.rate_bps, remaining=o.remaining,
+                    filled=o.filled))
+        lines = [wire.LineStatus(core=core, line=line, used=used)
+                 for core in sorted(self.lines)
+                 for line, used in [self.lines[core].get(participant)] if line or used]
+        return wire.Status(orders=orders, lines=lines)
 
     def resting_client_ids(self, participant: int) -> list[str]:
         """The participant's resting orders by client id, oldest first."""

@@ -20,6 +20,7 @@ from matcher.protocol import (
     QuoteRequest,
     Role,
     SetCreditLine,
+    StatusRequest,
     Subscribe,
     Unsubscribe,
 )
@@ -28,7 +29,7 @@ from matcher.protocol import (
 #: cut-off, cancel on disconnect is issued as the funder). No key signs in as it.
 SYSTEM = 0
 
-_READ = {QuoteRequest, Subscribe, Unsubscribe}
+_READ = {QuoteRequest, StatusRequest, Subscribe, Unsubscribe}
 ALLOWED: dict[Role, frozenset[type]] = {
     "funder": frozenset({Bid, Amend, Cancel, SetCreditLine, *_READ}),
     "sme": frozenset({Ask, Cancel, *_READ}),

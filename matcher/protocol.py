@@ -115,6 +115,10 @@ class QuoteRequest(_Message, tag="quote"):
     ref: Name | None = None
 
 
+class StatusRequest(_Message, tag="status"):
+    """One's own resting orders and, for a funder, credit lines: answered with `status`."""
+
+
 class Auth(_Message, tag="auth"):
     """Authenticate a connection with an API key (for clients that cannot set headers)."""
 
@@ -134,7 +138,7 @@ class Unsubscribe(_Message, tag="unsubscribe"):
 
 ClientMessage = (
     Bid | Ask | Cancel | Amend | SetCreditLine | AddSegment | EndOfDay
-    | QuoteRequest | Auth | Subscribe | Unsubscribe
+    | QuoteRequest | StatusRequest | Auth | Subscribe | Unsubscribe
 )
 
 
@@ -233,6 +237,30 @@ class BookUpdate(_Event, tag="book"):
     levels: list[Level]
     demand_amount: int
     demand_orders: int
+    last_fills: list[tuple[int, int]] = []      # [rate_bps, amount], newest first
+
+
+class OrderStatus(Struct, frozen=True, kw_only=True):
+    client_id: str
+    order_id: int
+    segment: str
+    side: Literal["bid", "ask"]
+    rate_bps: int
+    remaining: int
+    filled: int
+
+
+class LineStatus(Struct, frozen=True, kw_only=True):
+    core: str
+    line: int
+    used: int
+
+
+class Status(_Event, tag="status"):
+    """The answer to `status`: resting orders oldest first; lines by core enterprise."""
+
+    orders: list[OrderStatus]
+    lines: list[LineStatus]
 
 
 class Error(_Event, tag="error"):
@@ -290,7 +318,8 @@ class Trade(_Event, tag="trade"):
     amount: int
 
 
-Event = Accepted | Rejected | Fill | Done | Quote | BookUpdate | Error | Welcome | Trade
+Event = (Accepted | Rejected | Fill | Done | Quote | BookUpdate | Status | Error | Welcome
+         | Trade)
 
 json_decoder = msgspec.json.Decoder(ClientMessage)
 json_encoder = msgspec.json.Encoder()

@@ -121,6 +121,7 @@ class Gateway:
         self._held_batch: asyncio.Future[int] | None = None
         self._held: list[_Held] = []
         self._book_sent: dict[str, float] = {}
+        self._last_fills: dict[str, deque[tuple[int, int]]] = {}   # rate, amount; public
         self._book_due: set[str] = set()
         self._encode = wire.json_encoder.encode
 
@@ -170,6 +171,12 @@ class Gateway:
             if out.trades:
                 trades += len(out.trades)
                 self.metrics.filled_fen += sum(t.amount for t in out.trades)
+                for t in out.trades:
+                    last = self._last_fills.get(t.segment)
+                    if last is None:
+                        last = self._last_fills[t.segment] = deque(maxlen=10)
+                    last.appendleft((t.rate_bps, t.amount))
+                    segments.add(t.segment)
         self.metrics.fills += trades
         self.metrics.seq = self.engine.seq
         self.metrics.journal_backlog = self.journal.backlog
@@ -206,12 +213,16 @@ class Gateway:
             self._book_due.add(segment)
             asyncio.get_running_loop().call_later(wait, self._publish_book, segment)
 
+    def _book_update(self, segment: str) -> wire.BookUpdate:
+        last = self._last_fills.get(segment)
+        return self.engine.book_update(segment, last_fills=list(last) if last else None)
+
     def _publish_book(self, segment: str) -> None:
         self._book_due.discard(segment)
         self._book_sent[segment] = time.monotonic()
         subscribers = self.subscribers.get(segment)
         if subscribers:
-            data = self._encode(self.engine.book_update(segment))
+            data = self._encode(self._book_update(segment))
             for c in list(subscribers):
                 c.send(data)
 
@@ -275,6 +286,8 @@ class Gateway:
             return
         if isinstance(msg, wire.QuoteRequest):
             self._quote(conn, msg)
+        elif isinstance(msg, wire.StatusRequest):
+            conn.send(self._encode(self.engine.status(who.id)))
         elif isinstance(msg, wire.Subscribe | wire.Unsubscribe):
             self._subscribe(conn, msg)
         elif isinstance(msg, wire.Auth):
@@ -317,7 +330,7 @@ class Gateway:
         for segment in msg.segments:
             conn.segments.add(segment)
             self.subscribers.setdefault(segment, set()).add(conn)
-            conn.send(self._encode(self.engine.book_update(segment)))
+            conn.send(self._encode(self._book_update(segment)))
 
     async def close_all(self) -> None:
         for conns in list(self.connections.values()):

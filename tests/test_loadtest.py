@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT, ServerProcess
 from service.localredis import LocalRedis
+from tests.conftest import ROOT, ServerProcess
 
 
 def test_smoke_profile_reconciles_and_writes_its_report(
