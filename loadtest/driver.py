@@ -27,6 +27,7 @@ from loadtest.measure import Recorder, histogram, summary
 from loadtest.profiles import Profile
 from loadtest.workload import FunderState, Market, Segment, arrivals
 from matcher import protocol as wire
+from service import gctune
 from service.journal import Keys
 
 _encode = msgspec.json.Encoder().encode
@@ -270,6 +271,7 @@ class Run:
             clients = self.funders + self.smes
             for i in range(0, len(clients), 200):    # connect in waves, not all at once
                 await asyncio.gather(*(c.connect(session) for c in clients[i:i + 200]))
+            gctune.tune()           # the generator must not stall either
             stop = asyncio.Event()
             reader = asyncio.get_running_loop().create_task(self.platform_reader(stop, start_id))
             memory = asyncio.get_running_loop().create_task(self.sample_memory(stop))

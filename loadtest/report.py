@@ -52,7 +52,7 @@ def _num(value: Any) -> float | None:
 
 
 def fmt_ms(value: Any) -> str:
-    """Milliseconds with three significant digits: sub-millisecond acks need the decimals,
+    """Milliseconds to about three significant digits: sub-millisecond acks need decimals,
     a 250 ms tail does not."""
     number = _num(value)
     if number is None:
@@ -449,8 +449,13 @@ def plot_timeline(results: Results, path: Path) -> Path:
 def plot_ramp(results: Results, path: Path) -> Path:
     """Ack p99 and p50 against offered rate (top) and achieved against offered (bottom),
     with the objective and the capacity marked: where the knee is, and why it is there."""
-    fig, (top, bottom) = _new_figure(nrows=2, height=8.5)
     steps: Sequence[Mapping[str, Any]] = results.get("ramp") or []
+    if not steps:
+        fig, (ax,) = _new_figure()
+        ax.set_title("Ramp: no steps")
+        _no_data(ax, "no ramp steps")
+        return _save(fig, path)
+    fig, (top, bottom) = _new_figure(nrows=2, height=8.5)
 
     def series(key: str) -> list[float]:
         return [math.nan if (v := _num(s.get(key))) is None else v for s in steps]
@@ -491,8 +496,6 @@ def plot_ramp(results: Results, path: Path) -> Path:
     bottom.set_title("Achieved against offered rate")
     bottom.set_xlabel("offered rate (commands/s)")
     bottom.set_ylabel("achieved (commands/s)")
-    if not steps:
-        _no_data(top, "no ramp steps")
     return _save(fig, path)
 
 

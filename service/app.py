@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from matcher import protocol as wire
 from matcher.participants import Directory
+from service import gctune
 from service.config import Config
 from service.gateway import CLOSE_UNAUTHORIZED, Gateway, system
 from service.journal import Journal, Keys
@@ -185,6 +186,9 @@ class Service:
             assert self.gateway is not None
             log.info("end of day %s: DAY orders expire", due.date())
             self.gateway.submit(system(), wire.EndOfDay(), time.perf_counter())
+            await asyncio.sleep(1)
+            log.info("end of day: full garbage collection found %d objects",
+                     gctune.full_collect())
 
     # --- HTTP and WebSocket ---
 
@@ -260,7 +264,8 @@ class Service:
         if who is None:
             await ws.close(code=CLOSE_UNAUTHORIZED, message=b"unauthorized")
             return ws
-        conn = gw.attach(ws, who)
+        assert request.transport is not None
+        conn = gw.attach(ws, request.transport, who)
         try:
             async for msg in ws:
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
@@ -312,6 +317,7 @@ async def serve(config: Config) -> int:
     except Exception:
         await service.stop()
         raise
+    gctune.tune()
     if config.demo.funders or config.demo.smes:
         print_demo_keys(config, service)
     await stop.wait()

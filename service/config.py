@@ -50,7 +50,7 @@ class EngineConfig(_Section):
 
 class LimitsConfig(_Section):
     max_frame_bytes: Annotated[int, Meta(ge=256)] = 64 * 1024
-    outbox: Annotated[int, Meta(ge=1)] = 32_768        # queued messages per connection
+    outbox_bytes: Annotated[int, Meta(ge=1)] = 4 * 2**20  # unsent, per connection
     rate: Annotated[float, Meta(gt=0)] = 5_000.0       # messages per second per connection
     burst: Annotated[int, Meta(ge=1)] = 10_000
     book_interval_ms: Annotated[int, Meta(ge=0)] = 50

@@ -14,6 +14,9 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import matplotlib.colors
+import matplotlib.image
+import numpy as np
 import pytest
 
 from loadtest import report
@@ -91,11 +94,28 @@ def png_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
+def colour_pixels(path: Path, colour: str) -> int:
+    """How many pixels are (almost) exactly `colour`: the data lines' colour, which an
+    empty or blank figure does not contain, whatever its size in bytes."""
+    image = matplotlib.image.imread(path)[..., :3]
+    target = np.array(matplotlib.colors.to_rgb(colour))
+    return int((np.abs(image - target).max(axis=-1) < 0.02).sum())
+
+
+#: A data line across the plot covers thousands of pixels; a coloured axis label, ~100.
+LINE_PIXELS = 500
+#: The colours each plot draws its data with (lines, not the legend alone).
+DATA_COLOURS = {"latency.png": ("#1f77b4", "#ff7f0e", "#2ca02c"),
+                "timeline.png": ("#1f77b4", "#d62728"),
+                "ramp.png": ("#1f77b4", "#d62728")}
+
+
 def assert_real_png(path: Path) -> None:
     width, height = png_size(path)
     assert width >= 800 and height >= 450, (path.name, width, height)
-    # An empty axes alone is ~10 KB at this size; lines, legends and labels add more.
-    assert path.stat().st_size > 20_000, (path.name, path.stat().st_size)
+    assert path.stat().st_size > 15_000, (path.name, path.stat().st_size)
+    for colour in DATA_COLOURS[path.name]:
+        assert colour_pixels(path, colour) > LINE_PIXELS, (path.name, colour)
 
 
 def test_write_all_writes_every_file_for_a_fixed_rate_run(tmp_path: Path) -> None:
@@ -238,6 +258,8 @@ def test_empty_run_still_reports(tmp_path: Path) -> None:
     paths = report.write_all(results, tmp_path)
     for name in ("latency", "timeline"):
         assert png_size(paths[name])[0] >= 800
+        # No data, no data lines: what assert_real_png relies on to tell a blank plot.
+        assert colour_pixels(paths[name], "#1f77b4") < LINE_PIXELS
     table = report.summary_table(results)
     assert "memory" not in table and "FAIL" in table
     assert re.search(r"^ack\s+send → accepted\s+0(\s+-){5}$", table, re.M), table

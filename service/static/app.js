@@ -1,0 +1,762 @@
+// The quote board: a live view of every segment's funder rates, an SME panel to quote and
+// finance, and a funder panel to manage bids and credit lines. One WebSocket per page,
+// speaking the JSON protocol of matcher/protocol.py. Money stays in integer fen and rates
+// in integer basis points everywhere; text is made only when something is shown.
+
+// ---- Money and rates --------------------------------------------------------------
+
+const MAX_AMOUNT_FEN = 10n ** 12n;   // one order (matcher/types.py MAX_AMOUNT)
+const MAX_LINE_FEN = 10n ** 15n;     // one credit line (MAX_LINE)
+const QUOTE_DEBOUNCE_MS = 200;
+const LADDER_LEVELS = 5;
+const FILLS_SHOWN = 5;
+
+// Parses "1,500,000.25" into 150000025n (places = 2) by string surgery: a float would
+// turn 0.29 CNY into 28.999999 fen.
+function parseDecimal(text, places) {
+  const s = String(text).trim().replace(/[,\s]/g, '');
+  if (s === '') return { error: 'enter a value.' };
+  if (/^[-−]/.test(s)) return { error: 'must be greater than zero.' };
+  const m = /^\+?(\d*)(?:\.(\d*))?$/.exec(s);
+  if (!m || (m[1] === '' && !m[2])) return { error: 'not a number.' };
+  const frac = m[2] ?? '';
+  if (frac.length > places) return { error: `at most ${places} decimals.` };
+  const scale = 10n ** BigInt(places);
+  return { value: BigInt(m[1] || '0') * scale + BigInt(frac.padEnd(places, '0') || '0') };
+}
+
+// An amount in CNY to fen: a Number, exact because every bound is below 2**53.
+function parseAmount(text, { max = MAX_AMOUNT_FEN, allowZero = false } = {}) {
+  const r = parseDecimal(text, 2);
+  if (r.error) return r;
+  if (r.value === 0n && !allowZero) return { error: 'must be greater than zero.' };
+  if (r.value > max) return { error: `at most ${formatCny(max)}.` };
+  return { value: Number(r.value) };
+}
+
+// A rate in percent ("2.50") to basis points (250): percent with 2 decimals is bps.
+function parseRate(text, capBps) {
+  const r = parseDecimal(text, 2);
+  if (r.error) return r;
+  if (r.value === 0n) return { error: 'must be greater than zero.' };
+  if (r.value > BigInt(capBps)) return { error: `at most ${formatRate(capBps)} in this segment.` };
+  return { value: Number(r.value) };
+}
+
+function formatCny(fen, unit = true) {
+  let n = BigInt(fen);
+  const sign = n < 0n ? '-' : '';
+  if (n < 0n) n = -n;
+  const yuan = (n / 100n).toString().replace(/\B(?=(\d{3})+(?!\d))/g, ',');
+  return `${sign}${yuan}.${(n % 100n).toString().padStart(2, '0')}${unit ? ' CNY' : ''}`;
+}
+
+// Integer bps, or the float average of a quote, rounded at the edge to 0.01%.
+function formatRate(bps) {
+  const n = Math.round(bps);
+  return `${Math.trunc(n / 100)}.${String(n % 100).padStart(2, '0')}%`;
+}
+
+// Simple interest for the tenor, act/365, in fen rounded half up: exact BigInt arithmetic.
+function interestFen(amountFen, rateBps, tenorDays) {
+  const num = BigInt(amountFen) * BigInt(rateBps) * BigInt(tenorDays);
+  const den = 10000n * 365n;
+  return (2n * num + den) / (2n * den);
+}
+
+const plural = (n, word) => `${n} ${word}${n === 1 ? '' : 's'}`;
+
+// ---- DOM helpers ------------------------------------------------------------------
+
+const $ = (id) => document.getElementById(id);
+
+// Builds elements from data; text goes in as text nodes, so no server string is HTML.
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(props)) {
+    if (v == null || v === false) continue;
+    if (k === 'class') node.className = v;
+    else if (k === 'dataset') Object.assign(node.dataset, v);
+    else if (k === 'style') node.style.cssText = v;
+    else if (k.startsWith('on')) node.addEventListener(k.slice(2), v);
+    else node.setAttribute(k, v === true ? '' : v);
+  }
+  node.append(...children.flat().filter((c) => c != null && c !== false));
+  return node;
+}
+
+// replaceChildren() would print a null child as "null": drop the absent ones first.
+function setChildren(node, ...children) {
+  node.replaceChildren(...children.flat().filter((c) => c != null && c !== false));
+}
+
+function showMsg(node, text, kind = 'error') {
+  node.textContent = text;
+  node.dataset.kind = text ? kind : '';
+}
+
+function notify(text) {
+  $('notice-text').textContent = text;
+  $('notice').hidden = false;
+}
+
+const segmentLabel = (seg) => `${seg.core} · ${plural(seg.tenor_days, 'day')}`;
+const rejectText = (r) => `Rejected (${r.code}): ${r.message}`;
+
+// Client ids must be unique per participant for a day; time plus randomness suffices.
+function newClientId(prefix) {
+  const rand = crypto.getRandomValues(new Uint32Array(1))[0].toString(36);
+  return `${prefix}-${Date.now().toString(36)}-${rand}`;
+}
+
+// Shows the typed amount back in CNY with separators: live below the field, in place on blur.
+function bindAmountField(input, hint, parse = parseAmount) {
+  input.addEventListener('input', () => {
+    const r = parse(input.value);
+    if (hint) hint.textContent = r.error || input.value.trim() === '' ? '' : `= ${formatCny(r.value)}`;
+  });
+  input.addEventListener('blur', () => {
+    const r = parse(input.value);
+    if (!r.error) input.value = formatCny(r.value, false);
+  });
+}
+
+// ---- State ------------------------------------------------------------------------
+
+const state = {
+  me: null,                  // the welcome event: participant, name, role
+  segments: new Map(),       // id -> {id, core, tenor_days, rate_cap_bps}
+  books: new Map(),          // id -> latest book event
+  status: { orders: [], lines: [] },
+  pending: new Map(),        // client_id -> [{kind, msg, text}] awaiting accepted/rejected
+  linePending: [],           // set_credit_line has no client id: answers come in order
+  lastSent: null,            // the latest command, to pin a gateway `error` on
+};
+
+const conn = { ws: null, key: null, welcomed: false, everWelcomed: false, retry: 0, timer: 0 };
+
+// ---- Connection -------------------------------------------------------------------
+
+function connect() {
+  const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
+  const ws = new WebSocket(`${proto}//${location.host}/ws`);
+  conn.ws = ws;
+  conn.welcomed = false;
+  setLive(conn.everWelcomed ? 'reconnecting' : 'connecting');
+  // Browsers cannot set an Authorization header: the key goes in the first message.
+  ws.addEventListener('open', () => ws.send(JSON.stringify({ type: 'auth', key: conn.key })));
+  ws.addEventListener('message', (ev) => {
+    let msg;
+    try { msg = JSON.parse(ev.data); } catch { return; }
+    handlers[msg.type]?.(msg);
+  });
+  ws.addEventListener('close', (ev) => onClose(ws, ev));
+}
+
+function onClose(ws, ev) {
+  if (ws !== conn.ws || conn.key === null) return;   // signed out, or an old socket
+  conn.ws = null;
+  if (!conn.everWelcomed) {   // nothing is on screen yet: back to the sign-in box
+    conn.key = null;
+    $('signin-button').disabled = false;
+    const why = ev.code === 4401 ? 'This key was not accepted.' : 'Cannot reach the market.';
+    showMsg($('signin-msg'), `${why} (close code ${ev.code})`);
+    return;
+  }
+  if (ev.code === 4401) {      // the key was revoked while signed in: retrying cannot help
+    setLive('offline');
+    notify('Your key is no longer accepted: sign out and sign in with a valid key.');
+    return;
+  }
+  // Anything else (restart, network) is temporary: back off and sign in again.
+  setLive('reconnecting');
+  const delay = Math.min(15000, 500 * 2 ** conn.retry++);
+  conn.timer = setTimeout(connect, delay);
+}
+
+function send(msg) {
+  if (!conn.ws || conn.ws.readyState !== WebSocket.OPEN || !conn.welcomed) {
+    notify('Not connected to the market: try again in a moment.');
+    return false;
+  }
+  conn.ws.send(JSON.stringify(msg));
+  return true;
+}
+
+// Sends a command and remembers where its accepted/rejected answer should be shown.
+function sendCommand(msg, pending) {
+  if (!send(msg)) return false;
+  const list = state.pending.get(msg.client_id) ?? [];
+  list.push(pending);
+  state.pending.set(msg.client_id, list);
+  state.lastSent = { clientId: msg.client_id, pending };
+  return true;
+}
+
+function takePending(clientId) {
+  const list = state.pending.get(clientId);
+  const item = list?.shift();
+  if (list && !list.length) state.pending.delete(clientId);
+  return item;
+}
+
+function setLive(mode) {
+  const live = $('live');
+  live.dataset.state = mode;
+  live.textContent = { live: 'Live', connecting: 'Connecting…', reconnecting: 'Reconnecting…',
+    offline: 'Offline' }[mode];
+}
+
+function signIn(key) {
+  conn.key = key;
+  conn.everWelcomed = false;
+  conn.retry = 0;
+  $('signin-button').disabled = true;
+  showMsg($('signin-msg'), 'Signing in…', 'info');
+  connect();
+}
+
+// Keys live only in this page's memory, so a reload is a complete and certain sign-out.
+function signOut() {
+  conn.key = null;
+  conn.ws?.close(1000, 'signed out');
+  location.reload();
+}
+
+// The segment list with core and tenor comes over HTTP; the welcome only names ids.
+async function loadSegments(ids) {
+  let meta = [];
+  try {
+    const res = await fetch('/v1/segments', { cache: 'no-store' });
+    if (res.ok) meta = await res.json();
+  } catch { /* shown with ids only */ }
+  const byId = new Map(meta.map((s) => [s.id, s]));
+  const list = ids.map((id) => byId.get(id) ?? { id, core: id, tenor_days: 0, rate_cap_bps: 10000 });
+  list.sort((a, b) => a.core.localeCompare(b.core) || a.tenor_days - b.tenor_days);
+  state.segments = new Map(list.map((s) => [s.id, s]));
+}
+
+// ---- Events -----------------------------------------------------------------------
+
+async function onWelcome(msg) {
+  conn.welcomed = true;
+  conn.retry = 0;
+  const first = !conn.everWelcomed;
+  conn.everWelcomed = true;
+  state.me = msg;
+  if (first) {
+    await loadSegments(msg.segments);
+    showWorkspace();
+  }
+  setLive('live');
+  send({ type: 'subscribe', segments: [...state.segments.keys()] });
+  if (msg.role === 'funder') requestStatus();
+  if (msg.role === 'sme') sendQuotes();
+}
+
+function onAccepted(msg) {
+  if (msg.client_id === null) return lineAnswer(null);
+  const p = takePending(msg.client_id);
+  if (p?.text) showMsg(p.msg, p.text, 'ok');
+  if (state.me?.role === 'funder') requestStatus();
+}
+
+function onRejected(msg) {
+  if (msg.client_id === null && state.linePending.length) return lineAnswer(msg);
+  const p = takePending(msg.client_id);
+  if (p?.kind === 'ask') smeAskEvent(msg.client_id, (a) => { a.rejected = msg; });
+  if (p) showMsg(p.msg, rejectText(msg));
+  else notify(rejectText(msg));
+  if (state.me?.role === 'funder') requestStatus();
+}
+
+// Errors carry no client id. The gateway answers a message it cannot take at once, so an
+// error right after a command most likely is that command's: end its "in progress" note.
+function onError(msg) {
+  const text = `Error (${msg.code}): ${msg.message}`;
+  notify(text);
+  const last = state.lastSent;
+  state.lastSent = null;
+  const list = last && state.pending.get(last.clientId);
+  if (!list?.includes(last.pending)) return;
+  list.splice(list.indexOf(last.pending), 1);
+  if (!list.length) state.pending.delete(last.clientId);
+  showMsg(last.pending.msg, text);
+  if (last.pending.kind === 'ask') smeAskEvent(last.clientId, (a) => { a.rejected = msg; });
+}
+
+function onFill(fill) {
+  if (fill.side === 'ask') return smeAskEvent(fill.client_id, (a) => a.fills.push(fill));
+  addActivity(`Lent ${formatCny(fill.amount)} at ${formatRate(fill.rate_bps)} · ${fill.segment}`);
+  requestStatus();
+}
+
+function onDone(done) {
+  if (state.me?.role === 'sme') return smeAskEvent(done.client_id, (a) => { a.done = done; });
+  if (done.reason === 'cancelled') {
+    showMsg($('orders-msg'), `Bid cancelled: ${formatCny(done.remaining)} withdrawn.`, 'ok');
+  } else if (done.reason === 'expired') {
+    addActivity(`Day bid expired: ${formatCny(done.remaining)} withdrawn`);
+  }
+  requestStatus();
+}
+
+// ---- The board --------------------------------------------------------------------
+
+function showWorkspace() {
+  $('signin').hidden = true;
+  $('workspace').hidden = false;
+  $('session').hidden = false;
+  const me = state.me;
+  $('who').textContent = `${me.name} · ${me.role === 'sme' ? 'SME' : me.role}`;
+  $('sme-panel').hidden = me.role !== 'sme';
+  $('funder-panel').hidden = me.role !== 'funder';
+  $('workspace').dataset.role = me.role;
+  const cards = [...state.segments.values()].map((seg) => el('article', {
+    class: 'card', id: `card-${seg.id}`, dataset: { segment: seg.id },
+  }));
+  setChildren($('cards'), ...cards);
+  for (const seg of state.segments.values()) renderCard(seg.id);
+  fillSegmentSelects();
+}
+
+function onBook(book) {
+  const prev = state.books.get(book.segment);
+  if (prev && prev.seq > book.seq) return;   // an older picture: keep the newer one
+  state.books.set(book.segment, book);
+  renderCard(book.segment, prev);
+  if (state.me?.role === 'sme' && book.segment === $('sme-segment').value) {
+    scheduleQuote();   // the book moved: keep the quote on screen true
+  }
+}
+
+function renderCard(id, prev) {
+  const card = $(`card-${id}`);
+  const seg = state.segments.get(id);
+  if (!card || !seg) return;
+  const book = state.books.get(id);
+  const best = book?.best_rate_bps ?? null;
+  const trend = prev && best !== null && prev.best_rate_bps !== null && best !== prev.best_rate_bps
+    ? (best < prev.best_rate_bps ? 'down' : 'up') : '';
+  setChildren(card,
+    el('header', { class: 'card-head' },
+      el('div', {},
+        el('h3', {}, seg.core, ' ', el('span', { class: 'tenor' }, plural(seg.tenor_days, 'day'))),
+        el('p', { class: 'seg-id' }, seg.id)),
+      el('div', { class: 'best' },
+        el('span', { class: 'label' }, 'Best rate'),
+        el('strong', { class: 'best-rate', dataset: { bps: best ?? '', trend } },
+          best === null ? '—' : formatRate(best)))),
+    renderLadder(book),
+    el('dl', { class: 'facts' },
+      el('div', {}, el('dt', {}, 'Resting demand'),
+        el('dd', { class: 'demand', dataset: { fen: book?.demand_amount ?? 0 } },
+          formatCny(book?.demand_amount ?? 0),
+          book?.demand_orders ? el('small', {}, ` · ${plural(book.demand_orders, 'ask')}`) : null)),
+      el('div', {}, el('dt', {}, 'Rate cap'), el('dd', {}, formatRate(seg.rate_cap_bps)))),
+    renderFills(book));
+  if (prev) flash(card);
+}
+
+// Funder levels as bars scaled to the largest shown level, best (lowest) rate first.
+function renderLadder(book) {
+  const levels = (book?.levels ?? []).slice(0, LADDER_LEVELS);
+  if (!levels.length) return el('p', { class: 'ladder empty' }, 'No funder bids yet');
+  const max = Math.max(...levels.map(([, amount]) => amount));
+  return el('ol', { class: 'ladder', 'aria-label': 'Funder rates' }, levels.map(([rate, amount, orders]) =>
+    el('li', { class: 'level', dataset: { bps: rate, fen: amount, orders } },
+      el('span', { class: 'bar', style: `width:${Math.max(2, (amount / max) * 100).toFixed(1)}%` }),
+      el('span', { class: 'rate' }, formatRate(rate)),
+      el('span', { class: 'amount' }, formatCny(amount)),
+      el('span', { class: 'orders' }, plural(orders, 'order')))));
+}
+
+function renderFills(book) {
+  const fills = (book?.last_fills ?? []).slice(0, FILLS_SHOWN);
+  return el('div', { class: 'fills' },
+    el('h4', {}, 'Last fills'),
+    fills.length
+      ? el('ul', {}, fills.map(([rate, amount]) => el('li', { dataset: { bps: rate, fen: amount } },
+        el('span', { class: 'rate' }, formatRate(rate)), ' ', formatCny(amount))))
+      : el('p', { class: 'muted' }, 'None today'));
+}
+
+function flash(node) {
+  node.classList.remove('flash');
+  void node.offsetWidth;   // restart the animation
+  node.classList.add('flash');
+}
+
+function fillSegmentSelects() {
+  const options = () => [...state.segments.values()].map((s) => el('option', { value: s.id }, segmentLabel(s)));
+  setChildren($('sme-segment'), ...options());
+  setChildren($('bid-segment'), ...options());
+  const cores = [...new Set([...state.segments.values()].map((s) => s.core))];
+  setChildren($('line-core'), ...cores.map((c) => el('option', { value: c }, c)));
+}
+
+// ---- SME: quote and finance -------------------------------------------------------
+
+const sme = {
+  reqSeq: 0,
+  want: null,          // {segment, amount, ref}: what the latest quotes were asked for
+  quotes: {},          // mode ('split' | 'single') -> quote event for `want`
+  timer: 0,
+  financeAfterQuote: false,
+  ask: null,           // the financing in flight or last done
+};
+
+const smeMode = () => document.querySelector('input[name="mode"]:checked').value;
+
+// Reads the form; bad input clears the quote and shows why, and nothing is sent.
+function smeRead({ submit = false } = {}) {
+  const text = $('sme-amount').value;
+  const msg = $('sme-msg');
+  if (text.trim() === '' && !submit) {
+    showMsg(msg, '');
+    return null;
+  }
+  const r = parseAmount(text);
+  if (r.error) {
+    showMsg(msg, `Amount: ${r.error}`);
+    return null;
+  }
+  showMsg(msg, '');
+  return { segment: $('sme-segment').value, amount: r.value };
+}
+
+function onSmeInput() {
+  const want = smeRead();
+  clearTimeout(sme.timer);
+  if (!want || !sme.want || want.segment !== sme.want.segment || want.amount !== sme.want.amount) {
+    sme.quotes = {};
+    sme.want = want;
+  }
+  renderQuotes();
+  if (want) scheduleQuote();
+}
+
+function scheduleQuote() {
+  clearTimeout(sme.timer);
+  if (sme.want) sme.timer = setTimeout(sendQuotes, QUOTE_DEBOUNCE_MS);
+}
+
+// Both alternatives at once: split across funders, and the best single funder.
+function sendQuotes() {
+  clearTimeout(sme.timer);
+  if (!sme.want) return;
+  const ref = `q${++sme.reqSeq}`;
+  sme.want.ref = ref;
+  const { segment, amount } = sme.want;
+  send({ type: 'quote', segment, amount, single_funder: false, ref: `${ref}-split` });
+  send({ type: 'quote', segment, amount, single_funder: true, ref: `${ref}-single` });
+}
+
+function onQuote(q) {
+  const [ref, mode] = (q.ref ?? '').split('-');
+  if (!sme.want || ref !== sme.want.ref) return;   // an answer to an older question
+  sme.quotes[mode] = q;
+  renderQuotes();
+  if (sme.financeAfterQuote && sme.quotes.split && sme.quotes.single) {
+    sme.financeAfterQuote = false;
+    finance();
+  }
+}
+
+function renderQuotes() {
+  renderQuote($('quote-split'), sme.quotes.split, 'No funder can lend in this segment right now.');
+  renderQuote($('quote-single'), sme.quotes.single, 'No single funder can lend this amount.');
+}
+
+function renderQuote(node, q, none) {
+  node.dataset.fillable = q ? q.fillable : '';
+  if (!q) {
+    setChildren(node, el('span', { class: 'muted' }, sme.want ? 'Quoting…' : 'Enter an amount'));
+    return;
+  }
+  if (q.fillable === 0) {
+    setChildren(node, el('span', { class: 'muted' }, none));
+    return;
+  }
+  // Spans, not a <dl>: the quote sits inside the <label> that selects it.
+  const item = (label, key, value, text) => el('span', { class: 'kv' },
+    el('span', { class: 'k' }, label), el('span', { class: 'v', dataset: { [key]: value } }, text));
+  setChildren(node, el('span', { class: 'kvs' },
+    item('Fillable', 'fen', q.fillable, q.fillable < q.amount
+      ? [formatCny(q.fillable), el('small', {}, ` of ${formatCny(q.amount)}`)] : formatCny(q.fillable)),
+    item('Avg rate', 'bps', q.avg_rate_bps, formatRate(q.avg_rate_bps)),
+    item('Worst rate', 'bps', q.worst_rate_bps, formatRate(q.worst_rate_bps)),
+    item('Funders', 'count', q.funders, String(q.funders))));
+}
+
+function onFinanceSubmit(ev) {
+  ev.preventDefault();
+  if (sme.ask && !sme.ask.done && !sme.ask.rejected) return;
+  const want = smeRead({ submit: true });
+  if (!want) return;
+  const fresh = sme.want && sme.want.segment === want.segment && sme.want.amount === want.amount;
+  if (fresh && sme.quotes.split && sme.quotes.single) return finance();
+  // No answer yet for what is typed: ask now, and finance as soon as it is in.
+  sme.want = want;
+  sme.quotes = {};
+  sme.financeAfterQuote = true;
+  renderQuotes();
+  sendQuotes();
+}
+
+// An IOC ask capped at the quote's worst rate: if the market moved against the SME in the
+// meantime, it gets less money rather than a rate it has not seen.
+function finance() {
+  const mode = smeMode();
+  const q = sme.quotes[mode];
+  if (!q || q.fillable === 0) {
+    showMsg($('sme-msg'), mode === 'single' ? 'No single funder can lend this amount right now.'
+      : 'No funder can lend in this segment right now.');
+    return;
+  }
+  const seg = state.segments.get(q.segment);
+  const clientId = newClientId('ask');
+  const msg = { type: 'ask', client_id: clientId, segment: q.segment, amount: q.amount,
+    max_rate_bps: q.worst_rate_bps, tif: 'ioc', single_funder: mode === 'single' };
+  sme.ask = { clientId, seg, amount: q.amount, cap: q.worst_rate_bps, fills: [], done: null, rejected: null };
+  if (!sendCommand(msg, { kind: 'ask', msg: $('sme-msg') })) return;
+  $('finance').disabled = true;
+  renderResult();
+}
+
+// Folds an event about the SME's own ask (fill, done, rejected) into the result shown.
+function smeAskEvent(clientId, apply) {
+  if (sme.ask?.clientId !== clientId) return;   // e.g. an ask from another tab
+  apply(sme.ask);
+  $('finance').disabled = !sme.ask.done && !sme.ask.rejected;
+  renderResult();
+}
+
+const OUTCOMES = { filled: 'Filled', partial: 'Partly filled', unfilled: 'Unfilled' };
+
+function renderResult() {
+  const a = sme.ask;
+  const box = $('sme-result');
+  box.hidden = !a;
+  if (!a) return;
+  let outcome = 'pending';
+  if (a.rejected) outcome = 'rejected';
+  else if (a.done) outcome = a.done.reason === 'filled' ? 'filled' : a.done.filled > 0 ? 'partial' : 'unfilled';
+  const label = { ...OUTCOMES, pending: 'Processing…', rejected: 'Rejected' }[outcome];
+  const total = a.fills.reduce((s, f) => s + BigInt(f.amount), 0n);
+  const interest = a.fills.reduce((s, f) => s + interestFen(f.amount, f.rate_bps, a.seg.tenor_days), 0n);
+  const rows = a.fills.map((f) => el('tr', { class: 'loan' },
+    el('td', { class: 'funder' }, f.funder_name),
+    el('td', { class: 'rate', dataset: { bps: f.rate_bps } }, formatRate(f.rate_bps)),
+    el('td', { class: 'amount', dataset: { fen: f.amount } }, formatCny(f.amount),
+      el('small', {}, `interest ${formatCny(interestFen(f.amount, f.rate_bps, a.seg.tenor_days))}`))));
+  setChildren(box,
+    el('header', {},
+      el('h3', {}, 'Your financing'),
+      el('span', { class: 'badge', id: 'outcome', dataset: { outcome } }, label)),
+    el('p', { class: 'muted' }, `${segmentLabel(a.seg)} · requested ${formatCny(a.amount)} · `
+      + `no rate above ${formatRate(a.cap)}`),
+    rows.length ? el('table', { class: 'loans' },
+      el('thead', {}, el('tr', {}, el('th', {}, 'Funder'), el('th', {}, 'Rate'), el('th', {}, 'Amount'))),
+      el('tbody', {}, rows)) : null,
+    el('dl', { class: 'totals' },
+      el('div', {}, el('dt', {}, 'Financed today'), el('dd', { id: 'total-financed', dataset: { fen: total } }, formatCny(total))),
+      el('div', {}, el('dt', {}, `Interest for ${plural(a.seg.tenor_days, 'day')}`),
+        el('dd', { id: 'total-interest', dataset: { fen: interest } }, formatCny(interest)))));
+}
+
+// ---- Funder: lines, bids, amend, cancel -------------------------------------------
+
+let statusTimer = 0;
+
+// Coalesces the refreshes a burst of fills would cause into one status request.
+function requestStatus() {
+  clearTimeout(statusTimer);
+  statusTimer = setTimeout(() => send({ type: 'status' }), 60);
+}
+
+function onStatus(status) {
+  state.status = status;
+  renderLines();
+  renderOrders();
+}
+
+function lineFor(core) {
+  const l = state.status.lines.find((x) => x.core === core);
+  return l ? { line: l.line, used: l.used, left: Math.max(0, l.line - l.used) } : null;
+}
+
+function renderLines() {
+  const cores = [...new Set([...state.segments.values()].map((s) => s.core))];
+  setChildren($('lines'), ...cores.map((core) => {
+    const l = lineFor(core);
+    const pct = l && l.line ? Math.min(100, (l.used / l.line) * 100) : 0;
+    return el('li', { dataset: { core, left: l ? l.left : 0 } },
+      el('div', { class: 'line-head' }, el('strong', {}, core),
+        el('span', {}, l && l.line ? `${formatCny(l.left)} available` : 'No line')),
+      el('div', { class: 'meter' }, el('span', { style: `width:${pct.toFixed(1)}%` })),
+      l && l.line ? el('small', { class: 'muted' }, `${formatCny(l.used)} used of ${formatCny(l.line)}`) : null);
+  }));
+}
+
+// Keyed by client id, so an amend form someone is typing into survives a refresh.
+function renderOrders() {
+  const list = $('orders');
+  const bids = state.status.orders.filter((o) => o.side === 'bid');
+  const keep = new Set(bids.map((o) => o.client_id));
+  for (const li of [...list.children]) if (!keep.has(li.dataset.clientId)) li.remove();
+  if (!bids.length) {
+    setChildren(list, el('li', { class: 'empty muted' }, 'No resting bids.'));
+    return;
+  }
+  list.querySelector('.empty')?.remove();
+  for (const o of bids) {
+    let li = list.querySelector(`li[data-client-id="${CSS.escape(o.client_id)}"]`);
+    if (!li) li = orderItem(o.client_id);
+    const seg = state.segments.get(o.segment);
+    setChildren(li.querySelector('.order-main'),
+      el('strong', {}, seg ? segmentLabel(seg) : o.segment),
+      el('span', { class: 'rate', dataset: { bps: o.rate_bps } }, formatRate(o.rate_bps)));
+    setChildren(li.querySelector('.order-sub'),
+      el('span', { dataset: { fen: o.remaining } }, `${formatCny(o.remaining)} resting`),
+      o.filled ? el('span', {}, ` · ${formatCny(o.filled)} lent`) : null);
+    list.append(li);   // keeps the server's order: oldest first
+  }
+}
+
+// One resting bid with its Amend / Cancel buttons and a folded amend form (index.html).
+function orderItem(clientId) {
+  const li = $('tpl-order').content.firstElementChild.cloneNode(true);
+  li.dataset.clientId = clientId;
+  const form = li.querySelector('form.amend');
+  bindAmountField(form.elements.amount, null);
+  form.addEventListener('submit', (ev) => { ev.preventDefault(); amend(clientId, form); });
+  li.querySelector('.amend-toggle').addEventListener('click', () => { form.hidden = !form.hidden; });
+  li.querySelector('.amend-close').addEventListener('click', () => { form.hidden = true; });
+  li.querySelector('.cancel').addEventListener('click', () => cancel(clientId));
+  return li;
+}
+
+// A bid or amend may not ask for more than the line left against the core enterprise.
+function creditError(segment, amount) {
+  const core = state.segments.get(segment)?.core;
+  const l = lineFor(core);
+  if (!l || l.line === 0) return `Set a credit line against ${core} first.`;
+  if (amount > l.left) return `Amount: over your remaining credit line against ${core} (${formatCny(l.left)} available).`;
+  return null;
+}
+
+function onBidSubmit(ev) {
+  ev.preventDefault();
+  const msgNode = $('bid-msg');
+  const segment = $('bid-segment').value;
+  const seg = state.segments.get(segment);
+  const rate = parseRate($('bid-rate').value, seg.rate_cap_bps);
+  if (rate.error) return showMsg(msgNode, `Rate: ${rate.error}`);
+  const amount = parseAmount($('bid-amount').value);
+  if (amount.error) return showMsg(msgNode, `Amount: ${amount.error}`);
+  const credit = creditError(segment, amount.value);
+  if (credit) return showMsg(msgNode, credit);
+  const tif = document.querySelector('input[name="tif"]:checked').value;
+  const msg = { type: 'bid', client_id: newClientId('bid'), segment, rate_bps: rate.value,
+    amount: amount.value, tif };
+  if (sendCommand(msg, { kind: 'bid', msg: msgNode,
+    text: `Bid placed: ${formatCny(amount.value)} at ${formatRate(rate.value)} in ${segmentLabel(seg)}.` })) {
+    showMsg(msgNode, 'Placing bid…', 'info');
+  }
+}
+
+function amend(clientId, form) {
+  const order = state.status.orders.find((o) => o.client_id === clientId);
+  const msgNode = form.querySelector('.msg');
+  if (!order) return showMsg(msgNode, 'This bid is no longer resting.');
+  const msg = { type: 'amend', client_id: clientId };
+  const rateText = form.elements.rate.value;
+  const amountText = form.elements.amount.value;
+  if (rateText.trim() === '' && amountText.trim() === '') return showMsg(msgNode, 'Give a new rate, a new amount, or both.');
+  if (rateText.trim() !== '') {
+    const r = parseRate(rateText, state.segments.get(order.segment).rate_cap_bps);
+    if (r.error) return showMsg(msgNode, `Rate: ${r.error}`);
+    msg.rate_bps = r.value;
+  }
+  if (amountText.trim() !== '') {
+    const a = parseAmount(amountText);
+    if (a.error) return showMsg(msgNode, `Amount: ${a.error}`);
+    const credit = creditError(order.segment, a.value);
+    if (credit) return showMsg(msgNode, credit);
+    msg.amount = a.value;
+  }
+  if (sendCommand(msg, { kind: 'amend', msg: msgNode, text: 'Bid amended.' })) {
+    showMsg(msgNode, 'Saving…', 'info');
+    form.elements.rate.value = '';
+    form.elements.amount.value = '';
+  }
+}
+
+function cancel(clientId) {
+  if (sendCommand({ type: 'cancel', client_id: clientId }, { kind: 'cancel', msg: $('orders-msg') })) {
+    showMsg($('orders-msg'), 'Cancelling…', 'info');
+  }
+}
+
+function onLineSubmit(ev) {
+  ev.preventDefault();
+  const msgNode = $('line-msg');
+  const core = $('line-core').value;
+  const r = parseAmount($('line-amount').value, { max: MAX_LINE_FEN, allowZero: true });
+  if (r.error) return showMsg(msgNode, `Line: ${r.error}`);
+  if (send({ type: 'set_credit_line', core, amount: r.value })) {
+    state.linePending.push({ core, amount: r.value });
+    showMsg(msgNode, 'Setting line…', 'info');
+  }
+}
+
+// Answers to set_credit_line carry no client id; they come back in the order sent.
+function lineAnswer(rejected) {
+  const p = state.linePending.shift();
+  requestStatus();   // also when another tab of this funder changed a line
+  if (!p) return;
+  if (rejected) showMsg($('line-msg'), rejectText(rejected));
+  else showMsg($('line-msg'), `Line against ${p.core} set to ${formatCny(p.amount)}.`, 'ok');
+}
+
+function addActivity(text) {
+  const box = $('activity');
+  box.prepend(el('p', {}, text));
+  while (box.children.length > 5) box.lastChild.remove();
+}
+
+// ---- Wiring -----------------------------------------------------------------------
+
+const handlers = {
+  welcome: onWelcome, book: onBook, quote: onQuote, accepted: onAccepted, rejected: onRejected,
+  fill: onFill, done: onDone, status: onStatus, error: onError,
+};
+
+function init() {
+  $('signin-form').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    const key = $('key').value.trim();
+    if (!key) return showMsg($('signin-msg'), 'Enter your API key.');
+    signIn(key);
+    $('key').value = '';
+  });
+  $('sign-out').addEventListener('click', signOut);
+  $('notice-close').addEventListener('click', () => { $('notice').hidden = true; });
+  $('sme-form').addEventListener('submit', onFinanceSubmit);
+  $('sme-amount').addEventListener('input', onSmeInput);
+  $('sme-segment').addEventListener('change', onSmeInput);
+  $('sme-quotes').addEventListener('change', () => showMsg($('sme-msg'), ''));
+  bindAmountField($('sme-amount'), $('sme-amount-hint'));
+  $('bid-form').addEventListener('submit', onBidSubmit);
+  bindAmountField($('bid-amount'), $('bid-hint'));
+  $('bid-rate').addEventListener('blur', () => {
+    const r = parseDecimal($('bid-rate').value, 2);
+    if (!r.error && r.value > 0n) $('bid-rate').value = formatRate(Number(r.value)).slice(0, -1);
+  });
+  $('line-form').addEventListener('submit', onLineSubmit);
+  bindAmountField($('line-amount'), null, (t) => parseAmount(t, { max: MAX_LINE_FEN, allowZero: true }));
+  renderQuotes();
+}
+
+init();
