@@ -59,6 +59,26 @@ def trade_fields(trade: wire.Trade) -> dict[str, str | int]:
     return {f: getattr(trade, f) for f in trade.__struct_fields__}
 
 
+def resp(*parts: bytes) -> bytes:
+    """One command in the Redis protocol (RESP2): what redis-py's packer makes, at a
+    fifth of the cost, which matters at thousands of fills a second."""
+    out = [b"*%d\r\n" % len(parts)]
+    for p in parts:
+        out.append(b"$%d\r\n%s\r\n" % (len(p), p))
+    return b"".join(out)
+
+
+_MULTI, _EXEC = resp(b"MULTI"), resp(b"EXEC")
+
+
+def xadd_trade(key: bytes, trade: wire.Trade) -> bytes:
+    """XADD of one trade under its own id, with the fields of `trade_fields`."""
+    parts = [b"XADD", key, trade.trade_id.encode()]
+    for name, value in trade_fields(trade).items():
+        parts += (name.encode(), value.encode() if isinstance(value, str) else b"%d" % value)
+    return resp(*parts)
+
+
 def stream_seq(entry_id: bytes | str) -> int:
     """The sequence part of a stream id `"<seq>-<n>"`."""
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
@@ -89,6 +109,9 @@ class Journal:
         self.healthy = True
         self.batches = 0
         self._on_batch = on_batch
+        self._journal_key = keys.journal.encode()
+        self._fills_key = keys.fills.encode()
+        self._snapshot_key = keys.snapshot.encode()
 
     # --- the write side ---
 
@@ -188,16 +211,29 @@ class Journal:
 
     async def _write(self, entries: list[wire.JournalEntry], trades: list[wire.Trade],
                      snap: bytes | None) -> None:
-        pipe = self.client.pipeline(transaction=True)
+        """One MULTI/EXEC, packed here and sent on a connection of the client's pool."""
+        commands = [_MULTI]
         if entries:
             batch = wire.journal_encoder.encode(entries)
-            pipe.xadd(self.keys.journal, {"n": len(entries), "e": batch},
-                      id=f"{entries[-1].seq}-0")
-        for trade in trades:
-            pipe.xadd(self.keys.fills, trade_fields(trade), id=trade.trade_id)  # type: ignore[arg-type]
+            commands.append(resp(b"XADD", self._journal_key, b"%d-0" % entries[-1].seq,
+                                 b"n", b"%d" % len(entries), b"e", batch))
+        commands += [xadd_trade(self._fills_key, t) for t in trades]
         if snap is not None:
-            pipe.set(self.keys.snapshot, snap)
-        await pipe.execute()
+            commands.append(resp(b"SET", self._snapshot_key, snap))
+        commands.append(_EXEC)
+        pool = self.client.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.send_packed_command(commands)
+            replies = [await conn.read_response() for _ in commands]
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
+        failed = [r for r in replies[-1] or () if isinstance(r, Exception)]
+        if failed or replies[-1] is None:
+            raise ResponseError(f"journal transaction failed: {failed or 'aborted'}")
 
     async def _landed(self, seq: int) -> bool:
         """After an error: did the write of everything up to `seq` land anyway?"""
