@@ -172,7 +172,7 @@ class Engine:
                 orders.append(wire.OrderStatus(
                     client_id=o.client_id, order_id=o.order_id, segment=o.segment,
                     side=o.side, rate_bps=resting.rate_bps, remaining=o.remaining,
-                    filled=o.filled))
+                    filled=o.filled, tif=resting.tif, min_ticket=resting.min_ticket))
         lines = [wire.LineStatus(core=core, line=line, used=used)
                  for core in sorted(self.lines)
                  for line, used in [self.lines[core].get(participant)] if line or used]

@@ -248,6 +248,8 @@ class OrderStatus(Struct, frozen=True, kw_only=True):
     rate_bps: int
     remaining: int
     filled: int
+    tif: Tif
+    min_ticket: int
 
 
 class LineStatus(Struct, frozen=True, kw_only=True):
@@ -278,6 +280,7 @@ class Welcome(_Event, tag="welcome"):
     name: str
     role: Role
     segments: list[str]
+    cancel_on_disconnect: bool = False
 
 
 

@@ -257,9 +257,10 @@ class Service:
         ws = web.WebSocketResponse(max_msg_size=limits.max_frame_bytes, compress=False,
                                    decode_text=False, heartbeat=30)
         await ws.prepare(request)
-        header = request.headers.get("Authorization", "")
-        who = gw.authenticate(header[7:].strip()) if header.startswith("Bearer ") else None
-        if who is None:
+        header = request.headers.get("Authorization")
+        if header is not None:        # a key was offered: it is right or the door closes
+            who = gw.authenticate(header[7:].strip()) if header.startswith("Bearer ") else None
+        else:
             who = await self._auth_message(ws, limits.auth_timeout)
         if who is None:
             await ws.close(code=CLOSE_UNAUTHORIZED, message=b"unauthorized")

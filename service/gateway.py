@@ -37,16 +37,26 @@ CLOSE_UNAUTHORIZED = 4401      # no valid key
 CLOSE_SLOW_CONSUMER = 4408     # outbox full: the client does not read fast enough
 CLOSE_GOING_AWAY = 1001        # shutdown
 _PATH = re.compile(r" - at `(\$[^`]*)`$")
+_FIELD = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
 _SYSTEM = Participant(id=SYSTEM, name="system", role="admin", key_sha256="")
 _Held = tuple[Outcome, float, "Connection | None"]   # an outcome waiting for its batch
 
 
 def decode_error(exc: msgspec.MsgspecError) -> wire.Error:
-    """msgspec's own message, with the JSON path split out."""
+    """msgspec's own message, with the JSON path split out.
+
+    msgspec puts the path of the object in which a field is unknown or missing, and
+    nothing at the top level; the path given here ends at the field itself.
+    """
     text = str(exc)
-    m = _PATH.search(text)
-    code = "invalid" if isinstance(exc, msgspec.ValidationError) else "malformed"
-    return wire.Error(code=code, message=text, path=m.group(1) if m else None)
+    if not isinstance(exc, msgspec.ValidationError):
+        return wire.Error(code="malformed", message=text, path=None)
+    at = _PATH.search(text)
+    path = at.group(1) if at else "$"
+    field = _FIELD.search(text)
+    if field is not None:
+        path = f"{path}.{field.group(1)}"
+    return wire.Error(code="invalid", message=text, path=path)
 
 
 def frame(payload: bytes) -> bytes:
@@ -159,7 +169,14 @@ class Gateway:
             return
         out = self.engine.submit(who.id, who.role, cmd, time.time_ns())
         if out.entry is None:
-            self._deliver(out, conn)
+            # A rejection or a retry's answer is read from state that may not be written
+            # yet (the original of a retry can still be in the batch being written), so
+            # it waits for the journal too, and so never overtakes an earlier ack.
+            barrier = self.journal.barrier()
+            if barrier is None:
+                self._deliver(out, conn)
+            else:
+                self._hold(barrier, (out, received, conn))
             return
         self.metrics.command(type(cmd))
         self._hold(self.journal.append(out.entry, out.trades), (out, received, conn))
@@ -257,8 +274,10 @@ class Gateway:
         conn = Connection(ws, transport, who, self.limits, self._drop_slow)
         self.connections.setdefault(who.id, set()).add(conn)
         self.metrics.connections[who.role] += 1
-        conn.send(self._encode(wire.Welcome(participant=who.id, name=who.name, role=who.role,
-                                            segments=sorted(self.engine.segments))))
+        conn.send(self._encode(wire.Welcome(
+            participant=who.id, name=who.name, role=who.role,
+            segments=sorted(self.engine.segments),
+            cancel_on_disconnect=who.role == "funder" and who.cancel_on_disconnect)))
         return conn
 
     def detach(self, conn: Connection) -> None:

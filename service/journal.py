@@ -146,6 +146,15 @@ class Journal:
     def backlog(self) -> int:
         return len(self.pending)
 
+    def barrier(self) -> asyncio.Future[int] | None:
+        """The future of the last write that is queued or in flight; None when all is
+        durable. Answers that depend on the engine's state wait for it."""
+        if self._durable is not None:
+            return self._durable
+        if self._inflight is not None and not self._inflight.done():
+            return self._inflight
+        return None
+
     async def flush(self) -> None:
         """Wait until everything appended so far is durable; raise if it never will be."""
         last = self._durable or self._inflight

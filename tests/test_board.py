@@ -1,0 +1,595 @@
+"""The quote board (service/static) in a real Chromium against the real service and Redis.
+
+Every test drives the page as a user would (Playwright, Debian's Chromium, no browser
+download) while other participants act over the WebSocket API from Python (the
+`websockets` sync client: no event loop to share with Playwright). Funders cancel their
+bids when they disconnect, so their Python clients stay open for the whole test.
+
+Each test leaves one screenshot per page under test-output/<test name>/ (gitignored),
+taken at the end of the test while the server is still up, also when the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, Page, Playwright, WebSocketRoute, expect, sync_playwright
+from websockets.sync.client import ClientConnection, connect
+
+from tests.conftest import PARTICIPANTS, ROOT, ServerProcess
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+OUTPUT = ROOT / "test-output"
+F11, F12, F13, SME_X, SME_Y = 11, 12, 13, 21, 22
+WAIT = 5.0
+SEG = "DFM-30D"
+DEBOUNCE_S = 0.6          # well past the page's quote debounce (200 ms)
+
+expect.set_options(timeout=int(WAIT * 1000))
+
+
+def key(pid: int) -> str:
+    return PARTICIPANTS[pid][2]
+
+
+def name(pid: int) -> str:
+    return PARTICIPANTS[pid][0]
+
+
+# --- what the page should show, computed independently --------------------------------
+
+
+def cny(fen: int) -> str:
+    return f"{fen // 100:,}.{fen % 100:02d} CNY"
+
+
+def pct(bps: float) -> str:
+    n = int(bps + 0.5)                  # half up, as the page rounds a quote's average
+    return f"{n // 100}.{n % 100:02d}%"
+
+
+def interest(fen: int, rate_bps: int, days: int) -> int:
+    num, den = fen * rate_bps * days, 10_000 * 365
+    return (2 * num + den) // (2 * den)
+
+
+# --- a participant over the WebSocket API ---------------------------------------------
+
+
+class WsClient:
+    """One participant's connection, signed in with the first-message `auth`."""
+
+    def __init__(self, ws: ClientConnection, pid: int) -> None:
+        self.ws = ws
+        self.send({"type": "auth", "key": key(pid)})
+        self.welcome = self.until("welcome")
+        self.seq = 0
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self.ws.send(json.dumps(msg))
+
+    def until(self, type_: str, match: Callable[[dict[str, Any]], bool] = lambda m: True,
+              timeout: float = WAIT) -> dict[str, Any]:
+        """The next message of this type (and match), skipping others."""
+        while True:
+            msg: dict[str, Any] = json.loads(self.ws.recv(timeout))
+            if msg["type"] == type_ and match(msg):
+                return msg
+
+    def command(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Send a command; return its accepted or rejected answer."""
+        self.send(msg)
+        cid = msg.get("client_id")
+        while True:
+            got: dict[str, Any] = json.loads(self.ws.recv(WAIT))
+            if got["type"] in ("accepted", "rejected") and got.get("client_id") == cid:
+                return got
+
+    def line(self, core: str, yuan: int) -> None:
+        got = self.command({"type": "set_credit_line", "core": core, "amount": yuan * 100})
+        assert got["type"] == "accepted", got
+
+    def bid(self, segment: str, rate_bps: int, yuan: int) -> str:
+        self.seq += 1
+        cid = f"py-bid-{self.seq}"
+        got = self.command({"type": "bid", "client_id": cid, "segment": segment,
+                            "rate_bps": rate_bps, "amount": yuan * 100, "tif": "gtc"})
+        assert got["type"] == "accepted", got
+        return cid
+
+    def quote(self, segment: str, fen: int, single_funder: bool) -> dict[str, Any]:
+        self.seq += 1
+        ref = f"py-q-{self.seq}"
+        self.send({"type": "quote", "segment": segment, "amount": fen,
+                   "single_funder": single_funder, "ref": ref})
+        return self.until("quote", lambda m: m.get("ref") == ref)
+
+
+# --- fixtures ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Playwright]:
+    with sync_playwright() as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def browser(playwright: Playwright) -> Iterator[Browser]:
+    """One Chromium for the module; each page gets a fresh context (its own storage).
+
+    Debian's chromium (`./dev test` installs it); missing, this fails rather than skips.
+    """
+    b = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def out_dir(request: pytest.FixtureRequest) -> Path:
+    path = OUTPUT / re.sub(r"[^\w.-]+", "_", request.node.name).strip("_")
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+@pytest.fixture
+def clients(server: ServerProcess) -> Iterator[Callable[[int], WsClient]]:
+    with ExitStack() as stack:
+        yield lambda pid: WsClient(stack.enter_context(connect(server.ws_url)), pid)
+
+
+@pytest.fixture
+def new_page(browser: Browser, server: ServerProcess, out_dir: Path,
+             clients: Callable[[int], WsClient]) -> Iterator[Callable[..., Page]]:
+    """Opens pages; at teardown screenshots each, then closes it.
+
+    It depends on `clients` so that the screenshots come before the Python funders
+    disconnect (which cancels their bids) and before the server stops.
+    """
+    opened: list[tuple[str, Page]] = []
+
+    def open_page(label: str, *, phone: bool = False) -> Page:
+        if phone:
+            context = browser.new_context(viewport={"width": 390, "height": 844},
+                                          device_scale_factor=2, is_mobile=True,
+                                          has_touch=True)
+        else:
+            context = browser.new_context(viewport={"width": 1280, "height": 900})
+        page = context.new_page()
+        opened.append((label, page))
+        return page
+
+    yield open_page
+    for label, page in opened:
+        try:
+            page.screenshot(path=out_dir / f"{label}.png", full_page=True)
+        finally:
+            page.context.close()
+
+
+@pytest.fixture
+def market(clients: Callable[[int], WsClient]) -> tuple[WsClient, WsClient]:
+    """Bank A lends up to 2M CNY at 2.50% and Bank B 500k at 2.40% in DFM-30D."""
+    bank_a, bank_b = clients(F11), clients(F12)
+    for bank in (bank_a, bank_b):
+        bank.line("DFM", 100_000_000)
+    bank_a.bid(SEG, 250, 2_000_000)
+    bank_b.bid(SEG, 240, 500_000)
+    return bank_a, bank_b
+
+
+# --- page helpers -----------------------------------------------------------------------
+
+
+def sign_in(page: Page, server: ServerProcess, pid: int) -> None:
+    page.goto(f"{server.http}/")
+    expect(page.locator("#workspace")).to_be_hidden()       # no board before sign-in
+    page.fill("#key", key(pid))
+    page.click("#signin-button")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    expect(page.locator("#cards .card")).to_have_count(4)
+    expect(page.locator("#who")).to_contain_text(name(pid))
+
+
+def card(page: Page, segment: str = SEG) -> Any:
+    return page.locator(f'.card[data-segment="{segment}"]')
+
+
+def ladder(page: Page, segment: str = SEG) -> list[tuple[str, str, str]]:
+    rows = card(page, segment).locator(".level")
+    return [(r.locator(".rate").inner_text(), r.locator(".amount").inner_text(),
+             r.locator(".orders").inner_text()) for r in rows.all()]
+
+
+def count_sent_frames(page: Page) -> list[str]:
+    """Every frame the page sends on any WebSocket, appended as it goes out."""
+    sent: list[str] = []
+    page.on("websocket", lambda ws: ws.on(
+        "framesent", lambda payload: sent.append(payload if isinstance(payload, str)
+                                                 else payload.decode())))
+    return sent
+
+
+def metric(server: ServerProcess, name_: str) -> float:
+    status, body = server.get("/metrics")
+    assert status == 200
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
+               if line.startswith(name_))
+
+
+def quote_shown(page: Page, mode: str) -> dict[str, Any]:
+    """The quote the page shows, as integers/floats from its data attributes, and text."""
+    box = page.locator(f"#quote-{mode}")
+    return {
+        "fillable": int(box.locator("[data-fen]").get_attribute("data-fen") or 0),
+        "avg": float(box.locator(".kv").nth(1).locator("[data-bps]").get_attribute("data-bps")
+                     or "nan"),
+        "worst": int(box.locator(".kv").nth(2).locator("[data-bps]").get_attribute("data-bps")
+                     or 0),
+        "funders": int(box.locator("[data-count]").get_attribute("data-count") or 0),
+        "text": box.inner_text(),
+    }
+
+
+def expect_quote_matches(page: Page, sme: WsClient, fen: int) -> None:
+    """The page's two quotes equal the API's for the same amount, values and text."""
+    for mode, single in (("split", False), ("single", True)):
+        api = sme.quote(SEG, fen, single)
+        box = page.locator(f"#quote-{mode}")
+        expect(box).to_have_attribute("data-fillable", str(api["fillable"]))
+        if api["fillable"] == 0:
+            expect(box).to_contain_text("No ")
+            continue
+        shown = quote_shown(page, mode)
+        assert shown["fillable"] == api["fillable"]
+        assert shown["avg"] == api["avg_rate_bps"]
+        assert shown["worst"] == api["worst_rate_bps"]
+        assert shown["funders"] == api["funders"]
+        for text in (cny(api["fillable"]), pct(api["avg_rate_bps"]),
+                     pct(api["worst_rate_bps"]), str(api["funders"])):
+            assert text in shown["text"], (text, shown["text"])
+
+
+# --- tests ------------------------------------------------------------------------------
+
+
+def test_sign_in_needs_a_valid_key(new_page: Callable[..., Page], server: ServerProcess) -> None:
+    page = new_page("signin")
+    page.goto(f"{server.http}/")
+    page.click("#signin-button")
+    expect(page.locator("#signin-msg")).to_have_text("Enter your API key.")
+    page.fill("#key", "not-a-key")
+    page.click("#signin-button")
+    expect(page.locator("#signin-msg")).to_contain_text("This key was not accepted")
+    expect(page.locator("#signin-msg")).to_contain_text("4401")
+    expect(page.locator("#workspace")).to_be_hidden()
+    sign_in(page, server, F12)                 # a valid key after a bad one
+    expect(page.locator("#funder-panel")).to_be_visible()
+    expect(page.locator("#sme-panel")).to_be_hidden()
+    page.click("#sign-out")
+    expect(page.locator("#signin")).to_be_visible()
+    expect(page.locator("#workspace")).to_be_hidden()
+
+
+def test_funder_bid_appears_on_board_without_reload(
+        new_page: Callable[..., Page], server: ServerProcess) -> None:
+    board = new_page("board-sme")
+    sign_in(board, server, SME_X)
+    board.evaluate("window.__sameDocument = true")
+    expect(card(board).locator(".best-rate")).to_have_text("—")
+    expect(card(board).locator(".ladder")).to_have_text("No funder bids yet")
+
+    funder = new_page("funder-panel")
+    sign_in(funder, server, F11)
+    expect(funder.locator('#lines li[data-core="DFM"]')).to_contain_text("No line")
+    funder.select_option("#line-core", "DFM")
+    funder.fill("#line-amount", "100000000")
+    funder.click("#line-form button[type=submit]")
+    expect(funder.locator("#line-msg")).to_have_text(
+        "Line against DFM set to 100,000,000.00 CNY.")
+    expect(funder.locator('#lines li[data-core="DFM"]')).to_contain_text(
+        "100,000,000.00 CNY available")
+
+    funder.select_option("#bid-segment", SEG)
+    funder.fill("#bid-rate", "2.5")
+    funder.fill("#bid-amount", "1,500,000")
+    funder.check('input[name="tif"][value="gtc"]')
+    funder.click("#bid-button")
+    expect(funder.locator("#bid-msg")).to_contain_text("Bid placed: 1,500,000.00 CNY at 2.50%")
+    expect(funder.locator("#orders .order")).to_have_count(1)
+    expect(funder.locator("#orders .order")).to_contain_text("1,500,000.00 CNY resting")
+
+    # The other page, never reloaded, shows the new level.
+    expect(card(board).locator(".best-rate")).to_have_text("2.50%")
+    assert ladder(board) == [("2.50%", "1,500,000.00 CNY", "1 order")]
+    assert board.evaluate("window.__sameDocument") is True
+
+    # Amend to a better rate, then cancel: the board follows each step.
+    order = funder.locator("#orders .order")
+    order.get_by_role("button", name="Amend").click()
+    order.locator('input[name="rate"]').fill("2.40")
+    order.get_by_role("button", name="Save changes").click()
+    expect(order.locator(".msg")).to_have_text("Bid amended.")
+    expect(order.locator(".order-main .rate")).to_have_text("2.40%")
+    expect(card(board).locator(".best-rate")).to_have_text("2.40%")
+    order.get_by_role("button", name="Cancel").click()
+    expect(funder.locator("#orders-msg")).to_contain_text("Bid cancelled")
+    expect(funder.locator("#orders .order")).to_have_count(0)
+    expect(card(board).locator(".best-rate")).to_have_text("—")
+
+
+def test_sme_quote_matches_book(new_page: Callable[..., Page], server: ServerProcess,
+                                market: tuple[WsClient, WsClient],
+                                clients: Callable[[int], WsClient]) -> None:
+    sme = clients(SME_Y)
+    page = new_page("sme-quote")
+    sign_in(page, server, SME_X)
+    page.select_option("#sme-segment", SEG)
+
+    page.fill("#sme-amount", "1200000")
+    expect(page.locator("#sme-amount-hint")).to_have_text("= 1,200,000.00 CNY")
+    expect_quote_matches(page, sme, 120_000_000)
+    split = quote_shown(page, "split")      # 500k at 2.40% + 700k at 2.50%
+    assert "2.46%" in split["text"] and "2.50%" in split["text"]
+    assert split["funders"] == 2
+    assert quote_shown(page, "single")["funders"] == 1     # Bank A alone, at 2.50%
+
+    # The REST quote agrees too.
+    status, body = server.get(f"/v1/segments/{SEG}/quote?amount=120000000")
+    assert status == 200 and json.loads(body)["fillable"] == split["fillable"]
+
+    # More than the book holds: a partial split, and no single funder.
+    page.fill("#sme-amount", "3,000,000.00")
+    expect_quote_matches(page, sme, 300_000_000)
+    expect(page.locator("#quote-split")).to_contain_text("2,500,000.00 CNY of 3,000,000.00 CNY")
+    expect(page.locator("#quote-single")).to_have_text("No single funder can lend this amount.")
+
+    # The quote follows the book: a new cheaper bid shows without typing anything.
+    page.fill("#sme-amount", "1200000")
+    expect_quote_matches(page, sme, 120_000_000)
+    bank_c = clients(F13)
+    bank_c.line("DFM", 10_000_000)
+    bank_c.bid(SEG, 230, 300_000)
+    expect(page.locator("#quote-split [data-count]")).to_have_text("3")
+    expect_quote_matches(page, sme, 120_000_000)
+    page.locator("#sme-amount").blur()
+    expect(page.locator("#sme-amount")).to_have_value("1,200,000.00")
+
+
+def test_finance_now_shows_fills_and_board_updates(
+        new_page: Callable[..., Page], server: ServerProcess,
+        market: tuple[WsClient, WsClient], clients: Callable[[int], WsClient]) -> None:
+    bank_a, bank_b = market
+    observer = new_page("board-observer")
+    sign_in(observer, server, SME_Y)
+    page = new_page("sme-finance")
+    sign_in(page, server, SME_X)
+    for p in (page, observer):
+        expect(card(p).locator(".best-rate")).to_have_text("2.40%")
+        expect(card(p).locator(".fills")).to_contain_text("None today")
+    assert ladder(observer) == [("2.40%", "500,000.00 CNY", "1 order"),
+                                ("2.50%", "2,000,000.00 CNY", "1 order")]
+
+    page.select_option("#sme-segment", SEG)
+    page.fill("#sme-amount", "1,200,000")
+    expect(page.locator("#quote-split [data-count]")).to_have_text("2")
+    page.click("#finance")
+
+    expect(page.locator("#outcome")).to_have_text("Filled")
+    loans = page.locator("#sme-result tr.loan")
+    expect(loans).to_have_count(2)
+    rows = [(r.locator(".funder").inner_text(), r.locator(".rate").inner_text(),
+             r.locator(".amount").inner_text().splitlines()[0]) for r in loans.all()]
+    assert rows == [(name(F12), "2.40%", "500,000.00 CNY"), (name(F11), "2.50%", "700,000.00 CNY")]
+    total_interest = interest(50_000_000, 240, 30) + interest(70_000_000, 250, 30)
+    assert total_interest == 242_466                    # 986.30 + 1,438.36 CNY
+    expect(page.locator("#total-financed")).to_have_text("1,200,000.00 CNY")
+    expect(page.locator("#total-interest")).to_have_text(cny(total_interest))
+    expect(page.locator("#sme-result")).to_contain_text("interest 986.30 CNY")
+
+    # Both boards: Bank B's level is gone, Bank A's shrank, the fills are listed.
+    for p in (page, observer):
+        expect(card(p).locator(".best-rate")).to_have_text("2.50%")
+        expect(card(p).locator(".level")).to_have_count(1)
+        expect(card(p).locator(".fills li")).to_have_count(2)
+    assert ladder(observer) == [("2.50%", "1,300,000.00 CNY", "1 order")]
+    fills = [li.inner_text() for li in card(observer).locator(".fills li").all()]
+    assert fills == ["2.50% 700,000.00 CNY", "2.40% 500,000.00 CNY"]    # newest first
+    assert name(F11) not in card(observer).inner_text()      # the board names nobody
+
+    # The quote on screen follows: the same amount now comes from Bank A alone.
+    expect(page.locator("#quote-split [data-count]")).to_have_text("1")
+    expect(page.locator("#quote-split")).to_contain_text("2.50%")
+
+    # The funders got the same loans.
+    assert bank_b.until("fill")["amount"] == 50_000_000
+    assert bank_a.until("fill")["amount"] == 70_000_000
+
+
+def test_finance_more_than_the_book_is_partly_filled(
+        new_page: Callable[..., Page], server: ServerProcess,
+        market: tuple[WsClient, WsClient]) -> None:
+    page = new_page("sme-partial")
+    sign_in(page, server, SME_X)
+    page.select_option("#sme-segment", SEG)
+    page.fill("#sme-amount", "3000000")
+    expect(page.locator("#quote-split")).to_contain_text("2,500,000.00 CNY of 3,000,000.00 CNY")
+    page.click("#finance")
+    expect(page.locator("#outcome")).to_have_text("Partly filled")
+    expect(page.locator("#sme-result tr.loan")).to_have_count(2)
+    expect(page.locator("#total-financed")).to_have_text("2,500,000.00 CNY")
+    expect(page.locator("#total-interest")).to_have_text(
+        cny(interest(50_000_000, 240, 30) + interest(200_000_000, 250, 30)))
+    # The book is empty now: the page says so instead of sending an ask bound to fail.
+    expect(card(page).locator(".ladder")).to_have_text("No funder bids yet")
+    expect(page.locator("#quote-split")).to_have_text(
+        "No funder can lend in this segment right now.")
+    page.click("#finance")
+    expect(page.locator("#sme-msg")).to_have_text("No funder can lend in this segment right now.")
+    expect(page.locator("#outcome")).to_have_text("Partly filled")
+
+
+BAD_AMOUNTS = {
+    "decimals": ("12.345", "Amount: at most 2 decimals."),
+    "zero": ("0", "Amount: must be greater than zero."),
+    "zero-fen": ("0.00", "Amount: must be greater than zero."),
+    "empty": ("", "Amount: enter a value."),
+    "letters": ("abc", "Amount: not a number."),
+    "negative": ("-5", "Amount: must be greater than zero."),
+    "two-points": ("1.2.3", "Amount: not a number."),
+}
+
+
+@pytest.mark.parametrize("typed, message", BAD_AMOUNTS.values(), ids=BAD_AMOUNTS.keys())
+def test_bad_amount_shows_message_and_sends_nothing(
+        new_page: Callable[..., Page], server: ServerProcess,
+        market: tuple[WsClient, WsClient], typed: str, message: str) -> None:
+    page = new_page("sme-bad-amount")
+    sent = count_sent_frames(page)
+    sign_in(page, server, SME_X)
+    page.wait_for_timeout(DEBOUNCE_S * 1000)
+    assert [json.loads(f)["type"] for f in sent] == ["auth", "subscribe"]
+
+    # The counter does see frames: a good amount sends its two quotes, exact to the fen.
+    page.fill("#sme-amount", "1,000.29")
+    expect(page.locator("#quote-split [data-count]")).to_have_text("1")
+    quotes_sent = [json.loads(f) for f in sent[2:]]
+    assert [(q["type"], q["amount"], q["single_funder"]) for q in quotes_sent] == [
+        ("quote", 100_029, False), ("quote", 100_029, True)]
+    before = len(sent)
+    commands, quotes = metric(server, "matcher_commands_total"), metric(server, "matcher_quotes")
+
+    page.fill("#sme-amount", typed)
+    page.click("#finance")
+    expect(page.locator("#sme-msg")).to_have_text(message)
+    expect(page.locator("#quote-split")).to_have_text("Enter an amount")   # the old quote goes
+    page.wait_for_timeout(DEBOUNCE_S * 1000)
+    assert len(sent) == before, sent[before:]
+    assert metric(server, "matcher_commands_total") == commands
+    assert metric(server, "matcher_quotes") == quotes
+    expect(page.locator("#sme-result")).to_be_hidden()
+    expect(page.locator("#sme-msg")).to_have_text(message)
+
+
+def test_bad_bid_is_stopped_and_server_rejections_are_shown(
+        new_page: Callable[..., Page], server: ServerProcess,
+        clients: Callable[[int], WsClient]) -> None:
+    page = new_page("funder-bad-bid")
+    sent = count_sent_frames(page)
+    sign_in(page, server, F13)
+    page.select_option("#bid-segment", SEG)
+    page.fill("#bid-rate", "2.50")
+    page.fill("#bid-amount", "1000")
+    page.click("#bid-button")
+    expect(page.locator("#bid-msg")).to_have_text("Set a credit line against DFM first.")
+
+    # A line set elsewhere (same funder, another connection) reaches the page.
+    clients(F13).line("DFM", 1_000_000)
+    expect(page.locator('#lines li[data-core="DFM"]')).to_contain_text("1,000,000.00 CNY available")
+    page.wait_for_timeout(300)
+    before = len(sent)
+    for rate, amount, message in [
+        ("2.555", "1000", "Rate: at most 2 decimals."),
+        ("", "1000", "Rate: enter a value."),
+        ("abc", "1000", "Rate: not a number."),
+        ("0", "1000", "Rate: must be greater than zero."),
+        ("36.01", "1000", "Rate: at most 36.00% in this segment."),
+        ("2.50", "0", "Amount: must be greater than zero."),
+        ("2.50", "-1", "Amount: must be greater than zero."),
+        ("2.50", "10.001", "Amount: at most 2 decimals."),
+        ("2.50", "1,000,000.01", "Amount: over your remaining credit line against DFM "
+                                 "(1,000,000.00 CNY available)."),
+    ]:
+        page.fill("#bid-rate", rate)
+        page.fill("#bid-amount", amount)
+        page.click("#bid-button")
+        expect(page.locator("#bid-msg")).to_have_text(message)
+    assert len(sent) == before, sent[before:]
+
+    # What the server refuses is shown with its code and message. The page never sends a
+    # rate over the cap, so a route rewrites one bid on its way out.
+    def tamper(ws: WebSocketRoute) -> None:
+        server_ws = ws.connect_to_server()
+
+        def outgoing(message: str | bytes) -> None:
+            msg = json.loads(message)
+            if msg.get("type") == "bid" and msg["amount"] == 77_700:
+                msg["surprise"] = 1             # not in the protocol: an `error` event
+            elif msg.get("type") == "bid":
+                msg["rate_bps"] = 9_999         # over the cap: a `rejected` event
+            server_ws.send(json.dumps(msg))
+        ws.on_message(outgoing)
+
+    page.route_web_socket(re.compile(r".*/ws$"), tamper)
+    page.reload()
+    page.fill("#key", key(F13))
+    page.click("#signin-button")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    page.select_option("#bid-segment", SEG)
+    page.fill("#bid-rate", "2.50")
+    page.fill("#bid-amount", "1000")
+    page.click("#bid-button")
+    expect(page.locator("#bid-msg")).to_have_text(
+        "Rejected (out_of_range): rate_bps: must be in [0, 3600], got 9999")
+    expect(page.locator("#notice")).to_be_hidden()
+    page.fill("#bid-amount", "777")
+    page.click("#bid-button")
+    expect(page.locator("#notice")).to_be_visible()
+    expect(page.locator("#notice-text")).to_contain_text(
+        "Error (invalid): Object contains unknown field `surprise`")
+    expect(page.locator("#bid-msg")).to_contain_text("Error (invalid)")
+    expect(page.locator("#orders .order")).to_have_count(0)
+
+
+def test_usable_on_a_phone(new_page: Callable[..., Page], server: ServerProcess,
+                           market: tuple[WsClient, WsClient]) -> None:
+    sme = new_page("phone-sme", phone=True)
+    funder = new_page("phone-funder", phone=True)
+    for page, pid in ((sme, SME_X), (funder, F11)):
+        page.goto(f"{server.http}/")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        sign_in(page, server, pid)
+    sme.select_option("#sme-segment", SEG)
+    sme.fill("#sme-amount", "1,200,000")
+    expect(sme.locator("#quote-split [data-count]")).to_have_text("2")
+    sme.click("#finance")
+    expect(sme.locator("#outcome")).to_have_text("Filled")
+    expect(funder.locator("#orders .order")).to_have_count(1)
+    funder.locator("#orders .order").get_by_role("button", name="Amend").click()
+    for page in (sme, funder):
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, width
+        # Nothing is cut off inside either: every element ends within the viewport.
+        wide = page.evaluate("""() => [...document.querySelectorAll('body *')]
+            .filter((e) => e.getClientRects().length && e.getBoundingClientRect().right > 390.5)
+            .map((e) => e.tagName + '.' + e.className)""")
+        assert wide == []
+
+
+def test_board_reconnects_after_a_server_restart(
+        new_page: Callable[..., Page], server: ServerProcess,
+        clients: Callable[[int], WsClient]) -> None:
+    page = new_page("board-reconnect")
+    sign_in(page, server, SME_X)
+    page.evaluate("window.__sameDocument = true")
+    assert server.terminate() == 0
+    expect(page.locator("#live")).to_have_attribute("data-state", "reconnecting")
+    server.start()
+    expect(page.locator("#live")).to_have_attribute("data-state", "live", timeout=20_000)
+    bank = clients(F11)
+    bank.line("SGCC", 5_000_000)
+    bank.bid("SGCC-90D", 310, 250_000)
+    expect(card(page, "SGCC-90D").locator(".best-rate")).to_have_text("3.10%")
+    assert ladder(page, "SGCC-90D") == [("3.10%", "250,000.00 CNY", "1 order")]
+    assert page.evaluate("window.__sameDocument") is True

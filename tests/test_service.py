@@ -1,0 +1,1303 @@
+"""The running service, end to end: `matcher serve` as a process, real WebSocket clients
+(the `websockets` package), real HTTP (urllib), a real Redis.
+
+Every scenario talks to the server only over the network, as participants would; the
+platform's fill stream is read straight from Redis with redis-py. A test that changes
+the market starts its own server (the `server` fixture, or `start_server` when it needs
+other limits); the tests that only prove that a refused message changes nothing share one
+(`shared_server`), and check the market before and after themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from matcher import protocol as wire
+from service.localredis import LocalRedis, free_port
+from tests.conftest import PARTICIPANTS, SEGMENTS, ServerProcess, run, write_config
+
+ADMIN, PLATFORM, F11, F12, F13, F14, SME_X, SME_Y = 1, 2, 11, 12, 13, 14, 21, 22
+FILLS_STREAM = "matcher:{main}:fills"
+BOOK_FIELDS = {"type", *wire.BookUpdate.__struct_fields__}
+WAIT = 5.0          # the longest any single expected message may take
+
+
+def key(pid: int) -> str:
+    return "key-f14" if pid == F14 else PARTICIPANTS[pid][2]
+
+
+# --- clients ------------------------------------------------------------------------
+
+
+class Client:
+    """One WebSocket connection of one participant, speaking JSON."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.welcome: dict[str, Any] = {}
+
+    async def send(self, msg: dict[str, Any] | str | bytes) -> None:
+        await self.ws.send(msg if isinstance(msg, str | bytes) else json.dumps(msg))
+
+    async def recv(self, timeout: float = WAIT) -> dict[str, Any]:
+        data = await asyncio.wait_for(self.ws.recv(), timeout)
+        out: dict[str, Any] = json.loads(data)
+        return out
+
+    async def expect(self, type_: str, timeout: float = WAIT) -> dict[str, Any]:
+        msg = await self.recv(timeout)
+        assert msg["type"] == type_, msg
+        return msg
+
+    async def quiet(self, seconds: float = 0.3) -> list[dict[str, Any]]:
+        """Whatever arrives within `seconds` (tests expect it to be nothing)."""
+        got = []
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                got.append(await self.recv(left))
+            except TimeoutError:
+                break
+        return got
+
+    async def command(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Send a command; return its first answer (accepted, rejected or error)."""
+        await self.send(msg)
+        return await self.recv()
+
+    async def ok(self, msg: dict[str, Any]) -> dict[str, Any]:
+        reply = await self.command(msg)
+        assert reply["type"] == "accepted" and reply["duplicate"] is False, reply
+        return reply
+
+    async def quote(self, segment: str, amount: int, **kw: Any) -> dict[str, Any]:
+        await self.send({"type": "quote", "segment": segment, "amount": amount, **kw})
+        return await self.expect("quote")
+
+    async def book(self, segment: str) -> dict[str, Any]:
+        """The segment's book as of now (subscribe, take the snapshot, unsubscribe)."""
+        await self.send({"type": "subscribe", "segments": [segment]})
+        update = await self.expect("book")
+        await self.send({"type": "unsubscribe", "segments": [segment]})
+        return update
+
+    async def closed(self, timeout: float = WAIT) -> tuple[list[dict[str, Any]], int | None]:
+        """Read until the server closes: (messages received before, close code)."""
+        got = []
+        try:
+            while True:
+                got.append(await self.recv(timeout))
+        except ConnectionClosed as exc:
+            return got, exc.rcvd.code if exc.rcvd else None
+
+
+def ws_connect(url: str, headers: dict[str, str] | None = None, **kw: Any) -> connect:
+    return connect(url, additional_headers=headers, proxy=None, open_timeout=WAIT,
+                   ping_interval=None, close_timeout=2, compression=None, **kw)
+
+
+@asynccontextmanager
+async def session(server: ServerProcess, pid: int, **kw: Any) -> AsyncIterator[Client]:
+    """A signed-in connection (Bearer header); its welcome is already read."""
+    async with ws_connect(server.ws_url, {"Authorization": f"Bearer {key(pid)}"},
+                          **kw) as ws:
+        client = Client(ws)
+        client.welcome = await client.expect("welcome")
+        yield client
+
+
+@asynccontextmanager
+async def sessions(server: ServerProcess, *pids: int) -> AsyncIterator[list[Client]]:
+    async with AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(session(server, pid)) for pid in pids]
+
+
+def bid(client_id: str, segment: str, rate_bps: int, amount: int, **kw: Any) -> dict[str, Any]:
+    return {"type": "bid", "client_id": client_id, "segment": segment, "rate_bps": rate_bps,
+            "amount": amount, **kw}
+
+
+def ask(client_id: str, segment: str, amount: int, **kw: Any) -> dict[str, Any]:
+    return {"type": "ask", "client_id": client_id, "segment": segment, "amount": amount, **kw}
+
+
+def line(core: str, amount: int = 10**10) -> dict[str, Any]:
+    return {"type": "set_credit_line", "core": core, "amount": amount}
+
+
+def stream(redis_url: str) -> list[tuple[str, dict[str, str]]]:
+    """The platform's fill stream, decoded."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        rows: Any = client.xrange(FILLS_STREAM)
+        return [(entry_id, fields) for entry_id, fields in rows]
+    finally:
+        client.close()
+
+
+def metric(server: ServerProcess, sample: str) -> float:
+    """One sample's value from /metrics (0 when absent)."""
+    status, body = server.get("/metrics")
+    assert status == 200
+    for text in body.decode().splitlines():
+        if text.startswith(sample + " "):
+            return float(text.split()[-1])
+    return 0.0
+
+
+@pytest.fixture
+def start_server(tmp_path: Path, redis_server: LocalRedis,
+                 monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., ServerProcess]]:
+    """A server with other [limits]: start_server(rate=2) sets MATCHER_LIMITS_RATE=2."""
+    procs: list[ServerProcess] = []
+
+    def start(**limits: object) -> ServerProcess:
+        for name, value in limits.items():
+            monkeypatch.setenv(f"MATCHER_LIMITS_{name.upper()}", str(value))
+        port = free_port()
+        config = write_config(tmp_path / "matcher.toml", redis_server.url, port)
+        proc = ServerProcess(config, port, tmp_path / "server.log").start()
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.process is not None and proc.process.poll() is None:
+            proc.kill()
+
+
+#: Bank D (F14, only on the shared server): its bids survive its disconnects.
+STAY = """
+[[participants]]
+id = 14
+name = "Bank D"
+role = "funder"
+key = "key-f14"
+cancel_on_disconnect = false
+"""
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for the tests that only check that something changes nothing.
+
+    It holds a credit line of Bank A, a resting bid "b1" of Bank D (kept when Bank D
+    disconnects) and a resting GTC ask "a1" of SME X (SMEs' orders stay too).
+    """
+    tmp = tmp_path_factory.mktemp("shared")
+    redis_server = LocalRedis(tmp / "redis", durability="always")
+    redis_server.start()
+    try:
+        port = free_port()
+        config = write_config(tmp / "matcher.toml", redis_server.url, port, extra=STAY)
+        proc = ServerProcess(config, port, tmp / "server.log").start()
+        try:
+            async def setup() -> None:
+                async with session(proc, F11) as f11, session(proc, F14) as f14, \
+                        session(proc, SME_X) as sme:
+                    await f11.ok(line("DFM"))
+                    await f14.ok(line("DFM"))
+                    await f14.ok(bid("b1", "DFM-30D", 250, 500_000))
+                    await sme.ok(ask("a1", "DFM-30D", 70_000, max_rate_bps=200, tif="gtc"))
+
+            run(setup())
+            yield proc
+        finally:
+            if proc.process is not None and proc.process.poll() is None:
+                proc.kill()
+    finally:
+        redis_server.stop()
+
+
+# --- a day in miniature -------------------------------------------------------------
+
+#: The morning's bids: (funder, client id, segment, rate, amount, tif).
+MORNING = [
+    (F11, "b1", "DFM-30D", 250, 1_000_000, "gtc"),
+    (F11, "b2", "DFM-90D", 300, 800_000, "day"),
+    (F12, "b1", "DFM-30D", 240, 500_000, "day"),
+    (F12, "b2", "SGCC-30D", 280, 600_000, "gtc"),
+    (F13, "b1", "SGCC-30D", 270, 400_000, "day"),
+]
+
+
+async def morning(funders: dict[int, Client]) -> dict[tuple[int, str], int]:
+    """Credit lines, then the morning's bids; returns their order ids."""
+    await funders[F11].ok(line("DFM"))
+    await funders[F12].ok(line("DFM"))
+    await funders[F12].ok(line("SGCC"))
+    await funders[F13].ok(line("SGCC"))
+    ids = {}
+    for funder, client_id, segment, rate, amount, tif in MORNING:
+        reply = await funders[funder].ok(bid(client_id, segment, rate, amount, tif=tif))
+        assert reply["client_id"] == client_id and reply["order_id"] == reply["seq"]
+        ids[funder, client_id] = reply["order_id"]
+    return ids
+
+
+def test_quote_before_ask_prices_the_sweep(server: ServerProcess) -> None:
+    async def scenario() -> dict[str, Any]:
+        async with sessions(server, F11, F12, F13, SME_X) as (f11, f12, f13, sme):
+            await morning({F11: f11, F12: f12, F13: f13})
+            return await sme.quote("DFM-30D", 1_200_000, ref="q-1")
+
+    q = run(scenario())
+    assert q == {"type": "quote", "segment": "DFM-30D", "amount": 1_200_000,
+                 "single_funder": False, "fillable": 1_200_000,
+                 "avg_rate_bps": (240 * 500_000 + 250 * 700_000) / 1_200_000,
+                 "worst_rate_bps": 250, "funders": 2,
+                 "seq": len(SEGMENTS) + 4 + len(MORNING), "ref": "q-1"}
+
+
+def test_ioc_ask_fills_reach_the_sme_and_both_funders(server: ServerProcess) -> None:
+    async def scenario() -> tuple[Any, ...]:
+        async with sessions(server, F11, F12, F13, SME_X) as (f11, f12, f13, sme):
+            ids = await morning({F11: f11, F12: f12, F13: f13})
+            await sme.send(ask("a1", "DFM-30D", 1_200_000, max_rate_bps=255, tif="ioc"))
+            sme_got = [await sme.recv() for _ in range(4)]
+            f12_got = [await f12.recv() for _ in range(2)]
+            f11_got = [await f11.recv()]
+            extra = await sme.quiet() + await f11.quiet() + await f12.quiet() \
+                + await f13.quiet()
+            return ids, sme_got, f12_got, f11_got, extra
+
+    ids, sme_got, f12_got, f11_got, extra = run(scenario())
+    accepted, fill_a, fill_b, done = sme_got
+    seq = accepted["seq"]
+    assert accepted == {"type": "accepted", "client_id": "a1", "seq": seq, "order_id": seq,
+                        "duplicate": False}
+    common = {"type": "fill", "seq": seq, "segment": "DFM-30D", "core": "DFM",
+              "tenor_days": 30, "sme": SME_X}
+    ts = fill_a["ts"]
+    assert isinstance(ts, int) and ts > 0 and fill_b["ts"] == ts
+    # Best rate first, each at the funder's own rate.
+    assert fill_a == {**common, "ts": ts, "trade_id": f"{seq}-0", "funder": F12,
+                      "funder_name": "Bank B", "rate_bps": 240, "amount": 500_000,
+                      "side": "ask", "client_id": "a1", "order_id": seq}
+    assert fill_b == {**common, "ts": ts, "trade_id": f"{seq}-1", "funder": F11,
+                      "funder_name": "Bank A", "rate_bps": 250, "amount": 700_000,
+                      "side": "ask", "client_id": "a1", "order_id": seq}
+    assert done == {"type": "done", "client_id": "a1", "order_id": seq, "reason": "filled",
+                    "filled": 1_200_000, "remaining": 0}
+    # The funders see the same trades, named by their own client ids.
+    assert f12_got == [
+        {**fill_a, "side": "bid", "client_id": "b1", "order_id": ids[F12, "b1"]},
+        {"type": "done", "client_id": "b1", "order_id": ids[F12, "b1"], "reason": "filled",
+         "filled": 500_000, "remaining": 0}]
+    assert f11_got == [{**fill_b, "side": "bid", "client_id": "b1",
+                        "order_id": ids[F11, "b1"]}]
+    assert extra == []
+
+
+def test_fill_stream_has_one_entry_per_fill_keyed_by_trade_id(
+        server: ServerProcess, redis_server: LocalRedis) -> None:
+    async def scenario() -> tuple[list[dict[str, Any]], dict[tuple[int, str], int]]:
+        async with sessions(server, F11, F12, F13, SME_X) as (f11, f12, f13, sme):
+            ids = await morning({F11: f11, F12: f12, F13: f13})
+            await sme.send(ask("a1", "DFM-30D", 1_200_000, max_rate_bps=255))
+            got = [await sme.recv() for _ in range(4)]
+            return got, ids
+
+    (accepted, fill_a, fill_b, _done), ids = run(scenario())
+    seq = accepted["seq"]
+    entries = stream(redis_server.url)
+    assert [entry_id for entry_id, _ in entries] == [fill_a["trade_id"], fill_b["trade_id"]]
+    common = {"seq": str(seq), "ts": str(fill_a["ts"]), "segment": "DFM-30D", "core": "DFM",
+              "tenor_days": "30", "sme": str(SME_X), "ask_order_id": str(seq),
+              "ask_client_id": "a1", "bid_client_id": "b1"}
+    assert entries[0][1] == {**common, "trade_id": f"{seq}-0", "funder": str(F12),
+                             "bid_order_id": str(ids[F12, "b1"]), "rate_bps": "240",
+                             "amount": "500000"}
+    assert entries[1][1] == {**common, "trade_id": f"{seq}-1", "funder": str(F11),
+                             "bid_order_id": str(ids[F11, "b1"]), "rate_bps": "250",
+                             "amount": "700000"}
+
+
+def test_end_of_day_expires_day_bids_and_keeps_gtc_bids(server: ServerProcess) -> None:
+    async def scenario() -> tuple[Any, ...]:
+        async with sessions(server, ADMIN, F11, F12, F13, SME_X) as clients:
+            admin, f11, f12, f13, sme = clients
+            ids = await morning({F11: f11, F12: f12, F13: f13})
+            await sme.send(ask("a1", "DFM-30D", 1_200_000, max_rate_bps=255))
+            await sme.quiet()
+            await f11.quiet()
+            await f12.quiet()
+            await admin.send({"type": "subscribe",
+                              "segments": ["DFM-30D", "DFM-90D", "SGCC-30D"]})
+            before = {u["segment"]: u for u in [await admin.expect("book") for _ in range(3)]}
+            eod = await admin.ok({"type": "end_of_day"})
+            after = {}
+            while len(after) < 2:                  # the two books that lost DAY bids
+                update = await admin.expect("book")
+                after[update["segment"]] = update
+            f11_got, f12_got, f13_got = await f11.quiet(), await f12.quiet(), await f13.quiet()
+            still = await admin.quiet()
+            quotes = [await sme.quote(s, 10**7) for s in ("DFM-30D", "DFM-90D", "SGCC-30D")]
+            return ids, before, eod, after, f11_got, f12_got, f13_got, still, quotes
+
+    ids, before, eod, after, f11_got, f12_got, f13_got, still, quotes = run(scenario())
+    assert eod["client_id"] is None and eod["order_id"] is None
+    seq = eod["seq"]
+    assert f11_got == [{"type": "done", "client_id": "b2", "order_id": ids[F11, "b2"],
+                        "reason": "expired", "filled": 0, "remaining": 800_000}]
+    assert f13_got == [{"type": "done", "client_id": "b1", "order_id": ids[F13, "b1"],
+                        "reason": "expired", "filled": 0, "remaining": 400_000}]
+    assert f12_got == []                 # its DAY bid was filled, its GTC bid stays
+    assert before["DFM-90D"]["levels"] == [[300, 800_000, 1]]
+    assert before["SGCC-30D"]["levels"] == [[270, 400_000, 1], [280, 600_000, 1]]
+    assert after == {
+        "DFM-90D": {"type": "book", "segment": "DFM-90D", "seq": seq, "best_rate_bps": None,
+                    "levels": [], "demand_amount": 0, "demand_orders": 0,
+                    "last_fills": []},
+        "SGCC-30D": {"type": "book", "segment": "SGCC-30D", "seq": seq, "best_rate_bps": 280,
+                     "levels": [[280, 600_000, 1]], "demand_amount": 0, "demand_orders": 0,
+                     "last_fills": []}}
+    assert still == []                   # DFM-30D had no DAY bid left: no update
+    assert [(q["fillable"], q["worst_rate_bps"]) for q in quotes] == [
+        (300_000, 250), (0, None), (600_000, 280)]
+
+
+# --- bad input: answered, nothing changes, the connection stays open ----------------
+
+VALID_BID = bid("b9", "DFM-30D", 250, 1_000)
+
+#: (name, who, message as sent, the exact answer; "message" is checked to contain it)
+BAD_INPUTS: list[tuple[str, int, str, dict[str, Any]]] = [
+    ("malformed_json", F11, '{"type": "bid", "client_id": ',
+     {"type": "error", "code": "malformed", "message": "truncated", "path": None}),
+    ("not_json_at_all", F11, "hello",
+     {"type": "error", "code": "malformed", "message": "malformed", "path": None}),
+    ("wrong_type", F11, json.dumps({**VALID_BID, "rate_bps": "250"}),
+     {"type": "error", "code": "invalid", "message": "Expected `int`, got `str`",
+      "path": "$.rate_bps"}),
+    ("bool_for_int", F11, json.dumps({**VALID_BID, "amount": True}),
+     {"type": "error", "code": "invalid", "message": "Expected `int`, got `bool`",
+      "path": "$.amount"}),
+    ("unknown_type", F11, json.dumps({"type": "sell", "client_id": "x"}),
+     {"type": "error", "code": "invalid", "message": "'sell'", "path": "$.type"}),
+    ("no_type", F11, json.dumps({"client_id": "x"}),
+     {"type": "error", "code": "invalid", "message": "`type`", "path": "$.type"}),
+    ("unknown_field", F11, json.dumps({**VALID_BID, "price": 1}),
+     {"type": "error", "code": "invalid", "message": "unknown field `price`",
+      "path": "$.price"}),
+    ("missing_field", F11, json.dumps({k: v for k, v in VALID_BID.items() if k != "amount"}),
+     {"type": "error", "code": "invalid", "message": "missing required field `amount`",
+      "path": "$.amount"}),
+    ("rate_over_protocol_max", F11, json.dumps({**VALID_BID, "rate_bps": 10_001}),
+     {"type": "error", "code": "invalid", "message": "<= 10000", "path": "$.rate_bps"}),
+    ("zero_amount", F11, json.dumps({**VALID_BID, "amount": 0}),
+     {"type": "error", "code": "invalid", "message": ">= 1", "path": "$.amount"}),
+    ("amount_over_max", F11, json.dumps({**VALID_BID, "amount": 10**12 + 1}),
+     {"type": "error", "code": "invalid", "message": "<= 1000000000000", "path": "$.amount"}),
+    ("negative_min_ticket", F11, json.dumps({**VALID_BID, "min_ticket": -1}),
+     {"type": "error", "code": "invalid", "message": ">= 0", "path": "$.min_ticket"}),
+    ("bad_tif", F11, json.dumps({**VALID_BID, "tif": "gfd"}),
+     {"type": "error", "code": "invalid", "message": "'gfd'", "path": "$.tif"}),
+    ("new_segment_id_with_space", ADMIN,
+     json.dumps({"type": "add_segment", "segment": "DFM 60D", "core": "DFM",
+                 "tenor_days": 60}),
+     {"type": "error", "code": "invalid", "message": "regex", "path": "$.segment"}),
+    ("client_id_too_long", F11, json.dumps({**VALID_BID, "client_id": "b" * 65}),
+     {"type": "error", "code": "invalid", "message": "length <= 64", "path": "$.client_id"}),
+    ("unknown_segment", F11, json.dumps({**VALID_BID, "segment": "ACME-30D"}),
+     {"type": "rejected", "client_id": "b9", "code": "unknown_segment",
+      "message": "no segment 'ACME-30D'", "path": "$.segment"}),
+    ("rate_above_segment_cap", F11, json.dumps({**VALID_BID, "rate_bps": 3601}),
+     {"type": "rejected", "client_id": "b9", "code": "out_of_range",
+      "message": "rate_bps: must be in [0, 3600], got 3601", "path": "$.rate_bps"}),
+    ("ask_max_rate_above_segment_cap", SME_X,
+     json.dumps(ask("a9", "DFM-30D", 1_000, max_rate_bps=3601)),
+     {"type": "rejected", "client_id": "a9", "code": "out_of_range",
+      "message": "max_rate_bps: must be in [0, 3600], got 3601", "path": "$.max_rate_bps"}),
+    ("no_credit_line", F12, json.dumps(VALID_BID),
+     {"type": "rejected", "client_id": "b9", "code": "no_credit_line",
+      "message": "set a credit line against DFM first", "path": "$.segment"}),
+    ("credit_line_of_unknown_core", F11, json.dumps(line("ACME")),
+     {"type": "rejected", "client_id": None, "code": "unknown_core",
+      "message": "no segment of core enterprise 'ACME'", "path": "$.core"}),
+    ("sme_sends_bid", SME_X, json.dumps(VALID_BID),
+     {"type": "rejected", "client_id": "b9", "code": "forbidden",
+      "message": "a sme may not send bid", "path": "$.type"}),
+    ("cancel_unknown_order", F11, json.dumps({"type": "cancel", "client_id": "nope"}),
+     {"type": "rejected", "client_id": "nope", "code": "unknown_order",
+      "message": "no resting order 'nope' of yours", "path": "$.client_id"}),
+    ("cancel_another_funders_bid", F11, json.dumps({"type": "cancel", "client_id": "b1"}),
+     {"type": "rejected", "client_id": "b1", "code": "unknown_order",
+      "message": "no resting order 'b1' of yours", "path": "$.client_id"}),
+    ("cancel_another_smes_ask", SME_Y, json.dumps({"type": "cancel", "client_id": "a1"}),
+     {"type": "rejected", "client_id": "a1", "code": "unknown_order",
+      "message": "no resting order 'a1' of yours", "path": "$.client_id"}),
+    ("amend_without_changes", F14, json.dumps({"type": "amend", "client_id": "b1"}),
+     {"type": "rejected", "client_id": "b1", "code": "missing",
+      "message": "give rate_bps or amount to amend", "path": "$.amount"}),
+    ("amend_above_segment_cap", F14,
+     json.dumps({"type": "amend", "client_id": "b1", "rate_bps": 3601}),
+     {"type": "rejected", "client_id": "b1", "code": "out_of_range",
+      "message": "rate_bps: must be in [0, 3600], got 3601", "path": "$.rate_bps"}),
+    ("quote_unknown_segment", F11,
+     json.dumps({"type": "quote", "segment": "ACME-30D", "amount": 1}),
+     {"type": "error", "code": "unknown_segment", "message": "no segment 'ACME-30D'",
+      "path": "$.segment"}),
+    ("subscribe_unknown_segment", F11,
+     json.dumps({"type": "subscribe", "segments": ["DFM-30D", "ACME-30D"]}),
+     {"type": "error", "code": "unknown_segment", "message": "no segment 'ACME-30D'",
+      "path": "$.segments[1]"}),
+    ("second_auth", F11, json.dumps({"type": "auth", "key": key(F11)}),
+     {"type": "error", "code": "already_authenticated",
+      "message": "this connection is signed in", "path": "$.type"}),
+]
+
+
+async def market_state(client: Client) -> list[dict[str, Any]]:
+    """What a participant can see of the market: every book, a large quote, its status."""
+    books = [await client.book(seg) for seg, _core, _tenor in SEGMENTS]
+    await client.send({"type": "status"})
+    status = await client.expect("status")
+    return [*books, await client.quote("DFM-30D", 10**9), status]
+
+
+@pytest.mark.parametrize(("who", "sent", "expected"),
+                         [case[1:] for case in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_answered_changes_nothing_and_keeps_the_connection(
+        shared_server: ServerProcess, who: int, sent: str, expected: dict[str, Any]) -> None:
+    async def scenario() -> tuple[Any, ...]:
+        async with session(shared_server, who) as client:
+            before = await market_state(client)
+            await client.send(sent)
+            answer = await client.recv()
+            extra = await client.quiet(0.2)
+            after = await market_state(client)     # the connection still answers
+            return before, answer, extra, after
+
+    before, answer, extra, after = run(scenario())
+    assert set(answer) == set(expected), answer
+    assert expected["message"] in answer["message"], answer
+    assert {k: v for k, v in answer.items() if k != "message"} == \
+        {k: v for k, v in expected.items() if k != "message"}
+    assert extra == []
+    assert after == before
+
+
+def test_someone_elses_order_is_unknown_to_a_second_sme(server: ServerProcess) -> None:
+    async def scenario() -> tuple[Any, ...]:
+        async with sessions(server, SME_X, SME_Y) as (x, y):
+            placed = await x.ok(ask("a1", "DFM-30D", 1_000_000, max_rate_bps=300, tif="gtc"))
+            before = await y.book("DFM-30D")
+            refused = await y.command({"type": "cancel", "client_id": "a1"})
+            after = await y.book("DFM-30D")
+            x_heard = await x.quiet()
+            cancelled = await x.command({"type": "cancel", "client_id": "a1"})
+            done = await x.expect("done")
+            return placed, before, refused, after, x_heard, cancelled, done
+
+    placed, before, refused, after, x_heard, cancelled, done = run(scenario())
+    assert before["demand_amount"] == 1_000_000 and before["demand_orders"] == 1
+    assert refused == {"type": "rejected", "client_id": "a1", "code": "unknown_order",
+                       "message": "no resting order 'a1' of yours", "path": "$.client_id"}
+    assert after == before
+    assert x_heard == []
+    assert cancelled["type"] == "accepted" and cancelled["order_id"] == placed["order_id"]
+    assert done == {"type": "done", "client_id": "a1", "order_id": placed["order_id"],
+                    "reason": "cancelled", "filled": 0, "remaining": 1_000_000}
+
+
+def test_cancel_of_an_order_that_has_ended_is_not_resting(server: ServerProcess) -> None:
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with sessions(server, SME_X) as (sme,):
+            await sme.ok(ask("a1", "DFM-30D", 1_000))            # IOC, nothing to fill
+            done = await sme.expect("done")
+            return done, await sme.command({"type": "cancel", "client_id": "a1"})
+
+    done, refused = run(scenario())
+    assert done["reason"] == "unfilled" and done["remaining"] == 1_000
+    assert refused == {"type": "rejected", "client_id": "a1", "code": "not_resting",
+                       "message": "no resting order 'a1' of yours", "path": "$.client_id"}
+
+
+def test_frame_over_the_size_limit_closes_1009(
+        start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server(max_frame_bytes=1024)
+
+    async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]], int | None]:
+        async with session(server, F11) as f11:
+            small = await f11.quote("DFM-30D", 1_000)           # a frame under the limit
+            big = json.dumps({"type": "quote", "segment": "DFM-30D", "amount": 1_000})
+            await f11.send(big[:-1] + " " * 1100 + "}")
+            got, code = await f11.closed()
+            return small, got, code
+
+    small, got, code = run(scenario())
+    assert small["type"] == "quote"
+    assert got == []
+    assert code == 1009
+
+
+# --- authentication -----------------------------------------------------------------
+
+
+def test_no_key_gets_nothing_but_a_close_4401(server: ServerProcess) -> None:
+    async def scenario() -> tuple[list[dict[str, Any]], int | None]:
+        async with ws_connect(server.ws_url) as ws:
+            client = Client(ws)
+            await client.send({"type": "quote", "segment": "DFM-30D", "amount": 1_000})
+            return await client.closed()
+
+    assert run(scenario()) == ([], 4401)
+
+
+def test_silent_client_without_key_is_closed_4401_after_the_auth_timeout(
+        start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server(auth_timeout=0.5)
+
+    async def scenario() -> tuple[list[dict[str, Any]], int | None]:
+        async with ws_connect(server.ws_url) as ws:
+            return await Client(ws).closed()
+
+    assert run(scenario()) == ([], 4401)
+
+
+def test_wrong_key_in_the_header_is_closed_4401_at_once(server: ServerProcess) -> None:
+    async def scenario() -> tuple[list[dict[str, Any]], int | None]:
+        async with ws_connect(server.ws_url, {"Authorization": "Bearer key-nobody"}) as ws:
+            return await Client(ws).closed(timeout=WAIT)
+
+    assert run(scenario()) == ([], 4401)
+
+
+def test_wrong_key_in_the_auth_message_is_closed_4401(server: ServerProcess) -> None:
+    async def scenario() -> tuple[list[dict[str, Any]], int | None]:
+        async with ws_connect(server.ws_url) as ws:
+            client = Client(ws)
+            await client.send({"type": "auth", "key": "key-nobody"})
+            return await client.closed()
+
+    assert run(scenario()) == ([], 4401)
+
+
+def test_bearer_header_signs_in_with_a_welcome_naming_the_participant(
+        server: ServerProcess) -> None:
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with session(server, F12) as f12:
+            return f12.welcome, await f12.quote("DFM-30D", 1_000)
+
+    welcome, quote = run(scenario())
+    assert welcome == {"type": "welcome", "participant": F12, "name": "Bank B",
+                       "role": "funder", "segments": sorted(s for s, _c, _t in SEGMENTS),
+                       "cancel_on_disconnect": True}
+    assert quote["type"] == "quote"
+
+
+def test_auth_message_as_the_first_message_signs_in(server: ServerProcess) -> None:
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with ws_connect(server.ws_url) as ws:
+            client = Client(ws)
+            await client.send({"type": "auth", "key": key(SME_Y)})
+            welcome = await client.recv()
+            return welcome, await client.quote("SGCC-90D", 1_000)
+
+    welcome, quote = run(scenario())
+    assert welcome == {"type": "welcome", "participant": SME_Y, "name": "SME Y",
+                       "role": "sme", "segments": sorted(s for s, _c, _t in SEGMENTS),
+                       "cancel_on_disconnect": False}
+    assert quote["segment"] == "SGCC-90D" and quote["fillable"] == 0
+
+
+# --- roles --------------------------------------------------------------------------
+
+ROLE_REFUSALS = [
+    ("funder_asks", F11, ask("a1", "DFM-30D", 1_000), "a funder may not send ask"),
+    ("funder_ends_the_day", F11, {"type": "end_of_day"}, "a funder may not send endofday"),
+    ("sme_amends", SME_X, {"type": "amend", "client_id": "a1", "rate_bps": 200},
+     "a sme may not send amend"),
+    ("sme_sets_credit_line", SME_X, line("DFM"), "a sme may not send setcreditline"),
+    ("platform_bids", PLATFORM, bid("p1", "DFM-30D", 250, 1_000), "a platform may not send bid"),
+    ("platform_asks", PLATFORM, ask("p1", "DFM-30D", 1_000), "a platform may not send ask"),
+    ("admin_bids", ADMIN, bid("x1", "DFM-30D", 250, 1_000), "a admin may not send bid"),
+    ("funder_adds_segment", F11,
+     {"type": "add_segment", "segment": "X-1D", "core": "X", "tenor_days": 1},
+     "a funder may not send addsegment"),
+]
+
+
+@pytest.mark.parametrize(("who", "msg", "message"), [c[1:] for c in ROLE_REFUSALS],
+                         ids=[c[0] for c in ROLE_REFUSALS])
+def test_a_role_is_refused_what_it_may_not_send(shared_server: ServerProcess, who: int,
+                                                msg: dict[str, Any], message: str) -> None:
+    async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]], list[Any]]:
+        async with session(shared_server, who) as client:
+            before = await market_state(client)
+            refused = await client.command(msg)
+            return refused, before, await market_state(client)
+
+    refused, before, after = run(scenario())
+    assert refused["type"] == "rejected" and refused["code"] == "forbidden"
+    assert refused["client_id"] == msg.get("client_id") and refused["path"] == "$.type"
+    assert refused["message"] == message
+    assert after == before
+
+
+def test_admin_adds_a_segment_that_is_usable_at_once(server: ServerProcess) -> None:
+    async def scenario() -> tuple[Any, ...]:
+        async with sessions(server, ADMIN, F13, SME_Y) as (admin, f13, sme):
+            added = await admin.ok({"type": "add_segment", "segment": "CRRC-60D",
+                                    "core": "CRRC", "tenor_days": 60, "rate_cap_bps": 900})
+            again = await admin.command({"type": "add_segment", "segment": "CRRC-60D",
+                                         "core": "CRRC", "tenor_days": 60})
+            await f13.ok(line("CRRC", 5_000_000))
+            capped = await f13.command(bid("c1", "CRRC-60D", 901, 1_000_000))
+            await f13.ok(bid("c1", "CRRC-60D", 420, 1_000_000))
+            quote = await sme.quote("CRRC-60D", 2_000_000)
+            await sme.ok(ask("a1", "CRRC-60D", 300_000, max_rate_bps=450))
+            fill = await sme.expect("fill")
+            async with session(server, PLATFORM) as late:
+                welcome = late.welcome
+            return added, again, capped, quote, fill, welcome
+
+    added, again, capped, quote, fill, welcome = run(scenario())
+    assert added["client_id"] is None
+    assert again == {"type": "rejected", "client_id": None, "code": "duplicate_segment",
+                     "message": "segment 'CRRC-60D' exists", "path": "$.segment"}
+    assert capped["code"] == "out_of_range" and capped["path"] == "$.rate_bps"
+    assert (quote["fillable"], quote["worst_rate_bps"]) == (1_000_000, 420)
+    assert (fill["segment"], fill["core"], fill["tenor_days"]) == ("CRRC-60D", "CRRC", 60)
+    assert (fill["funder"], fill["rate_bps"], fill["amount"]) == (F13, 420, 300_000)
+    assert "CRRC-60D" in welcome["segments"]
+    status, body = server.get("/v1/segments")
+    assert status == 200
+    assert [s["id"] for s in json.loads(body)] == sorted(
+        ["CRRC-60D", *(s for s, _c, _t in SEGMENTS)])
+
+
+def test_only_platform_and_admin_may_subscribe_to_fills(server: ServerProcess) -> None:
+    async def scenario() -> tuple[Any, ...]:
+        async with sessions(server, PLATFORM, ADMIN, F11, SME_X) as clients:
+            platform, admin, f11, sme = clients
+            refused_funder = await f11.command({"type": "subscribe", "fills": True})
+            refused_sme = await sme.command({"type": "subscribe", "fills": True})
+            await platform.send({"type": "subscribe", "fills": True})
+            await admin.send({"type": "subscribe", "fills": True})
+            await f11.ok(line("DFM"))
+            await f11.ok(bid("b1", "DFM-30D", 250, 1_000_000))
+            await sme.ok(ask("a1", "DFM-30D", 400_000))
+            f11_got = [await f11.recv()]
+            trades = [await platform.recv(), await admin.recv()]
+            extra = await f11.quiet() + await platform.quiet() + await admin.quiet()
+            return refused_funder, refused_sme, f11_got, trades, extra
+
+    refused_funder, refused_sme, f11_got, trades, extra = run(scenario())
+    forbidden = {"type": "error", "code": "forbidden",
+                 "message": "only the platform may follow all fills", "path": "$.fills"}
+    assert refused_funder == forbidden and refused_sme == forbidden
+    fill = f11_got[0]
+    trade = {"type": "trade", "trade_id": fill["trade_id"], "seq": fill["seq"],
+             "ts": fill["ts"], "segment": "DFM-30D", "core": "DFM", "tenor_days": 30,
+             "funder": F11, "sme": SME_X, "bid_order_id": fill["order_id"],
+             "ask_order_id": fill["seq"], "bid_client_id": "b1", "ask_client_id": "a1",
+             "rate_bps": 250, "amount": 400_000}
+    assert trades == [trade, trade]
+    assert extra == []
+
+
+def test_funder_amends_its_bid_and_the_book_follows(server: ServerProcess) -> None:
+    async def scenario() -> tuple[Any, ...]:
+        async with sessions(server, F11, PLATFORM) as (f11, platform):
+            await f11.ok(line("DFM"))
+            placed = await f11.ok(bid("b1", "DFM-30D", 250, 1_000_000))
+            amended = await f11.ok({"type": "amend", "client_id": "b1", "rate_bps": 230,
+                                    "amount": 600_000})
+            return placed, amended, await platform.book("DFM-30D")
+
+    placed, amended, book = run(scenario())
+    assert amended["order_id"] == placed["order_id"] and amended["seq"] == placed["seq"] + 1
+    assert book["levels"] == [[230, 600_000, 1]] and book["seq"] == amended["seq"]
+
+
+def test_status_lists_own_resting_orders_and_lines(server: ServerProcess) -> None:
+    async def scenario() -> tuple[Any, ...]:
+        async with sessions(server, F11, F12, SME_X) as (f11, f12, sme):
+            await f11.ok(line("DFM", 2_000_000))
+            await f12.ok(line("DFM"))
+            b1 = await f11.ok(bid("b1", "DFM-30D", 250, 1_000_000))
+            b2 = await f11.ok(bid("b2", "DFM-90D", 300, 500_000, tif="day"))
+            await f12.ok(bid("b1", "DFM-30D", 260, 1_000))
+            await sme.ok(ask("a1", "DFM-30D", 400_000))
+            await f11.quiet()
+            await f11.send({"type": "status"})
+            mine = await f11.expect("status")
+            await sme.quiet()
+            await sme.send({"type": "status"})
+            return b1, b2, mine, await sme.expect("status")
+
+    b1, b2, mine, sme_status = run(scenario())
+    assert mine == {"type": "status", "orders": [
+        {"client_id": "b1", "order_id": b1["order_id"], "segment": "DFM-30D", "side": "bid",
+         "rate_bps": 250, "remaining": 600_000, "filled": 400_000, "tif": "gtc",
+         "min_ticket": 0},
+        {"client_id": "b2", "order_id": b2["order_id"], "segment": "DFM-90D", "side": "bid",
+         "rate_bps": 300, "remaining": 500_000, "filled": 0, "tif": "day", "min_ticket": 0}],
+        "lines": [{"core": "DFM", "line": 2_000_000, "used": 400_000}]}
+    assert sme_status == {"type": "status", "orders": [], "lines": []}
+
+
+def test_book_update_shows_last_fills_without_funders(server: ServerProcess) -> None:
+    async def scenario() -> tuple[Any, ...]:
+        async with sessions(server, PLATFORM, F11, F12, SME_X) as (platform, f11, f12, sme):
+            await f11.ok(line("DFM"))
+            await f12.ok(line("DFM"))
+            await f11.ok(bid("b1", "DFM-30D", 250, 1_000_000))
+            await f12.ok(bid("b1", "DFM-30D", 240, 200_000))
+            await platform.send({"type": "subscribe", "segments": ["DFM-30D"]})
+            await platform.expect("book")
+            placed = await sme.ok(ask("a1", "DFM-30D", 500_000))
+            return placed, await platform.expect("book")
+
+    placed, update = run(scenario())
+    assert update == {"type": "book", "segment": "DFM-30D", "seq": placed["seq"],
+                      "best_rate_bps": 250, "levels": [[250, 700_000, 1]],
+                      "demand_amount": 0, "demand_orders": 0,
+                      "last_fills": [[250, 300_000], [240, 200_000]]}
+
+
+# --- idempotent retries -------------------------------------------------------------
+
+
+def test_retried_bid_is_acked_as_a_duplicate_and_rests_once(server: ServerProcess) -> None:
+    async def scenario() -> tuple[Any, ...]:
+        async with sessions(server, F11, PLATFORM) as (f11, platform):
+            await f11.ok(line("DFM"))
+            first = await f11.ok(bid("b1", "DFM-30D", 250, 1_000_000, tif="day"))
+            retry = await f11.command(bid("b1", "DFM-30D", 250, 1_000_000, tif="day"))
+            extra = await f11.quiet()
+            return first, retry, extra, await platform.book("DFM-30D")
+
+    first, retry, extra, book = run(scenario())
+    assert retry == {"type": "accepted", "client_id": "b1", "seq": first["seq"],
+                     "order_id": first["order_id"], "duplicate": True}
+    assert extra == []
+    assert book["levels"] == [[250, 1_000_000, 1]] and book["seq"] == first["seq"]
+
+
+def test_retried_ioc_ask_gets_its_original_done_and_no_second_fill(
+        server: ServerProcess, redis_server: LocalRedis) -> None:
+    async def scenario() -> tuple[Any, ...]:
+        async with sessions(server, F11, SME_X) as (f11, sme):
+            await f11.ok(line("DFM"))
+            await f11.ok(bid("b1", "DFM-30D", 250, 1_000_000))
+            await sme.send(ask("a1", "DFM-30D", 1_500_000))
+            first = [await sme.recv() for _ in range(3)]
+            f11_first = [await f11.recv() for _ in range(2)]
+            await sme.send(ask("a1", "DFM-30D", 1_500_000))
+            retry = [await sme.recv() for _ in range(2)]
+            extra = await sme.quiet() + await f11.quiet(0.1)
+            return first, f11_first, retry, extra, await sme.quote("DFM-30D", 1)
+
+    first, f11_first, retry, extra, quote = run(scenario())
+    accepted, fill, done = first
+    assert fill["type"] == "fill" and fill["amount"] == 1_000_000
+    assert done == {"type": "done", "client_id": "a1", "order_id": accepted["order_id"],
+                    "reason": "unfilled", "filled": 1_000_000, "remaining": 500_000}
+    assert [m["type"] for m in f11_first] == ["fill", "done"]
+    assert retry == [{**accepted, "duplicate": True}, done]
+    assert extra == []
+    assert quote["fillable"] == 0 and quote["seq"] == accepted["seq"]
+    assert [entry_id for entry_id, _ in stream(redis_server.url)] == [fill["trade_id"]]
+
+
+def test_duplicate_ack_does_not_overtake_the_original_ack(server: ServerProcess) -> None:
+    """An ack says "journaled": the retry's must not arrive before the original's."""
+    def scenario() -> list[dict[str, Any]]:
+        raw = RawWebSocket(server.port, key(F11))       # to put both frames in one write
+        try:
+            assert raw.recv_json()["type"] == "welcome"
+            raw.send_text(json.dumps(line("DFM")))
+            assert raw.recv_json()["type"] == "accepted"
+            order = json.dumps(bid("b1", "DFM-30D", 250, 1_000_000))
+            raw.send_text(order, order)                # the retry right behind the order
+            return [raw.recv_json(), raw.recv_json()]
+        finally:
+            raw.close()
+
+    acks = scenario()
+    assert [a["type"] for a in acks] == ["accepted", "accepted"]
+    assert acks[0]["order_id"] == acks[1]["order_id"]
+    assert [a["duplicate"] for a in acks] == [False, True]
+
+
+# --- book subscriptions -------------------------------------------------------------
+
+
+def test_subscriber_gets_the_book_at_once_and_after_each_change(server: ServerProcess) -> None:
+    async def scenario() -> tuple[Any, ...]:
+        async with sessions(server, PLATFORM, F11, F12) as (platform, f11, f12):
+            await f11.ok(line("DFM"))
+            await f12.ok(line("DFM"))
+            await platform.send({"type": "subscribe", "segments": ["DFM-30D"]})
+            initial = await platform.expect("book")
+            b1 = await f11.ok(bid("b1", "DFM-30D", 250, 1_000_000))
+            after_b1 = await platform.expect("book")
+            b2 = await f12.ok(bid("b1", "DFM-30D", 250, 400_000, min_ticket=100_000))
+            after_b2 = await platform.expect("book")
+            await f11.ok(bid("other", "DFM-90D", 250, 1_000))       # another segment
+            other = await platform.quiet()
+            cancel = await f11.ok({"type": "cancel", "client_id": "b1"})
+            after_cancel = await platform.expect("book")
+            await platform.send({"type": "unsubscribe", "segments": ["DFM-30D"]})
+            await platform.quiet(0.1)
+            await f12.ok({"type": "cancel", "client_id": "b1"})
+            after_unsubscribe = await platform.quiet()
+            return (initial, b1, after_b1, b2, after_b2, other, cancel, after_cancel,
+                    after_unsubscribe)
+
+    (initial, b1, after_b1, b2, after_b2, other, cancel, after_cancel,
+     after_unsubscribe) = run(scenario())
+    empty = {"type": "book", "segment": "DFM-30D", "best_rate_bps": None, "levels": [],
+             "demand_amount": 0, "demand_orders": 0, "last_fills": []}
+    assert initial == {**empty, "seq": b1["seq"] - 1}
+    assert after_b1 == {**empty, "seq": b1["seq"], "best_rate_bps": 250,
+                        "levels": [[250, 1_000_000, 1]]}
+    assert after_b2 == {**empty, "seq": b2["seq"], "best_rate_bps": 250,
+                        "levels": [[250, 1_400_000, 2]]}
+    assert other == []
+    assert after_cancel == {**empty, "seq": cancel["seq"], "best_rate_bps": 250,
+                            "levels": [[250, 400_000, 1]]}
+    assert after_unsubscribe == []
+
+
+def test_book_updates_name_no_funder(server: ServerProcess) -> None:
+    async def scenario() -> list[str | bytes]:
+        async with sessions(server, SME_X, F11, F12) as (sme, f11, f12):
+            await f11.ok(line("DFM"))
+            await f12.ok(line("DFM"))
+            await sme.send({"type": "subscribe", "segments": ["DFM-30D"]})
+            raw = [await asyncio.wait_for(sme.ws.recv(), WAIT)]
+            await f11.ok(bid("b1", "DFM-30D", 250, 1_000_000))
+            raw.append(await asyncio.wait_for(sme.ws.recv(), WAIT))
+            await f12.ok(bid("b1", "DFM-30D", 240, 500_000))
+            raw.append(await asyncio.wait_for(sme.ws.recv(), WAIT))
+            return raw
+
+    raw = run(scenario())
+    last = json.loads(raw[-1])
+    assert last["levels"] == [[240, 500_000, 1], [250, 1_000_000, 1]]
+    for text in raw:
+        update = json.loads(text)
+        assert set(update) == BOOK_FIELDS
+        for word in ("Bank", "funder", "participant", "owner", "client_id", "order_id"):
+            assert word not in str(text)
+        assert all(len(level) == 3 for level in update["levels"])
+
+
+def test_book_updates_are_coalesced_and_the_last_is_final(server: ServerProcess) -> None:
+    n, rates = 200, (210, 220, 230, 240, 250)
+
+    async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]], float]:
+        async with sessions(server, PLATFORM, F11) as (platform, f11):
+            await f11.ok(line("DFM"))
+            await platform.send({"type": "subscribe", "segments": ["DFM-30D"]})
+            await platform.expect("book")
+            start = time.monotonic()
+            for i in range(n):
+                await f11.send(bid(f"b{i}", "DFM-30D", rates[i % len(rates)], 1_000 + i))
+            acks = [await f11.expect("accepted") for _ in range(n)]
+            elapsed = time.monotonic() - start
+            updates = []
+            while (left := start + 1.0 - time.monotonic()) > 0:
+                try:
+                    updates.append(await platform.expect("book", timeout=left))
+                except TimeoutError:
+                    break
+            updates += await platform.quiet(0.3)   # a trailing update is still due
+            return acks, updates, elapsed
+
+    acks, updates, elapsed = run(scenario())
+    assert elapsed < 1.0, "the 200 bids took too long for the coalescing check"
+    assert len({a["order_id"] for a in acks}) == n
+    assert 1 <= len(updates) <= 40
+    seqs = [u["seq"] for u in updates]
+    assert seqs == sorted(seqs)
+    assert updates[-1] == {
+        "type": "book", "segment": "DFM-30D", "seq": acks[-1]["seq"], "best_rate_bps": 210,
+        "levels": [[r, sum(1_000 + i for i in range(n) if rates[i % 5] == r), n // 5]
+                   for r in rates],
+        "demand_amount": 0, "demand_orders": 0, "last_fills": []}
+
+
+# --- cancel on disconnect -----------------------------------------------------------
+
+
+def test_funder_disconnect_cancels_its_resting_bids(server: ServerProcess) -> None:
+    async def scenario() -> tuple[Any, ...]:
+        async with sessions(server, PLATFORM, F12, SME_X) as (platform, f12, sme):
+            await f12.ok(line("DFM"))
+            await f12.ok(bid("keep", "DFM-30D", 260, 300_000))
+            await sme.ok(ask("rest", "DFM-30D", 50_000, max_rate_bps=200, tif="gtc"))
+            async with session(server, F11) as f11:
+                await f11.ok(line("DFM"))
+                await f11.ok(bid("b1", "DFM-30D", 250, 1_000_000))
+                await f11.ok(bid("b2", "DFM-90D", 250, 1_000_000, tif="day"))
+                before = [await platform.book("DFM-30D"), await platform.book("DFM-90D")]
+                await platform.send({"type": "subscribe", "segments": ["DFM-30D", "DFM-90D"]})
+                await platform.expect("book")
+                await platform.expect("book")
+            changed = {}
+            while len(changed) < 2:
+                update = await platform.expect("book")
+                changed[update["segment"]] = update
+            await sme.send({"type": "quote", "segment": "DFM-30D", "amount": 10**9})
+            quote = await sme.expect("quote")
+            return before, changed, quote
+
+    before, changed, quote = run(scenario())
+    assert before[0]["levels"] == [[250, 1_000_000, 1], [260, 300_000, 1]]
+    assert before[1]["levels"] == [[250, 1_000_000, 1]]
+    assert changed["DFM-30D"]["levels"] == [[260, 300_000, 1]]
+    assert changed["DFM-30D"]["demand_amount"] == 50_000      # an SME's order stays
+    assert changed["DFM-90D"]["levels"] == []
+    assert (quote["fillable"], quote["funders"]) == (300_000, 1)
+
+
+def test_funder_keeps_its_bids_while_another_connection_stays(server: ServerProcess) -> None:
+    async def scenario() -> tuple[Any, ...]:
+        async with sessions(server, F11, PLATFORM) as (f11, platform):
+            await f11.ok(line("DFM"))
+            async with session(server, F11) as second:
+                placed = await second.ok(bid("b1", "DFM-30D", 250, 1_000_000))
+                relayed = await f11.expect("accepted")     # every connection hears it
+            extra = await f11.quiet(0.5)
+            book = await platform.book("DFM-30D")
+            cancel = await f11.ok({"type": "cancel", "client_id": "b1"})
+            return placed, relayed, extra, book, cancel
+
+    placed, relayed, extra, book, cancel = run(scenario())
+    assert relayed == placed
+    assert extra == []
+    assert book["levels"] == [[250, 1_000_000, 1]] and book["seq"] == placed["seq"]
+    assert cancel["order_id"] == placed["order_id"]
+
+
+# --- slow consumers -----------------------------------------------------------------
+
+
+class RawWebSocket:
+    """A WebSocket client on a bare socket with a tiny receive buffer: it can stop reading."""
+
+    def __init__(self, port: int, key: str) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.settimeout(WAIT)
+        self.sock.connect(("127.0.0.1", port))
+        nonce = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {nonce}\r\n"
+            f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {key}\r\n\r\n".encode())
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            self._more()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+
+    def _more(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed by the server")
+        self.buf += data
+
+    def send_text(self, *texts: str) -> None:
+        """Send each text as one frame, all of them in one write."""
+        out = b""
+        for text in texts:
+            data, mask = text.encode(), os.urandom(4)
+            n = len(data)
+            out += bytes([0x81, 0x80 | n]) if n < 126 \
+                else bytes([0x81, 0xFE]) + struct.pack("!H", n)
+            out += mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+        self.sock.sendall(out)
+
+    def recv_json(self) -> dict[str, Any]:
+        opcode, payload = self.frame()
+        assert opcode == 0x1, (opcode, payload)
+        out: dict[str, Any] = json.loads(payload)
+        return out
+
+    def frame(self) -> tuple[int, bytes]:
+        """The next frame from the server (unmasked): (opcode, payload)."""
+        while len(self.buf) < 2:
+            self._more()
+        opcode, n, at = self.buf[0] & 0x0F, self.buf[1] & 0x7F, 2
+        if n >= 126:
+            size = 2 if n == 126 else 8
+            while len(self.buf) < 2 + size:
+                self._more()
+            n, at = int.from_bytes(self.buf[2:2 + size], "big"), 2 + size
+        while len(self.buf) < at + n:
+            self._more()
+        payload, self.buf = self.buf[at:at + n], self.buf[at + n:]
+        return opcode, payload
+
+    def read_until_close(self) -> tuple[list[str], int]:
+        """Read everything queued up to the close frame: (the messages' types, code)."""
+        types = []
+        while True:
+            opcode, payload = self.frame()
+            if opcode == 0x8:
+                return types, int.from_bytes(payload[:2], "big")
+            types.append(json.loads(payload)["type"])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+DROPPED = "matcher_slow_consumers_dropped_total"
+
+
+def test_slow_subscriber_is_dropped_4408_while_others_are_served(
+        start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server(outbox_bytes=64 * 1024, rate=1_000_000, burst=1_000_000)
+    batch = 32              # asks in flight at a time; each is one trade for a subscriber
+
+    async def scenario() -> tuple[Any, ...]:
+        slow = RawWebSocket(server.port, key(PLATFORM))
+        try:
+            opcode, welcome = slow.frame()
+            assert opcode == 0x1 and json.loads(welcome)["type"] == "welcome"
+            everything = {"type": "subscribe", "fills": True,
+                          "segments": [s for s, _c, _t in SEGMENTS]}
+            slow.send_text(json.dumps(everything))
+            async with sessions(server, F11, SME_X, ADMIN) as (f11, sme, fast):
+                heard: dict[str, list[dict[str, Any]]] = {"f11": [], "fast": []}
+
+                async def keep_reading(client: Client, name: str) -> None:
+                    with contextlib.suppress(ConnectionClosed):
+                        while True:
+                            heard[name].append(json.loads(await client.ws.recv()))
+
+                await fast.send(everything)
+                readers = [asyncio.create_task(keep_reading(fast, "fast"))]
+                await f11.ok(line("DFM"))
+                await f11.ok(bid("big", "DFM-30D", 250, 10**10))
+                readers.append(asyncio.create_task(keep_reading(f11, "f11")))
+                worst, asks, deadline = 0.0, 0, time.monotonic() + 30
+                # Every ask is a trade for both subscribers. The slow one never reads: the
+                # socket buffers fill, then the server's unsent bytes pass `outbox_bytes`.
+                while asks < 40_000 and time.monotonic() < deadline:
+                    sent = time.monotonic()
+                    for i in range(asks, asks + batch):
+                        await sme.send(ask(f"a{i}", "DFM-30D", 1_000 + i))
+                    for _ in range(batch):
+                        await sme.expect("accepted")
+                        await sme.expect("fill")
+                        await sme.expect("done")
+                    worst = max(worst, time.monotonic() - sent)
+                    asks += batch
+                    if asks % 512 == 0 and metric(server, DROPPED) >= 1:
+                        break
+                sent = time.monotonic()
+                last = await sme.ok(ask("last", "DFM-30D", 7))
+                last_wait = time.monotonic() - sent
+                while not any(m["type"] == "trade" and m["ask_client_id"] == "last"
+                              for m in heard["fast"][-5:]):
+                    assert time.monotonic() < sent + WAIT, "the reading subscriber fell behind"
+                    await asyncio.sleep(0.05)
+                for reader in readers:
+                    reader.cancel()
+                frames, code = await asyncio.to_thread(slow.read_until_close)
+                return asks, worst, last, last_wait, heard, frames, code
+        finally:
+            slow.close()
+
+    asks, worst, last, last_wait, heard, frames, code = run(scenario())
+    assert metric(server, DROPPED) == 1, f"not dropped after {asks} trades"
+    assert code == 4408
+    assert 0 < frames.count("trade") < asks  # it got a part of the trades, then was cut off
+    assert worst < 3.0 and last_wait < 3.0  # the market did not wait for it
+    assert last["type"] == "accepted"
+    trades = [m for m in heard["fast"] if m["type"] == "trade"]
+    assert len(trades) == asks + 1          # the subscriber that reads got every trade
+    assert len([m for m in heard["f11"] if m["type"] == "fill"]) == asks + 1
+
+
+# --- rate limits ----------------------------------------------------------------------
+
+
+def test_command_over_the_rate_limit_is_rejected_rate_limited(
+        start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server(rate=0.5, burst=3)
+
+    async def scenario() -> tuple[Any, ...]:
+        async with sessions(server, F11, PLATFORM) as (f11, platform):
+            await f11.ok(line("DFM"))                                    # 1
+            first = await f11.ok(bid("b1", "DFM-30D", 250, 1_000))       # 2
+            await f11.quote("DFM-30D", 1_000)                            # 3
+            excess = await f11.command(bid("b2", "DFM-30D", 240, 1_000))
+            excess_quote = await f11.command({"type": "quote", "segment": "DFM-30D",
+                                              "amount": 1})
+            return first, excess, excess_quote, await platform.book("DFM-30D")
+
+    first, excess, excess_quote, book = run(scenario())
+    assert excess == {"type": "rejected", "client_id": "b2", "code": "rate_limited",
+                      "message": "over 0.5 messages/s on this connection", "path": None}
+    assert excess_quote["type"] == "rejected" and excess_quote["code"] == "rate_limited"
+    assert excess_quote["client_id"] is None
+    assert book["levels"] == [[250, 1_000, 1]] and book["seq"] == first["seq"]
+
+
+# --- shutdown and restart -------------------------------------------------------------
+
+
+def test_sigterm_closes_clients_1001_and_exits_0(server: ServerProcess) -> None:
+    async def scenario() -> tuple[Any, ...]:
+        async with sessions(server, F11, SME_X) as (f11, sme):
+            await f11.ok(line("DFM"))
+            await f11.ok(bid("b1", "DFM-30D", 250, 1_000))
+            status = await asyncio.to_thread(server.terminate)
+            return status, await f11.closed(), await sme.closed()
+
+    status, (f11_got, f11_code), (sme_got, sme_code) = run(scenario())
+    assert status == 0
+    assert (f11_got, f11_code) == ([], 1001)
+    assert (sme_got, sme_code) == ([], 1001)
+
+
+def test_restart_after_sigterm_keeps_every_resting_order(server: ServerProcess) -> None:
+    segments = [s for s, _c, _t in SEGMENTS]
+
+    async def place_and_stop() -> tuple[Any, ...]:
+        async with sessions(server, F11, F12, SME_X, PLATFORM) as (f11, f12, sme, platform):
+            await f11.ok(line("DFM"))
+            await f11.ok(line("SGCC"))
+            await f12.ok(line("DFM"))
+            await f11.ok(bid("b1", "DFM-30D", 250, 1_000_000))
+            await f12.ok(bid("b1", "DFM-30D", 250, 700_000, tif="day"))
+            await f12.ok(bid("b2", "DFM-30D", 240, 300_000, min_ticket=100_000))
+            await f11.ok(bid("b2", "SGCC-90D", 310, 2_000_000))
+            await sme.ok(ask("a1", "DFM-90D", 900_000, max_rate_bps=200, tif="gtc"))
+            books = [await platform.book(s) for s in segments]
+            quotes = [await platform.quote(s, 5_000_000) for s in segments]
+            # Stopped while everyone is connected: a shutdown is not a disconnect.
+            status = await asyncio.to_thread(server.terminate)
+            return books, quotes, status
+
+    async def look() -> tuple[Any, ...]:
+        async with sessions(server, PLATFORM, SME_Y) as (platform, sme):
+            books = [await platform.book(s) for s in segments]
+            quotes = [await platform.quote(s, 5_000_000) for s in segments]
+            await sme.ok(ask("a2", "DFM-30D", 1_500_000))
+            fills = [await sme.expect("fill") for _ in range(3)]
+            return books, quotes, fills
+
+    books, quotes, status = run(place_and_stop())
+    assert status == 0
+    server.start()
+    books_after, quotes_after, fills = run(look())
+    assert books[0]["levels"] == [[240, 300_000, 1], [250, 1_700_000, 2]]
+    assert books[1]["demand_amount"] == 900_000
+    assert books_after == books
+    assert quotes_after == quotes
+    # Time priority survived: at 250, Bank A's bid came before Bank B's.
+    assert [(f["funder"], f["rate_bps"], f["amount"]) for f in fills] == [
+        (F12, 240, 300_000), (F11, 250, 1_000_000), (F12, 250, 200_000)]
+
+
+# --- HTTP ---------------------------------------------------------------------------
+
+
+def test_health_says_ready(server: ServerProcess) -> None:
+    status, body = server.get("/health")
+    assert status == 200
+    assert json.loads(body) == {"status": "ready", "seq": len(SEGMENTS), "journal_backlog": 0}
+
+
+def test_metrics_are_prometheus_text(server: ServerProcess) -> None:
+    async def scenario() -> None:
+        async with sessions(server, F11, SME_X) as (f11, sme):
+            await f11.ok(line("DFM"))
+            await f11.ok(bid("b1", "DFM-30D", 250, 1_000_000))
+            await sme.ok(ask("a1", "DFM-30D", 250_000))
+            await sme.expect("fill")
+            status, body = server.get("/metrics")
+            assert status == 200
+            text = body.decode()
+            for sample in ('matcher_commands_total{type="bid"} 1.0',
+                           'matcher_commands_total{type="ask"} 1.0',
+                           'matcher_commands_total{type="setcreditline"} 1.0',
+                           "matcher_fills_total 1.0",
+                           "matcher_filled_fen_total 250000.0",
+                           'matcher_connections{role="funder"} 1.0',
+                           'matcher_connections{role="sme"} 1.0'):
+                assert sample in text.splitlines(), sample
+            assert "# TYPE matcher_command_latency_seconds histogram" in text
+            assert 'matcher_command_latency_seconds_bucket{le="+Inf"}' in text
+
+    run(scenario())
+
+
+def test_segments_lists_the_four_segments(server: ServerProcess) -> None:
+    async def scenario() -> tuple[int, bytes]:
+        async with session(server, F12) as f12:
+            await f12.ok(line("SGCC"))
+            await f12.ok(bid("b1", "SGCC-90D", 330, 1_000))
+            return await asyncio.to_thread(server.get, "/v1/segments")
+
+    status, body = run(scenario())
+    assert status == 200
+    assert json.loads(body) == [
+        {"id": seg, "core": core, "tenor_days": tenor, "rate_cap_bps": 3600,
+         "best_rate_bps": 330 if seg == "SGCC-90D" else None, "demand_amount": 0}
+        for seg, core, tenor in sorted(SEGMENTS)]
+
+
+def test_http_quote_equals_the_websocket_quote(server: ServerProcess) -> None:
+    path = "/v1/segments/DFM-90D/quote?amount=500000"
+
+    async def scenario() -> tuple[Any, ...]:
+        async with sessions(server, F11, F12, SME_X) as (f11, f12, sme):
+            await f11.ok(line("DFM"))
+            await f12.ok(line("DFM"))
+            await f11.ok(bid("b1", "DFM-90D", 300, 400_000))
+            await f12.ok(bid("b1", "DFM-90D", 280, 250_000))
+            return (await sme.quote("DFM-90D", 500_000),
+                    await asyncio.to_thread(server.get, path),
+                    await sme.quote("DFM-90D", 500_000, single_funder=True),
+                    await asyncio.to_thread(server.get, path + "&single_funder=true"))
+
+    ws_quote, (status, body), ws_single, (status_single, body_single) = run(scenario())
+    assert status == 200 and status_single == 200
+    assert json.loads(body) == ws_quote
+    assert (ws_quote["fillable"], ws_quote["avg_rate_bps"], ws_quote["funders"]) == (
+        500_000, (280 * 250_000 + 300 * 250_000) / 500_000, 2)
+    assert json.loads(body_single) == ws_single
+    assert ws_single["fillable"] == 0 and ws_single["avg_rate_bps"] is None
+
+
+def test_http_quote_of_an_unknown_segment_is_404(server: ServerProcess) -> None:
+    status, body = server.get("/v1/segments/ACME-30D/quote?amount=1000")
+    assert status == 404
+    assert json.loads(body) == {"type": "error", "code": "unknown_segment",
+                                "message": "no segment 'ACME-30D'", "path": "$.segment"}
+
+
+@pytest.mark.parametrize("amount", ["", "abc", "0", "-5", "1.5", str(10**12 + 1)])
+def test_http_quote_with_a_bad_amount_is_400(shared_server: ServerProcess,
+                                            amount: str) -> None:
+    status, body = shared_server.get(f"/v1/segments/DFM-30D/quote?amount={amount}")
+    assert status == 400
+    error = json.loads(body)
+    assert (error["type"], error["code"], error["path"]) == ("error", "invalid", "$.amount")
+    assert error["message"]
