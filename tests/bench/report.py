@@ -1,8 +1,7 @@
 """Turn a pytest-benchmark JSON file into the README's table.
 
 Each figure is commands per second at the median round; the ratio compares it with the
-baseline measured in the same run (the reference book, one call per command, same
-book shape).
+baseline of its group measured in the same run (`BASELINES`).
 
     python -m tests.bench.report results/bench.json
 """
@@ -42,10 +41,11 @@ def main(path: str) -> None:
     print(f"machine: {info.get('cpu', {}).get('brand_raw', platform.processor())}, "
           f"{info.get('cpu', {}).get('count', '?')} cores, Python {info['python_version']}; "
           f"{data['datetime'][:10]}")
-    print("| group | benchmark | commands/s (median) | x reference |")
-    print("|---|---|---:|---:|")
+    print("| group | benchmark | commands/s (median) | median s | x baseline |")
+    print("|---|---|---:|---:|---:|")
+    medians = {b["name"]: b["stats"]["median"] for b in data["benchmarks"]}
     for group, name, per_s, ratio in rows(data):
-        print(f"| {group} | {name} | {per_s:,.0f} | {ratio:.1f}x |")
+        print(f"| {group} | {name} | {per_s:,.0f} | {medians[name]:.3f} | {ratio:.2f}x |")
 
 
 if __name__ == "__main__":
