@@ -10,6 +10,7 @@ no randomness here.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Literal
 
@@ -29,6 +30,21 @@ class Segment(Struct, frozen=True, kw_only=True):
     core: str
     tenor_days: int
     rate_cap_bps: int = 3600
+
+
+#: How long the client id of an order that has ended keeps answering retries, in the
+#: journal's time: long enough for any client's timeout-and-retry, short enough that the
+#: memory (and every snapshot) stays bounded at thousands of orders a second. A resting
+#: order's client id answers retries for as long as the order rests.
+RETRY_WINDOW_NS = 120 * 10**9
+
+
+class Finished(Struct, array_like=True, gc=False):
+    """An order that has ended, kept for retries until `ts` + RETRY_WINDOW_NS."""
+
+    ts: int
+    owner: int
+    done: wire.Done
 
 
 class OrderInfo(Struct, kw_only=True, gc=False):
@@ -96,12 +112,14 @@ class Engine:
     def __init__(self, segments: Iterable[Segment] = (),
                  names: Callable[[int], str] = str) -> None:
         self.seq = 0
+        self.ts = 0                                      # of the last command applied
         self.segments: dict[str, Segment] = {}
         self.books: dict[str, Book] = {}
         self.lines: dict[str, CreditLines] = {}          # core enterprise -> lines
         self.orders: dict[int, OrderInfo] = {}           # resting orders by order id
         self.clients: dict[tuple[int, str], int] = {}    # (participant, client id) -> order id
-        self.finished: dict[int, wire.Done] = {}         # orders ended today, for retries
+        self.finished: dict[int, Finished] = {}          # ended orders, for retries, by end
+        self._expiry: deque[tuple[int, int]] = deque()   # (ts, order id) in end order
         self._names = names
         for segment in segments:
             self._open(segment)
@@ -109,11 +127,15 @@ class Engine:
     # --- the two entry points ---
 
     def submit(self, participant: int, role: Role, cmd: wire.Command, ts: int) -> Outcome:
-        """Check the role, stamp the next sequence number and apply."""
+        """Check the role, stamp the next sequence number and time, and apply.
+
+        Stamped times never go backwards (a clock stepped back by NTP is held), so the
+        journal's time is monotonic and the retry window can be measured in it.
+        """
         if type(cmd) not in ALLOWED[role]:
             return self._rejected(participant, cmd, Reject(
                 "forbidden", f"a {role} may not send {type(cmd).__name__.lower()}", "$.type"))
-        return self.apply(wire.JournalEntry(self.seq + 1, ts, participant, cmd))
+        return self.apply(wire.JournalEntry(self.seq + 1, max(ts, self.ts), participant, cmd))
 
     def apply(self, entry: wire.JournalEntry, *, quiet: bool = False) -> Outcome:
         """Apply one stamped command. Deterministic: the same entries give the same state.
@@ -136,7 +158,26 @@ class Engine:
         if out.entry is None:             # a retry: nothing changed, nothing to journal
             return out
         self.seq = entry.seq
+        self.ts = entry.ts
+        self._forget(entry.ts - RETRY_WINDOW_NS)
         return out
+
+    def remember(self, finished: Iterable[Finished]) -> None:
+        """Reload ended orders (from a snapshot), in the order they ended."""
+        for f in finished:
+            self.finished[f.done.order_id] = f
+            self._expiry.append((f.ts, f.done.order_id))
+
+    def _forget(self, before: int) -> None:
+        """Drop ended orders older than the retry window: their client ids are free."""
+        expiry = self._expiry
+        while expiry and expiry[0][0] < before:
+            order_id = expiry.popleft()[1]
+            gone = self.finished.pop(order_id, None)
+            if gone is not None:
+                key = (gone.owner, gone.done.client_id)
+                if self.clients.get(key) == order_id:
+                    del self.clients[key]
 
     def _rejected(self, participant: int, cmd: wire.Command, r: Reject) -> Outcome:
         return Outcome(replies=[(participant, wire.Rejected(
@@ -207,9 +248,9 @@ class Engine:
             return False
         out.replies.append((entry.participant, wire.Accepted(
             client_id=client_id, seq=order_id, order_id=order_id, duplicate=True)))
-        done = self.finished.get(order_id)
-        if done is not None:
-            out.replies.append((entry.participant, done))
+        ended = self.finished.get(order_id)
+        if ended is not None:
+            out.replies.append((entry.participant, ended.done))
         return True
 
     def _bid(self, entry: wire.JournalEntry, out: Outcome) -> None:
@@ -315,9 +356,10 @@ class Engine:
                 self._end(self.orders[order_id], "expired", out)
             if expired:
                 out.segments.append(segment)
-        # The retry window is one business day: forget the orders that have ended.
+        # A new business day: forget every order that has ended.
         self.clients = {k: v for k, v in self.clients.items() if v in self.orders}
         self.finished.clear()
+        self._expiry.clear()
 
     # --- fills and ends ---
 
@@ -357,7 +399,9 @@ class Engine:
         done = wire.Done(client_id=order.client_id, order_id=order.order_id, reason=reason,
                          filled=order.filled, remaining=order.remaining)
         del self.orders[order.order_id]
-        self.finished[order.order_id] = done
+        assert out.entry is not None             # every handler accepts before ending
+        self.finished[order.order_id] = Finished(out.entry.ts, order.owner, done)
+        self._expiry.append((out.entry.ts, order.order_id))
         if not out.quiet:
             out.replies.append((order.owner, done))
 

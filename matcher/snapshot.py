@@ -15,8 +15,7 @@ from collections.abc import Callable
 import msgspec
 from msgspec import Struct
 
-from matcher import protocol as wire
-from matcher.engine import Engine, OrderInfo, Segment
+from matcher.engine import Engine, Finished, OrderInfo, Segment
 from matcher.types import Order
 
 VERSION = 1
@@ -30,11 +29,12 @@ class BookState(Struct, array_like=True):
 class State(Struct, kw_only=True):
     version: int = VERSION
     seq: int
+    ts: int
     books: list[BookState]                      # by segment id
     lines: dict[str, list[tuple[int, int, int]]]  # core -> [(funder, line, used)], sorted
     orders: list[OrderInfo]                     # by order id
     clients: list[tuple[int, str, int]]         # (participant, client id, order id)
-    finished: list[wire.Done]                   # by order id
+    finished: list[Finished]                    # in the order they ended
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -44,18 +44,19 @@ _decoder = msgspec.msgpack.Decoder(State)
 def capture(engine: Engine) -> State:
     """The engine's state in canonical order.
 
-    Orders, clients and finished orders are kept in order-id order by the engine (ids
-    are sequence numbers, inserted in order), so sorting them here costs a linear pass.
+    The engine's maps are in insertion order, which is the same for the live engine, a
+    replay of its journal and a restored snapshot (the same operations in the same
+    order), so they are written as they are, without sorting.
     """
     return State(
         seq=engine.seq,
+        ts=engine.ts,
         books=[BookState(engine.segments[s], engine.books[s].orders())
                for s in sorted(engine.segments)],
         lines={core: lines.items() for core, lines in sorted(engine.lines.items())},
-        orders=sorted(engine.orders.values(), key=lambda o: o.order_id),
-        clients=sorted(((p, c, o) for (p, c), o in engine.clients.items()),
-                       key=lambda t: t[2]),
-        finished=sorted(engine.finished.values(), key=lambda d: d.order_id),
+        orders=list(engine.orders.values()),
+        clients=[(p, c, o) for (p, c), o in engine.clients.items()],
+        finished=list(engine.finished.values()),
     )
 
 
@@ -64,6 +65,7 @@ def restore(state: State, names: Callable[[int], str] = str) -> Engine:
         raise ValueError(f"snapshot version {state.version}, this engine reads {VERSION}")
     engine = Engine((b.segment for b in state.books), names=names)
     engine.seq = state.seq
+    engine.ts = state.ts
     for core, items in state.lines.items():
         lines = engine.lines[core]        # opened with its segments above
         for funder, line, used in items:
@@ -72,7 +74,7 @@ def restore(state: State, names: Callable[[int], str] = str) -> Engine:
         engine.books[b.segment.id].restore(b.orders)
     engine.orders = {o.order_id: o for o in state.orders}
     engine.clients = {(p, c): o for p, c, o in state.clients}
-    engine.finished = {d.order_id: d for d in state.finished}
+    engine.remember(state.finished)
     return engine
 
 

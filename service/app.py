@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
 import random
 import signal
 import time
@@ -32,6 +33,7 @@ from service.journal import Journal, Keys
 from service.localredis import LocalRedis
 from service.metrics import Metrics
 from service.recovery import recover
+from service.snapshots import BackgroundSnapshots
 
 log = logging.getLogger("matcher.serve")
 STATIC = Path(__file__).with_name("static")
@@ -75,8 +77,9 @@ class Service:
         journal = Journal(self.client, keys, max_retry_delay=cfg.redis.max_retry_delay,
                           written_seq=engine.seq, on_batch=self.metrics.batch_size.observe)
         journal.start()
+        background = BackgroundSnapshots(url, keys) if hasattr(os, "fork") else None
         self.gateway = Gateway(engine, journal, self.directory, cfg.limits, self.metrics,
-                               cfg.engine.snapshot_every)
+                               cfg.engine.snapshot_every, background)
         await self._open_market(first_start=engine.seq == 0)
         app = self._app()
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -102,6 +105,8 @@ class Service:
         timeout = self.config.server.shutdown_timeout
         try:
             await asyncio.wait_for(gw.journal.flush(), timeout)
+            if gw.background is not None:          # the final snapshot must be the newest
+                await asyncio.wait_for(asyncio.to_thread(gw.background.wait), timeout)
             await asyncio.wait_for(gw.take_snapshot(), timeout)
             log.info("snapshot written at seq %d", gw.engine.seq)
         except Exception as exc:

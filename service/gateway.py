@@ -30,6 +30,7 @@ from matcher.participants import SYSTEM, Directory, Participant
 from service.config import LimitsConfig
 from service.journal import Journal
 from service.metrics import Metrics
+from service.snapshots import BackgroundSnapshots
 
 log = logging.getLogger("matcher.gateway")
 
@@ -137,13 +138,15 @@ class Gateway:
     """Routes messages between connections, the engine and the journal."""
 
     def __init__(self, engine: Engine, journal: Journal, directory: Directory,
-                 limits: LimitsConfig, metrics: Metrics, snapshot_every: int) -> None:
+                 limits: LimitsConfig, metrics: Metrics, snapshot_every: int,
+                 background: BackgroundSnapshots | None = None) -> None:
         self.engine = engine
         self.journal = journal
         self.directory = directory
         self.limits = limits
         self.metrics = metrics
         self.snapshot_every = snapshot_every
+        self.background = background
         self.accepting = True
         self.connections: dict[int, set[Connection]] = {}
         self.subscribers: dict[str, set[Connection]] = {}
@@ -182,9 +185,12 @@ class Gateway:
         self._hold(self.journal.append(out.entry, out.trades), (out, received, conn))
         self._since_snapshot += 1
         if self._since_snapshot >= self.snapshot_every:
-            self.take_snapshot()
+            self._since_snapshot = 0
+            if self.background is None or not self.background.start(self.engine):
+                self.take_snapshot()
 
     def take_snapshot(self) -> asyncio.Future[int]:
+        """A snapshot taken here, written with the journal's next batch."""
         self._since_snapshot = 0
         return self.journal.snapshot(snapshot.encode(snapshot.capture(self.engine)))
 

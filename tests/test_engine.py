@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from matcher import protocol as wire
-from matcher.engine import Engine, Outcome, Segment
+from matcher.engine import RETRY_WINDOW_NS, Engine, Outcome, Segment
 from matcher.snapshot import capture, decode, encode, restore, state_hash
 
 SEGMENTS = [Segment(id="DFM-30D", core="DFM", tenor_days=30),
@@ -389,3 +389,26 @@ def test_end_of_day_expires_day_orders_and_keeps_gtc() -> None:
     out = m.send(ADMIN, wire.EndOfDay())
     assert [(d.client_id, d.reason) for d in events(out, F1, wire.Done)] == [("day", "expired")]
     assert m.engine.books["DFM-90D"].depth() == [(251, 100, 1)]
+
+
+def test_an_ended_orders_client_id_answers_retries_for_the_retry_window_only() -> None:
+    m = Market()
+    m.line(F1, "DFM", 10_000)
+    m.bid(F1, "b", 250, 1_000)
+    m.ask(S1, "gone", 100)                               # ends at once (IOC, filled)
+    m.ts += RETRY_WINDOW_NS - 10
+    assert events(m.ask(S1, "gone", 100), S1, wire.Accepted)[0].duplicate
+    m.ts += 20                                           # the window has passed...
+    m.line(F2, "DFM", 1)                                 # ...once the journal's time moves on
+    again = events(m.ask(S1, "gone", 100), S1, wire.Accepted)[0]
+    assert not again.duplicate and again.order_id == m.engine.seq
+    assert events(m.bid(F1, "b", 250, 1_000), F1, wire.Accepted)[0].duplicate   # still resting
+
+
+def test_stamped_time_never_goes_backwards() -> None:
+    m = Market()
+    m.ts = 1_000
+    m.line(F1, "DFM", 10)
+    m.ts = 10                                            # the clock stepped back
+    out = m.line(F1, "DFM", 20)
+    assert out.entry is not None and out.entry.ts == 1_001

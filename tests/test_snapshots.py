@@ -1,0 +1,78 @@
+"""Background snapshots: a forked child writes the state as of the fork, and only once
+the journal holds it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import redis.asyncio as aioredis
+
+from matcher import protocol as wire
+from matcher import snapshot
+from matcher.engine import Engine
+from service.journal import Journal, Keys
+from service.localredis import LocalRedis
+from service.snapshots import BackgroundSnapshots
+from tests.conftest import run
+
+KEYS = Keys("snap")
+
+
+def submit(engine: Engine, journal: Journal, n: int) -> None:
+    for i in range(n):
+        out = engine.submit(1, "admin", wire.AddSegment(segment=f"S{engine.seq}-{i}",
+                                                       core="C", tenor_days=30), i)
+        assert out.entry is not None
+        journal.append(out.entry, out.trades)
+
+
+def test_the_child_writes_the_state_of_the_fork_once_the_journal_holds_it(
+        redis_server: LocalRedis) -> None:
+    async def scenario() -> tuple[int, str, bytes | None, bytes | None, int]:
+        client = aioredis.Redis.from_url(redis_server.url)
+        engine = Engine()
+        journal = Journal(client, KEYS)          # not started: nothing is written yet
+        submit(engine, journal, 50)
+        forked_at, forked_hash = engine.seq, snapshot.state_hash(engine)
+        background = BackgroundSnapshots(redis_server.url, KEYS)
+        assert background.start(engine)
+        assert not background.start(engine)      # one child at a time
+        submit(engine, journal, 10)              # the parent moves on after the fork
+        await asyncio.sleep(0.3)
+        before_journal = await client.get(KEYS.snapshot)   # the child is still waiting
+        journal.start()
+        await journal.flush()
+        await asyncio.to_thread(background.wait)
+        after = await client.get(KEYS.snapshot)
+        await journal.close()
+        await client.aclose()
+        return forked_at, forked_hash, before_journal, after, background.written
+
+    forked_at, forked_hash, before_journal, after, written = run(scenario())
+    assert before_journal is None, "a snapshot ahead of the journal was written"
+    assert after is not None and written == 1
+    restored = snapshot.restore(snapshot.decode(after))
+    assert restored.seq == forked_at == 50
+    assert snapshot.state_hash(restored) == forked_hash
+
+
+def test_reap_collects_a_finished_child_without_waiting(redis_server: LocalRedis) -> None:
+    async def scenario() -> int | None:
+        client = aioredis.Redis.from_url(redis_server.url)
+        engine = Engine()
+        journal = Journal(client, KEYS)
+        journal.start()
+        submit(engine, journal, 5)
+        await journal.flush()
+        background = BackgroundSnapshots(redis_server.url, KEYS)
+        background.start(engine)
+        deadline = time.monotonic() + 30
+        while background.child is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            background.reap()
+        await journal.close()
+        await client.aclose()
+        return background.child
+
+    assert run(scenario()) is None
