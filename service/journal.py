@@ -3,14 +3,15 @@ stream, snapshots, and reading it all back for recovery.
 
 Group commit without a timer: while one write is in flight, newly accepted commands
 wait in `pending`; when the write returns, all of them go in the next one, so batches
-grow with load. Each write is one MULTI/EXEC: one journal entry for the whole batch (its
-stream id is the batch's last sequence number), one fill-stream entry per trade (its id
-is the trade id) and, when due, the snapshot. Atomic, so the journal and the fill stream
-never disagree; explicit ids, so a write that may or may not have landed is checked, not
-repeated. A command's replies are released only when its write has returned.
+grow with load. Each write is one atomic script call: one journal entry for the whole
+batch (its stream id is the batch's last sequence number), one fill-stream entry per
+trade (its id is the trade id) and, when due, the snapshot. Atomic, so the journal and
+the fill stream never disagree; explicit ids, so a write that may or may not have
+landed is checked, not repeated. A command's replies are released only when its write
+has returned.
 
 Keys share the hash tag of the engine shard (`{main}` by default), so one shard's keys
-live in one Redis Cluster slot and the transaction stays legal when segments are sharded
+live in one Redis Cluster slot and the script stays legal when segments are sharded
 over several engines.
 """
 
@@ -68,15 +69,37 @@ def resp(*parts: bytes) -> bytes:
     return b"".join(out)
 
 
-_MULTI, _EXEC = resp(b"MULTI"), resp(b"EXEC")
+#: One write of the journal, atomic in Redis (a script runs alone, and its effects reach
+#: the append-only file as one transaction): the batch's journal entry, one fill-stream
+#: entry per trade under the trade id, and the snapshot when one is due. One request and
+#: one reply, where MULTI/EXEC would need a reply per command.
+#: KEYS: journal, fills, snapshot. ARGV: journal entry id ("" for none), count, batch,
+#: snapshot ("" for none), F, F field names, then per trade its id and F values.
+WRITE_SCRIPT = b"""
+if ARGV[1] ~= '' then redis.call('XADD', KEYS[1], ARGV[1], 'n', ARGV[2], 'e', ARGV[3]) end
+if ARGV[4] ~= '' then redis.call('SET', KEYS[3], ARGV[4]) end
+local f = tonumber(ARGV[5])
+local i = 6 + f
+while i <= #ARGV do
+  local args = {KEYS[2], ARGV[i]}
+  for k = 1, f do
+    args[#args + 1] = ARGV[5 + k]
+    args[#args + 1] = ARGV[i + k]
+  end
+  redis.call('XADD', unpack(args))
+  i = i + 1 + f
+end
+return 1
+"""
+_FIELD_NAMES = [name.encode() for name in wire.Trade.__struct_fields__]
 
 
-def xadd_trade(key: bytes, trade: wire.Trade) -> bytes:
-    """XADD of one trade under its own id, with the fields of `trade_fields`."""
-    parts = [b"XADD", key, trade.trade_id.encode()]
-    for name, value in trade_fields(trade).items():
-        parts += (name.encode(), value.encode() if isinstance(value, str) else b"%d" % value)
-    return resp(*parts)
+def trade_values(trade: wire.Trade) -> list[bytes]:
+    """The trade's id, then the values of `trade_fields`, as the script takes them."""
+    values = [trade.trade_id.encode()]
+    for value in trade_fields(trade).values():
+        values.append(value.encode() if isinstance(value, str) else b"%d" % value)
+    return values
 
 
 def stream_seq(entry_id: bytes | str) -> int:
@@ -220,29 +243,27 @@ class Journal:
 
     async def _write(self, entries: list[wire.JournalEntry], trades: list[wire.Trade],
                      snap: bytes | None) -> None:
-        """One MULTI/EXEC, packed here and sent on a connection of the client's pool."""
-        commands = [_MULTI]
+        """One WRITE_SCRIPT call, packed here and sent on a connection of the pool."""
+        args = [b"EVAL", WRITE_SCRIPT, b"3", self._journal_key, self._fills_key,
+                self._snapshot_key]
         if entries:
-            batch = wire.journal_encoder.encode(entries)
-            commands.append(resp(b"XADD", self._journal_key, b"%d-0" % entries[-1].seq,
-                                 b"n", b"%d" % len(entries), b"e", batch))
-        commands += [xadd_trade(self._fills_key, t) for t in trades]
-        if snap is not None:
-            commands.append(resp(b"SET", self._snapshot_key, snap))
-        commands.append(_EXEC)
+            args += [b"%d-0" % entries[-1].seq, b"%d" % len(entries),
+                     wire.journal_encoder.encode(entries)]
+        else:
+            args += [b"", b"0", b""]
+        args += [snap or b"", b"%d" % len(_FIELD_NAMES), *_FIELD_NAMES]
+        for trade in trades:
+            args += trade_values(trade)
         pool = self.client.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            await conn.send_packed_command(commands)
-            replies = [await conn.read_response() for _ in commands]
+            await conn.send_packed_command(resp(*args))
+            await conn.read_response()           # an error reply raises ResponseError
         except BaseException:
             await conn.disconnect()
             raise
         finally:
             await pool.release(conn)
-        failed = [r for r in replies[-1] or () if isinstance(r, Exception)]
-        if failed or replies[-1] is None:
-            raise ResponseError(f"journal transaction failed: {failed or 'aborted'}")
 
     async def _landed(self, seq: int) -> bool:
         """After an error: did the write of everything up to `seq` land anyway?"""
