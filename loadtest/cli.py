@@ -45,14 +45,15 @@ def participants(cfg: config_module.Config, role: str, n: int) -> list[Participa
 
 
 @contextlib.contextmanager
-def local_server(config_path: str | None, out: Path) -> Iterator[tuple[str, str]]:
+def local_server(config_path: str | None, out: Path,
+                 durability: str) -> Iterator[tuple[str, str]]:
     """A redis-server and `matcher serve` of our own, for one-command runs."""
     data = Path(tempfile.mkdtemp(prefix="loadtest-redis-", dir=out))
-    redis = LocalRedis(data, durability="always")
+    redis = LocalRedis(data, durability=durability)
     redis.start()
     port = free_port()
     env = dict(os.environ, MATCHER_REDIS_URL=redis.url, MATCHER_SERVER_PORT=str(port),
-               MATCHER_ENGINE_END_OF_DAY="23:59")
+               MATCHER_REDIS_DURABILITY=durability, MATCHER_ENGINE_END_OF_DAY="23:59")
     cmd = [sys.executable, "-m", "service.cli", "serve"]
     if config_path:
         cmd += ["--config", config_path]
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", help="the server's TOML (default: the packaged demo)")
     ap.add_argument("--serve", action="store_true",
                     help="start a local Redis and `matcher serve` for this run")
+    ap.add_argument("--durability", choices=("always", "everysec", "no"), default="always",
+                    help="the local Redis's persistence, with --serve")
     ap.add_argument("--out", default="results")
     ap.add_argument("--rate", type=float, help="commands/s offered")
     ap.add_argument("--duration", type=float, dest="duration_s", help="seconds (per step)")
@@ -120,12 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         url, redis_url = args.url, args.redis_url
         if args.serve:
-            url, redis_url = stack.enter_context(local_server(args.config, out))
+            url, redis_url = stack.enter_context(local_server(args.config, out,
+                                                              args.durability))
         run = Run(profile, url, redis_url, args.shard, funders, smes)
         results = uvloop.run(run.execute())
     results.update(started=started, command=shlex.join(["matcher-loadtest", *sys.argv[1:]]
                                                        if argv is None else argv),
-                   machine=machine(), config={**asdict(profile), "url": url})
+                   machine=machine(),
+                   config={**asdict(profile), "url": url,
+                           "durability": args.durability if args.serve else "(server's)"})
     paths = report.write_all(results, out)
     print(report.summary_table(results))
     print(f"report: {paths.get('html', out)}")

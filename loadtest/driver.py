@@ -304,7 +304,7 @@ class Run:
         recon = rec.reconcile(self.lines, {c.who.id for c in self.funders},
                               {c.who.id for c in self.smes})
         ramp = None
-        capacity = None
+        capacity = sustained = None
         if p.ramp:
             ramp = []
             for step in self.steps:
@@ -315,6 +315,8 @@ class Run:
                              "p99": s["p99"], "ok": ok})
             passing = [r["offered"] for r in ramp if r["ok"]]
             capacity = max(passing) if passing else None
+            kept = [r["offered"] for r in ramp if r["achieved"] >= 0.95 * r["offered"]]
+            sustained = max(kept) if kept else None
         memory = ({"rss_start": self.memory[0][1], "rss_end": self.memory[-1][1],
                    "samples": self.memory} if self.memory else None)
         return {
@@ -329,6 +331,7 @@ class Run:
             "timeline": rec.timeline(dict(self.offered)),
             "ramp": ramp,
             "capacity": capacity,
+            "sustained": sustained,
             "objective_p99_ms": p.objective_p99_ms,
             "lag": {"p50": lag["p50"], "p99": lag["p99"], "max": lag["max"],
                     "limit_p99": p.max_lag_p99_ms, "ok": lag_ok},

@@ -233,10 +233,13 @@ def _capacity_line(results: Results) -> str | None:
     if results.get("ramp") is None and results.get("capacity") is None:
         return None
     objective = fmt_ms(results.get("objective_p99_ms"))
+    sustained = _num(results.get("sustained"))
+    tail = (f"; sustained up to {fmt_rate(sustained)} offered (achieved within 5%)"
+            if sustained is not None else "")
     if _num(results.get("capacity")) is None:
-        return f"none: no offered rate kept ack p99 under {objective} ms"
+        return f"none: no offered rate kept ack p99 under {objective} ms{tail}"
     return (f"{fmt_rate(results.get('capacity'))} offered "
-            f"(highest rate with ack p99 under {objective} ms)")
+            f"(highest rate with ack p99 under {objective} ms){tail}")
 
 
 def _memory_line(results: Results) -> str | None:

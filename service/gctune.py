@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gc
 
-THRESHOLDS = (5_000, 20, 1_000_000_000)     # gen0 often, gen1 sometimes, gen2 never
+THRESHOLDS = (50_000, 50, 1_000_000_000)    # young ones rarely, full ones never
 
 
 def tune() -> None:
