@@ -7,6 +7,7 @@ the hash up, so the directory holds nothing that would let anyone sign in.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 
 from msgspec import Struct
 
@@ -82,5 +83,5 @@ class Directory:
         p = self._by_id.get(participant)
         return p.name if p else str(participant)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Participant]:
         return iter(self._by_id.values())

@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import msgspec
 import redis.asyncio as aioredis
 from aiohttp import WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from matcher import protocol as wire
-from matcher.participants import Directory
+from matcher.participants import Directory, Participant
 from service import gctune
 from service.config import Config
 from service.gateway import CLOSE_UNAUTHORIZED, Gateway, system
@@ -89,7 +90,8 @@ class Service:
         server: Any = site._server
         if server is not None and server.sockets:       # port 0: what the OS chose
             self.port = server.sockets[0].getsockname()[1]
-        self._tasks.append(asyncio.get_running_loop().create_task(self._end_of_day_timer()))
+        zone = ZoneInfo(cfg.engine.timezone)       # an unknown zone fails here, at start
+        self._tasks.append(asyncio.get_running_loop().create_task(self._end_of_day_timer(zone)))
         self.ready = True
         log.info("serving on http://%s:%d (WebSocket at /ws)", cfg.server.host, self.port)
 
@@ -163,7 +165,7 @@ class Service:
                 self._seed_bids(funders)
         await gw.journal.flush()
 
-    def _seed_bids(self, funders: list) -> None:  # type: ignore[type-arg]
+    def _seed_bids(self, funders: list[Participant]) -> None:
         """A few GTC bids per segment so the demo board is not empty."""
         gw = self.gateway
         assert gw is not None
@@ -177,16 +179,11 @@ class Service:
                                            rate_bps=rate, amount=amount, tif="gtc"),
                           time.perf_counter())
 
-    async def _end_of_day_timer(self) -> None:
+    async def _end_of_day_timer(self, zone: ZoneInfo) -> None:
         """Issue `end_of_day` at the configured local time, every day."""
-        cfg = self.config.engine
-        zone = ZoneInfo(cfg.timezone)
-        hour, minute = map(int, cfg.end_of_day.split(":"))
         while True:
             now = dt.datetime.now(zone)
-            due = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
-            if due <= now:
-                due += dt.timedelta(days=1)
+            due = next_end_of_day(now, self.config.engine.end_of_day)
             await asyncio.sleep((due - now).total_seconds())
             assert self.gateway is not None
             log.info("end of day %s: DAY orders expire", due.date())
@@ -249,7 +246,7 @@ class Service:
                 segment=segment, amount=_int_param(request, "amount"),
                 single_funder=request.query.get("single_funder", "false") in ("1", "true"))
             req = wire.json_decoder.decode(wire.json_encoder.encode(req))  # checks bounds
-        except (ValueError, wire.msgspec.ValidationError) as exc:  # type: ignore[attr-defined]
+        except (ValueError, msgspec.ValidationError) as exc:
             return _json_error(400, "invalid", str(exc), "amount")
         assert isinstance(req, wire.QuoteRequest)
         return web.Response(body=wire.json_encoder.encode(gw.engine.quote(req)),
@@ -282,7 +279,8 @@ class Service:
             gw.detach(conn)
         return ws
 
-    async def _auth_message(self, ws: web.WebSocketResponse, timeout: float):  # type: ignore[no-untyped-def]
+    async def _auth_message(self, ws: web.WebSocketResponse,
+                            timeout: float) -> Participant | None:
         """The first message may be `{"type": "auth", "key": ...}` (browsers set no headers)."""
         assert self.gateway is not None
         try:
@@ -293,9 +291,16 @@ class Service:
             return None
         try:
             auth = wire.json_decoder.decode(msg.data)
-        except wire.msgspec.MsgspecError:  # type: ignore[attr-defined]
+        except msgspec.MsgspecError:
             return None
         return self.gateway.authenticate(auth.key) if isinstance(auth, wire.Auth) else None
+
+
+def next_end_of_day(now: dt.datetime, at: str) -> dt.datetime:
+    """The next `at` ("HH:MM") in `now`'s time zone, strictly after `now`."""
+    hour, minute = map(int, at.split(":"))
+    due = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    return due if due > now else due + dt.timedelta(days=1)
 
 
 def _int_param(request: web.Request, name: str) -> int:

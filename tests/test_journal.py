@@ -209,6 +209,18 @@ async def fill_stream(client: aioredis.Redis) -> list[tuple[str, wire.Trade]]:
     return [(entry_id.decode(), decode_trade(fields)) for entry_id, fields in rows]
 
 
+
+async def write_trades(redis_server: LocalRedis, driver: Driver, commands: int) -> None:
+    """Run `commands` more random commands through a Journal (trades -> fill stream)."""
+    client = connect(redis_server)
+    journal = Journal(client, KEYS, written_seq=driver.engine.seq)
+    journal.start()
+    if driver.engine.seq == 0:
+        await open_market(driver, journal)
+    await play(driver, journal, commands)
+    await journal.close()
+    await client.aclose()
+
 # --- group commit ---------------------------------------------------------------------
 
 
@@ -575,17 +587,7 @@ def parse_replay(out: str) -> tuple[int, int, int, str]:
 def test_cli_replay_and_snapshot(redis_server: LocalRedis) -> None:
     driver = Driver(seed=9)
 
-    async def session(commands: int) -> None:
-        client = connect(redis_server)
-        journal = Journal(client, KEYS, written_seq=driver.engine.seq)
-        journal.start()
-        if driver.engine.seq == 0:
-            await open_market(driver, journal)
-        await play(driver, journal, commands)
-        await journal.close()
-        await client.aclose()
-
-    run(session(1500))
+    run(write_trades(redis_server, driver, 1500))
     seq, live = driver.engine.seq, snapshot.state_hash(driver.engine)
     url = redis_server.url
     out = matcher_cli("replay", "--redis-url", url)
@@ -599,7 +601,7 @@ def test_cli_replay_and_snapshot(redis_server: LocalRedis) -> None:
     assert f"snapshot written at seq {seq}" in out
     assert parse_replay(matcher_cli("replay", "--redis-url", url)) == (seq, seq, 0, live)
 
-    run(session(500))                                    # the journal moves on
+    run(write_trades(redis_server, driver, 500))             # the journal moves on
     seq2, live2 = driver.engine.seq, snapshot.state_hash(driver.engine)
     assert seq2 > seq
     assert parse_replay(matcher_cli("replay", "--redis-url", url)) == (seq2, seq, seq2 - seq,

@@ -21,29 +21,16 @@ import pytest
 import redis.asyncio as aioredis
 
 from matcher import protocol as wire
-from service.journal import Journal
 from service.localredis import LocalRedis
 from service.platform import FillConsumer, describe
 from tests.conftest import ROOT, run
-from tests.test_journal import KEYS, Driver, connect, open_market, play
+from tests.test_journal import KEYS, Driver, connect, write_trades
 
 GROUP = "platform"
 
 
 class Crash(Exception):
     """The consumer process dying in the middle of handling a trade."""
-
-
-async def write_trades(redis_server: LocalRedis, driver: Driver, commands: int) -> None:
-    """Run `commands` more random commands through a Journal (trades -> fill stream)."""
-    client = connect(redis_server)
-    journal = Journal(client, KEYS, written_seq=driver.engine.seq)
-    journal.start()
-    if driver.engine.seq == 0:
-        await open_market(driver, journal)
-    await play(driver, journal, commands)
-    await journal.close()
-    await client.aclose()
 
 
 async def wait_until(condition: Callable[[], bool], timeout: float = 20) -> None:

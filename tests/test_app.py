@@ -1,0 +1,46 @@
+"""Pieces of `matcher serve` that need no server: the end-of-day schedule, settings."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import msgspec
+import pytest
+
+from service.app import next_end_of_day
+from service.config import load
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+
+
+def test_end_of_day_is_today_before_the_cut_off_and_tomorrow_after_it() -> None:
+    morning = dt.datetime(2026, 11, 23, 9, 0, tzinfo=SHANGHAI)
+    assert next_end_of_day(morning, "16:30") == dt.datetime(2026, 11, 23, 16, 30,
+                                                           tzinfo=SHANGHAI)
+    evening = dt.datetime(2026, 11, 23, 16, 30, tzinfo=SHANGHAI)
+    assert next_end_of_day(evening, "16:30") == dt.datetime(2026, 11, 24, 16, 30,
+                                                           tzinfo=SHANGHAI)
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text('[server]\nport = 8080\n[engine]\nend_of_day = "16:30"\n')
+    cfg = load(path, {"MATCHER_SERVER_PORT": "9001", "MATCHER_ENGINE_END_OF_DAY": "17:00"})
+    assert (cfg.server.port, cfg.engine.end_of_day) == (9001, "17:00")
+
+
+def test_a_bad_setting_fails_at_load_with_its_path(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text('[engine]\nend_of_day = "25:00"\n')
+    with pytest.raises(msgspec.ValidationError, match=r"\$\.engine\.end_of_day"):
+        load(path, {})
+
+
+def test_the_packaged_demo_loads_with_its_participants() -> None:
+    cfg = load(None, {})
+    people = cfg.all_participants()
+    assert sum(p.role == "funder" for p in people) == 67
+    assert sum(p.role == "sme" for p in people) == 6300
+    assert all(len(p.key_sha256) == 64 for p in people)
