@@ -619,6 +619,7 @@ function renderOrders() {
       el('span', { class: 'rate', dataset: { bps: o.rate_bps } }, formatRate(o.rate_bps)));
     setChildren(li.querySelector('.order-sub'),
       el('span', { dataset: { fen: o.remaining } }, `${formatCny(o.remaining)} resting`),
+      el('span', {}, o.tif === 'day' ? ' · Day' : o.tif === 'gtc' ? ' · GTC' : ''),
       o.filled ? el('span', {}, ` · ${formatCny(o.filled)} lent`) : null);
     list.append(li);   // keeps the server's order: oldest first
   }
