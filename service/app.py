@@ -31,7 +31,7 @@ from service import gctune
 from service.config import Config
 from service.gateway import CLOSE_UNAUTHORIZED, Gateway, system
 from service.journal import Journal, Keys
-from service.localredis import LocalRedis
+from service.localredis import LocalRedis, free_port
 from service.metrics import Metrics
 from service.recovery import recover
 from service.snapshots import BackgroundSnapshots
@@ -63,7 +63,8 @@ class Service:
         cfg = self.config
         url = cfg.redis.url
         if url is None:
-            self.local_redis = LocalRedis(cfg.redis.data_dir, durability=cfg.redis.durability)
+            self.local_redis = LocalRedis(cfg.redis.data_dir, durability=cfg.redis.durability,
+                                          port=free_port(cfg.redis.local_port))
             url = await asyncio.to_thread(self.local_redis.start)
             log.info("started a local redis-server at %s, data in %s", url, cfg.redis.data_dir)
         self.redis_url = url

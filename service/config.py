@@ -37,6 +37,7 @@ class ServerConfig(_Section):
 class RedisConfig(_Section):
     url: str | None = None          # None: start a local redis-server under `data_dir`
     data_dir: str = "var/redis"
+    local_port: Annotated[int, Meta(ge=0, le=65535)] = 6379   # for that one; if busy: any
     shard: NewId = "main"
     durability: Durability = "always"
     max_retry_delay: Annotated[float, Meta(gt=0)] = 1.0
