@@ -41,11 +41,15 @@ class BackgroundSnapshots:
         if self.child is not None:
             return False
         seq = engine.seq
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:                                  # the child: never returns
             code = 1
             try:
-                code = self._write(engine, seq)
+                # Let go of every inherited socket (the listening one above all): a
+                # child outliving a killed gateway must not keep its port taken.
+                os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+                code = self._write(engine, seq, parent)
             except BaseException as exc:   # report, then exit either way
                 log.error("snapshot at seq %d failed: %s", seq, exc)
             finally:
@@ -53,7 +57,7 @@ class BackgroundSnapshots:
         self.child = pid
         return True
 
-    def _write(self, engine: Engine, seq: int) -> int:
+    def _write(self, engine: Engine, seq: int, parent: int) -> int:
         data = snapshot.encode(snapshot.capture(engine))
         client = redis.Redis.from_url(self.redis_url, socket_timeout=10)
         deadline = time.monotonic() + self.timeout
@@ -62,6 +66,9 @@ class BackgroundSnapshots:
             last = stream_seq(newest[0][0]) if newest else 0
             if last >= seq:
                 break
+            if os.getppid() != parent:
+                log.error("snapshot at seq %d abandoned: the gateway is gone", seq)
+                return 1
             if time.monotonic() > deadline:
                 log.error("snapshot at seq %d abandoned: the journal is still at %d",
                           seq, last)

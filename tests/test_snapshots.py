@@ -76,3 +76,37 @@ def test_reap_collects_a_finished_child_without_waiting(redis_server: LocalRedis
         return background.child
 
     assert run(scenario()) is None
+
+
+def test_a_waiting_child_does_not_hold_the_gateways_listening_port(
+        redis_server: LocalRedis) -> None:
+    import os
+    import signal
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    engine = Engine()
+    engine.submit(1, "admin", wire.AddSegment(segment="S", core="C", tenor_days=30), 0)
+    background = BackgroundSnapshots(redis_server.url, KEYS, timeout=30)
+    assert background.start(engine)            # waits: the journal will never hold seq 1
+    try:
+        listener.close()
+        deadline = time.monotonic() + 5         # the child lets go as soon as it runs
+        while True:
+            again = socket.socket()
+            try:
+                again.bind(("127.0.0.1", port))  # EADDRINUSE while the child holds it
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+            finally:
+                again.close()
+    finally:
+        assert background.child is not None
+        os.kill(background.child, signal.SIGKILL)
+        background.wait()
