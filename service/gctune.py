@@ -1,25 +1,26 @@
-"""Garbage collection tuned for a latency-sensitive event loop.
+"""Garbage collection for a latency-sensitive event loop: reference counting only, and a
+full collection at a quiet moment.
 
-CPython's cyclic collector walks every tracked object of the oldest generation on each
-full collection; with thousands of connections and a day of orders that took 0.2 to 0.7 s
-in the load test, collecting nothing. The state is mostly refcount-freed objects (the
-engine's records are msgspec Structs with gc=False), so: after startup everything alive
-is frozen (never scanned again), young collections stay frequent and cheap, and full
-collections happen only when asked for (`full_collect`, at the end of day).
+CPython's cyclic collector stops the loop to walk its tracked objects. Measured in the
+load test: full collections of 0.2 to 0.7 s, young ones of 6 to 10 ms (thousands of
+connections each hold a pending receive coroutine), all of them collecting nothing: the
+engine's records are msgspec Structs with gc=False and everything on the hot path is
+freed by reference counting. With automatic collection off, the same run had the same
+memory curve and a p99.9 three times lower. So: after startup everything alive is frozen
+and automatic collection is off; `full_collect` runs at the end of day, when the market
+is closed, to reclaim whatever cycles the day left.
 """
 
 from __future__ import annotations
 
 import gc
 
-THRESHOLDS = (50_000, 50, 1_000_000_000)    # young ones rarely, full ones never
-
 
 def tune() -> None:
-    """Freeze what startup built and stop automatic full collections."""
+    """Freeze what startup built and turn automatic collection off."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(*THRESHOLDS)
+    gc.disable()
 
 
 def full_collect() -> int:

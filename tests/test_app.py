@@ -44,3 +44,20 @@ def test_the_packaged_demo_loads_with_its_participants() -> None:
     assert sum(p.role == "funder" for p in people) == 67
     assert sum(p.role == "sme" for p in people) == 6300
     assert all(len(p.key_sha256) == 64 for p in people)
+
+
+def test_gc_tuning_freezes_startup_and_turns_automatic_collection_off() -> None:
+    import gc
+
+    from service import gctune
+    try:
+        gctune.tune()
+        assert not gc.isenabled() and gc.get_freeze_count() > 0
+        cycle: list[object] = []
+        cycle.append(cycle)
+        del cycle                                  # only a full collection finds it
+        assert gctune.full_collect() >= 1
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.enable()
