@@ -19,6 +19,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -210,6 +211,17 @@ async def fill_stream(client: aioredis.Redis) -> list[tuple[str, wire.Trade]]:
 
 
 
+
+async def opened(redis_server: LocalRedis, seed: int,
+                 **journal_options: Any) -> tuple[aioredis.Redis, Journal, Driver]:
+    """A started journal on the test Redis and a driver whose market is open."""
+    client = connect(redis_server)
+    journal = Journal(client, KEYS, **journal_options)
+    journal.start()
+    driver = Driver(seed=seed)
+    await open_market(driver, journal)
+    return client, journal, driver
+
 async def write_trades(redis_server: LocalRedis, driver: Driver, commands: int) -> None:
     """Run `commands` more random commands through a Journal (trades -> fill stream)."""
     client = connect(redis_server)
@@ -228,11 +240,7 @@ def test_group_commit_writes_many_commands_at_once(redis_server: LocalRedis) -> 
     """1,000 commands appended without awaiting go out in a handful of writes, each a
     stream entry whose id is the batch's last sequence number."""
     async def scenario() -> None:
-        client = connect(redis_server)
-        journal = Journal(client, KEYS)
-        journal.start()
-        driver = Driver(seed=1)
-        await open_market(driver, journal)
+        client, journal, driver = await opened(redis_server, 1)
         batches0, entries0 = journal.batches, await client.xlen(KEYS.journal)
         appended: list[tuple[int, asyncio.Future[int]]] = []
         for _ in range(5000):                       # bounded; ~60% of commands are accepted
@@ -261,11 +269,7 @@ def test_group_commit_batches_what_arrives_during_a_write(redis_server: LocalRed
     """With the loop free between commands, each write takes everything that arrived
     while the previous one was in flight: several writes, far fewer than commands."""
     async def scenario() -> None:
-        client = connect(redis_server)
-        journal = Journal(client, KEYS)
-        journal.start()
-        driver = Driver(seed=2)
-        await open_market(driver, journal)
+        client, journal, driver = await opened(redis_server, 2)
         batches0 = journal.batches
         seq0 = driver.engine.seq
         await play(driver, journal, 2000, pause_every=10)
@@ -288,11 +292,7 @@ def test_group_commit_batches_what_arrives_during_a_write(redis_server: LocalRed
 
 def test_fill_stream_has_one_entry_per_trade_keyed_by_trade_id(redis_server: LocalRedis) -> None:
     async def scenario() -> None:
-        client = connect(redis_server)
-        journal = Journal(client, KEYS)
-        journal.start()
-        driver = Driver(seed=3)
-        await open_market(driver, journal)
+        client, journal, driver = await opened(redis_server, 3)
         await play(driver, journal, 2000)
         assert len(driver.trades) > 200
         rows = await client.xrange(KEYS.fills)
@@ -315,11 +315,7 @@ def test_fill_stream_has_one_entry_per_trade_keyed_by_trade_id(redis_server: Loc
 
 def test_replay_and_snapshot_replay_equal_the_live_engine(redis_server: LocalRedis) -> None:
     async def scenario() -> None:
-        client = connect(redis_server)
-        journal = Journal(client, KEYS)
-        journal.start()
-        driver = Driver(seed=4)
-        await open_market(driver, journal)
+        client, journal, driver = await opened(redis_server, 4)
         snapshots: list[tuple[int, str]] = []
         await play(driver, journal, 4000, snapshot_every=900, snapshots=snapshots)
         live = snapshot.state_hash(driver.engine)
@@ -351,11 +347,7 @@ def test_replay_and_snapshot_replay_equal_the_live_engine(redis_server: LocalRed
 
 def test_replay_makes_exactly_the_live_trades(redis_server: LocalRedis) -> None:
     async def scenario() -> None:
-        client = connect(redis_server)
-        journal = Journal(client, KEYS)
-        journal.start()
-        driver = Driver(seed=5)
-        await open_market(driver, journal)
+        client, journal, driver = await opened(redis_server, 5)
         await play(driver, journal, 3000)
         assert len(driver.trades) > 300
         engine = Engine()
@@ -386,11 +378,7 @@ def test_redis_restart_holds_acks_then_writes_everything_once(
     caplog.set_level(logging.WARNING, logger="matcher.journal")
 
     async def scenario() -> None:
-        client = connect(redis_server)
-        journal = Journal(client, KEYS, max_retry_delay=0.1)
-        journal.start()
-        driver = Driver(seed=6)
-        await open_market(driver, journal)
+        client, journal, driver = await opened(redis_server, 6, max_retry_delay=0.1)
         await play(driver, journal, 300)
         appended: list[tuple[int, asyncio.Future[int]]] = []
         stop = asyncio.Event()
@@ -444,11 +432,7 @@ def test_a_write_that_landed_without_its_reply_is_not_repeated(
     caplog.set_level(logging.WARNING, logger="matcher.journal")
 
     async def scenario() -> None:
-        client = connect(redis_server)
-        journal = Journal(client, KEYS, max_retry_delay=0.1)
-        journal.start()
-        driver = Driver(seed=10)
-        await open_market(driver, journal)
+        client, journal, driver = await opened(redis_server, 10, max_retry_delay=0.1)
         real_write = journal._write
         lost: list[tuple[int, bool]] = []            # (commands, with snapshot) per loss
 
@@ -483,11 +467,7 @@ def test_a_write_that_landed_without_its_reply_is_not_repeated(
 
 async def _acked_then_down(redis_server: LocalRedis, seed: int
                            ) -> tuple[aioredis.Redis, Journal, Driver]:
-    client = connect(redis_server)
-    journal = Journal(client, KEYS, max_retry_delay=0.1)
-    journal.start()
-    driver = Driver(seed=seed)
-    await open_market(driver, journal)
+    client, journal, driver = await opened(redis_server, seed, max_retry_delay=0.1)
     await play(driver, journal, 300)
     assert journal.written_seq == driver.engine.seq > 100
     return client, journal, driver
