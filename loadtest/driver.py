@@ -19,10 +19,10 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import msgspec
 import redis.asyncio as aioredis
 
+from loadtest import wsclient
 from loadtest.measure import Recorder, histogram, summary
 from loadtest.profiles import Profile
 from loadtest.workload import FunderState, Market, Segment, arrivals
@@ -51,66 +51,68 @@ class Step:
 
 
 class Client:
-    """One authenticated connection; reads its events for as long as the run lasts."""
+    """One authenticated connection; its events are handled as they arrive."""
 
     def __init__(self, run: Run, who: Participant, role: str, index: int) -> None:
         self.run, self.who, self.role, self.index = run, who, role, index
-        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.ws: wsclient.WebSocket | None = None
         self.pending: dict[str | None, deque[tuple[int, bool]]] = defaultdict(deque)
         self.asks: dict[str, tuple[int, bool]] = {}        # ask client id -> (origin, measured)
-        self.reader: asyncio.Task[None] | None = None
+        self._welcome: asyncio.Future[None] | None = None
 
-    async def connect(self, session: aiohttp.ClientSession) -> None:
-        self.ws = await session.ws_connect(
-            self.run.url, headers={"Authorization": f"Bearer {self.who.key}"},
-            compress=0, max_msg_size=0, heartbeat=None)
-        first = await self.ws.receive(timeout=30)
-        if first.type != aiohttp.WSMsgType.TEXT or '"welcome"' not in first.data:
-            raise RuntimeError(f"participant {self.who.id} was not welcomed: {first.data!r}")
-        self.reader = asyncio.get_running_loop().create_task(self._read())
+    async def connect(self) -> None:
+        welcome = self._welcome = asyncio.get_running_loop().create_future()
+        self.ws = await wsclient.connect(
+            self.run.url, self._on_message,
+            headers={"Authorization": f"Bearer {self.who.key}"})
+        await asyncio.wait_for(welcome, 30)
 
-    async def send(self, msg: dict[str, Any], intended_ns: int, measured: bool) -> None:
+    def send(self, msg: dict[str, Any], intended_ns: int, measured: bool) -> None:
         assert self.ws is not None
         now = time.perf_counter_ns()
-        origin = max(intended_ns, now)
+        origin = min(intended_ns, now)     # late: from the schedule; early: the real send
         self.pending[msg.get("client_id")].append((origin, measured))
         if msg["type"] == "ask" and msg.get("tif", "ioc") in ("ioc", "fok"):
             self.asks[msg["client_id"]] = (origin, measured)   # answered now or never
         self.run.rec.record_send(intended_ns, now, measured)
-        await self.ws.send_frame(_encode(msg), aiohttp.WSMsgType.TEXT)
+        self.ws.send(_encode(msg))
 
-    async def _read(self) -> None:
-        assert self.ws is not None
+    def _on_message(self, data: bytes) -> None:
+        now = time.perf_counter_ns()
+        if self._welcome is not None:
+            welcome, self._welcome = self._welcome, None
+            if b'"welcome"' in data:
+                welcome.set_result(None)
+            else:
+                welcome.set_exception(RuntimeError(
+                    f"participant {self.who.id} was not welcomed: {data!r}"))
+            return
         rec = self.run.rec
-        async for msg in self.ws:
-            if msg.type != aiohttp.WSMsgType.TEXT:
-                continue
-            now = time.perf_counter_ns()
-            event = _decode(msg.data)
-            if isinstance(event, wire.Accepted | wire.Rejected):
-                queue = self.pending.get(event.client_id)
-                if not queue:
-                    continue                    # not ours (cancel on disconnect, setup)
-                origin, measured = queue.popleft()
-                code = event.code if isinstance(event, wire.Rejected) else None
-                rec.record_ack(origin, now, code, measured)
-                self.run.step_ack(origin, now, measured)
-                self.run.outstanding -= 1
-            elif isinstance(event, wire.Fill):
-                if self.role == "sme":
-                    rec.fills_sme[event.trade_id] = event.amount
-                    first = self.asks.pop(event.client_id, None)
-                    if first is not None and first[1]:
-                        rec.ask_fill.record_value(max(1, (now - first[0]) // 1000))
-                    rec.second(now).fills += 1
-                else:
-                    rec.fills_funder[event.trade_id] = event.amount
-                    rec.lent[(event.funder, event.core)] += event.amount
-            elif isinstance(event, wire.Done):
-                if self.role == "funder":
-                    self.run.market.funders[self.index].live.pop(event.client_id, None)
-                else:
-                    self.asks.pop(event.client_id, None)
+        event = _decode(data)
+        if isinstance(event, wire.Accepted | wire.Rejected):
+            queue = self.pending.get(event.client_id)
+            if not queue:
+                return                      # not ours (cancel on disconnect, setup)
+            origin, measured = queue.popleft()
+            code = event.code if isinstance(event, wire.Rejected) else None
+            rec.record_ack(origin, now, code, measured)
+            self.run.step_ack(origin, now, measured)
+            self.run.outstanding -= 1
+        elif isinstance(event, wire.Fill):
+            if self.role == "sme":
+                rec.fills_sme[event.trade_id] = event.amount
+                first = self.asks.pop(event.client_id, None)
+                if first is not None and first[1]:
+                    rec.ask_fill.record_value(max(1, (now - first[0]) // 1000))
+                rec.second(now).fills += 1
+            else:
+                rec.fills_funder[event.trade_id] = event.amount
+                rec.lent[(event.funder, event.core)] += event.amount
+        elif isinstance(event, wire.Done):
+            if self.role == "funder":
+                self.run.market.funders[self.index].live.pop(event.client_id, None)
+            else:
+                self.asks.pop(event.client_id, None)
 
 
 class Run:
@@ -151,10 +153,10 @@ class Run:
                 step.acked += 1
                 return
 
-    async def _send(self, client: Client, msg: dict[str, Any], intended_ns: int,
-                    measured: bool) -> None:
+    def _send(self, client: Client, msg: dict[str, Any], intended_ns: int,
+              measured: bool) -> None:
         self.outstanding += 1
-        await client.send(msg, intended_ns, measured)
+        client.send(msg, intended_ns, measured)
 
     async def _await_acks(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -169,12 +171,12 @@ class Run:
         for client in self.funders:
             for core in sorted({s.core for s in self.segments}):
                 self.lines[(client.who.id, core)] = self.profile.credit_line
-                await self._send(client, {"type": "set_credit_line", "core": core,
+                self._send(client, {"type": "set_credit_line", "core": core,
                                           "amount": self.profile.credit_line}, now, False)
         await self._await_acks(30)
         for client, state in zip(self.funders, self.market.funders, strict=True):
             for _ in range(self.profile.bids_per_funder):
-                await self._send(client, self.market.bid(state), now, False)
+                self._send(client, self.market.bid(state), now, False)
         await self._await_acks(30)
 
     async def offer(self) -> None:
@@ -200,10 +202,10 @@ class Run:
                     await asyncio.sleep(wait / 1e9)
                 if rng.random() < p.ask_share:
                     sme, msg = self.market.ask()
-                    await self._send(self.smes[sme], msg, intended, measured)
+                    self._send(self.smes[sme], msg, intended, measured)
                 else:
                     f: FunderState = rng.choice(self.market.funders)
-                    await self._send(self.funders[f.index], self.market.requote(f), intended,
+                    self._send(self.funders[f.index], self.market.requote(f), intended,
                                      measured)
             offset += warm + p.duration_s
 
@@ -266,11 +268,10 @@ class Run:
         newest: Any = await redis.xrevrange(self.keys.fills, count=1)
         await redis.aclose()
         start_id = newest[0][0].decode() if newest else "0-0"
-        conn = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=conn) as session:
-            clients = self.funders + self.smes
+        clients = self.funders + self.smes
+        try:
             for i in range(0, len(clients), 200):    # connect in waves, not all at once
-                await asyncio.gather(*(c.connect(session) for c in clients[i:i + 200]))
+                await asyncio.gather(*(c.connect() for c in clients[i:i + 200]))
             gctune.tune()           # the generator must not stall either
             stop = asyncio.Event()
             reader = asyncio.get_running_loop().create_task(self.platform_reader(stop, start_id))
@@ -289,11 +290,10 @@ class Run:
             await asyncio.sleep(0.2)
             stop.set()
             await asyncio.gather(reader, memory, progress)
-            for c in clients:
-                if c.ws is not None:
-                    await c.ws.close()
-                if c.reader is not None:
-                    c.reader.cancel()
+        finally:
+            for i in range(0, len(clients), 500):
+                await asyncio.gather(*(c.ws.close() for c in clients[i:i + 500]
+                                       if c.ws is not None))
         return self.results()
 
     def results(self) -> dict[str, Any]:

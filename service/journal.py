@@ -8,7 +8,8 @@ batch (its stream id is the batch's last sequence number), one fill-stream entry
 trade (its id is the trade id) and, when due, the snapshot. Atomic, so the journal and
 the fill stream never disagree; explicit ids, so a write that may or may not have
 landed is checked, not repeated. A command's replies are released only when its write
-has returned.
+has returned. The writes go over the journal's own connection (`service.resp`), by the
+script's digest; reads for recovery use redis-py.
 
 Keys share the hash tag of the engine shard (`{main}` by default), so one shard's keys
 live in one Redis Cluster slot and the script stays legal when segments are sharded
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from matcher import protocol as wire
+from service import resp
 
 log = logging.getLogger("matcher.journal")
 
@@ -60,15 +63,6 @@ def trade_fields(trade: wire.Trade) -> dict[str, str | int]:
     return {f: getattr(trade, f) for f in trade.__struct_fields__}
 
 
-def resp(*parts: bytes) -> bytes:
-    """One command in the Redis protocol (RESP2): what redis-py's packer makes, at a
-    fifth of the cost, which matters at thousands of fills a second."""
-    out = [b"*%d\r\n" % len(parts)]
-    for p in parts:
-        out.append(b"$%d\r\n%s\r\n" % (len(p), p))
-    return b"".join(out)
-
-
 #: One write of the journal, atomic in Redis (a script runs alone, and its effects reach
 #: the append-only file as one transaction): the batch's journal entry, one fill-stream
 #: entry per trade under the trade id, and the snapshot when one is due. One request and
@@ -91,6 +85,7 @@ while i <= #ARGV do
 end
 return 1
 """
+_SCRIPT_SHA = hashlib.sha1(WRITE_SCRIPT).hexdigest().encode()
 _FIELD_NAMES = [name.encode() for name in wire.Trade.__struct_fields__]
 
 
@@ -135,6 +130,7 @@ class Journal:
         self._journal_key = keys.journal.encode()
         self._fills_key = keys.fills.encode()
         self._snapshot_key = keys.snapshot.encode()
+        self._conn = resp.Connection.like(client)     # the writes' own connection
 
     # --- the write side ---
 
@@ -189,6 +185,7 @@ class Journal:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self._conn.close()
 
     async def _run(self) -> None:
         while True:
@@ -223,7 +220,11 @@ class Journal:
         attempt = 0
         while True:
             try:
-                if attempt and entries and await self._landed(entries[-1].seq):
+                # A new connection may reach a restarted or replaced Redis: check that it
+                # holds all that was acknowledged before writing after it, and after a
+                # failed write whether that write landed anyway.
+                if (await self._conn.ensure() or attempt) and \
+                        await self._landed(entries[-1].seq if entries else None):
                     if snap is not None:
                         await self.client.set(self.keys.snapshot, snap)
                     break
@@ -243,9 +244,9 @@ class Journal:
 
     async def _write(self, entries: list[wire.JournalEntry], trades: list[wire.Trade],
                      snap: bytes | None) -> None:
-        """One WRITE_SCRIPT call, packed here and sent on a connection of the pool."""
-        args = [b"EVAL", WRITE_SCRIPT, b"3", self._journal_key, self._fills_key,
-                self._snapshot_key]
+        """One WRITE_SCRIPT call by its digest (the script's text goes only when Redis
+        does not know it yet: after a restart or a SCRIPT FLUSH)."""
+        args = [b"3", self._journal_key, self._fills_key, self._snapshot_key]
         if entries:
             args += [b"%d-0" % entries[-1].seq, b"%d" % len(entries),
                      wire.journal_encoder.encode(entries)]
@@ -254,24 +255,20 @@ class Journal:
         args += [snap or b"", b"%d" % len(_FIELD_NAMES), *_FIELD_NAMES]
         for trade in trades:
             args += trade_values(trade)
-        pool = self.client.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            await conn.send_packed_command(resp(*args))
-            await conn.read_response()           # an error reply raises ResponseError
-        except BaseException:
-            await conn.disconnect()
-            raise
-        finally:
-            await pool.release(conn)
+            await self._conn.call(resp.pack(b"EVALSHA", _SCRIPT_SHA, *args))
+        except ResponseError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            await self._conn.call(resp.pack(b"EVAL", WRITE_SCRIPT, *args))
 
-    async def _landed(self, seq: int) -> bool:
-        """After an error: did the write of everything up to `seq` land anyway?"""
+    async def _landed(self, seq: int | None) -> bool:
+        """Does Redis hold everything acknowledged, and the batch up to `seq` too?"""
         last = await last_seq(self.client, self.keys)
         if last < self.written_seq:
             raise JournalLost(f"Redis journal ends at seq {last}, but {self.written_seq} "
                               "was acknowledged: Redis lost writes")
-        return last >= seq
+        return seq is not None and last >= seq
 
 
 # --- the read side -------------------------------------------------------------------

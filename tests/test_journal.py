@@ -465,6 +465,31 @@ def test_a_write_that_landed_without_its_reply_is_not_repeated(
     run(scenario())
 
 
+def test_writes_go_on_when_redis_forgets_the_script_or_drops_the_connection(
+        redis_server: LocalRedis, caplog: pytest.LogCaptureFixture) -> None:
+    """Writes name the script by its digest; a Redis that no longer knows it (restarted,
+    SCRIPT FLUSH) gets the text once, and a connection closed by the server while the
+    journal is idle is opened again (after checking that Redis still holds every
+    acknowledged command) without a failed write."""
+    caplog.set_level(logging.WARNING, logger="matcher.journal")
+
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 12)
+        await play(driver, journal, 300)
+        await client.script_flush()
+        await play(driver, journal, 300)
+        await client.execute_command("CLIENT", "KILL", "SKIPME", "yes")
+        await asyncio.sleep(0.05)
+        await play(driver, journal, 300)
+        assert journal.healthy and journal.written_seq == driver.engine.seq
+        assert await journaled(client) == driver.entries
+        assert [t for _, t in await fill_stream(client)] == driver.trades
+        assert not [r for r in caplog.records if "failed" in r.getMessage()]
+        await journal.close()
+        await client.aclose()
+    run(scenario())
+
+
 async def _acked_then_down(redis_server: LocalRedis, seed: int
                            ) -> tuple[aioredis.Redis, Journal, Driver]:
     client, journal, driver = await opened(redis_server, seed, max_retry_delay=0.1)

@@ -1,0 +1,183 @@
+"""The journal's own Redis connection: RESP over an asyncio Protocol, parsed by hiredis.
+
+Every acknowledgement waits for a journal write, so the write's round trip is on every
+order's path. Through redis-py's pool a call takes a lock, runs observability hooks and,
+with a socket timeout, wraps the send in `wait_for` (a new task per call); measured at
+idle on this VM, a journal write took 163 us that way against ~90 us for the bare round
+trip. The journal makes one kind of call and owns one connection, so it speaks the
+protocol itself: a request is one `transport.write`, replies resolve futures in order
+(several requests may be in flight: Redis answers a connection in order), and a
+missing reply closes the connection after a timeout. Everything else (recovery reads,
+snapshots, the platform's consumer) stays on redis-py.
+
+Errors are redis-py's exception types, so callers tell transient failures (connection,
+timeout: retry) from error replies (a bug: stop) the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections import deque
+from typing import Any
+
+import hiredis
+import redis.asyncio as aioredis
+from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+
+def pack(*parts: bytes) -> bytes:
+    """One command in the Redis protocol (RESP2): what redis-py's packer makes, at a
+    fifth of the cost, which matters at thousands of fills a second."""
+    out = [b"*%d\r\n" % len(parts)]
+    for p in parts:
+        out.append(b"$%d\r\n%s\r\n" % (len(p), p))
+    return b"".join(out)
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader(replyError=ResponseError)
+        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.lost: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while self.waiting:
+            reply = self.reader.gets()
+            if reply is False:
+                return
+            fut = self.waiting.popleft()
+            if not fut.done():
+                fut.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(RedisConnectionError(f"connection to Redis lost: {exc or 'closed'}"))
+
+    def fail(self, exc: Exception) -> None:
+        self.lost = exc
+        while self.waiting:
+            fut = self.waiting.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Connection:
+    """One connection, opened on first use and again after it is lost."""
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 6379, path: str | None = None,
+                 db: int = 0, username: str | None = None, password: str | None = None,
+                 ssl_context: ssl.SSLContext | None = None, timeout: float = 5.0,
+                 connect_timeout: float = 2.0) -> None:
+        self.host, self.port, self.path = host, port, path
+        self.db, self.username, self.password = db, username, password
+        self.ssl_context = ssl_context
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._proto: _Protocol | None = None
+        self._connecting: asyncio.Lock | None = None
+
+    @classmethod
+    def like(cls, client: aioredis.Redis) -> Connection:
+        """A connection to the server, database and credentials a redis-py client uses."""
+        pool = client.connection_pool
+        kw: dict[str, Any] = pool.connection_kwargs
+        context = None
+        if issubclass(pool.connection_class, SSLConnection):
+            context = ssl.create_default_context(cafile=kw.get("ssl_ca_certs"))
+            if kw.get("ssl_certfile"):
+                context.load_cert_chain(kw["ssl_certfile"], kw.get("ssl_keyfile"))
+            if kw.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+        path = kw.get("path") if issubclass(pool.connection_class,
+                                            UnixDomainSocketConnection) else None
+        return cls(host=kw.get("host", "127.0.0.1"), port=int(kw.get("port", 6379)), path=path,
+                   db=int(kw.get("db") or 0), username=kw.get("username"),
+                   password=kw.get("password"), ssl_context=context,
+                   timeout=float(kw.get("socket_timeout") or 5.0),
+                   connect_timeout=float(kw.get("socket_connect_timeout") or 2.0))
+
+    async def ensure(self) -> bool:
+        """Connect if not connected; True when a new connection was opened (the server
+        may have been restarted or replaced since the last call)."""
+        if self._proto is not None and self._proto.lost is None:
+            return False
+        await self._connect()
+        return True
+
+    async def call(self, request: bytes) -> Any:
+        """Send one packed command and return its reply; an error reply raises
+        `ResponseError`, a lost connection or a late reply `ConnectionError` or
+        `TimeoutError` (the connection is closed then: a late reply must not be taken for
+        the answer to the next request)."""
+        proto = self._proto
+        if proto is None or proto.lost is not None:
+            proto = await self._connect()
+        return await self._send(proto, request)
+
+    async def _send(self, proto: _Protocol, request: bytes) -> Any:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        proto.waiting.append(fut)
+        assert proto.transport is not None
+        proto.transport.write(request)
+        timer = loop.call_later(self.timeout, self._expire, proto, fut)
+        try:
+            reply = await fut
+        finally:
+            timer.cancel()
+        if isinstance(reply, ResponseError):
+            raise reply
+        return reply
+
+    @staticmethod
+    def _expire(proto: _Protocol, fut: asyncio.Future[Any]) -> None:
+        if not fut.done():
+            proto.fail(RedisTimeoutError("no reply from Redis in time"))
+
+    async def _connect(self) -> _Protocol:
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._proto is not None and self._proto.lost is None:
+                return self._proto
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    if self.path is not None:
+                        _, proto = await loop.create_unix_connection(_Protocol, self.path)
+                    else:
+                        _, proto = await loop.create_connection(
+                            _Protocol, self.host, self.port, ssl=self.ssl_context)
+            except TimeoutError as exc:
+                raise RedisTimeoutError("timed out connecting to Redis") from exc
+            except OSError as exc:
+                raise RedisConnectionError(f"cannot connect to Redis: {exc}") from exc
+            try:
+                if self.password is not None:
+                    auth = (self.username.encode(),) if self.username else ()
+                    await self._send(proto, pack(b"AUTH", *auth, self.password.encode()))
+                if self.db:
+                    await self._send(proto, pack(b"SELECT", b"%d" % self.db))
+            except BaseException:
+                proto.fail(RedisConnectionError("connection setup failed"))
+                raise
+            self._proto = proto
+            return proto
+
+    def close(self) -> None:
+        if self._proto is not None:
+            with contextlib.suppress(Exception):
+                self._proto.fail(RedisConnectionError("closed"))
+            self._proto = None
