@@ -41,6 +41,9 @@ class RedisConfig(_Section):
     shard: NewId = "main"
     durability: Durability = "always"
     max_retry_delay: Annotated[float, Meta(gt=0)] = 1.0
+    # Journal writes sent before the previous one returned. 1 suits a Redis on the same
+    # few cores (each write costs CPU there); more helps when Redis is a network hop away.
+    writes_in_flight: Annotated[int, Meta(ge=1, le=64)] = 1
 
 
 class EngineConfig(_Section):

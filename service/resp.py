@@ -56,7 +56,11 @@ class _Protocol(asyncio.Protocol):
             if reply is False:
                 return
             fut = self.waiting.popleft()
-            if not fut.done():
+            if fut.done():
+                continue
+            if isinstance(reply, ResponseError):
+                fut.set_exception(reply)
+            else:
                 fut.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -86,6 +90,7 @@ class Connection:
         self.connect_timeout = connect_timeout
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
+        self.generation = 0          # connections opened so far: tells a new one apart
 
     @classmethod
     def like(cls, client: aioredis.Redis) -> Connection:
@@ -108,10 +113,14 @@ class Connection:
                    timeout=float(kw.get("socket_timeout") or 5.0),
                    connect_timeout=float(kw.get("socket_connect_timeout") or 2.0))
 
+    @property
+    def connected(self) -> bool:
+        return self._proto is not None and self._proto.lost is None
+
     async def ensure(self) -> bool:
         """Connect if not connected; True when a new connection was opened (the server
         may have been restarted or replaced since the last call)."""
-        if self._proto is not None and self._proto.lost is None:
+        if self.connected:
             return False
         await self._connect()
         return True
@@ -121,25 +130,26 @@ class Connection:
         `ResponseError`, a lost connection or a late reply `ConnectionError` or
         `TimeoutError` (the connection is closed then: a late reply must not be taken for
         the answer to the next request)."""
+        await self.ensure()
+        return await self.request(request)
+
+    def request(self, request: bytes) -> asyncio.Future[Any]:
+        """Send on the open connection (`ensure` first) without waiting: requests queue
+        up in Redis and their futures resolve in order, as `call` describes."""
         proto = self._proto
         if proto is None or proto.lost is not None:
-            proto = await self._connect()
-        return await self._send(proto, request)
+            raise RedisConnectionError("not connected to Redis")
+        return self._send(proto, request)
 
-    async def _send(self, proto: _Protocol, request: bytes) -> Any:
+    def _send(self, proto: _Protocol, request: bytes) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         proto.waiting.append(fut)
         assert proto.transport is not None
         proto.transport.write(request)
         timer = loop.call_later(self.timeout, self._expire, proto, fut)
-        try:
-            reply = await fut
-        finally:
-            timer.cancel()
-        if isinstance(reply, ResponseError):
-            raise reply
-        return reply
+        fut.add_done_callback(lambda _: timer.cancel())
+        return fut
 
     @staticmethod
     def _expire(proto: _Protocol, fut: asyncio.Future[Any]) -> None:
@@ -174,6 +184,7 @@ class Connection:
                 proto.fail(RedisConnectionError("connection setup failed"))
                 raise
             self._proto = proto
+            self.generation += 1
             return proto
 
     def close(self) -> None:

@@ -1,0 +1,44 @@
+"""The load test's latency tally: cheap to add to, and its figures match exact ones."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from loadtest.measure import Tally, summary
+
+
+def exact(values: list[int], p: float) -> int:
+    """The smallest value with at least p% of the values at or below it."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(len(ordered) * p / 100) - 1)]
+
+
+def test_percentiles_match_the_exact_ones_within_the_precision() -> None:
+    rng = random.Random(7)
+    values = [int(rng.lognormvariate(7, 1.2)) + 1 for _ in range(50_000)]
+    tally = Tally()
+    for v in values:
+        tally.add(v)
+    assert tally.total == len(values)
+    assert len(tally.counts) < 12_000               # bounded, whatever the spread
+    for p in (50, 90, 99, 99.9):
+        want = exact(values, p)
+        assert abs(tally.percentile(p) - want) <= want / 1000 + 1, p
+    figures = summary(tally, "x")
+    for key, p in (("p50", 50), ("p90", 90), ("p99", 99), ("p999", 99.9)):
+        want = exact(values, p)
+        assert abs(figures[key] * 1000 - want) <= want / 500 + 1, key
+
+
+def test_merge_equals_adding_everything_to_one() -> None:
+    a, b, both = Tally(), Tally(), Tally()
+    for v in range(1, 5000, 7):
+        a.add(v)
+        both.add(v)
+    for v in range(3, 90_000, 13):
+        b.add(v)
+        both.add(v)
+    a.merge(b)
+    assert a.counts == both.counts and a.total == both.total
+    assert Tally().percentile(99) == 0 and summary(Tally(), "empty")["count"] == 0
