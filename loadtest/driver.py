@@ -200,6 +200,8 @@ class Run:
                 wait = intended - EARLY_NS - time.perf_counter_ns()
                 if wait > 0:
                     await asyncio.sleep(wait / 1e9)
+                else:       # behind schedule: still let the clients read their events
+                    await asyncio.sleep(0)
                 if rng.random() < p.ask_share:
                     sme, msg = self.market.ask()
                     self._send(self.smes[sme], msg, intended, measured)

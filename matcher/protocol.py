@@ -266,11 +266,16 @@ class Status(_Event, tag="status"):
 
 
 class Error(_Event, tag="error"):
-    """A message the gateway could not take (malformed, not allowed); nothing changed."""
+    """A message the gateway could not take (malformed, not allowed); nothing changed.
+
+    `client_id` is the message's own, when it could be read (an order with one wrong
+    field still says which order it was), so a client with several orders in flight
+    knows which one was refused."""
 
     code: str
     message: str
     path: str | None = None
+    client_id: str | None = None
 
 
 class Welcome(_Event, tag="welcome"):

@@ -43,8 +43,18 @@ _SYSTEM = Participant(id=SYSTEM, name="system", role="admin", key_sha256="")
 _Held = tuple[Outcome, float, "Connection | None"]   # an outcome waiting for its batch
 
 
-def decode_error(exc: msgspec.MsgspecError) -> wire.Error:
-    """msgspec's own message, with the JSON path split out.
+class _Named(msgspec.Struct):
+    """Only the client id of a message that did not decode (other fields ignored)."""
+
+    client_id: wire.Name | None = None
+
+
+_read_client_id = msgspec.json.Decoder(_Named).decode
+
+
+def decode_error(exc: msgspec.MsgspecError, data: bytes | str) -> wire.Error:
+    """msgspec's own message, with the JSON path split out, and the message's client id
+    when it has a valid one.
 
     msgspec puts the path of the object in which a field is unknown or missing, and
     nothing at the top level; the path given here ends at the field itself.
@@ -57,7 +67,11 @@ def decode_error(exc: msgspec.MsgspecError) -> wire.Error:
     field = _FIELD.search(text)
     if field is not None:
         path = f"{path}.{field.group(1)}"
-    return wire.Error(code="invalid", message=text, path=path)
+    try:
+        client_id = _read_client_id(data).client_id
+    except msgspec.MsgspecError:
+        client_id = None
+    return wire.Error(code="invalid", message=text, path=path, client_id=client_id)
 
 
 def frame(payload: bytes) -> bytes:
@@ -320,7 +334,7 @@ class Gateway:
         try:
             msg = wire.json_decoder.decode(data)
         except msgspec.MsgspecError as exc:
-            self._error(conn, decode_error(exc))
+            self._error(conn, decode_error(exc, data))
             return
         who = conn.participant
         if not conn.allow():

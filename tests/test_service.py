@@ -380,41 +380,49 @@ VALID_BID = bid("b9", "DFM-30D", 250, 1_000)
 #: (name, who, message as sent, the exact answer; "message" is checked to contain it)
 BAD_INPUTS: list[tuple[str, int, str, dict[str, Any]]] = [
     ("malformed_json", F11, '{"type": "bid", "client_id": ',
-     {"type": "error", "code": "malformed", "message": "truncated", "path": None}),
+     {"type": "error", "code": "malformed", "message": "truncated", "path": None,
+      "client_id": None}),
     ("not_json_at_all", F11, "hello",
-     {"type": "error", "code": "malformed", "message": "malformed", "path": None}),
+     {"type": "error", "code": "malformed", "message": "malformed", "path": None,
+      "client_id": None}),
     ("wrong_type", F11, json.dumps({**VALID_BID, "rate_bps": "250"}),
      {"type": "error", "code": "invalid", "message": "Expected `int`, got `str`",
-      "path": "$.rate_bps"}),
+      "path": "$.rate_bps", "client_id": "b9"}),
     ("bool_for_int", F11, json.dumps({**VALID_BID, "amount": True}),
      {"type": "error", "code": "invalid", "message": "Expected `int`, got `bool`",
-      "path": "$.amount"}),
+      "path": "$.amount", "client_id": "b9"}),
     ("unknown_type", F11, json.dumps({"type": "sell", "client_id": "x"}),
-     {"type": "error", "code": "invalid", "message": "'sell'", "path": "$.type"}),
+     {"type": "error", "code": "invalid", "message": "'sell'", "path": "$.type", "client_id": "x"}),
     ("no_type", F11, json.dumps({"client_id": "x"}),
-     {"type": "error", "code": "invalid", "message": "`type`", "path": "$.type"}),
+     {"type": "error", "code": "invalid", "message": "`type`", "path": "$.type", "client_id": "x"}),
     ("unknown_field", F11, json.dumps({**VALID_BID, "price": 1}),
      {"type": "error", "code": "invalid", "message": "unknown field `price`",
-      "path": "$.price"}),
+      "path": "$.price", "client_id": "b9"}),
     ("missing_field", F11, json.dumps({k: v for k, v in VALID_BID.items() if k != "amount"}),
      {"type": "error", "code": "invalid", "message": "missing required field `amount`",
-      "path": "$.amount"}),
+      "path": "$.amount", "client_id": "b9"}),
     ("rate_over_protocol_max", F11, json.dumps({**VALID_BID, "rate_bps": 10_001}),
-     {"type": "error", "code": "invalid", "message": "<= 10000", "path": "$.rate_bps"}),
+     {"type": "error", "code": "invalid", "message": "<= 10000", "path": "$.rate_bps",
+      "client_id": "b9"}),
     ("zero_amount", F11, json.dumps({**VALID_BID, "amount": 0}),
-     {"type": "error", "code": "invalid", "message": ">= 1", "path": "$.amount"}),
+     {"type": "error", "code": "invalid", "message": ">= 1", "path": "$.amount",
+      "client_id": "b9"}),
     ("amount_over_max", F11, json.dumps({**VALID_BID, "amount": 10**12 + 1}),
-     {"type": "error", "code": "invalid", "message": "<= 1000000000000", "path": "$.amount"}),
+     {"type": "error", "code": "invalid", "message": "<= 1000000000000", "path": "$.amount",
+      "client_id": "b9"}),
     ("negative_min_ticket", F11, json.dumps({**VALID_BID, "min_ticket": -1}),
-     {"type": "error", "code": "invalid", "message": ">= 0", "path": "$.min_ticket"}),
+     {"type": "error", "code": "invalid", "message": ">= 0", "path": "$.min_ticket",
+      "client_id": "b9"}),
     ("bad_tif", F11, json.dumps({**VALID_BID, "tif": "gfd"}),
-     {"type": "error", "code": "invalid", "message": "'gfd'", "path": "$.tif"}),
+     {"type": "error", "code": "invalid", "message": "'gfd'", "path": "$.tif", "client_id": "b9"}),
     ("new_segment_id_with_space", ADMIN,
      json.dumps({"type": "add_segment", "segment": "DFM 60D", "core": "DFM",
                  "tenor_days": 60}),
-     {"type": "error", "code": "invalid", "message": "regex", "path": "$.segment"}),
+     {"type": "error", "code": "invalid", "message": "regex", "path": "$.segment",
+      "client_id": None}),
     ("client_id_too_long", F11, json.dumps({**VALID_BID, "client_id": "b" * 65}),
-     {"type": "error", "code": "invalid", "message": "length <= 64", "path": "$.client_id"}),
+     {"type": "error", "code": "invalid", "message": "length <= 64", "path": "$.client_id",
+      "client_id": None}),
     ("unknown_segment", F11, json.dumps({**VALID_BID, "segment": "ACME-30D"}),
      {"type": "rejected", "client_id": "b9", "code": "unknown_segment",
       "message": "no segment 'ACME-30D'", "path": "$.segment"}),
@@ -453,14 +461,14 @@ BAD_INPUTS: list[tuple[str, int, str, dict[str, Any]]] = [
     ("quote_unknown_segment", F11,
      json.dumps({"type": "quote", "segment": "ACME-30D", "amount": 1}),
      {"type": "error", "code": "unknown_segment", "message": "no segment 'ACME-30D'",
-      "path": "$.segment"}),
+      "path": "$.segment", "client_id": None}),
     ("subscribe_unknown_segment", F11,
      json.dumps({"type": "subscribe", "segments": ["DFM-30D", "ACME-30D"]}),
      {"type": "error", "code": "unknown_segment", "message": "no segment 'ACME-30D'",
-      "path": "$.segments[1]"}),
+      "path": "$.segments[1]", "client_id": None}),
     ("second_auth", F11, json.dumps({"type": "auth", "key": key(F11)}),
      {"type": "error", "code": "already_authenticated",
-      "message": "this connection is signed in", "path": "$.type"}),
+      "message": "this connection is signed in", "path": "$.type", "client_id": None}),
 ]
 
 
@@ -492,6 +500,26 @@ def test_bad_input_is_answered_changes_nothing_and_keeps_the_connection(
         {k: v for k, v in expected.items() if k != "message"}
     assert extra == []
     assert after == before
+
+
+def test_each_answer_names_its_order_when_several_are_in_flight(
+        shared_server: ServerProcess) -> None:
+    """A funder sends three bids at once, the middle one invalid: the error carries that
+    bid's client id, so the funder knows which order was refused."""
+    async def scenario() -> list[dict[str, Any]]:
+        async with session(shared_server, F11) as client:
+            for cid, amount in (("f1", 1_000), ("f2", 0), ("f3", 2_000)):
+                await client.send(bid(cid, "DFM-30D", 3000, amount, tif="day"))
+            answers = [await client.recv() for _ in range(3)]
+            for cid in ("f1", "f3"):
+                await client.ok({"type": "cancel", "client_id": cid})
+                await client.expect("done")
+            return answers
+
+    answers = run(scenario())
+    by_id = {a["client_id"]: a for a in answers}
+    assert by_id["f2"]["type"] == "error" and by_id["f2"]["path"] == "$.amount"
+    assert by_id["f1"]["type"] == by_id["f3"]["type"] == "accepted"
 
 
 def test_someone_elses_order_is_unknown_to_a_second_sme(server: ServerProcess) -> None:
@@ -702,7 +730,8 @@ def test_only_platform_and_admin_may_subscribe_to_fills(server: ServerProcess) -
 
     refused_funder, refused_sme, f11_got, trades, extra = run(scenario())
     forbidden = {"type": "error", "code": "forbidden",
-                 "message": "only the platform may follow all fills", "path": "$.fills"}
+                 "message": "only the platform may follow all fills", "path": "$.fills",
+                 "client_id": None}
     assert refused_funder == forbidden and refused_sme == forbidden
     fill = f11_got[0]
     trade = {"type": "trade", "trade_id": fill["trade_id"], "seq": fill["seq"],
@@ -1290,7 +1319,8 @@ def test_http_quote_of_an_unknown_segment_is_404(server: ServerProcess) -> None:
     status, body = server.get("/v1/segments/ACME-30D/quote?amount=1000")
     assert status == 404
     assert json.loads(body) == {"type": "error", "code": "unknown_segment",
-                                "message": "no segment 'ACME-30D'", "path": "$.segment"}
+                                "message": "no segment 'ACME-30D'", "path": "$.segment",
+                                "client_id": None}
 
 
 @pytest.mark.parametrize("amount", ["", "abc", "0", "-5", "1.5", str(10**12 + 1)])
