@@ -155,6 +155,7 @@ class Journal:
         self._fills_key = keys.fills.encode()
         self._snapshot_key = keys.snapshot.encode()
         self._conn = resp.Connection.like(client)     # the writes' own connection
+        self._conn.on_settled = self._settle
 
     # --- the write side ---
 
@@ -223,19 +224,11 @@ class Journal:
             try:
                 if self._recovering:
                     await self._recover()
-                while (self._durable is not None and len(self._window) < self.max_inflight
-                       and not self._recovering):
-                    if not self._ready():
-                        if self._window:    # its replies fail: recovery comes first
-                            break
-                        # A new connection may reach a restarted or replaced Redis: it
-                        # must hold everything acknowledged before we write after it.
-                        await self._connected()
-                        continue            # more may have queued while we waited
-                    batch = self._take()
-                    batch.reply = self._send(batch)
-                    batch.reply.add_done_callback(self._on_reply)
-                    self._window.append(batch)
+                if self._durable is not None and not self._window and not self._ready():
+                    # A new connection may reach a restarted or replaced Redis: it must
+                    # hold everything acknowledged before we write after it.
+                    await self._connected()
+                self._pump()
                 if retries:
                     log.warning("journal reconnected to Redis after %d retries", retries)
                 unreachable, retries = 0.0, 0
@@ -271,13 +264,31 @@ class Journal:
         self.pending, self._trades, self._snapshot, self._durable = [], [], None, None
         return batch
 
-    def _on_reply(self, _: asyncio.Future[Any]) -> None:
-        """Replies come in order; each settles the oldest batch in the window."""
+    def _pump(self) -> None:
+        """Send what is pending if the window has room (called when commands arrive and
+        when a reply frees the window, so the next write leaves at once)."""
+        while (self._durable is not None and len(self._window) < self.max_inflight
+               and not self._recovering and self._ready()):
+            batch = self._take()
+            batch.reply = self._send(batch)
+            self._window.append(batch)
+
+    def _settle(self) -> None:
+        """Replies come in order; each settles the oldest batch in the window. Called by
+        the connection as soon as replies arrive: the next write goes out before the
+        replies' acknowledgements are delivered (a loop turn later)."""
+        try:
+            self._settle_window()
+            self._pump()
+        except Exception as exc:   # a bug: nothing more can be acknowledged
+            self._stop(exc)
+
+    def _settle_window(self) -> None:
         while self._window and not self._recovering:
             batch = self._window[0]
             assert batch.reply is not None
             if not batch.reply.done():
-                return
+                break
             exc = None if batch.reply.cancelled() else batch.reply.exception()
             if batch.reply.cancelled() or isinstance(exc, _TRANSIENT) or _unknown_script(exc):
                 self._recovering = True
@@ -289,8 +300,6 @@ class Journal:
                 return
             self._window.popleft()
             self._durable_batch(batch)
-            if self._durable is not None:
-                self._wake.set()           # room in the window for what is waiting
 
     def _durable_batch(self, batch: _Batch) -> None:
         if batch.entries:

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
@@ -40,40 +41,50 @@ def pack(*parts: bytes) -> bytes:
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, on_settled: Callable[[], None] | None) -> None:
         self.reader = hiredis.Reader(replyError=ResponseError)
-        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.waiting: deque[tuple[asyncio.Future[Any], asyncio.TimerHandle]] = deque()
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
+        self.on_settled = on_settled
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
+        settled = False
         while self.waiting:
             reply = self.reader.gets()
             if reply is False:
-                return
-            fut = self.waiting.popleft()
+                break
+            fut, timer = self.waiting.popleft()
+            timer.cancel()
+            settled = True
             if fut.done():
                 continue
             if isinstance(reply, ResponseError):
                 fut.set_exception(reply)
             else:
                 fut.set_result(reply)
+        if settled and self.on_settled is not None:
+            self.on_settled()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(RedisConnectionError(f"connection to Redis lost: {exc or 'closed'}"))
 
     def fail(self, exc: Exception) -> None:
         self.lost = exc
+        settled = bool(self.waiting)
         while self.waiting:
-            fut = self.waiting.popleft()
+            fut, timer = self.waiting.popleft()
+            timer.cancel()
             if not fut.done():
                 fut.set_exception(exc)
         if self.transport is not None:
             self.transport.close()
+        if settled and self.on_settled is not None:
+            self.on_settled()
 
 
 class Connection:
@@ -91,6 +102,9 @@ class Connection:
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
         self.generation = 0          # connections opened so far: tells a new one apart
+        #: Called from the protocol, at once, after replies (or a failure) settled request
+        #: futures: a caller can act before the futures' callbacks get their loop turn.
+        self.on_settled: Callable[[], None] | None = None
 
     @classmethod
     def like(cls, client: aioredis.Redis) -> Connection:
@@ -144,11 +158,9 @@ class Connection:
     def _send(self, proto: _Protocol, request: bytes) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        proto.waiting.append(fut)
+        proto.waiting.append((fut, loop.call_later(self.timeout, self._expire, proto, fut)))
         assert proto.transport is not None
         proto.transport.write(request)
-        timer = loop.call_later(self.timeout, self._expire, proto, fut)
-        fut.add_done_callback(lambda _: timer.cancel())
         return fut
 
     @staticmethod
@@ -166,10 +178,12 @@ class Connection:
             try:
                 async with asyncio.timeout(self.connect_timeout):
                     if self.path is not None:
-                        _, proto = await loop.create_unix_connection(_Protocol, self.path)
+                        _, proto = await loop.create_unix_connection(
+                            lambda: _Protocol(self.on_settled), self.path)
                     else:
                         _, proto = await loop.create_connection(
-                            _Protocol, self.host, self.port, ssl=self.ssl_context)
+                            lambda: _Protocol(self.on_settled), self.host, self.port,
+                            ssl=self.ssl_context)
             except TimeoutError as exc:
                 raise RedisTimeoutError("timed out connecting to Redis") from exc
             except OSError as exc:

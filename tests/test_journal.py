@@ -463,8 +463,13 @@ def test_a_write_that_landed_without_its_reply_is_not_repeated(
                 return reply
             lost.append((len(batch.entries), batch.snap is not None))
             lossy: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            reply.add_done_callback(lambda _: lossy.set_exception(RedisConnectionError(
-                "connection lost before the reply (simulated)")))
+
+            def lose(_: asyncio.Future[Any]) -> None:
+                lossy.set_exception(RedisConnectionError(
+                    "connection lost before the reply (simulated)"))
+                journal._settle()                  # as the connection does on a failure
+
+            reply.add_done_callback(lose)
             return lossy
 
         journal._send = send_then_lose_the_reply   # type: ignore[method-assign]
