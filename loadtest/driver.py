@@ -138,6 +138,7 @@ class Run:
         self.outstanding = 0
         self.memory: list[list[float]] = []
         self._measure_wall_ns = 0
+        self.server: dict[str, Any] | None = None
 
     def _segments(self) -> list[Segment]:
         with urllib.request.urlopen(f"{self.http}/v1/segments", timeout=10) as r:
@@ -291,6 +292,7 @@ class Run:
             await self.open_market()
             total = p.warmup_s + p.duration_s * len(self.steps)
             progress = asyncio.get_running_loop().create_task(self.progress(stop, total))
+            buckets = await asyncio.to_thread(server_buckets, self.http)
             await self.offer()
             await self._await_acks(30)
             # Let the platform reader catch up with every fill the clients saw.
@@ -300,6 +302,8 @@ class Run:
                     and set(self.rec.fills_funder) <= set(self.rec.fills_platform)):
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.2)
+            self.server = server_view(buckets,
+                                      await asyncio.to_thread(server_buckets, self.http))
             stop.set()
             await asyncio.gather(reader, memory, progress)
         finally:
@@ -349,15 +353,41 @@ class Run:
                     "limit_p99": p.max_lag_p99_ms, "ok": lag_ok},
             "reconciliation": recon,
             "memory": memory,
+            "server_view": self.server,
         }
+
+
+def _metrics(http: str) -> str | None:
+    try:
+        with urllib.request.urlopen(f"{http}/metrics", timeout=5) as r:
+            return str(r.read().decode())
+    except OSError:
+        return None
 
 
 def server_rss(http: str) -> float | None:
     """The server's resident memory, from its Prometheus metrics."""
-    try:
-        with urllib.request.urlopen(f"{http}/metrics", timeout=5) as r:
-            text = r.read().decode()
-    except OSError:
-        return None
-    m = re.search(r"^process_resident_memory_bytes ([0-9.e+]+)$", text, re.M)
+    text = _metrics(http)
+    m = re.search(r"^process_resident_memory_bytes ([0-9.e+]+)$", text or "", re.M)
     return float(m.group(1)) if m else None
+
+
+_BUCKET = re.compile(r'^matcher_command_latency_seconds_bucket\{le="([^"]+)"\} ([0-9.e+]+)$',
+                     re.M)
+
+
+def server_buckets(http: str) -> dict[str, float]:
+    """The server's own latency histogram (receive to reply released), cumulative."""
+    return {le: float(n) for le, n in _BUCKET.findall(_metrics(http) or "")}
+
+
+def server_view(before: dict[str, float], after: dict[str, float]) -> dict[str, Any] | None:
+    """The share of the run's commands the server released within each bucket bound:
+    its side of the latency, without the network and the generator."""
+    total = after.get("+Inf", 0.0) - before.get("+Inf", 0.0)
+    if total <= 0:
+        return None
+    within = [[float(le) * 1000, (n - before.get(le, 0.0)) / total]
+              for le, n in after.items() if le != "+Inf"]
+    return {"label": "receive → reply released (the server's own histogram)",
+            "count": int(total), "within_ms": sorted(within)}

@@ -269,10 +269,26 @@ def _facts(results: Results, problems: bool = False) -> list[tuple[str, str]]:
     capacity = _capacity_line(results)
     if capacity is not None:
         facts.append(("capacity", capacity))
+    server = _server_line(results)
+    if server is not None:
+        facts.append(("server view", server))
     memory = _memory_line(results)
     if memory is not None:
         facts.append(("memory", memory))
     return facts
+
+
+def _server_line(results: Results) -> str | None:
+    """How much of the latency is the server's: the share it released within 1, 2, 5 and
+    10 ms, from its own histogram (warm-up and the market's opening included)."""
+    view = results.get("server_view")
+    if not view:
+        return None
+    shares = {round(float(ms), 3): float(share) for ms, share in view.get("within_ms", [])}
+    parts = [f"{shares[ms] * 100:.1f}% within {ms:g} ms" for ms in (1.0, 2.0, 5.0, 10.0)
+             if ms in shares]
+    return f"receive → reply released: {', '.join(parts)}  ({fmt_int(view.get('count'))} " \
+           "commands, its own histogram)"
 
 
 def _title(results: Results) -> str:

@@ -28,6 +28,9 @@ def test_smoke_profile_reconciles_and_writes_its_report(
     assert recon["fills_sme"] == recon["fills_platform"] > 0
     assert recon["amount_sme"] == recon["amount_platform"]
     assert results["measures"]["ack"]["count"] > 0
+    view = results["server_view"]                  # read from the real server's /metrics
+    assert view["count"] >= recon["commands_sent"] * 0.9
+    assert 0 < view["within_ms"][-1][1] <= 1
     for name in ("report.html", "latency.png", "timeline.png"):
         assert (out / name).stat().st_size > 1000, name
     html = (out / "report.html").read_text()

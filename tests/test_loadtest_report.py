@@ -166,7 +166,21 @@ def test_summary_table_is_aligned_and_says_pass(tmp_path: Path) -> None:
     assert "fills sme/funder/platform 5,000/5,000/5,000" in table
     assert re.search(r"^memory\s+server RSS 95.4 MiB -> 114.4 MiB\s+\(\+19.1 MiB\)", table, re.M)
     assert "capacity" not in table
+    assert "server view" not in table           # an older run without the server's view
     assert lines[-1].split() == ["verdict", "PASS"]
+
+
+def test_the_server_view_is_the_runs_share_of_its_histogram() -> None:
+    from loadtest.driver import server_view
+    before = {"0.001": 100.0, "0.002": 150.0, "0.005": 200.0, "+Inf": 200.0}
+    after = {"0.001": 500.0, "0.002": 1050.0, "0.005": 1190.0, "+Inf": 1200.0}
+    view = server_view(before, after)
+    assert view is not None and view["count"] == 1000
+    assert view["within_ms"] == [[1.0, 0.4], [2.0, 0.9], [5.0, 0.99]]
+    assert server_view(after, after) is None       # nothing ran: no view
+    table = report.summary_table({**fixed_results(), "server_view": view})
+    assert re.search(r"^server view\s+receive → reply released: 40.0% within 1 ms, "
+                     r"90.0% within 2 ms, 99.0% within 5 ms  \(1,000 commands", table, re.M)
 
 
 def test_html_is_self_contained_with_verdict_numbers_and_images(tmp_path: Path) -> None:
