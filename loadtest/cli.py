@@ -13,6 +13,7 @@ import datetime as dt
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -77,6 +78,7 @@ def local_server(config_path: str | None, out: Path,
         server.wait(timeout=60)
         log.close()
         redis.stop()
+        shutil.rmtree(data, ignore_errors=True)     # a throwaway Redis: its data goes too
 
 
 def machine() -> dict[str, Any]:
