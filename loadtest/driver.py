@@ -43,11 +43,27 @@ class Participant:
 
 @dataclass
 class Step:
+    """One rate of a ramp: latencies of the commands scheduled in it, and the acks that
+    arrived while it lasted (what the server kept up with, whatever was scheduled)."""
+
     offered: float
     start_ns: int = 0
     end_ns: int = 0
     ack: Tally = field(default_factory=Tally)
-    acked: int = 0
+    acked: int = 0           # acks that arrived during the step
+
+    def record(self, origin: int, now: int) -> None:
+        if self.start_ns <= origin < self.end_ns:
+            self.ack.add(max(1, (now - origin) // 1000))
+        if self.start_ns <= now < self.end_ns:
+            self.acked += 1
+
+    def row(self, duration_s: float, objective_p99_ms: float) -> dict[str, Any]:
+        s = summary(self.ack, f"{self.offered:.0f}/s")
+        achieved = self.acked / duration_s
+        return {"offered": self.offered, "achieved": achieved, "p50": s["p50"],
+                "p99": s["p99"], "ok": s["p99"] <= objective_p99_ms
+                and achieved >= 0.95 * self.offered}
 
 
 class Client:
@@ -149,10 +165,7 @@ class Run:
         if not measured:
             return
         for step in self.steps:
-            if step.start_ns <= origin < step.end_ns:
-                step.ack.add(max(1, (now - origin) // 1000))
-                step.acked += 1
-                return
+            step.record(origin, now)
 
     def _send(self, client: Client, msg: dict[str, Any], intended_ns: int,
               measured: bool) -> None:
@@ -326,13 +339,7 @@ class Run:
         ramp = None
         capacity = sustained = None
         if p.ramp:
-            ramp = []
-            for step in self.steps:
-                s = summary(step.ack, f"{step.offered:.0f}/s")
-                achieved = step.acked / p.duration_s
-                ok = s["p99"] <= p.objective_p99_ms and achieved >= 0.95 * step.offered
-                ramp.append({"offered": step.offered, "achieved": achieved, "p50": s["p50"],
-                             "p99": s["p99"], "ok": ok})
+            ramp = [step.row(p.duration_s, p.objective_p99_ms) for step in self.steps]
             passing = [r["offered"] for r in ramp if r["ok"]]
             capacity = max(passing) if passing else None
             kept = [r["offered"] for r in ramp if r["achieved"] >= 0.95 * r["offered"]]

@@ -42,3 +42,19 @@ def test_merge_equals_adding_everything_to_one() -> None:
     a.merge(b)
     assert a.counts == both.counts and a.total == both.total
     assert Tally().percentile(99) == 0 and summary(Tally(), "empty")["count"] == 0
+
+
+def test_a_ramp_step_counts_acks_that_arrived_during_it() -> None:
+    """A server that falls behind answers later than the step lasts: those acks do not
+    count as achieved in it, whatever their scheduled time."""
+    from loadtest.driver import Step
+    step = Step(offered=1000, start_ns=0, end_ns=10**9)
+    for k in range(1000):                      # 1,000 scheduled in the step's second
+        origin = k * 10**6
+        arrival = origin + (10**6 if k < 600 else 10**9)   # 400 answered a second late
+        step.record(origin, arrival)
+    step.record(-5, 10)                        # scheduled before, answered during
+    row = step.row(duration_s=1.0, objective_p99_ms=2.0)
+    assert row["achieved"] == 601 and not row["ok"]
+    assert step.ack.total == 1000
+    assert row["p50"] == 1.0 and row["p99"] > 900
