@@ -342,8 +342,12 @@ class Run:
             ramp = [step.row(p.duration_s, p.objective_p99_ms) for step in self.steps]
             passing = [r["offered"] for r in ramp if r["ok"]]
             capacity = max(passing) if passing else None
-            kept = [r["offered"] for r in ramp if r["achieved"] >= 0.95 * r["offered"]]
-            sustained = max(kept) if kept else None
+            # Sustained: every step up to this one kept up (a later step can "achieve"
+            # more than it offered while the server works off an earlier backlog).
+            for r in ramp:
+                if r["achieved"] < 0.95 * r["offered"]:
+                    break
+                sustained = r["offered"]
         memory = ({"rss_start": self.memory[0][1], "rss_end": self.memory[-1][1],
                    "samples": self.memory} if self.memory else None)
         return {
