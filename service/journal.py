@@ -108,6 +108,12 @@ def stream_seq(entry_id: bytes | str) -> int:
     return int(text.split("-", 1)[0])
 
 
+def _consume(fut: asyncio.Future[Any]) -> None:
+    """Mark a reply's failure as seen (asyncio logs unretrieved ones)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 def _unknown_script(exc: BaseException | None) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("NOSCRIPT")
 
@@ -342,6 +348,8 @@ class Journal:
         for batch in self._window:
             if not batch.done.done():
                 batch.done.set_exception(self.error)
+            if batch.reply is not None:     # its outcome no longer matters
+                batch.reply.add_done_callback(_consume)
         self._window.clear()
         if self._durable is not None:       # what queued up behind it fails too
             self._durable.set_exception(self.error)
