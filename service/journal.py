@@ -386,7 +386,7 @@ class Journal:
             log.warning("journal write succeeded after %d retries", attempt)
 
     def _send(self, batch: _Batch) -> asyncio.Future[Any]:
-        """Send one batch without waiting; its reply settles it (`_on_reply`)."""
+        """Send one batch without waiting; its reply settles it (`_settle`)."""
         return self._conn.request(self._pack(batch.entries, batch.trades, batch.snap,
                                              _SCRIPT_SHA))
 
