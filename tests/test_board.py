@@ -30,7 +30,7 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-q
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 OUTPUT = ROOT / "test-output"
-F11, F12, F13, SME_X, SME_Y = 11, 12, 13, 21, 22
+ADMIN, F11, F12, F13, SME_X, SME_Y = 1, 11, 12, 13, 21, 22
 WAIT = 5.0
 SEG = "DFM-30D"
 DEBOUNCE_S = 0.6          # well past the page's quote debounce (200 ms)
@@ -327,6 +327,29 @@ def test_funder_bid_appears_on_board_without_reload(
     expect(funder.locator("#orders-msg")).to_contain_text("Bid cancelled")
     expect(funder.locator("#orders .order")).to_have_count(0)
     expect(card(board).locator(".best-rate")).to_have_text("—")
+
+
+def test_a_segment_opened_while_the_page_is_up_appears_without_reload(
+        new_page: Callable[..., Page], server: ServerProcess,
+        clients: Callable[[int], WsClient]) -> None:
+    board = new_page("board-new-segment")
+    sign_in(board, server, SME_X)
+    board.evaluate("window.__sameDocument = true")
+    board.select_option("#sme-segment", SEG)
+    expect(board.locator("#card-DFM-60D")).to_have_count(0)
+    admin = clients(ADMIN)
+    admin.send({"type": "add_segment", "segment": "DFM-60D", "core": "DFM",
+                "tenor_days": 60})
+    assert admin.until("accepted")["client_id"] is None
+    expect(card(board, "DFM-60D")).to_be_visible(timeout=20_000)   # polled every 10 s
+    expect(board.locator('#sme-segment option[value="DFM-60D"]')).to_have_count(1)
+    expect(board.locator("#sme-segment")).to_have_value(SEG)      # the choice is kept
+    # Subscribed to it: a bid there shows at once.
+    bank = clients(F11)
+    bank.line("DFM", 100_000_000)
+    bank.bid("DFM-60D", 255, 1_000_000)
+    expect(card(board, "DFM-60D").locator(".best-rate")).to_have_text("2.55%")
+    assert board.evaluate("window.__sameDocument") is True
 
 
 def test_sme_quote_matches_book(new_page: Callable[..., Page], server: ServerProcess,

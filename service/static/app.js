@@ -224,16 +224,36 @@ function signOut() {
 }
 
 // The segment list with core and tenor comes over HTTP; the welcome only names ids.
-async function loadSegments(ids) {
-  let meta = [];
+async function fetchSegments() {
   try {
     const res = await fetch('/v1/segments', { cache: 'no-store' });
-    if (res.ok) meta = await res.json();
-  } catch { /* shown with ids only */ }
-  const byId = new Map(meta.map((s) => [s.id, s]));
-  const list = ids.map((id) => byId.get(id) ?? { id, core: id, tenor_days: 0, rate_cap_bps: 10000 });
+    if (res.ok) return await res.json();
+  } catch { /* offline: keep what is shown */ }
+  return null;
+}
+
+function setSegments(list) {
   list.sort((a, b) => a.core.localeCompare(b.core) || a.tenor_days - b.tenor_days);
   state.segments = new Map(list.map((s) => [s.id, s]));
+}
+
+async function loadSegments(ids) {
+  const byId = new Map((await fetchSegments() ?? []).map((s) => [s.id, s]));
+  setSegments(ids.map((id) => byId.get(id) ?? { id, core: id, tenor_days: 0, rate_cap_bps: 10000 }));
+}
+
+// Segments an admin opens while the page is up appear on it, subscribed, without a reload.
+const SEGMENT_REFRESH_MS = 10_000;
+
+async function refreshSegments() {
+  if (!conn.welcomed) return;
+  const added = (await fetchSegments() ?? []).filter((s) => !state.segments.has(s.id));
+  if (!added.length) return;
+  const chosen = ['sme-segment', 'bid-segment', 'line-core'].map((id) => [id, $(id).value]);
+  setSegments([...state.segments.values(), ...added]);
+  showWorkspace();
+  for (const [id, value] of chosen) if (value) $(id).value = value;
+  send({ type: 'subscribe', segments: added.map((s) => s.id) });
 }
 
 // ---- Events -----------------------------------------------------------------------
@@ -247,6 +267,7 @@ async function onWelcome(msg) {
   if (first) {
     await loadSegments(msg.segments);
     showWorkspace();
+    setInterval(refreshSegments, SEGMENT_REFRESH_MS);
   }
   setLive('live');
   send({ type: 'subscribe', segments: [...state.segments.keys()] });
@@ -270,19 +291,28 @@ function onRejected(msg) {
   if (state.me?.role === 'funder') requestStatus();
 }
 
-// Errors carry no client id. The gateway answers a message it cannot take at once, so an
-// error right after a command most likely is that command's: end its "in progress" note.
+// An error names the command's client id when the command had a readable one; else the
+// gateway answers a message it cannot take at once, so an error right after a command
+// most likely is that command's. Either way its "in progress" note ends.
 function onError(msg) {
   const text = `Error (${msg.code}): ${msg.message}`;
   notify(text);
   const last = state.lastSent;
   state.lastSent = null;
-  const list = last && state.pending.get(last.clientId);
-  if (!list?.includes(last.pending)) return;
-  list.splice(list.indexOf(last.pending), 1);
-  if (!list.length) state.pending.delete(last.clientId);
-  showMsg(last.pending.msg, text);
-  if (last.pending.kind === 'ask') smeAskEvent(last.clientId, (a) => { a.rejected = msg; });
+  const clientId = msg.client_id ?? last?.clientId;
+  const pending = msg.client_id != null ? takePending(clientId) : dropPending(last);
+  if (!pending) return;
+  showMsg(pending.msg, text);
+  if (pending.kind === 'ask') smeAskEvent(clientId, (a) => { a.rejected = msg; });
+}
+
+// The waiting note of one particular send, if it still waits.
+function dropPending(sent) {
+  const list = sent && state.pending.get(sent.clientId);
+  if (!list?.includes(sent.pending)) return null;
+  list.splice(list.indexOf(sent.pending), 1);
+  if (!list.length) state.pending.delete(sent.clientId);
+  return sent.pending;
 }
 
 function onFill(fill) {
