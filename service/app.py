@@ -24,6 +24,7 @@ import msgspec
 import redis.asyncio as aioredis
 from aiohttp import WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
 
 from matcher import protocol as wire
 from matcher.participants import Directory, Participant
@@ -187,12 +188,29 @@ class Service:
             now = dt.datetime.now(zone)
             due = next_end_of_day(now, self.config.engine.end_of_day)
             await asyncio.sleep((due - now).total_seconds())
-            assert self.gateway is not None
             log.info("end of day %s: DAY orders expire", due.date())
-            self.gateway.submit(system(), wire.EndOfDay(), time.perf_counter())
-            await asyncio.sleep(1)
-            log.info("end of day: full garbage collection found %d objects",
-                     gctune.full_collect())
+            await self.close_day()
+
+    async def close_day(self) -> None:
+        """The cut-off, then the upkeep kept out of trading hours: a full garbage
+        collection and, when Redis keeps an append-only file, its rewrite (a fork and a
+        full write of the data set: a latency spike mid-morning, harmless now)."""
+        gw = self.gateway
+        assert gw is not None and self.client is not None
+        gw.submit(system(), wire.EndOfDay(), time.perf_counter())
+        try:
+            await gw.journal.flush()
+        except Exception as exc:     # the journal stopped: it said why; nothing to upkeep
+            log.error("end of day not journaled: %s", exc)
+            return
+        log.info("end of day: full garbage collection found %d objects",
+                 gctune.full_collect())
+        if self.config.redis.rewrite_at_end_of_day and self.config.redis.durability != "no":
+            try:
+                await self.client.bgrewriteaof()
+                log.info("end of day: Redis is rewriting its append-only file")
+            except RedisError as exc:      # already rewriting, or a managed Redis refusing
+                log.warning("end of day: BGREWRITEAOF not started (%s)", exc)
 
     # --- HTTP and WebSocket ---
 

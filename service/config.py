@@ -44,6 +44,10 @@ class RedisConfig(_Section):
     # Journal writes sent before the previous one returned. 1 suits a Redis on the same
     # few cores (each write costs CPU there); more helps when Redis is a network hop away.
     writes_in_flight: Annotated[int, Meta(ge=1, le=64)] = 1
+    # Ask Redis to rewrite its append-only file after the end of day (BGREWRITEAOF), so
+    # that its own automatic rewrites (a fork and a full write) do not fall in trading
+    # hours; give a remote Redis a large auto-aof-rewrite-min-size too (README).
+    rewrite_at_end_of_day: bool = True
 
 
 class EngineConfig(_Section):

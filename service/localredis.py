@@ -43,7 +43,10 @@ class LocalRedis:
             raise RuntimeError("redis-server is not installed: run `./dev setup`, which "
                                "installs it with apt-get")
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        aof = ["--appendonly", "yes", "--appendfsync", self.durability] \
+        # The gateway rewrites the append-only file after the end of day; Redis's own
+        # rewrite (at 64 MB by default) would fork in the middle of trading.
+        aof = ["--appendonly", "yes", "--appendfsync", self.durability,
+               "--auto-aof-rewrite-min-size", "1gb"] \
             if self.durability != "no" else ["--appendonly", "no"]
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",

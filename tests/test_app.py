@@ -1,7 +1,8 @@
-"""Pieces of `matcher serve` that need no server: the end-of-day schedule, settings."""
+"""Pieces of `matcher serve` tested in process: the end-of-day schedule and upkeep, settings."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -11,6 +12,7 @@ import pytest
 
 from service.app import next_end_of_day
 from service.config import load
+from service.localredis import LocalRedis
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 
@@ -61,3 +63,38 @@ def test_gc_tuning_freezes_startup_and_turns_automatic_collection_off() -> None:
     finally:
         gc.unfreeze()
         gc.enable()
+
+
+def test_close_day_expires_day_orders_then_rewrites_the_append_only_file(
+        tmp_path: Path, redis_server: LocalRedis) -> None:
+    """The end of day, in process: the cut-off is journaled, then Redis is asked to
+    rewrite its append-only file (its own rewrite, at 1 GB for the local one, would
+    otherwise fork during trading)."""
+    from service.app import Service
+    from service.journal import Keys, read_journal
+    from tests.conftest import run, write_config
+
+    async def scenario() -> tuple[int, int, str, str]:
+        cfg = load(write_config(tmp_path / "m.toml", redis_server.url, 0), {})
+        service = Service(cfg)
+        await service.start()
+        assert service.client is not None and service.gateway is not None
+        before = (await service.client.info("persistence"))["aof_rewrites"]
+        minimum = (await service.client.config_get("auto-aof-rewrite-min-size"))
+        await service.close_day()
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            info = await service.client.info("persistence")
+            if info["aof_rewrites"] > before and not info["aof_rewrite_in_progress"]:
+                break
+            assert asyncio.get_running_loop().time() < deadline, info
+            await asyncio.sleep(0.05)
+        last = [e async for batch in read_journal(service.client, Keys()) for e in batch][-1]
+        await service.stop()
+        return before, info["aof_rewrites"], type(last.command).__name__, \
+            minimum["auto-aof-rewrite-min-size"]
+
+    before, after, last, minimum = run(scenario())
+    assert after == before + 1
+    assert last == "EndOfDay"
+    assert int(minimum) == 1024**3
