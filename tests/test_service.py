@@ -51,11 +51,14 @@ class Client:
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
         self.welcome: dict[str, Any] = {}
+        self.held: list[dict[str, Any]] = []     # read early by `book`, handed out first
 
     async def send(self, msg: dict[str, Any] | str | bytes) -> None:
         await self.ws.send(msg if isinstance(msg, str | bytes) else json.dumps(msg))
 
     async def recv(self, timeout: float = WAIT) -> dict[str, Any]:
+        if self.held:
+            return self.held.pop(0)
         data = await asyncio.wait_for(self.ws.recv(), timeout)
         out: dict[str, Any] = json.loads(data)
         return out
@@ -91,10 +94,21 @@ class Client:
         return await self.expect("quote")
 
     async def book(self, segment: str) -> dict[str, Any]:
-        """The segment's book as of now (subscribe, take the snapshot, unsubscribe)."""
+        """The segment's book as of now (subscribe, take the snapshot, unsubscribe).
+
+        A coalesced update may have been on its way before the unsubscribe: a `status`
+        request after it is a fence (a connection's messages are answered in order), and
+        such updates are dropped; anything else read meanwhile is kept for later reads.
+        """
         await self.send({"type": "subscribe", "segments": [segment]})
         update = await self.expect("book")
         await self.send({"type": "unsubscribe", "segments": [segment]})
+        await self.send({"type": "status"})
+        later: list[dict[str, Any]] = []
+        while (msg := await self.recv())["type"] != "status":
+            if not (msg["type"] == "book" and msg["segment"] == segment):
+                later.append(msg)
+        self.held = later + self.held
         return update
 
     async def closed(self, timeout: float = WAIT) -> tuple[list[dict[str, Any]], int | None]:
