@@ -857,22 +857,55 @@ cdef class Book:
     # --- reads ---
 
     def best_bid(self):
-        """(rate_bps, amount) of the best funder level, or None."""
-        cdef int32_t n = self.lv_n[BID]
-        if n == 0:
-            return None
-        return (self.lv[BID][n - 1].rate, self.lv[BID][n - 1].total)
+        """(rate_bps, amount) of the best level funders can lend at now, or None."""
+        cdef list top = self._lendable(1)
+        return top[0][:2] if top else None
 
     def depth(self, n: int = 10) -> list:
-        """The funder side's best `n` levels as (rate_bps, amount, orders)."""
-        cdef Py_ssize_t li, k = self.lv_n[BID]
+        """The funder side's best `n` levels as (rate_bps, amount, orders), counting only
+        what each bid can lend now: the fills an unlimited market ask would get, by level.
+
+        A bid whose funder's line is used up (or too short for its min_ticket) shows
+        nothing; two bids of one funder show no more than its line together.
+        """
+        return self._lendable(_int_in(n, 0, INT64_MAX, "n"))
+
+    cdef list _lendable(self, int64_t want):
         cdef Level* lv = self.lv[BID]
+        cdef Py_ssize_t li = self.lv_n[BID] - 1, last
+        cdef int64_t amount, orders, q
+        cdef int32_t s
+        cdef COrder* o
+        cdef CreditLines cr = self.credit
         cdef list out = []
-        cdef int64_t want = _int_in(n, 0, INT64_MAX, "n")
-        li = k - 1
-        while li >= 0 and len(out) < want:
-            out.append((lv[li].rate, lv[li].total, lv[li].count))
-            li -= 1
+        try:
+            while li >= 0 and len(out) < want:
+                amount = orders = 0
+                s = lv[li].head
+                while s >= 0:
+                    o = &self.pool[s]
+                    q = fill_qty(o.remaining, o.min_ticket, self._left(o.credit),
+                                 INT64_MAX, False)
+                    if q > 0:
+                        amount += q
+                        orders += 1
+                        if cr is not None:
+                            cr.planned[o.credit] += q   # the funder's next bids see less
+                    s = o.next
+                if orders:
+                    out.append((lv[li].rate, amount, orders))
+                li -= 1
+        finally:
+            if cr is not None:       # undo the scratch over every level walked
+                last = li
+                li = self.lv_n[BID] - 1
+                while li > last:
+                    s = lv[li].head
+                    while s >= 0:
+                        if self.pool[s].credit >= 0:
+                            cr.planned[self.pool[s].credit] = 0
+                        s = self.pool[s].next
+                    li -= 1
         return out
 
     def demand(self) -> tuple:

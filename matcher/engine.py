@@ -116,6 +116,7 @@ class Engine:
         self.segments: dict[str, Segment] = {}
         self.books: dict[str, Book] = {}
         self.lines: dict[str, CreditLines] = {}          # core enterprise -> lines
+        self._of_core: dict[str, list[str]] = {}         # core enterprise -> its segments
         self.orders: dict[int, OrderInfo] = {}           # resting orders by order id
         self.clients: dict[tuple[int, str], int] = {}    # (participant, client id) -> order id
         self.finished: dict[int, Finished] = {}          # ended orders, for retries, by end
@@ -239,6 +240,8 @@ class Engine:
     def _open(self, segment: Segment) -> None:
         lines = self.lines.setdefault(segment.core, CreditLines())
         self.segments[segment.id] = segment
+        self._of_core.setdefault(segment.core, []).append(segment.id)
+        self._of_core[segment.core].sort()
         self.books[segment.id] = Book(rate_cap_bps=segment.rate_cap_bps, credit=lines)
 
     def _retry(self, entry: wire.JournalEntry, client_id: str, out: Outcome) -> bool:
@@ -335,8 +338,9 @@ class Engine:
         lines.set(entry.participant, cmd.amount)
         out.accept(entry)
         # A higher line can make resting pairs matchable: re-match, segment by segment.
-        for segment in sorted(s.id for s in self.segments.values() if s.core == cmd.core):
+        for segment in self._of_core[cmd.core]:
             self._fills(entry, segment, self.books[segment].rematch(entry.participant), out)
+        out.segments.extend(self._of_core[cmd.core])     # what the funder can lend moved
 
     def _add_segment(self, entry: wire.JournalEntry, out: Outcome) -> None:
         cmd = entry.command
@@ -365,8 +369,14 @@ class Engine:
 
     def _fills(self, entry: wire.JournalEntry, segment: str, fills: list[Fill],
                out: Outcome) -> None:
-        """Book the fills on both orders; report them as trades and fill events."""
+        """Book the fills on both orders; report them as trades and fill events.
+
+        The funders' lines are shared by every book of the core enterprise, so what
+        the others can show as lendable moved too: they changed as well.
+        """
         seg = self.segments[segment]
+        if fills:
+            out.segments.extend(self._of_core[seg.core])
         for fill in fills:
             bid, ask = self.orders[fill.bid_id], self.orders[fill.ask_id]
             if not out.quiet:

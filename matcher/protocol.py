@@ -228,7 +228,8 @@ class Level(Struct, array_like=True, frozen=True):
 class BookUpdate(_Event, tag="book"):
     """A segment's market as of `seq`: funder levels best first and resting demand.
 
-    Funder identities never appear here.
+    Levels count what funders can lend now, within their credit lines, so the amounts
+    add up to what a market ask could get. Funder identities never appear here.
     """
 
     segment: str

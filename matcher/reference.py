@@ -440,21 +440,23 @@ class Book:
     # ----------------------------------------------------------------- reads
 
     def best_bid(self) -> tuple[int, int] | None:
-        """The price a market ask would get first, and how much is offered there."""
-        if not self._bids:
-            return None
-        rate: int
-        level: dict[int, _Rec]
-        rate, level = self._bids.peekitem(0)
-        return rate, sum(rec.remaining for rec in level.values())
+        """The rate a market ask would get first, and how much funders can lend there."""
+        top = self.depth(1)
+        return (top[0][0], top[0][1]) if top else None
 
     def depth(self, n: int = 10) -> list[tuple[int, int, int]]:
-        """Funder side by level as ``(rate_bps, amount, orders)``, best first."""
-        out: list[tuple[int, int, int]] = []
-        for rate in self._bids.keys()[: max(n, 0)]:
-            level: dict[int, _Rec] = self._bids[rate]
-            out.append((rate, sum(rec.remaining for rec in level.values()), len(level)))
-        return out
+        """Funder side by level as ``(rate_bps, amount, orders)``, best first: the plan of
+        a market ask for everything on offer, summed by rate, so credit counts."""
+        everything = sum(rec.remaining for rec in self._orders.values() if rec.side == "bid")
+        if n <= 0 or not everything:
+            return []
+        probe = _Rec(-1, "ask", -1, self.rate_cap_bps, everything, 0, "ioc", False)
+        levels: dict[int, list[int]] = {}
+        for fill in self._plan(probe):
+            level = levels.setdefault(fill.rate_bps, [0, 0])
+            level[0] += fill.amount
+            level[1] += 1
+        return [(rate, amount, orders) for rate, (amount, orders) in levels.items()][:n]
 
     def demand(self) -> tuple[int, int]:
         """Resting asks as ``(amount, orders)``: the unmet borrowing need."""

@@ -268,6 +268,12 @@ def test_shared_credit_lines_agree_and_are_never_exceeded(cmds: list[tuple[Any, 
         assert core_lines.items() == ref_lines.items()
         for c, r in zip(core, ref, strict=True):
             assert c.orders() == r.orders()
+            assert c.depth(100) == r.depth(100)
+            assert c.best_bid() == r.best_bid()
+            # Depth is what a market ask for everything could get, level by level.
+            lendable = sum(amount for _, amount, _ in r.depth(100))
+            quote = r.quote(min(10**9, sum(o.remaining for o in r.orders())) or 1)
+            assert lendable == (quote.fillable if quote else 0)
         # No funder lends past its line: a step can use at most what was left.
         for funder, line, used in ref_lines.items():
             assert used <= max(line, used_before.get(funder, 0)), f"funder {funder} over line"

@@ -459,6 +459,31 @@ def test_an_empty_book_reads_as_empty(book: Any) -> None:
     assert len(book) == 0
 
 
+def test_depth_shows_only_what_funders_can_lend_now(Book: BookCls) -> None:
+    """docs/book.md, Reads: depth is the plan of an unlimited market ask, by level."""
+    lines = importlib.import_module(Book.__module__).CreditLines()
+    book = Book(rate_cap_bps=CAP, credit=lines)
+    lines.set(F1, 150)
+    lines.set(F2, 1_000)
+    lines.set(F3, 40)
+    book.bid(1, F1, 300, 100)
+    book.bid(2, F2, 300, 50)
+    book.bid(3, F1, 310, 100)              # F1 has 50 of its line left for this one
+    book.bid(4, F3, 320, 100, min_ticket=60)   # 40 of line < min_ticket: lends nothing
+    book.bid(5, F2, 330, 30)
+    assert book.depth() == [(300, 150, 2), (310, 50, 1), (330, 30, 1)]
+    assert book.depth(2) == [(300, 150, 2), (310, 50, 1)]
+    assert book.best_bid() == (300, 150)
+    lines.set(F1, 0)                       # F1 lends nothing: its bids rest, unseen
+    assert book.depth() == [(300, 50, 1), (330, 30, 1)]
+    assert book.best_bid() == (300, 50)
+    assert len(book) == 5
+    lines.set(F2, 0)
+    assert book.depth() == [] and book.best_bid() is None
+    lines.set(F1, 150)                     # and nothing was spent by reading
+    assert book.depth() == [(300, 100, 1), (310, 50, 1)]
+
+
 def test_reads_summarise_the_resting_orders(book: Any) -> None:
     book.bid(1, F1, 300, 100, min_ticket=20)
     book.bid(2, F2, 300, 50, tif="day")

@@ -244,10 +244,30 @@ def test_raising_a_line_rematches_resting_asks_and_lowering_cancels_nothing() ->
     assert m.engine.books["DFM-90D"].demand() == (400, 1)
     m.line(F1, "DFM", 50)                                  # below what is used
     assert m.engine.credit("DFM", F1) == (50, 100)
-    assert m.engine.books["DFM-90D"].depth() == [(250, 900, 1)]
+    book = m.engine.books["DFM-90D"]
+    assert [(o.side, o.remaining) for o in book.orders()] == [("bid", 900), ("ask", 400)]
+    assert book.depth() == []                              # rests, but can lend nothing now
     out = m.line(F1, "DFM", 1_000)
     assert [(t.amount, t.ask_client_id) for t in out.trades] == [(400, "a")]
-    assert m.engine.books["DFM-90D"].demand() == (0, 0)
+    assert book.demand() == (0, 0)
+    assert book.depth() == [(250, 500, 1)]                 # 1,000 line - 500 used
+
+
+def test_a_fill_in_one_tenor_changes_what_the_others_show() -> None:
+    """The line is shared by the core enterprise's books, so a fill in one moves the
+    lendable depth of all of them, and each is reported as changed."""
+    m = Market()
+    m.line(F1, "DFM", 1_000)
+    m.bid(F1, "short", 250, 800, seg="DFM-30D")
+    m.bid(F1, "long", 260, 800, seg="DFM-90D")
+    assert m.engine.books["DFM-90D"].depth() == [(260, 800, 1)]
+    out = m.ask(S1, "a", 600, seg="DFM-30D")
+    assert [t.amount for t in out.trades] == [600]
+    assert m.engine.books["DFM-90D"].depth() == [(260, 400, 1)]
+    assert {"DFM-30D", "DFM-90D"} <= set(out.segments)
+    out = m.line(F1, "DFM", 2_000)
+    assert m.engine.books["DFM-90D"].depth() == [(260, 800, 1)]
+    assert {"DFM-30D", "DFM-90D"} <= set(out.segments)
 
 
 @st.composite
