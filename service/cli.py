@@ -11,8 +11,9 @@ import redis.asyncio as aioredis
 
 from matcher import snapshot
 from service import config as config_module
-from service.journal import Keys, last_seq
+from service.journal import Keys
 from service.recovery import recover
+from service.snapshots import store_if_current
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -29,11 +30,13 @@ def _replay(args: argparse.Namespace) -> int:
                   f"credit lines {sum(len(lines.items()) for lines in engine.lines.values())}")
             print(f"state hash {snapshot.state_hash(engine)}")
             if args.write_snapshot:
-                if await last_seq(client, keys) != engine.seq:
+                if engine.seq == 0:
+                    print("the journal is empty; no snapshot written", file=sys.stderr)
+                    return 1
+                if not await store_if_current(client, keys, engine):
                     print("the journal moved on while replaying; snapshot not written",
                           file=sys.stderr)
                     return 1
-                await client.set(keys.snapshot, snapshot.encode(snapshot.capture(engine)))
                 print(f"snapshot written at seq {engine.seq}")
             return 0
         finally:

@@ -17,12 +17,38 @@ import time
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 
 from matcher import snapshot
 from matcher.engine import Engine
 from service.journal import Keys, stream_seq
 
 log = logging.getLogger("matcher.snapshots")
+
+#: Set the snapshot only while the journal still ends at the entry the state ends at.
+#: KEYS: journal, snapshot. ARGV: that entry's id, the snapshot.
+_STORE_IF_CURRENT = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #last == 1 and last[1][1] == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+async def store_if_current(client: aioredis.Redis, keys: Keys, engine: Engine) -> bool:
+    """Store the engine's snapshot if no command was journaled after its state; False
+    (nothing written) otherwise.
+
+    For `matcher snapshot`, which may run beside a live gateway: checking the journal
+    and then writing would leave a gap in which the gateway can journal more and store
+    a newer snapshot, which this one would then replace. One script does both at once.
+    """
+    data = snapshot.encode(snapshot.capture(engine))
+    stored = await client.eval(_STORE_IF_CURRENT, 2, keys.journal,
+                               keys.snapshot, f"{engine.seq}-0", data)
+    return bool(stored)
 
 
 class BackgroundSnapshots:

@@ -34,6 +34,7 @@ from matcher.protocol import Role
 from service.journal import Journal, JournalLost, Keys, read_journal, trade_fields
 from service.localredis import LocalRedis, free_port
 from service.recovery import recover
+from service.snapshots import store_if_current
 from tests.conftest import ROOT, ServerProcess, run, write_config
 
 KEYS = Keys("main")
@@ -643,6 +644,29 @@ def test_cli_replay_and_snapshot(redis_server: LocalRedis) -> None:
                                                                       live2)
     assert parse_replay(matcher_cli("replay", "--redis-url", url, "--full")) == (seq2, 0, seq2,
                                                                                 live2)
+
+
+def test_a_snapshot_behind_the_journal_is_not_stored(redis_server: LocalRedis) -> None:
+    """`matcher snapshot` beside a live gateway: a state the journal has moved past must
+    not replace what is stored (the gateway may have stored a newer snapshot)."""
+    driver = Driver(seed=4)
+    run(write_trades(redis_server, driver, 300))
+    keys = KEYS
+
+    async def go() -> None:
+        client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            behind = (await recover(client, keys)).engine
+            await write_trades(redis_server, driver, 100)     # the gateway journals on
+            assert not await store_if_current(client, keys, behind)
+            assert await client.get(keys.snapshot) is None
+            current = (await recover(client, keys)).engine
+            assert current.seq == driver.engine.seq > behind.seq
+            assert await store_if_current(client, keys, current)
+            assert (await recover(client, keys)).snapshot_seq == current.seq
+        finally:
+            await client.aclose()
+    run(go())
 
 
 # --- a journal that has stopped ------------------------------------------------------
