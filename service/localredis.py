@@ -11,7 +11,9 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
@@ -26,15 +28,30 @@ def free_port(preferred: int = 0) -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a Redis that speaks only TLS: its certificate and key, and the
+    authority clients verify it with."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
 class LocalRedis:
-    def __init__(self, data_dir: str | Path, *, port: int = 0, durability: str = "always") -> None:
+    def __init__(self, data_dir: str | Path, *, port: int = 0, durability: str = "always",
+                 tls: TlsFiles | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.durability = durability
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            ca = quote(str(self.tls.ca.resolve()))
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={ca}"
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> str:
@@ -48,12 +65,19 @@ class LocalRedis:
         aof = ["--appendonly", "yes", "--appendfsync", self.durability,
                "--auto-aof-rewrite-min-size", "1gb"] \
             if self.durability != "no" else ["--appendonly", "no"]
+        listen = ["--port", str(self.port)]
+        if self.tls is not None:        # the TLS port only: a plain client gets nowhere
+            listen = ["--port", "0", "--tls-port", str(self.port),
+                      "--tls-cert-file", str(self.tls.cert.resolve()),
+                      "--tls-key-file", str(self.tls.key.resolve()),
+                      "--tls-ca-cert-file", str(self.tls.ca.resolve()),
+                      "--tls-auth-clients", "no"]
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+            [binary, *listen, "--bind", "127.0.0.1", "--dir",
              str(self.data_dir.resolve()), "--save", "", "--logfile", "redis.log", *aof],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
-        client = redis.Redis(host="127.0.0.1", port=self.port)
+        client = redis.Redis.from_url(self.url)
         try:
             while True:
                 try:
