@@ -23,7 +23,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from loadtest import wsclient
-from loadtest.measure import Recorder, Tally, summary
+from loadtest.measure import FUNDER, PLATFORM, SME, FillLedger, Recorder, Tally, summary
 from loadtest.profiles import Profile
 from loadtest.workload import FunderState, Market, Segment, arrivals
 from matcher import protocol as wire
@@ -116,13 +116,13 @@ class Client:
             self.run.outstanding -= 1
         elif isinstance(event, wire.Fill):
             if self.role == "sme":
-                rec.fills_sme[event.trade_id] = event.amount
+                rec.fills.seen(SME, event.trade_id, event.amount, event.funder, event.sme)
                 first = self.asks.pop(event.client_id, None)
                 if first is not None and first[1]:
                     rec.ask_fill.add(max(1, (now - first[0]) // 1000))
                 rec.second(now).fills += 1
             else:
-                rec.fills_funder[event.trade_id] = event.amount
+                rec.fills.seen(FUNDER, event.trade_id, event.amount, event.funder, event.sme)
                 rec.lent[(event.funder, event.core)] += event.amount
         elif isinstance(event, wire.Done):
             if self.role == "funder":
@@ -141,7 +141,7 @@ class Run:
         self.http = re.sub(r"^ws", "http", url).rsplit("/ws", 1)[0]
         self.redis_url = redis_url
         self.keys = Keys(shard)
-        self.rec = Recorder()
+        self.rec = Recorder(fills=FillLedger({p.id for p in funders}, {p.id for p in smes}))
         self.run_id = f"lt{time.time_ns() // 1_000_000 % 10**9}"
         self.funders = [Client(self, p, "funder", i) for i, p in enumerate(funders)]
         self.smes = [Client(self, p, "sme", i) for i, p in enumerate(smes)]
@@ -252,9 +252,8 @@ class Run:
                 for entry_id, flat in reply[0][1]:
                     last = entry_id
                     fields = dict(zip(flat[::2], flat[1::2], strict=True))
-                    trade = entry_id.decode()
-                    self.rec.fills_platform[trade] = int(fields[b"amount"])
-                    self.rec.parties[trade] = (int(fields[b"funder"]), int(fields[b"sme"]))
+                    self.rec.fills.seen(PLATFORM, entry_id.decode(), int(fields[b"amount"]),
+                                        int(fields[b"funder"]), int(fields[b"sme"]))
                     ts = int(fields[b"ts"])
                     if ts >= self._measure_wall_ns > 0:
                         self.rec.platform.add(max(1, (now - ts) // 1000))
@@ -282,7 +281,7 @@ class Run:
             p99 = sec.ack.percentile(99) / 1000 if sec and sec.acked else 0.0
             rate = sec.acked if sec else 0
             line = (f"[{elapsed:6.1f}/{total_s:.0f}s] {rate:>7,} acks/s  p99 {p99:7.2f} ms  "
-                    f"sent {self.rec.sent:,}  fills {len(self.rec.fills_sme):,}")
+                    f"sent {self.rec.sent:,}  fills {self.rec.fills.count[SME]:,}")
             if tty:
                 sys.stderr.write("\r" + line)
                 sys.stderr.flush()
@@ -314,9 +313,7 @@ class Run:
             await self._await_acks(30)
             # Let the platform reader catch up with every fill the clients saw.
             deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and not (
-                    set(self.rec.fills_sme) <= set(self.rec.fills_platform)
-                    and set(self.rec.fills_funder) <= set(self.rec.fills_platform)):
+            while time.monotonic() < deadline and self.rec.fills.platform_behind():
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.2)
             self.server = server_view(buckets,
@@ -334,8 +331,7 @@ class Run:
         rec = self.rec
         lag = summary(rec.lag, "generator lag behind schedule")
         lag_ok = lag["p99"] <= p.max_lag_p99_ms
-        recon = rec.reconcile(self.lines, {c.who.id for c in self.funders},
-                              {c.who.id for c in self.smes})
+        recon = rec.reconcile(self.lines)
         ramp = None
         capacity = sustained = None
         if p.ramp:

@@ -90,6 +90,77 @@ class Second:
     ack: Tally = field(default_factory=Tally)
 
 
+SME, FUNDER, PLATFORM = 0, 1, 2
+VIEWS = ("SMEs", "funders", "the platform")
+
+
+class FillLedger:
+    """Every fill as the three views report it (the SME, the funder, the platform's
+    stream), compared as the reports arrive.
+
+    A trade is settled and forgotten once every view that should see it has reported it
+    with the same amount; only trades in flight and the problems stay in memory. (Three
+    dicts of every trade id reached 1.3 GB in a 30,000/s ramp.) A client view should
+    see a trade when its party is one of the run's participants: resting bids of
+    funders outside the run (a demo's opening bids) can fill this run's asks.
+    """
+
+    def __init__(self, funders: set[int], smes: set[int]) -> None:
+        self.funders, self.smes = funders, smes
+        self.open: dict[str, list[int | None]] = {}   # trade id -> amount per view
+        self.count = [0, 0, 0]                        # reports per view
+        self.amount = [0, 0, 0]
+        self.settled = 0
+        self.extra = [0, 0, 0]       # a client view saw a trade that is not its party's
+        self.duplicate = [0, 0, 0]
+        self.differ = 0              # views that disagree on an amount
+
+    def seen(self, view: int, trade_id: str, amount: int, funder: int, sme: int) -> None:
+        self.count[view] += 1
+        self.amount[view] += amount
+        if (view == SME and sme not in self.smes) or (
+                view == FUNDER and funder not in self.funders):
+            self.extra[view] += 1
+            return
+        views = self.open.get(trade_id)
+        if views is None:
+            views = self.open[trade_id] = [None, None, None]
+            if sme not in self.smes:
+                views[SME] = -1          # -1: this view is not expected to see it
+            if funder not in self.funders:
+                views[FUNDER] = -1
+        if views[view] is not None:
+            self.duplicate[view] += 1
+            return
+        views[view] = amount
+        if None in views:
+            return
+        del self.open[trade_id]
+        if len({a for a in views if a != -1}) > 1:
+            self.differ += 1
+        else:
+            self.settled += 1
+
+    def platform_behind(self) -> bool:
+        """Some trade a client saw is not on the platform's stream yet."""
+        return any(views[PLATFORM] is None for views in self.open.values())
+
+    def problems(self) -> list[str]:
+        out = []
+        missing = [0, 0, 0]
+        for views in self.open.values():
+            for view, amount in enumerate(views):
+                if amount is None:
+                    missing[view] += 1
+        for view, name in enumerate(VIEWS):
+            if missing[view] or self.extra[view] or self.duplicate[view]:
+                out.append(f"fills seen by {name}: {missing[view]} missing, "
+                           f"{self.extra[view]} not theirs, {self.duplicate[view]} twice")
+        if self.differ:
+            out.append(f"{self.differ} fills with amounts that differ between views")
+        return out
+
+
 @dataclass
 class Recorder:
     start_ns: int = 0                           # the measured phase begins
@@ -100,10 +171,7 @@ class Recorder:
     sent: int = 0
     accepted: int = 0
     rejected: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    fills_sme: dict[str, int] = field(default_factory=dict)       # trade id -> amount
-    fills_funder: dict[str, int] = field(default_factory=dict)
-    fills_platform: dict[str, int] = field(default_factory=dict)
-    parties: dict[str, tuple[int, int]] = field(default_factory=dict)  # trade -> (funder, sme)
+    fills: FillLedger = field(default_factory=lambda: FillLedger(set(), set()))
     lent: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
 
     def second(self, t_ns: int) -> Second:
@@ -134,27 +202,13 @@ class Recorder:
             whole.merge(sec.ack)
         return whole
 
-    def reconcile(self, lines: dict[tuple[int, str], int], funders: set[int],
-                  smes: set[int]) -> dict[str, Any]:
-        """Acks = sends; the three views of the fills agree to the fen; no line exceeded.
-
-        Each side is compared with the platform's trades that involve it: resting bids of
-        funders outside the run (a demo's opening bids) can fill this run's asks.
-        """
+    def reconcile(self, lines: dict[tuple[int, str], int]) -> dict[str, Any]:
+        """Acks = sends; the three views of the fills agree to the fen; no line exceeded."""
         problems = []
         acks = self.accepted + sum(self.rejected.values())
         if acks != self.sent:
             problems.append(f"{self.sent} commands sent but {acks} acknowledged")
-        views = {"SMEs": (self.fills_sme, 1, smes), "funders": (self.fills_funder, 0, funders)}
-        for name, (view, side, ours) in views.items():
-            expected = {t: a for t, a in self.fills_platform.items()
-                        if self.parties[t][side] in ours}
-            if view != expected:
-                missing = len(set(expected) - set(view))
-                extra = len(set(view) - set(expected))
-                differ = sum(1 for t in set(view) & set(expected) if view[t] != expected[t])
-                problems.append(f"fills seen by {name} differ from the platform stream: "
-                                f"{missing} missing, {extra} extra, {differ} amounts differ")
+        problems += self.fills.problems()
         over = [f"funder {f} lent {amount} against {core}, line {lines[(f, core)]}"
                 for (f, core), amount in sorted(self.lent.items())
                 if amount > lines.get((f, core), 0)]
@@ -165,11 +219,10 @@ class Recorder:
         return {
             "ok": not problems, "problems": problems, "commands_sent": self.sent,
             "acks": acks, "accepted": self.accepted, "rejected": dict(self.rejected),
-            "fills_sme": len(self.fills_sme), "fills_funder": len(self.fills_funder),
-            "fills_platform": len(self.fills_platform),
-            "amount_sme": sum(self.fills_sme.values()),
-            "amount_funder": sum(self.fills_funder.values()),
-            "amount_platform": sum(self.fills_platform.values()), "over_line": over,
+            "fills_sme": self.fills.count[SME], "fills_funder": self.fills.count[FUNDER],
+            "fills_platform": self.fills.count[PLATFORM],
+            "amount_sme": self.fills.amount[SME], "amount_funder": self.fills.amount[FUNDER],
+            "amount_platform": self.fills.amount[PLATFORM], "over_line": over,
         }
 
     def timeline(self, offered: dict[int, int]) -> list[dict[str, Any]]:

@@ -58,3 +58,35 @@ def test_a_ramp_step_counts_acks_that_arrived_during_it() -> None:
     assert row["achieved"] == 601 and not row["ok"]
     assert step.ack.total == 1000
     assert row["p50"] == 1.0 and row["p99"] > 900
+
+
+def test_the_fill_ledger_settles_and_forgets_agreeing_trades() -> None:
+    from loadtest.measure import FUNDER, PLATFORM, SME, FillLedger
+    ledger = FillLedger(funders={1, 2}, smes={10})
+    ledger.seen(PLATFORM, "5-0", 100, 1, 10)
+    ledger.seen(SME, "5-0", 100, 1, 10)
+    assert ledger.open and not ledger.platform_behind()
+    ledger.seen(FUNDER, "5-0", 100, 1, 10)
+    ledger.seen(SME, "6-0", 70, 99, 10)          # funder 99 is outside the run
+    assert ledger.platform_behind()
+    ledger.seen(PLATFORM, "6-0", 70, 99, 10)
+    assert ledger.open == {} and ledger.settled == 2 and ledger.problems() == []
+    assert ledger.count == [2, 1, 2] and ledger.amount == [170, 100, 170]
+
+
+def test_the_fill_ledger_names_what_went_wrong() -> None:
+    from loadtest.measure import FUNDER, PLATFORM, SME, FillLedger
+    ledger = FillLedger(funders={1}, smes={10})
+    ledger.seen(SME, "1-0", 100, 1, 10)          # the platform never sees it
+    ledger.seen(PLATFORM, "2-0", 50, 1, 10)      # the funder's view says 60
+    ledger.seen(FUNDER, "2-0", 60, 1, 10)
+    ledger.seen(SME, "2-0", 50, 1, 10)
+    ledger.seen(FUNDER, "3-0", 10, 7, 10)        # funder 7's fill reached our funder
+    ledger.seen(PLATFORM, "4-0", 10, 1, 10)
+    ledger.seen(PLATFORM, "4-0", 10, 1, 10)      # twice on the stream
+    assert ledger.problems() == [
+        "fills seen by SMEs: 1 missing, 0 not theirs, 0 twice",
+        "fills seen by funders: 2 missing, 1 not theirs, 0 twice",
+        "fills seen by the platform: 1 missing, 0 not theirs, 1 twice",
+        "1 fills with amounts that differ between views",
+    ]
