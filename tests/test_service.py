@@ -922,6 +922,33 @@ def test_subscriber_gets_the_book_at_once_and_after_each_change(server: ServerPr
     assert after_unsubscribe == []
 
 
+def test_a_fill_in_one_tenor_updates_the_other_tenors_books(server: ServerProcess) -> None:
+    """A funder's line is shared by the core enterprise's books: when a fill in DFM-30D
+    uses most of it, DFM-90D's subscribers see that funder's bid shrink to what it can
+    still lend, and grow back when the line is raised."""
+    async def scenario() -> tuple[dict[str, Any], ...]:
+        async with sessions(server, PLATFORM, F11, SME_X) as (platform, f11, sme):
+            await f11.ok(line("DFM", 1_000_000))
+            await f11.ok(bid("short", "DFM-30D", 250, 1_000_000))
+            await f11.ok(bid("long", "DFM-90D", 260, 1_000_000))
+            await platform.send({"type": "subscribe", "segments": ["DFM-90D"]})
+            before = await platform.expect("book")
+            settled = await platform.quiet(0.2)    # an update still due from the bids
+            assert all(u["seq"] == before["seq"] for u in settled), settled
+            await sme.ok(ask("a1", "DFM-30D", 700_000))
+            after_fill = await platform.expect("book")
+            assert (await f11.expect("fill"))["amount"] == 700_000
+            await f11.ok(line("DFM", 2_000_000))
+            after_line = await platform.expect("book")
+            return before, after_fill, after_line
+
+    before, after_fill, after_line = run(scenario())
+    assert before["levels"] == [[260, 1_000_000, 1]]
+    assert after_fill["segment"] == "DFM-90D"
+    assert after_fill["levels"] == [[260, 300_000, 1]] and after_fill["best_rate_bps"] == 260
+    assert after_line["levels"] == [[260, 1_000_000, 1]]
+
+
 def test_book_updates_name_no_funder(server: ServerProcess) -> None:
     async def scenario() -> list[str | bytes]:
         async with sessions(server, SME_X, F11, F12) as (sme, f11, f12):
