@@ -154,7 +154,7 @@ class Run:
         self.outstanding = 0
         self.memory: list[list[float]] = []
         self._measure_wall_ns = 0
-        self.server: dict[str, Any] | None = None
+        self.server: dict[str, dict[str, Any] | None] = {}
 
     def _segments(self) -> list[Segment]:
         with urllib.request.urlopen(f"{self.http}/v1/segments", timeout=10) as r:
@@ -316,8 +316,9 @@ class Run:
             while time.monotonic() < deadline and self.rec.fills.platform_behind():
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.2)
-            self.server = server_view(buckets,
-                                      await asyncio.to_thread(server_buckets, self.http))
+            after = await asyncio.to_thread(server_buckets, self.http)
+            self.server = {key: server_view(buckets.get(key, {}), after.get(key, {}))
+                           for key in SERVER_HISTOGRAMS}
             stop.set()
             await asyncio.gather(reader, memory, progress)
         finally:
@@ -364,7 +365,7 @@ class Run:
                     "limit_p99": p.max_lag_p99_ms, "ok": lag_ok},
             "reconciliation": recon,
             "memory": memory,
-            "server_view": self.server,
+            **{key: self.server.get(key) for key in SERVER_HISTOGRAMS},
         }
 
 
@@ -383,22 +384,28 @@ def server_rss(http: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
-_BUCKET = re.compile(r'^matcher_command_latency_seconds_bucket\{le="([^"]+)"\} ([0-9.e+]+)$',
-                     re.M)
+#: The server's histograms the report reads: its own latency (receive to reply released)
+#: and its event loop's lag (how long a message that arrives waits before it is read).
+SERVER_HISTOGRAMS = {"server_view": "matcher_command_latency_seconds",
+                     "server_loop_lag": "matcher_event_loop_lag_seconds"}
 
 
-def server_buckets(http: str) -> dict[str, float]:
-    """The server's own latency histogram (receive to reply released), cumulative."""
-    return {le: float(n) for le, n in _BUCKET.findall(_metrics(http) or "")}
+def server_buckets(http: str) -> dict[str, dict[str, float]]:
+    """Each of `SERVER_HISTOGRAMS`, cumulative counts by bucket bound."""
+    text = _metrics(http) or ""
+    out = {}
+    for key, name in SERVER_HISTOGRAMS.items():
+        pattern = re.compile(rf'^{name}_bucket\{{le="([^"]+)"\}} ([0-9.e+]+)$', re.M)
+        out[key] = {le: float(n) for le, n in pattern.findall(text)}
+    return out
 
 
 def server_view(before: dict[str, float], after: dict[str, float]) -> dict[str, Any] | None:
-    """The share of the run's commands the server released within each bucket bound:
-    its side of the latency, without the network and the generator."""
+    """The share of the run's observations within each bucket bound: for the latency,
+    the server's side of it, without the network and the generator."""
     total = after.get("+Inf", 0.0) - before.get("+Inf", 0.0)
     if total <= 0:
         return None
     within = [[float(le) * 1000, (n - before.get(le, 0.0)) / total]
               for le, n in after.items() if le != "+Inf"]
-    return {"label": "receive → reply released (the server's own histogram)",
-            "count": int(total), "within_ms": sorted(within)}
+    return {"count": int(total), "within_ms": sorted(within)}

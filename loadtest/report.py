@@ -272,6 +272,10 @@ def _facts(results: Results, problems: bool = False) -> list[tuple[str, str]]:
     server = _server_line(results)
     if server is not None:
         facts.append(("server view", server))
+    lag = _within_line(results.get("server_loop_lag"))
+    if lag is not None:
+        facts.append(("server loop", f"timer lag: {lag}  (the event loop's own histogram; "
+                                      "a message waits about this long to be read)"))
     memory = _memory_line(results)
     if memory is not None:
         facts.append(("memory", memory))
@@ -282,13 +286,21 @@ def _server_line(results: Results) -> str | None:
     """How much of the latency is the server's: the share it released within 1, 2, 5 and
     10 ms, from its own histogram (warm-up and the market's opening included)."""
     view = results.get("server_view")
+    within = _within_line(view)
+    if view is None or within is None:
+        return None
+    return f"receive → reply released: {within}  ({fmt_int(view.get('count'))} " \
+           "commands, its own histogram)"
+
+
+def _within_line(view: dict[str, Any] | None) -> str | None:
+    """"x% within 1 ms, ..." for 1, 2, 5 and 10 ms of a server histogram's share."""
     if not view:
         return None
     shares = {round(float(ms), 3): float(share) for ms, share in view.get("within_ms", [])}
     parts = [f"{shares[ms] * 100:.1f}% within {ms:g} ms" for ms in (1.0, 2.0, 5.0, 10.0)
              if ms in shares]
-    return f"receive → reply released: {', '.join(parts)}  ({fmt_int(view.get('count'))} " \
-           "commands, its own histogram)"
+    return ", ".join(parts)
 
 
 def _title(results: Results) -> str:

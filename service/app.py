@@ -38,6 +38,7 @@ from service.recovery import recover
 from service.snapshots import BackgroundSnapshots
 
 log = logging.getLogger("matcher.serve")
+LOOP_PROBE_S = 0.01     # the event loop lag probe's period: 100 timers a second
 STATIC = Path(__file__).with_name("static")
 
 
@@ -95,6 +96,7 @@ class Service:
             self.port = server.sockets[0].getsockname()[1]
         zone = ZoneInfo(cfg.engine.timezone)       # an unknown zone fails here, at start
         self._tasks.append(asyncio.get_running_loop().create_task(self._end_of_day_timer(zone)))
+        self._tasks.append(asyncio.get_running_loop().create_task(self._probe_loop()))
         self.ready = True
         log.info("serving on http://%s:%d (WebSocket at /ws)", cfg.server.host, self.port)
 
@@ -128,6 +130,18 @@ class Service:
         if self.local_redis is not None:
             await asyncio.to_thread(self.local_redis.stop)
         self.stopped.set()
+
+    async def _probe_loop(self) -> None:
+        """Time how late a timer fires, for `matcher_event_loop_lag_seconds`.
+
+        The command latency histogram starts when a handler runs; a message that arrives
+        while the loop is busy (a large batch of replies, a burst of connections) waits
+        before that, unseen. The lag of a timer is about that wait.
+        """
+        while True:
+            due = time.perf_counter() + LOOP_PROBE_S
+            await asyncio.sleep(LOOP_PROBE_S)
+            self.metrics.loop_lag.observe(max(0.0, time.perf_counter() - due))
 
     async def _check_durability(self) -> None:
         assert self.client is not None

@@ -58,6 +58,7 @@ class Metrics:
         self.seq = 0
         self.journal_backlog = 0
         self.latency = Histogram(LATENCY_BUCKETS)
+        self.loop_lag = Histogram(LATENCY_BUCKETS)
         self.batch_size = Histogram(BATCH_BUCKETS)
         self.registry = CollectorRegistry()
         self.registry.register(self)
@@ -99,5 +100,9 @@ class Metrics:
         yield self.latency.family("matcher_command_latency_seconds",
                                   "From receiving a command to releasing its replies "
                                   "(journal write included)")
+        yield self.loop_lag.family("matcher_event_loop_lag_seconds",
+                                   "How late the event loop ran a 10 ms timer: about how "
+                                   "long a message that arrives waits before it is read "
+                                   "(below 1 ms: the timers' granularity)")
         yield self.batch_size.family("matcher_journal_batch_commands",
                                      "Commands per journal write (group commit)")

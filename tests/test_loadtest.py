@@ -31,6 +31,8 @@ def test_smoke_profile_reconciles_and_writes_its_report(
     view = results["server_view"]                  # read from the real server's /metrics
     assert view["count"] >= recon["commands_sent"] * 0.9
     assert 0 < view["within_ms"][-1][1] <= 1
+    lag = results["server_loop_lag"]               # a probe every 10 ms over the run
+    assert lag["count"] >= 100 and 0 < lag["within_ms"][-1][1] <= 1
     for name in ("report.html", "latency.png", "timeline.png"):
         assert (out / name).stat().st_size > 1000, name
     html = (out / "report.html").read_text()

@@ -1314,6 +1314,11 @@ def test_metrics_are_prometheus_text(server: ServerProcess) -> None:
                 assert sample in text.splitlines(), sample
             assert "# TYPE matcher_command_latency_seconds histogram" in text
             assert 'matcher_command_latency_seconds_bucket{le="+Inf"}' in text
+            # The loop lag probe times a 10 ms timer, again and again.
+            deadline = time.monotonic() + 2
+            while not metric(server, "matcher_event_loop_lag_seconds_count"):
+                assert time.monotonic() < deadline, "the loop lag probe never ran"
+                await asyncio.sleep(0.01)
 
     run(scenario())
 
