@@ -31,6 +31,7 @@ from loadtest.driver import Participant, Run
 from loadtest.profiles import PROFILES, Profile
 from service import config as config_module
 from service.localredis import LocalRedis, free_port
+from service.realtime import make_realtime
 
 
 def participants(cfg: config_module.Config, role: str, n: int) -> list[Participant]:
@@ -46,15 +47,18 @@ def participants(cfg: config_module.Config, role: str, n: int) -> list[Participa
 
 
 @contextlib.contextmanager
-def local_server(config_path: str | None, out: Path,
-                 durability: str) -> Iterator[tuple[str, str]]:
+def local_server(config_path: str | None, out: Path, durability: str,
+                 realtime: int = 0) -> Iterator[tuple[str, str]]:
     """A redis-server and `matcher serve` of our own, for one-command runs."""
     data = Path(tempfile.mkdtemp(prefix="loadtest-redis-", dir=out))
     redis = LocalRedis(data, durability=durability)
     redis.start()
+    if realtime and redis.process is not None:
+        make_realtime(realtime, redis.process.pid)
     port = free_port()
     env = dict(os.environ, MATCHER_REDIS_URL=redis.url, MATCHER_SERVER_PORT=str(port),
-               MATCHER_REDIS_DURABILITY=durability, MATCHER_ENGINE_END_OF_DAY="23:59")
+               MATCHER_REDIS_DURABILITY=durability, MATCHER_ENGINE_END_OF_DAY="23:59",
+               MATCHER_SERVER_REALTIME_PRIORITY=str(realtime))
     cmd = [sys.executable, "-m", "service.cli", "serve"]
     if config_path:
         cmd += ["--config", config_path]
@@ -112,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smes", type=int)
     ap.add_argument("--objective-p99-ms", type=float)
     ap.add_argument("--seed", type=int)
+    ap.add_argument("--realtime", type=int, default=0, metavar="PRIORITY",
+                    help="SCHED_RR at this priority (1-99) for the generator and, with "
+                         "--serve, the server and its Redis (needs CAP_SYS_NICE)")
     args = ap.parse_args(argv)
+    if not 0 <= args.realtime <= 99:
+        ap.error("--realtime: must be in [0, 99]")
     profile: Profile = PROFILES[args.profile].with_(
         rate=args.rate, duration_s=args.duration_s, ramp=args.ramp, funders=args.funders,
         smes=args.smes, objective_p99_ms=args.objective_p99_ms, seed=args.seed)
@@ -126,14 +135,17 @@ def main(argv: list[str] | None = None) -> int:
         url, redis_url = args.url, args.redis_url
         if args.serve:
             url, redis_url = stack.enter_context(local_server(args.config, out,
-                                                              args.durability))
+                                                              args.durability, args.realtime))
+        if args.realtime and not make_realtime(args.realtime):
+            args.realtime = 0                  # refused (and logged): say so in the report
         run = Run(profile, url, redis_url, args.shard, funders, smes)
         results = uvloop.run(run.execute())
     results.update(started=started, command=shlex.join(["matcher-loadtest", *sys.argv[1:]]
                                                        if argv is None else argv),
                    machine=machine(),
                    config={**asdict(profile), "url": url,
-                           "durability": args.durability if args.serve else "(server's)"})
+                           "durability": args.durability if args.serve else "(server's)",
+                           "realtime_priority": args.realtime})
     paths = report.write_all(results, out)
     print(report.summary_table(results))
     print(f"report: {paths.get('html', out)}")

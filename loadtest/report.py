@@ -279,6 +279,10 @@ def _facts(results: Results, problems: bool = False) -> list[tuple[str, str]]:
     memory = _memory_line(results)
     if memory is not None:
         facts.append(("memory", memory))
+    realtime = (results.get("config") or {}).get("realtime_priority")
+    if realtime:
+        facts.append(("scheduling", f"SCHED_RR priority {realtime} (generator; with --serve "
+                                    "also the server and its Redis)"))
     return facts
 
 

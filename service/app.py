@@ -34,6 +34,7 @@ from service.gateway import CLOSE_UNAUTHORIZED, Gateway, system
 from service.journal import Journal, Keys
 from service.localredis import LocalRedis, free_port
 from service.metrics import Metrics
+from service.realtime import make_realtime
 from service.recovery import recover
 from service.snapshots import BackgroundSnapshots
 
@@ -64,11 +65,16 @@ class Service:
     async def start(self) -> None:
         cfg = self.config
         url = cfg.redis.url
+        realtime = cfg.server.realtime_priority
+        if realtime and make_realtime(realtime):
+            log.info("running under SCHED_RR at priority %d", realtime)
         if url is None:
             self.local_redis = LocalRedis(cfg.redis.data_dir, durability=cfg.redis.durability,
                                           port=free_port(cfg.redis.local_port))
             url = await asyncio.to_thread(self.local_redis.start)
             log.info("started a local redis-server at %s, data in %s", url, cfg.redis.data_dir)
+            if realtime and self.local_redis.process is not None:
+                make_realtime(realtime, self.local_redis.process.pid)
         self.redis_url = url
         self.client = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2,
                                               health_check_interval=0)

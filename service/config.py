@@ -32,6 +32,9 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 8080
     shutdown_timeout: Annotated[float, Meta(gt=0)] = 10.0   # for in-flight journal writes
+    # SCHED_RR at this priority (1-99) for the gateway and the local Redis it starts; 0:
+    # the normal policy. Halves the p99 on a busy 2-core machine (README, ADR 14).
+    realtime_priority: Annotated[int, Meta(ge=0, le=99)] = 0
 
 
 class RedisConfig(_Section):

@@ -98,3 +98,100 @@ def test_close_day_expires_day_orders_then_rewrites_the_append_only_file(
     assert after == before + 1
     assert last == "EndOfDay"
     assert int(minimum) == 1024**3
+
+
+# --- real-time scheduling ---------------------------------------------------------------
+
+
+def _policy(tid: int) -> tuple[int, int, bool]:
+    """(policy, priority, reset on fork) of one thread."""
+    import os
+    raw = os.sched_getscheduler(tid)
+    return (raw & ~os.SCHED_RESET_ON_FORK, os.sched_getparam(tid).sched_priority,
+            bool(raw & os.SCHED_RESET_ON_FORK))
+
+
+def _threads(pid: int) -> list[int]:
+    return sorted(int(t.name) for t in Path(f"/proc/{pid}/task").iterdir())
+
+
+def _may_use_realtime() -> bool:
+    import os
+    import resource
+    return os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_RTPRIO)[0] >= 3
+
+
+def test_make_realtime_covers_every_thread_and_not_what_they_fork(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Where the system allows it: SCHED_RR for each thread, reset for children (a
+    snapshot writer must not compete at real-time priority). Where it does not: a
+    warning, and nothing changes."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from service.realtime import is_realtime, make_realtime
+    child = subprocess.Popen([sys.executable, "-c", "import threading, time\n"
+                              "threading.Thread(target=time.sleep, args=(30,)).start()\n"
+                              "time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 10
+        while len(_threads(child.pid)) < 2:
+            assert time.monotonic() < deadline, "the child did not start its thread"
+            time.sleep(0.01)
+        before = [_policy(t) for t in _threads(child.pid)]
+        done = make_realtime(3, child.pid)
+        after = [_policy(t) for t in _threads(child.pid)]
+        if _may_use_realtime():
+            assert done and is_realtime(child.pid)
+            assert after == [(os.SCHED_RR, 3, True)] * 2
+        else:
+            assert not done and not is_realtime(child.pid)
+            assert after == before
+            assert "keeps the normal policy" in caplog.text
+    finally:
+        child.kill()
+        child.wait()
+    assert not is_realtime()                        # this process was never touched
+
+
+def test_the_realtime_setting_is_checked_at_load(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text("[server]\nrealtime_priority = 100\n")
+    with pytest.raises(msgspec.ValidationError, match=r"\$\.server\.realtime_priority"):
+        load(path, {})
+    assert load(path, {"MATCHER_SERVER_REALTIME_PRIORITY": "10"}).server.realtime_priority == 10
+
+
+def test_matcher_serve_runs_itself_and_its_redis_under_sched_rr(tmp_path: Path) -> None:
+    """`[server] realtime_priority`: the gateway and the local Redis it starts (all of
+    Redis's threads) run under SCHED_RR; without the right to, the server still serves."""
+    import os
+
+    from service.localredis import free_port
+    from service.realtime import is_realtime
+    from tests.conftest import ServerProcess, write_config
+    port = free_port()
+    path = write_config(tmp_path / "m.toml", "unused", port)
+    text = path.read_text().replace('url = "unused"', f'data_dir = "{tmp_path / "redis"}"\n'
+                                                      "local_port = 0")
+    path.write_text(text.replace("[server]\n", "[server]\nrealtime_priority = 4\n", 1))
+    server = ServerProcess(path, port, tmp_path / "server.log").start()
+    try:
+        assert server.process is not None
+        pid = server.process.pid
+        children = [c for t in _threads(pid)           # listed under the forking thread
+                    for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+        redis = [int(c) for c in children
+                 if b"redis-server" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(redis) == 1
+        if _may_use_realtime():
+            assert _policy(pid) == (os.SCHED_RR, 4, True)
+            assert {_policy(t) for t in _threads(redis[0])} == {(os.SCHED_RR, 4, True)}
+        else:
+            assert not is_realtime(pid) and not is_realtime(redis[0])
+            assert "keeps the normal policy" in (tmp_path / "server.log").read_text()
+        assert server.get("/health")[0] == 200
+    finally:
+        assert server.terminate() == 0

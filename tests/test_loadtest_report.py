@@ -184,6 +184,10 @@ def test_the_server_view_is_the_runs_share_of_its_histogram() -> None:
                      r"90.0% within 2 ms, 99.0% within 5 ms  \(1,000 commands", table, re.M)
     assert re.search(r"^server loop\s+timer lag: 40.0% within 1 ms, 90.0% within 2 ms, "
                      r"99.0% within 5 ms  \(the event loop", table, re.M)
+    assert "scheduling" not in table
+    realtime = {**fixed_results(), "config": {"realtime_priority": 10}}
+    assert re.search(r"^scheduling\s+SCHED_RR priority 10 ", report.summary_table(realtime),
+                     re.M)
 
 
 def test_html_is_self_contained_with_verdict_numbers_and_images(tmp_path: Path) -> None:
