@@ -51,6 +51,7 @@ class Step:
     end_ns: int = 0
     ack: Tally = field(default_factory=Tally)
     acked: int = 0           # acks that arrived during the step
+    backlog: int = 0         # commands sent and not yet answered when the step ended
 
     def record(self, origin: int, now: int) -> None:
         if self.start_ns <= origin < self.end_ns:
@@ -61,9 +62,23 @@ class Step:
     def row(self, duration_s: float, objective_p99_ms: float) -> dict[str, Any]:
         s = summary(self.ack, f"{self.offered:.0f}/s")
         achieved = self.acked / duration_s
+        # Kept up: answered about what was offered, and no queue left growing: at the
+        # end at most 100 ms worth of the offered rate still waited for its answer.
+        kept_up = achieved >= 0.95 * self.offered and self.backlog <= 0.1 * self.offered
         return {"offered": self.offered, "achieved": achieved, "p50": s["p50"],
-                "p99": s["p99"], "ok": s["p99"] <= objective_p99_ms
-                and achieved >= 0.95 * self.offered}
+                "p99": s["p99"], "backlog": self.backlog, "kept_up": kept_up,
+                "ok": kept_up and s["p99"] <= objective_p99_ms}
+
+
+def sustained_rate(rows: list[dict[str, Any]]) -> float | None:
+    """The highest offered rate that kept up with every lower one kept up too (a later
+    step can "achieve" more than it offered while the server works off a backlog)."""
+    sustained = None
+    for r in rows:
+        if not r["kept_up"]:
+            break
+        sustained = r["offered"]
+    return sustained
 
 
 class Client:
@@ -227,6 +242,7 @@ class Run:
                     f: FunderState = rng.choice(self.market.funders)
                     self._send(self.funders[f.index], self.market.requote(f), intended,
                                      measured)
+            step.backlog = self.outstanding
             offset += warm + p.duration_s
 
     async def platform_reader(self, stop: asyncio.Event, start_id: str) -> None:
@@ -339,12 +355,7 @@ class Run:
             ramp = [step.row(p.duration_s, p.objective_p99_ms) for step in self.steps]
             passing = [r["offered"] for r in ramp if r["ok"]]
             capacity = max(passing) if passing else None
-            # Sustained: every step up to this one kept up (a later step can "achieve"
-            # more than it offered while the server works off an earlier backlog).
-            for r in ramp:
-                if r["achieved"] < 0.95 * r["offered"]:
-                    break
-                sustained = r["offered"]
+            sustained = sustained_rate(ramp)
         memory = ({"rss_start": self.memory[0][1], "rss_end": self.memory[-1][1],
                    "samples": self.memory} if self.memory else None)
         return {

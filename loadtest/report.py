@@ -235,7 +235,8 @@ def _capacity_line(results: Results) -> str | None:
     objective = fmt_ms(results.get("objective_p99_ms"))
     sustained = _num(results.get("sustained"))
     tail = (f"; sustained up to {fmt_rate(sustained)} offered (it and every lower step "
-            "achieved within 5%)" if sustained is not None else "")
+            "answered within 5% of the rate and ended with under 100 ms of it waiting)"
+            if sustained is not None else "")
     if _num(results.get("capacity")) is None:
         return f"none: no offered rate kept ack p99 under {objective} ms{tail}"
     return (f"{fmt_rate(results.get('capacity'))} offered "

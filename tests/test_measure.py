@@ -60,6 +60,20 @@ def test_a_ramp_step_counts_acks_that_arrived_during_it() -> None:
     assert row["p50"] == 1.0 and row["p99"] > 900
 
 
+def test_a_step_with_a_growing_queue_did_not_keep_up() -> None:
+    """Answering 96% of the offered rate looks like keeping up; 2,000 commands still
+    waiting at the end (0.2 s of a 10,000/s step) say the queue is growing."""
+    from loadtest.driver import Step, sustained_rate
+    rows = []
+    for offered, acked, backlog in ((5_000, 5_000, 10), (10_000, 9_600, 900),
+                                    (15_000, 14_500, 2_000), (20_000, 20_500, 30)):
+        step = Step(offered=offered, start_ns=0, end_ns=10**9, acked=acked, backlog=backlog)
+        rows.append(step.row(duration_s=1.0, objective_p99_ms=2.0))
+    assert [r["kept_up"] for r in rows] == [True, True, False, True]
+    assert sustained_rate(rows) == 10_000          # 20,000 worked off what was queued
+    assert sustained_rate([]) is None
+
+
 def test_the_fill_ledger_settles_and_forgets_agreeing_trades() -> None:
     from loadtest.measure import FUNDER, PLATFORM, SME, FillLedger
     ledger = FillLedger(funders={1, 2}, smes={10})
