@@ -39,9 +39,12 @@ def make_realtime(priority: int, pid: int = 0) -> bool:
         threads = [target]
     try:
         for tid in threads:
-            os.sched_setscheduler(tid, os.SCHED_RR | os.SCHED_RESET_ON_FORK,
-                                  os.sched_param(priority))
-    except OSError as exc:    # PermissionError without CAP_SYS_NICE; ESRCH: thread gone
+            try:
+                os.sched_setscheduler(tid, os.SCHED_RR | os.SCHED_RESET_ON_FORK,
+                                      os.sched_param(priority))
+            except ProcessLookupError:       # a thread that ended meanwhile
+                continue
+    except OSError as exc:    # PermissionError: no CAP_SYS_NICE and no rtprio limit
         log.warning("could not give process %d real-time priority %d (%s); it keeps the "
                     "normal policy. Run as a user with CAP_SYS_NICE or an rtprio limit.",
                     target, priority, exc)

@@ -40,6 +40,10 @@ def pack(*parts: bytes) -> bytes:
     return b"".join(out)
 
 
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL,
+              "required": ssl.CERT_REQUIRED}
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self, on_settled: Callable[[], None] | None) -> None:
         self.reader = hiredis.Reader(replyError=ResponseError)
@@ -116,9 +120,13 @@ class Connection:
             context = ssl.create_default_context(cafile=kw.get("ssl_ca_certs"))
             if kw.get("ssl_certfile"):
                 context.load_cert_chain(kw["ssl_certfile"], kw.get("ssl_keyfile"))
-            if kw.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
+            # As redis-py reads them: certificate required and host name checked unless
+            # the URL says otherwise; no host name check without a certificate check.
+            reqs = kw.get("ssl_cert_reqs", "required")
+            mode = _CERT_REQS[reqs] if isinstance(reqs, str) else ssl.VerifyMode(reqs)
+            context.check_hostname = bool(kw.get("ssl_check_hostname", True)) \
+                and mode != ssl.CERT_NONE
+            context.verify_mode = mode
         path = kw.get("path") if issubclass(pool.connection_class,
                                             UnixDomainSocketConnection) else None
         return cls(host=kw.get("host", "127.0.0.1"), port=int(kw.get("port", 6379)), path=path,

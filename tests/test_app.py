@@ -115,10 +115,20 @@ def _threads(pid: int) -> list[int]:
     return sorted(int(t.name) for t in Path(f"/proc/{pid}/task").iterdir())
 
 
-def _may_use_realtime() -> bool:
+def _may_use_realtime(priority: int) -> bool:
+    """Whether this system lets us give a process SCHED_RR at `priority`: asked of a
+    throwaway process, since root in a container may lack CAP_SYS_NICE."""
     import os
-    import resource
-    return os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_RTPRIO)[0] >= 3
+    import subprocess
+    probe = subprocess.Popen(["sleep", "30"])
+    try:
+        os.sched_setscheduler(probe.pid, os.SCHED_RR, os.sched_param(priority))
+        return True
+    except PermissionError:
+        return False
+    finally:
+        probe.kill()
+        probe.wait()
 
 
 def test_make_realtime_covers_every_thread_and_not_what_they_fork(
@@ -132,9 +142,14 @@ def test_make_realtime_covers_every_thread_and_not_what_they_fork(
     import time
 
     from service.realtime import is_realtime, make_realtime
-    child = subprocess.Popen([sys.executable, "-c", "import threading, time\n"
-                              "threading.Thread(target=time.sleep, args=(30,)).start()\n"
-                              "time.sleep(30)"])
+    # A process with two threads that, when told, starts a child of its own.
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, threading, time\n"
+         "threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n"
+         "sys.stdin.readline()\n"
+         "print(subprocess.Popen(['sleep', '30']).pid, flush=True)\n"
+         "time.sleep(30)"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    grandchild = 0
     try:
         deadline = time.monotonic() + 10
         while len(_threads(child.pid)) < 2:
@@ -143,14 +158,21 @@ def test_make_realtime_covers_every_thread_and_not_what_they_fork(
         before = [_policy(t) for t in _threads(child.pid)]
         done = make_realtime(3, child.pid)
         after = [_policy(t) for t in _threads(child.pid)]
-        if _may_use_realtime():
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write("fork\n")
+        child.stdin.flush()
+        grandchild = int(child.stdout.readline())
+        if _may_use_realtime(3):
             assert done and is_realtime(child.pid)
             assert after == [(os.SCHED_RR, 3, True)] * 2
         else:
             assert not done and not is_realtime(child.pid)
             assert after == before
             assert "keeps the normal policy" in caplog.text
+        assert _policy(grandchild) == (os.SCHED_OTHER, 0, False)
     finally:
+        if grandchild:
+            os.kill(grandchild, 9)
         child.kill()
         child.wait()
     assert not is_realtime()                        # this process was never touched
@@ -186,7 +208,7 @@ def test_matcher_serve_runs_itself_and_its_redis_under_sched_rr(tmp_path: Path) 
         redis = [int(c) for c in children
                  if b"redis-server" in Path(f"/proc/{c}/cmdline").read_bytes()]
         assert len(redis) == 1
-        if _may_use_realtime():
+        if _may_use_realtime(4):
             assert _policy(pid) == (os.SCHED_RR, 4, True)
             assert {_policy(t) for t in _threads(redis[0])} == {(os.SCHED_RR, 4, True)}
         else:

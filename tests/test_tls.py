@@ -8,6 +8,7 @@ authority (trustme), and the whole service runs a small day on it and restarts.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -70,9 +71,12 @@ def test_the_journal_connection_speaks_tls_and_checks_the_server(
         assert tls_redis.tls is not None
         url = tls_redis.url.replace(quote(str(tls_redis.tls.ca.resolve())),
                                     quote(str(tmp_path / "stranger.crt")))
-        doubtful = Connection.like(aioredis.Redis.from_url(url))
+        doubtful_client = aioredis.Redis.from_url(url)
+        doubtful = Connection.like(doubtful_client)
         with pytest.raises(RedisConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
             await doubtful.call(pack(b"PING"))
+        doubtful.close()
+        await doubtful_client.aclose()
 
     run(scenario())
 
@@ -103,11 +107,25 @@ def test_the_service_trades_and_recovers_on_a_tls_redis(
         assert server.terminate() == 0                 # snapshot and journal over TLS
         server.start()
         assert run(resting()) == [("b1", 600_000)]
-        plain = redis.Redis.from_url(tls_redis.url)
+        reader = redis.Redis.from_url(tls_redis.url)
         try:
-            assert int(plain.xlen("matcher:{main}:journal")) >= 3
+            assert int(reader.xlen("matcher:{main}:journal")) >= 3
         finally:
-            plain.close()
+            reader.close()
     finally:
         if server.process is not None and server.process.poll() is None:
             server.kill()
+
+
+@pytest.mark.parametrize(("query", "mode", "hostname"), [
+    ("", ssl.CERT_REQUIRED, True),
+    ("&ssl_check_hostname=false", ssl.CERT_REQUIRED, False),
+    ("&ssl_cert_reqs=optional", ssl.CERT_OPTIONAL, True),
+    ("&ssl_cert_reqs=none", ssl.CERT_NONE, False),
+])
+def test_the_journal_connection_reads_the_tls_options_as_redis_py_does(
+        query: str, mode: ssl.VerifyMode, hostname: bool) -> None:
+    client = aioredis.Redis.from_url(f"rediss://127.0.0.1:6390/0?db=0{query}")
+    context = Connection.like(client).ssl_context
+    assert context is not None
+    assert (context.verify_mode, context.check_hostname) == (mode, hostname)
