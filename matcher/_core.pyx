@@ -896,10 +896,10 @@ cdef class Book:
                     out.append((lv[li].rate, amount, orders))
                 li -= 1
         finally:
-            if cr is not None:       # undo the scratch over every level walked
-                last = li
+            if cr is not None:       # undo the scratch over every level walked (and the
+                last = li            # one being walked, if an exception left it early)
                 li = self.lv_n[BID] - 1
-                while li > last:
+                while li >= last and li >= 0:
                     s = lv[li].head
                     while s >= 0:
                         if self.pool[s].credit >= 0:
