@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -1286,6 +1287,18 @@ def test_restart_after_sigterm_keeps_every_resting_order(server: ServerProcess) 
 
 
 # --- HTTP ---------------------------------------------------------------------------
+
+
+def test_the_listening_socket_queues_a_reconnection_storm(server: ServerProcess) -> None:
+    """After a restart thousands of clients reconnect at once; the accept queue must
+    hold them (LISTEN_BACKLOG, capped by net.core.somaxconn), or the kernel drops
+    connection attempts and they retry a second later. `ss` shows a listening socket's
+    queue limit as its Send-Q."""
+    from service.app import LISTEN_BACKLOG
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{server.port}"], capture_output=True,
+                         text=True, check=True).stdout.split()
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    assert out[0] == "LISTEN" and int(out[2]) == min(LISTEN_BACKLOG, somaxconn) > 1000, out
 
 
 def test_health_says_ready(server: ServerProcess) -> None:
