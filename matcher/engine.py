@@ -224,6 +224,9 @@ class Engine:
         """The participant's resting orders by client id, oldest first."""
         return [o.client_id for o in self.orders.values() if o.owner == participant]
 
+    def has_resting(self, participant: int) -> bool:
+        return any(o.owner == participant for o in self.orders.values())
+
     def credit(self, core: str, funder: int) -> tuple[int, int]:
         """(line, used) of a funder against a core enterprise."""
         lines = self.lines.get(core)
@@ -313,6 +316,22 @@ class Engine:
         out.accept(entry, cmd.client_id, order.order_id)
         self._end(order, "cancelled", out)
         out.segments.append(order.segment)
+
+    def _cancel_all(self, entry: wire.JournalEntry, out: Outcome) -> None:
+        """Every resting order of the sender (in one segment, if named), oldest first: by
+        order id, not by `self.orders`' order, which a snapshot restore may not keep."""
+        cmd = entry.command
+        assert isinstance(cmd, wire.CancelAll)
+        if cmd.segment is not None:
+            self._book(cmd.segment)                   # an unknown segment is rejected
+        mine = sorted((o for o in self.orders.values() if o.owner == entry.participant
+                       and (cmd.segment is None or o.segment == cmd.segment)),
+                      key=lambda o: o.order_id)
+        out.accept(entry)
+        for order in mine:
+            self.books[order.segment].cancel(order.order_id)
+            self._end(order, "cancelled", out)
+            out.segments.append(order.segment)
 
     def _amend(self, entry: wire.JournalEntry, out: Outcome) -> None:
         cmd = entry.command
@@ -420,6 +439,7 @@ _HANDLERS: dict[type, Callable[[Engine, wire.JournalEntry, Outcome], None]] = {
     wire.Bid: Engine._bid,
     wire.Ask: Engine._ask,
     wire.Cancel: Engine._cancel,
+    wire.CancelAll: Engine._cancel_all,
     wire.Amend: Engine._amend,
     wire.SetCreditLine: Engine._set_credit_line,
     wire.AddSegment: Engine._add_segment,

@@ -17,6 +17,7 @@ from matcher.protocol import (
     Ask,
     Bid,
     Cancel,
+    CancelAll,
     EndOfDay,
     QuoteRequest,
     Role,
@@ -32,8 +33,8 @@ SYSTEM = 0
 
 _READ = {QuoteRequest, StatusRequest, Subscribe, Unsubscribe}
 ALLOWED: dict[Role, frozenset[type]] = {
-    "funder": frozenset({Bid, Amend, Cancel, SetCreditLine, *_READ}),
-    "sme": frozenset({Ask, Cancel, *_READ}),
+    "funder": frozenset({Bid, Amend, Cancel, CancelAll, SetCreditLine, *_READ}),
+    "sme": frozenset({Ask, Cancel, CancelAll, *_READ}),
     "platform": frozenset(_READ),
     "admin": frozenset({AddSegment, EndOfDay, *_READ}),
 }

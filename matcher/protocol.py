@@ -72,6 +72,13 @@ class Cancel(_Message, tag="cancel"):
     client_id: Name
 
 
+class CancelAll(_Message, tag="cancel_all"):
+    """Cancel all of one's own resting orders, or all in one segment: a kill switch that
+    is one command however many orders rest (and one journal entry)."""
+
+    segment: SegmentId | None = None
+
+
 class Amend(_Message, tag="amend"):
     """A funder changes its resting bid's rate and/or remaining amount."""
 
@@ -100,7 +107,7 @@ class EndOfDay(_Message, tag="end_of_day"):
     """The same-day disbursement cut-off: DAY orders expire, GTC orders stay."""
 
 
-Command = Bid | Ask | Cancel | Amend | SetCreditLine | AddSegment | EndOfDay
+Command = Bid | Ask | Cancel | CancelAll | Amend | SetCreditLine | AddSegment | EndOfDay
 
 
 # --- Requests that change nothing: answered at once, never journaled ----------------
@@ -137,7 +144,7 @@ class Unsubscribe(_Message, tag="unsubscribe"):
 
 
 ClientMessage = (
-    Bid | Ask | Cancel | Amend | SetCreditLine | AddSegment | EndOfDay
+    Bid | Ask | Cancel | CancelAll | Amend | SetCreditLine | AddSegment | EndOfDay
     | QuoteRequest | StatusRequest | Auth | Subscribe | Unsubscribe
 )
 

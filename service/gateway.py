@@ -313,10 +313,10 @@ class Gateway:
         self.fill_subscribers.discard(conn)
         if not conns:
             del self.connections[who.id]
-            if who.role == "funder" and who.cancel_on_disconnect and self.accepting:
-                # No stale quote outlives its sender: cancel what the funder left resting.
-                for client_id in self.engine.resting_client_ids(who.id):
-                    self.submit(who, wire.Cancel(client_id=client_id), time.perf_counter())
+            # No stale quote outlives its sender: cancel what the funder left resting.
+            if who.role == "funder" and who.cancel_on_disconnect and self.accepting \
+                    and self.engine.has_resting(who.id):
+                self.submit(who, wire.CancelAll(), time.perf_counter())
 
     def _drop_slow(self, conn: Connection) -> None:
         if conn.closed:

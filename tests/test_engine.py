@@ -76,6 +76,33 @@ def test_each_role_may_send_only_its_own_commands() -> None:
     assert m.engine.seq == 2
 
 
+def test_cancel_all_ends_every_own_resting_order_and_nothing_else() -> None:
+    m = Market()
+    m.line(F1, "DFM", 10**6)
+    m.line(F2, "DFM", 10**6)
+    m.bid(F1, "x30", 250, 100, seg="DFM-30D")
+    m.bid(F1, "x90", 260, 100)
+    m.bid(F2, "y90", 255, 100)
+    m.ask(S1, "a", 50, max_rate_bps=240, tif="gtc")
+    m.bid(F1, "z90", 270, 100)
+    assert rejected(m.send(F1, wire.CancelAll(segment="NOPE"))).code == "unknown_segment"
+    assert rejected(m.send(ADMIN, wire.CancelAll())).code == "forbidden"
+    out = m.send(F1, wire.CancelAll(segment="DFM-90D"))
+    assert out.accepted and events(out, F1, wire.Accepted)[0].order_id is None
+    assert [(d.client_id, d.reason, d.remaining) for d in events(out, F1, wire.Done)] == [
+        ("x90", "cancelled", 100), ("z90", "cancelled", 100)]             # oldest first
+    assert m.engine.books["DFM-90D"].depth() == [(255, 100, 1)]           # F2's stays
+    assert m.engine.resting_client_ids(F1) == ["x30"]
+    out = m.send(F1, wire.CancelAll())
+    assert [d.client_id for d in events(out, F1, wire.Done)] == ["x30"]
+    assert not m.engine.has_resting(F1) and m.engine.has_resting(F2)
+    out = m.send(F1, wire.CancelAll())                   # nothing left: still accepted
+    assert out.accepted and events(out, F1, wire.Done) == []
+    out = m.send(S1, wire.CancelAll())                   # an SME's resting ask too
+    assert [d.client_id for d in events(out, S1, wire.Done)] == ["a"]
+    assert m.engine.books["DFM-90D"].demand() == (0, 0)
+
+
 def test_nobody_can_cancel_or_amend_another_participants_order() -> None:
     m = Market()
     m.line(F1, "DFM", 10_000)
@@ -276,7 +303,8 @@ def sessions(draw: st.DrawFn) -> list[tuple[int, Any]]:
     cmds: list[tuple[int, Any]] = []
     for i in range(draw(st.integers(1, 80))):
         seg = draw(st.sampled_from(["DFM-30D", "DFM-90D"]))
-        kind = draw(st.sampled_from(["bid", "bid", "ask", "ask", "line", "cancel", "amend"]))
+        kind = draw(st.sampled_from(["bid", "bid", "ask", "ask", "line", "cancel", "amend",
+                                     "bid", "cancel_all"]))
         funder = draw(st.sampled_from([F1, F2]))
         if kind == "bid":
             cmds.append((funder, wire.Bid(client_id=f"b{i}", segment=seg,
@@ -293,6 +321,9 @@ def sessions(draw: st.DrawFn) -> list[tuple[int, Any]]:
                                                     amount=draw(st.integers(0, 5_000)))))
         elif kind == "cancel":
             cmds.append((funder, wire.Cancel(client_id=f"b{draw(st.integers(0, i))}")))
+        elif kind == "cancel_all":
+            cmds.append((draw(st.sampled_from([F1, F2, S1])), wire.CancelAll(
+                segment=draw(st.sampled_from([None, seg])))))
         else:
             cmds.append((funder, wire.Amend(client_id=f"b{draw(st.integers(0, i))}",
                                             amount=draw(st.integers(1, 2_000)))))
@@ -344,9 +375,11 @@ def random_session(m: Market, n: int, seed: int) -> None:
                   tif=rng.choice(["ioc", "ioc", "gtc", "fok"]))
         elif roll < 0.9:
             m.send(rng.choice([F1, F2]), wire.Cancel(client_id=f"b{rng.randrange(i + 1)}"))
-        elif roll < 0.98:
+        elif roll < 0.97:
             m.send(rng.choice([F1, F2]), wire.Amend(client_id=f"b{rng.randrange(i + 1)}",
                                                     rate_bps=rng.randrange(240, 300)))
+        elif roll < 0.98:
+            m.send(rng.choice([F1, F2, S1]), wire.CancelAll(segment=rng.choice([None, seg])))
         else:
             m.send(ADMIN, wire.EndOfDay())
 

@@ -1043,6 +1043,34 @@ def test_funder_disconnect_cancels_its_resting_bids(server: ServerProcess) -> No
     assert (quote["fillable"], quote["funders"]) == (300_000, 1)
 
 
+def test_cancel_all_pulls_a_funders_quotes_in_one_command(server: ServerProcess) -> None:
+    async def scenario() -> tuple[Any, ...]:
+        async with sessions(server, F11, F12, PLATFORM) as (f11, f12, platform):
+            await f11.ok(line("DFM"))
+            await f12.ok(line("DFM"))
+            for client_id, segment, rate in (("b1", "DFM-30D", 250), ("b2", "DFM-90D", 255),
+                                             ("b3", "DFM-30D", 245)):
+                await f11.ok(bid(client_id, segment, rate, 1_000_000))
+            await f12.ok(bid("other", "DFM-30D", 260, 500_000))
+            only_90 = await f11.ok({"type": "cancel_all", "segment": "DFM-90D"})
+            first = [await f11.expect("done")]
+            everything = await f11.ok({"type": "cancel_all"})
+            rest = [await f11.expect("done"), await f11.expect("done")]
+            after = await f11.quiet(0.3)
+            book = await platform.book("DFM-30D")
+            status = await f12.command({"type": "status"})
+            return only_90, first, everything, rest, after, book, status
+
+    only_90, first, everything, rest, after, book, status = run(scenario())
+    assert only_90["client_id"] is None and only_90["order_id"] is None
+    assert [(d["client_id"], d["reason"]) for d in first] == [("b2", "cancelled")]
+    assert everything["seq"] == only_90["seq"] + 1              # one journaled command
+    assert [d["client_id"] for d in rest] == ["b1", "b3"]      # oldest first
+    assert after == []
+    assert book["levels"] == [[260, 500_000, 1]]                # F12's bid stays
+    assert [o["client_id"] for o in status["orders"]] == ["other"]
+
+
 def test_funder_keeps_its_bids_while_another_connection_stays(server: ServerProcess) -> None:
     async def scenario() -> tuple[Any, ...]:
         async with sessions(server, F11, PLATFORM) as (f11, platform):
