@@ -329,6 +329,32 @@ def test_funder_bid_appears_on_board_without_reload(
     expect(card(board).locator(".best-rate")).to_have_text("—")
 
 
+def test_cancel_all_clears_the_funders_bids_and_the_board(
+        new_page: Callable[..., Page], server: ServerProcess,
+        clients: Callable[[int], WsClient]) -> None:
+    """The panel's "Cancel all" sends one cancel_all: both of the funder's bids go, also
+    the one placed from another connection, and the board shows the other funder's."""
+    bank_a, bank_b = clients(F11), clients(F12)
+    for bank in (bank_a, bank_b):
+        bank.line("DFM", 100_000_000)
+    bank_b.bid(SEG, 260, 300_000)
+    funder = new_page("cancel-all")
+    sent = count_sent_frames(funder)
+    sign_in(funder, server, F11)
+    expect(funder.locator("#cancel-all")).to_be_disabled()
+    bank_a.bid(SEG, 250, 1_000_000)
+    bank_a.bid("DFM-90D", 255, 2_000_000)
+    expect(funder.locator("#orders .order")).to_have_count(2)   # relayed, then a status
+    expect(card(funder).locator(".best-rate")).to_have_text("2.50%")
+    funder.click("#cancel-all")
+    expect(funder.locator("#orders-msg")).to_have_text("All resting bids cancelled.")
+    expect(funder.locator("#orders .order")).to_have_count(0)
+    expect(funder.locator("#orders")).to_contain_text("No resting bids.")
+    expect(funder.locator("#cancel-all")).to_be_disabled()
+    expect(card(funder).locator(".best-rate")).to_have_text("2.60%")
+    assert [json.loads(f) for f in sent if '"cancel_all"' in f] == [{"type": "cancel_all"}]
+
+
 def test_a_segment_opened_while_the_page_is_up_appears_without_reload(
         new_page: Callable[..., Page], server: ServerProcess,
         clients: Callable[[int], WsClient]) -> None:

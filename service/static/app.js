@@ -129,7 +129,8 @@ const state = {
   books: new Map(),          // id -> latest book event
   status: { orders: [], lines: [] },
   pending: new Map(),        // client_id -> [{kind, msg, text}] awaiting accepted/rejected
-  linePending: [],           // set_credit_line has no client id: answers come in order
+  unnamed: [],               // commands without a client id (set_credit_line, cancel_all): answers come in order
+  bulkCancel: false,         // the done messages of a cancel_all are coming
   lastSent: null,            // the latest command, to pin a gateway `error` on
 };
 
@@ -276,14 +277,14 @@ async function onWelcome(msg) {
 }
 
 function onAccepted(msg) {
-  if (msg.client_id === null) return lineAnswer(null);
+  if (msg.client_id === null) return unnamedAnswer(null);
   const p = takePending(msg.client_id);
   if (p?.text) showMsg(p.msg, p.text, 'ok');
   if (state.me?.role === 'funder') requestStatus();
 }
 
 function onRejected(msg) {
-  if (msg.client_id === null && state.linePending.length) return lineAnswer(msg);
+  if (msg.client_id === null && state.unnamed.length) return unnamedAnswer(msg);
   const p = takePending(msg.client_id);
   if (p?.kind === 'ask') smeAskEvent(msg.client_id, (a) => { a.rejected = msg; });
   if (p) showMsg(p.msg, rejectText(msg));
@@ -323,7 +324,9 @@ function onFill(fill) {
 
 function onDone(done) {
   if (state.me?.role === 'sme') return smeAskEvent(done.client_id, (a) => { a.done = done; });
-  if (done.reason === 'cancelled') {
+  if (done.reason === 'cancelled' && state.bulkCancel) {
+    addActivity(`Bid cancelled: ${formatCny(done.remaining)} withdrawn`);
+  } else if (done.reason === 'cancelled') {
     showMsg($('orders-msg'), `Bid cancelled: ${formatCny(done.remaining)} withdrawn.`, 'ok');
   } else if (done.reason === 'expired') {
     addActivity(`Day bid expired: ${formatCny(done.remaining)} withdrawn`);
@@ -607,6 +610,7 @@ function requestStatus() {
 
 function onStatus(status) {
   state.status = status;
+  state.bulkCancel = false;
   renderLines();
   renderOrders();
 }
@@ -633,6 +637,7 @@ function renderLines() {
 function renderOrders() {
   const list = $('orders');
   const bids = state.status.orders.filter((o) => o.side === 'bid');
+  $('cancel-all').disabled = !bids.length;
   const keep = new Set(bids.map((o) => o.client_id));
   for (const li of [...list.children]) if (!keep.has(li.dataset.clientId)) li.remove();
   if (!bids.length) {
@@ -737,18 +742,31 @@ function onLineSubmit(ev) {
   const r = parseAmount($('line-amount').value, { max: MAX_LINE_FEN, allowZero: true });
   if (r.error) return showMsg(msgNode, `Line: ${r.error}`);
   if (send({ type: 'set_credit_line', core, amount: r.value })) {
-    state.linePending.push({ core, amount: r.value });
+    state.unnamed.push({ kind: 'line', core, amount: r.value });
     showMsg(msgNode, 'Setting line…', 'info');
   }
 }
 
 // Answers to set_credit_line carry no client id; they come back in the order sent.
-function lineAnswer(rejected) {
-  const p = state.linePending.shift();
+// The answer to the oldest command sent without a client id.
+function unnamedAnswer(rejected) {
+  const p = state.unnamed.shift();
   requestStatus();   // also when another tab of this funder changed a line
   if (!p) return;
-  if (rejected) showMsg($('line-msg'), rejectText(rejected));
-  else showMsg($('line-msg'), `Line against ${p.core} set to ${formatCny(p.amount)}.`, 'ok');
+  const msgNode = $(p.kind === 'line' ? 'line-msg' : 'orders-msg');
+  if (rejected) showMsg(msgNode, rejectText(rejected));
+  else if (p.kind === 'line') showMsg(msgNode, `Line against ${p.core} set to ${formatCny(p.amount)}.`, 'ok');
+  else {
+    state.bulkCancel = true;   // until the next status: its done messages go to the activity
+    showMsg(msgNode, 'All resting bids cancelled.', 'ok');
+  }
+}
+
+function cancelAll() {
+  if (send({ type: 'cancel_all' })) {
+    state.unnamed.push({ kind: 'cancel_all' });
+    showMsg($('orders-msg'), 'Cancelling all bids…', 'info');
+  }
 }
 
 function addActivity(text) {
@@ -786,6 +804,7 @@ function init() {
     if (!r.error && r.value > 0n) $('bid-rate').value = formatRate(Number(r.value)).slice(0, -1);
   });
   $('line-form').addEventListener('submit', onLineSubmit);
+  $('cancel-all').addEventListener('click', cancelAll);
   bindAmountField($('line-amount'), null, (t) => parseAmount(t, { max: MAX_LINE_FEN, allowZero: true }));
   renderQuotes();
 }
