@@ -10,6 +10,7 @@ equals full replay equals live" is one comparison.
 from __future__ import annotations
 
 import hashlib
+import zlib
 from collections.abc import Callable
 
 import msgspec
@@ -84,6 +85,27 @@ def encode(state: State) -> bytes:
 
 def decode(data: bytes) -> State:
     return _decoder.decode(data)
+
+
+#: Stored snapshots start with this marker and are zlib-compressed (level 1). A snapshot
+#: is stored with one SET, which Redis writes to its append-only file and fsyncs while
+#: every journal write waits: 20 MB stalled it for 83 ms here. Compressed, a busy state
+#: is about a quarter of the size (5.0 MB to 1.2 MB in 30 ms). Older, uncompressed
+#: snapshots (a MessagePack map, first byte 0x8n or 0xde) are still read.
+STORED = b"MZ1\x00"
+
+
+def dump(state: State) -> bytes:
+    """`state` as stored in Redis. `encode` stays the canonical form `state_hash` uses:
+    compressed bytes could differ between zlib versions."""
+    return STORED + zlib.compress(encode(state), 1)
+
+
+def load(blob: bytes) -> State:
+    """A stored snapshot, compressed or not."""
+    if blob.startswith(STORED):
+        return decode(zlib.decompress(blob[len(STORED):]))
+    return decode(blob)
 
 
 def state_hash(engine: Engine) -> str:

@@ -206,7 +206,7 @@ class Gateway:
     def take_snapshot(self) -> asyncio.Future[int]:
         """A snapshot taken here, written with the journal's next batch."""
         self._since_snapshot = 0
-        return self.journal.snapshot(snapshot.encode(snapshot.capture(self.engine)))
+        return self.journal.snapshot(snapshot.dump(snapshot.capture(self.engine)))
 
     def _hold(self, batch: asyncio.Future[int], held: _Held) -> None:
         """Keep the replies until their batch is durable: one callback per batch."""

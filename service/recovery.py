@@ -31,7 +31,7 @@ async def recover(client: aioredis.Redis, keys: Keys, names: Callable[[int], str
                   *, use_snapshot: bool = True) -> Recovered:
     start = time.perf_counter()
     data: bytes | None = await client.get(keys.snapshot) if use_snapshot else None  # type: ignore[assignment]
-    engine = snapshot.restore(snapshot.decode(data), names) if data else Engine(names=names)
+    engine = snapshot.restore(snapshot.load(data), names) if data else Engine(names=names)
     snapshot_seq = engine.seq
     replayed = 0
     gc.disable()      # millions of small objects and no cycles: collection is pure cost

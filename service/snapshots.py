@@ -45,7 +45,7 @@ async def store_if_current(client: aioredis.Redis, keys: Keys, engine: Engine) -
     and then writing would leave a gap in which the gateway can journal more and store
     a newer snapshot, which this one would then replace. One script does both at once.
     """
-    data = snapshot.encode(snapshot.capture(engine))
+    data = snapshot.dump(snapshot.capture(engine))
     stored = await client.eval(_STORE_IF_CURRENT, 2, keys.journal,
                                keys.snapshot, f"{engine.seq}-0", data)
     return bool(stored)
@@ -84,7 +84,7 @@ class BackgroundSnapshots:
         return True
 
     def _write(self, engine: Engine, seq: int, parent: int) -> int:
-        data = snapshot.encode(snapshot.capture(engine))
+        data = snapshot.dump(snapshot.capture(engine))
         client = redis.Redis.from_url(self.redis_url, socket_timeout=10)
         deadline = time.monotonic() + self.timeout
         while True:

@@ -401,6 +401,17 @@ def test_replay_and_snapshot_plus_replay_equal_the_live_engine() -> None:
     assert state_hash(full) == state_hash(resumed) == live
 
 
+def test_a_stored_snapshot_is_compressed_and_older_ones_still_load() -> None:
+    from matcher.snapshot import STORED, dump, load
+    m = Market()
+    random_session(m, 3_000, seed=7)
+    state = capture(m.engine)
+    stored = dump(state)
+    assert stored.startswith(STORED) and len(stored) * 2 < len(encode(state))
+    assert state_hash(restore(load(stored))) == state_hash(m.engine)
+    assert state_hash(restore(load(encode(state)))) == state_hash(m.engine)   # as before
+
+
 def test_the_state_hash_sees_a_difference_in_queue_order() -> None:
     a, b = Market(), Market()
     for m, first, second in ((a, "x", "y"), (b, "y", "x")):

@@ -160,7 +160,7 @@ def connect(server: LocalRedis) -> aioredis.Redis:
 
 
 def take_snapshot(journal: Journal, engine: Engine) -> asyncio.Future[int]:
-    return journal.snapshot(snapshot.encode(snapshot.capture(engine)))
+    return journal.snapshot(snapshot.dump(snapshot.capture(engine)))
 
 
 async def play(driver: Driver, journal: Journal, commands: int, *, pause_every: int = 25,
@@ -346,7 +346,7 @@ def test_replay_and_snapshot_replay_equal_the_live_engine(redis_server: LocalRed
 
         stored = await client.get(KEYS.snapshot)
         assert stored is not None
-        state = snapshot.decode(stored)
+        state = snapshot.load(stored)
         assert (state.seq, snapshot.state_hash(snapshot.restore(state))) == snapshots[-1]
 
         with_snapshot = await recover(client, KEYS, use_snapshot=True)
@@ -483,7 +483,7 @@ def test_a_write_that_landed_without_its_reply_is_not_repeated(
         assert [t for _, t in await fill_stream(client)] == driver.trades
         stored = await client.get(KEYS.snapshot)
         assert stored is not None
-        state = snapshot.decode(stored)
+        state = snapshot.load(stored)
         assert (state.seq, snapshot.state_hash(snapshot.restore(state))) == snapshots[-1]
         recovered = await recover(client, KEYS)
         assert recovered.snapshot_seq == snapshots[-1][0]

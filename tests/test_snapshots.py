@@ -52,7 +52,7 @@ def test_the_child_writes_the_state_of_the_fork_once_the_journal_holds_it(
     forked_at, forked_hash, before_journal, after, written = run(scenario())
     assert before_journal is None, "a snapshot ahead of the journal was written"
     assert after is not None and written == 1
-    restored = snapshot.restore(snapshot.decode(after))
+    restored = snapshot.restore(snapshot.load(after))
     assert restored.seq == forked_at == 50
     assert snapshot.state_hash(restored) == forked_hash
 
