@@ -129,7 +129,7 @@ const state = {
   books: new Map(),          // id -> latest book event
   status: { orders: [], lines: [] },
   pending: new Map(),        // client_id -> [{kind, msg, text}] awaiting accepted/rejected
-  unnamed: [],               // commands without a client id (set_credit_line, cancel_all): answers come in order
+  unnamed: [],               // sent without a client id (lines, cancel_all), oldest first
   bulkCancel: false,         // the done messages of a cancel_all are coming
   lastSent: null,            // the latest command, to pin a gateway `error` on
 };
@@ -747,8 +747,8 @@ function onLineSubmit(ev) {
   }
 }
 
-// Answers to set_credit_line carry no client id; they come back in the order sent.
-// The answer to the oldest command sent without a client id.
+// set_credit_line and cancel_all carry no client id: their answers come back in the
+// order sent, so each answer is the oldest such command's.
 function unnamedAnswer(rejected) {
   const p = state.unnamed.shift();
   requestStatus();   // also when another tab of this funder changed a line
