@@ -318,15 +318,14 @@ class Engine:
         out.segments.append(order.segment)
 
     def _cancel_all(self, entry: wire.JournalEntry, out: Outcome) -> None:
-        """Every resting order of the sender (in one segment, if named), oldest first: by
-        order id, not by `self.orders`' order, which a snapshot restore may not keep."""
+        """Every resting order of the sender (in one segment, if named), oldest first:
+        `self.orders` is in order id order, and a snapshot keeps that order."""
         cmd = entry.command
         assert isinstance(cmd, wire.CancelAll)
         if cmd.segment is not None:
             self._book(cmd.segment)                   # an unknown segment is rejected
-        mine = sorted((o for o in self.orders.values() if o.owner == entry.participant
-                       and (cmd.segment is None or o.segment == cmd.segment)),
-                      key=lambda o: o.order_id)
+        mine = [o for o in self.orders.values() if o.owner == entry.participant
+                and (cmd.segment is None or o.segment == cmd.segment)]
         out.accept(entry)
         for order in mine:
             self.books[order.segment].cancel(order.order_id)
