@@ -277,6 +277,10 @@ def _facts(results: Results, problems: bool = False) -> list[tuple[str, str]]:
     if lag is not None:
         facts.append(("server loop", f"timer lag: {lag}  (the event loop's own histogram; "
                                       "a message waits about this long to be read)"))
+    journal = _within_line(results.get("server_journal"))
+    if journal is not None:
+        facts.append(("journal", f"write to Redis's answer: {journal}  (its own histogram; "
+                                 "the fsync of `always` is in here)"))
     memory = _memory_line(results)
     if memory is not None:
         facts.append(("memory", memory))

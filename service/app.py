@@ -90,7 +90,7 @@ class Service:
         log.info("recovered seq %d: snapshot at %d + %d journaled commands in %.2fs",
                  engine.seq, recovered.snapshot_seq, recovered.replayed, recovered.seconds)
         journal = Journal(self.client, keys, max_retry_delay=cfg.redis.max_retry_delay,
-                          written_seq=engine.seq, on_batch=self.metrics.batch_size.observe,
+                          written_seq=engine.seq, on_batch=self.metrics.journal_batch,
                           max_inflight=cfg.redis.writes_in_flight)
         journal.start()
         background = BackgroundSnapshots(url, keys) if hasattr(os, "fork") else None

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -127,6 +128,7 @@ class _Batch:
     snap: bytes | None
     done: asyncio.Future[int]
     reply: asyncio.Future[Any] | None = None
+    sent: float = 0.0                 # perf_counter when it went to Redis
 
 
 class JournalLost(RuntimeError):
@@ -134,10 +136,16 @@ class JournalLost(RuntimeError):
 
 
 class Journal:
-    """Writes accepted commands in groups and says when each is durable."""
+    """Writes accepted commands in groups and says when each is durable.
+
+    `on_batch(commands, seconds)` hears of each durable batch: its size and the time
+    from sending it to Redis's answer (Redis, its fsync, and any wait of ours to read
+    the answer), the journal's share of every acknowledgement's latency.
+    """
 
     def __init__(self, client: aioredis.Redis, keys: Keys, *, max_retry_delay: float = 1.0,
-                 written_seq: int = 0, on_batch: Callable[[int], None] | None = None,
+                 written_seq: int = 0,
+                 on_batch: Callable[[int, float], None] | None = None,
                  max_inflight: int = 1) -> None:
         self.client = client
         self.keys = keys
@@ -277,6 +285,7 @@ class Journal:
                and not self._recovering and self._ready()):
             batch = self._take()
             batch.reply = self._send(batch)
+            batch.sent = time.perf_counter()
             self._window.append(batch)
 
     def _settle(self) -> None:
@@ -312,7 +321,7 @@ class Journal:
             self.written_seq = batch.entries[-1].seq
         self.batches += 1
         if self._on_batch is not None and batch.entries:
-            self._on_batch(len(batch.entries))
+            self._on_batch(len(batch.entries), time.perf_counter() - batch.sent)
         batch.done.set_result(self.written_seq)
 
     async def _recover(self) -> None:

@@ -60,12 +60,17 @@ class Metrics:
         self.latency = Histogram(LATENCY_BUCKETS)
         self.loop_lag = Histogram(LATENCY_BUCKETS)
         self.batch_size = Histogram(BATCH_BUCKETS)
+        self.journal_write = Histogram(LATENCY_BUCKETS)
         self.registry = CollectorRegistry()
         self.registry.register(self)
         ProcessCollector(registry=self.registry)     # memory and CPU, for soak runs
 
     def command(self, kind: type) -> None:
         self.commands[kind.__name__.lower()] += 1
+
+    def journal_batch(self, commands: int, seconds: float) -> None:
+        self.batch_size.observe(commands)
+        self.journal_write.observe(seconds)
 
     def reject(self, code: str) -> None:
         self.rejects[code] += 1
@@ -106,3 +111,6 @@ class Metrics:
                                    "(below 1 ms: the timers' granularity)")
         yield self.batch_size.family("matcher_journal_batch_commands",
                                      "Commands per journal write (group commit)")
+        yield self.journal_write.family("matcher_journal_write_seconds",
+                                        "From sending a journal write to Redis's answer "
+                                        "(Redis, its fsync, and the wait to read the answer)")

@@ -33,6 +33,9 @@ def test_smoke_profile_reconciles_and_writes_its_report(
     assert 0 < view["within_ms"][-1][1] <= 1
     lag = results["server_loop_lag"]               # a probe every 10 ms over the run
     assert lag["count"] >= 100 and 0 < lag["within_ms"][-1][1] <= 1
+    journal = results["server_journal"]            # every batch of the run, timed
+    assert 0 < journal["count"] <= recon["commands_sent"]
+    assert 0 < journal["within_ms"][-1][1] <= 1
     for name in ("report.html", "latency.png", "timeline.png"):
         assert (out / name).stat().st_size > 1000, name
     html = (out / "report.html").read_text()

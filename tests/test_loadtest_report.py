@@ -178,12 +178,15 @@ def test_the_server_view_is_the_runs_share_of_its_histogram() -> None:
     assert view is not None and view["count"] == 1000
     assert view["within_ms"] == [[1.0, 0.4], [2.0, 0.9], [5.0, 0.99]]
     assert server_view(after, after) is None       # nothing ran: no view
+    assert not re.search(r"^journal", report.summary_table(fixed_results()), re.M)
     table = report.summary_table({**fixed_results(), "server_view": view,
-                                  "server_loop_lag": server_view(before, after)})
+                                  "server_loop_lag": server_view(before, after),
+                                  "server_journal": server_view(before, after)})
     assert re.search(r"^server view\s+receive → reply released: 40.0% within 1 ms, "
                      r"90.0% within 2 ms, 99.0% within 5 ms  \(1,000 commands", table, re.M)
     assert re.search(r"^server loop\s+timer lag: 40.0% within 1 ms, 90.0% within 2 ms, "
                      r"99.0% within 5 ms  \(the event loop", table, re.M)
+    assert re.search(r"^journal\s+write to Redis's answer: 40.0% within 1 ms, ", table, re.M)
     assert "scheduling" not in table
     realtime = {**fixed_results(), "config": {"realtime_priority": 10}}
     assert re.search(r"^scheduling\s+SCHED_RR priority 10 ", report.summary_table(realtime),

@@ -1359,6 +1359,11 @@ def test_metrics_are_prometheus_text(server: ServerProcess) -> None:
                 assert sample in text.splitlines(), sample
             assert "# TYPE matcher_command_latency_seconds histogram" in text
             assert 'matcher_command_latency_seconds_bucket{le="+Inf"}' in text
+            # Every journal write is timed, from sending it to Redis's answer.
+            writes = metric(server, "matcher_journal_write_seconds_count")
+            assert writes >= 3              # the line, the bid and the ask were journaled
+            assert writes == metric(server, "matcher_journal_batch_commands_count")
+            assert metric(server, "matcher_journal_write_seconds_sum") > 0
             # The loop lag probe times a 10 ms timer, again and again.
             deadline = time.monotonic() + 2
             while not metric(server, "matcher_event_loop_lag_seconds_count"):
