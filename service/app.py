@@ -96,6 +96,8 @@ class Service:
         background = BackgroundSnapshots(url, keys) if hasattr(os, "fork") else None
         self.gateway = Gateway(engine, journal, self.directory, cfg.limits, self.metrics,
                                cfg.engine.snapshot_every, background)
+        self.gateway.snapshot_seq = recovered.snapshot_seq
+        self._watch(self.gateway, background)
         await self._open_market(first_start=engine.seq == 0)
         app = self._app()
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -111,6 +113,23 @@ class Service:
         self._tasks.append(asyncio.get_running_loop().create_task(self._probe_loop()))
         self.ready = True
         log.info("serving on http://%s:%d (WebSocket at /ws)", cfg.server.host, self.port)
+
+    def _watch(self, gw: Gateway, background: BackgroundSnapshots | None) -> None:
+        """What /metrics reads from the journal and the snapshots when it is scraped."""
+        journal = gw.journal
+        m = self.metrics
+        m.read_on_scrape("matcher_journal_backlog", "Commands applied but not yet written",
+                         lambda: journal.backlog)
+        m.read_on_scrape("matcher_journal_up", "1 while the journal writes; 0 while it "
+                         "retries Redis or after it stopped (nothing is acknowledged)",
+                         lambda: 1.0 if journal.healthy and journal.error is None else 0.0)
+        m.read_on_scrape("matcher_snapshot_seq", "The sequence number the newest snapshot "
+                         "covers (recovery replays the journal after it)",
+                         gw.newest_snapshot)
+        m.read_on_scrape("matcher_snapshot_failures", "Background snapshots that failed "
+                         "(the next one retries)",
+                         lambda: background.failed if background is not None else 0,
+                         counter=True)
 
     async def stop(self) -> None:
         """Finish in-flight writes, snapshot, close connections with 1001."""

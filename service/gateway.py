@@ -166,6 +166,7 @@ class Gateway:
         self.subscribers: dict[str, set[Connection]] = {}
         self.fill_subscribers: set[Connection] = set()
         self._since_snapshot = 0
+        self.snapshot_seq = 0       # covered by the newest snapshot in Redis taken here
         self._held_batch: asyncio.Future[int] | None = None
         self._held: list[_Held] = []
         self._book_sent: dict[str, float] = {}
@@ -206,7 +207,21 @@ class Gateway:
     def take_snapshot(self) -> asyncio.Future[int]:
         """A snapshot taken here, written with the journal's next batch."""
         self._since_snapshot = 0
-        return self.journal.snapshot(snapshot.dump(snapshot.capture(self.engine)))
+        written = self.journal.snapshot(snapshot.dump(snapshot.capture(self.engine)))
+        written.add_done_callback(partial(self._snapshot_written, self.engine.seq))
+        return written
+
+    def _snapshot_written(self, seq: int, written: asyncio.Future[int]) -> None:
+        if not written.cancelled() and written.exception() is None:
+            self.snapshot_seq = max(self.snapshot_seq, seq)
+
+    def newest_snapshot(self) -> int:
+        """The sequence number the newest snapshot stored covers, by this gateway's
+        knowledge (recovered from, taken here, or written by a finished child)."""
+        if self.background is None:
+            return self.snapshot_seq
+        self.background.reap()
+        return max(self.snapshot_seq, self.background.newest_seq)
 
     def _hold(self, batch: asyncio.Future[int], held: _Held) -> None:
         """Keep the replies until their batch is durable: one callback per batch."""
@@ -237,7 +252,6 @@ class Gateway:
                     segments.add(t.segment)
         self.metrics.fills += trades
         self.metrics.seq = self.engine.seq
-        self.metrics.journal_backlog = self.journal.backlog
         for segment in segments:
             self.book_changed(segment)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
@@ -56,17 +56,23 @@ class Metrics:
         self.quotes = 0
         self.dropped = 0
         self.seq = 0
-        self.journal_backlog = 0
         self.latency = Histogram(LATENCY_BUCKETS)
         self.loop_lag = Histogram(LATENCY_BUCKETS)
         self.batch_size = Histogram(BATCH_BUCKETS)
         self.journal_write = Histogram(LATENCY_BUCKETS)
+        self._read: dict[str, tuple[str, Callable[[], float], bool]] = {}
         self.registry = CollectorRegistry()
         self.registry.register(self)
         ProcessCollector(registry=self.registry)     # memory and CPU, for soak runs
 
     def command(self, kind: type) -> None:
         self.commands[kind.__name__.lower()] += 1
+
+    def read_on_scrape(self, name: str, doc: str, read: Callable[[], float], *,
+                       counter: bool = False) -> None:
+        """A value read when scraped: for state that changes when nothing is counted, such
+        as a journal that has stopped writing (its backlog grows with no batch to say so)."""
+        self._read[name] = (doc, read, counter)
 
     def journal_batch(self, commands: int, seconds: float) -> None:
         self.batch_size.observe(commands)
@@ -100,8 +106,9 @@ class Metrics:
                                          labels=["role"]), self.connections)
         yield GaugeMetricFamily("matcher_sequence", "Last sequence number applied",
                                 value=self.seq)
-        yield GaugeMetricFamily("matcher_journal_backlog", "Commands applied but not yet "
-                                "written", value=self.journal_backlog)
+        for name, (doc, read, counter) in self._read.items():
+            yield (CounterMetricFamily(name, doc, value=read()) if counter
+                   else GaugeMetricFamily(name, doc, value=read()))
         yield self.latency.family("matcher_command_latency_seconds",
                                   "From receiving a command to releasing its replies "
                                   "(journal write included)")

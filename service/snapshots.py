@@ -60,6 +60,9 @@ class BackgroundSnapshots:
         self.timeout = timeout
         self.child: int | None = None
         self.written = 0            # snapshots the children reported written
+        self.failed = 0             # children that exited without writing theirs
+        self.newest_seq = 0         # the sequence number the newest written one covers
+        self._child_seq = 0
 
     def start(self, engine: Engine) -> bool:
         """Fork a child that writes the engine's state as of now; False if one is busy."""
@@ -80,7 +83,7 @@ class BackgroundSnapshots:
                 log.error("snapshot at seq %d failed: %s", seq, exc)
             finally:
                 os._exit(code)
-        self.child = pid
+        self.child, self._child_seq = pid, seq
         return True
 
     def _write(self, engine: Engine, seq: int, parent: int) -> int:
@@ -121,5 +124,7 @@ class BackgroundSnapshots:
         self.child = None
         if os.waitstatus_to_exitcode(status) == 0:
             self.written += 1
+            self.newest_seq = max(self.newest_seq, self._child_seq)
         else:
+            self.failed += 1
             log.error("a snapshot child failed (status %d); the next one will retry", status)

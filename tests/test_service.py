@@ -1373,6 +1373,39 @@ def test_metrics_are_prometheus_text(server: ServerProcess) -> None:
     run(scenario())
 
 
+def test_metrics_show_a_journal_that_cannot_write_and_its_recovery(
+        server: ServerProcess, redis_server: LocalRedis) -> None:
+    """What an operator's alerts read: the journal's state and backlog, read when scraped,
+    so they move while no batch completes; the newest snapshot's sequence number."""
+    async def scenario() -> None:
+        async with session(server, F11) as f11:
+            await f11.ok(line("DFM"))
+            assert metric(server, "matcher_journal_up") == 1
+            assert metric(server, "matcher_journal_backlog") == 0
+            assert metric(server, "matcher_snapshot_failures_total") == 0
+            redis_server.stop()
+            await f11.send(bid("b1", "DFM-30D", 250, 1_000_000))
+            deadline = time.monotonic() + 10
+            while metric(server, "matcher_journal_up") != 0:
+                assert time.monotonic() < deadline, "matcher_journal_up stayed 1"
+                await asyncio.sleep(0.05)
+            assert metric(server, "matcher_journal_backlog") >= 1
+            assert (await asyncio.to_thread(server.get, "/health"))[0] == 503
+            await asyncio.to_thread(redis_server.start)
+            reply = await f11.expect("accepted", timeout=15)     # held, then released
+            assert reply["client_id"] == "b1"
+            assert metric(server, "matcher_journal_up") == 1
+            assert metric(server, "matcher_journal_backlog") == 0
+
+    run(scenario())
+    # Recovered from no snapshot; SIGTERM writes one covering every command.
+    assert metric(server, "matcher_snapshot_seq") == 0
+    seq = metric(server, "matcher_sequence")
+    assert server.terminate() == 0
+    server.start()
+    assert metric(server, "matcher_snapshot_seq") == seq > 0
+
+
 def test_segments_lists_the_four_segments(server: ServerProcess) -> None:
     async def scenario() -> tuple[int, bytes]:
         async with session(server, F12) as f12:

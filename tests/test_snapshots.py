@@ -47,6 +47,7 @@ def test_the_child_writes_the_state_of_the_fork_once_the_journal_holds_it(
         after = await client.get(KEYS.snapshot)
         await journal.close()
         await client.aclose()
+        assert background.newest_seq == forked_at and background.failed == 0
         return forked_at, forked_hash, before_journal, after, background.written
 
     forked_at, forked_hash, before_journal, after, written = run(scenario())
@@ -110,3 +111,5 @@ def test_a_waiting_child_does_not_hold_the_gateways_listening_port(
         assert background.child is not None
         os.kill(background.child, signal.SIGKILL)
         background.wait()
+    assert background.failed == 1 and background.written == 0   # counted for /metrics
+    assert background.newest_seq == 0
