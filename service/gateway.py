@@ -181,6 +181,7 @@ class Gateway:
         """Apply a command now; send its replies when the journal has it."""
         if not self.accepting or self.journal.backlog >= self.limits.journal_backlog:
             why = "shutting down" if not self.accepting else "journal backlog is full"
+            self.metrics.reject("unavailable")
             self._reply_now(who.id, wire.Rejected(
                 client_id=getattr(cmd, "client_id", None), code="unavailable",
                 message=f"not accepting commands: {why}"), conn)

@@ -1374,9 +1374,12 @@ def test_metrics_are_prometheus_text(server: ServerProcess) -> None:
 
 
 def test_metrics_show_a_journal_that_cannot_write_and_its_recovery(
-        server: ServerProcess, redis_server: LocalRedis) -> None:
+        start_server: Callable[..., ServerProcess], redis_server: LocalRedis) -> None:
     """What an operator's alerts read: the journal's state and backlog, read when scraped,
-    so they move while no batch completes; the newest snapshot's sequence number."""
+    so they move while no batch completes; commands refused for a full backlog; the
+    newest snapshot's sequence number."""
+    server = start_server(journal_backlog=5)
+
     async def scenario() -> None:
         async with session(server, F11) as f11:
             await f11.ok(line("DFM"))
@@ -1384,16 +1387,24 @@ def test_metrics_show_a_journal_that_cannot_write_and_its_recovery(
             assert metric(server, "matcher_journal_backlog") == 0
             assert metric(server, "matcher_snapshot_failures_total") == 0
             redis_server.stop()
-            await f11.send(bid("b1", "DFM-30D", 250, 1_000_000))
+            for n in range(12):         # one batch may be in flight, five wait, and the
+                await f11.send(bid(f"b{n}", "DFM-30D", 250, 1_000_000))   # rest: refused
             deadline = time.monotonic() + 10
             while metric(server, "matcher_journal_up") != 0:
                 assert time.monotonic() < deadline, "matcher_journal_up stayed 1"
                 await asyncio.sleep(0.05)
-            assert metric(server, "matcher_journal_backlog") >= 1
+            assert metric(server, "matcher_journal_backlog") == 5
+            refused = []                    # at once; the accepted wait for the journal
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    refused.append(await f11.recv(timeout=0.5))
+            assert refused and {m["code"] for m in refused} == {"unavailable"}
+            assert metric(server, 'matcher_rejects_total{code="unavailable"}') == len(refused)
             assert (await asyncio.to_thread(server.get, "/health"))[0] == 503
             await asyncio.to_thread(redis_server.start)
-            reply = await f11.expect("accepted", timeout=15)     # held, then released
-            assert reply["client_id"] == "b1"
+            for _ in range(12 - len(refused)):
+                assert (await f11.expect("accepted", timeout=15))["client_id"] not in {
+                    m["client_id"] for m in refused}
             assert metric(server, "matcher_journal_up") == 1
             assert metric(server, "matcher_journal_backlog") == 0
 
