@@ -111,6 +111,7 @@ class Service:
         zone = ZoneInfo(cfg.engine.timezone)       # an unknown zone fails here, at start
         self._tasks.append(asyncio.get_running_loop().create_task(self._end_of_day_timer(zone)))
         self._tasks.append(asyncio.get_running_loop().create_task(self._probe_loop()))
+        self._tasks.append(asyncio.get_running_loop().create_task(self._cancel_absent()))
         self.ready = True
         log.info("serving on http://%s:%d (WebSocket at /ws)", cfg.server.host, self.port)
 
@@ -226,6 +227,17 @@ class Service:
                 gw.submit(funder, wire.Bid(client_id=f"seed-{segment}-{n}", segment=segment,
                                            rate_bps=rate, amount=amount, tif="gtc"),
                           time.perf_counter())
+
+    async def _cancel_absent(self) -> None:
+        """Once the grace after a start is over, cancel the bids of funders (with cancel on
+        disconnect) that have not come back: cancel on disconnect could not run for the
+        connections a stop or a crash closed."""
+        grace = self.config.server.reconnect_grace_s
+        await asyncio.sleep(grace)
+        assert self.gateway is not None
+        if n := self.gateway.cancel_absent():
+            log.info("%d funders not back %.0f s after the start: their resting orders are "
+                     "cancelled", n, grace)
 
     async def _end_of_day_timer(self, zone: ZoneInfo) -> None:
         """Issue `end_of_day` at the configured local time, every day."""

@@ -35,6 +35,9 @@ class ServerConfig(_Section):
     # SCHED_RR at this priority (1-99) for the gateway and the local Redis it starts; 0:
     # the normal policy. Halves the p99 on a busy 2-core machine (README, ADR 14).
     realtime_priority: Annotated[int, Meta(ge=0, le=99)] = 0
+    # After a start, funders with cancel on disconnect have this long to reconnect; then
+    # the resting orders of those still away are cancelled (their quotes would be stale).
+    reconnect_grace_s: Annotated[float, Meta(ge=0)] = 30.0
 
 
 class RedisConfig(_Section):
@@ -99,6 +102,9 @@ class DemoConfig(_Section):
     key_prefix: str = "demo"
     credit_line: Annotated[int, Meta(ge=0)] = 0       # fen, per funder and core enterprise
     seed_bids: bool = False
+    # Demo funders keep their bids when they go away: the seeded bids are theirs, and
+    # nobody runs them (with cancel on disconnect, the restart grace would clear them).
+    cancel_on_disconnect: bool = False
 
 
 class Config(_Section):
@@ -131,7 +137,9 @@ def demo_key(demo: DemoConfig, role: Role, n: int) -> str:
 
 def demo_participants(demo: DemoConfig) -> list[ParticipantConfig]:
     out = [ParticipantConfig(id=DEMO_FUNDER_BASE + n, name=f"Funder {n}", role="funder",
-                             key=demo_key(demo, "funder", n)) for n in range(1, demo.funders + 1)]
+                             key=demo_key(demo, "funder", n),
+                             cancel_on_disconnect=demo.cancel_on_disconnect)
+           for n in range(1, demo.funders + 1)]
     out += [ParticipantConfig(id=DEMO_SME_BASE + n, name=f"SME {n}", role="sme",
                               key=demo_key(demo, "sme", n)) for n in range(1, demo.smes + 1)]
     return out

@@ -328,10 +328,22 @@ class Gateway:
         self.fill_subscribers.discard(conn)
         if not conns:
             del self.connections[who.id]
-            # No stale quote outlives its sender: cancel what the funder left resting.
-            if who.role == "funder" and who.cancel_on_disconnect and self.accepting \
-                    and self.engine.has_resting(who.id):
-                self.submit(who, wire.CancelAll(), time.perf_counter())
+            self._cancel_if_gone(who)
+
+    def cancel_absent(self) -> int:
+        """Cancel the resting orders of every funder with cancel on disconnect that is not
+        connected; the number of funders. After a restart: the gateway could not see
+        who went away while it was down, and the journal brought their bids back."""
+        absent = [who for who in self.directory if who.id not in self.connections]
+        return sum(self._cancel_if_gone(who) for who in absent)
+
+    def _cancel_if_gone(self, who: Participant) -> bool:
+        """No stale quote outlives its sender: cancel what a funder left resting."""
+        if who.role == "funder" and who.cancel_on_disconnect and self.accepting \
+                and self.engine.has_resting(who.id):
+            self.submit(who, wire.CancelAll(), time.perf_counter())
+            return True
+        return False
 
     def _drop_slow(self, conn: Connection) -> None:
         if conn.closed:

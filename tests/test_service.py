@@ -1318,6 +1318,44 @@ def test_restart_after_sigterm_keeps_every_resting_order(server: ServerProcess) 
         (F12, 240, 300_000), (F11, 250, 1_000_000), (F12, 250, 200_000)]
 
 
+def test_after_a_restart_funders_that_do_not_come_back_lose_their_bids(
+        server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop closes every connection without cancelling (it is not a disconnect), and a
+    crash cancels nothing: the journal brings all bids back. A funder with cancel on
+    disconnect that has not reconnected when the grace is over loses its bids; one that
+    came back keeps them."""
+    grace = 3.0
+
+    async def place_and_stop() -> int:
+        async with sessions(server, F11, F12) as (f11, f12):
+            for f in (f11, f12):
+                await f.ok(line("DFM"))
+            await f11.ok(bid("b1", "DFM-30D", 250, 1_000_000))
+            await f12.ok(bid("b1", "DFM-30D", 260, 700_000, tif="gtc"))
+            return await asyncio.to_thread(server.terminate)
+
+    async def come_back() -> tuple[dict[str, Any], dict[str, Any], float]:
+        async with sessions(server, F12, SME_X) as (f12, sme):
+            before = await sme.quote("DFM-30D", 5_000_000)      # within the grace
+            started = time.monotonic()
+            while (await sme.quote("DFM-30D", 5_000_000))["fillable"] != 700_000:
+                assert time.monotonic() - started < grace + 10, "Bank A's bid stayed"
+                await asyncio.sleep(0.2)
+            waited = time.monotonic() - started
+            await f12.send({"type": "status"})
+            mine = await f12.expect("status")
+            return before, mine, waited
+
+    assert run(place_and_stop()) == 0
+    monkeypatch.setenv("MATCHER_SERVER_RECONNECT_GRACE_S", str(grace))
+    server.start()
+    before, mine, waited = run(come_back())
+    assert before["fillable"] == 1_700_000 and before["funders"] == 2   # both came back
+    assert waited > 0.5                                  # not at once: after the grace
+    assert [o["client_id"] for o in mine["orders"]] == ["b1"]    # Bank B came back: kept
+    assert "funders not back 3 s after the start" in server.log.read_text()
+
+
 # --- HTTP ---------------------------------------------------------------------------
 
 
