@@ -97,6 +97,7 @@ class Service:
         self.gateway = Gateway(engine, journal, self.directory, cfg.limits, self.metrics,
                                cfg.engine.snapshot_every, background)
         self.gateway.snapshot_seq = recovered.snapshot_seq
+        self.metrics.seq = engine.seq
         self._watch(self.gateway, background)
         await self._open_market(first_start=engine.seq == 0)
         app = self._app()
@@ -111,6 +112,9 @@ class Service:
         zone = ZoneInfo(cfg.engine.timezone)       # an unknown zone fails here, at start
         self._tasks.append(asyncio.get_running_loop().create_task(self._end_of_day_timer(zone)))
         self._tasks.append(asyncio.get_running_loop().create_task(self._probe_loop()))
+        if background is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(
+                self._reap_snapshots(background)))
         self._tasks.append(asyncio.get_running_loop().create_task(self._cancel_absent()))
         self.ready = True
         log.info("serving on http://%s:%d (WebSocket at /ws)", cfg.server.host, self.port)
@@ -141,6 +145,7 @@ class Service:
         gw.accepting = False
         for task in self._tasks:
             task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         timeout = self.config.server.shutdown_timeout
         try:
             await asyncio.wait_for(gw.journal.flush(), timeout)
@@ -162,6 +167,14 @@ class Service:
         if self.local_redis is not None:
             await asyncio.to_thread(self.local_redis.stop)
         self.stopped.set()
+
+    async def _reap_snapshots(self, background: BackgroundSnapshots) -> None:
+        """Collect a finished snapshot child within a second, so that
+        `matcher_snapshot_seq` moves when it is written. On the loop only: `stop`
+        cancels this before it waits for the child itself."""
+        while True:
+            await asyncio.sleep(1.0)
+            background.reap()
 
     async def _probe_loop(self) -> None:
         """Time how late a timer fires, for `matcher_event_loop_lag_seconds`.

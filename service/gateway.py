@@ -178,8 +178,14 @@ class Gateway:
 
     def submit(self, who: Participant, cmd: wire.Command, received: float,
                conn: Connection | None = None) -> None:
-        """Apply a command now; send its replies when the journal has it."""
-        if not self.accepting or self.journal.backlog >= self.limits.journal_backlog:
+        """Apply a command now; send its replies when the journal has it.
+
+        The backlog limit holds back clients (`conn`); what the gateway issues itself
+        (the configured market, end of day, cancels for funders that went away) is
+        bounded and, for the cancels, lowers risk: it is never refused for a backlog.
+        """
+        if not self.accepting or (conn is not None
+                                  and self.journal.backlog >= self.limits.journal_backlog):
             why = "shutting down" if not self.accepting else "journal backlog is full"
             self.metrics.reject("unavailable")
             self._reply_now(who.id, wire.Rejected(
@@ -202,8 +208,14 @@ class Gateway:
         self._since_snapshot += 1
         if self._since_snapshot >= self.snapshot_every:
             self._since_snapshot = 0
-            if self.background is None or not self.background.start(self.engine):
+            if self.background is None:
                 self.take_snapshot()
+            elif not self.background.start(self.engine):
+                # The last child still waits or writes: skip this one rather than stall
+                # the loop to capture here, or let that older child's SET land after
+                # (and over) a newer snapshot. The next interval tries again.
+                log.warning("snapshot at seq %d skipped: the previous one is still being "
+                            "written", self.engine.seq)
 
     def take_snapshot(self) -> asyncio.Future[int]:
         """A snapshot taken here, written with the journal's next batch."""
@@ -218,10 +230,10 @@ class Gateway:
 
     def newest_snapshot(self) -> int:
         """The sequence number the newest snapshot stored covers, by this gateway's
-        knowledge (recovered from, taken here, or written by a finished child)."""
+        knowledge (recovered from, taken here, or written by a child it has reaped).
+        Only reads: reaping is the event loop's (`reap_snapshot`), never a scrape's."""
         if self.background is None:
             return self.snapshot_seq
-        self.background.reap()
         return max(self.snapshot_seq, self.background.newest_seq)
 
     def _hold(self, batch: asyncio.Future[int], held: _Held) -> None:

@@ -140,12 +140,13 @@ class Journal:
 
     `on_batch(commands, seconds)` hears of each durable batch: its size and the time
     from sending it to Redis's answer (Redis, its fsync, and any wait of ours to read
-    the answer), the journal's share of every acknowledgement's latency.
+    the answer), the journal's share of every acknowledgement's latency; None for a
+    batch that had to be written again after a failure.
     """
 
     def __init__(self, client: aioredis.Redis, keys: Keys, *, max_retry_delay: float = 1.0,
                  written_seq: int = 0,
-                 on_batch: Callable[[int, float], None] | None = None,
+                 on_batch: Callable[[int, float | None], None] | None = None,
                  max_inflight: int = 1) -> None:
         self.client = client
         self.keys = keys
@@ -284,8 +285,8 @@ class Journal:
         while (self._durable is not None and len(self._window) < self.max_inflight
                and not self._recovering and self._ready()):
             batch = self._take()
-            batch.reply = self._send(batch)
             batch.sent = time.perf_counter()
+            batch.reply = self._send(batch)
             self._window.append(batch)
 
     def _settle(self) -> None:
@@ -316,12 +317,15 @@ class Journal:
             self._window.popleft()
             self._durable_batch(batch)
 
-    def _durable_batch(self, batch: _Batch) -> None:
+    def _durable_batch(self, batch: _Batch, *, timed: bool = True) -> None:
+        """`timed`: the batch landed on its first send, so its time is a write's; one
+        settled by `_recover` also holds the outage, which is not a write's time."""
         if batch.entries:
             self.written_seq = batch.entries[-1].seq
         self.batches += 1
         if self._on_batch is not None and batch.entries:
-            self._on_batch(len(batch.entries), time.perf_counter() - batch.sent)
+            self._on_batch(len(batch.entries),
+                           time.perf_counter() - batch.sent if timed else None)
         batch.done.set_result(self.written_seq)
 
     async def _recover(self) -> None:
@@ -346,7 +350,7 @@ class Journal:
                 else:
                     raise exc
             self._window.popleft()
-            self._durable_batch(batch)
+            self._durable_batch(batch, timed=False)
         self._recovering = False
         self.healthy = True
 

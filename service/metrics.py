@@ -12,6 +12,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
@@ -20,6 +21,8 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+
+from matcher.protocol import Role
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5)
@@ -51,6 +54,11 @@ class Metrics:
         self.commands: defaultdict[str, int] = defaultdict(int)     # by command type
         self.rejects: defaultdict[str, int] = defaultdict(int)      # by code
         self.connections: defaultdict[str, int] = defaultdict(int)  # by role
+        # Series that alerts compare with zero exist from the start: a series that
+        # appears only once it is above zero cannot say "none" (no funder connected).
+        for role in get_args(Role):
+            self.connections[role] = 0
+        self.rejects["unavailable"] = 0
         self.fills = 0
         self.filled_fen = 0
         self.quotes = 0
@@ -74,9 +82,10 @@ class Metrics:
         as a journal that has stopped writing (its backlog grows with no batch to say so)."""
         self._read[name] = (doc, read, counter)
 
-    def journal_batch(self, commands: int, seconds: float) -> None:
+    def journal_batch(self, commands: int, seconds: float | None) -> None:
         self.batch_size.observe(commands)
-        self.journal_write.observe(seconds)
+        if seconds is not None:         # None: written again after a failure
+            self.journal_write.observe(seconds)
 
     def reject(self, code: str) -> None:
         self.rejects[code] += 1

@@ -15,6 +15,7 @@ from tests.test_service import F11, SME_X, ask, bid, line, session
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 RUNBOOK = ROOT / "docs" / "operations.md"
 METRIC = re.compile(r"\b((?:matcher|process)_[a-z_]+)\b")
+SELECTOR = re.compile(r'\b(matcher_[a-z_]+)\{([a-z_]+)="([^"]*)"\}')
 
 
 def rules() -> list[dict[str, Any]]:
@@ -68,7 +69,13 @@ def test_every_metric_an_alert_reads_is_exported(server: ServerProcess) -> None:
             assert status == 200
             return body.decode()
 
-    exported = {m.group(1) for m in re.finditer(r"^([a-z_]+)[{ ]", run(scenario()), re.M)}
+    text = run(scenario())
+    exported = {m.group(1) for m in re.finditer(r"^([a-z_]+)[{ ]", text, re.M)}
     wanted = {name for rule in rules() for name in METRIC.findall(rule["expr"])}
     assert {"matcher_journal_up", "matcher_command_latency_seconds_bucket"} <= wanted
     assert wanted <= exported, wanted - exported
+    # A selector names a series that exists (an alert comparing it with zero would
+    # otherwise see nothing at all), also before any such event has happened.
+    for rule in rules():
+        for name, label, value in SELECTOR.findall(rule["expr"]):
+            assert f'{name}{{{label}="{value}"}}' in text, (rule["alert"], name, value)

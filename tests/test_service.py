@@ -166,13 +166,14 @@ def stream(redis_url: str) -> list[tuple[str, dict[str, str]]]:
         client.close()
 
 
-def metric(server: ServerProcess, sample: str) -> float:
-    """One sample's value from /metrics (0 when absent)."""
+def metric(server: ServerProcess, sample: str, *, required: bool = False) -> float:
+    """One sample's value from /metrics (0 when absent, unless `required`)."""
     status, body = server.get("/metrics")
     assert status == 200
     for text in body.decode().splitlines():
         if text.startswith(sample + " "):
             return float(text.split()[-1])
+    assert not required, f"{sample} is not exported"
     return 0.0
 
 
@@ -1332,9 +1333,11 @@ def test_after_a_restart_funders_that_do_not_come_back_lose_their_bids(
                 await f.ok(line("DFM"))
             await f11.ok(bid("b1", "DFM-30D", 250, 1_000_000))
             await f12.ok(bid("b1", "DFM-30D", 260, 700_000, tif="gtc"))
+            async with session(server, SME_Y) as sme:             # an SME's ask stays
+                await sme.ok(ask("a1", "DFM-90D", 50_000, max_rate_bps=100, tif="gtc"))
             return await asyncio.to_thread(server.terminate)
 
-    async def come_back() -> tuple[dict[str, Any], dict[str, Any], float]:
+    async def come_back() -> tuple[dict[str, Any], dict[str, Any], float, dict[str, Any]]:
         async with sessions(server, F12, SME_X) as (f12, sme):
             before = await sme.quote("DFM-30D", 5_000_000)      # within the grace
             started = time.monotonic()
@@ -1344,15 +1347,19 @@ def test_after_a_restart_funders_that_do_not_come_back_lose_their_bids(
             waited = time.monotonic() - started
             await f12.send({"type": "status"})
             mine = await f12.expect("status")
-            return before, mine, waited
+        async with session(server, SME_Y) as sme_y:
+            await sme_y.send({"type": "status"})
+            asks = await sme_y.expect("status")
+        return before, mine, waited, asks
 
     assert run(place_and_stop()) == 0
     monkeypatch.setenv("MATCHER_SERVER_RECONNECT_GRACE_S", str(grace))
     server.start()
-    before, mine, waited = run(come_back())
+    before, mine, waited, asks = run(come_back())
     assert before["fillable"] == 1_700_000 and before["funders"] == 2   # both came back
     assert waited > 0.5                                  # not at once: after the grace
     assert [o["client_id"] for o in mine["orders"]] == ["b1"]    # Bank B came back: kept
+    assert [o["client_id"] for o in asks["orders"]] == ["a1"]    # SMEs' orders stay
     assert "funders not back 3 s after the start" in server.log.read_text()
 
 
@@ -1421,9 +1428,13 @@ def test_metrics_show_a_journal_that_cannot_write_and_its_recovery(
     async def scenario() -> None:
         async with session(server, F11) as f11:
             await f11.ok(line("DFM"))
+            for sample in ("matcher_journal_up", "matcher_journal_backlog",
+                           "matcher_snapshot_failures_total", "matcher_snapshot_seq",
+                           'matcher_rejects_total{code="unavailable"}',
+                           'matcher_connections{role="platform"}'):
+                metric(server, sample, required=True)      # there before anything happens
             assert metric(server, "matcher_journal_up") == 1
-            assert metric(server, "matcher_journal_backlog") == 0
-            assert metric(server, "matcher_snapshot_failures_total") == 0
+            assert metric(server, 'matcher_rejects_total{code="unavailable"}') == 0
             redis_server.stop()
             for n in range(12):         # one batch may be in flight, five wait, and the
                 await f11.send(bid(f"b{n}", "DFM-30D", 250, 1_000_000))   # rest: refused
@@ -1447,12 +1458,14 @@ def test_metrics_show_a_journal_that_cannot_write_and_its_recovery(
             assert metric(server, "matcher_journal_backlog") == 0
 
     run(scenario())
-    # Recovered from no snapshot; SIGTERM writes one covering every command.
-    assert metric(server, "matcher_snapshot_seq") == 0
-    seq = metric(server, "matcher_sequence")
+    # Recovered from no snapshot; SIGTERM writes one covering every command, and the
+    # restarted gateway reports it and its sequence before any new command.
+    assert metric(server, "matcher_snapshot_seq", required=True) == 0
+    seq = metric(server, "matcher_sequence", required=True)
     assert server.terminate() == 0
     server.start()
     assert metric(server, "matcher_snapshot_seq") == seq > 0
+    assert metric(server, "matcher_sequence") == seq
 
 
 def test_segments_lists_the_four_segments(server: ServerProcess) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import redis.asyncio as aioredis
 
 from matcher import protocol as wire
@@ -113,3 +114,42 @@ def test_a_waiting_child_does_not_hold_the_gateways_listening_port(
         background.wait()
     assert background.failed == 1 and background.written == 0   # counted for /metrics
     assert background.newest_seq == 0
+
+
+def test_a_snapshot_due_while_the_last_child_is_busy_is_skipped(
+        redis_server: LocalRedis, caplog: pytest.LogCaptureFixture) -> None:
+    """Not captured in the process (a stall), and never stored after an older child's:
+    the next interval tries again."""
+    import os
+    import signal
+
+    from matcher.participants import Directory
+    from service.config import LimitsConfig
+    from service.gateway import Gateway, system
+    from service.metrics import Metrics
+
+    async def scenario() -> tuple[bool, int, int]:
+        client = aioredis.Redis.from_url(redis_server.url)
+        journal = Journal(client, KEYS)           # not started: the child keeps waiting
+        background = BackgroundSnapshots(redis_server.url, KEYS, timeout=30)
+        gw = Gateway(Engine(), journal, Directory([]), LimitsConfig(), Metrics(),
+                     snapshot_every=1, background=background)
+        try:
+            for n in range(3):
+                gw.submit(system(), wire.AddSegment(segment=f"S{n}", core="C",
+                                                    tenor_days=30), time.perf_counter())
+            child_seq = background._child_seq
+            return journal._snapshot is None, child_seq, gw.newest_snapshot()
+        finally:
+            assert background.child is not None
+            os.kill(background.child, signal.SIGKILL)
+            background.wait()
+            await client.aclose()
+
+    with caplog.at_level("WARNING", logger="matcher.gateway"):
+        nothing_in_process, child_seq, newest = run(scenario())
+    assert nothing_in_process                     # no capture rode the journal
+    assert child_seq == 1 and newest == 0         # the first child's, not yet written
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert skipped == ["snapshot at seq 2 skipped: the previous one is still being written",
+                       "snapshot at seq 3 skipped: the previous one is still being written"]
