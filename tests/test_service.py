@@ -1428,6 +1428,10 @@ def test_metrics_show_a_journal_that_cannot_write_and_its_recovery(
     async def scenario() -> None:
         async with session(server, F11) as f11:
             await f11.ok(line("DFM"))
+            bank_b = AsyncExitStack()                        # leaves during the outage
+            f12 = await bank_b.enter_async_context(session(server, F12))
+            await f12.ok(line("DFM"))
+            await f12.ok(bid("gone", "DFM-30D", 240, 300_000))
             for sample in ("matcher_journal_up", "matcher_journal_backlog",
                            "matcher_snapshot_failures_total", "matcher_snapshot_seq",
                            'matcher_rejects_total{code="unavailable"}',
@@ -1450,12 +1454,23 @@ def test_metrics_show_a_journal_that_cannot_write_and_its_recovery(
             assert refused and {m["code"] for m in refused} == {"unavailable"}
             assert metric(server, 'matcher_rejects_total{code="unavailable"}') == len(refused)
             assert (await asyncio.to_thread(server.get, "/health"))[0] == 503
+            # Bank B goes away with the backlog full: its cancel on disconnect is the
+            # gateway's own command, never refused for the backlog.
+            await bank_b.aclose()
+            deadline = time.monotonic() + 10
+            while metric(server, "matcher_journal_backlog") != 6:
+                assert time.monotonic() < deadline, "Bank B's cancel was not queued"
+                await asyncio.sleep(0.05)
+            assert metric(server, 'matcher_rejects_total{code="unavailable"}') == len(refused)
             await asyncio.to_thread(redis_server.start)
             for _ in range(12 - len(refused)):
                 assert (await f11.expect("accepted", timeout=15))["client_id"] not in {
                     m["client_id"] for m in refused}
             assert metric(server, "matcher_journal_up") == 1
             assert metric(server, "matcher_journal_backlog") == 0
+        async with session(server, F12) as f12:
+            await f12.send({"type": "status"})
+            assert (await f12.expect("status"))["orders"] == []
 
     run(scenario())
     # Recovered from no snapshot; SIGTERM writes one covering every command, and the
