@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import math
 import os
 import random
 import signal
@@ -101,7 +102,13 @@ class Service:
         self._watch(self.gateway, background)
         await self._open_market(first_start=engine.seq == 0)
         app = self._app()
-        self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        # aiohttp rounds timeouts of over 5 s up to a whole second, so the WebSocket
+        # heartbeats of clients that connected together (all of them, after a restart)
+        # fell due in the same loop turn: 6,300 timer callbacks at once stalled the loop
+        # for 15 ms some 30 s after they connected. Never rounded, they keep the spread
+        # of the connections themselves.
+        self.runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                                    timeout_ceil_threshold=math.inf)
         await self.runner.setup()
         site = web.TCPSite(self.runner, cfg.server.host, cfg.server.port, reuse_address=True,
                            backlog=LISTEN_BACKLOG)
@@ -347,7 +354,7 @@ class Service:
         assert gw is not None
         limits = self.config.limits
         ws = web.WebSocketResponse(max_msg_size=limits.max_frame_bytes, compress=False,
-                                   decode_text=False, heartbeat=30)
+                                   decode_text=False, heartbeat=self.config.server.heartbeat_s)
         await ws.prepare(request)
         header = request.headers.get("Authorization")
         if header is not None:        # a key was offered: it is right or the door closes

@@ -38,6 +38,9 @@ class ServerConfig(_Section):
     # After a start, funders with cancel on disconnect have this long to reconnect; then
     # the resting orders of those still away are cancelled (their quotes would be stale).
     reconnect_grace_s: Annotated[float, Meta(ge=0)] = 30.0
+    # A WebSocket ping after this long without a message; no pong within half of it and
+    # the connection is closed (and a funder's bids cancelled): how soon a dead peer shows.
+    heartbeat_s: Annotated[float, Meta(gt=0)] = 30.0
 
 
 class RedisConfig(_Section):

@@ -1366,6 +1366,50 @@ def test_after_a_restart_funders_that_do_not_come_back_lose_their_bids(
 # --- HTTP ---------------------------------------------------------------------------
 
 
+def test_heartbeats_keep_the_spread_of_the_connections(
+        start_server: Callable[..., ServerProcess], monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiohttp rounds long timeouts up to the whole second, which made the pings of
+    clients that connected together (after a restart: all of them) fall due in one loop
+    turn. Two idle clients connected 0.4 s apart must get their first pings 0.4 s apart,
+    not in the same second (or a whole second apart)."""
+    monkeypatch.setenv("MATCHER_SERVER_HEARTBEAT_S", "6")
+    server = start_server()
+
+    def first_ping_after_connect() -> tuple[float, float]:
+        """(connected, first ping received), a raw RFC 6455 client that stays idle."""
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+        sock.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)) + b"\r\n"
+            b"Authorization: Bearer " + key(F11).encode() + b"\r\n\r\n")
+        reader = sock.makefile("rb")
+        while reader.readline() not in (b"\r\n", b""):
+            pass
+        connected = time.monotonic()
+        try:
+            while True:
+                b0, b1 = reader.read(2)
+                n = b1 & 0x7F
+                if n == 126:
+                    n = struct.unpack(">H", reader.read(2))[0]
+                reader.read(n)
+                if b0 & 0x0F == 0x9:                       # ping
+                    return connected, time.monotonic()
+        finally:
+            sock.close()
+
+    async def two_clients() -> list[tuple[float, float]]:
+        first = asyncio.create_task(asyncio.to_thread(first_ping_after_connect))
+        await asyncio.sleep(0.4)
+        second = asyncio.create_task(asyncio.to_thread(first_ping_after_connect))
+        return [await first, await second]
+
+    (c1, p1), (c2, p2) = run(two_clients(), timeout=30)
+    assert 5.5 < p1 - c1 < 7.0 and 5.5 < p2 - c2 < 7.0
+    assert abs((p2 - p1) - (c2 - c1)) < 0.2, (p2 - p1, c2 - c1)
+
+
 def test_the_listening_socket_queues_a_reconnection_storm(server: ServerProcess) -> None:
     """After a restart thousands of clients reconnect at once; the accept queue must
     hold them (LISTEN_BACKLOG, capped by net.core.somaxconn), or the kernel drops
