@@ -18,6 +18,7 @@ from msgspec import Struct
 
 from matcher import Book, CreditLines, OrderError
 from matcher import protocol as wire
+from matcher.maps import ShardedDict
 from matcher.participants import ALLOWED
 from matcher.protocol import Role
 from matcher.types import Fill
@@ -118,8 +119,10 @@ class Engine:
         self.lines: dict[str, CreditLines] = {}          # core enterprise -> lines
         self._of_core: dict[str, list[str]] = {}         # core enterprise -> its segments
         self.orders: dict[int, OrderInfo] = {}           # resting orders by order id
-        self.clients: dict[tuple[int, str], int] = {}    # (participant, client id) -> order id
-        self.finished: dict[int, Finished] = {}          # ended orders, for retries, by end
+        # (participant, client id) -> order id, and ended orders for retries: hundreds of
+        # thousands in a busy retry window, in maps that grow without stalling (maps.py).
+        self.clients: ShardedDict[tuple[int, str], int] = ShardedDict()
+        self.finished: ShardedDict[int, Finished] = ShardedDict()
         self._expiry: deque[tuple[int, int]] = deque()   # (ts, order id) in end order
         self._names = names
         for segment in segments:
@@ -168,6 +171,10 @@ class Engine:
         for f in finished:
             self.finished[f.done.order_id] = f
             self._expiry.append((f.ts, f.done.order_id))
+
+    def ended(self) -> list[Finished]:
+        """The ended orders still remembered, in the order they ended."""
+        return [self.finished[order_id] for _ts, order_id in self._expiry]
 
     def _forget(self, before: int) -> None:
         """Drop ended orders older than the retry window: their client ids are free."""
@@ -379,7 +386,7 @@ class Engine:
             if expired:
                 out.segments.append(segment)
         # A new business day: forget every order that has ended.
-        self.clients = {k: v for k, v in self.clients.items() if v in self.orders}
+        self.clients = ShardedDict((k, v) for k, v in self.clients.items() if v in self.orders)
         self.finished.clear()
         self._expiry.clear()
 

@@ -17,6 +17,7 @@ import msgspec
 from msgspec import Struct
 
 from matcher.engine import Engine, Finished, OrderInfo, Segment
+from matcher.maps import ShardedDict
 from matcher.types import Order
 
 VERSION = 1
@@ -45,9 +46,12 @@ _decoder = msgspec.msgpack.Decoder(State)
 def capture(engine: Engine) -> State:
     """The engine's state in canonical order.
 
-    The engine's maps are in insertion order, which is the same for the live engine, a
+    Resting orders are in insertion order, which is the same for the live engine, a
     replay of its journal and a restored snapshot (the same operations in the same
-    order), so they are written as they are, without sorting.
+    order). The client-id map and the ended orders live in sharded maps whose order is
+    not that (matcher/maps.py), so they are written in the order they were made: client
+    ids by order id (each order id is entered once, in increasing order), ended orders
+    in the order they ended. This is the order the plain dicts had before.
     """
     return State(
         seq=engine.seq,
@@ -56,8 +60,9 @@ def capture(engine: Engine) -> State:
                for s in sorted(engine.segments)],
         lines={core: lines.items() for core, lines in sorted(engine.lines.items())},
         orders=list(engine.orders.values()),
-        clients=[(p, c, o) for (p, c), o in engine.clients.items()],
-        finished=list(engine.finished.values()),
+        clients=sorted(((p, c, o) for (p, c), o in engine.clients.items()),
+                       key=lambda entry: entry[2]),
+        finished=engine.ended(),
     )
 
 
@@ -74,7 +79,7 @@ def restore(state: State, names: Callable[[int], str] = str) -> Engine:
     for b in state.books:
         engine.books[b.segment.id].restore(b.orders)
     engine.orders = {o.order_id: o for o in state.orders}
-    engine.clients = {(p, c): o for p, c, o in state.clients}
+    engine.clients = ShardedDict(((p, c), o) for p, c, o in state.clients)
     engine.remember(state.finished)
     return engine
 
