@@ -107,3 +107,18 @@ def test_the_fill_ledger_names_what_went_wrong() -> None:
         "fills seen by the platform: 1 missing, 0 not theirs, 1 twice",
         "1 fills with amounts that differ between views",
     ]
+
+
+def test_closed_trades_spread_over_the_shards() -> None:
+    """A long run closes a million trades; the ledger keeps their ids in a sharded map
+    (growing a set of that size copies it whole: 55 ms at 630,000), and the ids, most of
+    them `<seq>-0`, must spread over every shard for that to help."""
+    from loadtest.measure import FUNDER, PLATFORM, SME, FillLedger
+    from matcher.maps import SHARDS
+    ledger = FillLedger({1}, {2})
+    for seq in range(1, 50_001):
+        for view in (SME, FUNDER, PLATFORM):
+            ledger.seen(view, f"{seq}-{seq % 3 // 2}", 100, 1, 2)
+    sizes = [len(shard) for shard in ledger.closed._shards]
+    assert sum(sizes) == ledger.settled == 50_000 and not ledger.open
+    assert max(sizes) < 2 * 50_000 / SHARDS
