@@ -62,6 +62,15 @@ class ShardedDict(MutableMapping[K, V]):
         for shard in self._shards:
             yield from shard
 
+    def items(self) -> Iterator[tuple[K, V]]:  # type: ignore[override]
+        """Shard by shard, straight from each dict (the mixin's goes key by key)."""
+        for shard in self._shards:
+            yield from shard.items()
+
+    def values(self) -> Iterator[V]:  # type: ignore[override]
+        for shard in self._shards:
+            yield from shard.values()
+
     def clear(self) -> None:
         for shard in self._shards:
             shard.clear()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from collections.abc import Callable
+from operator import itemgetter
 
 import msgspec
 from msgspec import Struct
@@ -61,7 +62,7 @@ def capture(engine: Engine) -> State:
         lines={core: lines.items() for core, lines in sorted(engine.lines.items())},
         orders=list(engine.orders.values()),
         clients=sorted(((p, c, o) for (p, c), o in engine.clients.items()),
-                       key=lambda entry: entry[2]),
+                       key=itemgetter(2)),
         finished=engine.ended(),
     )
 
