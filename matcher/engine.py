@@ -172,6 +172,17 @@ class Engine:
             self.finished[f.done.order_id] = f
             self._expiry.append((f.ts, f.done.order_id))
 
+    def rebuild_clients(self) -> None:
+        """The client-id map from the orders it names: every resting order, and every
+        ended order still remembered for retries. That is all it ever holds: a name is
+        entered when its order is placed and dropped only with the ended order (after
+        the retry window, or at end of day), and it cannot name a second order while it
+        names one (that would be a retry)."""
+        self.clients = ShardedDict(((o.owner, o.client_id), o.order_id)
+                                   for o in self.orders.values())
+        for f in self.finished.values():
+            self.clients[(f.owner, f.done.client_id)] = f.done.order_id
+
     def ended(self) -> list[Finished]:
         """The ended orders still remembered, in the order they ended."""
         return [self.finished[order_id] for _ts, order_id in self._expiry]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -393,12 +394,46 @@ def test_replay_and_snapshot_plus_replay_equal_the_live_engine() -> None:
     for entry in m.journal[:half]:
         full.apply(entry)
     snap = encode(capture(full))
+    names_at_half = dict(full.clients.items())
     for entry in m.journal[half:]:
         full.apply(entry)
     resumed = restore(decode(snap))
+    # The snapshot does not hold the client-id map: restore derives it, exactly.
+    assert dict(resumed.clients.items()) == names_at_half and names_at_half
     for entry in m.journal[half:]:
         assert resumed.apply(entry).accepted
     assert state_hash(full) == state_hash(resumed) == live
+    assert dict(resumed.clients.items()) == dict(m.engine.clients.items())
+
+
+def test_the_derived_client_ids_answer_retries_as_the_live_engine_does() -> None:
+    """A retried order gets the same answer from a restored engine as from the live one:
+    the derived map names the same orders, resting and ended alike."""
+    m = Market()
+    rng = random.Random(11)
+    for f in (F1, F2):
+        m.line(f, "DFM", 10**9)
+    for i in range(1_500):                    # no end of day: every name is remembered
+        roll = rng.random()
+        if roll < 0.5:
+            m.bid(rng.choice([F1, F2]), f"b{i}", rng.randrange(240, 300), 10**5,
+                  seg="DFM-30D", tif="day")
+        elif roll < 0.8:
+            m.ask(rng.choice([S1, S2]), f"a{i}", rng.randrange(1, 4 * 10**5), seg="DFM-30D",
+                  tif=rng.choice(["ioc", "gtc"]))
+        else:
+            m.send(rng.choice([F1, F2]), wire.Cancel(client_id=f"b{rng.randrange(i + 1)}"))
+    restored = restore(decode(encode(capture(m.engine))))
+    names = list(m.engine.clients.items())
+    assert len(names) > 1_000 and dict(restored.clients.items()) == dict(names)
+    for (who, client_id), _order_id in names[::7]:
+        role = "sme" if who in (S1, S2) else "funder"
+        cmd: wire.Command = (
+            wire.Ask(client_id=client_id, segment="DFM-30D", amount=1) if role == "sme"
+            else wire.Bid(client_id=client_id, segment="DFM-30D", rate_bps=250, amount=1))
+        live = m.engine.submit(who, role, cmd, m.engine.ts + 1).replies   # type: ignore[arg-type]
+        again = restored.submit(who, role, cmd, restored.ts + 1).replies  # type: ignore[arg-type]
+        assert live == again and live[0][1].duplicate, (client_id, live)
 
 
 def test_a_stored_snapshot_is_compressed_and_older_ones_still_load() -> None:
@@ -410,6 +445,13 @@ def test_a_stored_snapshot_is_compressed_and_older_ones_still_load() -> None:
     assert stored.startswith(STORED) and len(stored) * 2 < len(encode(state))
     assert state_hash(restore(load(stored))) == state_hash(m.engine)
     assert state_hash(restore(load(encode(state)))) == state_hash(m.engine)   # as before
+    # Version 1 also wrote the client-id map; it loads, and the map is derived.
+    v1 = msgspec.msgpack.encode({**msgspec.structs.asdict(state), "version": 1,
+                                 "clients": [[p, c, o] for (p, c), o
+                                             in m.engine.clients.items()]})
+    old = restore(load(v1))
+    assert state_hash(old) == state_hash(m.engine)
+    assert dict(old.clients.items()) == dict(m.engine.clients.items())
 
 
 def test_the_state_hash_sees_a_difference_in_queue_order() -> None:
