@@ -231,7 +231,7 @@ class Gateway:
     def newest_snapshot(self) -> int:
         """The sequence number the newest snapshot stored covers, by this gateway's
         knowledge (recovered from, taken here, or written by a child it has reaped).
-        Only reads: reaping is the event loop's (`reap_snapshot`), never a scrape's."""
+        Only reads: the service reaps the child on the loop, never a scrape."""
         if self.background is None:
             return self.snapshot_seq
         return max(self.snapshot_seq, self.background.newest_seq)
