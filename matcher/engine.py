@@ -396,10 +396,10 @@ class Engine:
                 self._end(self.orders[order_id], "expired", out)
             if expired:
                 out.segments.append(segment)
-        # A new business day: forget every order that has ended.
-        self.clients = ShardedDict((k, v) for k, v in self.clients.items() if v in self.orders)
+        # A new business day: forget every order that has ended, and so their names.
         self.finished.clear()
         self._expiry.clear()
+        self.rebuild_clients()
 
     # --- fills and ends ---
 
