@@ -2,18 +2,18 @@
 
 Start: connect to Redis (or start a local one), recover the engine from the newest
 snapshot and the journal, journal whatever the configuration adds (segments, demo
-credit lines), then listen; `/health` says ready only from then on. SIGTERM: stop taking
-commands, let in-flight journal writes finish, write a snapshot, close connections with
-1001, exit 0.
+credit lines), start the snapshotter, then listen; `/health` says ready only from then
+on. SIGTERM: stop taking commands, let in-flight journal writes finish, write a
+snapshot, close connections with 1001, exit 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import math
-import os
 import random
 import signal
 import time
@@ -37,7 +37,7 @@ from service.localredis import LocalRedis, free_port
 from service.metrics import Metrics
 from service.realtime import make_realtime
 from service.recovery import recover
-from service.snapshots import BackgroundSnapshots
+from service.snapshots import SnapshotAhead, SnapshotterProcess, store, stored_seq
 
 log = logging.getLogger("matcher.serve")
 LOOP_PROBE_S = 0.01     # the event loop lag probe's period: 100 timers a second
@@ -59,6 +59,9 @@ class Service:
         self.local_redis: LocalRedis | None = None
         self.client: aioredis.Redis | None = None
         self.gateway: Gateway | None = None
+        self.keys = Keys(config.redis.shard)
+        self.snapshotter: SnapshotterProcess | None = None
+        self.snapshot_seq = 0       # what the stored snapshot covers, read every second
         self.runner: web.AppRunner | None = None
         self.port = config.server.port
         self.ready = False
@@ -85,7 +88,7 @@ class Service:
         self.client = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2,
                                               health_check_interval=0)
         await self._check_durability()
-        keys = Keys(cfg.redis.shard)
+        keys = self.keys
         recovered = await recover(self.client, keys, self.directory.name)
         engine = recovered.engine
         log.info("recovered seq %d: snapshot at %d + %d journaled commands in %.2fs",
@@ -94,13 +97,13 @@ class Service:
                           written_seq=engine.seq, on_batch=self.metrics.journal_batch,
                           max_inflight=cfg.redis.writes_in_flight)
         journal.start()
-        background = BackgroundSnapshots(url, keys) if hasattr(os, "fork") else None
-        self.gateway = Gateway(engine, journal, self.directory, cfg.limits, self.metrics,
-                               cfg.engine.snapshot_every, background)
-        self.gateway.snapshot_seq = recovered.snapshot_seq
+        self.gateway = Gateway(engine, journal, self.directory, cfg.limits, self.metrics)
+        self.snapshot_seq = recovered.snapshot_seq
         self.metrics.seq = engine.seq
-        self._watch(self.gateway, background)
+        self.snapshotter = SnapshotterProcess(url, keys, cfg.engine.snapshot_every)
+        self._watch(self.gateway, self.snapshotter)
         await self._open_market(first_start=engine.seq == 0)
+        self.snapshotter.start()
         app = self._app()
         # aiohttp rounds timeouts of over 5 s up to a whole second, so the WebSocket
         # heartbeats of clients that connected together (all of them, after a restart)
@@ -119,14 +122,12 @@ class Service:
         zone = ZoneInfo(cfg.engine.timezone)       # an unknown zone fails here, at start
         self._tasks.append(asyncio.get_running_loop().create_task(self._end_of_day_timer(zone)))
         self._tasks.append(asyncio.get_running_loop().create_task(self._probe_loop()))
-        if background is not None:
-            self._tasks.append(asyncio.get_running_loop().create_task(
-                self._reap_snapshots(background)))
+        self._tasks.append(asyncio.get_running_loop().create_task(self._follow_snapshots()))
         self._tasks.append(asyncio.get_running_loop().create_task(self._cancel_absent()))
         self.ready = True
         log.info("serving on http://%s:%d (WebSocket at /ws)", cfg.server.host, self.port)
 
-    def _watch(self, gw: Gateway, background: BackgroundSnapshots | None) -> None:
+    def _watch(self, gw: Gateway, snapshotter: SnapshotterProcess) -> None:
         """What /metrics reads from the journal and the snapshots when it is scraped."""
         journal = gw.journal
         m = self.metrics
@@ -136,12 +137,11 @@ class Service:
                          "retries Redis or after it stopped (nothing is acknowledged)",
                          lambda: 1.0 if journal.healthy and journal.error is None else 0.0)
         m.read_on_scrape("matcher_snapshot_seq", "The sequence number the newest snapshot "
-                         "covers (recovery replays the journal after it)",
-                         gw.newest_snapshot)
-        m.read_on_scrape("matcher_snapshot_failures", "Background snapshots that failed "
-                         "(the next one retries)",
-                         lambda: background.failed if background is not None else 0,
-                         counter=True)
+                         "stored covers (recovery replays the journal after it)",
+                         lambda: self.snapshot_seq)
+        m.read_on_scrape("matcher_snapshot_failures", "Times the snapshotter process "
+                         "ended while the gateway ran (it is started again)",
+                         lambda: snapshotter.exits, counter=True)
 
     async def stop(self) -> None:
         """Finish in-flight writes, snapshot, close connections with 1001."""
@@ -153,18 +153,18 @@ class Service:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.snapshotter is not None:
+            await self.snapshotter.stop()
         timeout = self.config.server.shutdown_timeout
         try:
             await asyncio.wait_for(gw.journal.flush(), timeout)
-            if gw.background is not None:          # the final snapshot must be the newest
-                await asyncio.wait_for(asyncio.to_thread(gw.background.wait), timeout)
-            await asyncio.wait_for(gw.take_snapshot(), timeout)
-            log.info("snapshot written at seq %d", gw.engine.seq)
         except Exception as exc:
             self.exit_code = 1
             log.error("could not finish the journal writes (%s: %s); the commands not yet "
                       "written are lost, and none of them was acknowledged",
                       type(exc).__name__, exc)
+        else:
+            await self._final_snapshot(timeout)
         await gw.close_all()
         await gw.journal.close()
         if self.runner is not None:
@@ -175,13 +175,32 @@ class Service:
             await asyncio.to_thread(self.local_redis.stop)
         self.stopped.set()
 
-    async def _reap_snapshots(self, background: BackgroundSnapshots) -> None:
-        """Collect a finished snapshot child within a second, so that
-        `matcher_snapshot_seq` moves when it is written. On the loop only: `stop`
-        cancels this before it waits for the child itself."""
+    async def _final_snapshot(self, timeout: float) -> None:
+        """Store the state at shutdown (the loop may stall now), so a restart replays
+        nothing. Everything is journaled by now; a failure only makes recovery longer."""
+        assert self.gateway is not None and self.client is not None
+        seq = self.gateway.engine.seq
+        try:
+            if await asyncio.wait_for(store(self.client, self.keys, self.gateway.engine),
+                                      timeout):
+                log.info("snapshot written at seq %d", seq)
+            else:
+                log.info("the stored snapshot already covers seq %d", seq)
+        except SnapshotAhead as exc:
+            self.exit_code = 1
+            log.error("%s: not written", exc)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("could not write the snapshot at seq %d (%s: %s); the next start "
+                        "replays more of the journal", seq, type(exc).__name__, exc)
+
+    async def _follow_snapshots(self) -> None:
+        """Read the stored snapshot's sequence number every second, for
+        `matcher_snapshot_seq`: whoever stored it, the snapshotter or anyone else."""
+        assert self.client is not None
         while True:
             await asyncio.sleep(1.0)
-            background.reap()
+            with contextlib.suppress(RedisError, OSError):
+                self.snapshot_seq = await stored_seq(self.client, self.keys)
 
     async def _probe_loop(self) -> None:
         """Time how late a timer fires, for `matcher_event_loop_lag_seconds`.

@@ -1,19 +1,24 @@
-"""The `matcher` command: serve, replay, snapshot."""
+"""The `matcher` command: serve, replay, snapshot, snapshotter."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 import redis.asyncio as aioredis
 
 from matcher import snapshot
 from service import config as config_module
+from service import gctune
 from service.journal import Keys
 from service.recovery import recover
-from service.snapshots import store_if_current
+from service.snapshots import SnapshotAhead, Snapshotter, parent_alive, store
+
+log = logging.getLogger("matcher.snapshots")
+SNAPSHOTTER_NICE = 10
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -33,11 +38,36 @@ def _replay(args: argparse.Namespace) -> int:
                 if engine.seq == 0:
                     print("the journal is empty; no snapshot written", file=sys.stderr)
                     return 1
-                if not await store_if_current(client, keys, engine):
-                    print("the journal moved on while replaying; snapshot not written",
+                try:
+                    written = await store(client, keys, engine)
+                except SnapshotAhead as exc:     # the journal was cut while we read it
+                    print(f"{exc}; snapshot not written", file=sys.stderr)
+                    return 1
+                if not written:
+                    print("the stored snapshot is as new or newer; snapshot not written",
                           file=sys.stderr)
                     return 1
                 print(f"snapshot written at seq {engine.seq}")
+            return 0
+        finally:
+            await client.aclose()
+    return asyncio.run(run())
+
+
+def _snapshotter(args: argparse.Namespace) -> int:
+    # Below the gateway whatever its policy: it works for seconds on each snapshot and
+    # must never take a core from the commands (started by `serve`, it also inherits the
+    # normal policy: SCHED_RESET_ON_FORK).
+    os.nice(SNAPSHOTTER_NICE)
+    gctune.tune()             # as the gateway: no cycles to find, and full walks cost
+
+    async def run() -> int:
+        client = aioredis.Redis.from_url(args.redis_url, socket_timeout=30)
+        follower = Snapshotter(client, Keys(args.shard), args.every, poll_s=args.poll)
+        try:
+            await follower.start()
+            await follower.run(parent_alive(args.parent) if args.parent else lambda: True)
+            log.info("snapshotter: the gateway is gone; exiting")
             return 0
         finally:
             await client.aclose()
@@ -70,6 +100,16 @@ def main(argv: list[str] | None = None) -> int:
                            help="ignore the snapshot: replay the whole journal")
         p.set_defaults(run=_replay, write_snapshot=name == "snapshot",
                        full=getattr(p, "full", False))
+    p = sub.add_parser("snapshotter", help="follow the journal and store a snapshot every "
+                                            "--every commands (`serve` starts one itself)")
+    p.add_argument("--redis-url", required=True)
+    p.add_argument("--shard", default="main")
+    p.add_argument("--every", type=int, default=100_000,
+                   help="commands between snapshots (the config's engine.snapshot_every)")
+    p.add_argument("--poll", type=float, default=0.2, help="seconds between journal reads")
+    p.add_argument("--parent", type=int, default=0,
+                   help="exit when this process is no longer our parent")
+    p.set_defaults(run=_snapshotter)
     args = parser.parse_args(argv)
     if args.command == "snapshot":
         args.full = False

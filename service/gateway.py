@@ -24,13 +24,11 @@ import msgspec
 from aiohttp import web
 
 from matcher import protocol as wire
-from matcher import snapshot
 from matcher.engine import Engine, Outcome
 from matcher.participants import SYSTEM, Directory, Participant
 from service.config import LimitsConfig
 from service.journal import Journal
 from service.metrics import Metrics
-from service.snapshots import BackgroundSnapshots
 
 log = logging.getLogger("matcher.gateway")
 
@@ -152,21 +150,16 @@ class Gateway:
     """Routes messages between connections, the engine and the journal."""
 
     def __init__(self, engine: Engine, journal: Journal, directory: Directory,
-                 limits: LimitsConfig, metrics: Metrics, snapshot_every: int,
-                 background: BackgroundSnapshots | None = None) -> None:
+                 limits: LimitsConfig, metrics: Metrics) -> None:
         self.engine = engine
         self.journal = journal
         self.directory = directory
         self.limits = limits
         self.metrics = metrics
-        self.snapshot_every = snapshot_every
-        self.background = background
         self.accepting = True
         self.connections: dict[int, set[Connection]] = {}
         self.subscribers: dict[str, set[Connection]] = {}
         self.fill_subscribers: set[Connection] = set()
-        self._since_snapshot = 0
-        self.snapshot_seq = 0       # covered by the newest snapshot in Redis taken here
         self._held_batch: asyncio.Future[int] | None = None
         self._held: list[_Held] = []
         self._book_sent: dict[str, float] = {}
@@ -205,36 +198,6 @@ class Gateway:
             return
         self.metrics.command(type(cmd))
         self._hold(self.journal.append(out.entry, out.trades), (out, received, conn))
-        self._since_snapshot += 1
-        if self._since_snapshot >= self.snapshot_every:
-            self._since_snapshot = 0
-            if self.background is None:
-                self.take_snapshot()
-            elif not self.background.start(self.engine):
-                # The last child still waits or writes: skip this one rather than stall
-                # the loop to capture here, or let that older child's SET land after
-                # (and over) a newer snapshot. The next interval tries again.
-                log.warning("snapshot at seq %d skipped: the previous one is still being "
-                            "written", self.engine.seq)
-
-    def take_snapshot(self) -> asyncio.Future[int]:
-        """A snapshot taken here, written with the journal's next batch."""
-        self._since_snapshot = 0
-        written = self.journal.snapshot(snapshot.dump(snapshot.capture(self.engine)))
-        written.add_done_callback(partial(self._snapshot_written, self.engine.seq))
-        return written
-
-    def _snapshot_written(self, seq: int, written: asyncio.Future[int]) -> None:
-        if not written.cancelled() and written.exception() is None:
-            self.snapshot_seq = max(self.snapshot_seq, seq)
-
-    def newest_snapshot(self) -> int:
-        """The sequence number the newest snapshot stored covers, by this gateway's
-        knowledge (recovered from, taken here, or written by a child it has reaped).
-        Only reads: the service reaps the child on the loop, never a scrape."""
-        if self.background is None:
-            return self.snapshot_seq
-        return max(self.snapshot_seq, self.background.newest_seq)
 
     def _hold(self, batch: asyncio.Future[int], held: _Held) -> None:
         """Keep the replies until their batch is durable: one callback per batch."""

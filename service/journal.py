@@ -1,5 +1,5 @@
 """The journal on Redis Streams: group commit of accepted commands, the platform's fill
-stream, snapshots, and reading it all back for recovery.
+stream, and reading it all back for recovery and for the snapshotter.
 
 Group commit without a timer: while a write is in flight, newly accepted commands
 wait in `pending`; when it returns, all of them go in the next one, so batches grow with
@@ -8,12 +8,12 @@ them in order); 1 is best when Redis shares the machine's few cores (measured: f
 larger writes cost less CPU than the round trip they save), more when it is far away.
 
 Each write is one atomic script call: one journal entry for the whole batch (its
-stream id is the batch's last sequence number), one fill-stream entry per trade (its id
-is the trade id) and, when due, the snapshot. Atomic, so the journal and the fill stream
-never disagree; explicit ids, so a write that may or may not have landed is checked, not
-repeated. A command's replies are released only when its write has returned. The writes
-go over the journal's own connection (`service.resp`), by the script's digest; reads for
-recovery use redis-py.
+stream id is the batch's last sequence number) and one fill-stream entry per trade (its
+id is the trade id). Atomic, so the journal and the fill stream never disagree;
+explicit ids, so a write that may or may not have landed is checked, not repeated. A
+command's replies are released only when its write has returned. The writes go over the
+journal's own connection (`service.resp`), by the script's digest; reads for recovery
+use redis-py.
 
 Keys share the hash tag of the engine shard (`{main}` by default), so one shard's keys
 live in one Redis Cluster slot and the script stays legal when segments are sharded
@@ -63,6 +63,11 @@ class Keys:
     def snapshot(self) -> str:
         return f"matcher:{{{self.shard}}}:snapshot"
 
+    @property
+    def snapshot_seq(self) -> str:
+        """The sequence number the stored snapshot covers, set in the same script."""
+        return f"matcher:{{{self.shard}}}:snapshot-seq"
+
 
 def trade_fields(trade: wire.Trade) -> dict[str, str | int]:
     """A trade as flat stream fields, readable with any Redis client."""
@@ -70,20 +75,19 @@ def trade_fields(trade: wire.Trade) -> dict[str, str | int]:
 
 
 #: One write of the journal, atomic in Redis (a script runs alone, and its effects reach
-#: the append-only file as one transaction): the batch's journal entry, one fill-stream
-#: entry per trade under the trade id, and the snapshot when one is due. One request and
-#: one reply, where MULTI/EXEC would need a reply per command.
-#: KEYS: journal, fills, snapshot. ARGV: journal entry id ("" for none), count, batch,
-#: snapshot ("" for none), F, F field names, then per trade its id and F values.
+#: the append-only file as one transaction): the batch's journal entry and one
+#: fill-stream entry per trade under the trade id. One request and one reply, where
+#: MULTI/EXEC would need a reply per command.
+#: KEYS: journal, fills. ARGV: journal entry id ("" for none), count, batch, F, F field
+#: names, then per trade its id and F values.
 WRITE_SCRIPT = b"""
 if ARGV[1] ~= '' then redis.call('XADD', KEYS[1], ARGV[1], 'n', ARGV[2], 'e', ARGV[3]) end
-if ARGV[4] ~= '' then redis.call('SET', KEYS[3], ARGV[4]) end
-local f = tonumber(ARGV[5])
-local i = 6 + f
+local f = tonumber(ARGV[4])
+local i = 5 + f
 while i <= #ARGV do
   local args = {KEYS[2], ARGV[i]}
   for k = 1, f do
-    args[#args + 1] = ARGV[5 + k]
+    args[#args + 1] = ARGV[4 + k]
     args[#args + 1] = ARGV[i + k]
   end
   redis.call('XADD', unpack(args))
@@ -125,7 +129,6 @@ class _Batch:
 
     entries: list[wire.JournalEntry]
     trades: list[wire.Trade]
-    snap: bytes | None
     done: asyncio.Future[int]
     reply: asyncio.Future[Any] | None = None
     sent: float = 0.0                 # perf_counter when it went to Redis
@@ -154,7 +157,6 @@ class Journal:
         self.written_seq = written_seq            # everything up to here is in Redis
         self.pending: list[wire.JournalEntry] = []
         self._trades: list[wire.Trade] = []
-        self._snapshot: bytes | None = None
         self._durable: asyncio.Future[int] | None = None   # resolves when `pending` lands
         self._window: deque[_Batch] = deque()               # sent, in order, not yet durable
         self._recovering = False                            # a write in the window failed
@@ -168,7 +170,6 @@ class Journal:
         self._on_batch = on_batch
         self._journal_key = keys.journal.encode()
         self._fills_key = keys.fills.encode()
-        self._snapshot_key = keys.snapshot.encode()
         self._conn = resp.Connection.like(client)     # the writes' own connection
         self._conn.on_settled = self._settle
 
@@ -185,12 +186,6 @@ class Journal:
         if self.error is None:
             self.pending.append(entry)
             self._trades.extend(trades)
-        return self._batch_future()
-
-    def snapshot(self, data: bytes) -> asyncio.Future[int]:
-        """Write a snapshot with the batch that holds the state it was taken from."""
-        if self.error is None:
-            self._snapshot = data
         return self._batch_future()
 
     def _batch_future(self) -> asyncio.Future[int]:
@@ -275,8 +270,8 @@ class Journal:
 
     def _take(self) -> _Batch:
         assert self._durable is not None
-        batch = _Batch(self.pending, self._trades, self._snapshot, self._durable)
-        self.pending, self._trades, self._snapshot, self._durable = [], [], None, None
+        batch = _Batch(self.pending, self._trades, self._durable)
+        self.pending, self._trades, self._durable = [], [], None
         return batch
 
     def _pump(self) -> None:
@@ -340,13 +335,12 @@ class Journal:
                 exc = None if batch.reply.cancelled() else batch.reply.exception()
                 if _unknown_script(exc):    # the script did not run: send its text
                     try:
-                        await self._write(batch.entries, batch.trades, batch.snap)
+                        await self._write(batch.entries, batch.trades)
                     except _TRANSIENT as again:
                         await self._write_until_done(batch.entries, batch.trades,
-                                                     batch.snap, failed=again)
+                                                     failed=again)
                 elif exc is None or isinstance(exc, _TRANSIENT):
-                    await self._write_until_done(batch.entries, batch.trades, batch.snap,
-                                                 failed=exc)
+                    await self._write_until_done(batch.entries, batch.trades, failed=exc)
                 else:
                     raise exc
             self._window.popleft()
@@ -366,11 +360,11 @@ class Journal:
         self._window.clear()
         if self._durable is not None:       # what queued up behind it fails too
             self._durable.set_exception(self.error)
-        self.pending, self._trades, self._snapshot = [], [], None
+        self.pending, self._trades = [], []
         self._wake.set()                    # the writer sees the error and ends
 
     async def _write_until_done(self, entries: list[wire.JournalEntry],
-                                trades: list[wire.Trade], snap: bytes | None,
+                                trades: list[wire.Trade],
                                 failed: BaseException | None) -> None:
         delay = 0.05
         attempt = 0
@@ -388,10 +382,8 @@ class Journal:
                 if not self._ready():
                     await self._connected()
                 if await self._landed(entries[-1].seq if entries else None):
-                    if snap is not None:
-                        await self.client.set(self.keys.snapshot, snap)
                     break
-                await self._write(entries, trades, snap)
+                await self._write(entries, trades)
                 break
             except _TRANSIENT as exc:
                 failed = exc
@@ -400,34 +392,33 @@ class Journal:
 
     def _send(self, batch: _Batch) -> asyncio.Future[Any]:
         """Send one batch without waiting; its reply settles it (`_settle`)."""
-        return self._conn.request(self._pack(batch.entries, batch.trades, batch.snap,
-                                             _SCRIPT_SHA))
+        return self._conn.request(self._pack(batch.entries, batch.trades, _SCRIPT_SHA))
 
     def _pack(self, entries: list[wire.JournalEntry], trades: list[wire.Trade],
-              snap: bytes | None, sha: bytes | None) -> bytes:
+              sha: bytes | None) -> bytes:
         """One WRITE_SCRIPT call: by its digest, or with its text when `sha` is None."""
-        args = [b"3", self._journal_key, self._fills_key, self._snapshot_key]
+        args = [b"2", self._journal_key, self._fills_key]
         if entries:
             args += [b"%d-0" % entries[-1].seq, b"%d" % len(entries),
                      wire.journal_encoder.encode(entries)]
         else:
             args += [b"", b"0", b""]
-        args += [snap or b"", b"%d" % len(_FIELD_NAMES), *_FIELD_NAMES]
+        args += [b"%d" % len(_FIELD_NAMES), *_FIELD_NAMES]
         for trade in trades:
             args += trade_values(trade)
         if sha is None:
             return resp.pack(b"EVAL", WRITE_SCRIPT, *args)
         return resp.pack(b"EVALSHA", sha, *args)
 
-    async def _write(self, entries: list[wire.JournalEntry], trades: list[wire.Trade],
-                     snap: bytes | None) -> None:
+    async def _write(self, entries: list[wire.JournalEntry],
+                     trades: list[wire.Trade]) -> None:
         """Write one batch and wait for it (the retry path)."""
         try:
-            await self._conn.call(self._pack(entries, trades, snap, _SCRIPT_SHA))
+            await self._conn.call(self._pack(entries, trades, _SCRIPT_SHA))
         except ResponseError as exc:
             if not _unknown_script(exc):
                 raise
-            await self._conn.call(self._pack(entries, trades, snap, None))
+            await self._conn.call(self._pack(entries, trades, None))
 
     async def _landed(self, seq: int | None) -> bool:
         """Does Redis hold everything acknowledged, and the batch up to `seq` too?"""

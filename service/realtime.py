@@ -21,8 +21,8 @@ def make_realtime(priority: int, pid: int = 0) -> bool:
     """Put every thread of `pid` (0: this process) under `SCHED_RR` at `priority` (1-99).
 
     Processes and threads it starts later get the normal policy (`SCHED_RESET_ON_FORK`):
-    the forked snapshot writer and Redis's rewrite child work for seconds and must not
-    take a core from the work they serve.
+    the snapshotter and Redis's rewrite child work for seconds and must not take a core
+    from the work they serve.
 
     Needs CAP_SYS_NICE or an `RLIMIT_RTPRIO` of at least `priority`. When the system
     refuses, logs a warning and returns False: the process runs on, as it would have

@@ -33,7 +33,14 @@ async def recover(client: aioredis.Redis, keys: Keys, names: Callable[[int], str
     data: bytes | None = await client.get(keys.snapshot) if use_snapshot else None  # type: ignore[assignment]
     engine = snapshot.restore(snapshot.load(data), names) if data else Engine(names=names)
     snapshot_seq = engine.seq
+    replayed = await catch_up(client, keys, engine)
+    return Recovered(engine, snapshot_seq, replayed, time.perf_counter() - start)
+
+
+async def catch_up(client: aioredis.Redis, keys: Keys, engine: Engine) -> int:
+    """Apply every journaled command after the engine's sequence number; how many."""
     replayed = 0
+    enabled = gc.isenabled()
     gc.disable()      # millions of small objects and no cycles: collection is pure cost
     try:
         async for entries in read_journal(client, keys, after=engine.seq):
@@ -43,5 +50,6 @@ async def recover(client: aioredis.Redis, keys: Keys, names: Callable[[int], str
                                        "journal was written by a different engine version")
                 replayed += 1
     finally:
-        gc.enable()
-    return Recovered(engine, snapshot_seq, replayed, time.perf_counter() - start)
+        if enabled:
+            gc.enable()
+    return replayed

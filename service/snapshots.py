@@ -1,130 +1,186 @@
-"""Periodic snapshots in the background: fork, and let the child serialise and write.
+"""Snapshots, taken by a follower process so that the gateway never pays for one.
 
-Capturing the state takes time proportional to its size (half a second for a busy
-morning's retry window), and the event loop must not stop for that. As Redis does for
-BGSAVE, the gateway forks: the child is a copy-on-write image of the engine at one
-sequence number; it encodes it, waits until the journal holds that sequence number (a
-snapshot must never cover a command that is not journaled), writes it and exits. The
-gateway only pays for the fork. The snapshot at shutdown is taken in the process, after
-the last child has finished, so it is always the newest.
+The snapshotter (`matcher snapshotter`, started and watched by `matcher serve`) keeps its
+own engine: it recovers as the gateway does, then reads the journal as it grows and
+applies each command, the same deterministic code, so its state at a sequence number is
+the gateway's state at that number. Every `every` commands it encodes that state and
+stores it. The gateway's event loop never captures, encodes or forks (ADR 17): the fork
+of a 300 MB gateway and its copy-on-write stalled the loop for up to 340 ms a second
+(ADR 11, superseded).
+
+Every writer of the snapshot (the snapshotter, the gateway at shutdown, `matcher
+snapshot`) stores through one script that keeps the newest: a snapshot replaces the
+stored one only if it covers more of the journal, and only if the journal holds all it
+covers. Writers need not know of each other.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
+import sys
 import time
-from typing import Any
+from collections.abc import Callable
 
-import redis
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from matcher import snapshot
 from matcher.engine import Engine
-from service.journal import Keys, stream_seq
+from service.journal import Keys
+from service.recovery import catch_up, recover
 
 log = logging.getLogger("matcher.snapshots")
 
-#: Set the snapshot only while the journal still ends at the entry the state ends at.
-#: KEYS: journal, snapshot. ARGV: that entry's id, the snapshot.
-_STORE_IF_CURRENT = """
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-if #last == 1 and last[1][1] == ARGV[1] then
-  redis.call('SET', KEYS[2], ARGV[2])
-  return 1
-end
-return 0
+#: KEYS: snapshot, snapshot-seq, journal. ARGV: the sequence number covered, the snapshot.
+#: 1: stored; 0: the stored one covers as much or more; -1: the journal ends before it.
+_STORE_IF_NEWER = """
+local seq = tonumber(ARGV[1])
+local stored = tonumber(redis.call('GET', KEYS[2]) or '0')
+if stored >= seq then return 0 end
+local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+if #last == 0 or tonumber(string.match(last[1][1], '^%d+')) < seq then return -1 end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[2], ARGV[1])
+return 1
 """
 
 
-async def store_if_current(client: aioredis.Redis, keys: Keys, engine: Engine) -> bool:
-    """Store the engine's snapshot if no command was journaled after its state; False
-    (nothing written) otherwise.
+class SnapshotAhead(RuntimeError):
+    """A snapshot covers commands the journal does not hold: storing it would make
+    recovery serve commands that were never durable."""
 
-    For `matcher snapshot`, which may run beside a live gateway: checking the journal
-    and then writing would leave a gap in which the gateway can journal more and store
-    a newer snapshot, which this one would then replace. One script does both at once.
-    """
+
+async def store(client: aioredis.Redis, keys: Keys, engine: Engine) -> bool:
+    """Store the engine's state if it is newer than the stored snapshot; False if not."""
+    seq = engine.seq
     data = snapshot.dump(snapshot.capture(engine))
-    stored = await client.eval(_STORE_IF_CURRENT, 2, keys.journal,
-                               keys.snapshot, f"{engine.seq}-0", data)
-    return bool(stored)
+    done = await client.eval(_STORE_IF_NEWER, 3, keys.snapshot,
+                             keys.snapshot_seq, keys.journal, seq, data)
+    if done == -1:
+        raise SnapshotAhead(f"a snapshot at seq {seq} is ahead of the journal")
+    return bool(done)
 
 
-class BackgroundSnapshots:
-    """At most one snapshot child at a time."""
+async def stored_seq(client: aioredis.Redis, keys: Keys) -> int:
+    """The sequence number the stored snapshot covers; 0 without one."""
+    value = await client.get(keys.snapshot_seq)
+    return int(value) if value else 0
 
-    def __init__(self, redis_url: str, keys: Keys, timeout: float = 120.0) -> None:
-        self.redis_url = redis_url
+
+class Snapshotter:
+    """Follows the journal with its own engine; stores a snapshot every `every` commands.
+
+    It reads the journal every `poll_s` rather than blocking on each write: a snapshot
+    a fraction of a second older costs nothing, and a read per journal write (a thousand
+    a second under load) would cost Redis and this process CPU the gateway needs.
+    """
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, every: int,
+                 *, poll_s: float = 0.2) -> None:
+        self.client = client
         self.keys = keys
-        self.timeout = timeout
-        self.child: int | None = None
-        self.written = 0            # snapshots the children reported written
-        self.failed = 0             # children that exited without writing theirs
-        self.newest_seq = 0         # the sequence number the newest written one covers
-        self._child_seq = 0
+        self.every = every
+        self.poll_s = poll_s
+        self.engine = Engine()
+        self.stored = 0
 
-    def start(self, engine: Engine) -> bool:
-        """Fork a child that writes the engine's state as of now; False if one is busy."""
-        self.reap()
-        if self.child is not None:
+    async def start(self) -> None:
+        recovered = await recover(self.client, self.keys)
+        self.engine = recovered.engine
+        self.stored = max(recovered.snapshot_seq, await stored_seq(self.client, self.keys))
+        log.info("snapshotter at seq %d (snapshot at %d, %d commands replayed in %.2fs)",
+                 self.engine.seq, recovered.snapshot_seq, recovered.replayed,
+                 recovered.seconds)
+
+    async def step(self) -> bool:
+        """Read what the journal gained; store a snapshot if one is due. True if stored."""
+        await catch_up(self.client, self.keys, self.engine)
+        if self.engine.seq - self.stored < self.every:
             return False
-        seq = engine.seq
-        parent = os.getpid()
-        pid = os.fork()
-        if pid == 0:                                  # the child: never returns
-            code = 1
+        written = await store(self.client, self.keys, self.engine)
+        # Not written: another writer stored a newer one (the gateway at shutdown).
+        self.stored = self.engine.seq if written else await stored_seq(self.client, self.keys)
+        if written:
+            log.info("snapshot written at seq %d", self.engine.seq)
+        return written
+
+    async def run(self, alive: Callable[[], bool]) -> None:
+        """Step until `alive()` is false (the gateway that started it is gone)."""
+        failing = False
+        while alive():
             try:
-                # Let go of every inherited socket (the listening one above all): a
-                # child outliving a killed gateway must not keep its port taken.
-                os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-                code = self._write(engine, seq, parent)
-            except BaseException as exc:   # report, then exit either way
-                log.error("snapshot at seq %d failed: %s", seq, exc)
-            finally:
-                os._exit(code)
-        self.child, self._child_seq = pid, seq
-        return True
+                await self.step()
+                if failing:
+                    log.info("snapshotter: Redis is back")
+                failing = False
+            except (RedisError, OSError) as exc:   # Redis restarting: try again later
+                if not failing:
+                    log.warning("snapshotter cannot reach Redis (%s: %s); retrying",
+                                type(exc).__name__, exc)
+                failing = True
+            await asyncio.sleep(self.poll_s)
 
-    def _write(self, engine: Engine, seq: int, parent: int) -> int:
-        data = snapshot.dump(snapshot.capture(engine))
-        client = redis.Redis.from_url(self.redis_url, socket_timeout=10)
-        deadline = time.monotonic() + self.timeout
+
+def parent_alive(parent: int) -> Callable[[], bool]:
+    """Whether the process that started us still is our parent: a snapshotter must not
+    outlive a killed gateway (a restarted one starts its own)."""
+    return lambda: os.getppid() == parent
+
+
+class SnapshotterProcess:
+    """`matcher snapshotter` beside the gateway, started again whenever it ends.
+
+    A separate process, not a thread: its capture and encoding hold the GIL for
+    seconds. The gateway does not depend on it: without snapshots recovery replays more
+    of the journal, nothing else changes. So a crash is logged, counted
+    (`matcher_snapshot_failures_total`) and followed by a restart, with a growing delay
+    while it keeps failing.
+    """
+
+    def __init__(self, redis_url: str, keys: Keys, every: int, *, restart_delay: float = 1.0,
+                 max_restart_delay: float = 30.0) -> None:
+        self.argv = [sys.executable, "-m", "service.cli", "snapshotter",
+                     "--redis-url", redis_url, "--shard", keys.shard,
+                     "--every", str(every), "--parent", str(os.getpid())]
+        self.restart_delay = restart_delay
+        self.max_restart_delay = max_restart_delay
+        self.process: asyncio.subprocess.Process | None = None
+        self.exits = 0                  # times it ended while the gateway ran
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._supervise(),
+                                                            name="snapshotter")
+
+    async def _supervise(self) -> None:
+        delay = self.restart_delay
         while True:
-            newest: Any = client.xrevrange(self.keys.journal, count=1)
-            last = stream_seq(newest[0][0]) if newest else 0
-            if last >= seq:
-                break
-            if os.getppid() != parent:
-                log.error("snapshot at seq %d abandoned: the gateway is gone", seq)
-                return 1
-            if time.monotonic() > deadline:
-                log.error("snapshot at seq %d abandoned: the journal is still at %d",
-                          seq, last)
-                return 1
-            time.sleep(0.005)
-        client.set(self.keys.snapshot, data)
-        return 0
+            started = time.monotonic()
+            self.process = await asyncio.create_subprocess_exec(*self.argv)
+            code = await self.process.wait()
+            self.exits += 1
+            if time.monotonic() - started > 60:      # it had been working: retry soon
+                delay = self.restart_delay
+            log.error("the snapshotter exited (status %d); starting it again in %.0fs",
+                      code, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.max_restart_delay)
 
-    def reap(self) -> None:
-        """Collect a finished child, without waiting."""
-        if self.child is None:
+    async def stop(self, timeout: float = 5.0) -> None:
+        """End it (a snapshot it is storing is atomic: it lands whole or not at all)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        process = self.process
+        if process is None or process.returncode is not None:
             return
-        pid, status = os.waitpid(self.child, os.WNOHANG)
-        if pid:
-            self._reaped(status)
-
-    def wait(self) -> None:
-        """Wait for the child (blocking: call it from a thread)."""
-        if self.child is not None:
-            _, status = os.waitpid(self.child, 0)
-            self._reaped(status)
-
-    def _reaped(self, status: int) -> None:
-        self.child = None
-        if os.waitstatus_to_exitcode(status) == 0:
-            self.written += 1
-            self.newest_seq = max(self.newest_seq, self._child_seq)
-        else:
-            self.failed += 1
-            log.error("a snapshot child failed (status %d); the next one will retry", status)
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), timeout)
+        except TimeoutError:
+            process.kill()
+            await process.wait()

@@ -34,7 +34,7 @@ from matcher.protocol import Role
 from service.journal import Journal, JournalLost, Keys, read_journal, trade_fields
 from service.localredis import LocalRedis, free_port
 from service.recovery import recover
-from service.snapshots import store_if_current
+from service.snapshots import store, stored_seq
 from tests.conftest import ROOT, ServerProcess, run, write_config
 
 KEYS = Keys("main")
@@ -159,17 +159,15 @@ def connect(server: LocalRedis) -> aioredis.Redis:
     return aioredis.Redis.from_url(server.url, socket_timeout=5, socket_connect_timeout=2)
 
 
-def take_snapshot(journal: Journal, engine: Engine) -> asyncio.Future[int]:
-    return journal.snapshot(snapshot.dump(snapshot.capture(engine)))
-
-
 async def play(driver: Driver, journal: Journal, commands: int, *, pause_every: int = 25,
                snapshot_every: int = 0,
                snapshots: list[tuple[int, str]] | None = None) -> None:
     """Submit `commands` random commands, journal the accepted ones, wait until durable.
 
     The loop yields every `pause_every` commands so writes go out while commands keep
-    coming (group commit under load); `snapshots` gets (seq, state hash) of each one.
+    coming (group commit under load); every `snapshot_every` commands it waits until
+    all is durable and stores a snapshot, as the snapshotter does; `snapshots` gets
+    (seq, state hash) of each one.
     """
     futures: list[asyncio.Future[int]] = []
     for n in range(1, commands + 1):
@@ -177,7 +175,8 @@ async def play(driver: Driver, journal: Journal, commands: int, *, pause_every: 
         if out.entry is not None:
             futures.append(journal.append(out.entry, out.trades))
         if snapshot_every and n % snapshot_every == 0:
-            futures.append(take_snapshot(journal, driver.engine))
+            await journal.flush()
+            assert await store(journal.client, journal.keys, driver.engine)
             if snapshots is not None:
                 snapshots.append((driver.engine.seq, snapshot.state_hash(driver.engine)))
         if pause_every and n % pause_every == 0:
@@ -449,21 +448,20 @@ def test_redis_restart_holds_acks_then_writes_everything_once(
 def test_a_write_that_landed_without_its_reply_is_not_repeated(
         redis_server: LocalRedis, caplog: pytest.LogCaptureFixture, window: int) -> None:
     """The connection drops after Redis executed the transaction: the journal finds the
-    batch there (and still writes the snapshot that came with it) instead of writing it
-    twice, and acknowledges it."""
+    batch there instead of writing it twice, and acknowledges it."""
     caplog.set_level(logging.WARNING, logger="matcher.journal")
 
     async def scenario() -> None:
         client, journal, driver = await opened(redis_server, 10, max_retry_delay=0.1,
                                                max_inflight=window)
         real_send = journal._send
-        lost: list[tuple[int, bool]] = []            # (commands, with snapshot) per loss
+        lost: list[int] = []                         # commands per lost reply
 
         def send_then_lose_the_reply(batch: Any) -> asyncio.Future[Any]:
             reply = real_send(batch)
-            if not (batch.entries and (len(lost) < 2 or batch.snap is not None)):
+            if not (batch.entries and len(lost) < 3):
                 return reply
-            lost.append((len(batch.entries), batch.snap is not None))
+            lost.append(len(batch.entries))
             lossy: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
             def lose(_: asyncio.Future[Any]) -> None:
@@ -477,7 +475,7 @@ def test_a_write_that_landed_without_its_reply_is_not_repeated(
         journal._send = send_then_lose_the_reply   # type: ignore[method-assign]
         snapshots: list[tuple[int, str]] = []
         await play(driver, journal, 1200, snapshot_every=400, snapshots=snapshots)
-        assert len(lost) >= 2 and any(with_snap for _, with_snap in lost)
+        assert len(lost) == 3
         assert journal.healthy and journal.written_seq == driver.engine.seq
         assert await journaled(client) == driver.entries               # each exactly once
         assert [t for _, t in await fill_stream(client)] == driver.trades
@@ -646,9 +644,9 @@ def test_cli_replay_and_snapshot(redis_server: LocalRedis) -> None:
                                                                                 live2)
 
 
-def test_a_snapshot_behind_the_journal_is_not_stored(redis_server: LocalRedis) -> None:
-    """`matcher snapshot` beside a live gateway: a state the journal has moved past must
-    not replace what is stored (the gateway may have stored a newer snapshot)."""
+def test_a_snapshot_replaces_only_an_older_one(redis_server: LocalRedis) -> None:
+    """`matcher snapshot` beside a live gateway and its snapshotter: whoever stores
+    last, the stored snapshot is the one that covers the most of the journal."""
     driver = Driver(seed=4)
     run(write_trades(redis_server, driver, 300))
     keys = KEYS
@@ -658,12 +656,16 @@ def test_a_snapshot_behind_the_journal_is_not_stored(redis_server: LocalRedis) -
         try:
             behind = (await recover(client, keys)).engine
             await write_trades(redis_server, driver, 100)     # the gateway journals on
-            assert not await store_if_current(client, keys, behind)
-            assert await client.get(keys.snapshot) is None
             current = (await recover(client, keys)).engine
             assert current.seq == driver.engine.seq > behind.seq
-            assert await store_if_current(client, keys, current)
+            assert await store(client, keys, current)
+            assert not await store(client, keys, behind)      # late, and older
+            assert not await store(client, keys, current)     # no newer than stored
+            assert await stored_seq(client, keys) == current.seq
             assert (await recover(client, keys)).snapshot_seq == current.seq
+            await write_trades(redis_server, driver, 50)
+            assert await store(client, keys, (await recover(client, keys)).engine)
+            assert await stored_seq(client, keys) == driver.engine.seq > current.seq
         finally:
             await client.aclose()
     run(go())
@@ -674,8 +676,8 @@ def test_a_snapshot_behind_the_journal_is_not_stored(redis_server: LocalRedis) -
 
 def test_a_stopped_journal_fails_what_comes_later_and_closes(
         redis_server: LocalRedis, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Once stopped (JournalLost), the journal fails what is appended after, including the
-    snapshot `Service.stop` takes, and `close()` returns: a stopped journal must not keep
+    """Once stopped (JournalLost), the journal fails what is appended after, and
+    `close()` returns: a stopped journal must not keep
     `matcher serve` from exiting."""
     caplog.set_level(logging.WARNING, logger="matcher.journal")
     fresh = LocalRedis(tmp_path / "empty", port=redis_server.port, durability="always")
@@ -688,7 +690,7 @@ def test_a_stopped_journal_fails_what_comes_later_and_closes(
         await asyncio.to_thread(fresh.start)
         await asyncio.wait(futures, timeout=10)
         _assert_journal_stopped(futures, journal, caplog)
-        later = [*_append(driver, journal, 5), take_snapshot(journal, driver.engine)]
+        later = _append(driver, journal, 5)
         try:
             await asyncio.wait(later, timeout=2)
             assert all(f.done() and f.exception() is not None for f in later), \

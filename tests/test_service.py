@@ -15,6 +15,7 @@ import base64
 import contextlib
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -1525,6 +1526,62 @@ def test_metrics_show_a_journal_that_cannot_write_and_its_recovery(
     server.start()
     assert metric(server, "matcher_snapshot_seq") == seq > 0
     assert metric(server, "matcher_sequence") == seq
+
+
+def _snapshotters(gateway: int) -> list[int]:
+    """The running `matcher snapshotter` children of the gateway process."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(ppid) == gateway and state not in ("Z", "X") and b"snapshotter" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_the_snapshotter_is_started_again_and_its_snapshots_reported(
+        start_server: Callable[..., ServerProcess], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Snapshots come from a process beside the gateway; `matcher_snapshot_seq` follows
+    what it stores, and when it dies it is counted and started again."""
+    monkeypatch.setenv("MATCHER_ENGINE_SNAPSHOT_EVERY", "5")
+    server = start_server()
+    assert server.process is not None
+    gateway = server.process.pid
+
+    def wait_for(what: str, check: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 15
+        while not check():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    async def bids_then_snapshot(prefix: str) -> None:
+        """Commands, then the snapshot that covers them, with the session still open
+        (closing it cancels F11's bids: another command)."""
+        async with session(server, F11) as f11:
+            await f11.ok(line("DFM"))
+            for n in range(6):
+                await f11.ok(bid(f"{prefix}{n}", "DFM-30D", 250 + n, 1_000_000))
+            seq = await asyncio.to_thread(metric, server, "matcher_sequence", required=True)
+            await asyncio.to_thread(wait_for, "the snapshot was not reported",
+                                    lambda: metric(server, "matcher_snapshot_seq") == seq)
+
+    wait_for("no snapshotter started", lambda: len(_snapshotters(gateway)) == 1)
+    first = _snapshotters(gateway)[0]
+    assert metric(server, "matcher_snapshot_failures_total", required=True) == 0
+    run(bids_then_snapshot("a"))
+    os.kill(first, signal.SIGKILL)
+    wait_for("the death was not counted",
+             lambda: metric(server, "matcher_snapshot_failures_total") == 1)
+    wait_for("no new snapshotter", lambda: _snapshotters(gateway) not in ([], [first]))
+    second = _snapshotters(gateway)
+    run(bids_then_snapshot("b"))
+    assert server.terminate() == 0
+    assert len(second) == 1 and not Path(f"/proc/{second[0]}").exists()  # ended and reaped
 
 
 def test_segments_lists_the_four_segments(server: ServerProcess) -> None:

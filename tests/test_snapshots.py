@@ -1,10 +1,15 @@
-"""Background snapshots: a forked child writes the state as of the fork, and only once
-the journal holds it."""
+"""Snapshots: the snapshotter follows the journal with its own engine and stores its state
+every N commands; whoever stores, the stored snapshot is the newest, and none covers a
+command the journal does not hold."""
 
 from __future__ import annotations
 
-import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -12,144 +17,119 @@ import redis.asyncio as aioredis
 from matcher import protocol as wire
 from matcher import snapshot
 from matcher.engine import Engine
-from service.journal import Journal, Keys
+from service.journal import Journal
 from service.localredis import LocalRedis
-from service.snapshots import BackgroundSnapshots
+from service.snapshots import SnapshotAhead, Snapshotter, store, stored_seq
 from tests.conftest import run
-
-KEYS = Keys("snap")
-
-
-def submit(engine: Engine, journal: Journal, n: int) -> None:
-    for i in range(n):
-        out = engine.submit(1, "admin", wire.AddSegment(segment=f"S{engine.seq}-{i}",
-                                                       core="C", tenor_days=30), i)
-        assert out.entry is not None
-        journal.append(out.entry, out.trades)
+from tests.test_journal import KEYS, opened, play
 
 
-def test_the_child_writes_the_state_of_the_fork_once_the_journal_holds_it(
-        redis_server: LocalRedis) -> None:
-    async def scenario() -> tuple[int, str, bytes | None, bytes | None, int]:
+def stored_state(blob: bytes | None) -> tuple[int, str]:
+    assert blob is not None
+    engine = snapshot.restore(snapshot.load(blob))
+    return engine.seq, snapshot.state_hash(engine)
+
+
+def test_a_snapshot_ahead_of_the_journal_is_refused(redis_server: LocalRedis) -> None:
+    async def scenario() -> tuple[int, int]:
         client = aioredis.Redis.from_url(redis_server.url)
         engine = Engine()
         journal = Journal(client, KEYS)          # not started: nothing is written yet
-        submit(engine, journal, 50)
-        forked_at, forked_hash = engine.seq, snapshot.state_hash(engine)
-        background = BackgroundSnapshots(redis_server.url, KEYS)
-        assert background.start(engine)
-        assert not background.start(engine)      # one child at a time
-        submit(engine, journal, 10)              # the parent moves on after the fork
-        await asyncio.sleep(0.3)
-        before_journal = await client.get(KEYS.snapshot)   # the child is still waiting
+        futures = []
+        for i in range(5):
+            out = engine.submit(1, "admin", wire.AddSegment(segment=f"S{i}", core="C",
+                                                           tenor_days=30), i)
+            assert out.entry is not None
+            futures.append(journal.append(out.entry, out.trades))
+        with pytest.raises(SnapshotAhead, match="seq 5 is ahead of the journal"):
+            await store(client, KEYS, engine)
+        nothing = await stored_seq(client, KEYS)
+        assert await client.get(KEYS.snapshot) is None
         journal.start()
         await journal.flush()
-        await asyncio.to_thread(background.wait)
-        after = await client.get(KEYS.snapshot)
+        assert await store(client, KEYS, engine)
         await journal.close()
+        after = await stored_seq(client, KEYS)
         await client.aclose()
-        assert background.newest_seq == forked_at and background.failed == 0
-        return forked_at, forked_hash, before_journal, after, background.written
+        return nothing, after
 
-    forked_at, forked_hash, before_journal, after, written = run(scenario())
-    assert before_journal is None, "a snapshot ahead of the journal was written"
-    assert after is not None and written == 1
-    restored = snapshot.restore(snapshot.load(after))
-    assert restored.seq == forked_at == 50
-    assert snapshot.state_hash(restored) == forked_hash
+    assert run(scenario()) == (0, 5)
 
 
-def test_reap_collects_a_finished_child_without_waiting(redis_server: LocalRedis) -> None:
-    async def scenario() -> int | None:
-        client = aioredis.Redis.from_url(redis_server.url)
-        engine = Engine()
-        journal = Journal(client, KEYS)
-        journal.start()
-        submit(engine, journal, 5)
-        await journal.flush()
-        background = BackgroundSnapshots(redis_server.url, KEYS)
-        background.start(engine)
-        deadline = time.monotonic() + 30
-        while background.child is not None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-            background.reap()
-        await journal.close()
-        await client.aclose()
-        return background.child
-
-    assert run(scenario()) is None
-
-
-def test_a_waiting_child_does_not_hold_the_gateways_listening_port(
+def test_the_snapshotter_stores_the_live_state_every_n_commands(
         redis_server: LocalRedis) -> None:
-    import os
-    import signal
-    import socket
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 21)
+        await play(driver, journal, 2500)
+        follower = Snapshotter(client, KEYS, every=1000)
+        await follower.start()                       # recovers all that is journaled
+        assert follower.engine.seq == driver.engine.seq >= 1000
+        assert await follower.step()                 # none stored yet: one is due
+        first = driver.engine.seq
+        assert stored_state(await client.get(KEYS.snapshot)) == (
+            first, snapshot.state_hash(driver.engine))
 
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    port = listener.getsockname()[1]
-    engine = Engine()
-    engine.submit(1, "admin", wire.AddSegment(segment="S", core="C", tenor_days=30), 0)
-    background = BackgroundSnapshots(redis_server.url, KEYS, timeout=30)
-    assert background.start(engine)            # waits: the journal will never hold seq 1
+        await play(driver, journal, 300)             # fewer than 1000 new commands
+        assert not await follower.step()
+        assert follower.engine.seq == driver.engine.seq > first
+        assert await stored_seq(client, KEYS) == first
+
+        await play(driver, journal, 1500)
+        assert await follower.step()
+        assert await stored_seq(client, KEYS) == driver.engine.seq
+        assert stored_state(await client.get(KEYS.snapshot)) == (
+            driver.engine.seq, snapshot.state_hash(driver.engine))
+        assert snapshot.state_hash(follower.engine) == snapshot.state_hash(driver.engine)
+
+        # Another writer (the gateway at shutdown) stored the same state first: the
+        # follower keeps it and counts from it.
+        await play(driver, journal, 1500)
+        assert await store(client, KEYS, driver.engine)
+        assert not await follower.step()
+        assert follower.stored == driver.engine.seq
+        await journal.close()
+        await client.aclose()
+
+    run(scenario())
+
+
+def _alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie nobody has reaped yet."""
     try:
-        listener.close()
-        deadline = time.monotonic() + 5         # the child lets go as soon as it runs
-        while True:
-            again = socket.socket()
-            try:
-                again.bind(("127.0.0.1", port))  # EADDRINUSE while the child holds it
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-            finally:
-                again.close()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_the_snapshotter_process_runs_niced_and_ends_with_its_gateway(
+        redis_server: LocalRedis) -> None:
+    """A snapshotter must not outlive a killed gateway: the restarted one starts its
+    own, and two would do the work twice."""
+    gateway = subprocess.Popen(
+        [sys.executable, "-c",
+         "import os, subprocess, sys, time\n"
+         "p = subprocess.Popen([sys.executable, '-m', 'service.cli', 'snapshotter',"
+         " '--redis-url', sys.argv[1], '--shard', 'main', '--every', '10',"
+         " '--parent', str(os.getpid())])\n"
+         "print(p.pid, flush=True)\n"
+         "time.sleep(120)\n", redis_server.url],
+        stdout=subprocess.PIPE)
+    try:
+        assert gateway.stdout is not None
+        child = int(gateway.stdout.readline())
+        deadline = time.monotonic() + 20
+        while os.getpriority(os.PRIO_PROCESS, child) != 10:   # set when it has started
+            assert time.monotonic() < deadline, "the snapshotter never lowered its priority"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert _alive(child)
+        gateway.send_signal(signal.SIGKILL)
+        gateway.wait()
+        deadline = time.monotonic() + 10
+        while _alive(child):
+            assert time.monotonic() < deadline, "the snapshotter outlived its gateway"
+            time.sleep(0.05)
     finally:
-        assert background.child is not None
-        os.kill(background.child, signal.SIGKILL)
-        background.wait()
-    assert background.failed == 1 and background.written == 0   # counted for /metrics
-    assert background.newest_seq == 0
-
-
-def test_a_snapshot_due_while_the_last_child_is_busy_is_skipped(
-        redis_server: LocalRedis, caplog: pytest.LogCaptureFixture) -> None:
-    """Not captured in the process (a stall), and never stored after an older child's:
-    the next interval tries again."""
-    import os
-    import signal
-
-    from matcher.participants import Directory
-    from service.config import LimitsConfig
-    from service.gateway import Gateway, system
-    from service.metrics import Metrics
-
-    async def scenario() -> tuple[bool, int, int]:
-        client = aioredis.Redis.from_url(redis_server.url)
-        journal = Journal(client, KEYS)           # not started: the child keeps waiting
-        background = BackgroundSnapshots(redis_server.url, KEYS, timeout=30)
-        gw = Gateway(Engine(), journal, Directory([]), LimitsConfig(), Metrics(),
-                     snapshot_every=1, background=background)
-        try:
-            for n in range(3):
-                gw.submit(system(), wire.AddSegment(segment=f"S{n}", core="C",
-                                                    tenor_days=30), time.perf_counter())
-            child_seq = background._child_seq
-            return journal._snapshot is None, child_seq, gw.newest_snapshot()
-        finally:
-            assert background.child is not None
-            os.kill(background.child, signal.SIGKILL)
-            background.wait()
-            await client.aclose()
-
-    with caplog.at_level("WARNING", logger="matcher.gateway"):
-        nothing_in_process, child_seq, newest = run(scenario())
-    assert nothing_in_process                     # no capture rode the journal
-    assert child_seq == 1 and newest == 0         # the first child's, not yet written
-    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
-    assert skipped == ["snapshot at seq 2 skipped: the previous one is still being written",
-                       "snapshot at seq 3 skipped: the previous one is still being written"]
+        gateway.kill()
+        gateway.wait()
