@@ -59,7 +59,7 @@ def _snapshotter(args: argparse.Namespace) -> int:
     # must never take a core from the commands (started by `serve`, it also inherits the
     # normal policy: SCHED_RESET_ON_FORK).
     os.nice(SNAPSHOTTER_NICE)
-    gctune.tune()             # as the gateway: no cycles to find, and full walks cost
+    gctune.tune()             # as the gateway; it collects after each snapshot
 
     async def run() -> int:
         client = aioredis.Redis.from_url(args.redis_url, socket_timeout=30)

@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 
 from matcher import snapshot
 from matcher.engine import Engine
+from service import gctune
 from service.journal import Keys
 from service.recovery import catch_up, recover
 
@@ -105,6 +106,9 @@ class Snapshotter:
         self.stored = self.engine.seq if written else await stored_seq(self.client, self.keys)
         if written:
             log.info("snapshot written at seq %d", self.engine.seq)
+            # Automatic collection is off here as in the gateway (`gctune`); between
+            # snapshots is this process's quiet moment to reclaim any cycles.
+            gctune.full_collect()
         return written
 
     async def run(self, alive: Callable[[], bool]) -> None:
