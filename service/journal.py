@@ -63,6 +63,10 @@ class Keys:
     def snapshot(self) -> str:
         return f"matcher:{{{self.shard}}}:snapshot"
 
+    def snapshot_staging(self, token: str) -> str:
+        """Where one writer puts a snapshot's parts before publishing it."""
+        return f"matcher:{{{self.shard}}}:snapshot-staging:{token}"
+
     @property
     def snapshot_seq(self) -> str:
         """The sequence number the stored snapshot covers, set in the same script."""

@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
@@ -35,16 +36,37 @@ from service.recovery import catch_up, recover
 
 log = logging.getLogger("matcher.snapshots")
 
-#: KEYS: snapshot, snapshot-seq, journal. ARGV: the sequence number covered, the snapshot.
-#: 1: stored; 0: the stored one covers as much or more; -1: the journal ends before it.
-_STORE_IF_NEWER = """
+#: A snapshot goes to Redis in parts of this size, each its own command. Redis writes
+#: every command to its append-only file and, with `appendfsync always`, syncs it before
+#: it answers the journal writes that came in with it: one SET of several megabytes held
+#: them for 80 to 120 ms in the soak; a part holds them for about a millisecond or two.
+PART_BYTES = 128 * 1024
+PART_PAUSE_S = 0.002        # between parts: room for journal writes on their own
+STAGING_TTL_S = 600         # parts of a writer that died go away by themselves
+
+#: Publish the parts staged under KEYS[1] as the snapshot, if it is the newest.
+#: KEYS: staging, snapshot, snapshot-seq, journal. ARGV: the sequence number covered,
+#: the snapshot's length. 1: stored; 0: the stored one covers as much or more; -1: the
+#: journal ends before it; -2: parts are missing. The staging key is gone either way.
+_PUBLISH_IF_NEWER = """
 local seq = tonumber(ARGV[1])
-local stored = tonumber(redis.call('GET', KEYS[2]) or '0')
-if stored >= seq then return 0 end
-local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
-if #last == 0 or tonumber(string.match(last[1][1], '^%d+')) < seq then return -1 end
-redis.call('SET', KEYS[1], ARGV[2])
-redis.call('SET', KEYS[2], ARGV[1])
+if redis.call('STRLEN', KEYS[1]) ~= tonumber(ARGV[2]) then
+  redis.call('DEL', KEYS[1])
+  return -2
+end
+local stored = tonumber(redis.call('GET', KEYS[3]) or '0')
+if stored >= seq then
+  redis.call('DEL', KEYS[1])
+  return 0
+end
+local last = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)
+if #last == 0 or tonumber(string.match(last[1][1], '^%d+')) < seq then
+  redis.call('DEL', KEYS[1])
+  return -1
+end
+redis.call('RENAME', KEYS[1], KEYS[2])
+redis.call('PERSIST', KEYS[2])
+redis.call('SET', KEYS[3], ARGV[1])
 return 1
 """
 
@@ -54,14 +76,33 @@ class SnapshotAhead(RuntimeError):
     recovery serve commands that were never durable."""
 
 
-async def store(client: aioredis.Redis, keys: Keys, engine: Engine) -> bool:
-    """Store the engine's state if it is newer than the stored snapshot; False if not."""
+async def store(client: aioredis.Redis, keys: Keys, engine: Engine, *,
+                part_bytes: int = PART_BYTES, pause_s: float = PART_PAUSE_S) -> bool:
+    """Store the engine's state if it is newer than the stored snapshot; False if not.
+
+    The parts go to a key of this writer's own, which one script then renames over the
+    snapshot: readers see the old snapshot or the new one, never a part of it.
+    """
     seq = engine.seq
+    if await stored_seq(client, keys) >= seq:
+        return False
     data = snapshot.dump(snapshot.capture(engine))
-    done = await client.eval(_STORE_IF_NEWER, 3, keys.snapshot,
-                             keys.snapshot_seq, keys.journal, seq, data)
+    staging = keys.snapshot_staging(uuid.uuid4().hex)
+    for offset in range(0, len(data), part_bytes):
+        part = data[offset:offset + part_bytes]
+        if offset == 0:
+            await client.set(staging, part, ex=STAGING_TTL_S)
+        else:
+            await client.append(staging, part)
+        if pause_s:
+            await asyncio.sleep(pause_s)
+    done = await client.eval(_PUBLISH_IF_NEWER, 4, staging, keys.snapshot,
+                             keys.snapshot_seq, keys.journal, seq, len(data))
     if done == -1:
         raise SnapshotAhead(f"a snapshot at seq {seq} is ahead of the journal")
+    if done == -2:
+        raise RuntimeError(f"parts of the snapshot at seq {seq} were lost before it was "
+                           "published (Redis restarted, or they expired)")
     return bool(done)
 
 

@@ -93,6 +93,42 @@ def test_the_snapshotter_stores_the_live_state_every_n_commands(
     run(scenario())
 
 
+def test_a_snapshot_is_stored_in_parts_and_published_whole(redis_server: LocalRedis) -> None:
+    """Many small writes instead of one large one (journal writes go between them), and
+    the snapshot key only ever holds a whole snapshot; no parts are left behind."""
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 5)
+        await play(driver, journal, 1500)
+        blob = snapshot.dump(snapshot.capture(driver.engine))
+        assert len(blob) > 1000
+        seen: list[int] = []
+        real_append = client.append
+
+        async def spy(key: str, value: bytes) -> int:
+            seen.append(len(value))
+            assert await client.get(KEYS.snapshot) is None    # nothing published yet
+            return await real_append(key, value)
+
+        client.append = spy           # type: ignore[method-assign]
+        assert await store(client, KEYS, driver.engine, part_bytes=100, pause_s=0)
+        client.append = real_append   # type: ignore[method-assign]
+        assert len(seen) == (len(blob) - 1) // 100 and set(seen[:-1]) == {100}
+        assert await client.get(KEYS.snapshot) == blob
+        assert await client.ttl(KEYS.snapshot) == -1                   # kept for good
+        older = driver.engine.seq
+        await play(driver, journal, 200)
+        assert await store(client, KEYS, driver.engine, part_bytes=100, pause_s=0)
+        behind = snapshot.restore(snapshot.load(blob))
+        assert behind.seq == older
+        assert not await store(client, KEYS, behind, part_bytes=100, pause_s=0)
+        assert [k async for k in client.scan_iter(match="*staging*")] == []
+        assert await stored_seq(client, KEYS) == driver.engine.seq > older
+        await journal.close()
+        await client.aclose()
+
+    run(scenario())
+
+
 def _alive(pid: int) -> bool:
     """Running, as opposed to gone or a zombie nobody has reaped yet."""
     try:
