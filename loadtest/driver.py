@@ -98,7 +98,7 @@ class Client:
     async def connect(self) -> None:
         welcome = self._welcome = asyncio.get_running_loop().create_future()
         self.ws = await wsclient.connect(
-            self.run.url, self._on_message,
+            self.run.url, self._on_message, clock=self.run.arrivals,
             headers={"Authorization": f"Bearer {self.who.key}"})
         await asyncio.wait_for(welcome, 30)
 
@@ -112,8 +112,7 @@ class Client:
         self.run.rec.record_send(intended_ns, now, measured)
         self.ws.send(_encode(msg))
 
-    def _on_message(self, data: bytes) -> None:
-        now = time.perf_counter_ns()
+    def _on_message(self, data: bytes, now: int) -> None:
         if self._welcome is not None:
             welcome, self._welcome = self._welcome, None
             if b'"welcome"' in data:
@@ -131,6 +130,8 @@ class Client:
             origin, measured = queue.popleft()
             code = event.code if isinstance(event, wire.Rejected) else None
             rec.record_ack(origin, now, code, measured)
+            if measured:      # the same, stamped when this callback runs (ArrivalClock)
+                rec.ack_handled.add(max(1, (time.perf_counter_ns() - origin) // 1000))
             self.run.step_ack(origin, now, measured)
             self.run.outstanding -= 1
         elif isinstance(event, wire.Fill):
@@ -157,6 +158,7 @@ class Run:
                  funders: list[Participant], smes: list[Participant]) -> None:
         self.profile = profile
         self.url = url
+        self.arrivals = wsclient.ArrivalClock()   # shared by all connections: one stamp per poll
         self.http = re.sub(r"^ws", "http", url).rsplit("/ws", 1)[0]
         self.redis_url = redis_url
         self.keys = Keys(shard)
@@ -368,6 +370,7 @@ class Run:
             "duration_s": p.warmup_s + p.duration_s * len(self.steps),
             "measures": {
                 "ack": summary(rec.ack, "send → accepted"),
+                "ack_handled": summary(rec.ack_handled, "send → accepted, stamped when handled"),
                 "ask_fill": summary(rec.ask_fill, "SME ask sent → fill received"),
                 "platform": summary(rec.platform, "fill journaled → read by the platform"),
             },

@@ -181,6 +181,7 @@ class FillLedger:
 @dataclass
 class Recorder:
     start_ns: int = 0                           # the measured phase begins
+    ack_handled: Tally = field(default_factory=Tally)
     ask_fill: Tally = field(default_factory=Tally)
     platform: Tally = field(default_factory=Tally)
     lag: Tally = field(default_factory=Tally)

@@ -25,7 +25,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 Results = Mapping[str, Any]
 
 #: Measures in the order people read them: the server's answer, the trade, the platform.
-MEASURE_ORDER = ("ack", "ask_fill", "platform")
+MEASURE_ORDER = ("ack", "ack_handled", "ask_fill", "platform")
 #: Table columns: (heading, key in a measure summary).
 PERCENTILE_COLUMNS = (("p50", "p50"), ("p90", "p90"), ("p99", "p99"), ("p99.9", "p999"),
                       ("max", "max"))

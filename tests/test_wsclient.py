@@ -4,6 +4,7 @@ writes exactly the frames the RFC allows (the real gateway is its peer in the lo
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -73,7 +74,7 @@ def test_handshake_frames_ping_and_close() -> None:
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         got: list[bytes] = []
-        ws = await wsclient.connect(f"ws://127.0.0.1:{port}/ws?x=1", got.append,
+        ws = await wsclient.connect(f"ws://127.0.0.1:{port}/ws?x=1", lambda m, _: got.append(m),
                                     headers={"Authorization": "Bearer k"})
         ws.send(b'{"type": "status"}')
         assert await asyncio.wait_for(ws.closed, 5) == 4401
@@ -100,6 +101,46 @@ def test_a_refused_or_forged_upgrade_fails_the_connect(reply: bytes) -> None:
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         with pytest.raises(wsclient.HandshakeError):
-            await wsclient.connect(f"ws://127.0.0.1:{port}/ws", lambda _: None)
+            await wsclient.connect(f"ws://127.0.0.1:{port}/ws", lambda _, __: None)
         server.close()
     run(scenario())
+
+
+def test_replies_of_one_poll_share_the_stamp_of_its_first_callback() -> None:
+    """The load generator's `ArrivalClock` under uvloop, as the generator runs: data
+    that was waiting on five sockets when the loop polled is stamped once, before any of
+    it is handled; data of a later poll gets a later stamp."""
+    import socket
+
+    import uvloop
+
+    clock = wsclient.ArrivalClock()
+    stamps: list[tuple[int, int]] = []
+
+    class Stamped(asyncio.Protocol):
+        def __init__(self, name: int) -> None:
+            self.name = name
+
+        def data_received(self, data: bytes) -> None:
+            stamps.append((self.name, clock()))
+            time.sleep(0.002)                 # the handling of one reply takes time
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        pairs = [socket.socketpair() for _ in range(5)]
+        for n, (ours, _) in enumerate(pairs):
+            await loop.connect_accepted_socket(lambda n=n: Stamped(n), ours)
+        await asyncio.sleep(0.05)
+        for _, theirs in pairs:
+            theirs.send(b"x")                 # all five readable before the next poll
+        await asyncio.sleep(0.05)
+        pairs[0][1].send(b"y")
+        await asyncio.sleep(0.05)
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
+
+    uvloop.run(main())
+    assert sorted(name for name, _ in stamps[:5]) == [0, 1, 2, 3, 4]
+    assert len({stamp for _, stamp in stamps[:5]}) == 1       # one stamp for the poll
+    assert stamps[5][0] == 0 and stamps[5][1] - stamps[0][1] > 10_000_000   # its own
