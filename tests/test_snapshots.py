@@ -129,6 +129,35 @@ def test_a_snapshot_is_stored_in_parts_and_published_whole(redis_server: LocalRe
     run(scenario())
 
 
+def test_a_snapshot_whose_parts_were_lost_is_not_published(redis_server: LocalRedis) -> None:
+    """Redis restarted without them, or they expired: a partial snapshot must never
+    replace a whole one."""
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 6)
+        await play(driver, journal, 1500)
+        real_append = client.append
+        calls = 0
+
+        async def lose_the_start(key: str, value: bytes) -> int:
+            nonlocal calls
+            calls += 1
+            if calls == 3:
+                await client.delete(key)          # the first parts are gone
+            return await real_append(key, value)
+
+        client.append = lose_the_start   # type: ignore[method-assign]
+        with pytest.raises(RuntimeError, match="were lost before it was published"):
+            await store(client, KEYS, driver.engine, part_bytes=100, pause_s=0)
+        assert calls > 3
+        assert await client.get(KEYS.snapshot) is None
+        assert await stored_seq(client, KEYS) == 0
+        assert [k async for k in client.scan_iter(match="*staging*")] == []
+        await journal.close()
+        await client.aclose()
+
+    run(scenario())
+
+
 def _alive(pid: int) -> bool:
     """Running, as opposed to gone or a zombie nobody has reaped yet."""
     try:
