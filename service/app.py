@@ -37,7 +37,7 @@ from service.localredis import LocalRedis, free_port
 from service.metrics import Metrics
 from service.realtime import make_realtime
 from service.recovery import recover
-from service.snapshots import SnapshotAhead, SnapshotterProcess, store, stored_seq
+from service.snapshots import SnapshotterProcess, adopt, store, stored_seq
 
 log = logging.getLogger("matcher.serve")
 LOOP_PROBE_S = 0.01     # the event loop lag probe's period: 100 timers a second
@@ -98,6 +98,7 @@ class Service:
                           max_inflight=cfg.redis.writes_in_flight)
         journal.start()
         self.gateway = Gateway(engine, journal, self.directory, cfg.limits, self.metrics)
+        await adopt(self.client, keys, recovered.snapshot_seq)
         self.snapshot_seq = recovered.snapshot_seq
         self.metrics.seq = engine.seq
         self.snapshotter = SnapshotterProcess(url, keys, cfg.engine.snapshot_every)
@@ -186,10 +187,7 @@ class Service:
                 log.info("snapshot written at seq %d", seq)
             else:
                 log.info("the stored snapshot already covers seq %d", seq)
-        except SnapshotAhead as exc:
-            self.exit_code = 1
-            log.error("%s: not written", exc)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except Exception as exc:        # the connections and the local Redis still close
             log.warning("could not write the snapshot at seq %d (%s: %s); the next start "
                         "replays more of the journal", seq, type(exc).__name__, exc)
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import logging
 import os
+import signal
 import sys
 
 import redis.asyncio as aioredis
@@ -15,7 +18,7 @@ from service import config as config_module
 from service import gctune
 from service.journal import Keys
 from service.recovery import recover
-from service.snapshots import SnapshotAhead, Snapshotter, parent_alive, store
+from service.snapshots import JournalDiverged, SnapshotAhead, Snapshotter, parent_alive, store
 
 log = logging.getLogger("matcher.snapshots")
 SNAPSHOTTER_NICE = 10
@@ -54,24 +57,50 @@ def _replay(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _snapshotter(args: argparse.Namespace) -> int:
     # Below the gateway whatever its policy: it works for seconds on each snapshot and
     # must never take a core from the commands (started by `serve`, it also inherits the
     # normal policy: SCHED_RESET_ON_FORK).
     os.nice(SNAPSHOTTER_NICE)
     gctune.tune()             # as the gateway; it collects after each snapshot
+    if args.parent:
+        # The gateway ends it with SIGTERM; a Ctrl-C at the terminal reaches the whole
+        # process group and is the gateway's to handle. And it ends with its gateway.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        die_with_parent()
+    if not args.redis_url:
+        print("snapshotter: give --redis-url or MATCHER_REDIS_URL", file=sys.stderr)
+        return 2
 
     async def run() -> int:
         client = aioredis.Redis.from_url(args.redis_url, socket_timeout=30)
         follower = Snapshotter(client, Keys(args.shard), args.every, poll_s=args.poll)
         try:
-            await follower.start()
             await follower.run(parent_alive(args.parent) if args.parent else lambda: True)
             log.info("snapshotter: the gateway is gone; exiting")
             return 0
+        except JournalDiverged as exc:
+            log.error("snapshotter: %s; exiting, to be started afresh", exc)
+            return 3
         finally:
             await client.aclose()
     return asyncio.run(run())
+
+
+def die_with_parent() -> None:
+    """Ask Linux to send SIGTERM when the parent ends (`prctl(PR_SET_PDEATHSIG)`), so a
+    killed gateway's snapshotter ends at once, even while it replays or encodes; the
+    parent check between steps covers other systems."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)       # 1 = PR_SET_PDEATHSIG
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -102,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
                        full=getattr(p, "full", False))
     p = sub.add_parser("snapshotter", help="follow the journal and store a snapshot every "
                                             "--every commands (`serve` starts one itself)")
-    p.add_argument("--redis-url", required=True)
+    p.add_argument("--redis-url", default=os.environ.get("MATCHER_REDIS_URL"),
+                   help="default: MATCHER_REDIS_URL (how `serve` passes it, out of `ps`)")
     p.add_argument("--shard", default="main")
-    p.add_argument("--every", type=int, default=100_000,
+    p.add_argument("--every", type=_positive, default=100_000,
                    help="commands between snapshots (the config's engine.snapshot_every)")
     p.add_argument("--poll", type=float, default=0.2, help="seconds between journal reads")
     p.add_argument("--parent", type=int, default=0,

@@ -445,8 +445,11 @@ async def last_seq(client: aioredis.Redis, keys: Keys) -> int:
 
 
 async def read_journal(client: aioredis.Redis, keys: Keys, after: int = 0,
-                       chunk: int = 200) -> AsyncIterator[list[wire.JournalEntry]]:
-    """The journal's commands with sequence numbers above `after`, batch by batch.
+                       chunk: int = 200, on_row: Callable[[bytes, bytes], None] | None = None,
+                       ) -> AsyncIterator[list[wire.JournalEntry]]:
+    """The journal's commands with sequence numbers above `after`, batch by batch;
+    `on_row(entry id, encoded batch)` hears of each stream entry before its batch is
+    handed out.
 
     The next chunk is requested before this one is handed out, so Redis prepares it
     while the caller applies.
@@ -459,7 +462,9 @@ async def read_journal(client: aioredis.Redis, keys: Keys, after: int = 0,
         ahead = asyncio.ensure_future(
             client.xrange(keys.journal, min=f"({rows[-1][0].decode()}", count=chunk))
         try:
-            for _entry_id, fields in rows:
+            for entry_id, fields in rows:
+                if on_row is not None:
+                    on_row(entry_id, fields[b"e"])
                 entries = wire.journal_decoder.decode(fields[b"e"])
                 yield [e for e in entries if e.seq > after] if entries[0].seq <= after \
                     else entries

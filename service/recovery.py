@@ -37,13 +37,15 @@ async def recover(client: aioredis.Redis, keys: Keys, names: Callable[[int], str
     return Recovered(engine, snapshot_seq, replayed, time.perf_counter() - start)
 
 
-async def catch_up(client: aioredis.Redis, keys: Keys, engine: Engine) -> int:
-    """Apply every journaled command after the engine's sequence number; how many."""
+async def catch_up(client: aioredis.Redis, keys: Keys, engine: Engine,
+                   on_row: Callable[[bytes, bytes], None] | None = None) -> int:
+    """Apply every journaled command after the engine's sequence number; how many.
+    `on_row` as for `read_journal`."""
     replayed = 0
     enabled = gc.isenabled()
     gc.disable()      # millions of small objects and no cycles: collection is pure cost
     try:
-        async for entries in read_journal(client, keys, after=engine.seq):
+        async for entries in read_journal(client, keys, after=engine.seq, on_row=on_row):
             for entry in entries:
                 if not engine.apply(entry, quiet=True).accepted:
                     raise RuntimeError(f"journal seq {entry.seq} is rejected on replay: the "

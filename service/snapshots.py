@@ -4,9 +4,9 @@ The snapshotter (`matcher snapshotter`, started and watched by `matcher serve`) 
 own engine: it recovers as the gateway does, then reads the journal as it grows and
 applies each command, the same deterministic code, so its state at a sequence number is
 the gateway's state at that number. Every `every` commands it encodes that state and
-stores it. The gateway's event loop never captures, encodes or forks (ADR 17): the fork
-of a 300 MB gateway and its copy-on-write stalled the loop for up to 340 ms a second
-(ADR 11, superseded).
+stores it. The gateway's event loop never captures or encodes a snapshot while it
+serves, and never forks (ADR 17): the fork of a 300 MB gateway and its copy-on-write
+stalled the loop for up to 340 ms a second (ADR 11, superseded).
 
 Every writer of the snapshot (the snapshotter, the gateway at shutdown, `matcher
 snapshot`) stores through one script that keeps the newest: a snapshot replaces the
@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
+import signal
+import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -46,23 +50,30 @@ STAGING_TTL_S = 600         # parts of a writer that died go away by themselves
 
 #: Publish the parts staged under KEYS[1] as the snapshot, if it is the newest.
 #: KEYS: staging, snapshot, snapshot-seq, journal. ARGV: the sequence number covered,
-#: the snapshot's length. 1: stored; 0: the stored one covers as much or more; -1: the
-#: journal ends before it; -2: parts are missing. The staging key is gone either way.
+#: the snapshot's length, and the id and SHA-1 of the last journal entry the state
+#: applied ("" to skip that check). 1: stored; 0: the stored one covers as much or more;
+#: -1: the journal ends before it; -2: parts are missing; -3: that journal entry is not
+#: the one the state applied (the journal lost it and moved on). The staging key is gone
+#: either way. A snapshot-seq without a snapshot, or unreadable, counts as none.
 _PUBLISH_IF_NEWER = """
 local seq = tonumber(ARGV[1])
-if redis.call('STRLEN', KEYS[1]) ~= tonumber(ARGV[2]) then
+local function refuse(code)
   redis.call('DEL', KEYS[1])
-  return -2
+  return code
 end
-local stored = tonumber(redis.call('GET', KEYS[3]) or '0')
-if stored >= seq then
-  redis.call('DEL', KEYS[1])
-  return 0
+if redis.call('STRLEN', KEYS[1]) ~= tonumber(ARGV[2]) then return refuse(-2) end
+local stored = 0
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  stored = tonumber(redis.call('GET', KEYS[3]) or '0') or 0
 end
+if stored >= seq then return refuse(0) end
 local last = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)
-if #last == 0 or tonumber(string.match(last[1][1], '^%d+')) < seq then
-  redis.call('DEL', KEYS[1])
-  return -1
+if #last == 0 or tonumber(string.match(last[1][1], '^%d+')) < seq then return refuse(-1) end
+if ARGV[3] ~= '' then
+  local row = redis.call('XRANGE', KEYS[4], ARGV[3], ARGV[3])
+  if #row == 0 or row[1][2][3] ~= 'e' or redis.sha1hex(row[1][2][4]) ~= ARGV[4] then
+    return refuse(-3)
+  end
 end
 redis.call('RENAME', KEYS[1], KEYS[2])
 redis.call('PERSIST', KEYS[2])
@@ -76,9 +87,24 @@ class SnapshotAhead(RuntimeError):
     recovery serve commands that were never durable."""
 
 
+class JournalDiverged(RuntimeError):
+    """The journal no longer holds an entry this state applied: Redis lost it and the
+    gateway journaled other commands in its place. The state must be rebuilt."""
+
+
+class SnapshotPartsLost(RedisError):
+    """Parts of a snapshot being written vanished (Redis restarted without them, or
+    they expired); a later attempt writes them all again."""
+
+
+Row = tuple[bytes, str]         # a journal entry's id and the SHA-1 of its batch
+
+
 async def store(client: aioredis.Redis, keys: Keys, engine: Engine, *,
-                part_bytes: int = PART_BYTES, pause_s: float = PART_PAUSE_S) -> bool:
+                applied: Row | None = None, part_bytes: int = PART_BYTES,
+                pause_s: float = PART_PAUSE_S) -> bool:
     """Store the engine's state if it is newer than the stored snapshot; False if not.
+    `applied`: the last journal entry the state applied, checked to be still there.
 
     The parts go to a key of this writer's own, which one script then renames over the
     snapshot: readers see the old snapshot or the new one, never a part of it.
@@ -88,21 +114,31 @@ async def store(client: aioredis.Redis, keys: Keys, engine: Engine, *,
         return False
     data = snapshot.dump(snapshot.capture(engine))
     staging = keys.snapshot_staging(uuid.uuid4().hex)
-    for offset in range(0, len(data), part_bytes):
-        part = data[offset:offset + part_bytes]
-        if offset == 0:
-            await client.set(staging, part, ex=STAGING_TTL_S)
-        else:
-            await client.append(staging, part)
-        if pause_s:
-            await asyncio.sleep(pause_s)
-    done = await client.eval(_PUBLISH_IF_NEWER, 4, staging, keys.snapshot,
-                             keys.snapshot_seq, keys.journal, seq, len(data))
+    try:
+        for offset in range(0, len(data), part_bytes):
+            part = data[offset:offset + part_bytes]
+            if offset == 0:
+                await client.set(staging, part, ex=STAGING_TTL_S)
+            else:
+                await client.append(staging, part)
+            if pause_s:
+                await asyncio.sleep(pause_s)
+        row_id, row_sha = applied if applied is not None else (b"", "")
+        done = await client.eval(_PUBLISH_IF_NEWER, 4, staging, keys.snapshot,
+                                 keys.snapshot_seq, keys.journal, seq, len(data),
+                                 row_id, row_sha)
+    except Exception:
+        with contextlib.suppress(Exception):     # else it expires
+            await client.delete(staging)
+        raise
     if done == -1:
         raise SnapshotAhead(f"a snapshot at seq {seq} is ahead of the journal")
     if done == -2:
-        raise RuntimeError(f"parts of the snapshot at seq {seq} were lost before it was "
-                           "published (Redis restarted, or they expired)")
+        raise SnapshotPartsLost(f"parts of the snapshot at seq {seq} were lost before it "
+                                "was published")
+    if done == -3:
+        raise JournalDiverged(f"the journal no longer holds entry {row_id.decode()} as the "
+                              f"snapshot at seq {seq} applied it")
     return bool(done)
 
 
@@ -110,6 +146,14 @@ async def stored_seq(client: aioredis.Redis, keys: Keys) -> int:
     """The sequence number the stored snapshot covers; 0 without one."""
     value = await client.get(keys.snapshot_seq)
     return int(value) if value else 0
+
+
+async def adopt(client: aioredis.Redis, keys: Keys, seq: int) -> None:
+    """Record `seq` as the stored snapshot's if nothing is recorded: a snapshot written
+    before `snapshot-seq` existed would otherwise count as none (and
+    `matcher_snapshot_seq` read 0) until the next one."""
+    if seq:
+        await client.set(keys.snapshot_seq, seq, nx=True)
 
 
 class Snapshotter:
@@ -128,6 +172,10 @@ class Snapshotter:
         self.poll_s = poll_s
         self.engine = Engine()
         self.stored = 0
+        self.applied: Row | None = None     # the last journal entry read into the engine
+
+    def _read(self, entry_id: bytes, batch: bytes) -> None:
+        self.applied = (entry_id, hashlib.sha1(batch).hexdigest())
 
     async def start(self) -> None:
         recovered = await recover(self.client, self.keys)
@@ -138,11 +186,18 @@ class Snapshotter:
                  recovered.seconds)
 
     async def step(self) -> bool:
-        """Read what the journal gained; store a snapshot if one is due. True if stored."""
-        await catch_up(self.client, self.keys, self.engine)
+        """Read what the journal gained; store a snapshot if one is due. True if stored.
+        Raises JournalDiverged when the journal no longer holds what was applied."""
+        if self.applied is not None:
+            entry_id, sha = self.applied
+            row: Any = await self.client.xrange(self.keys.journal, min=entry_id, max=entry_id)
+            if not row or hashlib.sha1(row[0][1][b"e"]).hexdigest() != sha:
+                raise JournalDiverged(f"the journal no longer holds entry "
+                                      f"{entry_id.decode()} as this snapshotter applied it")
+        await catch_up(self.client, self.keys, self.engine, on_row=self._read)
         if self.engine.seq - self.stored < self.every:
             return False
-        written = await store(self.client, self.keys, self.engine)
+        written = await store(self.client, self.keys, self.engine, applied=self.applied)
         # Not written: another writer stored a newer one (the gateway at shutdown).
         self.stored = self.engine.seq if written else await stored_seq(self.client, self.keys)
         if written:
@@ -153,15 +208,19 @@ class Snapshotter:
         return written
 
     async def run(self, alive: Callable[[], bool]) -> None:
-        """Step until `alive()` is false (the gateway that started it is gone)."""
-        failing = False
+        """Start and step until `alive()` is false (the gateway that started it is
+        gone), riding out Redis's restarts."""
+        started = failing = False
         while alive():
             try:
+                if not started:
+                    await self.start()
+                    started = True
                 await self.step()
                 if failing:
                     log.info("snapshotter: Redis is back")
                 failing = False
-            except (RedisError, OSError) as exc:   # Redis restarting: try again later
+            except (RedisError, OSError) as exc:
                 if not failing:
                     log.warning("snapshotter cannot reach Redis (%s: %s); retrying",
                                 type(exc).__name__, exc)
@@ -182,18 +241,19 @@ class SnapshotterProcess:
     seconds. The gateway does not depend on it: without snapshots recovery replays more
     of the journal, nothing else changes. So a crash is logged, counted
     (`matcher_snapshot_failures_total`) and followed by a restart, with a growing delay
-    while it keeps failing.
+    while it keeps failing. Started with `subprocess.Popen`, which uses vfork: uvloop's
+    own subprocess support forks, and a fork of the gateway is what ADR 17 removed.
     """
 
     def __init__(self, redis_url: str, keys: Keys, every: int, *, restart_delay: float = 1.0,
                  max_restart_delay: float = 30.0) -> None:
-        self.argv = [sys.executable, "-m", "service.cli", "snapshotter",
-                     "--redis-url", redis_url, "--shard", keys.shard,
+        self.argv = [sys.executable, "-m", "service.cli", "snapshotter", "--shard", keys.shard,
                      "--every", str(every), "--parent", str(os.getpid())]
+        self.env = dict(os.environ, MATCHER_REDIS_URL=redis_url)   # not in `ps`: passwords
         self.restart_delay = restart_delay
         self.max_restart_delay = max_restart_delay
-        self.process: asyncio.subprocess.Process | None = None
-        self.exits = 0                  # times it ended while the gateway ran
+        self.process: subprocess.Popen[bytes] | None = None
+        self.exits = 0                  # times it ended, or could not start, while we ran
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -204,13 +264,15 @@ class SnapshotterProcess:
         delay = self.restart_delay
         while True:
             started = time.monotonic()
-            self.process = await asyncio.create_subprocess_exec(*self.argv)
-            code = await self.process.wait()
+            try:
+                self.process = subprocess.Popen(self.argv, env=self.env)
+                code: int | str = await asyncio.to_thread(self.process.wait)
+            except OSError as exc:       # no memory or no pids left: try again later
+                code = f"{type(exc).__name__}: {exc}"
             self.exits += 1
             if time.monotonic() - started > 60:      # it had been working: retry soon
                 delay = self.restart_delay
-            log.error("the snapshotter exited (status %d); starting it again in %.0fs",
-                      code, delay)
+            log.error("the snapshotter ended (%s); starting it again in %.0fs", code, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.max_restart_delay)
 
@@ -218,14 +280,14 @@ class SnapshotterProcess:
         """End it (a snapshot it is storing is atomic: it lands whole or not at all)."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._task
         process = self.process
-        if process is None or process.returncode is not None:
+        if process is None or process.poll() is not None:
             return
-        process.terminate()
+        process.send_signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(process.wait(), timeout)
-        except TimeoutError:
+            await asyncio.to_thread(process.wait, timeout)
+        except subprocess.TimeoutExpired:
             process.kill()
-            await process.wait()
+            await asyncio.to_thread(process.wait)

@@ -29,13 +29,15 @@ from matcher.engine import Engine
 from service.journal import Keys, read_journal
 from service.localredis import LocalRedis, free_port
 from service.recovery import recover
+from service.snapshots import stored_seq
 from tests.conftest import PARTICIPANTS, SEGMENTS, ServerProcess, run, write_config
 
 KEYS = Keys("main")
 M = 1_000_000
 FUNDERS = (11, 12, 13)
 SMES = (21, 22)
-KILL_AFTER = 3000        # acknowledgements before the SIGKILL (snapshot_every is 1000)
+KILL_AFTER = 3000        # acknowledgements before the SIGKILL (snapshot_every is 1000),
+                         # and a snapshot stored by the snapshotter
 WINDOW = 40              # commands each client keeps in flight
 
 
@@ -178,9 +180,15 @@ def test_sigkill_under_load_loses_nothing_acknowledged(tmp_path: Path,
         total_acks, killed = [0], asyncio.Event()
         loader = asyncio.create_task(load(server.ws_url, clients, total_acks, killed))
         deadline = time.monotonic() + 30
-        while total_acks[0] < KILL_AFTER and time.monotonic() < deadline and not loader.done():
+        redis = aioredis.Redis.from_url(redis_server.url)
+        stored = 0
+        while ((total_acks[0] < KILL_AFTER or not stored) and time.monotonic() < deadline
+               and not loader.done()):
             await asyncio.sleep(0.001)
-        assert total_acks[0] >= KILL_AFTER, server.log.read_text()[-3000:]
+            if total_acks[0] >= KILL_AFTER:
+                stored = await stored_seq(redis, KEYS)
+        await redis.aclose()
+        assert total_acks[0] >= KILL_AFTER and stored, server.log.read_text()[-3000:]
         assert server.process is not None
         server.process.kill()                                   # SIGKILL, mid-load
         in_flight_at_kill = sum(len(c.sent) - len(c.answered) for c in clients)

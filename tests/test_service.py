@@ -1548,7 +1548,7 @@ def test_the_snapshotter_is_started_again_and_its_snapshots_reported(
         start_server: Callable[..., ServerProcess], monkeypatch: pytest.MonkeyPatch) -> None:
     """Snapshots come from a process beside the gateway; `matcher_snapshot_seq` follows
     what it stores, and when it dies it is counted and started again."""
-    monkeypatch.setenv("MATCHER_ENGINE_SNAPSHOT_EVERY", "5")
+    monkeypatch.setenv("MATCHER_ENGINE_SNAPSHOT_EVERY", "1")
     server = start_server()
     assert server.process is not None
     gateway = server.process.pid
@@ -1572,6 +1572,7 @@ def test_the_snapshotter_is_started_again_and_its_snapshots_reported(
 
     wait_for("no snapshotter started", lambda: len(_snapshotters(gateway)) == 1)
     first = _snapshotters(gateway)[0]
+    assert b"redis://" not in Path(f"/proc/{first}/cmdline").read_bytes()   # no password
     assert metric(server, "matcher_snapshot_failures_total", required=True) == 0
     run(bids_then_snapshot("a"))
     os.kill(first, signal.SIGKILL)

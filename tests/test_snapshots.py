@@ -19,7 +19,15 @@ from matcher import snapshot
 from matcher.engine import Engine
 from service.journal import Journal
 from service.localredis import LocalRedis
-from service.snapshots import SnapshotAhead, Snapshotter, store, stored_seq
+from service.snapshots import (
+    JournalDiverged,
+    SnapshotAhead,
+    SnapshotPartsLost,
+    Snapshotter,
+    adopt,
+    store,
+    stored_seq,
+)
 from tests.conftest import run
 from tests.test_journal import KEYS, opened, play
 
@@ -31,7 +39,7 @@ def stored_state(blob: bytes | None) -> tuple[int, str]:
 
 
 def test_a_snapshot_ahead_of_the_journal_is_refused(redis_server: LocalRedis) -> None:
-    async def scenario() -> tuple[int, int]:
+    async def scenario() -> tuple[int, int, int]:
         client = aioredis.Redis.from_url(redis_server.url)
         engine = Engine()
         journal = Journal(client, KEYS)          # not started: nothing is written yet
@@ -48,12 +56,16 @@ def test_a_snapshot_ahead_of_the_journal_is_refused(redis_server: LocalRedis) ->
         journal.start()
         await journal.flush()
         assert await store(client, KEYS, engine)
-        await journal.close()
         after = await stored_seq(client, KEYS)
+        engine.submit(1, "admin", wire.AddSegment(segment="T", core="C", tenor_days=30), 9)
+        with pytest.raises(SnapshotAhead, match="seq 6 is ahead"):   # journal ends at 5
+            await store(client, KEYS, engine)
+        await journal.close()
+        still = await stored_seq(client, KEYS)
         await client.aclose()
-        return nothing, after
+        return nothing, after, still
 
-    assert run(scenario()) == (0, 5)
+    assert run(scenario()) == (0, 5, 5)
 
 
 def test_the_snapshotter_stores_the_live_state_every_n_commands(
@@ -146,7 +158,7 @@ def test_a_snapshot_whose_parts_were_lost_is_not_published(redis_server: LocalRe
             return await real_append(key, value)
 
         client.append = lose_the_start   # type: ignore[method-assign]
-        with pytest.raises(RuntimeError, match="were lost before it was published"):
+        with pytest.raises(SnapshotPartsLost, match="were lost before it was published"):
             await store(client, KEYS, driver.engine, part_bytes=100, pause_s=0)
         assert calls > 3
         assert await client.get(KEYS.snapshot) is None
@@ -156,6 +168,55 @@ def test_a_snapshot_whose_parts_were_lost_is_not_published(redis_server: LocalRe
         await client.aclose()
 
     run(scenario())
+
+
+def test_a_journal_that_lost_what_was_applied_stops_the_snapshotter(
+        redis_server: LocalRedis) -> None:
+    """Redis lost the journal's tail and the gateway journaled other commands under the
+    same sequence numbers: a follower that applied the lost ones must not store its
+    state, nor read on as if nothing happened."""
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 8)
+        await play(driver, journal, 600)
+        follower = Snapshotter(client, KEYS, every=10**9)
+        await follower.start()
+        await play(driver, journal, 300)
+        await follower.step()                     # applied up to the journal's end
+        assert follower.applied is not None
+        entry_id, sha = follower.applied
+        with pytest.raises(JournalDiverged):      # the script checks it too
+            await store(client, KEYS, follower.engine, applied=(entry_id, "0" * 40))
+        assert await client.get(KEYS.snapshot) is None
+        assert await store(client, KEYS, follower.engine, applied=(entry_id, sha))
+        rows = await client.xrange(KEYS.journal)
+        await client.delete(KEYS.journal)          # the tail is lost...
+        for row_id, fields in rows[:-3]:
+            await client.xadd(KEYS.journal, fields, id=row_id)
+        other = dict(rows[-1][1])                  # ...and something else takes its place
+        other[b"e"] = rows[-2][1][b"e"]
+        await client.xadd(KEYS.journal, other, id=entry_id)
+        with pytest.raises(JournalDiverged, match=entry_id.decode()):
+            await follower.step()
+        await journal.close()
+        await client.aclose()
+
+    run(scenario())
+
+
+def test_a_snapshot_stored_before_snapshot_seq_existed_is_adopted(
+        redis_server: LocalRedis) -> None:
+    async def scenario() -> tuple[int, int, int]:
+        client = aioredis.Redis.from_url(redis_server.url)
+        await adopt(client, KEYS, 0)                  # nothing recovered: nothing recorded
+        none = await stored_seq(client, KEYS)
+        await adopt(client, KEYS, 1200)               # the old snapshot's own seq
+        adopted = await stored_seq(client, KEYS)
+        await adopt(client, KEYS, 900)                # never over what is recorded
+        kept = await stored_seq(client, KEYS)
+        await client.aclose()
+        return none, adopted, kept
+
+    assert run(scenario()) == (0, 1200, 1200)
 
 
 def _alive(pid: int) -> bool:
