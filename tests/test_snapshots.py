@@ -4,6 +4,7 @@ command the journal does not hold."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -201,6 +202,42 @@ def test_a_journal_that_lost_what_was_applied_stops_the_snapshotter(
         await client.aclose()
 
     run(scenario())
+
+
+def test_the_snapshotter_rides_out_a_redis_restart(
+        redis_server: LocalRedis, caplog: pytest.LogCaptureFixture) -> None:
+    """Redis goes away and comes back (with its data): the follower waits, then reads
+    on and stores, without exiting (an exit would be counted as a failure)."""
+    async def scenario() -> tuple[int, int, int]:
+        client, journal, driver = await opened(redis_server, 9)
+        await play(driver, journal, 400)
+        await journal.close()
+        follower = Snapshotter(client, KEYS, every=1, poll_s=0.05)
+        steps = 0
+
+        def alive() -> bool:
+            nonlocal steps
+            steps += 1
+            return follower.stored < driver.engine.seq and steps < 400
+
+        async def restart() -> None:
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(redis_server.start)
+
+        await asyncio.to_thread(redis_server.stop)     # down before it even starts
+        back = asyncio.create_task(restart())
+        await follower.run(alive)
+        await back
+        stored = await stored_seq(client, KEYS)
+        await client.aclose()
+        return stored, driver.engine.seq, steps
+
+    with caplog.at_level("INFO", logger="matcher.snapshots"):
+        stored, journaled, steps = run(scenario())
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("cannot reach Redis" in m for m in messages)
+    assert "snapshotter: Redis is back" in messages
+    assert stored == journaled > 0 and steps > 5
 
 
 def test_a_snapshot_stored_before_snapshot_seq_existed_is_adopted(
