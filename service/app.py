@@ -101,10 +101,12 @@ class Service:
         await adopt(self.client, keys, recovered.snapshot_seq)
         self.snapshot_seq = recovered.snapshot_seq
         self.metrics.seq = engine.seq
-        self.snapshotter = SnapshotterProcess(url, keys, cfg.engine.snapshot_every)
+        if cfg.engine.start_snapshotter:
+            self.snapshotter = SnapshotterProcess(url, keys, cfg.engine.snapshot_every)
         self._watch(self.gateway, self.snapshotter)
         await self._open_market(first_start=engine.seq == 0)
-        self.snapshotter.start()
+        if self.snapshotter is not None:
+            self.snapshotter.start()
         app = self._app()
         # aiohttp rounds timeouts of over 5 s up to a whole second, so the WebSocket
         # heartbeats of clients that connected together (all of them, after a restart)
@@ -128,7 +130,7 @@ class Service:
         self.ready = True
         log.info("serving on http://%s:%d (WebSocket at /ws)", cfg.server.host, self.port)
 
-    def _watch(self, gw: Gateway, snapshotter: SnapshotterProcess) -> None:
+    def _watch(self, gw: Gateway, snapshotter: SnapshotterProcess | None) -> None:
         """What /metrics reads from the journal and the snapshots when it is scraped."""
         journal = gw.journal
         m = self.metrics
@@ -142,7 +144,7 @@ class Service:
                          lambda: self.snapshot_seq)
         m.read_on_scrape("matcher_snapshot_failures", "Times the snapshotter process "
                          "ended while the gateway ran (it is started again)",
-                         lambda: snapshotter.exits, counter=True)
+                         lambda: snapshotter.exits if snapshotter else 0, counter=True)
 
     async def stop(self) -> None:
         """Finish in-flight writes, snapshot, close connections with 1001."""

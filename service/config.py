@@ -61,6 +61,9 @@ class RedisConfig(_Section):
 
 class EngineConfig(_Section):
     snapshot_every: Annotated[int, Meta(ge=1)] = 100_000
+    # Start `matcher snapshotter` beside the gateway. Off: run it elsewhere (another
+    # machine: it needs only Redis), or do without periodic snapshots.
+    start_snapshotter: bool = True
     end_of_day: Annotated[str, Meta(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")] = "16:30"
     timezone: str = "Asia/Shanghai"
 

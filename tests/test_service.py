@@ -1585,6 +1585,31 @@ def test_the_snapshotter_is_started_again_and_its_snapshots_reported(
     assert len(second) == 1 and not Path(f"/proc/{second[0]}").exists()  # ended and reaped
 
 
+def test_without_start_snapshotter_the_gateway_starts_none_and_still_snapshots_at_stop(
+        start_server: Callable[..., ServerProcess], monkeypatch: pytest.MonkeyPatch) -> None:
+    """For a snapshotter run elsewhere: none is started here, nothing counts as failed,
+    and SIGTERM still stores the final snapshot."""
+    monkeypatch.setenv("MATCHER_ENGINE_START_SNAPSHOTTER", "false")
+    monkeypatch.setenv("MATCHER_ENGINE_SNAPSHOT_EVERY", "1")
+    server = start_server()
+    assert server.process is not None
+
+    async def bids() -> None:
+        async with session(server, F11) as f11:
+            await f11.ok(line("DFM"))
+            await f11.ok(bid("x1", "DFM-30D", 250, 1_000_000))
+
+    run(bids())
+    time.sleep(1.5)             # a started snapshotter would have stored by now
+    assert _snapshotters(server.process.pid) == []
+    assert metric(server, "matcher_snapshot_seq", required=True) == 0
+    assert metric(server, "matcher_snapshot_failures_total", required=True) == 0
+    seq = metric(server, "matcher_sequence", required=True)
+    assert server.terminate() == 0
+    server.start()
+    assert metric(server, "matcher_snapshot_seq") == seq > 0
+
+
 def test_segments_lists_the_four_segments(server: ServerProcess) -> None:
     async def scenario() -> tuple[int, bytes]:
         async with session(server, F12) as f12:
