@@ -38,14 +38,16 @@ async def recover(client: aioredis.Redis, keys: Keys, names: Callable[[int], str
 
 
 async def catch_up(client: aioredis.Redis, keys: Keys, engine: Engine,
-                   on_row: Callable[[bytes, bytes], None] | None = None) -> int:
+                   on_row: Callable[[bytes, bytes], None] | None = None,
+                   chunk: int = 200) -> int:
     """Apply every journaled command after the engine's sequence number; how many.
-    `on_row` as for `read_journal`."""
+    `on_row` and `chunk` (journal entries per read) as for `read_journal`."""
     replayed = 0
     enabled = gc.isenabled()
     gc.disable()      # millions of small objects and no cycles: collection is pure cost
     try:
-        async for entries in read_journal(client, keys, after=engine.seq, on_row=on_row):
+        async for entries in read_journal(client, keys, after=engine.seq, chunk=chunk,
+                                          on_row=on_row):
             for entry in entries:
                 if not engine.apply(entry, quiet=True).accepted:
                     raise RuntimeError(f"journal seq {entry.seq} is rejected on replay: the "

@@ -47,6 +47,9 @@ log = logging.getLogger("matcher.snapshots")
 PART_BYTES = 128 * 1024
 PART_PAUSE_S = 0.002        # between parts: room for journal writes on their own
 STAGING_TTL_S = 600         # parts of a writer that died go away by themselves
+#: Journal entries per read while following. Redis builds a reply while journal writes
+#: wait; recovery's 200 (a few hundred kilobytes) is fine when nothing else runs.
+READ_CHUNK = 20
 
 #: Publish the parts staged under KEYS[1] as the snapshot, if it is the newest.
 #: KEYS: staging, snapshot, snapshot-seq, journal. ARGV: the sequence number covered,
@@ -194,7 +197,8 @@ class Snapshotter:
             if not row or hashlib.sha1(row[0][1][b"e"]).hexdigest() != sha:
                 raise JournalDiverged(f"the journal no longer holds entry "
                                       f"{entry_id.decode()} as this snapshotter applied it")
-        await catch_up(self.client, self.keys, self.engine, on_row=self._read)
+        await catch_up(self.client, self.keys, self.engine, on_row=self._read,
+                       chunk=READ_CHUNK)
         if self.engine.seq - self.stored < self.every:
             return False
         written = await store(self.client, self.keys, self.engine, applied=self.applied)
