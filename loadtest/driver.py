@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import sys
 import time
 import urllib.request
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -176,6 +178,7 @@ class Run:
         self.memory: list[list[float]] = []
         self._measure_wall_ns = 0
         self.server: dict[str, dict[str, Any] | None] = {}
+        self.cpu: dict[str, float] = {}
 
     def _segments(self) -> list[Segment]:
         with urllib.request.urlopen(f"{self.http}/v1/segments", timeout=10) as r:
@@ -192,6 +195,16 @@ class Run:
               measured: bool) -> None:
         self.outstanding += 1
         client.send(msg, intended_ns, measured)
+
+    async def _cpu(self) -> dict[str, float]:
+        redis = aioredis.Redis.from_url(self.redis_url)
+        try:
+            info: dict[str, Any] = await redis.info("cpu")
+        except (OSError, aioredis.RedisError):
+            info = {}
+        finally:
+            await redis.aclose()
+        return await asyncio.to_thread(cpu_seconds, self.http, self.redis_url, info)
 
     async def _await_acks(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -331,6 +344,7 @@ class Run:
             total = p.warmup_s + p.duration_s * len(self.steps)
             progress = asyncio.get_running_loop().create_task(self.progress(stop, total))
             buckets = await asyncio.to_thread(server_buckets, self.http)
+            cpu_before, cpu_start = await self._cpu(), time.monotonic()
             await self.offer()
             await self._await_acks(30)
             # Let the platform reader catch up with every fill the clients saw.
@@ -341,6 +355,8 @@ class Run:
             after = await asyncio.to_thread(server_buckets, self.http)
             self.server = {key: server_view(buckets.get(key, {}), after.get(key, {}))
                            for key in SERVER_HISTOGRAMS}
+            self.cpu = cpu_shares(cpu_before, await self._cpu(),
+                                  time.monotonic() - cpu_start)
             stop.set()
             await asyncio.gather(reader, memory, progress)
         finally:
@@ -383,6 +399,7 @@ class Run:
                     "limit_p99": p.max_lag_p99_ms, "ok": lag_ok},
             "reconciliation": recon,
             "memory": memory,
+            "cpu": self.cpu or None,
             **{key: self.server.get(key) for key in SERVER_HISTOGRAMS},
         }
 
@@ -393,6 +410,40 @@ def _metrics(http: str) -> str | None:
             return str(r.read().decode())
     except OSError:
         return None
+
+
+def cpu_seconds(http: str, redis_url: str, redis_info: dict[str, Any]) -> dict[str, float]:
+    """CPU seconds used so far by each process of the run that can be found: the
+    generator (this process), the server (its Prometheus metrics, so also when remote),
+    its Redis (`INFO cpu`, main process) and, on this machine, the snapshotter that
+    follows that Redis (named in its environment by `serve`, or on its command line)."""
+    out = {"generator": time.process_time()}
+    m = re.search(r"^process_cpu_seconds_total ([0-9.e+]+)$", _metrics(http) or "", re.M)
+    if m:
+        out["server"] = float(m.group(1))
+    if "used_cpu_user" in redis_info:
+        out["redis"] = float(redis_info["used_cpu_user"]) + float(redis_info["used_cpu_sys"])
+    tick, url = os.sysconf("SC_CLK_TCK"), redis_url.encode()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            if b"snapshotter" not in cmdline or (
+                    url not in cmdline and b"MATCHER_REDIS_URL=" + url + b"\0"
+                    not in (proc / "environ").read_bytes() + b"\0"):
+                continue
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out["snapshotter"] = out.get("snapshotter", 0.0) + \
+            (int(fields[11]) + int(fields[12])) / tick          # utime, stime
+    return out
+
+
+def cpu_shares(before: dict[str, float], after: dict[str, float],
+               seconds: float) -> dict[str, float]:
+    """Each process's share of one core between two `cpu_seconds` samples."""
+    return {name: round((after[name] - before[name]) / seconds, 4)
+            for name in after if name in before and seconds > 0}
 
 
 def server_rss(http: str) -> float | None:

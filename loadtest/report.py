@@ -26,6 +26,8 @@ Results = Mapping[str, Any]
 
 #: Measures in the order people read them: the server's answer, the trade, the platform.
 MEASURE_ORDER = ("ack", "ack_handled", "ask_fill", "platform")
+#: The processes whose CPU the report shows, in this order.
+CPU_ORDER = ("server", "redis", "generator", "snapshotter")
 #: Table columns: (heading, key in a measure summary).
 PERCENTILE_COLUMNS = (("p50", "p50"), ("p90", "p90"), ("p99", "p99"), ("p99.9", "p999"),
                       ("max", "max"))
@@ -284,6 +286,11 @@ def _facts(results: Results, problems: bool = False) -> list[tuple[str, str]]:
     memory = _memory_line(results)
     if memory is not None:
         facts.append(("memory", memory))
+    cpu: Mapping[str, Any] | None = results.get("cpu")
+    if cpu:
+        shares = "  ".join(f"{name} {100 * float(cpu[name]):.0f}%"
+                           for name in CPU_ORDER if name in cpu)
+        facts.append(("cpu", f"{shares}  (of one core, over the measured phase)"))
     realtime = (results.get("config") or {}).get("realtime_priority")
     if realtime:
         facts.append(("scheduling", f"SCHED_RR priority {realtime} (generator; with --serve "

@@ -175,10 +175,17 @@ class Snapshotter:
         self.poll_s = poll_s
         self.engine = Engine()
         self.stored = 0
-        self.applied: Row | None = None     # the last journal entry read into the engine
+        self._last: tuple[bytes, bytes] | None = None   # the last journal entry read
 
     def _read(self, entry_id: bytes, batch: bytes) -> None:
-        self.applied = (entry_id, hashlib.sha1(batch).hexdigest())
+        self._last = (entry_id, batch)        # hashed only when a snapshot needs it
+
+    @property
+    def applied(self) -> Row | None:
+        """The last journal entry read into the engine, as `store` checks it."""
+        if self._last is None:
+            return None
+        return self._last[0], hashlib.sha1(self._last[1]).hexdigest()
 
     async def start(self) -> None:
         recovered = await recover(self.client, self.keys)
@@ -191,10 +198,10 @@ class Snapshotter:
     async def step(self) -> bool:
         """Read what the journal gained; store a snapshot if one is due. True if stored.
         Raises JournalDiverged when the journal no longer holds what was applied."""
-        if self.applied is not None:
-            entry_id, sha = self.applied
+        if self._last is not None:
+            entry_id, batch = self._last
             row: Any = await self.client.xrange(self.keys.journal, min=entry_id, max=entry_id)
-            if not row or hashlib.sha1(row[0][1][b"e"]).hexdigest() != sha:
+            if not row or row[0][1][b"e"] != batch:
                 raise JournalDiverged(f"the journal no longer holds entry "
                                       f"{entry_id.decode()} as this snapshotter applied it")
         await catch_up(self.client, self.keys, self.engine, on_row=self._read,

@@ -36,6 +36,11 @@ def test_smoke_profile_reconciles_and_writes_its_report(
     journal = results["server_journal"]            # every batch of the run, timed
     assert 0 < journal["count"] <= recon["commands_sent"]
     assert 0 < journal["within_ms"][-1][1] <= 1
+    cpu = results["cpu"]                # each process's share of a core over the run
+    assert set(cpu) == {"server", "redis", "generator", "snapshotter"}, cpu
+    assert all(0 < cpu[name] < 2.5 for name in ("server", "redis", "generator")), cpu
+    assert 0 <= cpu["snapshotter"] < 1, cpu
+    assert "cpu " in proc.stdout
     for name in ("report.html", "latency.png", "timeline.png"):
         assert (out / name).stat().st_size > 1000, name
     html = (out / "report.html").read_text()

@@ -59,6 +59,7 @@ def fixed_results() -> dict[str, Any]:
                            "amount_platform": 123_456_789, "over_line": []},
         "memory": {"rss_start": 100_000_000, "rss_end": 120_000_000,
                    "samples": [[0, 100_000_000], [30, 110_000_000], [60, 120_000_000]]},
+        "cpu": {"generator": 0.4512, "snapshotter": 0.057, "server": 0.5204, "redis": 0.25},
     }
 
 
@@ -165,6 +166,8 @@ def test_summary_table_is_aligned_and_says_pass(tmp_path: Path) -> None:
     assert re.search(r"^reconciliation\s+PASS\s+sent 300,000\s+acks 300,000", table, re.M)
     assert "fills sme/funder/platform 5,000/5,000/5,000" in table
     assert re.search(r"^memory\s+server RSS 95.4 MiB -> 114.4 MiB\s+\(\+19.1 MiB\)", table, re.M)
+    assert re.search(r"^cpu\s+server 52%  redis 25%  generator 45%  snapshotter 6%  \(of one "
+                     r"core", table, re.M), table
     assert "capacity" not in table
     assert "server view" not in table           # an older run without the server's view
     assert lines[-1].split() == ["verdict", "PASS"]
