@@ -65,9 +65,9 @@ def _positive(text: str) -> int:
 
 
 def _snapshotter(args: argparse.Namespace) -> int:
-    # Below the gateway whatever its policy: it works for seconds on each snapshot and
-    # must never take a core from the commands (started by `serve`, it also inherits the
-    # normal policy: SCHED_RESET_ON_FORK).
+    # Below the gateway whatever its policy: it follows every command and encodes for
+    # seconds at each snapshot, and must never take a core from the commands (started by
+    # `serve`, it also gets the normal policy: SCHED_RESET_ON_FORK).
     os.nice(SNAPSHOTTER_NICE)
     gctune.tune()             # as the gateway; it collects after each snapshot
     if args.parent:
