@@ -100,6 +100,8 @@ class Service:
         self.gateway = Gateway(engine, journal, self.directory, cfg.limits, self.metrics)
         await adopt(self.client, keys, recovered.snapshot_seq)
         self.snapshot_seq = recovered.snapshot_seq
+        if recovered.replayed >= cfg.engine.snapshot_every:
+            await self._snapshot_now("after recovery")
         self.metrics.seq = engine.seq
         if cfg.engine.start_snapshotter:
             self.snapshotter = SnapshotterProcess(url, keys, cfg.engine.snapshot_every)
@@ -167,7 +169,7 @@ class Service:
                       "written are lost, and none of them was acknowledged",
                       type(exc).__name__, exc)
         else:
-            await self._final_snapshot(timeout)
+            await self._snapshot_now("at shutdown", timeout)
         await gw.close_all()
         await gw.journal.close()
         if self.runner is not None:
@@ -178,20 +180,25 @@ class Service:
             await asyncio.to_thread(self.local_redis.stop)
         self.stopped.set()
 
-    async def _final_snapshot(self, timeout: float) -> None:
-        """Store the state at shutdown (the loop may stall now), so a restart replays
-        nothing. Everything is journaled by now; a failure only makes recovery longer."""
+    async def _snapshot_now(self, when: str, timeout: float = 60.0) -> None:
+        """Store the state in this process, at the two moments a stall harms no one:
+        at shutdown, so a restart replays nothing, and after a recovery that replayed
+        a snapshot's worth of journal (a crash), before serving, so that neither a
+        second crash nor the snapshotter starting beside us replays it all again.
+        Everything is journaled by then; a failure only makes a recovery longer."""
         assert self.gateway is not None and self.client is not None
         seq = self.gateway.engine.seq
         try:
             if await asyncio.wait_for(store(self.client, self.keys, self.gateway.engine),
                                       timeout):
-                log.info("snapshot written at seq %d", seq)
+                self.snapshot_seq = seq
+                log.info("snapshot written at seq %d (%s)", seq, when)
             else:
                 log.info("the stored snapshot already covers seq %d", seq)
         except Exception as exc:        # the connections and the local Redis still close
-            log.warning("could not write the snapshot at seq %d (%s: %s); the next start "
-                        "replays more of the journal", seq, type(exc).__name__, exc)
+            log.warning("could not write the snapshot at seq %d %s (%s: %s); the next "
+                        "start replays more of the journal", seq, when,
+                        type(exc).__name__, exc)
 
     async def _follow_snapshots(self) -> None:
         """Read the stored snapshot's sequence number every second, for

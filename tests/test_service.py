@@ -1610,6 +1610,30 @@ def test_without_start_snapshotter_the_gateway_starts_none_and_still_snapshots_a
     assert metric(server, "matcher_snapshot_seq") == seq > 0
 
 
+def test_a_restart_that_replayed_a_snapshots_worth_stores_one_before_serving(
+        start_server: Callable[..., ServerProcess], monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a crash, the state is stored before the gateway serves, so a second crash,
+    or the snapshotter starting beside it, does not replay the same journal again."""
+    monkeypatch.setenv("MATCHER_ENGINE_START_SNAPSHOTTER", "false")   # only the gateway
+    monkeypatch.setenv("MATCHER_ENGINE_SNAPSHOT_EVERY", "5")
+    server = start_server()
+
+    async def bids() -> None:
+        async with session(server, F11) as f11:
+            await f11.ok(line("DFM"))
+            for n in range(6):
+                await f11.ok(bid(f"c{n}", "DFM-30D", 250 + n, 1_000_000))
+
+    run(bids())
+    time.sleep(0.5)                          # F11's cancel on disconnect is journaled
+    seq = metric(server, "matcher_sequence", required=True)
+    assert metric(server, "matcher_snapshot_seq", required=True) == 0
+    server.kill()                            # no snapshot at shutdown
+    server.start()                           # ready only once it is stored
+    assert metric(server, "matcher_snapshot_seq") == metric(server, "matcher_sequence") == seq
+    assert f"snapshot written at seq {int(seq)} (after recovery)" in server.log.read_text()
+
+
 def test_segments_lists_the_four_segments(server: ServerProcess) -> None:
     async def scenario() -> tuple[int, bytes]:
         async with session(server, F12) as f12:
