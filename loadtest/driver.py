@@ -20,6 +20,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 import redis.asyncio as aioredis
@@ -415,35 +416,43 @@ def _metrics(http: str) -> str | None:
 def cpu_seconds(http: str, redis_url: str, redis_info: dict[str, Any]) -> dict[str, float]:
     """CPU seconds used so far by each process of the run that can be found: the
     generator (this process), the server (its Prometheus metrics, so also when remote),
-    its Redis (`INFO cpu`, main process) and, on this machine, the snapshotter that
-    follows that Redis (named in its environment by `serve`, or on its command line)."""
+    its Redis (`INFO cpu`, main process) and, on this machine, each snapshotter that
+    follows a Redis on that port (`snapshotter/<pid>`)."""
     out = {"generator": time.process_time()}
     m = re.search(r"^process_cpu_seconds_total ([0-9.e+]+)$", _metrics(http) or "", re.M)
     if m:
         out["server"] = float(m.group(1))
     if "used_cpu_user" in redis_info:
         out["redis"] = float(redis_info["used_cpu_user"]) + float(redis_info["used_cpu_sys"])
-    tick, url = os.sysconf("SC_CLK_TCK"), redis_url.encode()
+    port, tick = urlsplit(redis_url).port or 6379, os.sysconf("SC_CLK_TCK")
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            cmdline = (proc / "cmdline").read_bytes()
-            if b"snapshotter" not in cmdline or (
-                    url not in cmdline and b"MATCHER_REDIS_URL=" + url + b"\0"
-                    not in (proc / "environ").read_bytes() + b"\0"):
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"snapshotter" not in args:
+                continue
+            env = (proc / "environ").read_bytes().split(b"\0")
+            urls = [a.split(b"=", 1)[1] for a in env if a.startswith(b"MATCHER_REDIS_URL=")]
+            urls += [args[i + 1] for i, a in enumerate(args[:-1]) if a == b"--redis-url"]
+            if not any((urlsplit(u.decode()).port or 6379) == port for u in urls):
                 continue
             fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+        except (OSError, ValueError):
             continue
-        out["snapshotter"] = out.get("snapshotter", 0.0) + \
-            (int(fields[11]) + int(fields[12])) / tick          # utime, stime
+        out[f"snapshotter/{proc.name}"] = (int(fields[11]) + int(fields[12])) / tick
     return out
 
 
 def cpu_shares(before: dict[str, float], after: dict[str, float],
                seconds: float) -> dict[str, float]:
-    """Each process's share of one core between two `cpu_seconds` samples."""
-    return {name: round((after[name] - before[name]) / seconds, 4)
-            for name in after if name in before and seconds > 0}
+    """Each process's share of one core between two `cpu_seconds` samples. Processes
+    are counted only if in both (a snapshotter that restarted between them is left
+    out); the snapshotters are added up as `snapshotter`."""
+    shares: dict[str, float] = {}
+    for key in after:
+        if key in before and seconds > 0:
+            name = key.split("/", 1)[0]
+            shares[name] = shares.get(name, 0.0) + (after[key] - before[key]) / seconds
+    return {name: round(share, 4) for name, share in shares.items()}
 
 
 def server_rss(http: str) -> float | None:

@@ -290,7 +290,8 @@ def _facts(results: Results, problems: bool = False) -> list[tuple[str, str]]:
     if cpu:
         shares = "  ".join(f"{name} {100 * float(cpu[name]):.0f}%"
                            for name in CPU_ORDER if name in cpu)
-        facts.append(("cpu", f"{shares}  (of one core, over the measured phase)"))
+        facts.append(("cpu", f"{shares}  (of one core, from the first command to the last "
+                                  "reply and fill read)"))
     realtime = (results.get("config") or {}).get("realtime_priority")
     if realtime:
         facts.append(("scheduling", f"SCHED_RR priority {realtime} (generator; with --serve "

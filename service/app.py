@@ -101,7 +101,7 @@ class Service:
         await adopt(self.client, keys, recovered.snapshot_seq)
         self.snapshot_seq = recovered.snapshot_seq
         if recovered.replayed >= cfg.engine.snapshot_every:
-            await self._snapshot_now("after recovery")
+            await self._snapshot_now("after recovery", cfg.server.shutdown_timeout)
         self.metrics.seq = engine.seq
         if cfg.engine.start_snapshotter:
             self.snapshotter = SnapshotterProcess(url, keys, cfg.engine.snapshot_every)
@@ -180,7 +180,7 @@ class Service:
             await asyncio.to_thread(self.local_redis.stop)
         self.stopped.set()
 
-    async def _snapshot_now(self, when: str, timeout: float = 60.0) -> None:
+    async def _snapshot_now(self, when: str, timeout: float) -> None:
         """Store the state in this process, at the two moments a stall harms no one:
         at shutdown, so a restart replays nothing, and after a recovery that replayed
         a snapshot's worth of journal (a crash), before serving, so that neither a

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import ctypes
 import logging
 import os
@@ -98,9 +97,15 @@ def die_with_parent() -> None:
     """Ask Linux to send SIGTERM when the parent ends (`prctl(PR_SET_PDEATHSIG)`), so a
     killed gateway's snapshotter ends at once, even while it replays or encodes; the
     parent check between steps covers other systems."""
-    with contextlib.suppress(OSError, AttributeError):
+    try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)       # 1 = PR_SET_PDEATHSIG
+        failed = libc.prctl(1, signal.SIGTERM, 0, 0, 0) != 0     # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):       # no libc or no prctl: not Linux
+        failed = True
+    if failed:
+        log.warning("snapshotter: cannot ask to end with the gateway (prctl: %s); it ends "
+                    "within a poll of the gateway's end instead",
+                    os.strerror(ctypes.get_errno()) or "unavailable")
 
 
 def _serve(args: argparse.Namespace) -> int:

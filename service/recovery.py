@@ -28,12 +28,14 @@ class Recovered:
 
 
 async def recover(client: aioredis.Redis, keys: Keys, names: Callable[[int], str] = str,
-                  *, use_snapshot: bool = True) -> Recovered:
+                  *, use_snapshot: bool = True,
+                  on_row: Callable[[bytes, bytes], None] | None = None) -> Recovered:
+    """The engine as of the journal's end. `on_row` as for `read_journal`."""
     start = time.perf_counter()
     data: bytes | None = await client.get(keys.snapshot) if use_snapshot else None  # type: ignore[assignment]
     engine = snapshot.restore(snapshot.load(data), names) if data else Engine(names=names)
     snapshot_seq = engine.seq
-    replayed = await catch_up(client, keys, engine)
+    replayed = await catch_up(client, keys, engine, on_row=on_row)
     return Recovered(engine, snapshot_seq, replayed, time.perf_counter() - start)
 
 

@@ -146,9 +146,17 @@ async def store(client: aioredis.Redis, keys: Keys, engine: Engine, *,
 
 
 async def stored_seq(client: aioredis.Redis, keys: Keys) -> int:
-    """The sequence number the stored snapshot covers; 0 without one."""
-    value = await client.get(keys.snapshot_seq)
-    return int(value) if value else 0
+    """The sequence number the stored snapshot covers; 0 without one (also when only
+    `snapshot-seq` is left, the snapshot deleted by hand or evicted), as the publishing
+    script counts it."""
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.exists(keys.snapshot)
+        pipe.get(keys.snapshot_seq)
+        exists, value = await pipe.execute()
+    try:
+        return int(value) if exists and value else 0
+    except ValueError:
+        return 0
 
 
 async def adopt(client: aioredis.Redis, keys: Keys, seq: int) -> None:
@@ -188,8 +196,15 @@ class Snapshotter:
         return self._last[0], hashlib.sha1(self._last[1]).hexdigest()
 
     async def start(self) -> None:
-        recovered = await recover(self.client, self.keys)
+        recovered = await recover(self.client, self.keys, on_row=self._read)
         self.engine = recovered.engine
+        if self._last is None and self.engine.seq:
+            # Nothing replayed: the state is the snapshot's. The entry that ends at its
+            # seq is what a later divergence would change.
+            rows: Any = await self.client.xrange(self.keys.journal,
+                                                 min=f"{self.engine.seq}-0", count=1)
+            if rows:
+                self._read(rows[0][0], rows[0][1][b"e"])
         self.stored = max(recovered.snapshot_seq, await stored_seq(self.client, self.keys))
         log.info("snapshotter at seq %d (snapshot at %d, %d commands replayed in %.2fs)",
                  self.engine.seq, recovered.snapshot_seq, recovered.replayed,
@@ -276,7 +291,9 @@ class SnapshotterProcess:
         while True:
             started = time.monotonic()
             try:
-                self.process = subprocess.Popen(self.argv, env=self.env)
+                # Its own process group: a Ctrl-C at the terminal is the gateway's to
+                # handle (it then ends this one), even while this one is importing.
+                self.process = subprocess.Popen(self.argv, env=self.env, process_group=0)
                 code: int | str = await asyncio.to_thread(self.process.wait)
             except OSError as exc:       # no memory or no pids left: try again later
                 code = f"{type(exc).__name__}: {exc}"

@@ -1528,6 +1528,20 @@ def test_metrics_show_a_journal_that_cannot_write_and_its_recovery(
     assert metric(server, "matcher_sequence") == seq
 
 
+def settled_sequence(server: ServerProcess, quiet_s: float = 0.5) -> float:
+    """`matcher_sequence` once nothing is waiting for the journal and it has not moved
+    for `quiet_s` (a cancel on disconnect lands a moment after the close)."""
+    deadline = time.monotonic() + 15
+    last = metric(server, "matcher_sequence", required=True)
+    while True:
+        time.sleep(quiet_s)
+        now = metric(server, "matcher_sequence")
+        if now == last and metric(server, "matcher_journal_backlog") == 0:
+            return now
+        assert time.monotonic() < deadline, "the sequence never settled"
+        last = now
+
+
 def _snapshotters(gateway: int) -> list[int]:
     """The running `matcher snapshotter` children of the gateway process."""
     found = []
@@ -1600,11 +1614,11 @@ def test_without_start_snapshotter_the_gateway_starts_none_and_still_snapshots_a
             await f11.ok(bid("x1", "DFM-30D", 250, 1_000_000))
 
     run(bids())
+    seq = settled_sequence(server)      # F11's cancel on disconnect included
     time.sleep(1.5)             # a started snapshotter would have stored by now
     assert _snapshotters(server.process.pid) == []
     assert metric(server, "matcher_snapshot_seq", required=True) == 0
     assert metric(server, "matcher_snapshot_failures_total", required=True) == 0
-    seq = metric(server, "matcher_sequence", required=True)
     assert server.terminate() == 0
     server.start()
     assert metric(server, "matcher_snapshot_seq") == seq > 0
@@ -1625,8 +1639,7 @@ def test_a_restart_that_replayed_a_snapshots_worth_stores_one_before_serving(
                 await f11.ok(bid(f"c{n}", "DFM-30D", 250 + n, 1_000_000))
 
     run(bids())
-    time.sleep(0.5)                          # F11's cancel on disconnect is journaled
-    seq = metric(server, "matcher_sequence", required=True)
+    seq = settled_sequence(server)           # F11's cancel on disconnect included
     assert metric(server, "matcher_snapshot_seq", required=True) == 0
     server.kill()                            # no snapshot at shutdown
     server.start()                           # ready only once it is stored

@@ -240,16 +240,48 @@ def test_the_snapshotter_rides_out_a_redis_restart(
     assert stored == journaled > 0 and steps > 5
 
 
+@pytest.mark.parametrize("from_snapshot", [False, True])
+def test_a_journal_that_diverged_before_the_first_read_stops_the_snapshotter(
+        redis_server: LocalRedis, from_snapshot: bool) -> None:
+    """The same as above, with the divergence between the follower's start (replaying
+    the journal, or only loading a snapshot) and its first read."""
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 10)
+        await play(driver, journal, 600)
+        if from_snapshot:
+            assert await store(client, KEYS, driver.engine)
+        follower = Snapshotter(client, KEYS, every=10**9)
+        await follower.start()
+        assert follower.engine.seq == driver.engine.seq
+        rows = await client.xrange(KEYS.journal)
+        await client.delete(KEYS.journal)
+        for row_id, fields in rows[:-3]:
+            await client.xadd(KEYS.journal, fields, id=row_id)
+        other = dict(rows[-1][1])
+        other[b"e"] = rows[-2][1][b"e"]
+        await client.xadd(KEYS.journal, other, id=rows[-1][0])
+        with pytest.raises(JournalDiverged):
+            await follower.step()
+        await journal.close()
+        await client.aclose()
+
+    run(scenario())
+
+
 def test_a_snapshot_stored_before_snapshot_seq_existed_is_adopted(
         redis_server: LocalRedis) -> None:
     async def scenario() -> tuple[int, int, int]:
         client = aioredis.Redis.from_url(redis_server.url)
         await adopt(client, KEYS, 0)                  # nothing recovered: nothing recorded
         none = await stored_seq(client, KEYS)
+        await client.set(KEYS.snapshot, b"an old snapshot")
+        assert await stored_seq(client, KEYS) == 0     # not recorded yet
         await adopt(client, KEYS, 1200)               # the old snapshot's own seq
         adopted = await stored_seq(client, KEYS)
         await adopt(client, KEYS, 900)                # never over what is recorded
         kept = await stored_seq(client, KEYS)
+        await client.delete(KEYS.snapshot)            # deleted by hand, or evicted
+        assert await stored_seq(client, KEYS) == 0     # a seq alone counts as none
         await client.aclose()
         return none, adopted, kept
 
