@@ -201,24 +201,23 @@ class Snapshotter:
         if self._last is None and self.engine.seq:
             # Nothing replayed: the state is the snapshot's. The entry that ends at its
             # seq is what a later divergence would change.
-            rows: Any = await self.client.xrange(self.keys.journal,
-                                                 min=f"{self.engine.seq}-0", count=1)
-            if rows:
-                self._read(rows[0][0], rows[0][1][b"e"])
+            self._last = await self._entry_from(b"%d-0" % self.engine.seq)
         self.stored = max(recovered.snapshot_seq, await stored_seq(self.client, self.keys))
         log.info("snapshotter at seq %d (snapshot at %d, %d commands replayed in %.2fs)",
                  self.engine.seq, recovered.snapshot_seq, recovered.replayed,
                  recovered.seconds)
 
+    async def _entry_from(self, entry_id: bytes) -> tuple[bytes, bytes] | None:
+        """The journal's first entry at or after `entry_id`: its id and its batch."""
+        rows: Any = await self.client.xrange(self.keys.journal, min=entry_id, count=1)
+        return (rows[0][0], rows[0][1][b"e"]) if rows else None
+
     async def step(self) -> bool:
         """Read what the journal gained; store a snapshot if one is due. True if stored.
         Raises JournalDiverged when the journal no longer holds what was applied."""
-        if self._last is not None:
-            entry_id, batch = self._last
-            row: Any = await self.client.xrange(self.keys.journal, min=entry_id, max=entry_id)
-            if not row or row[0][1][b"e"] != batch:
-                raise JournalDiverged(f"the journal no longer holds entry "
-                                      f"{entry_id.decode()} as this snapshotter applied it")
+        if self._last is not None and await self._entry_from(self._last[0]) != self._last:
+            raise JournalDiverged(f"the journal no longer holds entry "
+                                  f"{self._last[0].decode()} as this snapshotter applied it")
         await catch_up(self.client, self.keys, self.engine, on_row=self._read,
                        chunk=READ_CHUNK)
         if self.engine.seq - self.stored < self.every:

@@ -171,6 +171,19 @@ def test_a_snapshot_whose_parts_were_lost_is_not_published(redis_server: LocalRe
     run(scenario())
 
 
+async def _lose_the_tail(client: aioredis.Redis) -> bytes:
+    """Redis lost the journal's last three entries, and the gateway journaled another
+    batch under the last one's id; that id."""
+    rows = await client.xrange(KEYS.journal)
+    await client.delete(KEYS.journal)
+    for row_id, fields in rows[:-3]:
+        await client.xadd(KEYS.journal, fields, id=row_id)
+    other = dict(rows[-1][1])
+    other[b"e"] = rows[-2][1][b"e"]
+    await client.xadd(KEYS.journal, other, id=rows[-1][0])
+    return bytes(rows[-1][0])
+
+
 def test_a_journal_that_lost_what_was_applied_stops_the_snapshotter(
         redis_server: LocalRedis) -> None:
     """Redis lost the journal's tail and the gateway journaled other commands under the
@@ -189,13 +202,7 @@ def test_a_journal_that_lost_what_was_applied_stops_the_snapshotter(
             await store(client, KEYS, follower.engine, applied=(entry_id, "0" * 40))
         assert await client.get(KEYS.snapshot) is None
         assert await store(client, KEYS, follower.engine, applied=(entry_id, sha))
-        rows = await client.xrange(KEYS.journal)
-        await client.delete(KEYS.journal)          # the tail is lost...
-        for row_id, fields in rows[:-3]:
-            await client.xadd(KEYS.journal, fields, id=row_id)
-        other = dict(rows[-1][1])                  # ...and something else takes its place
-        other[b"e"] = rows[-2][1][b"e"]
-        await client.xadd(KEYS.journal, other, id=entry_id)
+        assert await _lose_the_tail(client) == entry_id
         with pytest.raises(JournalDiverged, match=entry_id.decode()):
             await follower.step()
         await journal.close()
@@ -253,13 +260,7 @@ def test_a_journal_that_diverged_before_the_first_read_stops_the_snapshotter(
         follower = Snapshotter(client, KEYS, every=10**9)
         await follower.start()
         assert follower.engine.seq == driver.engine.seq
-        rows = await client.xrange(KEYS.journal)
-        await client.delete(KEYS.journal)
-        for row_id, fields in rows[:-3]:
-            await client.xadd(KEYS.journal, fields, id=row_id)
-        other = dict(rows[-1][1])
-        other[b"e"] = rows[-2][1][b"e"]
-        await client.xadd(KEYS.journal, other, id=rows[-1][0])
+        await _lose_the_tail(client)
         with pytest.raises(JournalDiverged):
             await follower.step()
         await journal.close()
