@@ -433,13 +433,8 @@ class Engine:
             rate_bps=fill.rate_bps, amount=fill.amount)
         out.trades.append(trade)
         funder_name = self._names(fill.funder)
-        for order in (bid, ask):
-            out.replies.append((order.owner, wire.Fill(
-                trade_id=trade.trade_id, seq=entry.seq, ts=entry.ts, segment=seg.id,
-                core=seg.core, tenor_days=seg.tenor_days, funder=fill.funder,
-                funder_name=funder_name, sme=fill.sme, rate_bps=fill.rate_bps,
-                amount=fill.amount, side=order.side, client_id=order.client_id,
-                order_id=order.order_id)))
+        out.replies.append((bid.owner, wire.fill_of(trade, "bid", funder_name)))
+        out.replies.append((ask.owner, wire.fill_of(trade, "ask", funder_name)))
 
     def _end(self, order: OrderInfo, reason: wire.DoneReason, out: Outcome) -> None:
         done = wire.Done(client_id=order.client_id, order_id=order.order_id, reason=reason,

@@ -33,6 +33,12 @@ Amount = Annotated[int, Meta(ge=1, le=MAX_AMOUNT)]
 Rate = Annotated[int, Meta(ge=0, le=MAX_RATE_CAP)]
 MinTicket = Annotated[int, Meta(ge=0, le=MAX_AMOUNT)]
 LineAmount = Annotated[int, Meta(ge=0, le=MAX_LINE)]
+TradeId = Annotated[str, Meta(max_length=39, pattern=r"^[0-9]{1,19}-[0-9]{1,19}$")]
+"""A trade id, `"<seq>-<n>"` (also its fill-stream entry id); 19 digits each at most,
+so that every one is a valid stream id and has a successor."""
+#: The most fills one `fills` request may ask for: a page is read in one Redis script,
+#: which holds Redis (and so every journal write) while it runs.
+MAX_FILLS_PAGE = 200
 Tif = Literal["gtc", "day", "ioc", "fok"]
 Role = Literal["funder", "sme", "platform", "admin"]
 
@@ -126,6 +132,20 @@ class StatusRequest(_Message, tag="status"):
     """One's own resting orders and, for a funder, credit lines: answered with `status`."""
 
 
+class FillsRequest(_Message, tag="fills"):
+    """One's own fills from Redis, answered with `fills`: what a client that was away
+    missed.
+
+    With `after` (a trade id, `"0-0"` for the first of all), the next `limit` fills after
+    it, oldest first; without, the newest `limit`, oldest first. Only durable fills are
+    listed; a fill can come both live and in a page, once each, with the same trade id.
+    """
+
+    after: TradeId | None = None
+    limit: Annotated[int, Meta(ge=1, le=MAX_FILLS_PAGE)] = 50
+    ref: Name | None = None
+
+
 class Auth(_Message, tag="auth"):
     """Authenticate a connection with an API key (for clients that cannot set headers)."""
 
@@ -145,7 +165,7 @@ class Unsubscribe(_Message, tag="unsubscribe"):
 
 ClientMessage = (
     Bid | Ask | Cancel | CancelAll | Amend | SetCreditLine | AddSegment | EndOfDay
-    | QuoteRequest | StatusRequest | Auth | Subscribe | Unsubscribe
+    | QuoteRequest | StatusRequest | FillsRequest | Auth | Subscribe | Unsubscribe
 )
 
 
@@ -273,6 +293,19 @@ class Status(_Event, tag="status"):
     lines: list[LineStatus]
 
 
+class FillPage(_Event, tag="fills"):
+    """The answer to `fills`: one's own fills, oldest first.
+
+    `more` says whether fills after the last one listed exist already; `next` is the
+    `after` to ask for them with (the last trade id read, null when none was).
+    """
+
+    fills: list[Fill]
+    more: bool
+    next: str | None
+    ref: str | None = None
+
+
 class Error(_Event, tag="error"):
     """A message the gateway could not take (malformed, not allowed); nothing changed.
 
@@ -334,10 +367,22 @@ class Trade(_Event, tag="trade"):
     amount: int
 
 
-Event = (Accepted | Rejected | Fill | Done | Quote | BookUpdate | Status | Error | Welcome
-         | Trade)
+Event = (Accepted | Rejected | Fill | Done | Quote | BookUpdate | Status | FillPage | Error
+         | Welcome | Trade)
 
 json_decoder = msgspec.json.Decoder(ClientMessage)
 json_encoder = msgspec.json.Encoder()
 journal_encoder = msgspec.msgpack.Encoder()
 journal_decoder = msgspec.msgpack.Decoder(list[JournalEntry])
+
+
+def fill_of(trade: Trade, side: Literal["bid", "ask"], funder_name: str) -> Fill:
+    """The trade as its funder (`bid`) or its SME (`ask`) is told of it."""
+    bid = side == "bid"
+    return Fill(
+        trade_id=trade.trade_id, seq=trade.seq, ts=trade.ts, segment=trade.segment,
+        core=trade.core, tenor_days=trade.tenor_days, funder=trade.funder,
+        funder_name=funder_name, sme=trade.sme, rate_bps=trade.rate_bps,
+        amount=trade.amount, side=side,
+        client_id=trade.bid_client_id if bid else trade.ask_client_id,
+        order_id=trade.bid_order_id if bid else trade.ask_order_id)

@@ -31,7 +31,7 @@ from matcher import protocol as wire
 from matcher.participants import Directory, Participant
 from service import gctune
 from service.config import Config
-from service.gateway import CLOSE_UNAUTHORIZED, Gateway, system
+from service.gateway import CLOSE_UNAUTHORIZED, Gateway, decode_error, fills_refused, system
 from service.journal import Journal, Keys
 from service.localredis import LocalRedis, free_port
 from service.metrics import Metrics
@@ -325,6 +325,7 @@ class Service:
             web.get("/metrics", self._metrics),
             web.get("/v1/segments", self._segments),
             web.get("/v1/segments/{segment}/quote", self._rest_quote),
+            web.get("/v1/fills", self._rest_fills),
         ])
         if STATIC.is_dir():
             app.router.add_get("/", self._index)
@@ -363,17 +364,47 @@ class Service:
         assert gw is not None
         segment = request.match_info["segment"]
         if segment not in gw.engine.books:
-            return _json_error(404, "unknown_segment", f"no segment {segment!r}", "segment")
+            return _json_error(404, "unknown_segment", f"no segment {segment!r}", "$.segment")
         try:
             req = wire.QuoteRequest(
                 segment=segment, amount=_int_param(request, "amount"),
                 single_funder=request.query.get("single_funder", "false") in ("1", "true"))
             req = wire.json_decoder.decode(wire.json_encoder.encode(req))  # checks bounds
         except (ValueError, msgspec.ValidationError) as exc:
-            return _json_error(400, "invalid", str(exc), "amount")
+            return _json_error(400, "invalid", str(exc), "$.amount")
         assert isinstance(req, wire.QuoteRequest)
         return web.Response(body=wire.json_encoder.encode(gw.engine.quote(req)),
                             content_type="application/json")
+
+    async def _rest_fills(self, request: web.Request) -> web.Response:
+        """`fills` over HTTP, for an SME platform's back office: the key as a bearer token."""
+        gw = self.gateway
+        assert gw is not None
+        header = request.headers.get("Authorization", "")
+        who = gw.authenticate(header[7:].strip()) if header.startswith("Bearer ") else None
+        if who is None:
+            return _json_error(401, "unauthorized", "a valid API key is required as "
+                               "'Authorization: Bearer <key>'", None)
+        refused = fills_refused(who)
+        if refused is not None:
+            return web.Response(status=403, content_type="application/json",
+                                body=wire.json_encoder.encode(refused))
+        query: dict[str, str | int] = {"type": "fills"}
+        if "after" in request.query:
+            query["after"] = request.query["after"]
+        if "limit" in request.query:
+            limit = request.query["limit"]
+            query["limit"] = int(limit) if limit.isdigit() else limit
+        try:
+            req = wire.json_decoder.decode(wire.json_encoder.encode(query))
+        except msgspec.ValidationError as exc:
+            return _json_error(400, "invalid", str(exc), decode_error(exc, b"").path)
+        assert isinstance(req, wire.FillsRequest)
+        try:
+            page = await gw.fill_page(who, req)
+        except (RedisError, OSError) as exc:
+            return _json_error(503, "unavailable", f"fills cannot be read now: {exc}", None)
+        return web.Response(body=wire.json_encoder.encode(page), content_type="application/json")
 
     async def _ws(self, request: web.Request) -> web.WebSocketResponse:
         gw = self.gateway
@@ -433,10 +464,10 @@ def _int_param(request: web.Request, name: str) -> int:
     return int(value)
 
 
-def _json_error(status: int, code: str, message: str, path: str) -> web.Response:
+def _json_error(status: int, code: str, message: str, path: str | None) -> web.Response:
     return web.Response(status=status, content_type="application/json",
                         body=wire.json_encoder.encode(wire.Error(code=code, message=message,
-                                                                 path=f"$.{path}")))
+                                                                 path=path)))
 
 
 async def serve(config: Config) -> int:

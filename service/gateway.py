@@ -3,9 +3,10 @@
 Single-threaded on the event loop: a command is decoded, applied by the engine and queued
 for the journal in one go, without awaiting, so matching never waits on I/O and commands
 keep their arrival order. Replies of an accepted command are held until the journal write
-that holds it returns; rejections and quotes change nothing and go out at once. Every
-connection has a bounded outbox drained by its own writer task: a client that cannot
-keep up is closed (4408) instead of slowing the market or its neighbours.
+that holds it returns; rejections and quotes change nothing and go out at once; a page
+of one's own fills goes out when Redis has read it. Every connection's outbox is bounded
+(see `Connection`): a client that cannot keep up is closed (4408) instead of slowing the
+market or its neighbours.
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ import time
 from collections import deque
 from collections.abc import Callable
 from functools import partial
-from typing import cast
+from typing import Literal, cast
 
 import msgspec
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from matcher import protocol as wire
 from matcher.engine import Engine, Outcome
 from matcher.participants import SYSTEM, Directory, Participant
 from service.config import LimitsConfig
+from service.history import FillHistory
 from service.journal import Journal
 from service.metrics import Metrics
 
@@ -166,6 +169,8 @@ class Gateway:
         self._last_fills: dict[str, deque[tuple[int, int]]] = {}   # rate, amount; public
         self._book_due: set[str] = set()
         self._encode = wire.json_encoder.encode
+        self.history = FillHistory(journal.client, journal.keys)
+        self._reading: set[asyncio.Task[None]] = set()     # fill pages being read
 
     # --- commands ---
 
@@ -350,6 +355,8 @@ class Gateway:
             self._quote(conn, msg)
         elif isinstance(msg, wire.StatusRequest):
             conn.send(self._encode(self.engine.status(who.id)))
+        elif isinstance(msg, wire.FillsRequest):
+            self._fills(conn, msg)
         elif isinstance(msg, wire.Subscribe | wire.Unsubscribe):
             self._subscribe(conn, msg)
         elif isinstance(msg, wire.Auth):
@@ -369,6 +376,36 @@ class Gateway:
             return
         self.metrics.quotes += 1
         conn.send(self._encode(self.engine.quote(req)))
+
+    def _fills(self, conn: Connection, req: wire.FillsRequest) -> None:
+        """Answered when Redis has read the page: the connection's later messages need
+        not wait for it, and live fills keep coming meanwhile (a client tells the two
+        apart by trade id)."""
+        refused = fills_refused(conn.participant)
+        if refused is not None:
+            self._error(conn, refused)
+            return
+        task = asyncio.get_running_loop().create_task(self._send_fills(conn, req))
+        self._reading.add(task)
+        task.add_done_callback(self._reading.discard)
+
+    async def _send_fills(self, conn: Connection, req: wire.FillsRequest) -> None:
+        try:
+            page = await self.fill_page(conn.participant, req)
+        except (RedisError, OSError) as exc:
+            self._error(conn, wire.Error(code="unavailable", path=None,
+                                         message=f"fills cannot be read now: {exc}"))
+            return
+        conn.send(self._encode(page))
+
+    async def fill_page(self, who: Participant, req: wire.FillsRequest) -> wire.FillPage:
+        """A page of the participant's own durable fills (a funder or an SME only)."""
+        page = await self.history.page(who.id, req.after, req.limit)
+        side: Literal["bid", "ask"] = "bid" if who.role == "funder" else "ask"
+        self.metrics.fill_pages += 1
+        return wire.FillPage(
+            fills=[wire.fill_of(t, side, self.directory.name(t.funder)) for t in page.trades],
+            more=page.more, next=page.next, ref=req.ref)
 
     def _subscribe(self, conn: Connection, msg: wire.Subscribe | wire.Unsubscribe) -> None:
         for i, segment in enumerate(msg.segments):
@@ -399,6 +436,15 @@ class Gateway:
             for conn in list(conns):
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await conn.close(CLOSE_GOING_AWAY, "server shutting down")
+
+
+def fills_refused(who: Participant) -> wire.Error | None:
+    """Only funders and SMEs have fills of their own to read back."""
+    if who.role in ("funder", "sme"):
+        return None
+    return wire.Error(code="forbidden", path="$.type",
+                      message="only funders and SMEs read their own fills; the platform "
+                              "reads the fill stream")
 
 
 def system() -> Participant:

@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -59,6 +60,10 @@ class Keys:
     def fills(self) -> str:
         return f"matcher:{{{self.shard}}}:fills"
 
+    def fills_of(self, participant: int) -> str:
+        """The ids of one participant's trades, in order: its index into `fills`."""
+        return f"matcher:{{{self.shard}}}:fills-of:{participant}"
+
     @property
     def snapshot(self) -> str:
         return f"matcher:{{{self.shard}}}:snapshot"
@@ -78,25 +83,40 @@ def trade_fields(trade: wire.Trade) -> dict[str, str | int]:
     return {f: getattr(trade, f) for f in trade.__struct_fields__}
 
 
+def decode_trade(fields: dict[bytes, bytes]) -> wire.Trade:
+    """A fill-stream entry (the flat string fields of `trade_fields`) back into a Trade."""
+    return msgspec.convert({k.decode(): v.decode() for k, v in fields.items()}, wire.Trade,
+                           strict=False)
+
+
 #: One write of the journal, atomic in Redis (a script runs alone, and its effects reach
-#: the append-only file as one transaction): the batch's journal entry and one
-#: fill-stream entry per trade under the trade id. One request and one reply, where
-#: MULTI/EXEC would need a reply per command.
-#: KEYS: journal, fills. ARGV: journal entry id ("" for none), count, batch, F, F field
-#: names, then per trade its id and F values.
+#: the append-only file as one transaction): one fill-stream entry per trade under the
+#: trade id, the trade id in its funder's and its SME's index (ADR 18), then the batch's
+#: journal entry. One request and one reply, where MULTI/EXEC would need a reply per
+#: command. A script is not rolled back when a command in it fails, so the journal
+#: entry, the commit record that recovery and the retry check read, goes last: a write
+#: that fails part way (a stream holding a later id than the trade's) never leaves a
+#: command journaled without its trades.
+#: KEYS: journal, fills, then per trade its funder's and its SME's index.
+#: ARGV: journal entry id ("" for none), count, batch, F, F field names, then per trade
+#: its id and F values.
 WRITE_SCRIPT = b"""
-if ARGV[1] ~= '' then redis.call('XADD', KEYS[1], ARGV[1], 'n', ARGV[2], 'e', ARGV[3]) end
 local f = tonumber(ARGV[4])
 local i = 5 + f
+local k = 3
 while i <= #ARGV do
   local args = {KEYS[2], ARGV[i]}
-  for k = 1, f do
-    args[#args + 1] = ARGV[4 + k]
-    args[#args + 1] = ARGV[i + k]
+  for j = 1, f do
+    args[#args + 1] = ARGV[4 + j]
+    args[#args + 1] = ARGV[i + j]
   end
   redis.call('XADD', unpack(args))
+  redis.call('XADD', KEYS[k], ARGV[i], 'side', 'bid')
+  redis.call('XADD', KEYS[k + 1], ARGV[i], 'side', 'ask')
+  k = k + 2
   i = i + 1 + f
 end
+if ARGV[1] ~= '' then redis.call('XADD', KEYS[1], ARGV[1], 'n', ARGV[2], 'e', ARGV[3]) end
 return 1
 """
 _SCRIPT_SHA = hashlib.sha1(WRITE_SCRIPT).hexdigest().encode()
@@ -174,6 +194,7 @@ class Journal:
         self._on_batch = on_batch
         self._journal_key = keys.journal.encode()
         self._fills_key = keys.fills.encode()
+        self._index_keys: dict[int, bytes] = {}
         self._conn = resp.Connection.like(client)     # the writes' own connection
         self._conn.on_settled = self._settle
 
@@ -401,7 +422,10 @@ class Journal:
     def _pack(self, entries: list[wire.JournalEntry], trades: list[wire.Trade],
               sha: bytes | None) -> bytes:
         """One WRITE_SCRIPT call: by its digest, or with its text when `sha` is None."""
-        args = [b"2", self._journal_key, self._fills_key]
+        keys = [self._journal_key, self._fills_key]
+        for trade in trades:
+            keys += (self._index_key(trade.funder), self._index_key(trade.sme))
+        args = [b"%d" % len(keys), *keys]
         if entries:
             args += [b"%d-0" % entries[-1].seq, b"%d" % len(entries),
                      wire.journal_encoder.encode(entries)]
@@ -413,6 +437,12 @@ class Journal:
         if sha is None:
             return resp.pack(b"EVAL", WRITE_SCRIPT, *args)
         return resp.pack(b"EVALSHA", sha, *args)
+
+    def _index_key(self, participant: int) -> bytes:
+        key = self._index_keys.get(participant)
+        if key is None:
+            key = self._index_keys[participant] = self.keys.fills_of(participant).encode()
+        return key
 
     async def _write(self, entries: list[wire.JournalEntry],
                      trades: list[wire.Trade]) -> None:

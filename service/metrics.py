@@ -62,6 +62,7 @@ class Metrics:
         self.fills = 0
         self.filled_fen = 0
         self.quotes = 0
+        self.fill_pages = 0
         self.dropped = 0
         self.seq = 0
         self.latency = Histogram(LATENCY_BUCKETS)
@@ -107,6 +108,8 @@ class Metrics:
         yield CounterMetricFamily("matcher_filled_fen", "Amount lent, in fen",
                                   value=self.filled_fen)
         yield CounterMetricFamily("matcher_quotes", "Quotes answered", value=self.quotes)
+        yield CounterMetricFamily("matcher_fill_pages", "Pages of own fills read back",
+                                  value=self.fill_pages)
         yield CounterMetricFamily("matcher_slow_consumers_dropped",
                                   "Connections closed because they could not keep up",
                                   value=self.dropped)

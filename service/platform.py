@@ -18,14 +18,13 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from matcher.protocol import Trade
-from service.journal import Keys
+from service.journal import Keys, decode_trade
 
 log = logging.getLogger("matcher.platform")
 
@@ -35,12 +34,6 @@ leaves the trade unacknowledged, so it is delivered again on the next start."""
 
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 Entry = tuple[bytes | str, dict[bytes, bytes] | None]
-
-
-def decode_trade(fields: dict[bytes, bytes]) -> Trade:
-    """A fill-stream entry (flat string fields, see `service.journal.trade_fields`)."""
-    return msgspec.convert({k.decode(): v.decode() for k, v in fields.items()}, Trade,
-                           strict=False)
 
 
 def describe(trade: Trade) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -466,6 +467,93 @@ def test_finance_now_shows_fills_and_board_updates(
     assert bank_a.until("fill")["amount"] == 70_000_000
 
 
+def test_a_reloaded_sme_page_lists_its_latest_loans(
+        new_page: Callable[..., Page], server: ServerProcess,
+        market: tuple[WsClient, WsClient]) -> None:
+    page = new_page("sme-loans-after-reload")
+    sign_in(page, server, SME_X)
+    expect(page.locator("#loans")).to_be_hidden()             # none yet
+    page.select_option("#sme-segment", SEG)
+    page.fill("#sme-amount", "1,200,000")
+    expect(page.locator("#quote-split [data-count]")).to_have_text("2")
+    page.click("#finance")
+    expect(page.locator("#outcome")).to_have_text("Filled")
+    expected = [("700,000.00 CNY", "2.50%", f"{name(F11)} · {SEG}"),     # newest first
+                ("500,000.00 CNY", "2.40%", f"{name(F12)} · {SEG}")]
+    expect(page.locator("#loan-list li")).to_have_count(2)
+    assert loan_rows(page) == expected
+
+    page.reload()
+    sign_in(page, server, SME_X)
+    expect(page.locator("#loan-list li")).to_have_count(2)
+    assert loan_rows(page) == expected
+    expect(page.locator("#sme-result")).to_be_hidden()         # no ask on this page yet
+
+
+def loan_rows(page: Page) -> list[tuple[str, str, str]]:
+    return [(li.locator(".amount").inner_text(), li.locator(".rate").inner_text(),
+             li.locator(".funder").inner_text()) for li in page.locator("#loan-list li").all()]
+
+
+def test_a_funder_page_that_lost_its_connection_catches_up_on_its_loans(
+        new_page: Callable[..., Page], server: ServerProcess,
+        market: tuple[WsClient, WsClient], clients: Callable[[int], WsClient]) -> None:
+    """Bank A's page loses its connection; a loan is made meanwhile (Bank A's Python
+    client keeps its bid resting); once back, the page lists it, and each loan once."""
+    away = False
+    sockets: list[WebSocketRoute] = []
+    asked: list[dict[str, Any]] = []          # the page's `fills` requests
+
+    def route(ws: WebSocketRoute) -> None:
+        sockets.append(ws)
+        if away:
+            return                  # a mock that never answers the sign-in
+        server_ws = ws.connect_to_server()
+
+        def outgoing(message: str | bytes) -> None:
+            msg = json.loads(message)
+            if msg["type"] == "fills":
+                asked.append(msg)
+            server_ws.send(message)
+        ws.on_message(outgoing)
+
+    page = new_page("funder-catch-up")
+    page.route_web_socket(re.compile(r".*/ws$"), route)
+    sign_in(page, server, F11)
+    sme = clients(SME_X)
+
+    def borrow(yuan: int) -> None:
+        sme.seq += 1
+        got = sme.command({"type": "ask", "client_id": f"py-ask-{sme.seq}", "segment": SEG,
+                           "amount": yuan * 100, "max_rate_bps": 250, "tif": "ioc"})
+        assert got["type"] == "accepted", got
+
+    borrow(600_000)                     # 500k from Bank B at 2.40%, 100k from Bank A
+    activity = page.locator("#activity p")
+    expect(activity).to_have_count(1)
+    expect(activity.first).to_have_text(f"Lent 100,000.00 CNY at 2.50% · {SEG}")
+
+    away = True
+    sockets[-1].close()
+    expect(page.locator("#live")).to_have_attribute("data-state", "reconnecting")
+    borrow(300_000)
+    deadline = time.monotonic() + WAIT
+    while len(sockets) < 2:
+        assert time.monotonic() < deadline, "the page did not try to reconnect"
+        page.wait_for_timeout(50)
+    away = False
+    sockets[-1].close()                 # the page tries again, this time to the server
+    expect(page.locator("#live")).to_have_attribute("data-state", "live", timeout=10_000)
+    expect(activity).to_have_count(2)
+    assert activity.all_inner_texts() == [f"Lent 300,000.00 CNY at 2.50% · {SEG}",
+                                          f"Lent 100,000.00 CNY at 2.50% · {SEG}"]
+    bank_a = market[0]
+    first, second = bank_a.until("fill"), bank_a.until("fill")
+    assert second["amount"] == 30_000_000
+    assert asked == [{"type": "fills", "limit": 5},                   # at sign-in: the latest
+                     {"type": "fills", "after": first["trade_id"], "limit": 200}]   # catch-up
+
+
 def test_finance_more_than_the_book_is_partly_filled(
         new_page: Callable[..., Page], server: ServerProcess,
         market: tuple[WsClient, WsClient]) -> None:
@@ -508,12 +596,12 @@ def test_bad_amount_shows_message_and_sends_nothing(
     sent = count_sent_frames(page)
     sign_in(page, server, SME_X)
     page.wait_for_timeout(DEBOUNCE_S * 1000)
-    assert [json.loads(f)["type"] for f in sent] == ["auth", "subscribe"]
+    assert [json.loads(f)["type"] for f in sent] == ["auth", "subscribe", "fills"]
 
     # The counter does see frames: a good amount sends its two quotes, exact to the fen.
     page.fill("#sme-amount", "1,000.29")
     expect(page.locator("#quote-split [data-count]")).to_have_text("1")
-    quotes_sent = [json.loads(f) for f in sent[2:]]
+    quotes_sent = [json.loads(f) for f in sent[3:]]
     assert [(q["type"], q["amount"], q["single_funder"]) for q in quotes_sent] == [
         ("quote", 100_029, False), ("quote", 100_029, True)]
     before = len(sent)

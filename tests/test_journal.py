@@ -21,7 +21,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -31,7 +30,15 @@ from matcher import protocol as wire
 from matcher import snapshot
 from matcher.engine import Engine, Outcome
 from matcher.protocol import Role
-from service.journal import Journal, JournalLost, Keys, read_journal, trade_fields
+from service.history import FillHistory
+from service.journal import (
+    Journal,
+    JournalLost,
+    Keys,
+    decode_trade,
+    read_journal,
+    trade_fields,
+)
 from service.localredis import LocalRedis, free_port
 from service.recovery import recover
 from service.snapshots import store, stored_seq
@@ -199,12 +206,6 @@ async def journaled(client: aioredis.Redis) -> list[wire.JournalEntry]:
     return [e async for batch in read_journal(client, KEYS) for e in batch]
 
 
-def decode_trade(fields: dict[bytes, bytes]) -> wire.Trade:
-    """A fill-stream entry back into a Trade (stream values are strings)."""
-    return msgspec.convert({k.decode(): v.decode() for k, v in fields.items()}, wire.Trade,
-                           strict=False)
-
-
 async def fill_stream(client: aioredis.Redis) -> list[tuple[str, wire.Trade]]:
     rows = await client.xrange(KEYS.fills)
     return [(entry_id.decode(), decode_trade(fields)) for entry_id, fields in rows]
@@ -313,6 +314,70 @@ def test_fill_stream_has_one_entry_per_trade_keyed_by_trade_id(redis_server: Loc
         await journal.close()
         await client.aclose()
     run(scenario())
+
+
+async def assert_indexed(client: aioredis.Redis, trades: list[wire.Trade]) -> None:
+    """Each participant's index holds exactly its trades' ids, in order, with its side."""
+    for who in FUNDERS + SMES:
+        rows = await client.xrange(KEYS.fills_of(who))
+        assert [(i.decode(), f) for i, f in rows] == [
+            (t.trade_id, {b"side": b"bid" if t.funder == who else b"ask"})
+            for t in trades if who in (t.funder, t.sme)]
+
+
+def test_each_participant_pages_through_its_own_trades(redis_server: LocalRedis) -> None:
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 3)
+        await play(driver, journal, 1500)
+        await assert_indexed(client, driver.trades)
+        history = FillHistory(client, KEYS)
+        for who in FUNDERS + SMES:
+            own = [t for t in driver.trades if who in (t.funder, t.sme)]
+            assert len(own) > 20
+            pages = [await history.page(who, "0-0", 7)]
+            while pages[-1].more:
+                pages.append(await history.page(who, pages[-1].next, 7))
+            assert [t for p in pages for t in p.trades] == own
+            assert [len(p.trades) for p in pages[:-1]] == [7] * (len(pages) - 1)
+            assert all(p.next == p.trades[-1].trade_id for p in pages)
+            newest = await history.page(who, None, 5)
+            assert (newest.trades, newest.more, newest.next) == (own[-5:], False,
+                                                                 own[-1].trade_id)
+            after_last = await history.page(who, own[-1].trade_id, 5)
+            assert (after_last.trades, after_last.more, after_last.next) == ([], False, None)
+        await client.script_flush()          # a restarted Redis has no scripts: loaded again
+        assert (await history.page(FUNDERS[0], None, 1)).trades == \
+            [t for t in driver.trades if t.funder == FUNDERS[0]][-1:]
+        await journal.close()
+        await client.aclose()
+    run(scenario())
+
+
+def test_a_write_that_fails_part_way_journals_nothing(redis_server: LocalRedis,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A script is not rolled back when one of its commands fails. An index left from
+    another journal (a later id than the next trade's) fails the write after the trade
+    went to the fill stream: the command is not journaled and not acknowledged, and the
+    journal stops, loudly, rather than acknowledge a command whose fill was not indexed."""
+    caplog.set_level(logging.CRITICAL, logger="matcher.journal")
+
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 3)
+        while not (out := driver.step()).trades:                # bounded: trades are common
+            if out.entry is not None:
+                await journal.append(out.entry, out.trades)
+        before = await journaled(client)
+        funder = out.trades[0].funder
+        await client.xadd(KEYS.fills_of(funder), {"side": "bid"}, id="99999999-0")
+        assert out.entry is not None
+        with pytest.raises(Exception, match="equal or smaller"):
+            await asyncio.wait_for(journal.append(out.entry, out.trades), 5)
+        assert not journal.healthy
+        assert await journaled(client) == before                # the commit record: absent
+        await journal.close()
+        await client.aclose()
+    run(scenario())
+    assert any("journal stopped" in r.getMessage() for r in caplog.records)
 
 
 # --- replay and snapshots -------------------------------------------------------------
@@ -437,6 +502,7 @@ def test_redis_restart_holds_acks_then_writes_everything_once(
         assert [e.seq for e in entries] == list(range(1, driver.engine.seq + 1))
         assert entries == driver.entries
         assert [t for _, t in await fill_stream(client)] == driver.trades
+        await assert_indexed(client, driver.trades)
         full = await recover(client, KEYS, use_snapshot=False)
         assert snapshot.state_hash(full.engine) == snapshot.state_hash(driver.engine)
         await journal.close()
@@ -479,6 +545,7 @@ def test_a_write_that_landed_without_its_reply_is_not_repeated(
         assert journal.healthy and journal.written_seq == driver.engine.seq
         assert await journaled(client) == driver.entries               # each exactly once
         assert [t for _, t in await fill_stream(client)] == driver.trades
+        await assert_indexed(client, driver.trades)
         stored = await client.get(KEYS.snapshot)
         assert stored is not None
         state = snapshot.load(stored)

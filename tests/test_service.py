@@ -20,6 +20,8 @@ import socket
 import struct
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -483,6 +485,22 @@ BAD_INPUTS: list[tuple[str, int, str, dict[str, Any]]] = [
      json.dumps({"type": "subscribe", "segments": ["DFM-30D", "ACME-30D"]}),
      {"type": "error", "code": "unknown_segment", "message": "no segment 'ACME-30D'",
       "path": "$.segments[1]", "client_id": None}),
+    ("fills_after_not_a_trade_id", SME_X, json.dumps({"type": "fills", "after": "abc"}),
+     {"type": "error", "code": "invalid", "message": "regex", "path": "$.after",
+      "client_id": None}),
+    ("fills_after_past_any_stream_id", SME_X,
+     json.dumps({"type": "fills", "after": "1" * 20 + "-0"}),
+     {"type": "error", "code": "invalid", "message": "regex", "path": "$.after",
+      "client_id": None}),
+    ("fills_limit_zero", SME_X, json.dumps({"type": "fills", "limit": 0}),
+     {"type": "error", "code": "invalid", "message": ">= 1", "path": "$.limit",
+      "client_id": None}),
+    ("fills_limit_over_a_page", F11, json.dumps({"type": "fills", "limit": 201}),
+     {"type": "error", "code": "invalid", "message": "<= 200", "path": "$.limit",
+      "client_id": None}),
+    ("platform_reads_own_fills", PLATFORM, json.dumps({"type": "fills"}),
+     {"type": "error", "code": "forbidden", "message": "the platform reads the fill stream",
+      "path": "$.type", "client_id": None}),
     ("second_auth", F11, json.dumps({"type": "auth", "key": key(F11)}),
      {"type": "error", "code": "already_authenticated",
       "message": "this connection is signed in", "path": "$.type", "client_id": None}),
@@ -758,6 +776,81 @@ def test_only_platform_and_admin_may_subscribe_to_fills(server: ServerProcess) -
              "rate_bps": 250, "amount": 400_000}
     assert trades == [trade, trade]
     assert extra == []
+
+
+def get_fills(server: ServerProcess, query: str, bearer: str | None) -> tuple[int, Any]:
+    """`GET /v1/fills?<query>` with the key as a bearer token: (status, decoded body)."""
+    headers = {"Authorization": f"Bearer {bearer}"} if bearer is not None else {}
+    request = urllib.request.Request(f"{server.http}/v1/fills?{query}", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_an_sme_that_was_away_reads_back_the_fills_it_missed(server: ServerProcess) -> None:
+    """Its resting ask fills while it is disconnected; after reconnecting it pages through
+    exactly what its funder was sent live, as its own side of each loan."""
+    async def scenario() -> tuple[Any, ...]:
+        async with session(server, SME_X) as sme:
+            ask_id = (await sme.ok(ask("a1", "DFM-30D", 700_000, max_rate_bps=300,
+                                       tif="gtc")))["order_id"]
+        async with session(server, F11) as f11:
+            await f11.ok(line("DFM"))
+            live = []
+            for n, rate in enumerate((250, 260, 270)):
+                await f11.ok(bid(f"b{n}", "DFM-30D", rate, 200_000))
+                live.append(await f11.expect("fill"))
+                assert (await f11.expect("done"))["client_id"] == f"b{n}"
+            await f11.send({"type": "fills"})
+            funder_page = await f11.expect("fills")
+        async with session(server, SME_X) as sme:
+            pages = []
+            after = "0-0"
+            while True:
+                await sme.send({"type": "fills", "after": after, "limit": 2, "ref": "p"})
+                pages.append(await sme.expect("fills"))
+                if not pages[-1]["more"]:
+                    break
+                after = pages[-1]["next"]
+            await sme.send({"type": "fills", "after": pages[-1]["next"]})
+            nothing_newer = await sme.expect("fills")
+        return ask_id, live, funder_page, pages, nothing_newer
+
+    ask_id, live, funder_page, pages, nothing_newer = run(scenario())
+    assert [p["more"] for p in pages] == [True, False]
+    assert all(p["ref"] == "p" for p in pages)
+    missed = [f for p in pages for f in p["fills"]]
+    assert missed == [{**f, "side": "ask", "client_id": "a1", "order_id": ask_id}
+                      for f in live]
+    assert pages[-1]["next"] == live[-1]["trade_id"]
+    assert funder_page == {"type": "fills", "fills": live, "more": False,
+                           "next": live[-1]["trade_id"], "ref": None}
+    assert nothing_newer == {"type": "fills", "fills": [], "more": False, "next": None,
+                             "ref": None}
+    status, body = get_fills(server, "after=0-0&limit=200", key(SME_X))
+    assert (status, body["fills"], body["more"]) == (200, missed, False)
+    status, body = get_fills(server, "limit=1", key(SME_X))      # the newest only
+    assert (status, body["fills"]) == (200, missed[-1:])
+    status, body = get_fills(server, "", key(SME_Y))
+    assert (status, body["fills"], body["next"]) == (200, [], None)
+
+
+@pytest.mark.parametrize(("query", "bearer", "status", "code", "path"), [
+    ("", None, 401, "unauthorized", None),
+    ("", "wrong", 401, "unauthorized", None),
+    ("", key(PLATFORM), 403, "forbidden", "$.type"),
+    ("limit=0", key(SME_X), 400, "invalid", "$.limit"),
+    ("limit=x", key(SME_X), 400, "invalid", "$.limit"),
+    ("after=1-", key(SME_X), 400, "invalid", "$.after"),
+])
+def test_http_fills_refuses_with_the_reason(shared_server: ServerProcess, query: str,
+                                           bearer: str | None, status: int, code: str,
+                                           path: str | None) -> None:
+    got, body = get_fills(shared_server, query, bearer)
+    assert (got, body["type"], body["code"], body["path"]) == (status, "error", code, path)
+    assert body["message"]
 
 
 def test_funder_amends_its_bid_and_the_book_follows(server: ServerProcess) -> None:
@@ -1507,6 +1600,11 @@ def test_metrics_show_a_journal_that_cannot_write_and_its_recovery(
                 assert time.monotonic() < deadline, "Bank B's cancel was not queued"
                 await asyncio.sleep(0.05)
             assert metric(server, 'matcher_rejects_total{code="unavailable"}') == len(refused)
+            await f11.send({"type": "fills"})           # reads need Redis too
+            down = await f11.expect("error")
+            assert (down["code"], down["path"]) == ("unavailable", None), down
+            status, body = await asyncio.to_thread(get_fills, server, "", key(F11))
+            assert (status, body["code"]) == (503, "unavailable")
             await asyncio.to_thread(redis_server.start)
             for _ in range(12 - len(refused)):
                 assert (await f11.expect("accepted", timeout=15))["client_id"] not in {
@@ -1521,7 +1619,7 @@ def test_metrics_show_a_journal_that_cannot_write_and_its_recovery(
     # Recovered from no snapshot; SIGTERM writes one covering every command, and the
     # restarted gateway reports it and its sequence before any new command.
     assert metric(server, "matcher_snapshot_seq", required=True) == 0
-    seq = metric(server, "matcher_sequence", required=True)
+    seq = settled_sequence(server)          # Bank A's cancel on disconnect included
     assert server.terminate() == 0
     server.start()
     assert metric(server, "matcher_snapshot_seq") == seq > 0

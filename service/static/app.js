@@ -132,6 +132,8 @@ const state = {
   unnamed: [],               // sent without a client id (lines, cancel_all), oldest first
   bulkCancel: false,         // the done messages of a cancel_all are coming
   lastSent: null,            // the latest command, to pin a gateway `error` on
+  loans: new Set(),          // trade ids shown: a loan can come live and in a `fills` page
+  lastLoan: null,            // the newest trade id seen: a reconnect catches up from here
 };
 
 const conn = { ws: null, key: null, welcomed: false, everWelcomed: false, retry: 0, timer: 0 };
@@ -274,6 +276,49 @@ async function onWelcome(msg) {
   send({ type: 'subscribe', segments: [...state.segments.keys()] });
   if (msg.role === 'funder') requestStatus();
   if (msg.role === 'sme') sendQuotes();
+  if (msg.role === 'funder' || msg.role === 'sme') requestLoans();
+}
+
+// After a sign-in, the latest loans; after a reconnect, every loan made while away.
+const RECENT_LOANS = 5;
+
+function requestLoans(after = state.lastLoan) {
+  send(after ? { type: 'fills', after, limit: 200 } : { type: 'fills', limit: RECENT_LOANS });
+}
+
+function onFills(page) {
+  page.fills.forEach(showLoan);
+  if (page.more) requestLoans(page.next);
+}
+
+// Trade ids are "<seq>-<n>": in the order the loans were made.
+function tradeOrder(id) {
+  const [seq, n] = id.split('-').map(BigInt);
+  return [seq, n];
+}
+
+function newerTrade(a, b) {
+  if (b === null) return true;
+  const [x, y] = [tradeOrder(a), tradeOrder(b)];
+  return x[0] > y[0] || (x[0] === y[0] && x[1] > y[1]);
+}
+
+// Each loan once, newest on top: a funder's in its activity, an SME's in its list.
+function showLoan(fill) {
+  if (state.loans.has(fill.trade_id)) return;
+  state.loans.add(fill.trade_id);
+  if (newerTrade(fill.trade_id, state.lastLoan)) state.lastLoan = fill.trade_id;
+  if (fill.side === 'bid') {
+    addActivity(`Lent ${formatCny(fill.amount)} at ${formatRate(fill.rate_bps)} · ${fill.segment}`);
+    return;
+  }
+  const list = $('loan-list');
+  list.prepend(el('li', { class: 'loan', dataset: { trade: fill.trade_id } },
+    el('span', { class: 'amount', dataset: { fen: fill.amount } }, formatCny(fill.amount)),
+    el('span', { class: 'rate', dataset: { bps: fill.rate_bps } }, formatRate(fill.rate_bps)),
+    el('span', { class: 'funder' }, `${fill.funder_name} · ${fill.segment}`)));
+  while (list.children.length > RECENT_LOANS) list.lastChild.remove();
+  $('loans').hidden = false;
 }
 
 function onAccepted(msg) {
@@ -317,8 +362,8 @@ function dropPending(sent) {
 }
 
 function onFill(fill) {
+  showLoan(fill);
   if (fill.side === 'ask') return smeAskEvent(fill.client_id, (a) => a.fills.push(fill));
-  addActivity(`Lent ${formatCny(fill.amount)} at ${formatRate(fill.rate_bps)} · ${fill.segment}`);
   requestStatus();
 }
 
@@ -779,7 +824,7 @@ function addActivity(text) {
 
 const handlers = {
   welcome: onWelcome, book: onBook, quote: onQuote, accepted: onAccepted, rejected: onRejected,
-  fill: onFill, done: onDone, status: onStatus, error: onError,
+  fill: onFill, fills: onFills, done: onDone, status: onStatus, error: onError,
 };
 
 function init() {

@@ -83,7 +83,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 async def fresh(url: str, keys: Keys) -> aioredis.Redis:
     client = aioredis.Redis.from_url(url)
-    await client.delete(keys.journal, keys.fills, keys.snapshot)
+    await client.delete(keys.journal, keys.fills, keys.snapshot,
+                        *await client.keys(keys.fills_of(0)[:-1] + "*"))
     return client
 
 
