@@ -26,14 +26,16 @@ SegmentId = Annotated[str, Meta(min_length=1, max_length=32)]
 """A reference to a segment (or core enterprise): it must exist, so no pattern is needed,
 and none is paid for on every order and every journal replay."""
 CoreId = SegmentId
-NewId = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")]
+#: Patterns end in `(?!\n)$`: Python's `$` (msgspec matches with `re`) also matches
+#: before a final newline, which JSON Schema's (ECMA) does not.
+NewId = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+(?!\n)$")]
 """The id of a new segment or core enterprise: letters, digits, `_`, `.`, `-` (it appears
 in URLs)."""
 Amount = Annotated[int, Meta(ge=1, le=MAX_AMOUNT)]
 Rate = Annotated[int, Meta(ge=0, le=MAX_RATE_CAP)]
 MinTicket = Annotated[int, Meta(ge=0, le=MAX_AMOUNT)]
 LineAmount = Annotated[int, Meta(ge=0, le=MAX_LINE)]
-TradeId = Annotated[str, Meta(max_length=39, pattern=r"^[0-9]{1,19}-[0-9]{1,19}$")]
+TradeId = Annotated[str, Meta(max_length=39, pattern=r"^[0-9]{1,19}-[0-9]{1,19}(?!\n)$")]
 """A trade id, `"<seq>-<n>"` (also its fill-stream entry id); 19 digits each at most,
 so that every one is a valid stream id and has a successor."""
 #: The most fills one `fills` request may ask for: a page is read in one Redis script,
@@ -137,8 +139,9 @@ class FillsRequest(_Message, tag="fills"):
     missed.
 
     With `after` (a trade id, `"0-0"` for the first of all), the next `limit` fills after
-    it, oldest first; without, the newest `limit`, oldest first. Only durable fills are
+    it, oldest first; without, the newest `limit`, oldest first. Only journaled fills are
     listed; a fill can come both live and in a page, once each, with the same trade id.
+    One page at a time per connection.
     """
 
     after: TradeId | None = None
@@ -297,7 +300,9 @@ class FillPage(_Event, tag="fills"):
     """The answer to `fills`: one's own fills, oldest first.
 
     `more` says whether fills after the last one listed exist already; `next` is the
-    `after` to ask for them with (the last trade id read, null when none was).
+    `after` to ask for them with: the last trade id listed, or the request's own `after`
+    when the page is empty (null only for an empty page of the newest fills), so a client
+    can always keep it as its cursor.
     """
 
     fills: list[Fill]
@@ -311,12 +316,14 @@ class Error(_Event, tag="error"):
 
     `client_id` is the message's own, when it could be read (an order with one wrong
     field still says which order it was), so a client with several orders in flight
-    knows which one was refused."""
+    knows which one was refused; `ref` is the `ref` of the `quote` or `fills` request
+    it answers."""
 
     code: str
     message: str
     path: str | None = None
     client_id: str | None = None
+    ref: str | None = None
 
 
 class Welcome(_Event, tag="welcome"):

@@ -31,8 +31,15 @@ from matcher import protocol as wire
 from matcher.participants import Directory, Participant
 from service import gctune
 from service.config import Config
-from service.gateway import CLOSE_UNAUTHORIZED, Gateway, decode_error, fills_refused, system
-from service.journal import Journal, Keys
+from service.gateway import (
+    CLOSE_UNAUTHORIZED,
+    Gateway,
+    bearer_key,
+    decode_error,
+    fills_refused,
+    system,
+)
+from service.journal import Journal, Keys, check_fills_follow
 from service.localredis import LocalRedis, free_port
 from service.metrics import Metrics
 from service.realtime import make_realtime
@@ -91,6 +98,7 @@ class Service:
         keys = self.keys
         recovered = await recover(self.client, keys, self.directory.name)
         engine = recovered.engine
+        await check_fills_follow(self.client, keys, engine.seq)
         log.info("recovered seq %d: snapshot at %d + %d journaled commands in %.2fs",
                  engine.seq, recovered.snapshot_seq, recovered.replayed, recovered.seconds)
         journal = Journal(self.client, keys, max_retry_delay=cfg.redis.max_retry_delay,
@@ -380,8 +388,7 @@ class Service:
         """`fills` over HTTP, for an SME platform's back office: the key as a bearer token."""
         gw = self.gateway
         assert gw is not None
-        header = request.headers.get("Authorization", "")
-        who = gw.authenticate(header[7:].strip()) if header.startswith("Bearer ") else None
+        who = gw.authenticate(bearer_key(request.headers.get("Authorization")))
         if who is None:
             return _json_error(401, "unauthorized", "a valid API key is required as "
                                "'Authorization: Bearer <key>'", None)
@@ -390,11 +397,14 @@ class Service:
             return web.Response(status=403, content_type="application/json",
                                 body=wire.json_encoder.encode(refused))
         query: dict[str, str | int] = {"type": "fills"}
-        if "after" in request.query:
-            query["after"] = request.query["after"]
-        if "limit" in request.query:
-            limit = request.query["limit"]
-            query["limit"] = int(limit) if limit.isdigit() else limit
+        for name in request.query:
+            values = request.query.getall(name)
+            if name not in ("after", "limit") or len(values) > 1:
+                why = "given more than once" if len(values) > 1 else "unknown parameter"
+                return _json_error(400, "invalid", f"{name}: {why}", f"$.{name}")
+            value = values[0]
+            query[name] = int(value) if name == "limit" and value.isascii() \
+                and value.isdigit() and len(value) < 10 else value
         try:
             req = wire.json_decoder.decode(wire.json_encoder.encode(query))
         except msgspec.ValidationError as exc:
@@ -415,7 +425,7 @@ class Service:
         await ws.prepare(request)
         header = request.headers.get("Authorization")
         if header is not None:        # a key was offered: it is right or the door closes
-            who = gw.authenticate(header[7:].strip()) if header.startswith("Bearer ") else None
+            who = gw.authenticate(bearer_key(header))
         else:
             who = await self._auth_message(ws, limits.auth_timeout)
         if who is None:

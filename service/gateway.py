@@ -42,6 +42,7 @@ _PATH = re.compile(r" - at `(\$[^`]*)`$")
 _FIELD = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
 _SYSTEM = Participant(id=SYSTEM, name="system", role="admin", key_sha256="")
 _Held = tuple[Outcome, float, "Connection | None"]   # an outcome waiting for its batch
+_READERS = 2                   # pages of fills read from Redis at once
 
 
 class _Named(msgspec.Struct):
@@ -105,6 +106,7 @@ class Connection:
         self.segments: set[str] = set()
         self.fills = False
         self.closed = False
+        self.reading: asyncio.Task[None] | None = None     # a page of fills being read
         self._frames: list[bytes] = []
         self._loop = asyncio.get_running_loop()
         self._tokens = float(limits.burst)
@@ -170,7 +172,7 @@ class Gateway:
         self._book_due: set[str] = set()
         self._encode = wire.json_encoder.encode
         self.history = FillHistory(journal.client, journal.keys)
-        self._reading: set[asyncio.Task[None]] = set()     # fill pages being read
+        self._readers = asyncio.Semaphore(_READERS)
 
     # --- commands ---
 
@@ -302,6 +304,8 @@ class Gateway:
             return
         conns.discard(conn)
         conn.closed = True
+        if conn.reading is not None:
+            conn.reading.cancel()
         self.metrics.connections[who.role] -= 1
         for segment in conn.segments:
             self.subscribers.get(segment, set()).discard(conn)
@@ -371,7 +375,7 @@ class Gateway:
 
     def _quote(self, conn: Connection, req: wire.QuoteRequest) -> None:
         if req.segment not in self.engine.books:
-            self._error(conn, wire.Error(code="unknown_segment",
+            self._error(conn, wire.Error(code="unknown_segment", ref=req.ref,
                                          message=f"no segment {req.segment!r}", path="$.segment"))
             return
         self.metrics.quotes += 1
@@ -380,27 +384,36 @@ class Gateway:
     def _fills(self, conn: Connection, req: wire.FillsRequest) -> None:
         """Answered when Redis has read the page: the connection's later messages need
         not wait for it, and live fills keep coming meanwhile (a client tells the two
-        apart by trade id)."""
+        apart by trade id). One page at a time per connection: each read holds Redis,
+        and with it every journal write, for up to a fraction of a millisecond."""
         refused = fills_refused(conn.participant)
+        if refused is None and conn.reading is not None:
+            refused = wire.Error(code="busy", path="$.type",
+                                 message="a page of fills is being read for this "
+                                         "connection: ask again when it has come")
         if refused is not None:
-            self._error(conn, refused)
+            self._error(conn, msgspec.structs.replace(refused, ref=req.ref))
             return
-        task = asyncio.get_running_loop().create_task(self._send_fills(conn, req))
-        self._reading.add(task)
-        task.add_done_callback(self._reading.discard)
+        conn.reading = asyncio.get_running_loop().create_task(self._send_fills(conn, req))
 
     async def _send_fills(self, conn: Connection, req: wire.FillsRequest) -> None:
         try:
             page = await self.fill_page(conn.participant, req)
         except (RedisError, OSError) as exc:
-            self._error(conn, wire.Error(code="unavailable", path=None,
+            self._error(conn, wire.Error(code="unavailable", path=None, ref=req.ref,
                                          message=f"fills cannot be read now: {exc}"))
             return
+        finally:
+            conn.reading = None
         conn.send(self._encode(page))
 
     async def fill_page(self, who: Participant, req: wire.FillsRequest) -> wire.FillPage:
-        """A page of the participant's own durable fills (a funder or an SME only)."""
-        page = await self.history.page(who.id, req.after, req.limit)
+        """A page of the participant's own journaled fills (a funder or an SME only).
+
+        At most `_READERS` pages are read at once, whoever asks (WebSocket or HTTP), so
+        a reconnection storm's catch-ups queue here instead of in Redis."""
+        async with self._readers:
+            page = await self.history.page(who.id, req.after, req.limit)
         side: Literal["bid", "ask"] = "bid" if who.role == "funder" else "ask"
         self.metrics.fill_pages += 1
         return wire.FillPage(
@@ -436,6 +449,16 @@ class Gateway:
             for conn in list(conns):
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await conn.close(CLOSE_GOING_AWAY, "server shutting down")
+
+
+def bearer_key(header: str | None) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header (the scheme in any case)."""
+    if header is None:
+        return None
+    scheme, _, key = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        return None
+    return key.strip()
 
 
 def fills_refused(who: Participant) -> wire.Error | None:

@@ -19,8 +19,8 @@ from matcher import protocol as wire
 from service.journal import Keys, decode_trade
 
 #: KEYS: the participant's index, the fill stream. ARGV: the trade id to read after
-#: ("" for the newest), the page size. Returns {more, the last id read ("" for none),
-#: then each trade as an [id, fields] entry}.
+#: ("" for the newest), the page size. Returns {more, the last id read (else ARGV[1]),
+#: then each trade as an [id, fields] entry}. Needs Redis 7 (the flags line).
 READ_SCRIPT = """#!lua flags=no-writes
 local n = tonumber(ARGV[2])
 local rows
@@ -42,14 +42,15 @@ for i = 1, #rows do
   local trade = redis.call('XRANGE', KEYS[2], id, id)
   if trade[1] then out[#out + 1] = trade[1] end
 end
-if #rows > 0 then out[2] = rows[#rows][1] end
+if #rows > 0 then out[2] = rows[#rows][1] else out[2] = ARGV[1] end
 return out
 """
 
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """Trades oldest first; `more`: later ones exist; `next`: the last id read."""
+    """Trades oldest first; `more`: later ones exist; `next`: the cursor to go on from
+    (the last id read, else the `after` asked for; None for no fills at all)."""
 
     trades: list[wire.Trade]
     more: bool

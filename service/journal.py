@@ -93,10 +93,12 @@ def decode_trade(fields: dict[bytes, bytes]) -> wire.Trade:
 #: the append-only file as one transaction): one fill-stream entry per trade under the
 #: trade id, the trade id in its funder's and its SME's index (ADR 18), then the batch's
 #: journal entry. One request and one reply, where MULTI/EXEC would need a reply per
-#: command. A script is not rolled back when a command in it fails, so the journal
-#: entry, the commit record that recovery and the retry check read, goes last: a write
-#: that fails part way (a stream holding a later id than the trade's) never leaves a
-#: command journaled without its trades.
+#: command. A script is not rolled back when a command in it fails (an XADD fails when
+#: its stream holds a later id: keys left from another history), so the journal entry,
+#: the commit record that recovery and the retry check read, goes last: a write that
+#: fails part way journals nothing and acknowledges nothing, and the journal stops. The
+#: trades it wrote before failing stay on the fill stream, ahead of the journal, and
+#: `check_fills_follow` refuses to start on that.
 #: KEYS: journal, fills, then per trade its funder's and its SME's index.
 #: ARGV: journal entry id ("" for none), count, batch, F, F field names, then per trade
 #: its id and F values.
@@ -472,6 +474,22 @@ async def last_seq(client: aioredis.Redis, keys: Keys) -> int:
     except ResponseError:
         return 0
     return stream_seq(newest[0][0]) if newest else 0
+
+
+async def check_fills_follow(client: aioredis.Redis, keys: Keys, seq: int) -> None:
+    """Refuse to start on a fill stream with trades of commands after the journal's last.
+
+    The journal's entry is the commit record of each write; a fill stream ahead of it
+    has trades from another history (the journal deleted or restored without it, or a
+    write that failed part way, see WRITE_SCRIPT), and writing on would fail or mix
+    them. The shard's keys belong together: keep, restore or delete them together.
+    """
+    newest: Any = await client.xrevrange(keys.fills, count=1)
+    if newest and stream_seq(newest[0][0]) > seq:
+        raise JournalLost(
+            f"the fill stream {keys.fills} holds trade {newest[0][0].decode()}, but the "
+            f"journal ends at seq {seq}: its keys do not belong together (see the runbook, "
+            "'The fill stream is ahead of the journal')")
 
 
 async def read_journal(client: aioredis.Redis, keys: Keys, after: int = 0,

@@ -492,14 +492,15 @@ def test_a_reloaded_sme_page_lists_its_latest_loans(
 
 def loan_rows(page: Page) -> list[tuple[str, str, str]]:
     return [(li.locator(".amount").inner_text(), li.locator(".rate").inner_text(),
-             li.locator(".funder").inner_text()) for li in page.locator("#loan-list li").all()]
+             li.locator(".who").inner_text()) for li in page.locator("#loan-list li").all()]
 
 
 def test_a_funder_page_that_lost_its_connection_catches_up_on_its_loans(
         new_page: Callable[..., Page], server: ServerProcess,
         market: tuple[WsClient, WsClient], clients: Callable[[int], WsClient]) -> None:
     """Bank A's page loses its connection; a loan is made meanwhile (Bank A's Python
-    client keeps its bid resting); once back, the page lists it, and each loan once."""
+    client keeps its bid resting); once back, the page lists it, newest first, and each
+    loan once."""
     away = False
     sockets: list[WebSocketRoute] = []
     asked: list[dict[str, Any]] = []          # the page's `fills` requests
@@ -520,6 +521,7 @@ def test_a_funder_page_that_lost_its_connection_catches_up_on_its_loans(
     page = new_page("funder-catch-up")
     page.route_web_socket(re.compile(r".*/ws$"), route)
     sign_in(page, server, F11)
+    expect(page.locator("#loans")).to_be_hidden()
     sme = clients(SME_X)
 
     def borrow(yuan: int) -> None:
@@ -529,9 +531,9 @@ def test_a_funder_page_that_lost_its_connection_catches_up_on_its_loans(
         assert got["type"] == "accepted", got
 
     borrow(600_000)                     # 500k from Bank B at 2.40%, 100k from Bank A
-    activity = page.locator("#activity p")
-    expect(activity).to_have_count(1)
-    expect(activity.first).to_have_text(f"Lent 100,000.00 CNY at 2.50% · {SEG}")
+    first = ("100,000.00 CNY", "2.50%", f"to SME {SME_X} · {SEG}")
+    expect(page.locator("#loan-list li")).to_have_count(1)
+    assert loan_rows(page) == [first]
 
     away = True
     sockets[-1].close()
@@ -544,14 +546,9 @@ def test_a_funder_page_that_lost_its_connection_catches_up_on_its_loans(
     away = False
     sockets[-1].close()                 # the page tries again, this time to the server
     expect(page.locator("#live")).to_have_attribute("data-state", "live", timeout=10_000)
-    expect(activity).to_have_count(2)
-    assert activity.all_inner_texts() == [f"Lent 300,000.00 CNY at 2.50% · {SEG}",
-                                          f"Lent 100,000.00 CNY at 2.50% · {SEG}"]
-    bank_a = market[0]
-    first, second = bank_a.until("fill"), bank_a.until("fill")
-    assert second["amount"] == 30_000_000
-    assert asked == [{"type": "fills", "limit": 5},                   # at sign-in: the latest
-                     {"type": "fills", "after": first["trade_id"], "limit": 200}]   # catch-up
+    expect(page.locator("#loan-list li")).to_have_count(2)
+    assert loan_rows(page) == [("300,000.00 CNY", "2.50%", f"to SME {SME_X} · {SEG}"), first]
+    assert asked == [{"type": "fills", "limit": 5, "ref": "loans"}] * 2   # sign-in, return
 
 
 def test_finance_more_than_the_book_is_partly_filled(
@@ -596,7 +593,7 @@ def test_bad_amount_shows_message_and_sends_nothing(
     sent = count_sent_frames(page)
     sign_in(page, server, SME_X)
     page.wait_for_timeout(DEBOUNCE_S * 1000)
-    assert [json.loads(f)["type"] for f in sent] == ["auth", "subscribe", "fills"]
+    assert [json.loads(f)["type"] for f in sent] == ["auth", "fills", "subscribe"]
 
     # The counter does see frames: a good amount sends its two quotes, exact to the fen.
     page.fill("#sme-amount", "1,000.29")

@@ -344,7 +344,10 @@ def test_each_participant_pages_through_its_own_trades(redis_server: LocalRedis)
             assert (newest.trades, newest.more, newest.next) == (own[-5:], False,
                                                                  own[-1].trade_id)
             after_last = await history.page(who, own[-1].trade_id, 5)
-            assert (after_last.trades, after_last.more, after_last.next) == ([], False, None)
+            assert (after_last.trades, after_last.more, after_last.next) == \
+                ([], False, own[-1].trade_id)                   # still a cursor to keep
+        nobody = await history.page(999, None, 5)
+        assert (nobody.trades, nobody.more, nobody.next) == ([], False, None)
         await client.script_flush()          # a restarted Redis has no scripts: loaded again
         assert (await history.page(FUNDERS[0], None, 1)).trades == \
             [t for t in driver.trades if t.funder == FUNDERS[0]][-1:]

@@ -478,9 +478,9 @@ BAD_INPUTS: list[tuple[str, int, str, dict[str, Any]]] = [
      {"type": "rejected", "client_id": "b1", "code": "out_of_range",
       "message": "rate_bps: must be in [0, 3600], got 3601", "path": "$.rate_bps"}),
     ("quote_unknown_segment", F11,
-     json.dumps({"type": "quote", "segment": "ACME-30D", "amount": 1}),
+     json.dumps({"type": "quote", "segment": "ACME-30D", "amount": 1, "ref": "q1"}),
      {"type": "error", "code": "unknown_segment", "message": "no segment 'ACME-30D'",
-      "path": "$.segment", "client_id": None}),
+      "path": "$.segment", "client_id": None, "ref": "q1"}),
     ("subscribe_unknown_segment", F11,
      json.dumps({"type": "subscribe", "segments": ["DFM-30D", "ACME-30D"]}),
      {"type": "error", "code": "unknown_segment", "message": "no segment 'ACME-30D'",
@@ -492,15 +492,18 @@ BAD_INPUTS: list[tuple[str, int, str, dict[str, Any]]] = [
      json.dumps({"type": "fills", "after": "1" * 20 + "-0"}),
      {"type": "error", "code": "invalid", "message": "regex", "path": "$.after",
       "client_id": None}),
+    ("fills_after_with_a_newline", SME_X, json.dumps({"type": "fills", "after": "1-0\n"}),
+     {"type": "error", "code": "invalid", "message": "regex", "path": "$.after",
+      "client_id": None}),
     ("fills_limit_zero", SME_X, json.dumps({"type": "fills", "limit": 0}),
      {"type": "error", "code": "invalid", "message": ">= 1", "path": "$.limit",
       "client_id": None}),
     ("fills_limit_over_a_page", F11, json.dumps({"type": "fills", "limit": 201}),
      {"type": "error", "code": "invalid", "message": "<= 200", "path": "$.limit",
       "client_id": None}),
-    ("platform_reads_own_fills", PLATFORM, json.dumps({"type": "fills"}),
+    ("platform_reads_own_fills", PLATFORM, json.dumps({"type": "fills", "ref": "r1"}),
      {"type": "error", "code": "forbidden", "message": "the platform reads the fill stream",
-      "path": "$.type", "client_id": None}),
+      "path": "$.type", "client_id": None, "ref": "r1"}),
     ("second_auth", F11, json.dumps({"type": "auth", "key": key(F11)}),
      {"type": "error", "code": "already_authenticated",
       "message": "this connection is signed in", "path": "$.type", "client_id": None}),
@@ -516,7 +519,9 @@ async def market_state(client: Client) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize(("who", "sent", "expected"),
-                         [case[1:] for case in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+                         [(who, sent, {"ref": None, **expected} if expected["type"] == "error"
+                           else expected) for _, who, sent, expected in BAD_INPUTS],
+                         ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_is_answered_changes_nothing_and_keeps_the_connection(
         shared_server: ServerProcess, who: int, sent: str, expected: dict[str, Any]) -> None:
     async def scenario() -> tuple[Any, ...]:
@@ -766,7 +771,7 @@ def test_only_platform_and_admin_may_subscribe_to_fills(server: ServerProcess) -
     refused_funder, refused_sme, f11_got, trades, extra = run(scenario())
     forbidden = {"type": "error", "code": "forbidden",
                  "message": "only the platform may follow all fills", "path": "$.fills",
-                 "client_id": None}
+                 "client_id": None, "ref": None}
     assert refused_funder == forbidden and refused_sme == forbidden
     fill = f11_got[0]
     trade = {"type": "trade", "trade_id": fill["trade_id"], "seq": fill["seq"],
@@ -827,8 +832,8 @@ def test_an_sme_that_was_away_reads_back_the_fills_it_missed(server: ServerProce
     assert pages[-1]["next"] == live[-1]["trade_id"]
     assert funder_page == {"type": "fills", "fills": live, "more": False,
                            "next": live[-1]["trade_id"], "ref": None}
-    assert nothing_newer == {"type": "fills", "fills": [], "more": False, "next": None,
-                             "ref": None}
+    assert nothing_newer == {"type": "fills", "fills": [], "more": False,   # a safe cursor
+                             "next": pages[-1]["next"], "ref": None}
     status, body = get_fills(server, "after=0-0&limit=200", key(SME_X))
     assert (status, body["fills"], body["more"]) == (200, missed, False)
     status, body = get_fills(server, "limit=1", key(SME_X))      # the newest only
@@ -843,7 +848,12 @@ def test_an_sme_that_was_away_reads_back_the_fills_it_missed(server: ServerProce
     ("", key(PLATFORM), 403, "forbidden", "$.type"),
     ("limit=0", key(SME_X), 400, "invalid", "$.limit"),
     ("limit=x", key(SME_X), 400, "invalid", "$.limit"),
+    ("limit=%C2%B2", key(SME_X), 400, "invalid", "$.limit"),       # a digit, not ASCII
+    ("limit=" + "9" * 5000, key(SME_X), 400, "invalid", "$.limit"),
+    ("limit=1&limit=2", key(SME_X), 400, "invalid", "$.limit"),
+    ("afterr=1-0", key(SME_X), 400, "invalid", "$.afterr"),
     ("after=1-", key(SME_X), 400, "invalid", "$.after"),
+    ("after=1-0%0A", key(SME_X), 400, "invalid", "$.after"),
 ])
 def test_http_fills_refuses_with_the_reason(shared_server: ServerProcess, query: str,
                                            bearer: str | None, status: int, code: str,
@@ -851,6 +861,50 @@ def test_http_fills_refuses_with_the_reason(shared_server: ServerProcess, query:
     got, body = get_fills(shared_server, query, bearer)
     assert (got, body["type"], body["code"], body["path"]) == (status, "error", code, path)
     assert body["message"]
+
+
+def test_one_page_of_fills_at_a_time_per_connection(server: ServerProcess) -> None:
+    """Two `fills` in one write: the second is refused `busy` (named by its ref) while
+    Redis reads the first, which is answered."""
+    raw = RawWebSocket(server.port, key(SME_X))
+    try:
+        assert raw.recv_json()["type"] == "welcome"
+        raw.send_text(json.dumps({"type": "fills", "ref": "a"}),
+                      json.dumps({"type": "fills", "ref": "b"}))
+        answers = [raw.recv_json(), raw.recv_json()]
+    finally:
+        raw.close()
+    assert answers[0] == {"type": "error", "code": "busy", "path": "$.type", "client_id": None,
+                          "ref": "b", "message": answers[0]["message"]}
+    assert answers[1] == {"type": "fills", "fills": [], "more": False, "next": None,
+                          "ref": "a"}
+
+
+def test_the_bearer_scheme_is_case_insensitive(server: ServerProcess) -> None:
+    request = urllib.request.Request(f"{server.http}/v1/fills",
+                                     headers={"Authorization": f"bearer  {key(SME_X)}"})
+    with urllib.request.urlopen(request, timeout=5) as r:
+        assert json.loads(r.read())["type"] == "fills"
+
+    async def scenario() -> dict[str, Any]:
+        async with ws_connect(server.ws_url, {"Authorization": f"BEARER {key(SME_X)}"}) as ws:
+            return json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+    assert run(scenario())["participant"] == SME_X
+
+
+def test_serve_refuses_a_fill_stream_ahead_of_its_journal(tmp_path: Path,
+                                                          redis_server: LocalRedis) -> None:
+    """The shard's keys belong together: trades of commands the journal does not hold
+    (a journal deleted by hand) stop the start instead of mixing two histories."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.xadd(FILLS_STREAM, {"seq": "7"}, id="7-0")
+    client.close()
+    port = free_port()
+    proc = ServerProcess(write_config(tmp_path / "matcher.toml", redis_server.url, port), port,
+                         tmp_path / "server.log")
+    with pytest.raises(RuntimeError, match="server exited"):
+        proc.start()
+    assert "holds trade 7-0, but the journal ends at seq 0" in proc.log.read_text()
 
 
 def test_funder_amends_its_bid_and_the_book_follows(server: ServerProcess) -> None:
@@ -1788,7 +1842,7 @@ def test_http_quote_of_an_unknown_segment_is_404(server: ServerProcess) -> None:
     assert status == 404
     assert json.loads(body) == {"type": "error", "code": "unknown_segment",
                                 "message": "no segment 'ACME-30D'", "path": "$.segment",
-                                "client_id": None}
+                                "client_id": None, "ref": None}
 
 
 @pytest.mark.parametrize("amount", ["", "abc", "0", "-5", "1.5", str(10**12 + 1)])

@@ -132,8 +132,7 @@ const state = {
   unnamed: [],               // sent without a client id (lines, cancel_all), oldest first
   bulkCancel: false,         // the done messages of a cancel_all are coming
   lastSent: null,            // the latest command, to pin a gateway `error` on
-  loans: new Set(),          // trade ids shown: a loan can come live and in a `fills` page
-  lastLoan: null,            // the newest trade id seen: a reconnect catches up from here
+  loans: [],                 // the latest loans shown, newest first (trade ids are unique)
 };
 
 const conn = { ws: null, key: null, welcomed: false, everWelcomed: false, retry: 0, timer: 0 };
@@ -267,6 +266,7 @@ async function onWelcome(msg) {
   const first = !conn.everWelcomed;
   conn.everWelcomed = true;
   state.me = msg;
+  if (msg.role === 'funder' || msg.role === 'sme') requestLoans();
   if (first) {
     await loadSegments(msg.segments);
     showWorkspace();
@@ -276,48 +276,37 @@ async function onWelcome(msg) {
   send({ type: 'subscribe', segments: [...state.segments.keys()] });
   if (msg.role === 'funder') requestStatus();
   if (msg.role === 'sme') sendQuotes();
-  if (msg.role === 'funder' || msg.role === 'sme') requestLoans();
 }
 
-// After a sign-in, the latest loans; after a reconnect, every loan made while away.
+// The latest loans, at every sign-in and reconnect: a loan made while the page was away
+// shows up, and the list never has more than these few, so no catch-up is needed.
 const RECENT_LOANS = 5;
 
-function requestLoans(after = state.lastLoan) {
-  send(after ? { type: 'fills', after, limit: 200 } : { type: 'fills', limit: RECENT_LOANS });
+function requestLoans() {
+  send({ type: 'fills', limit: RECENT_LOANS, ref: 'loans' });
 }
 
 function onFills(page) {
   page.fills.forEach(showLoan);
-  if (page.more) requestLoans(page.next);
 }
 
 // Trade ids are "<seq>-<n>": in the order the loans were made.
-function tradeOrder(id) {
-  const [seq, n] = id.split('-').map(BigInt);
-  return [seq, n];
-}
-
 function newerTrade(a, b) {
-  if (b === null) return true;
-  const [x, y] = [tradeOrder(a), tradeOrder(b)];
+  const [x, y] = [a.split('-').map(BigInt), b.split('-').map(BigInt)];
   return x[0] > y[0] || (x[0] === y[0] && x[1] > y[1]);
 }
 
-// Each loan once, newest on top: a funder's in its activity, an SME's in its list.
+// Each loan once, newest first, whichever came first: the page or the live fill.
 function showLoan(fill) {
-  if (state.loans.has(fill.trade_id)) return;
-  state.loans.add(fill.trade_id);
-  if (newerTrade(fill.trade_id, state.lastLoan)) state.lastLoan = fill.trade_id;
-  if (fill.side === 'bid') {
-    addActivity(`Lent ${formatCny(fill.amount)} at ${formatRate(fill.rate_bps)} · ${fill.segment}`);
-    return;
-  }
-  const list = $('loan-list');
-  list.prepend(el('li', { class: 'loan', dataset: { trade: fill.trade_id } },
-    el('span', { class: 'amount', dataset: { fen: fill.amount } }, formatCny(fill.amount)),
-    el('span', { class: 'rate', dataset: { bps: fill.rate_bps } }, formatRate(fill.rate_bps)),
-    el('span', { class: 'funder' }, `${fill.funder_name} · ${fill.segment}`)));
-  while (list.children.length > RECENT_LOANS) list.lastChild.remove();
+  const loans = state.loans;
+  if (loans.some((l) => l.trade_id === fill.trade_id)) return;
+  const at = loans.findIndex((l) => newerTrade(fill.trade_id, l.trade_id));
+  loans.splice(at < 0 ? loans.length : at, 0, fill);
+  loans.length = Math.min(loans.length, RECENT_LOANS);
+  setChildren($('loan-list'), loans.map((f) => el('li', { class: 'loan', dataset: { trade: f.trade_id } },
+    el('span', { class: 'amount', dataset: { fen: f.amount } }, formatCny(f.amount)),
+    el('span', { class: 'rate', dataset: { bps: f.rate_bps } }, formatRate(f.rate_bps)),
+    el('span', { class: 'who' }, `${f.side === 'bid' ? `to SME ${f.sme}` : f.funder_name} · ${f.segment}`))));
   $('loans').hidden = false;
 }
 
@@ -341,6 +330,10 @@ function onRejected(msg) {
 // gateway answers a message it cannot take at once, so an error right after a command
 // most likely is that command's. Either way its "in progress" note ends.
 function onError(msg) {
+  if (msg.ref === 'loans') {   // the list waits for Redis; no command of the user's failed
+    setTimeout(() => { if (conn.welcomed) requestLoans(); }, 2000);
+    return;
+  }
   const text = `Error (${msg.code}): ${msg.message}`;
   notify(text);
   const last = state.lastSent;
@@ -390,6 +383,7 @@ function showWorkspace() {
   $('sme-panel').hidden = me.role !== 'sme';
   $('funder-panel').hidden = me.role !== 'funder';
   $('workspace').dataset.role = me.role;
+  if (me.role === 'funder') $('funder-panel').append($('loans'));   // the SME panel's by default
   const cards = [...state.segments.values()].map((seg) => el('article', {
     class: 'card', id: `card-${seg.id}`, dataset: { segment: seg.id },
   }));
