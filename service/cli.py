@@ -1,4 +1,4 @@
-"""The `matcher` command: serve, replay, snapshot, snapshotter."""
+"""The `matcher` command: serve, replay, snapshot, snapshotter, fills."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import os
 import signal
 import sys
 
+import msgspec
 import redis.asyncio as aioredis
 
 from matcher import snapshot
+from matcher.protocol import MAX_FILLS_PAGE, TradeId
 from service import config as config_module
 from service import gctune
 from service.journal import Keys
@@ -54,6 +56,42 @@ def _replay(args: argparse.Namespace) -> int:
         finally:
             await client.aclose()
     return asyncio.run(run())
+
+
+def _fills(args: argparse.Namespace) -> int:
+    """A participant's loans, as its `fills` requests would read them: for an operator
+    answering "I never got that fill"."""
+    from service.history import FillHistory
+    from service.platform import describe
+
+    async def run() -> int:
+        client = aioredis.Redis.from_url(args.redis_url)
+        history = FillHistory(client, Keys(args.shard))
+        try:
+            after, shown = args.after, 0
+            while True:
+                page = await history.page(args.participant, after, min(args.limit - shown,
+                                                                        MAX_FILLS_PAGE))
+                for trade in page.trades:
+                    print(describe(trade))
+                shown += len(page.trades)
+                if after is None or not page.more or shown >= args.limit:
+                    break
+                after = page.next
+            if shown == 0:
+                print(f"no fills of participant {args.participant}"
+                      + (f" after {args.after}" if args.after else ""), file=sys.stderr)
+            return 0
+        finally:
+            await client.aclose()
+    return asyncio.run(run())
+
+
+def _trade_id(text: str) -> str:
+    try:
+        return msgspec.convert(text, TradeId)
+    except msgspec.ValidationError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a trade id (\"<seq>-<n>\")") from None
 
 
 def _positive(text: str) -> int:
@@ -134,6 +172,17 @@ def main(argv: list[str] | None = None) -> int:
                            help="ignore the snapshot: replay the whole journal")
         p.set_defaults(run=_replay, write_snapshot=name == "snapshot",
                        full=getattr(p, "full", False))
+    p = sub.add_parser("fills", help="print a funder's or an SME's fills, as `fills` reads "
+                                     "them: the newest, or all after a trade id")
+    p.add_argument("--redis-url", required=True)
+    p.add_argument("--shard", default="main")
+    p.add_argument("--participant", type=int, required=True)
+    p.add_argument("--after", type=_trade_id, help="a trade id: every fill after it, oldest "
+                                                   "first (\"0-0\": all)")
+    p.add_argument("--limit", type=_positive, default=None,
+                   help="at most this many (default: the 20 newest, at most 200; with "
+                        "--after, all)")
+    p.set_defaults(run=_fills)
     p = sub.add_parser("snapshotter", help="follow the journal and store a snapshot every "
                                             "--every commands (`serve` starts one itself)")
     p.add_argument("--redis-url", default=os.environ.get("MATCHER_REDIS_URL"),
@@ -148,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "snapshot":
         args.full = False
+    if args.command == "fills" and args.limit is None:
+        args.limit = 20 if args.after is None else sys.maxsize
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return int(args.run(args))

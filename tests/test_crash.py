@@ -166,6 +166,17 @@ async def read_back(url: str) -> tuple[list[wire.JournalEntry], list[tuple[str, 
         await client.aclose()
 
 
+async def assert_indexes(url: str, trades: list[wire.Trade]) -> None:
+    client = aioredis.Redis.from_url(url)
+    try:
+        for pid in FUNDERS + SMES:
+            rows = await client.xrange(KEYS.fills_of(pid))
+            assert [i.decode() for i, _ in rows] == \
+                [t.trade_id for t in trades if pid in (t.funder, t.sme)], pid
+    finally:
+        await client.aclose()
+
+
 def test_sigkill_under_load_loses_nothing_acknowledged(tmp_path: Path,
                                                          redis_server: LocalRedis) -> None:
     port = free_port()
@@ -234,6 +245,8 @@ def test_sigkill_under_load_loses_nothing_acknowledged(tmp_path: Path,
         assert len(keys) == len(set(keys)), "the same fill under two trade ids"
         assert all(trade_id == t.trade_id for trade_id, t in fills)
         assert [t for _, t in fills] == regenerated
+        # and each participant's index lists exactly its trades, in order, once
+        run(assert_indexes(redis_server.url, regenerated))
 
         # restart on the same Redis: it serves exactly the journal
         server = ServerProcess(config, port, tmp_path / "server2.log").start()

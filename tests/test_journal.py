@@ -40,6 +40,7 @@ from service.journal import (
     trade_fields,
 )
 from service.localredis import LocalRedis, free_port
+from service.platform import describe
 from service.recovery import recover
 from service.snapshots import store, stored_seq
 from tests.conftest import ROOT, ServerProcess, run, write_config
@@ -712,6 +713,27 @@ def test_cli_replay_and_snapshot(redis_server: LocalRedis) -> None:
                                                                       live2)
     assert parse_replay(matcher_cli("replay", "--redis-url", url, "--full")) == (seq2, 0, seq2,
                                                                                 live2)
+
+
+def test_cli_fills_prints_a_participants_loans(redis_server: LocalRedis) -> None:
+    driver = Driver(seed=5)
+    run(write_trades(redis_server, driver, 1500))
+    sme = SMES[0]
+    own = [t for t in driver.trades if t.sme == sme]
+    assert len(own) > 25
+    url = redis_server.url
+    newest = matcher_cli("fills", "--redis-url", url, "--participant", str(sme))
+    assert newest.splitlines() == [describe(t) for t in own[-20:]]
+    everything = matcher_cli("fills", "--redis-url", url, "--participant", str(sme),
+                             "--after", "0-0")
+    assert everything.splitlines() == [describe(t) for t in own]
+    some = matcher_cli("fills", "--redis-url", url, "--participant", str(sme),
+                       "--after", own[2].trade_id, "--limit", "3")
+    assert some.splitlines() == [describe(t) for t in own[3:6]]
+    bad = subprocess.run([sys.executable, "-m", "service.cli", "fills", "--redis-url", url,
+                          "--participant", str(sme), "--after", "3"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "'3' is not a trade id" in bad.stderr
 
 
 def test_a_snapshot_replaces_only_an_older_one(redis_server: LocalRedis) -> None:
