@@ -38,9 +38,9 @@ LineAmount = Annotated[int, Meta(ge=0, le=MAX_LINE)]
 TradeId = Annotated[str, Meta(max_length=39, pattern=r"^[0-9]{1,19}-[0-9]{1,19}(?!\n)$")]
 """A trade id, `"<seq>-<n>"` (also its fill-stream entry id); 19 digits each at most,
 so that every one is a valid stream id and has a successor."""
-#: The most fills one `fills` request may ask for: a page is read in one Redis script,
-#: which holds Redis (and so every journal write) while it runs.
-MAX_FILLS_PAGE = 200
+#: The most fills one `fills` request may ask for: the gateway decodes a page on its
+#: event loop (about 4 us a fill here), between other clients' messages.
+MAX_FILLS_PAGE = 100
 Tif = Literal["gtc", "day", "ioc", "fok"]
 Role = Literal["funder", "sme", "platform", "admin"]
 

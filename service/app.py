@@ -413,6 +413,7 @@ class Service:
         try:
             page = await gw.fill_page(who, req)
         except (RedisError, OSError) as exc:
+            self.metrics.fill_page_failures += 1
             return _json_error(503, "unavailable", f"fills cannot be read now: {exc}", None)
         return web.Response(body=wire.json_encoder.encode(page), content_type="application/json")
 

@@ -400,8 +400,11 @@ class Gateway:
         try:
             page = await self.fill_page(conn.participant, req)
         except (RedisError, OSError) as exc:
-            self._error(conn, wire.Error(code="unavailable", path=None, ref=req.ref,
-                                         message=f"fills cannot be read now: {exc}"))
+            # Not a refused command (`matcher_rejects_total{code="unavailable"}`, which
+            # an alert reads): counted apart.
+            self.metrics.fill_page_failures += 1
+            conn.send(self._encode(wire.Error(code="unavailable", path=None, ref=req.ref,
+                                              message=f"fills cannot be read now: {exc}")))
             return
         finally:
             conn.reading = None

@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import logging
 import time
+import typing
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ class Keys:
         return f"matcher:{{{self.shard}}}:fills"
 
     def fills_of(self, participant: int) -> str:
-        """The ids of one participant's trades, in order: its index into `fills`."""
+        """One participant's trades, in order, under their trade ids (`trade_from_row`)."""
         return f"matcher:{{{self.shard}}}:fills-of:{participant}"
 
     @property
@@ -89,17 +90,30 @@ def decode_trade(fields: dict[bytes, bytes]) -> wire.Trade:
                            strict=False)
 
 
+_TradeRow = msgspec.defstruct(
+    "_TradeRow", [(f, t) for f, t in typing.get_type_hints(wire.Trade).items()
+                  if f in wire.Trade.__struct_fields__], array_like=True)
+_read_row = msgspec.msgpack.Decoder(_TradeRow, strict=False).decode    # "250" -> 250
+
+
+def trade_from_row(row: bytes) -> wire.Trade:
+    """A participant's stream entry (field `t`: the values of `trade_fields` in order, as
+    strings, packed by the write script) back into a Trade."""
+    return wire.Trade(**msgspec.structs.asdict(_read_row(row)))
+
+
 #: One write of the journal, atomic in Redis (a script runs alone, and its effects reach
 #: the append-only file as one transaction): one fill-stream entry per trade under the
-#: trade id, the trade id in its funder's and its SME's index (ADR 18), then the batch's
-#: journal entry. One request and one reply, where MULTI/EXEC would need a reply per
-#: command. A script is not rolled back when a command in it fails (an XADD fails when
-#: its stream holds a later id: keys left from another history), so the journal entry,
-#: the commit record that recovery and the retry check read, goes last: a write that
-#: fails part way journals nothing and acknowledges nothing, and the journal stops. The
-#: trades it wrote before failing stay on the fill stream, ahead of the journal, and
-#: `check_fills_follow` refuses to start on that.
-#: KEYS: journal, fills, then per trade its funder's and its SME's index.
+#: trade id, the trade as one MessagePack row (`trade_from_row`) in its funder's and its
+#: SME's stream (ADR 18), then the batch's journal entry. One request and one reply,
+#: where MULTI/EXEC would need a reply per command. A script is not rolled back when a
+#: command in it fails (an XADD fails when its stream holds a later id: keys left from
+#: another history), so the journal entry, the commit record that recovery and the
+#: retry check read, goes last: a write that fails part way journals nothing and
+#: acknowledges nothing, and the journal stops. The trades it wrote before failing stay
+#: on the fill stream, ahead of the journal, and `check_fills_follow` refuses to start
+#: on that.
+#: KEYS: journal, fills, then per trade its funder's and its SME's stream (`fills_of`).
 #: ARGV: journal entry id ("" for none), count, batch, F, F field names, then per trade
 #: its id and F values.
 WRITE_SCRIPT = b"""
@@ -108,13 +122,16 @@ local i = 5 + f
 local k = 3
 while i <= #ARGV do
   local args = {KEYS[2], ARGV[i]}
+  local row = {}
   for j = 1, f do
     args[#args + 1] = ARGV[4 + j]
     args[#args + 1] = ARGV[i + j]
+    row[j] = ARGV[i + j]
   end
   redis.call('XADD', unpack(args))
-  redis.call('XADD', KEYS[k], ARGV[i], 'side', 'bid')
-  redis.call('XADD', KEYS[k + 1], ARGV[i], 'side', 'ask')
+  local packed = cmsgpack.pack(row)
+  redis.call('XADD', KEYS[k], ARGV[i], 't', packed)
+  redis.call('XADD', KEYS[k + 1], ARGV[i], 't', packed)
   k = k + 2
   i = i + 1 + f
 end
@@ -196,7 +213,7 @@ class Journal:
         self._on_batch = on_batch
         self._journal_key = keys.journal.encode()
         self._fills_key = keys.fills.encode()
-        self._index_keys: dict[int, bytes] = {}
+        self._own_keys: dict[int, bytes] = {}
         self._conn = resp.Connection.like(client)     # the writes' own connection
         self._conn.on_settled = self._settle
 
@@ -426,7 +443,7 @@ class Journal:
         """One WRITE_SCRIPT call: by its digest, or with its text when `sha` is None."""
         keys = [self._journal_key, self._fills_key]
         for trade in trades:
-            keys += (self._index_key(trade.funder), self._index_key(trade.sme))
+            keys += (self._own_key(trade.funder), self._own_key(trade.sme))
         args = [b"%d" % len(keys), *keys]
         if entries:
             args += [b"%d-0" % entries[-1].seq, b"%d" % len(entries),
@@ -440,10 +457,10 @@ class Journal:
             return resp.pack(b"EVAL", WRITE_SCRIPT, *args)
         return resp.pack(b"EVALSHA", sha, *args)
 
-    def _index_key(self, participant: int) -> bytes:
-        key = self._index_keys.get(participant)
+    def _own_key(self, participant: int) -> bytes:
+        key = self._own_keys.get(participant)
         if key is None:
-            key = self._index_keys[participant] = self.keys.fills_of(participant).encode()
+            key = self._own_keys[participant] = self.keys.fills_of(participant).encode()
         return key
 
     async def _write(self, entries: list[wire.JournalEntry],

@@ -63,6 +63,7 @@ class Metrics:
         self.filled_fen = 0
         self.quotes = 0
         self.fill_pages = 0
+        self.fill_page_failures = 0
         self.dropped = 0
         self.seq = 0
         self.latency = Histogram(LATENCY_BUCKETS)
@@ -110,6 +111,9 @@ class Metrics:
         yield CounterMetricFamily("matcher_quotes", "Quotes answered", value=self.quotes)
         yield CounterMetricFamily("matcher_fill_pages", "Pages of own fills read back",
                                   value=self.fill_pages)
+        yield CounterMetricFamily("matcher_fill_page_failures",
+                                  "Pages of own fills that Redis could not read",
+                                  value=self.fill_page_failures)
         yield CounterMetricFamily("matcher_slow_consumers_dropped",
                                   "Connections closed because they could not keep up",
                                   value=self.dropped)

@@ -166,7 +166,7 @@ async def read_back(url: str) -> tuple[list[wire.JournalEntry], list[tuple[str, 
         await client.aclose()
 
 
-async def assert_indexes(url: str, trades: list[wire.Trade]) -> None:
+async def assert_own_streams(url: str, trades: list[wire.Trade]) -> None:
     client = aioredis.Redis.from_url(url)
     try:
         for pid in FUNDERS + SMES:
@@ -245,8 +245,8 @@ def test_sigkill_under_load_loses_nothing_acknowledged(tmp_path: Path,
         assert len(keys) == len(set(keys)), "the same fill under two trade ids"
         assert all(trade_id == t.trade_id for trade_id, t in fills)
         assert [t for _, t in fills] == regenerated
-        # and each participant's index lists exactly its trades, in order, once
-        run(assert_indexes(redis_server.url, regenerated))
+        # and each participant's own stream holds exactly its trades, in order, once
+        run(assert_own_streams(redis_server.url, regenerated))
 
         # restart on the same Redis: it serves exactly the journal
         server = ServerProcess(config, port, tmp_path / "server2.log").start()

@@ -498,8 +498,8 @@ BAD_INPUTS: list[tuple[str, int, str, dict[str, Any]]] = [
     ("fills_limit_zero", SME_X, json.dumps({"type": "fills", "limit": 0}),
      {"type": "error", "code": "invalid", "message": ">= 1", "path": "$.limit",
       "client_id": None}),
-    ("fills_limit_over_a_page", F11, json.dumps({"type": "fills", "limit": 201}),
-     {"type": "error", "code": "invalid", "message": "<= 200", "path": "$.limit",
+    ("fills_limit_over_a_page", F11, json.dumps({"type": "fills", "limit": 101}),
+     {"type": "error", "code": "invalid", "message": "<= 100", "path": "$.limit",
       "client_id": None}),
     ("platform_reads_own_fills", PLATFORM, json.dumps({"type": "fills", "ref": "r1"}),
      {"type": "error", "code": "forbidden", "message": "the platform reads the fill stream",
@@ -834,7 +834,7 @@ def test_an_sme_that_was_away_reads_back_the_fills_it_missed(server: ServerProce
                            "next": live[-1]["trade_id"], "ref": None}
     assert nothing_newer == {"type": "fills", "fills": [], "more": False,   # a safe cursor
                              "next": pages[-1]["next"], "ref": None}
-    status, body = get_fills(server, "after=0-0&limit=200", key(SME_X))
+    status, body = get_fills(server, "after=0-0&limit=100", key(SME_X))
     assert (status, body["fills"], body["more"]) == (200, missed, False)
     status, body = get_fills(server, "limit=1", key(SME_X))      # the newest only
     assert (status, body["fills"]) == (200, missed[-1:])
@@ -1659,6 +1659,9 @@ def test_metrics_show_a_journal_that_cannot_write_and_its_recovery(
             assert (down["code"], down["path"]) == ("unavailable", None), down
             status, body = await asyncio.to_thread(get_fills, server, "", key(F11))
             assert (status, body["code"]) == (503, "unavailable")
+            assert metric(server, "matcher_fill_page_failures_total") == 2
+            # not refused commands: the alert on those stays quiet
+            assert metric(server, 'matcher_rejects_total{code="unavailable"}') == len(refused)
             await asyncio.to_thread(redis_server.start)
             for _ in range(12 - len(refused)):
                 assert (await f11.expect("accepted", timeout=15))["client_id"] not in {
