@@ -354,6 +354,28 @@ def test_each_participant_pages_through_its_own_trades(redis_server: LocalRedis)
     run(scenario())
 
 
+def test_a_participant_stream_keeps_any_client_id(redis_server: LocalRedis) -> None:
+    """Client ids are any 64 characters: the row the script packs keeps them exactly."""
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 3)
+        funder, sme = FUNDERS[0], SMES[0]
+        for who, cmd in ((funder, wire.Bid(client_id="出价-①'\"\\", segment="DFM-30D",
+                                           rate_bps=200, amount=5 * M, tif="gtc")),
+                         (sme, wire.Ask(client_id="借款 ☃ " + "x" * 56, segment="DFM-30D",
+                                        amount=M, max_rate_bps=200))):
+            out = driver.submit(who, cmd)
+            assert out.entry is not None
+            await journal.append(out.entry, out.trades)
+        trade = driver.trades[-1]
+        assert (trade.bid_client_id, trade.sme) == ("出价-①'\"\\", sme)
+        history = FillHistory(client, KEYS)
+        assert (await history.page(sme, None, 1)).trades == [trade]
+        assert (await history.page(funder, None, 1)).trades == [trade]
+        await journal.close()
+        await client.aclose()
+    run(scenario())
+
+
 def test_a_write_that_fails_part_way_journals_nothing(redis_server: LocalRedis,
                                                       caplog: pytest.LogCaptureFixture) -> None:
     """A script is not rolled back when one of its commands fails. A participant's
