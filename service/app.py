@@ -33,13 +33,14 @@ from service import gctune
 from service.config import Config
 from service.gateway import (
     CLOSE_UNAUTHORIZED,
+    FillsBusy,
     Gateway,
     bearer_key,
     decode_error,
     fills_refused,
     system,
 )
-from service.journal import Journal, Keys, check_fills_follow
+from service.journal import Journal, Keys, check_streams_follow
 from service.localredis import LocalRedis, free_port
 from service.metrics import Metrics
 from service.realtime import make_realtime
@@ -98,7 +99,8 @@ class Service:
         keys = self.keys
         recovered = await recover(self.client, keys, self.directory.name)
         engine = recovered.engine
-        await check_fills_follow(self.client, keys, engine.seq)
+        await check_streams_follow(self.client, keys, engine.seq,
+                                   (p.id for p in self.directory if p.role in ("funder", "sme")))
         log.info("recovered seq %d: snapshot at %d + %d journaled commands in %.2fs",
                  engine.seq, recovered.snapshot_seq, recovered.replayed, recovered.seconds)
         journal = Journal(self.client, keys, max_retry_delay=cfg.redis.max_retry_delay,
@@ -391,31 +393,27 @@ class Service:
         who = gw.authenticate(bearer_key(request.headers.get("Authorization")))
         if who is None:
             return _json_error(401, "unauthorized", "a valid API key is required as "
-                               "'Authorization: Bearer <key>'", None)
+                               "'Authorization: Bearer <key>'", None,
+                               headers={"WWW-Authenticate": "Bearer"})
         refused = fills_refused(who)
         if refused is not None:
-            return web.Response(status=403, content_type="application/json",
-                                body=wire.json_encoder.encode(refused))
-        query: dict[str, str | int] = {"type": "fills"}
-        for name in request.query:
-            values = request.query.getall(name)
-            if name not in ("after", "limit") or len(values) > 1:
-                why = "given more than once" if len(values) > 1 else "unknown parameter"
-                return _json_error(400, "invalid", f"{name}: {why}", f"$.{name}")
-            value = values[0]
-            query[name] = int(value) if name == "limit" and value.isascii() \
-                and value.isdigit() and len(value) < 10 else value
-        try:
-            req = wire.json_decoder.decode(wire.json_encoder.encode(query))
+            return _error_response(403, refused)
+        repeated = [name for name in request.query if len(request.query.getall(name)) > 1]
+        if repeated:
+            return _json_error(400, "invalid", f"{repeated[0]}: given more than once",
+                               f"$.{repeated[0]}")
+        try:        # the WebSocket message's own checks; strict=False: "50" is 50
+            req = msgspec.convert(dict(request.query), wire.FillsRequest, strict=False)
         except msgspec.ValidationError as exc:
-            return _json_error(400, "invalid", str(exc), decode_error(exc, b"").path)
-        assert isinstance(req, wire.FillsRequest)
+            return _error_response(400, decode_error(exc, b""))
         try:
-            page = await gw.fill_page(who, req)
-        except (RedisError, OSError) as exc:
-            self.metrics.fill_page_failures += 1
-            return _json_error(503, "unavailable", f"fills cannot be read now: {exc}", None)
-        return web.Response(body=wire.json_encoder.encode(page), content_type="application/json")
+            answer = await gw.fill_page(who, req)
+        except FillsBusy as exc:
+            return _error_response(503, exc.error)
+        if isinstance(answer, wire.Error):
+            return _error_response(503, answer)
+        return web.Response(body=wire.json_encoder.encode(answer),
+                            content_type="application/json")
 
     async def _ws(self, request: web.Request) -> web.WebSocketResponse:
         gw = self.gateway
@@ -475,10 +473,16 @@ def _int_param(request: web.Request, name: str) -> int:
     return int(value)
 
 
-def _json_error(status: int, code: str, message: str, path: str | None) -> web.Response:
-    return web.Response(status=status, content_type="application/json",
-                        body=wire.json_encoder.encode(wire.Error(code=code, message=message,
-                                                                 path=path)))
+def _json_error(status: int, code: str, message: str, path: str | None,
+                headers: dict[str, str] | None = None) -> web.Response:
+    return _error_response(status, wire.Error(code=code, message=message, path=path),
+                           headers)
+
+
+def _error_response(status: int, error: wire.Error,
+                    headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, content_type="application/json", headers=headers,
+                        body=wire.json_encoder.encode(error))
 
 
 async def serve(config: Config) -> int:

@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--after", type=_trade_id, help="a trade id: every fill after it, oldest "
                                                    "first (\"0-0\": all)")
     p.add_argument("--limit", type=_positive, default=None,
-                   help="at most this many (default: the 20 newest, at most 200; with "
-                        "--after, all)")
+                   help=f"at most this many (default: all after --after; without it, the "
+                        f"20 newest, at most {MAX_FILLS_PAGE})")
     p.set_defaults(run=_fills)
     p = sub.add_parser("snapshotter", help="follow the journal and store a snapshot every "
                                             "--every commands (`serve` starts one itself)")
@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         args.full = False
     if args.command == "fills" and args.limit is None:
         args.limit = 20 if args.after is None else sys.maxsize
+    if args.command == "fills" and args.after is None and args.limit > MAX_FILLS_PAGE:
+        parser.error(f"--limit: the newest {MAX_FILLS_PAGE} at most; page on with --after")
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return int(args.run(args))

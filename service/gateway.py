@@ -43,20 +43,22 @@ _FIELD = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
 _SYSTEM = Participant(id=SYSTEM, name="system", role="admin", key_sha256="")
 _Held = tuple[Outcome, float, "Connection | None"]   # an outcome waiting for its batch
 _READERS = 2                   # pages of fills read from Redis at once
+_WAITING = 256                 # pages of fills asked for and not yet read, at most
 
 
 class _Named(msgspec.Struct):
-    """Only the client id of a message that did not decode (other fields ignored)."""
+    """Only the client id and ref of a message that did not decode (others ignored)."""
 
     client_id: wire.Name | None = None
+    ref: wire.Name | None = None
 
 
-_read_client_id = msgspec.json.Decoder(_Named).decode
+_read_names = msgspec.json.Decoder(_Named).decode
 
 
 def decode_error(exc: msgspec.MsgspecError, data: bytes | str) -> wire.Error:
     """msgspec's own message, with the JSON path split out, and the message's client id
-    when it has a valid one.
+    and ref when it has valid ones.
 
     msgspec puts the path of the object in which a field is unknown or missing, and
     nothing at the top level; the path given here ends at the field itself.
@@ -70,10 +72,11 @@ def decode_error(exc: msgspec.MsgspecError, data: bytes | str) -> wire.Error:
     if field is not None:
         path = f"{path}.{field.group(1)}"
     try:
-        client_id = _read_client_id(data).client_id
+        named = _read_names(data)
     except msgspec.MsgspecError:
-        client_id = None
-    return wire.Error(code="invalid", message=text, path=path, client_id=client_id)
+        named = _Named()
+    return wire.Error(code="invalid", message=text, path=path, client_id=named.client_id,
+                      ref=named.ref)
 
 
 def frame(payload: bytes) -> bytes:
@@ -173,6 +176,7 @@ class Gateway:
         self._encode = wire.json_encoder.encode
         self.history = FillHistory(journal.client, journal.keys)
         self._readers = asyncio.Semaphore(_READERS)
+        self._waiting = 0                                  # pages asked for, not yet read
 
     # --- commands ---
 
@@ -349,11 +353,15 @@ class Gateway:
             return
         who = conn.participant
         if not conn.allow():
-            client_id = getattr(msg, "client_id", None)
+            why = f"over {self.limits.rate:g} messages/s on this connection"
             self.metrics.reject("rate_limited")
-            conn.send(self._encode(wire.Rejected(
-                client_id=client_id, code="rate_limited",
-                message=f"over {self.limits.rate:g} messages/s on this connection")))
+            if isinstance(msg, wire.QuoteRequest | wire.FillsRequest):   # reads: by ref
+                conn.send(self._encode(wire.Error(code="rate_limited", message=why,
+                                                  ref=msg.ref)))
+            else:
+                conn.send(self._encode(wire.Rejected(
+                    client_id=getattr(msg, "client_id", None), code="rate_limited",
+                    message=why)))
             return
         if isinstance(msg, wire.QuoteRequest):
             self._quote(conn, msg)
@@ -388,9 +396,8 @@ class Gateway:
         and with it every journal write, for up to a fraction of a millisecond."""
         refused = fills_refused(conn.participant)
         if refused is None and conn.reading is not None:
-            refused = wire.Error(code="busy", path="$.type",
-                                 message="a page of fills is being read for this "
-                                         "connection: ask again when it has come")
+            refused = _busy("a page of fills is being read for this connection: ask again "
+                            "when it has come")
         if refused is not None:
             self._error(conn, msgspec.structs.replace(refused, ref=req.ref))
             return
@@ -398,25 +405,37 @@ class Gateway:
 
     async def _send_fills(self, conn: Connection, req: wire.FillsRequest) -> None:
         try:
-            page = await self.fill_page(conn.participant, req)
-        except (RedisError, OSError) as exc:
-            # Not a refused command (`matcher_rejects_total{code="unavailable"}`, which
-            # an alert reads): counted apart.
-            self.metrics.fill_page_failures += 1
-            conn.send(self._encode(wire.Error(code="unavailable", path=None, ref=req.ref,
-                                              message=f"fills cannot be read now: {exc}")))
-            return
+            answer: wire.FillPage | wire.Error = await self.fill_page(conn.participant, req)
+        except FillsBusy as exc:
+            answer = msgspec.structs.replace(exc.error, ref=req.ref)
         finally:
             conn.reading = None
-        conn.send(self._encode(page))
+        conn.send(self._encode(answer))
 
-    async def fill_page(self, who: Participant, req: wire.FillsRequest) -> wire.FillPage:
-        """A page of the participant's own journaled fills (a funder or an SME only).
+    async def fill_page(self, who: Participant,
+                        req: wire.FillsRequest) -> wire.FillPage | wire.Error:
+        """A page of the participant's own journaled fills (a funder or an SME only), or
+        the `unavailable` error when Redis cannot read it.
 
         At most `_READERS` pages are read at once, whoever asks (WebSocket or HTTP), so
-        a reconnection storm's catch-ups queue here instead of in Redis."""
-        async with self._readers:
-            page = await self.history.page(who.id, req.after, req.limit)
+        a reconnection storm's catch-ups queue here instead of in Redis; beyond
+        `_WAITING` waiting, FillsBusy. A failure is not a refused command (the alert on
+        `matcher_rejects_total{code="unavailable"}` reads those): it is counted apart.
+        """
+        if self._waiting >= _WAITING:
+            raise FillsBusy(_busy(f"{self._waiting} pages of fills are waiting to be read: "
+                                  "ask again shortly"))
+        self._waiting += 1
+        try:
+            async with self._readers:
+                page = await self.history.page(who.id, req.after, req.limit)
+        except (RedisError, OSError, ValueError) as exc:     # ValueError: a bad row
+            self.metrics.fill_page_failures += 1
+            log.warning("fills of participant %d could not be read: %s", who.id, exc)
+            return wire.Error(code="unavailable", path=None, ref=req.ref,
+                              message=f"fills cannot be read now: {exc}")
+        finally:
+            self._waiting -= 1
         side: Literal["bid", "ask"] = "bid" if who.role == "funder" else "ask"
         self.metrics.fill_pages += 1
         return wire.FillPage(
@@ -462,6 +481,18 @@ def bearer_key(header: str | None) -> str | None:
     if scheme.lower() != "bearer" or not key.strip():
         return None
     return key.strip()
+
+
+class FillsBusy(Exception):
+    """Too many pages of fills are waiting: the caller should ask again later."""
+
+    def __init__(self, error: wire.Error) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _busy(why: str) -> wire.Error:
+    return wire.Error(code="busy", path="$.type", message=why)
 
 
 def fills_refused(who: Participant) -> wire.Error | None:

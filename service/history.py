@@ -49,4 +49,4 @@ class FillHistory:
             more = len(rows) > limit
             del rows[limit:]
         last = rows[-1][0].decode() if rows else after
-        return Page([trade_from_row(fields[b"t"]) for _, fields in rows], more, last)
+        return Page([trade_from_row(fields) for _, fields in rows], more, last)

@@ -7,10 +7,13 @@ load. Up to `max_inflight` writes may be in flight on the one connection (Redis 
 them in order); 1 is best when Redis shares the machine's few cores (measured: fewer,
 larger writes cost less CPU than the round trip they save), more when it is far away.
 
-Each write is one atomic script call: one journal entry for the whole batch (its
-stream id is the batch's last sequence number) and one fill-stream entry per trade (its
-id is the trade id). Atomic, so the journal and the fill stream never disagree;
-explicit ids, so a write that may or may not have landed is checked, not repeated. A
+Each write is one atomic script call: one fill-stream entry per trade (its id is the
+trade id), the trade in its funder's and its SME's own stream, and last one journal
+entry for the whole batch (its stream id is the batch's last sequence number), the
+commit record. Atomic, so a write that succeeds lands whole; a write that fails part
+way (only when keys hold ids from another history, see WRITE_SCRIPT) journals nothing,
+and the start refuses the streams it left ahead of the journal. Explicit ids, so a
+write that may or may not have landed is checked, not repeated. A
 command's replies are released only when its write has returned. The writes go over the
 journal's own connection (`service.resp`), by the script's digest; reads for recovery
 use redis-py.
@@ -27,9 +30,8 @@ import contextlib
 import hashlib
 import logging
 import time
-import typing
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,15 +92,24 @@ def decode_trade(fields: dict[bytes, bytes]) -> wire.Trade:
                            strict=False)
 
 
+#: The field of a participant's stream entry: the trade's values packed as one row.
+#: The name carries the row's format: a change of `wire.Trade` needs a new one.
+ROW_FIELD = b"t1"
 _TradeRow = msgspec.defstruct(
-    "_TradeRow", [(f, t) for f, t in typing.get_type_hints(wire.Trade).items()
-                  if f in wire.Trade.__struct_fields__], array_like=True)
+    "_TradeRow", [(f.name, f.type) for f in msgspec.structs.fields(wire.Trade)],
+    array_like=True)
 _read_row = msgspec.msgpack.Decoder(_TradeRow, strict=False).decode    # "250" -> 250
 
 
-def trade_from_row(row: bytes) -> wire.Trade:
-    """A participant's stream entry (field `t`: the values of `trade_fields` in order, as
-    strings, packed by the write script) back into a Trade."""
+def trade_from_row(fields: dict[bytes, bytes]) -> wire.Trade:
+    """A participant's stream entry (`ROW_FIELD`: the values of `trade_fields` in order,
+    as strings, packed by the write script) back into a Trade.
+
+    Raises ValueError for an entry in another format (msgspec's errors are ValueErrors).
+    """
+    row = fields.get(ROW_FIELD)
+    if row is None:
+        raise ValueError(f"not a trade row (fields {sorted(fields)}, expected {ROW_FIELD!r})")
     return wire.Trade(**msgspec.structs.asdict(_read_row(row)))
 
 
@@ -111,8 +122,8 @@ def trade_from_row(row: bytes) -> wire.Trade:
 #: another history), so the journal entry, the commit record that recovery and the
 #: retry check read, goes last: a write that fails part way journals nothing and
 #: acknowledges nothing, and the journal stops. The trades it wrote before failing stay
-#: on the fill stream, ahead of the journal, and `check_fills_follow` refuses to start
-#: on that.
+#: on the fill stream, ahead of the journal, and `check_streams_follow` refuses to
+#: start on that.
 #: KEYS: journal, fills, then per trade its funder's and its SME's stream (`fills_of`).
 #: ARGV: journal entry id ("" for none), count, batch, F, F field names, then per trade
 #: its id and F values.
@@ -130,8 +141,8 @@ while i <= #ARGV do
   end
   redis.call('XADD', unpack(args))
   local packed = cmsgpack.pack(row)
-  redis.call('XADD', KEYS[k], ARGV[i], 't', packed)
-  redis.call('XADD', KEYS[k + 1], ARGV[i], 't', packed)
+  redis.call('XADD', KEYS[k], ARGV[i], 't1', packed)
+  redis.call('XADD', KEYS[k + 1], ARGV[i], 't1', packed)
   k = k + 2
   i = i + 1 + f
 end
@@ -493,20 +504,33 @@ async def last_seq(client: aioredis.Redis, keys: Keys) -> int:
     return stream_seq(newest[0][0]) if newest else 0
 
 
-async def check_fills_follow(client: aioredis.Redis, keys: Keys, seq: int) -> None:
-    """Refuse to start on a fill stream with trades of commands after the journal's last.
+async def check_streams_follow(client: aioredis.Redis, keys: Keys, seq: int,
+                               participants: Iterable[int]) -> None:
+    """Refuse to start on a fill stream, or a participant's, that has had ids after the
+    journal's last sequence number.
 
-    The journal's entry is the commit record of each write; a fill stream ahead of it
-    has trades from another history (the journal deleted or restored without it, or a
-    write that failed part way, see WRITE_SCRIPT), and writing on would fail or mix
-    them. The shard's keys belong together: keep, restore or delete them together.
+    The journal's entry is the commit record of each write. A stream that is ahead of it
+    comes from another history (the journal deleted or restored without it, or a write
+    that failed part way, see WRITE_SCRIPT): the next trade's write would fail on it, or
+    the platform would read trades that were never acknowledged. What counts is the last
+    id the stream ever generated, which `XDEL` does not lower. The shard's keys belong
+    together: keep, restore or delete them together.
     """
-    newest: Any = await client.xrevrange(keys.fills, count=1)
-    if newest and stream_seq(newest[0][0]) > seq:
-        raise JournalLost(
-            f"the fill stream {keys.fills} holds trade {newest[0][0].decode()}, but the "
-            f"journal ends at seq {seq}: its keys do not belong together (see the runbook, "
-            "'The fill stream is ahead of the journal')")
+    names = [keys.fills, *(keys.fills_of(p) for p in participants)]
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.xinfo_stream(name)
+    for name, info in zip(names, await pipe.execute(raise_on_error=False), strict=True):
+        if isinstance(info, ResponseError):
+            continue                                        # no such stream yet
+        if isinstance(info, Exception):
+            raise info
+        last = info["last-generated-id"]
+        if stream_seq(last) > seq:
+            raise JournalLost(
+                f"the stream {name} has had trade {last.decode()}, but the journal ends at "
+                f"seq {seq}: its keys do not belong together (see the runbook, 'A fill "
+                "stream is ahead of the journal')")
 
 
 async def read_journal(client: aioredis.Redis, keys: Keys, after: int = 0,

@@ -322,7 +322,7 @@ async def assert_own_streams(client: aioredis.Redis, trades: list[wire.Trade]) -
     """Each participant's own stream holds exactly its trades, in order, as `fills` does."""
     for who in FUNDERS + SMES:
         rows = await client.xrange(KEYS.fills_of(who))
-        assert [(i.decode(), trade_from_row(f[b"t"])) for i, f in rows] == [
+        assert [(i.decode(), trade_from_row(f)) for i, f in rows] == [
             (t.trade_id, t) for t in trades if who in (t.funder, t.sme)]
 
 
@@ -754,6 +754,10 @@ def test_cli_fills_prints_a_participants_loans(redis_server: LocalRedis) -> None
                           "--participant", str(sme), "--after", "3"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "'3' is not a trade id" in bad.stderr
+    too_many = subprocess.run([sys.executable, "-m", "service.cli", "fills", "--redis-url", url,
+                               "--participant", str(sme), "--limit", "101"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+    assert too_many.returncode == 2 and "the newest 100 at most" in too_many.stderr
 
 
 def test_a_snapshot_replaces_only_an_older_one(redis_server: LocalRedis) -> None:

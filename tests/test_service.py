@@ -495,9 +495,9 @@ BAD_INPUTS: list[tuple[str, int, str, dict[str, Any]]] = [
     ("fills_after_with_a_newline", SME_X, json.dumps({"type": "fills", "after": "1-0\n"}),
      {"type": "error", "code": "invalid", "message": "regex", "path": "$.after",
       "client_id": None}),
-    ("fills_limit_zero", SME_X, json.dumps({"type": "fills", "limit": 0}),
+    ("fills_limit_zero", SME_X, json.dumps({"type": "fills", "limit": 0, "ref": "z"}),
      {"type": "error", "code": "invalid", "message": ">= 1", "path": "$.limit",
-      "client_id": None}),
+      "client_id": None, "ref": "z"}),
     ("fills_limit_over_a_page", F11, json.dumps({"type": "fills", "limit": 101}),
      {"type": "error", "code": "invalid", "message": "<= 100", "path": "$.limit",
       "client_id": None}),
@@ -892,19 +892,49 @@ def test_the_bearer_scheme_is_case_insensitive(server: ServerProcess) -> None:
     assert run(scenario())["participant"] == SME_X
 
 
+@pytest.mark.parametrize("stream", [FILLS_STREAM, f"matcher:{{main}}:fills-of:{SME_Y}"])
 def test_serve_refuses_a_fill_stream_ahead_of_its_journal(tmp_path: Path,
-                                                          redis_server: LocalRedis) -> None:
+                                                          redis_server: LocalRedis,
+                                                          stream: str) -> None:
     """The shard's keys belong together: trades of commands the journal does not hold
-    (a journal deleted by hand) stop the start instead of mixing two histories."""
+    (a journal deleted by hand) stop the start instead of mixing two histories, also
+    once deleted (a stream keeps the last id it generated) until the stream's last id
+    is set back."""
     client = redis.Redis.from_url(redis_server.url)
-    client.xadd(FILLS_STREAM, {"seq": "7"}, id="7-0")
+    client.xadd(stream, {"seq": "7"}, id="7-0")
+    client.xdel(stream, "7-0")
     client.close()
     port = free_port()
     proc = ServerProcess(write_config(tmp_path / "matcher.toml", redis_server.url, port), port,
                          tmp_path / "server.log")
     with pytest.raises(RuntimeError, match="server exited"):
         proc.start()
-    assert "holds trade 7-0, but the journal ends at seq 0" in proc.log.read_text()
+    assert f"the stream {stream} has had trade 7-0, but the journal ends at seq 0" in \
+        proc.log.read_text()
+    client = redis.Redis.from_url(redis_server.url)
+    client.execute_command("XSETID", stream, "0-0")               # the runbook's repair
+    client.close()
+    proc.start()
+    assert proc.terminate() == 0
+
+
+def test_a_row_in_another_format_is_answered_unavailable(server: ServerProcess,
+                                                         redis_server: LocalRedis) -> None:
+    """An entry the gateway cannot read (another version's) gets an answer, not silence."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.xadd(f"matcher:{{main}}:fills-of:{SME_Y}", {"side": "ask"}, id="1-0")
+    client.close()
+
+    async def scenario() -> dict[str, Any]:
+        async with session(server, SME_Y) as sme:
+            await sme.send({"type": "fills", "ref": "old"})
+            return await sme.expect("error")
+    answer = run(scenario())
+    assert (answer["code"], answer["ref"]) == ("unavailable", "old")
+    assert "not a trade row" in answer["message"]
+    assert metric(server, "matcher_fill_page_failures_total") == 1
+    status, body = get_fills(server, "", key(SME_Y))
+    assert (status, body["code"]) == (503, "unavailable")
 
 
 def test_funder_amends_its_bid_and_the_book_follows(server: ServerProcess) -> None:
@@ -1399,14 +1429,18 @@ def test_command_over_the_rate_limit_is_rejected_rate_limited(
             await f11.quote("DFM-30D", 1_000)                            # 3
             excess = await f11.command(bid("b2", "DFM-30D", 240, 1_000))
             excess_quote = await f11.command({"type": "quote", "segment": "DFM-30D",
-                                              "amount": 1})
-            return first, excess, excess_quote, await platform.book("DFM-30D")
+                                              "amount": 1, "ref": "q9"})
+            excess_fills = await f11.command({"type": "fills", "ref": "f9"})
+            return first, excess, excess_quote, excess_fills, await platform.book("DFM-30D")
 
-    first, excess, excess_quote, book = run(scenario())
+    first, excess, excess_quote, excess_fills, book = run(scenario())
     assert excess == {"type": "rejected", "client_id": "b2", "code": "rate_limited",
                       "message": "over 0.5 messages/s on this connection", "path": None}
-    assert excess_quote["type"] == "rejected" and excess_quote["code"] == "rate_limited"
-    assert excess_quote["client_id"] is None
+    # reads are answered by ref: an `error`, not a command's `rejected`
+    for answer, ref in ((excess_quote, "q9"), (excess_fills, "f9")):
+        assert answer == {"type": "error", "code": "rate_limited", "path": None,
+                          "client_id": None, "ref": ref,
+                          "message": "over 0.5 messages/s on this connection"}
     assert book["levels"] == [[250, 1_000, 1]] and book["seq"] == first["seq"]
 
 
