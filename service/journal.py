@@ -13,10 +13,9 @@ entry for the whole batch (its stream id is the batch's last sequence number), t
 commit record. Atomic, so a write that succeeds lands whole; a write that fails part
 way (only when keys hold ids from another history, see WRITE_SCRIPT) journals nothing,
 and the start refuses the streams it left ahead of the journal. Explicit ids, so a
-write that may or may not have landed is checked, not repeated. A
-command's replies are released only when its write has returned. The writes go over the
-journal's own connection (`service.resp`), by the script's digest; reads for recovery
-use redis-py.
+write that may or may not have landed is checked, not repeated. A command's replies are
+released only when its write has returned. The writes go over the journal's own
+connection (`service.resp`), by the script's digest; reads for recovery use redis-py.
 
 Keys share the hash tag of the engine shard (`{main}` by default), so one shard's keys
 live in one Redis Cluster slot and the script stays legal when segments are sharded
