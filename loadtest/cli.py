@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the local Redis's persistence, with --serve")
     ap.add_argument("--out", default="results")
     ap.add_argument("--rate", type=float, help="commands/s offered")
+    ap.add_argument("--reads", type=float,
+                    help="SMEs' `fills` requests/s offered besides the commands (each asks "
+                         "for its 5 latest loans, as the board does)")
     ap.add_argument("--duration", type=float, dest="duration_s", help="seconds (per step)")
     ap.add_argument("--ramp", type=lambda s: tuple(float(x) for x in s.split(",")),
                     help="offered rates, comma-separated")
@@ -123,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.realtime <= 99:
         ap.error("--realtime: must be in [0, 99]")
     profile: Profile = PROFILES[args.profile].with_(
-        rate=args.rate, duration_s=args.duration_s, ramp=args.ramp, funders=args.funders,
+        rate=args.rate, reads=args.reads, duration_s=args.duration_s, ramp=args.ramp,
+        funders=args.funders,
         smes=args.smes, objective_p99_ms=args.objective_p99_ms, seed=args.seed)
     cfg = config_module.load(args.config)
     funders = participants(cfg, "funder", profile.funders)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import re
 import sys
 import time
@@ -96,6 +97,7 @@ class Client:
         self.ws: wsclient.WebSocket | None = None
         self.pending: dict[str | None, deque[tuple[int, bool]]] = defaultdict(deque)
         self.asks: dict[str, tuple[int, bool]] = {}        # ask client id -> (origin, measured)
+        self.reads: dict[str, tuple[int, bool]] = {}       # fills request ref -> (origin, ...)
         self._welcome: asyncio.Future[None] | None = None
 
     async def connect(self) -> None:
@@ -114,6 +116,14 @@ class Client:
             self.asks[msg["client_id"]] = (origin, measured)   # answered now or never
         self.run.rec.record_send(intended_ns, now, measured)
         self.ws.send(_encode(msg))
+
+    def read(self, ref: str, intended_ns: int, measured: bool) -> None:
+        """Ask for one's 5 latest loans, as the board does at every sign-in."""
+        assert self.ws is not None
+        now = time.perf_counter_ns()
+        self.reads[ref] = (min(intended_ns, now), measured)
+        self.run.rec.reads_sent += 1
+        self.ws.send(_encode({"type": "fills", "limit": 5, "ref": ref}))
 
     def _on_message(self, data: bytes, now: int) -> None:
         if self._welcome is not None:
@@ -152,6 +162,14 @@ class Client:
                 self.run.market.funders[self.index].live.pop(event.client_id, None)
             else:
                 self.asks.pop(event.client_id, None)
+        elif isinstance(event, wire.FillPage | wire.Error) and event.ref in self.reads:
+            origin, measured = self.reads.pop(event.ref)
+            if isinstance(event, wire.Error):
+                rec.reads_refused[event.code] += 1
+                return
+            rec.reads_answered += 1
+            if measured:
+                rec.fills_page.add(max(1, (now - origin) // 1000))
 
 
 class Run:
@@ -228,13 +246,10 @@ class Run:
                 self._send(client, self.market.bid(state), now, False)
         await self._await_acks(30)
 
-    async def offer(self) -> None:
-        """The open-loop schedule, step after step."""
+    async def offer(self, t0: int) -> None:
+        """The open-loop schedule, step after step, from `t0` (perf_counter ns)."""
         p = self.profile
         rng = self.market.rng
-        t0 = time.perf_counter_ns() + 50_000_000
-        self.rec.start_ns = t0
-        self._measure_wall_ns = time.time_ns() + 50_000_000
         offset = 0.0
         late = 0
         for k, step in enumerate(self.steps):
@@ -264,6 +279,27 @@ class Run:
                                      measured)
             step.backlog = self.outstanding
             offset += warm + p.duration_s
+
+    async def offer_reads(self, t0: int) -> None:
+        """SMEs' `fills` requests, open loop on a schedule of their own (a separate seeded
+        generator: the commands' schedule stays the one without reads)."""
+        p = self.profile
+        if p.reads <= 0:
+            return
+        rng = random.Random(p.seed + 1)
+        total = p.warmup_s + p.duration_s * len(self.steps)
+        for n, t in enumerate(arrivals(p.reads, 0.0, total, rng)):
+            intended = t0 + int(t * 1e9)
+            wait = intended - EARLY_NS - time.perf_counter_ns()
+            if wait > 0:
+                await asyncio.sleep(wait / 1e9)
+            self.smes[rng.randrange(len(self.smes))].read(
+                f"r{n}", intended, intended >= t0 + int(p.warmup_s * 1e9))
+
+    async def _await_reads(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while any(c.reads for c in self.smes) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     async def platform_reader(self, stop: asyncio.Event, start_id: str) -> None:
         """The platform's view: every fill on the Redis stream, and how late it arrived.
@@ -346,8 +382,11 @@ class Run:
             progress = asyncio.get_running_loop().create_task(self.progress(stop, total))
             buckets = await asyncio.to_thread(server_buckets, self.http)
             cpu_before, cpu_start = await self._cpu(), time.monotonic()
-            await self.offer()
+            t0 = self.rec.start_ns = time.perf_counter_ns() + 50_000_000
+            self._measure_wall_ns = time.time_ns() + 50_000_000
+            await asyncio.gather(self.offer(t0), self.offer_reads(t0))
             await self._await_acks(30)
+            await self._await_reads(30)
             # Let the platform reader catch up with every fill the clients saw.
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and self.rec.fills.platform_behind():
@@ -390,6 +429,8 @@ class Run:
                 "ack_handled": summary(rec.ack_handled, "send → accepted, stamped when handled"),
                 "ask_fill": summary(rec.ask_fill, "SME ask sent → fill received"),
                 "platform": summary(rec.platform, "fill journaled → read by the platform"),
+                **({"fills_page": summary(rec.fills_page, "SME fills sent → page received")}
+                   if p.reads > 0 else {}),
             },
             "timeline": rec.timeline(dict(self.offered)),
             "ramp": ramp,

@@ -184,10 +184,14 @@ class Recorder:
     ack_handled: Tally = field(default_factory=Tally)
     ask_fill: Tally = field(default_factory=Tally)
     platform: Tally = field(default_factory=Tally)
+    fills_page: Tally = field(default_factory=Tally)   # a `fills` request sent -> its page
     lag: Tally = field(default_factory=Tally)
     seconds: dict[int, Second] = field(default_factory=lambda: defaultdict(Second))
     sent: int = 0
     accepted: int = 0
+    reads_sent: int = 0
+    reads_answered: int = 0                     # pages received
+    reads_refused: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     rejected: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     fills: FillLedger = field(default_factory=lambda: FillLedger(set(), set()))
     lent: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
@@ -234,6 +238,12 @@ class Recorder:
         unexpected = {c: n for c, n in self.rejected.items() if c not in EXPECTED_REJECTS}
         if unexpected:
             problems.append(f"unexpected rejections: {unexpected}")
+        answered = self.reads_answered + sum(self.reads_refused.values())
+        if answered != self.reads_sent:
+            problems.append(f"{self.reads_sent} fills requests sent but {answered} answered")
+        refused = {c: n for c, n in self.reads_refused.items() if c != "busy"}
+        if refused:      # busy: the same SME asked again before its page came
+            problems.append(f"fills requests refused: {refused}")
         return {
             "ok": not problems, "problems": problems, "commands_sent": self.sent,
             "acks": acks, "accepted": self.accepted, "rejected": dict(self.rejected),
@@ -241,6 +251,8 @@ class Recorder:
             "fills_platform": self.fills.count[PLATFORM],
             "amount_sme": self.fills.amount[SME], "amount_funder": self.fills.amount[FUNDER],
             "amount_platform": self.fills.amount[PLATFORM], "over_line": over,
+            "reads_sent": self.reads_sent, "reads_answered": self.reads_answered,
+            "reads_refused": dict(self.reads_refused),
         }
 
     def timeline(self, offered: dict[int, int]) -> list[dict[str, Any]]:

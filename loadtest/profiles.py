@@ -20,6 +20,7 @@ class Profile:
     funders: int = 67
     smes: int = 6_300
     ask_share: float = 0.3              # of commands: SME asks; the rest are funders' quotes
+    reads: float = 0.0                  # SMEs' `fills` requests/s, besides the commands
     bids_per_funder: int = 12           # resting bids a funder keeps (it re-quotes them)
     credit_line: int = 2 * 10**12       # fen per funder and core enterprise
     objective_p99_ms: float = 2.0       # send -> accepted, for the ramp's capacity
@@ -37,7 +38,7 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     # Seconds, for CI: proves the whole chain and the reconciliation, not the speed.
     "smoke": Profile("smoke", rate=300, duration_s=4, warmup_s=0.5, funders=6, smes=20,
-                     bids_per_funder=6),
+                     bids_per_funder=6, reads=20),
     # The morning rush: all funders quoting, SMEs asking, at one rate.
     "same-day": Profile("same-day", rate=5_000, duration_s=60),
     # Raise the rate step by step; the capacity is the highest step within the objective.

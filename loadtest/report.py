@@ -25,7 +25,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 Results = Mapping[str, Any]
 
 #: Measures in the order people read them: the server's answer, the trade, the platform.
-MEASURE_ORDER = ("ack", "ack_handled", "ask_fill", "platform")
+MEASURE_ORDER = ("ack", "ack_handled", "ask_fill", "platform", "fills_page")
 #: The processes whose CPU the report shows, in this order.
 CPU_ORDER = ("server", "redis", "generator", "snapshotter")
 #: Table columns: (heading, key in a measure summary).
@@ -207,6 +207,18 @@ def _reconciliation_line(results: Results) -> str:
             f"rejected {fmt_int(_rejected_total(rec))}{f' ({why})' if why else ''}")
 
 
+def _reads_line(results: Results) -> str | None:
+    """The SMEs' `fills` requests: each answered by a page or refused (`busy`: asked again
+    before the previous page came)."""
+    rec: Mapping[str, Any] = results.get("reconciliation") or {}
+    if not rec.get("reads_sent"):
+        return None
+    refused: Mapping[str, Any] = rec.get("reads_refused") or {}
+    why = "".join(f"  {code} {fmt_int(n)}" for code, n in refused.items())
+    return (f"fills requests {fmt_int(rec.get('reads_sent'))}  pages "
+            f"{fmt_int(rec.get('reads_answered'))}{why}")
+
+
 def _fills_line(results: Results) -> str | None:
     """Fills and amounts as each side saw them: the three must agree, so they sit together."""
     rec: Mapping[str, Any] = results.get("reconciliation") or {}
@@ -265,6 +277,9 @@ def _facts(results: Results, problems: bool = False) -> list[tuple[str, str]]:
     fills = _fills_line(results)
     if fills is not None:
         facts.append(("", fills))
+    reads = _reads_line(results)
+    if reads is not None:
+        facts.append(("", reads))
     if problems:
         over_line = (results.get("reconciliation") or {}).get("over_line") or []
         facts += [("", f"  - {p}") for p in reconciliation_problems(results)]

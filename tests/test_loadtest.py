@@ -28,6 +28,12 @@ def test_smoke_profile_reconciles_and_writes_its_report(
     assert recon["fills_sme"] == recon["fills_platform"] > 0
     assert recon["amount_sme"] == recon["amount_platform"]
     assert results["measures"]["ack"]["count"] > 0
+    # the smoke profile's SMEs also ask for their latest loans, 20 times a second
+    assert recon["reads_sent"] > 30
+    assert recon["reads_answered"] + recon["reads_refused"].get("busy", 0) == \
+        recon["reads_sent"]
+    assert 0 < results["measures"]["fills_page"]["count"] <= recon["reads_answered"]
+    assert "fills requests " in proc.stdout
     view = results["server_view"]                  # read from the real server's /metrics
     assert view["count"] >= recon["commands_sent"] * 0.9
     assert 0 < view["within_ms"][-1][1] <= 1

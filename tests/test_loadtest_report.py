@@ -150,6 +150,17 @@ def test_ramp_run_plots_the_ramp_and_reports_capacity(tmp_path: Path) -> None:
     assert "30.0" in page and "<b>no</b>" in page
 
 
+def test_summary_lists_the_fills_requests_only_when_there_were_some() -> None:
+    results = fixed_results()
+    assert "fills requests" not in report.summary_table(results)
+    results["reconciliation"].update(reads_sent=1200, reads_answered=1195,
+                                     reads_refused={"busy": 5})
+    results["measures"]["fills_page"] = measure("SME fills sent → page received", 0.5, 1195)
+    table = report.summary_table(results)
+    assert re.search(r"^\s+fills requests 1,200  pages 1,195  busy 5$", table, re.M), table
+    assert re.search(r"^fills_page\s+SME fills sent → page received\s+1,195 ", table, re.M)
+
+
 def test_summary_table_is_aligned_and_says_pass(tmp_path: Path) -> None:
     table = report.summary_table(fixed_results())
     lines = table.splitlines()
