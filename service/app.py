@@ -181,6 +181,7 @@ class Service:
         else:
             await self._snapshot_now("at shutdown", timeout)
         await gw.close_all()
+        gw.history.close()
         await gw.journal.close()
         if self.runner is not None:
             await self.runner.cleanup()

@@ -61,12 +61,13 @@ def _replay(args: argparse.Namespace) -> int:
 def _fills(args: argparse.Namespace) -> int:
     """A participant's loans, as its `fills` requests would read them: for an operator
     answering "I never got that fill"."""
+    from service import resp
     from service.history import FillHistory
     from service.platform import describe
 
     async def run() -> int:
         client = aioredis.Redis.from_url(args.redis_url)
-        history = FillHistory(client, Keys(args.shard))
+        history = FillHistory(resp.Connection.like(client), Keys(args.shard))
         try:
             after, shown = args.after, 0
             while True:
@@ -83,6 +84,7 @@ def _fills(args: argparse.Namespace) -> int:
                       + (f" after {args.after}" if args.after else ""), file=sys.stderr)
             return 0
         finally:
+            history.close()
             await client.aclose()
     return asyncio.run(run())
 

@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 from matcher import protocol as wire
 from matcher.engine import Engine, Outcome
 from matcher.participants import SYSTEM, Directory, Participant
+from service import resp
 from service.config import LimitsConfig
 from service.history import FillHistory
 from service.journal import Journal
@@ -174,7 +175,7 @@ class Gateway:
         self._last_fills: dict[str, deque[tuple[int, int]]] = {}   # rate, amount; public
         self._book_due: set[str] = set()
         self._encode = wire.json_encoder.encode
-        self.history = FillHistory(journal.client, journal.keys)
+        self.history = FillHistory(resp.Connection.like(journal.client), journal.keys)
         self._readers = asyncio.Semaphore(_READERS)
         self._waiting = 0                                  # pages asked for, not yet read
 

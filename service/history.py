@@ -13,9 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from matcher import protocol as wire
+from service import resp
 from service.journal import Keys, trade_from_row
 
 
@@ -30,23 +29,31 @@ class Page:
 
 
 class FillHistory:
-    """Pages of one participant's trades, read from Redis."""
+    """Pages of one participant's trades, read from Redis on a lean connection of their
+    own (`service.resp`): a read of the newest five cost the gateway 101 to 125 us of
+    CPU that way, against 167 to 217 us through redis-py's pool (ADR 18)."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
-        self.client = client
+    def __init__(self, conn: resp.Connection, keys: Keys) -> None:
+        self.conn = conn
         self.keys = keys
 
     async def page(self, participant: int, after: str | None, limit: int) -> Page:
         """The `limit` trades after trade id `after`, or the newest `limit` without it."""
-        key = self.keys.fills_of(participant)
+        key = self.keys.fills_of(participant).encode()
         rows: Any
         if after is None:
-            rows = await self.client.xrevrange(key, count=limit)
+            rows = await self.conn.call(resp.pack(b"XREVRANGE", key, b"+", b"-", b"COUNT",
+                                                  b"%d" % limit))
             rows.reverse()
             more = False
         else:
-            rows = await self.client.xrange(key, min=f"({after}", count=limit + 1)
+            rows = await self.conn.call(resp.pack(b"XRANGE", key, b"(" + after.encode(), b"+",
+                                                  b"COUNT", b"%d" % (limit + 1)))
             more = len(rows) > limit
             del rows[limit:]
         last = rows[-1][0].decode() if rows else after
-        return Page([trade_from_row(fields) for _, fields in rows], more, last)
+        return Page([trade_from_row(dict(zip(flat[::2], flat[1::2], strict=True)))
+                     for _, flat in rows], more, last)
+
+    def close(self) -> None:
+        self.conn.close()

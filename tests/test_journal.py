@@ -30,6 +30,7 @@ from matcher import protocol as wire
 from matcher import snapshot
 from matcher.engine import Engine, Outcome
 from matcher.protocol import Role
+from service import resp
 from service.history import FillHistory
 from service.journal import (
     Journal,
@@ -331,7 +332,7 @@ def test_each_participant_pages_through_its_own_trades(redis_server: LocalRedis)
         client, journal, driver = await opened(redis_server, 3)
         await play(driver, journal, 1500)
         await assert_own_streams(client, driver.trades)
-        history = FillHistory(client, KEYS)
+        history = FillHistory(resp.Connection.like(client), KEYS)
         for who in FUNDERS + SMES:
             own = [t for t in driver.trades if who in (t.funder, t.sme)]
             assert len(own) > 20
@@ -350,6 +351,7 @@ def test_each_participant_pages_through_its_own_trades(redis_server: LocalRedis)
         nobody = await history.page(999, None, 5)
         assert (nobody.trades, nobody.more, nobody.next) == ([], False, None)
         await journal.close()
+        history.close()
         await client.aclose()
     run(scenario())
 
@@ -368,9 +370,10 @@ def test_a_participant_stream_keeps_any_client_id(redis_server: LocalRedis) -> N
             await journal.append(out.entry, out.trades)
         trade = driver.trades[-1]
         assert (trade.bid_client_id, trade.sme) == ("出价-①'\"\\", sme)
-        history = FillHistory(client, KEYS)
+        history = FillHistory(resp.Connection.like(client), KEYS)
         assert (await history.page(sme, None, 1)).trades == [trade]
         assert (await history.page(funder, None, 1)).trades == [trade]
+        history.close()
         await journal.close()
         await client.aclose()
     run(scenario())
