@@ -35,6 +35,7 @@ from service.gateway import (
     CLOSE_UNAUTHORIZED,
     FillsBusy,
     Gateway,
+    TokenBucket,
     bearer_key,
     decode_error,
     fills_refused,
@@ -76,6 +77,7 @@ class Service:
         self.exit_code = 0
         self.stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._http_buckets: dict[int, TokenBucket] = {}     # per participant, /v1/fills
 
     # --- lifecycle ---
 
@@ -399,6 +401,14 @@ class Service:
         refused = fills_refused(who)
         if refused is not None:
             return _error_response(403, refused)
+        limits = self.config.limits
+        bucket = self._http_buckets.get(who.id)
+        if bucket is None:      # one per participant: the directory bounds them
+            bucket = self._http_buckets[who.id] = TokenBucket(limits.rate, limits.burst)
+        if not bucket():
+            self.metrics.reject("rate_limited")
+            return _json_error(429, "rate_limited", f"over {limits.rate:g} requests/s for "
+                               "this key", None)
         repeated = [name for name in request.query if len(request.query.getall(name)) > 1]
         if repeated:
             return _json_error(400, "invalid", f"{repeated[0]}: given more than once",

@@ -90,6 +90,24 @@ def frame(payload: bytes) -> bytes:
     return bytes((0x81, 127)) + n.to_bytes(8, "big") + payload
 
 
+class TokenBucket:
+    """`rate` messages a second, bursts up to `burst`: calling it takes one, if there is."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self._tokens = float(burst)
+        self._refilled = time.monotonic()
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._refilled) * self.rate)
+        self._refilled = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
 class Connection:
     """One WebSocket client: its participant, subscriptions, rate budget and outbox.
 
@@ -113,8 +131,7 @@ class Connection:
         self.reading: asyncio.Task[None] | None = None     # a page of fills being read
         self._frames: list[bytes] = []
         self._loop = asyncio.get_running_loop()
-        self._tokens = float(limits.burst)
-        self._refilled = time.monotonic()
+        self.allow = TokenBucket(limits.rate, limits.burst)
         self._on_slow = on_slow
 
     def send(self, data: bytes) -> None:
@@ -132,17 +149,6 @@ class Connection:
             self._on_slow(self)
             return
         self.transport.write(b"".join(frames))
-
-    def allow(self) -> bool:
-        """Token bucket: `rate` messages a second, bursts up to `burst`."""
-        now = time.monotonic()
-        self._tokens = min(self.limits.burst,
-                           self._tokens + (now - self._refilled) * self.limits.rate)
-        self._refilled = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
 
     @property
     def backlog(self) -> int:

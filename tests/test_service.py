@@ -1444,6 +1444,15 @@ def test_command_over_the_rate_limit_is_rejected_rate_limited(
     assert book["levels"] == [[250, 1_000, 1]] and book["seq"] == first["seq"]
 
 
+def test_http_fills_are_rate_limited_per_key(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server(rate=0.5, burst=2)
+    got = [get_fills(server, "", key(SME_X))[0] for _ in range(3)]
+    status, body = get_fills(server, "", key(SME_X))
+    assert got == [200, 200, 429] and status == 429
+    assert (body["code"], body["path"]) == ("rate_limited", None)
+    assert get_fills(server, "", key(SME_Y))[0] == 200          # another key, its own budget
+
+
 # --- shutdown and restart -------------------------------------------------------------
 
 
