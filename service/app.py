@@ -33,7 +33,6 @@ from service import gctune
 from service.config import Config
 from service.gateway import (
     CLOSE_UNAUTHORIZED,
-    FillsBusy,
     Gateway,
     TokenBucket,
     bearer_key,
@@ -417,11 +416,8 @@ class Service:
             req = msgspec.convert(dict(request.query), wire.FillsRequest, strict=False)
         except msgspec.ValidationError as exc:
             return _error_response(400, decode_error(exc, b""))
-        try:
-            answer = await gw.fill_page(who, req)
-        except FillsBusy as exc:
-            return _error_response(503, exc.error)
-        if isinstance(answer, wire.Error):
+        answer = await gw.fill_page(who, req)
+        if isinstance(answer, wire.Error):            # busy or unavailable: ask again
             return _error_response(503, answer)
         return web.Response(body=wire.json_encoder.encode(answer),
                             content_type="application/json")

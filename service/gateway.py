@@ -412,9 +412,7 @@ class Gateway:
 
     async def _send_fills(self, conn: Connection, req: wire.FillsRequest) -> None:
         try:
-            answer: wire.FillPage | wire.Error = await self.fill_page(conn.participant, req)
-        except FillsBusy as exc:
-            answer = msgspec.structs.replace(exc.error, ref=req.ref)
+            answer = await self.fill_page(conn.participant, req)
         finally:
             conn.reading = None
         conn.send(self._encode(answer))
@@ -422,16 +420,16 @@ class Gateway:
     async def fill_page(self, who: Participant,
                         req: wire.FillsRequest) -> wire.FillPage | wire.Error:
         """A page of the participant's own journaled fills (a funder or an SME only), or
-        the `unavailable` error when Redis cannot read it.
+        the error that says why not now: `busy` or `unavailable`.
 
         At most `_READERS` pages are read at once, whoever asks (WebSocket or HTTP), so
         a reconnection storm's catch-ups queue here instead of in Redis; beyond
-        `_WAITING` waiting, FillsBusy. A failure is not a refused command (the alert on
+        `_WAITING` waiting, `busy`. A failure is not a refused command (the alert on
         `matcher_rejects_total{code="unavailable"}` reads those): it is counted apart.
         """
         if self._waiting >= _WAITING:
-            raise FillsBusy(_busy(f"{self._waiting} pages of fills are waiting to be read: "
-                                  "ask again shortly"))
+            return _busy(f"{self._waiting} pages of fills are waiting to be read: ask again "
+                         "shortly", req.ref)
         self._waiting += 1
         try:
             async with self._readers:
@@ -490,16 +488,8 @@ def bearer_key(header: str | None) -> str | None:
     return key.strip()
 
 
-class FillsBusy(Exception):
-    """Too many pages of fills are waiting: the caller should ask again later."""
-
-    def __init__(self, error: wire.Error) -> None:
-        super().__init__(error.message)
-        self.error = error
-
-
-def _busy(why: str) -> wire.Error:
-    return wire.Error(code="busy", path="$.type", message=why)
+def _busy(why: str, ref: str | None = None) -> wire.Error:
+    return wire.Error(code="busy", path="$.type", message=why, ref=ref)
 
 
 def fills_refused(who: Participant) -> wire.Error | None:
