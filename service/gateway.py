@@ -215,6 +215,13 @@ class Gateway:
                 self._hold(barrier, (out, received, conn))
             return
         self.metrics.command(type(cmd))
+        # A book update shows the live engine (commands still being journaled included),
+        # so its last fills are taken with the same state, not when the journal has them.
+        for t in out.trades:
+            last = self._last_fills.get(t.segment)
+            if last is None:
+                last = self._last_fills[t.segment] = deque(maxlen=10)
+            last.appendleft((t.rate_bps, t.amount))
         self._hold(self.journal.append(out.entry, out.trades), (out, received, conn))
 
     def _hold(self, batch: asyncio.Future[int], held: _Held) -> None:
@@ -238,12 +245,7 @@ class Gateway:
             if out.trades:
                 trades += len(out.trades)
                 self.metrics.filled_fen += sum(t.amount for t in out.trades)
-                for t in out.trades:
-                    last = self._last_fills.get(t.segment)
-                    if last is None:
-                        last = self._last_fills[t.segment] = deque(maxlen=10)
-                    last.appendleft((t.rate_bps, t.amount))
-                    segments.add(t.segment)
+                segments.update(t.segment for t in out.trades)
         self.metrics.fills += trades
         self.metrics.seq = self.engine.seq
         for segment in segments:
