@@ -40,6 +40,7 @@ from service.gateway import (
     fills_refused,
     system,
 )
+from service.inbox import WebSocket
 from service.journal import Journal, Keys, check_streams_follow
 from service.localredis import LocalRedis, free_port
 from service.metrics import Metrics
@@ -426,8 +427,8 @@ class Service:
         gw = self.gateway
         assert gw is not None
         limits = self.config.limits
-        ws = web.WebSocketResponse(max_msg_size=limits.max_frame_bytes, compress=False,
-                                   decode_text=False, heartbeat=self.config.server.heartbeat_s)
+        ws = WebSocket(max_msg_size=limits.max_frame_bytes, compress=False, decode_text=False,
+                       heartbeat=self.config.server.heartbeat_s)
         await ws.prepare(request)
         header = request.headers.get("Authorization")
         if header is not None:        # a key was offered: it is right or the door closes
@@ -439,6 +440,9 @@ class Service:
             return ws
         assert request.transport is not None
         conn = gw.attach(ws, request.transport, who)
+        # From here on messages are handled as they are parsed (service/inbox.py); the
+        # loop below still takes those queued before, and pings, pongs and the close.
+        ws.deliver(lambda data: gw.handle(conn, data, time.perf_counter()))
         try:
             async for msg in ws:
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
@@ -446,6 +450,7 @@ class Service:
                 elif msg.type == WSMsgType.ERROR:
                     break
         finally:
+            ws.deliver(None)
             gw.detach(conn)
         return ws
 

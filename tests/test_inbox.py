@@ -1,0 +1,145 @@
+"""`service.inbox`: a real aiohttp server with the gateway's WebSocket, a real client (the
+`websockets` package). Messages reach the callback as they are parsed, outside any task,
+in the order they were sent, also across the switch from the queue; pings, pongs and
+the close still work; a callback that fails closes the connection and says why."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+from aiohttp import WSMsgType, web
+from websockets.asyncio.client import connect
+
+from service.inbox import WebSocket
+from tests.conftest import run
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@asynccontextmanager
+async def serve(handler: Handler) -> AsyncIterator[str]:
+    app = web.Application()
+    app.router.add_get("/ws", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"ws://127.0.0.1:{port}/ws"
+    finally:
+        await runner.cleanup()
+
+
+class Receiver:
+    """The server side: takes the first message through `receive()`, waits until `go`
+    is set, then delivers directly; records every message and how it came."""
+
+    def __init__(self, heartbeat: float | None = None) -> None:
+        self.messages: list[tuple[bytes, str]] = []
+        self.go = asyncio.Event()
+        self.done = asyncio.Event()
+        self.ws: WebSocket | None = None
+        self.heartbeat = heartbeat
+        self.fail_on: bytes | None = None
+
+    def direct(self, data: bytes) -> None:
+        if data == self.fail_on:
+            raise RuntimeError("the handler failed")
+        # Called from the connection's data_received: no task is running.
+        self.messages.append((data, "task" if asyncio.current_task() else "direct"))
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        ws = self.ws = WebSocket(decode_text=False, heartbeat=self.heartbeat)
+        await ws.prepare(request)
+        first = await ws.receive()
+        self.messages.append((first.data, "queue"))
+        await self.go.wait()
+        ws.deliver(self.direct)
+        try:
+            async for msg in ws:
+                if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    self.messages.append((msg.data, "queue"))
+        finally:
+            ws.deliver(None)
+            self.done.set()
+        return ws
+
+
+def test_messages_are_handled_as_parsed_in_order_across_the_switch() -> None:
+    async def scenario() -> None:
+        rx = Receiver()
+        async with serve(rx.handle) as url, connect(url) as client:
+            # Sent before the server delivers directly: these queue.
+            for n in range(40):
+                await client.send(f"m{n}".encode())
+            await asyncio.sleep(0.2)
+            rx.go.set()
+            # Sent from the moment the switch happens: direct once the queue is empty.
+            for n in range(40, 400):
+                await client.send(f"m{n}".encode())
+            await client.send(b"last")
+            for _ in range(200):
+                if rx.messages and rx.messages[-1][0] == b"last":
+                    break
+                await asyncio.sleep(0.01)
+        await asyncio.wait_for(rx.done.wait(), 5)
+        sent = [f"m{n}".encode() for n in range(400)] + [b"last"]
+        assert [data for data, _ in rx.messages] == sent
+        how = [way for _, way in rx.messages]
+        assert how[:40] == ["queue"] * 40           # queued before the switch
+        assert "task" not in how
+        assert how[-1] == "direct" and how.count("direct") >= 300
+        assert rx.ws is not None and rx.ws.inbox is not None
+        assert rx.ws.inbox.direct == how.count("direct")
+
+    run(scenario())
+
+
+def test_pings_pongs_and_close_still_work_while_messages_go_direct() -> None:
+    async def scenario() -> None:
+        rx = Receiver(heartbeat=0.2)
+        rx.go.set()
+        async with serve(rx.handle) as url:
+            async with connect(url) as client:
+                await client.send(b"hello")
+                # The server pings every 0.2 s and closes a connection whose pong does
+                # not come within 0.1 s: the pongs take the queue and are seen.
+                for n in range(20):
+                    await client.send(b"%d" % n)
+                    await asyncio.sleep(0.05)
+                    assert rx.ws is not None and not rx.ws.closed
+                await client.close()
+            assert client.close_code == 1000
+            await asyncio.wait_for(rx.done.wait(), 5)
+        assert [data for data, _ in rx.messages] == [b"hello"] + [b"%d" % n for n in range(20)]
+        how = [way for _, way in rx.messages]
+        assert rx.ws is not None and rx.ws.inbox is not None
+        assert rx.ws.inbox.direct == how.count("direct") >= 19    # the first may queue
+
+    run(scenario())
+
+
+def test_a_failing_handler_closes_the_connection_and_is_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        rx = Receiver()
+        rx.fail_on = b"boom"
+        rx.go.set()
+        async with serve(rx.handle) as url, connect(url) as client:
+            await client.send(b"hello")
+            await client.send(b"before")
+            await asyncio.sleep(0.1)
+            await client.send(b"boom")
+            await client.send(b"after")
+            await asyncio.wait_for(rx.done.wait(), 5)
+            await asyncio.wait_for(client.wait_closed(), 5)
+        assert [data for data, _ in rx.messages] == [b"hello", b"before"]
+
+    with caplog.at_level(logging.ERROR, logger="matcher.gateway"):
+        run(scenario())
+    assert "handling a WebSocket message failed" in caplog.text
