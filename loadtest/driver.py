@@ -341,6 +341,24 @@ class Run:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 5)
 
+    async def sample_stolen(self, stop: asyncio.Event) -> None:
+        """The machine's stolen CPU time second by second of the run (`Second.stolen_ms`):
+        on a shared VM a slow second is often one when the hypervisor ran someone else."""
+        start = self.rec.start_ns
+        await asyncio.sleep(max(0.0, (start - time.perf_counter_ns()) / 1e9))
+        last = machine_stolen()
+        n = 0
+        while last is not None and not stop.is_set():
+            n += 1
+            due = (start + n * 1_000_000_000 - time.perf_counter_ns()) / 1e9
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, due))
+            now = machine_stolen()
+            if now is None:
+                return
+            self.rec.seconds[n - 1].stolen_ms += (now - last) * 1000
+            last = now
+
     async def progress(self, stop: asyncio.Event, total_s: float) -> None:
         tty = sys.stderr.isatty()
         started = time.monotonic()
@@ -384,6 +402,7 @@ class Run:
             cpu_before, cpu_start = await self._cpu(), time.monotonic()
             t0 = self.rec.start_ns = time.perf_counter_ns() + 50_000_000
             self._measure_wall_ns = time.time_ns() + 50_000_000
+            stolen = asyncio.get_running_loop().create_task(self.sample_stolen(stop))
             await asyncio.gather(self.offer(t0), self.offer_reads(t0))
             await self._await_acks(30)
             await self._await_reads(30)
@@ -398,7 +417,7 @@ class Run:
             self.cpu = cpu_shares(cpu_before, await self._cpu(),
                                   time.monotonic() - cpu_start)
             stop.set()
-            await asyncio.gather(reader, memory, progress)
+            await asyncio.gather(reader, memory, progress, stolen)
         finally:
             for i in range(0, len(clients), 500):
                 await asyncio.gather(*(c.ws.close() for c in clients[i:i + 500]
@@ -458,8 +477,14 @@ def cpu_seconds(http: str, redis_url: str, redis_info: dict[str, Any]) -> dict[s
     """CPU seconds used so far by each process of the run that can be found: the
     generator (this process), the server (its Prometheus metrics, so also when remote),
     its Redis (`INFO cpu`, main process) and, on this machine, each snapshotter that
-    follows a Redis on that port (`snapshotter/<pid>`)."""
+    follows a Redis on that port (`snapshotter/<pid>`); and `stolen`, the time the
+    hypervisor ran other guests on this machine's CPUs while this one wanted them (the
+    steal column of /proc/stat, all CPUs added): what tells a slow hour on a shared VM
+    from a slow build."""
     out = {"generator": time.process_time()}
+    stolen = machine_stolen()
+    if stolen is not None:
+        out["stolen"] = stolen
     m = re.search(r"^process_cpu_seconds_total ([0-9.e+]+)$", _metrics(http) or "", re.M)
     if m:
         out["server"] = float(m.group(1))
@@ -481,6 +506,18 @@ def cpu_seconds(http: str, redis_url: str, redis_info: dict[str, Any]) -> dict[s
             continue
         out[f"snapshotter/{proc.name}"] = (int(fields[11]) + int(fields[12])) / tick
     return out
+
+
+def machine_stolen(stat: Path = Path("/proc/stat")) -> float | None:
+    """Seconds of steal time of all CPUs since boot (None where the kernel does not
+    report it)."""
+    try:
+        fields = stat.read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if fields[0] != "cpu" or len(fields) < 9:
+        return None
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_shares(before: dict[str, float], after: dict[str, float],

@@ -89,6 +89,7 @@ class Second:
     sent: int = 0
     acked: int = 0
     fills: int = 0
+    stolen_ms: float = 0.0   # CPU time the hypervisor took from this machine, all CPUs
     ack: Tally = field(default_factory=Tally)
 
 
@@ -262,5 +263,6 @@ class Recorder:
             s = self.seconds.get(t, Second())
             rows.append({"t": t, "offered": offered.get(t, 0), "sent": s.sent,
                          "acked": s.acked, "fills": s.fills,
-                         "p99": s.ack.percentile(99) / 1000 if s.ack.total else 0.0})
+                         "p99": s.ack.percentile(99) / 1000 if s.ack.total else 0.0,
+                         "stolen_ms": round(s.stolen_ms, 1)})
         return rows

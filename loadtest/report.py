@@ -27,7 +27,7 @@ Results = Mapping[str, Any]
 #: Measures in the order people read them: the server's answer, the trade, the platform.
 MEASURE_ORDER = ("ack", "ack_handled", "ask_fill", "platform", "fills_page")
 #: The processes whose CPU the report shows, in this order.
-CPU_ORDER = ("server", "redis", "generator", "snapshotter")
+CPU_ORDER = ("server", "redis", "generator", "snapshotter", "stolen")
 #: Table columns: (heading, key in a measure summary).
 PERCENTILE_COLUMNS = (("p50", "p50"), ("p90", "p90"), ("p99", "p99"), ("p99.9", "p999"),
                       ("max", "max"))
@@ -306,7 +306,8 @@ def _facts(results: Results, problems: bool = False) -> list[tuple[str, str]]:
         shares = "  ".join(f"{name} {100 * float(cpu[name]):.0f}%"
                            for name in CPU_ORDER if name in cpu)
         facts.append(("cpu", f"{shares}  (of one core, from the first command to the last "
-                                  "reply and fill read)"))
+                                  "reply and fill read; stolen: the machine's CPUs taken "
+                                  "by the hypervisor for other guests)"))
     realtime = (results.get("config") or {}).get("realtime_priority")
     if realtime:
         facts.append(("scheduling", f"SCHED_RR priority {realtime} (generator; with --serve "
@@ -467,8 +468,9 @@ def plot_latency(results: Results, path: Path) -> Path:
 
 def plot_timeline(results: Results, path: Path) -> Path:
     """Achieved throughput (left axis) and ack p99 (right axis) second by second, with the
-    offered rate dashed: a gap between offered and achieved is the server falling behind."""
-    fig, (ax,) = _new_figure()
+    offered rate dashed: a gap between offered and achieved is the server falling behind.
+    Below, when the machine reports it, the CPU time the hypervisor took from it each
+    second: on a shared VM, the seconds with a high p99 are often those."""
     timeline: Sequence[Mapping[str, Any]] = results.get("timeline") or []
 
     def series(key: str) -> list[float]:
@@ -477,6 +479,16 @@ def plot_timeline(results: Results, path: Path) -> Path:
     def peak(values: Sequence[float]) -> float:
         return max((v for v in values if math.isfinite(v)), default=0.0)
 
+    stolen = series("stolen_ms")
+    low: Axes | None = None
+    if any(math.isfinite(v) and v > 0 for v in stolen):
+        fig = Figure(figsize=(FIGSIZE[0], FIGSIZE[1] * 1.25), dpi=DPI, layout="constrained")
+        FigureCanvasAgg(fig)
+        grid = fig.add_gridspec(2, 1, height_ratios=(3, 1))
+        ax = fig.add_subplot(grid[0])
+        low = fig.add_subplot(grid[1], sharex=ax)
+    else:
+        fig, (ax,) = _new_figure()
     t = series("t")
     handles: list[Line2D] = []
     if timeline:
@@ -498,11 +510,17 @@ def plot_timeline(results: Results, path: Path) -> Path:
         right.set_ylim(bottom=0, top=max(peak(p99), objective or 0.0, 0.001) * 1.3)
         right.set_ylabel("ack p99 (ms)", color="#d62728")
         right.tick_params(axis="y", colors="#d62728")
-        fig.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=9,
+        if low is not None:
+            handles += low.plot(t, stolen, color="#9467bd", linewidth=1.4,
+                                label="CPU stolen by the hypervisor (ms per s, all CPUs)")
+            low.set_ylim(bottom=0, top=max(peak(stolen), 1.0) * 1.2)
+            low.set_ylabel("stolen (ms/s)", color="#9467bd")
+            low.grid(True, alpha=0.3)
+        fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=9,
                    frameon=False)
     else:
         _no_data(ax, "no timeline")
-    ax.set_xlabel("time since start (s)")
+    (low or ax).set_xlabel("time since start (s)")
     ax.set_ylabel("throughput (commands/s)", color="#1f77b4")
     ax.set_title(f"Throughput and ack p99 over time: {results.get('profile', '?')}")
     ax.grid(True, alpha=0.3)

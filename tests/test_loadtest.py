@@ -4,6 +4,7 @@ reconciles, and writes its report. Timings are not checked here (benchmarks are)
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,9 +44,13 @@ def test_smoke_profile_reconciles_and_writes_its_report(
     assert 0 < journal["count"] <= recon["commands_sent"]
     assert 0 < journal["within_ms"][-1][1] <= 1
     cpu = results["cpu"]                # each process's share of a core over the run
-    assert set(cpu) == {"server", "redis", "generator", "snapshotter"}, cpu
+    assert set(cpu) == {"server", "redis", "generator", "snapshotter", "stolen"}, cpu
     assert all(0 < cpu[name] < 2.5 for name in ("server", "redis", "generator")), cpu
     assert 0 <= cpu["snapshotter"] < 1, cpu
+    assert 0 <= cpu["stolen"] <= os.cpu_count(), cpu      # the hypervisor's, all CPUs
+    # ... and second by second: at most a second of each CPU's time in a second.
+    assert all(0 <= row["stolen_ms"] <= 1000 * (os.cpu_count() or 1) + 50
+               for row in results["timeline"]), results["timeline"]
     assert "cpu " in proc.stdout
     for name in ("report.html", "latency.png", "timeline.png"):
         assert (out / name).stat().st_size > 1000, name

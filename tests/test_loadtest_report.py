@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import os
 import re
 import struct
 from pathlib import Path
@@ -48,7 +49,8 @@ def fixed_results() -> dict[str, Any]:
             "platform": measure("fill journaled → read by the platform", 30.0, 85_000),
         },
         "timeline": [{"t": t, "offered": 5000, "sent": 4990, "acked": 4980 + (t % 3) * 5,
-                      "p99": 1.7 + 0.05 * (t % 7), "fills": 800} for t in range(60)],
+                      "p99": 1.7 + 0.05 * (t % 7), "fills": 800,
+                      "stolen_ms": 40.0 * (t % 11 == 0)} for t in range(60)],
         "ramp": None, "capacity": None, "objective_p99_ms": 2.0,
         "lag": {"p50": 0.1, "p99": 0.9, "max": 4.0, "limit_p99": 50.0, "ok": True},
         "reconciliation": {"ok": True, "problems": [], "commands_sent": 300_000,
@@ -59,7 +61,8 @@ def fixed_results() -> dict[str, Any]:
                            "amount_platform": 123_456_789, "over_line": []},
         "memory": {"rss_start": 100_000_000, "rss_end": 120_000_000,
                    "samples": [[0, 100_000_000], [30, 110_000_000], [60, 120_000_000]]},
-        "cpu": {"generator": 0.4512, "snapshotter": 0.057, "server": 0.5204, "redis": 0.25},
+        "cpu": {"generator": 0.4512, "snapshotter": 0.057, "server": 0.5204, "redis": 0.25,
+                "stolen": 0.031},
     }
 
 
@@ -107,7 +110,7 @@ def colour_pixels(path: Path, colour: str) -> int:
 LINE_PIXELS = 500
 #: The colours each plot draws its data with (lines, not the legend alone).
 DATA_COLOURS = {"latency.png": ("#1f77b4", "#ff7f0e", "#2ca02c"),
-                "timeline.png": ("#1f77b4", "#d62728"),
+                "timeline.png": ("#1f77b4", "#d62728", "#9467bd"),
                 "ramp.png": ("#1f77b4", "#d62728")}
 
 
@@ -177,8 +180,8 @@ def test_summary_table_is_aligned_and_says_pass(tmp_path: Path) -> None:
     assert re.search(r"^reconciliation\s+PASS\s+sent 300,000\s+acks 300,000", table, re.M)
     assert "fills sme/funder/platform 5,000/5,000/5,000" in table
     assert re.search(r"^memory\s+server RSS 95.4 MiB -> 114.4 MiB\s+\(\+19.1 MiB\)", table, re.M)
-    assert re.search(r"^cpu\s+server 52%  redis 25%  generator 45%  snapshotter 6%  \(of one "
-                     r"core", table, re.M), table
+    assert re.search(r"^cpu\s+server 52%  redis 25%  generator 45%  snapshotter 6%  stolen 3%  "
+                     r"\(of one core", table, re.M), table
     assert "capacity" not in table
     assert "server view" not in table           # an older run without the server's view
     assert lines[-1].split() == ["verdict", "PASS"]
@@ -205,6 +208,20 @@ def test_the_server_view_is_the_runs_share_of_its_histogram() -> None:
     realtime = {**fixed_results(), "config": {"realtime_priority": 10}}
     assert re.search(r"^scheduling\s+SCHED_RR priority 10 ", report.summary_table(realtime),
                      re.M)
+
+
+def test_stolen_time_is_read_from_the_steal_column_of_proc_stat(tmp_path: Path) -> None:
+    from loadtest.driver import cpu_shares, machine_stolen
+    stat = tmp_path / "stat"
+    tick = os.sysconf("SC_CLK_TCK")
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    stat.write_text(f"cpu  100 0 50 900 3 0 7 {5 * tick} 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
+    assert machine_stolen(stat) == 5.0
+    stat.write_text("cpu  100 0 50 900\n")          # an old kernel: no steal column
+    assert machine_stolen(stat) is None
+    assert machine_stolen(tmp_path / "missing") is None
+    # Over 10 s, 2.5 s stolen from the machine's CPUs: a quarter of one core.
+    assert cpu_shares({"stolen": 5.0}, {"stolen": 7.5}, 10.0) == {"stolen": 0.25}
 
 
 def test_html_is_self_contained_with_verdict_numbers_and_images(tmp_path: Path) -> None:

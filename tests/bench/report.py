@@ -19,6 +19,7 @@ BASELINES = {
     "book-deep": "test_calls[reference-deep]",
     "journal": "test_journal_throughput[xadd-per-command]",
     "recovery": "test_full_recovery[read-and-decode-only]",
+    "gateway": "test_gateway_path[decode-and-engine]",
 }
 
 
