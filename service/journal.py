@@ -154,13 +154,10 @@ WRITE_SCRIPT = _write_script(wire.Trade.__struct_fields__)
 _SCRIPT_SHA = hashlib.sha1(WRITE_SCRIPT).hexdigest().encode()
 
 
-def trade_values(trade: wire.Trade) -> list[bytes]:
+def trade_values(trade: wire.Trade) -> tuple[str | int, ...]:
     """The trade's id, then the values of `trade_fields` in order, as the script takes
-    them (one call per trade on the write path: `astuple` rather than `trade_fields`)."""
-    values = [trade.trade_id.encode()]
-    for value in msgspec.structs.astuple(trade):
-        values.append(value.encode() if type(value) is str else b"%d" % value)
-    return values
+    them (`resp.pack` writes strings and integers as Redis strings)."""
+    return (trade.trade_id, *msgspec.structs.astuple(trade))
 
 
 def stream_seq(entry_id: bytes | str) -> int:
@@ -457,17 +454,17 @@ class Journal:
         keys = [self._journal_key, self._fills_key]
         for trade in trades:
             keys += (self._own_key(trade.funder), self._own_key(trade.sme))
-        args = [b"%d" % len(keys), *keys]
+        args: list[bytes | str | int] = [b"EVALSHA", sha] if sha is not None \
+            else [b"EVAL", WRITE_SCRIPT]
+        args += (len(keys), *keys)
         if entries:
-            args += [b"%d-0" % entries[-1].seq, b"%d" % len(entries),
-                     wire.journal_encoder.encode(entries)]
+            args += (b"%d-0" % entries[-1].seq, len(entries),
+                     wire.journal_encoder.encode(entries))
         else:
-            args += [b"", b"0", b""]
+            args += (b"", 0, b"")
         for trade in trades:
             args += trade_values(trade)
-        if sha is None:
-            return resp.pack(b"EVAL", WRITE_SCRIPT, *args)
-        return resp.pack(b"EVALSHA", sha, *args)
+        return resp.pack(*args)
 
     def _own_key(self, participant: int) -> bytes:
         key = self._own_keys.get(participant)

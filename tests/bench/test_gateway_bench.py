@@ -14,14 +14,17 @@ both paths made the same trades and that every command was answered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import cache
 from typing import Any
 
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+import uvloop
 
 from loadtest.workload import Market
 from loadtest.workload import Segment as LoadSegment
@@ -133,6 +136,18 @@ async def _through_gateway(gateway: Gateway, journal: _Journal, conns: dict[int,
         await asyncio.sleep(0)          # ... and written, one write per connection
 
 
+@contextlib.contextmanager
+def _without_gc() -> Iterator[None]:
+    """As the server runs: automatic collection off (`service.gctune`)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def gateway_path(n: int) -> tuple[Callable[[], Any], Callable[[], None], dict[str, Any]]:
     """(setup, run, state) of the gateway path: setup opens the market in a new event
     loop, which the run closes."""
@@ -140,7 +155,7 @@ def gateway_path(n: int) -> tuple[Callable[[], Any], Callable[[], None], dict[st
     state: dict[str, Any] = {}
 
     def setup() -> tuple[tuple[()], dict[str, Any]]:
-        loop = state["loop"] = asyncio.new_event_loop()
+        loop = state["loop"] = uvloop.new_event_loop()     # the server's loop
         gateway, journal, conns = loop.run_until_complete(_gateway())
         loop.run_until_complete(_through_gateway(gateway, journal, conns, opening))
         state.update(gateway=gateway, journal=journal, conns=conns)
@@ -148,8 +163,9 @@ def gateway_path(n: int) -> tuple[Callable[[], Any], Callable[[], None], dict[st
 
     def run() -> None:
         loop = state["loop"]
-        loop.run_until_complete(_through_gateway(state["gateway"], state["journal"],
-                                                 state["conns"], mix))
+        with _without_gc():
+            loop.run_until_complete(_through_gateway(state["gateway"], state["journal"],
+                                                     state["conns"], mix))
         loop.close()
 
     return setup, run, state
@@ -173,7 +189,8 @@ def engine_path(n: int) -> tuple[Callable[[], Any], Callable[[], None], dict[str
         return (), {}
 
     def run() -> None:
-        apply(state["engine"], mix)
+        with _without_gc():
+            apply(state["engine"], mix)
 
     return setup, run, state
 
