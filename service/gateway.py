@@ -355,6 +355,10 @@ class Gateway:
     # --- one message ---
 
     def handle(self, conn: Connection, data: bytes | str, received: float) -> None:
+        if conn.closed:
+            # Closing (a slow consumer dropped, shutdown): messages still parsed during
+            # the close handshake are not acted on, as none could be answered.
+            return
         try:
             msg = wire.json_decoder.decode(data)
         except msgspec.MsgspecError as exc:

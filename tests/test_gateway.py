@@ -1,0 +1,36 @@
+"""`Gateway.handle` on its own, with stand-ins for Redis and the sockets (the gateway
+benchmark's): a connection being closed has its later messages ignored."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.bench.test_gateway_bench import PEOPLE, _gateway
+from tests.conftest import run
+
+
+def test_messages_of_a_closing_connection_are_not_acted_on() -> None:
+    async def scenario() -> None:
+        gateway, journal, conns = await _gateway()
+        funder = PEOPLE[0]
+        conn = conns[funder.id]
+        await asyncio.sleep(0)                          # the welcome is written
+        written = conn.transport.writes
+        line = b'{"type":"set_credit_line","core":"%s","amount":1000}' % \
+            gateway.engine.segments[sorted(gateway.engine.segments)[0]].core.encode()
+        gateway.handle(conn, line, 0.0)
+        assert gateway.engine.seq == 1
+        journal.land()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert conn.transport.writes == written + 1     # its `accepted`
+        conn.closed = True                              # as when a slow consumer is dropped
+        gateway.handle(conn, line, 0.0)
+        gateway.handle(conn, b"not json", 0.0)
+        journal.land()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert gateway.engine.seq == 1                  # nothing applied
+        assert conn.transport.writes == written + 1     # and nothing answered
+
+    run(scenario())
