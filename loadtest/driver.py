@@ -342,7 +342,7 @@ class Run:
                 await asyncio.wait_for(stop.wait(), 5)
 
     async def sample_stolen(self, stop: asyncio.Event) -> None:
-        """The machine's stolen CPU time second by second of the run (`Second.stolen_ms`):
+        """The machine's stolen CPU time second by second of the run (`Recorder.stolen_ms`):
         on a shared VM a slow second is often one when the hypervisor ran someone else."""
         start = self.rec.start_ns
         await asyncio.sleep(max(0.0, (start - time.perf_counter_ns()) / 1e9))
@@ -356,7 +356,7 @@ class Run:
             now = machine_stolen()
             if now is None:
                 return
-            self.rec.seconds[n - 1].stolen_ms += (now - last) * 1000
+            self.rec.stolen_ms[n - 1] = (now - last) * 1000
             last = now
 
     async def progress(self, stop: asyncio.Event, total_s: float) -> None:

@@ -447,6 +447,7 @@ class Service:
             async for msg in ws:
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                     gw.handle(conn, msg.data, time.perf_counter())
+                    ws.caught_up()
                 elif msg.type == WSMsgType.ERROR:
                     break
         finally:

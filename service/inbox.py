@@ -11,13 +11,15 @@ text and binary messages to a callback the moment the parser produces them
 Only data messages go straight through. Ping, pong, close and errors still take the
 queue to `receive()`, so aiohttp answers pings, runs the heartbeat and closes as it
 always does. Until the callback is set (before the client is signed in) everything
-queues, and a data message that arrives while older ones still wait in the queue queues
-behind them: messages are handled in the order they were sent.
+queues, and once a data message has been queued, later ones queue behind it until the
+handler loop has taken and handled all of them (`WebSocket.caught_up`): messages are
+handled in the order they were sent. (An empty queue alone does not say that: when the
+queue was full, aiohttp resumes parsing as a message is taken, before it is handled.)
 
 This replaces one private step of aiohttp's WebSocketResponse (`_post_start`, which
 builds the queue and the frame parser), so aiohttp is pinned to the minor version it
-was written against; tests/test_service.py checks on a real server that messages go
-the direct way and keep their order.
+was written against; tests/test_inbox.py checks on a real server that messages go the
+direct way and keep their order.
 """
 
 from __future__ import annotations
@@ -37,22 +39,25 @@ _DATA = (WSMsgType.TEXT, WSMsgType.BINARY)
 
 class Inbox(WebSocketDataQueue):
     """aiohttp's message queue, which hands data messages to `handler` once it is set
-    and nothing older is queued."""
+    and no data message taken by the queue is still unhandled."""
 
     handler: Callable[[bytes], None] | None = None
+    queued = False                   # a data message went to the queue, not yet handled
     direct = 0                       # messages handed over without the queue
 
     def feed_data(self, data: Any, size: int) -> None:
-        handler = self.handler
-        if handler is not None and data[0] in _DATA and not self._buffer:
-            self.direct += 1
-            try:
-                handler(data[1])
-            except Exception:
-                # The parser turns an exception into a failed connection; say why.
-                log.exception("handling a WebSocket message failed")
-                raise
-            return
+        if data[0] in _DATA:
+            handler = self.handler
+            if handler is not None and not self.queued:
+                self.direct += 1
+                try:
+                    handler(data[1])
+                except Exception:
+                    # The parser turns an exception into a failed connection; say why.
+                    log.exception("handling a WebSocket message failed")
+                    raise
+                return
+            self.queued = True
         super().feed_data(data, size)
 
 
@@ -81,6 +86,14 @@ class WebSocket(web.WebSocketResponse):
 
     def deliver(self, handler: Callable[[bytes], None] | None) -> None:
         """Hand each later text or binary message to `handler` as it is parsed (None:
-        queue them for `receive()` again)."""
+        queue them for `receive()` again), once those already queued are handled."""
         assert self.inbox is not None, "prepare() first"
         self.inbox.handler = handler
+        self.caught_up()
+
+    def caught_up(self) -> None:
+        """Say that every message taken from `receive()` so far has been handled: when
+        the queue holds no more, later messages go straight to the handler."""
+        inbox = self.inbox
+        if inbox is not None and not inbox._buffer:
+            inbox.queued = False

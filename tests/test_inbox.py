@@ -12,9 +12,10 @@ from contextlib import asynccontextmanager
 
 import pytest
 from aiohttp import WSMsgType, web
+from aiohttp._websocket.reader import WebSocketReader
 from websockets.asyncio.client import connect
 
-from service.inbox import WebSocket
+from service.inbox import Inbox, WebSocket
 from tests.conftest import run
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -35,17 +36,29 @@ async def serve(handler: Handler) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
+class _CountingPings(WebSocket):
+    """Counts the heartbeat pings aiohttp sends (a ping arms the pong timeout)."""
+
+    pings = 0
+
+    def _send_heartbeat(self) -> None:
+        super()._send_heartbeat()
+        if self._pong_response_cb is not None:
+            self.pings += 1
+
+
 class Receiver:
     """The server side: takes the first message through `receive()`, waits until `go`
     is set, then delivers directly; records every message and how it came."""
 
-    def __init__(self, heartbeat: float | None = None) -> None:
+    def __init__(self, heartbeat: float | None = None, max_msg_size: int = 4 * 2**20) -> None:
         self.messages: list[tuple[bytes, str]] = []
         self.go = asyncio.Event()
         self.done = asyncio.Event()
         self.ws: WebSocket | None = None
         self.heartbeat = heartbeat
         self.fail_on: bytes | None = None
+        self.max_msg_size = max_msg_size
 
     def direct(self, data: bytes) -> None:
         if data == self.fail_on:
@@ -54,7 +67,8 @@ class Receiver:
         self.messages.append((data, "task" if asyncio.current_task() else "direct"))
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        ws = self.ws = WebSocket(decode_text=False, heartbeat=self.heartbeat)
+        ws = self.ws = _CountingPings(decode_text=False, heartbeat=self.heartbeat,
+                                      max_msg_size=self.max_msg_size)
         await ws.prepare(request)
         first = await ws.receive()
         self.messages.append((first.data, "queue"))
@@ -64,6 +78,7 @@ class Receiver:
             async for msg in ws:
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                     self.messages.append((msg.data, "queue"))
+                    ws.caught_up()
         finally:
             ws.deliver(None)
             self.done.set()
@@ -107,19 +122,66 @@ def test_pings_pongs_and_close_still_work_while_messages_go_direct() -> None:
         async with serve(rx.handle) as url:
             async with connect(url) as client:
                 await client.send(b"hello")
-                # The server pings every 0.2 s and closes a connection whose pong does
-                # not come within 0.1 s: the pongs take the queue and are seen.
-                for n in range(20):
+                for n in range(10):
                     await client.send(b"%d" % n)
-                    await asyncio.sleep(0.05)
-                    assert rx.ws is not None and not rx.ws.closed
+                    await asyncio.sleep(0.02)
+                # Quiet for 1 s: the server pings after 0.2 s without data and closes a
+                # connection whose pong does not come within 0.1 s. The client answers
+                # (websockets does), the pong takes the queue, and the server sees it.
+                await asyncio.sleep(1.0)
+                assert rx.ws is not None and not rx.ws.closed
+                assert rx.ws.pings >= 2, rx.ws.pings
+                await client.send(b"after the pings")
+                await asyncio.sleep(0.1)
                 await client.close()
             assert client.close_code == 1000
             await asyncio.wait_for(rx.done.wait(), 5)
-        assert [data for data, _ in rx.messages] == [b"hello"] + [b"%d" % n for n in range(20)]
+        sent = [b"hello"] + [b"%d" % n for n in range(10)] + [b"after the pings"]
+        assert [data for data, _ in rx.messages] == sent
         how = [way for _, way in rx.messages]
         assert rx.ws is not None and rx.ws.inbox is not None
-        assert rx.ws.inbox.direct == how.count("direct") >= 19    # the first may queue
+        assert rx.ws.inbox.direct == how.count("direct") >= 10    # the first may queue
+
+    run(scenario())
+
+
+def test_order_holds_when_a_full_queue_resumes_parsing() -> None:
+    """aiohttp's parser stops once more than its limit (2 x 64 KB) is queued and keeps the
+    rest unparsed; taking the last queued message resumes it before that message is
+    handled. What it then parses must queue behind that message, not overtake it. (The
+    parser and the queue alone, fed one chunk, as a connection's `data_received` does.)"""
+    class Transport:
+        _reading_paused = False
+
+        def pause_reading(self) -> None:
+            self._reading_paused = True
+
+        def resume_reading(self) -> None:
+            self._reading_paused = False
+
+    def frame(payload: bytes) -> bytes:
+        head = bytes((0x82, 126)) + len(payload).to_bytes(2, "big") if len(payload) > 125 \
+            else bytes((0x82, len(payload)))
+        return head + payload
+
+    async def scenario() -> None:
+        ws = WebSocket()
+        inbox = ws.inbox = Inbox(Transport(), 2**16, loop=asyncio.get_running_loop())
+        parser = WebSocketReader(inbox, 2**20, compress=False, decode_text=False)
+        handled: list[bytes] = []
+        a, b = b"a" * 65_500, b"b" * 65_500
+        parser.feed_data(frame(a) + frame(b) + frame(b"Y"))    # b fills it: Y waits
+        ws.deliver(handled.append)
+        for _ in range(2):                  # the handler loop takes a, then b
+            msg = await inbox.read()
+            handled.append(msg.data)        # (b's read resumed the parser: Y parsed)
+            ws.caught_up()
+        while inbox._buffer:
+            handled.append((await inbox.read()).data)
+            ws.caught_up()
+        parser.feed_data(frame(b"Z"))       # caught up: straight to the handler
+        assert handled == [a, b, b"Y", b"Z"]
+        assert inbox.direct == 1
 
     run(scenario())
 

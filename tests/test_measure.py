@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 
-from loadtest.measure import Tally, summary
+from loadtest.measure import Recorder, Tally, summary
 
 
 def exact(values: list[int], p: float) -> int:
@@ -122,3 +122,12 @@ def test_closed_trades_spread_over_the_shards() -> None:
     sizes = [len(shard) for shard in ledger.closed._shards]
     assert sum(sizes) == ledger.settled == 50_000 and not ledger.open
     assert max(sizes) < 2 * 50_000 / SHARDS
+
+
+def test_stolen_time_joins_the_timeline_without_adding_seconds() -> None:
+    rec = Recorder(start_ns=0)
+    rec.record_send(0, 100_000, True)                       # second 0
+    rec.record_ack(0, 1_000_000_100, None, True)            # second 1
+    rec.stolen_ms.update({0: 20.0, 1: 0.0, 2: 10.0, 3: 10.0})   # sampled past the end
+    rows = rec.timeline({0: 1})
+    assert [(r["t"], r["stolen_ms"]) for r in rows] == [(0, 20.0), (1, 0.0)]
