@@ -178,9 +178,10 @@ def engine_path(n: int) -> tuple[Callable[[], Any], Callable[[], None], dict[str
     state: dict[str, Any] = {}
 
     def apply(engine: Engine, cmds: Commands) -> None:
+        trades = 0
         for who, data in cmds:
-            out = engine.submit(who.id, who.role, decode(data), time.time_ns())
-            state["trades"] = state.get("trades", 0) + len(out.trades)
+            trades += len(engine.submit(who.id, who.role, decode(data), time.time_ns()).trades)
+        state["trades"] = state.get("trades", 0) + trades
 
     def setup() -> tuple[tuple[()], dict[str, Any]]:
         engine = state["engine"] = Engine(SEGMENTS)
