@@ -205,9 +205,17 @@ class Run:
         return [Segment(s["id"], s["core"], s["tenor_days"]) for s in rows]
 
     def step_ack(self, origin: int, now: int, measured: bool) -> None:
+        """Count an ack in the ramp's steps. Latest first, and no further back than the
+        step that ended before the command was scheduled (it and those before it can
+        hold neither time): one or two steps an ack, not all of them, at the rates
+        where the generator's CPU is what limits the run."""
         if not measured:
             return
-        for step in self.steps:
+        for step in reversed(self.steps):
+            if not step.end_ns:             # not reached yet
+                continue
+            if step.end_ns <= origin:
+                return
             step.record(origin, now)
 
     def _send(self, client: Client, msg: dict[str, Any], intended_ns: int,

@@ -131,3 +131,29 @@ def test_stolen_time_joins_the_timeline_without_adding_seconds() -> None:
     rec.stolen_ms.update({0: 20.0, 1: 0.0, 2: 10.0, 3: 10.0})   # sampled past the end
     rows = rec.timeline({0: 1})
     assert [(r["t"], r["stolen_ms"]) for r in rows] == [(0, 20.0), (1, 0.0)]
+
+
+def test_an_ack_is_counted_in_the_steps_as_if_each_step_saw_it() -> None:
+    """`Run.step_ack` looks at the steps that can hold the ack, not all of them: the
+    counts are those of offering every ack to every step."""
+    from loadtest.driver import Run, Step
+
+    def ramp() -> list[Step]:
+        steps = [Step(offered=1000.0 * (k + 1), start_ns=k * 10**9, end_ns=(k + 1) * 10**9)
+                 for k in range(4)]
+        steps.append(Step(offered=9000.0))          # not reached: no times yet
+        return steps
+
+    run = Run.__new__(Run)
+    run.steps, every = ramp(), ramp()
+    rng = random.Random(7)
+    for _ in range(5000):
+        origin = rng.randrange(0, 4 * 10**9)
+        now = origin + rng.choice((10**5, 10**8, 2 * 10**9))
+        run.step_ack(origin, now, True)
+        for step in every:
+            step.record(origin, now)
+    run.step_ack(1, 2, False)                       # not measured: nowhere
+    assert [(s.acked, s.ack.total, s.ack.counts) for s in run.steps] == \
+        [(s.acked, s.ack.total, s.ack.counts) for s in every]
+    assert all(s.ack.total for s in run.steps[:4])
