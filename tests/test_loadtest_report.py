@@ -183,6 +183,7 @@ def test_summary_table_is_aligned_and_says_pass(tmp_path: Path) -> None:
     assert re.search(r"^cpu\s+server 52%  redis 25%  generator 45%  snapshotter 6%  stolen 3%  "
                      r"\(of one core", table, re.M), table
     assert "capacity" not in table
+    assert "noise" not in table                 # 3% stolen: not called noisy
     assert "server view" not in table           # an older run without the server's view
     assert lines[-1].split() == ["verdict", "PASS"]
 
@@ -318,3 +319,10 @@ def test_empty_run_still_reports(tmp_path: Path) -> None:
     table = report.summary_table(results)
     assert "memory" not in table and "FAIL" in table
     assert re.search(r"^ack\s+send → accepted\s+0(\s+-){5}$", table, re.M), table
+
+
+def test_a_run_with_much_stolen_cpu_is_called_noisy() -> None:
+    results = fixed_results()
+    results["cpu"] = {**results["cpu"], "stolen": 0.17}
+    table = report.summary_table(results)
+    assert re.search(r"^noise\s+the hypervisor took 17% of a core", table, re.M), table
