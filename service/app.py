@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 import msgspec
 import redis.asyncio as aioredis
 from aiohttp import WSMsgType, web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
 from matcher import protocol as wire
@@ -357,7 +357,7 @@ class Service:
         return web.json_response(body, status=200 if ok else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.metrics.registry),
+        return web.Response(body=await self.metrics.exposition(),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _segments(self, request: web.Request) -> web.Response:

@@ -5,16 +5,23 @@ gateway a third of its CPU at 40,000 commands/s. The gateway is single-threaded,
 every metric is a plain int or float updated in place, and a custom collector turns them
 into Prometheus metric families only when `/metrics` is read. Each gateway has a registry
 of its own (tests run several).
+
+The process's own figures (memory, CPU, open files) are in a second registry, which the
+gateway collects in a worker thread (`exposition`): counting the open files lists
+/proc/self/fd, one entry per connection, and with 6,400 connections that took 7.3 ms, a
+stall of the event loop at every scrape. In a thread the listing's system calls run
+without the GIL and the loop goes on (measured: its longest pause 0.6 ms).
 """
 
 from __future__ import annotations
 
+import asyncio
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import get_args
 
-from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -73,7 +80,14 @@ class Metrics:
         self._read: dict[str, tuple[str, Callable[[], float], bool]] = {}
         self.registry = CollectorRegistry()
         self.registry.register(self)
-        ProcessCollector(registry=self.registry)     # memory and CPU, for soak runs
+        self.process = CollectorRegistry()    # memory, CPU and files, for soak runs
+        ProcessCollector(registry=self.process)
+
+    async def exposition(self) -> bytes:
+        """The text `/metrics` serves: the gateway's metrics, read on the event loop (they
+        are its state), then the process's, read in a worker thread (see above)."""
+        own = generate_latest(self.registry)
+        return own + await asyncio.to_thread(generate_latest, self.process)
 
     def command(self, kind: type) -> None:
         self.commands[kind.__name__.lower()] += 1

@@ -217,3 +217,36 @@ def test_matcher_serve_runs_itself_and_its_redis_under_sched_rr(tmp_path: Path) 
         assert server.get("/health")[0] == 200
     finally:
         assert server.terminate() == 0
+
+
+def test_the_process_metrics_are_read_off_the_event_loop(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counting open files lists /proc/self/fd, one entry per connection: milliseconds
+    with thousands connected. The scrape reads the process's figures in a worker thread,
+    the gateway's own on the loop, and serves both."""
+    import threading
+
+    from prometheus_client import ProcessCollector
+
+    from service.metrics import Metrics
+
+    threads: list[int] = []
+    collect = ProcessCollector.collect
+
+    def spy(self: ProcessCollector) -> object:
+        threads.append(threading.get_ident())
+        return collect(self)
+
+    monkeypatch.setattr(ProcessCollector, "collect", spy)
+    metrics = Metrics()
+    metrics.fills = 3
+
+    async def scrape() -> tuple[bytes, int]:
+        return await metrics.exposition(), threading.get_ident()
+
+    text, loop_thread = asyncio.run(scrape())
+    lines = text.decode().splitlines()
+    assert "matcher_fills_total 3.0" in lines
+    assert any(line.startswith("process_open_fds ") for line in lines)
+    assert any(line.startswith("process_resident_memory_bytes ") for line in lines)
+    assert threads and loop_thread not in threads

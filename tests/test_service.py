@@ -1638,6 +1638,7 @@ def test_metrics_are_prometheus_text(server: ServerProcess) -> None:
                            'matcher_connections{role="sme"} 1.0'):
                 assert sample in text.splitlines(), sample
             assert "# TYPE matcher_command_latency_seconds histogram" in text
+            assert "# TYPE process_open_fds gauge" in text     # read in a thread
             assert 'matcher_command_latency_seconds_bucket{le="+Inf"}' in text
             # Every journal write is timed, from sending it to Redis's answer.
             writes = metric(server, "matcher_journal_write_seconds_count")
