@@ -33,8 +33,8 @@ from service import gctune
 from service.config import Config
 from service.gateway import (
     CLOSE_UNAUTHORIZED,
+    Budgets,
     Gateway,
-    TokenBucket,
     bearer_key,
     decode_error,
     fills_refused,
@@ -77,7 +77,9 @@ class Service:
         self.exit_code = 0
         self.stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._http_buckets: dict[int, TokenBucket] = {}     # per participant, /v1/fills
+        limits = config.limits     # each HTTP client has the budget of one connection
+        self._fills_budgets = Budgets(limits.rate, limits.burst)    # per key
+        self._quote_budgets = Budgets(limits.rate, limits.burst)    # per address
 
     # --- lifecycle ---
 
@@ -375,6 +377,8 @@ class Service:
     async def _rest_quote(self, request: web.Request) -> web.Response:
         gw = self.gateway
         assert gw is not None
+        if not self._quote_budgets.allow(request.remote):
+            return self._rate_limited("this address")
         segment = request.match_info["segment"]
         if segment not in gw.engine.books:
             return _json_error(404, "unknown_segment", f"no segment {segment!r}", "$.segment")
@@ -389,6 +393,11 @@ class Service:
         return web.Response(body=wire.json_encoder.encode(gw.engine.quote(req)),
                             content_type="application/json")
 
+    def _rate_limited(self, whose: str) -> web.Response:
+        self.metrics.reject("rate_limited")
+        return _json_error(429, "rate_limited",
+                           f"over {self.config.limits.rate:g} requests/s for {whose}", None)
+
     async def _rest_fills(self, request: web.Request) -> web.Response:
         """`fills` over HTTP, for an SME platform's back office: the key as a bearer token."""
         gw = self.gateway
@@ -401,14 +410,8 @@ class Service:
         refused = fills_refused(who)
         if refused is not None:
             return _error_response(403, refused)
-        limits = self.config.limits
-        bucket = self._http_buckets.get(who.id)
-        if bucket is None:      # one per participant: the directory bounds them
-            bucket = self._http_buckets[who.id] = TokenBucket(limits.rate, limits.burst)
-        if not bucket():
-            self.metrics.reject("rate_limited")
-            return _json_error(429, "rate_limited", f"over {limits.rate:g} requests/s for "
-                               "this key", None)
+        if not self._fills_budgets.allow(who.id):
+            return self._rate_limited("this key")
         repeated = [name for name in request.query if len(request.query.getall(name)) > 1]
         if repeated:
             return _json_error(400, "invalid", f"{repeated[0]}: given more than once",

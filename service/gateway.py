@@ -17,7 +17,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from functools import partial
 from typing import Literal, cast
 
@@ -106,6 +106,30 @@ class TokenBucket:
             return False
         self._tokens -= 1
         return True
+
+    def full(self) -> bool:
+        """Refilled to its burst: it holds nothing a new bucket would not."""
+        return self._tokens + (time.monotonic() - self._refilled) * self.rate >= self.burst
+
+
+class Budgets:
+    """A `TokenBucket` per key (an HTTP client's key or address), taken by `allow`.
+
+    Keys such as addresses are not bounded by the directory, so once there are more than
+    `prune_at` the full buckets are dropped: a full bucket is the same as a new one.
+    """
+
+    def __init__(self, rate: float, burst: float, *, prune_at: int = 10_000) -> None:
+        self.rate, self.burst, self.prune_at = rate, burst, prune_at
+        self.buckets: dict[Hashable, TokenBucket] = {}
+
+    def allow(self, key: Hashable) -> bool:
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            if len(self.buckets) >= self.prune_at:
+                self.buckets = {k: b for k, b in self.buckets.items() if not b.full()}
+            bucket = self.buckets[key] = TokenBucket(self.rate, self.burst)
+        return bucket()
 
 
 class Connection:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from tests.bench.test_gateway_bench import PEOPLE, _gateway
 from tests.conftest import run
 
@@ -34,3 +36,21 @@ def test_messages_of_a_closing_connection_are_not_acted_on() -> None:
         assert conn.transport.writes == written + 1     # and nothing answered
 
     run(scenario())
+
+
+def test_budgets_are_kept_per_key_and_only_full_ones_are_pruned(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTP clients are counted by address, which nothing bounds: past `prune_at` keys
+    the buckets that have refilled go (a new one is the same), the others stay."""
+    from service import gateway
+
+    now = [100.0]
+    monkeypatch.setattr(gateway.time, "monotonic", lambda: now[0])
+    budgets = gateway.Budgets(rate=1.0, burst=2, prune_at=3)
+    assert [budgets.allow("a") for _ in range(3)] == [True, True, False]
+    assert budgets.allow("b") and budgets.allow("b")      # its own budget
+    now[0] += 5.0                                         # both refilled
+    assert budgets.allow("c") and budgets.allow("c") and not budgets.allow("c")
+    assert budgets.allow("d")                             # 3 keys: prune a and b, not c
+    assert set(budgets.buckets) == {"c", "d"}
+    assert not budgets.allow("c")                         # c's spent budget was kept

@@ -1453,6 +1453,18 @@ def test_http_fills_are_rate_limited_per_key(start_server: Callable[..., ServerP
     assert get_fills(server, "", key(SME_Y))[0] == 200          # another key, its own budget
 
 
+def test_http_quotes_are_rate_limited_per_address(
+        start_server: Callable[..., ServerProcess]) -> None:
+    """Quotes need no key, so each address has the budget of one connection."""
+    server = start_server(rate=0.5, burst=2)
+    path = "/v1/segments/DFM-90D/quote?amount=500000"
+    statuses = [server.get(path)[0] for _ in range(3)]
+    status, body = server.get(path)
+    assert statuses == [200, 200, 429] and status == 429
+    assert (json.loads(body)["code"], json.loads(body)["path"]) == ("rate_limited", None)
+    assert metric(server, 'matcher_rejects_total{code="rate_limited"}') == 2
+
+
 # --- shutdown and restart -------------------------------------------------------------
 
 
