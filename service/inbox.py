@@ -15,6 +15,9 @@ queues, and once a data message has been queued, later ones queue behind it unti
 handler loop has taken and handled all of them (`WebSocket.caught_up`): messages are
 handled in the order they were sent. (An empty queue alone does not say that: when the
 queue was full, aiohttp resumes parsing as a message is taken, before it is handled.)
+A close frame queues everything after it the same way: the handler loop ends at the
+close, so data a client sends after its own close (which RFC 6455 forbids) is never
+acted on, as with aiohttp's own queue.
 
 This replaces one private step of aiohttp's WebSocketResponse (`_post_start`, which
 builds the queue and the frame parser), so aiohttp is pinned to the minor version it
@@ -58,6 +61,8 @@ class Inbox(WebSocketDataQueue):
                     raise
                 return
             self.queued = True
+        elif data[0] == WSMsgType.CLOSE:
+            self.queued = True       # nothing after it is handled: it queues behind it
         super().feed_data(data, size)
 
 

@@ -188,6 +188,37 @@ def test_order_holds_when_a_full_queue_resumes_parsing() -> None:
     run(scenario())
 
 
+def test_data_after_a_close_frame_is_not_handled() -> None:
+    """A client may send nothing after its close frame (RFC 6455, 5.5.1); one that does
+    must not get a command in: its data queues behind the close, where the handler loop
+    ends. (The parser and the queue alone, as above.)"""
+    class Transport:
+        _reading_paused = False
+
+        def pause_reading(self) -> None:
+            pass
+
+        def resume_reading(self) -> None:
+            pass
+
+    def frame(opcode: int, payload: bytes) -> bytes:
+        return bytes((0x80 | opcode, len(payload))) + payload
+
+    async def scenario() -> None:
+        ws = WebSocket()
+        inbox = ws.inbox = Inbox(Transport(), 2**16, loop=asyncio.get_running_loop())
+        parser = WebSocketReader(inbox, 2**20, compress=False, decode_text=False)
+        handled: list[bytes] = []
+        ws.deliver(handled.append)
+        parser.feed_data(frame(0x2, b"before"))
+        parser.feed_data(frame(0x8, (1000).to_bytes(2, "big")) + frame(0x2, b"after"))
+        parser.feed_data(frame(0x2, b"later"))
+        assert handled == [b"before"]
+        assert (await inbox.read()).type == WSMsgType.CLOSE   # where the loop stops
+
+    run(scenario())
+
+
 def test_a_failing_handler_closes_the_connection_and_is_logged(
         caplog: pytest.LogCaptureFixture) -> None:
     async def scenario() -> None:
