@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 from matcher import protocol as wire
 from matcher.participants import Directory, Participant
 from service import gctune
+from service.archive import JournalArchive
 from service.config import Config
 from service.gateway import (
     CLOSE_UNAUTHORIZED,
@@ -41,7 +42,7 @@ from service.gateway import (
     system,
 )
 from service.inbox import WebSocket
-from service.journal import Journal, Keys, check_streams_follow
+from service.journal import Journal, Keys, check_streams_follow, journal_start
 from service.localredis import LocalRedis, free_port
 from service.metrics import Metrics
 from service.realtime import make_realtime
@@ -71,6 +72,7 @@ class Service:
         self.keys = Keys(config.redis.shard)
         self.snapshotter: SnapshotterProcess | None = None
         self.snapshot_seq = 0       # what the stored snapshot covers, read every second
+        self.journal_start = 0      # the first command in Redis's journal, likewise
         self.runner: web.AppRunner | None = None
         self.port = config.server.port
         self.ready = False
@@ -101,7 +103,9 @@ class Service:
                                               health_check_interval=0)
         await self._check_durability()
         keys = self.keys
-        recovered = await recover(self.client, keys, self.directory.name)
+        root = cfg.engine.journal_archive
+        archive = await JournalArchive.of(root, self.client, keys) if root else None
+        recovered = await recover(self.client, keys, self.directory.name, archive=archive)
         engine = recovered.engine
         await check_streams_follow(self.client, keys, engine.seq,
                                    (p.id for p in self.directory if p.role in ("funder", "sme")))
@@ -118,7 +122,8 @@ class Service:
             await self._snapshot_now("after recovery", cfg.server.shutdown_timeout)
         self.metrics.seq = engine.seq
         if cfg.engine.start_snapshotter:
-            self.snapshotter = SnapshotterProcess(url, keys, cfg.engine.snapshot_every)
+            self.snapshotter = SnapshotterProcess(url, keys, cfg.engine.snapshot_every,
+                                                  archive=root or None)
         self._watch(self.gateway, self.snapshotter)
         await self._open_market(first_start=engine.seq == 0)
         if self.snapshotter is not None:
@@ -158,6 +163,10 @@ class Service:
         m.read_on_scrape("matcher_snapshot_seq", "The sequence number the newest snapshot "
                          "stored covers (recovery replays the journal after it)",
                          lambda: self.snapshot_seq)
+        m.read_on_scrape("matcher_journal_start_seq", "The first command Redis's journal "
+                         "holds: those before it were moved to the archive "
+                         "([engine] journal_archive) once a snapshot covered them",
+                         lambda: self.journal_start)
         m.read_on_scrape("matcher_snapshot_failures", "Times the snapshotter process "
                          "ended while the gateway ran (it is started again)",
                          lambda: snapshotter.exits if snapshotter else 0, counter=True)
@@ -217,12 +226,14 @@ class Service:
 
     async def _follow_snapshots(self) -> None:
         """Read the stored snapshot's sequence number every second, for
-        `matcher_snapshot_seq`: whoever stored it, the snapshotter or anyone else."""
+        `matcher_snapshot_seq`: whoever stored it, the snapshotter or anyone else; and
+        where Redis's journal starts, for `matcher_journal_start_seq`."""
         assert self.client is not None
         while True:
             await asyncio.sleep(1.0)
             with contextlib.suppress(RedisError, OSError):
                 self.snapshot_seq = await stored_seq(self.client, self.keys)
+                self.journal_start = await journal_start(self.client, self.keys) or 0
 
     async def _probe_loop(self) -> None:
         """Time how late a timer fires, for `matcher_event_loop_lag_seconds`.

@@ -17,8 +17,9 @@ from matcher import snapshot
 from matcher.protocol import MAX_FILLS_PAGE, TradeId
 from service import config as config_module
 from service import gctune
+from service.archive import JournalArchive
 from service.journal import Keys
-from service.recovery import recover
+from service.recovery import JournalGap, recover
 from service.snapshots import JournalDiverged, SnapshotAhead, Snapshotter, parent_alive, store
 
 log = logging.getLogger("matcher.snapshots")
@@ -30,7 +31,14 @@ def _replay(args: argparse.Namespace) -> int:
         client = aioredis.Redis.from_url(args.redis_url)
         keys = Keys(args.shard)
         try:
-            got = await recover(client, keys, use_snapshot=not args.full)
+            archive = await JournalArchive.of(args.archive, client, keys) \
+                if args.archive else None
+            try:
+                got = await recover(client, keys, use_snapshot=not args.full,
+                                    archive=archive)
+            except JournalGap as exc:
+                print(exc, file=sys.stderr)
+                return 1
             engine = got.engine
             orders = sum(len(book) for book in engine.books.values())
             print(f"seq {engine.seq}  snapshot {got.snapshot_seq}  replayed {got.replayed} "
@@ -120,7 +128,8 @@ def _snapshotter(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         client = aioredis.Redis.from_url(args.redis_url, socket_timeout=30)
-        follower = Snapshotter(client, Keys(args.shard), args.every, poll_s=args.poll)
+        follower = Snapshotter(client, Keys(args.shard), args.every, poll_s=args.poll,
+                               archive_root=args.archive)
         try:
             await follower.run(parent_alive(args.parent) if args.parent else lambda: True)
             log.info("snapshotter: the gateway is gone; exiting")
@@ -172,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "replay":
             p.add_argument("--full", action="store_true",
                            help="ignore the snapshot: replay the whole journal")
+        p.add_argument("--archive", metavar="DIR",
+                       help="the journal's archive (engine.journal_archive), for commands "
+                            "trimmed from Redis")
         p.set_defaults(run=_replay, write_snapshot=name == "snapshot",
                        full=getattr(p, "full", False))
     p = sub.add_parser("fills", help="print a funder's or an SME's fills, as `fills` reads "
@@ -193,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=_positive, default=100_000,
                    help="commands between snapshots (the config's engine.snapshot_every)")
     p.add_argument("--poll", type=float, default=0.2, help="seconds between journal reads")
+    p.add_argument("--archive", metavar="DIR",
+                   help="after each snapshot, move the journal before it from Redis to "
+                        "files here (the config's engine.journal_archive)")
     p.add_argument("--parent", type=int, default=0,
                    help="exit when this process is no longer our parent")
     p.set_defaults(run=_snapshotter)

@@ -64,6 +64,10 @@ class EngineConfig(_Section):
     # Start `matcher snapshotter` beside the gateway. Off: run it elsewhere (another
     # machine: it needs only Redis), or do without periodic snapshots.
     start_snapshotter: bool = True
+    # A directory: once a snapshot is stored, the snapshotter moves the journal before
+    # it from Redis to files here (service/archive.py, ADR 20), so Redis's memory holds
+    # about one snapshot interval of commands. Empty: the journal stays whole in Redis.
+    journal_archive: str = ""
     end_of_day: Annotated[str, Meta(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")] = "16:30"
     timezone: str = "Asia/Shanghai"
 

@@ -67,6 +67,11 @@ class Keys:
         return f"matcher:{{{self.shard}}}:fills-of:{participant}"
 
     @property
+    def journal_id(self) -> str:
+        """A random name of the journal this Redis holds (`archive.journal_id`)."""
+        return f"matcher:{{{self.shard}}}:journal-id"
+
+    @property
     def snapshot(self) -> str:
         return f"matcher:{{{self.shard}}}:snapshot"
 
@@ -492,6 +497,16 @@ class Journal:
 
 
 # --- the read side -------------------------------------------------------------------
+
+async def journal_start(client: aioredis.Redis, keys: Keys) -> int | None:
+    """The sequence number of the first command Redis's journal holds (its first entry
+    is a batch of `n` commands ending at its id); None when it holds none."""
+    oldest: Any = await client.xrange(keys.journal, count=1)
+    if not oldest:
+        return None
+    entry_id, fields = oldest[0]
+    return stream_seq(entry_id) - int(fields[b"n"]) + 1
+
 
 async def last_seq(client: aioredis.Redis, keys: Keys) -> int:
     """The last sequence number in the journal, 0 when empty."""

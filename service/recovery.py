@@ -2,7 +2,10 @@
 
 Recovery runs `Engine.apply` on every journaled command, the same code that ran live;
 a command the engine would now reject means the journal and the code disagree, and
-recovery stops rather than serve a different market.
+recovery stops rather than serve a different market. Commands moved from Redis to the
+journal's archive (`service.archive`) are read from there when Redis's journal starts
+after the state recovered so far, which happens only without the snapshot that allowed
+the move; without the archive, recovery stops and says which commands it lacks.
 """
 
 from __future__ import annotations
@@ -14,9 +17,15 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from matcher import protocol as wire
 from matcher import snapshot
 from matcher.engine import Engine
-from service.journal import Keys, read_journal
+from service.archive import JournalArchive
+from service.journal import Keys, journal_start, read_journal
+
+
+class JournalGap(RuntimeError):
+    """The journal goes on after a sequence number the state has not reached."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,33 +38,52 @@ class Recovered:
 
 async def recover(client: aioredis.Redis, keys: Keys, names: Callable[[int], str] = str,
                   *, use_snapshot: bool = True,
-                  on_row: Callable[[bytes, bytes], None] | None = None) -> Recovered:
-    """The engine as of the journal's end. `on_row` as for `read_journal`."""
+                  on_row: Callable[[bytes, bytes], None] | None = None,
+                  archive: JournalArchive | None = None) -> Recovered:
+    """The engine as of the journal's end. `on_row` as for `read_journal`; `archive`
+    holds what was trimmed from Redis, if anything was."""
     start = time.perf_counter()
     data: bytes | None = await client.get(keys.snapshot) if use_snapshot else None  # type: ignore[assignment]
     engine = snapshot.restore(snapshot.load(data), names) if data else Engine(names=names)
     snapshot_seq = engine.seq
-    replayed = await catch_up(client, keys, engine, on_row=on_row)
+    replayed = await catch_up(client, keys, engine, on_row=on_row, archive=archive)
     return Recovered(engine, snapshot_seq, replayed, time.perf_counter() - start)
 
 
 async def catch_up(client: aioredis.Redis, keys: Keys, engine: Engine,
                    on_row: Callable[[bytes, bytes], None] | None = None,
-                   chunk: int = 200) -> int:
+                   chunk: int = 200, archive: JournalArchive | None = None) -> int:
     """Apply every journaled command after the engine's sequence number; how many.
-    `on_row` and `chunk` (journal entries per read) as for `read_journal`."""
+    `on_row` and `chunk` (journal entries per read) as for `read_journal`; the archive
+    is read only if Redis's journal starts after the engine's next command."""
     replayed = 0
     enabled = gc.isenabled()
     gc.disable()      # millions of small objects and no cycles: collection is pure cost
     try:
+        if archive is not None:
+            start = await journal_start(client, keys)
+            if start is not None and start > engine.seq + 1:
+                for entries in archive.read(after=engine.seq):
+                    replayed += _apply(engine, entries, "the archive")
         async for entries in read_journal(client, keys, after=engine.seq, chunk=chunk,
                                           on_row=on_row):
-            for entry in entries:
-                if not engine.apply(entry, quiet=True).accepted:
-                    raise RuntimeError(f"journal seq {entry.seq} is rejected on replay: the "
-                                       "journal was written by a different engine version")
-                replayed += 1
+            replayed += _apply(engine, entries, "Redis's journal")
     finally:
         if enabled:
             gc.enable()
     return replayed
+
+
+def _apply(engine: Engine, entries: list[wire.JournalEntry], source: str) -> int:
+    for entry in entries:
+        if entry.seq != engine.seq + 1:
+            raise JournalGap(
+                f"{source} goes on at seq {entry.seq} but the state is at seq {engine.seq}: "
+                f"commands {engine.seq + 1} to {entry.seq - 1} are missing. They were "
+                "archived and trimmed from Redis once a snapshot covered them; recover "
+                "with that snapshot, or give the archive ([engine] journal_archive, "
+                "--archive)")
+        if not engine.apply(entry, quiet=True).accepted:
+            raise RuntimeError(f"journal seq {entry.seq} is rejected on replay: the "
+                               "journal was written by a different engine version")
+    return len(entries)

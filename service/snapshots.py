@@ -27,6 +27,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -35,6 +36,7 @@ from redis.exceptions import RedisError
 from matcher import snapshot
 from matcher.engine import Engine
 from service import gctune
+from service.archive import ArchiveWriteFailed, JournalArchive, archive_and_trim
 from service.journal import Keys
 from service.recovery import catch_up, recover
 
@@ -176,11 +178,14 @@ class Snapshotter:
     """
 
     def __init__(self, client: aioredis.Redis, keys: Keys, every: int,
-                 *, poll_s: float = 0.2) -> None:
+                 *, poll_s: float = 0.2, archive_root: str | Path | None = None) -> None:
         self.client = client
         self.keys = keys
         self.every = every
         self.poll_s = poll_s
+        self.archive_root = archive_root        # None: the journal is never trimmed
+        self.archive: JournalArchive | None = None
+        self.archive_failures = 0
         self.engine = Engine()
         self.stored = 0
         self._last: tuple[bytes, bytes] | None = None   # the last journal entry read
@@ -196,7 +201,10 @@ class Snapshotter:
         return self._last[0], hashlib.sha1(self._last[1]).hexdigest()
 
     async def start(self) -> None:
-        recovered = await recover(self.client, self.keys, on_row=self._read)
+        if self.archive_root is not None:
+            self.archive = await JournalArchive.of(self.archive_root, self.client, self.keys)
+        recovered = await recover(self.client, self.keys, on_row=self._read,
+                                  archive=self.archive)
         self.engine = recovered.engine
         if self._last is None and self.engine.seq:
             # Nothing replayed: the state is the snapshot's. The entry that ends at its
@@ -219,7 +227,7 @@ class Snapshotter:
             raise JournalDiverged(f"the journal no longer holds entry "
                                   f"{self._last[0].decode()} as this snapshotter applied it")
         await catch_up(self.client, self.keys, self.engine, on_row=self._read,
-                       chunk=READ_CHUNK)
+                       chunk=READ_CHUNK, archive=self.archive)
         if self.engine.seq - self.stored < self.every:
             return False
         written = await store(self.client, self.keys, self.engine, applied=self.applied)
@@ -227,10 +235,23 @@ class Snapshotter:
         self.stored = self.engine.seq if written else await stored_seq(self.client, self.keys)
         if written:
             log.info("snapshot written at seq %d", self.engine.seq)
+            await self._trim()
             # Automatic collection is off here as in the gateway (`gctune`); between
             # snapshots is this process's quiet moment to reclaim any cycles.
             gctune.full_collect()
         return written
+
+    async def _trim(self) -> None:
+        """Move what the new snapshot covers to the archive, then out of Redis. A failed
+        archive write (a full disk) trims nothing: the journal stays whole in Redis, and
+        the next snapshot tries again."""
+        if self.archive is None:
+            return
+        try:
+            await archive_and_trim(self.client, self.keys, self.archive, self.engine.seq)
+        except ArchiveWriteFailed as exc:
+            self.archive_failures += 1
+            log.error("%s; the journal is not trimmed", exc)
 
     async def run(self, alive: Callable[[], bool]) -> None:
         """Start and step until `alive()` is false (the gateway that started it is
@@ -271,9 +292,11 @@ class SnapshotterProcess:
     """
 
     def __init__(self, redis_url: str, keys: Keys, every: int, *, restart_delay: float = 1.0,
-                 max_restart_delay: float = 30.0) -> None:
+                 max_restart_delay: float = 30.0, archive: str | None = None) -> None:
         self.argv = [sys.executable, "-m", "service.cli", "snapshotter", "--shard", keys.shard,
                      "--every", str(every), "--parent", str(os.getpid())]
+        if archive:
+            self.argv += ["--archive", os.path.abspath(archive)]
         self.env = dict(os.environ, MATCHER_REDIS_URL=redis_url)   # not in `ps`: passwords
         self.restart_delay = restart_delay
         self.max_restart_delay = max_restart_delay

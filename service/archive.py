@@ -1,0 +1,133 @@
+"""The journal's older part, moved from Redis to files once a snapshot covers it.
+
+Redis holds the journal in memory, a few hundred bytes a command, and a busy day of
+re-quotes is millions of commands. Recovery needs only what follows the stored snapshot,
+so the snapshotter, after storing one, copies the journal entries before it to a file
+here, makes the file durable, and only then removes them from Redis (`XTRIM MINID`).
+Every command stays on record: in Redis or in the archive, never in neither
+([ADR 20](../docs/adr/0020-journal-archive.md)).
+
+Layout: `<dir>/<shard>-<journal id>/<first seq, 12 digits>.mpk`, one file per trim, each
+a MessagePack array of `[entry id, batch]` pairs exactly as the stream held them. The
+journal id is a random name Redis keeps beside the journal (`Keys.journal_id`): a Redis
+started empty begins a new journal whose sequence numbers start again at 1, and its
+archive must not be read as the old one's. A file is written under a temporary name,
+synced, renamed and its directory synced: it is whole or absent. A trim that failed
+after its file was written leaves those entries in Redis; the next one starts at the
+same entry and replaces the file with one that holds them and more.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+
+from matcher import protocol as wire
+from service.journal import Keys, stream_seq
+
+log = logging.getLogger("matcher.archive")
+
+_Row = tuple[str, bytes]
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(list[tuple[str, bytes]]).decode
+
+class ArchiveWriteFailed(RuntimeError):
+    """The archive's file could not be written (a full disk, no permission)."""
+
+
+#: Journal entries read from Redis per request while archiving.
+READ_CHUNK = 1000
+
+
+async def journal_id(client: aioredis.Redis, keys: Keys) -> str:
+    """The name of the journal Redis holds, made the first time it is asked for."""
+    await client.set(keys.journal_id, uuid.uuid4().hex, nx=True)
+    value: Any = await client.get(keys.journal_id)
+    return str(value.decode())
+
+
+class JournalArchive:
+    """The archive of one journal: `directory` is `<dir>/<shard>-<journal id>`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @classmethod
+    async def of(cls, root: str | Path, client: aioredis.Redis, keys: Keys) -> JournalArchive:
+        return cls(Path(root) / f"{keys.shard}-{await journal_id(client, keys)}")
+
+    def files(self) -> list[Path]:
+        """The archive's files, oldest first (their names sort by first seq)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.iterdir() if p.suffix == ".mpk")
+
+    def write(self, rows: list[_Row]) -> Path:
+        """Store journal entries, oldest first, durably; returns the file."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"{stream_seq(rows[0][0]):012d}.mpk"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(_encode(rows))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)              # the rename itself, through a power cut
+        finally:
+            os.close(fd)
+        return path
+
+    def read(self, after: int = 0) -> Iterator[list[wire.JournalEntry]]:
+        """The archived commands with sequence numbers above `after`, batch by batch, as
+        `journal.read_journal` gives Redis's (files that overlap give each once)."""
+        files = self.files()
+        for i, path in enumerate(files):
+            if i + 1 < len(files) and int(files[i + 1].stem) <= after:
+                continue     # what it holds that the next does not ends before `after`
+            for entry_id, batch in _decode(path.read_bytes()):
+                if stream_seq(entry_id) <= after:
+                    continue
+                entries = [e for e in wire.journal_decoder.decode(batch) if e.seq > after]
+                if entries:
+                    after = entries[-1].seq
+                    yield entries
+
+
+async def archive_and_trim(client: aioredis.Redis, keys: Keys, archive: JournalArchive,
+                           keep_from: int) -> int:
+    """Move the journal entries before the one that ends at `keep_from` (the stored
+    snapshot's seq) to the archive, then out of Redis. Returns how many entries moved.
+
+    Nothing else removes journal entries and new ones come after `keep_from`, so the
+    entries read are exactly those `XTRIM MINID` removes."""
+    rows: list[_Row] = []
+    start = "-"
+    while True:
+        got: Any = await client.xrange(keys.journal, min=start, max=f"({keep_from}-0",
+                                       count=READ_CHUNK)
+        rows += [(entry_id.decode(), fields[b"e"]) for entry_id, fields in got]
+        if len(got) < READ_CHUNK:
+            break
+        start = f"({got[-1][0].decode()}"
+    if not rows:
+        return 0
+    try:
+        path = archive.write(rows)
+    except OSError as exc:
+        raise ArchiveWriteFailed(f"could not archive the journal in {archive.directory} "
+                                 f"({exc})") from exc
+    removed: Any = await client.xtrim(keys.journal, minid=f"{keep_from}-0")
+    if removed != len(rows):      # someone else trimmed too: say so, the file holds ours
+        log.warning("journal trim removed %d entries, %d were archived", removed, len(rows))
+    log.info("journal: archived %d entries, seq %s to %s, in %s; trimmed from Redis",
+             len(rows), rows[0][0], rows[-1][0], path)
+    return len(rows)

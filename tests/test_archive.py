@@ -1,0 +1,211 @@
+"""The journal's archive: once a snapshot is stored, the journal before it moves from
+Redis to files; every command is then in exactly one of the two, and recovery is exact
+from the snapshot, or from the archive and Redis together when the snapshot is gone."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from matcher import snapshot
+from service.archive import JournalArchive, archive_and_trim, journal_id
+from service.journal import journal_start, read_journal
+from service.localredis import LocalRedis
+from service.recovery import JournalGap, recover
+from service.snapshots import Snapshotter, stored_seq
+from tests.conftest import ServerProcess, run, write_config
+from tests.test_journal import KEYS, opened, play
+
+
+async def every_seq(client: aioredis.Redis, archive: JournalArchive) -> list[int]:
+    """The sequence numbers of the archive, then of Redis's journal, in order."""
+    seqs = [e.seq for batch in archive.read() for e in batch]
+    async for batch in read_journal(client, KEYS):
+        seqs += [e.seq for e in batch]
+    return seqs
+
+
+async def forget_the_snapshot(client: aioredis.Redis) -> None:
+    await client.delete(KEYS.snapshot, KEYS.snapshot_seq)
+
+
+def test_after_a_snapshot_the_journal_before_it_moves_to_the_archive(
+        redis_server: LocalRedis, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 31)
+        await play(driver, journal, 2500)
+        follower = Snapshotter(client, KEYS, every=1000, archive_root=tmp_path / "archive")
+        await follower.start()
+        assert await journal_start(client, KEYS) == 1        # nothing moved yet
+        assert await follower.step()                        # stored, then trimmed
+        first = await stored_seq(client, KEYS)
+        archive = follower.archive
+        assert archive is not None and len(archive.files()) == 1
+        # Redis keeps the entry the snapshot ends at (its publication checks it).
+        oldest = await client.xrange(KEYS.journal, count=1)
+        assert oldest[0][0] == b"%d-0" % first
+        assert await every_seq(client, archive) == list(range(1, driver.engine.seq + 1))
+
+        await play(driver, journal, 1500)
+        assert await follower.step()
+        assert len(archive.files()) == 2
+        assert await every_seq(client, archive) == list(range(1, driver.engine.seq + 1))
+        archived = [e.seq for batch in archive.read() for e in batch]
+        for after in (first - 1, first, first + 7):     # into the second file
+            assert [e.seq for batch in archive.read(after) for e in batch] == \
+                [seq for seq in archived if seq > after]
+        live = snapshot.state_hash(driver.engine)
+
+        # With the snapshot: exact, and the archive is not even read.
+        assert snapshot.state_hash((await recover(client, KEYS, archive=archive)).engine) \
+            == live
+        # Without it, Redis alone lacks the start and says so; with the archive, exact.
+        await forget_the_snapshot(client)
+        with pytest.raises(JournalGap, match=r"commands 1 to \d+ are missing"):
+            await recover(client, KEYS)
+        again = await recover(client, KEYS, archive=archive)
+        assert (again.snapshot_seq, snapshot.state_hash(again.engine)) == (0, live)
+        assert again.replayed == driver.engine.seq
+        await journal.close()
+        await client.aclose()
+
+    run(scenario())
+
+
+def test_a_trim_cut_short_after_its_file_is_done_again_and_nothing_repeats(
+        redis_server: LocalRedis, tmp_path: Path) -> None:
+    """The snapshotter died between writing the file and trimming Redis: the next trim
+    starts at the same entry and replaces the file with one that holds more."""
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 32)
+        await play(driver, journal, 1500)
+        archive = await JournalArchive.of(tmp_path, client, KEYS)
+        half = driver.engine.seq // 2
+        rows = await client.xrange(KEYS.journal, max=f"({half}-0")
+        archive.write([(entry_id.decode(), fields[b"e"]) for entry_id, fields in rows])
+        assert await journal_start(client, KEYS) == 1        # the trim never happened
+        await play(driver, journal, 500)
+        moved = await archive_and_trim(client, KEYS, archive, driver.engine.seq)
+        assert moved > len(rows) and len(archive.files()) == 1
+        assert await every_seq(client, archive) == list(range(1, driver.engine.seq + 1))
+        await journal.close()
+        await client.aclose()
+
+    run(scenario())
+
+
+def test_an_archive_that_cannot_be_written_trims_nothing(
+        redis_server: LocalRedis, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 33)
+        await play(driver, journal, 1200)
+        blocked = tmp_path / "not-a-directory"
+        blocked.write_text("")
+        follower = Snapshotter(client, KEYS, every=1000, archive_root=blocked)
+        await follower.start()
+        assert await follower.step()                 # the snapshot itself is stored
+        assert follower.archive_failures == 1
+        assert await journal_start(client, KEYS) == 1    # the journal stays whole
+        await journal.close()
+        await client.aclose()
+
+    run(scenario())
+    assert "could not archive the journal" in caplog.text
+
+
+def test_a_journal_begun_again_in_an_empty_redis_has_an_archive_of_its_own(
+        redis_server: LocalRedis, tmp_path: Path) -> None:
+    """Sequence numbers start again at 1 in an empty Redis: its archive must not be
+    read as the old journal's."""
+    async def scenario() -> tuple[str, str, str]:
+        client = aioredis.Redis.from_url(redis_server.url)
+        first = await journal_id(client, KEYS)
+        same = await journal_id(client, KEYS)
+        await client.flushall()
+        other = await journal_id(client, KEYS)
+        await client.aclose()
+        return first, same, other
+
+    first, same, other = run(scenario())
+    assert first == same != other
+
+
+def test_the_server_archives_and_recovers_from_the_archive_after_a_restart(
+        tmp_path: Path, redis_server: LocalRedis) -> None:
+    """`[engine] journal_archive`: the gateway's snapshotter moves the journal, and a
+    gateway restarted without the snapshot recovers the same state from the archive."""
+    from service.localredis import free_port
+    from tests.test_service import F11, bid, line, metric, sessions
+
+    root = tmp_path / "archive"
+    port = free_port()
+    config = write_config(tmp_path / "m.toml", redis_server.url, port).read_text()
+    config = config.replace("snapshot_every = 1000",
+                            f'snapshot_every = 40\njournal_archive = "{root}"')
+    path = tmp_path / "m.toml"
+    path.write_text(config)
+    server = ServerProcess(path, port, tmp_path / "server.log").start()
+
+    async def bids() -> None:
+        async with sessions(server, F11) as (f11,):
+            await f11.ok(line("DFM"))
+            for i in range(60):
+                await f11.ok(bid(f"b{i}", "DFM-30D", 250 + i % 7, 100_000))
+
+    async def in_redis(then: str) -> int | None:
+        client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            if then == "forget the snapshot":
+                await forget_the_snapshot(client)
+            return await journal_start(client, KEYS)
+        finally:
+            await client.aclose()
+
+    try:
+        run(bids())
+        deadline = time.monotonic() + 20
+        while (run(in_redis("look")) or 1) == 1:
+            assert time.monotonic() < deadline, "the snapshotter never trimmed the journal"
+            time.sleep(0.1)
+        assert list(root.glob("main-*/*.mpk"))
+        while metric(server, "matcher_journal_start_seq") <= 1:     # read every second
+            assert time.monotonic() < deadline + 5, "matcher_journal_start_seq stays at 1"
+            time.sleep(0.1)
+        seq = json.loads(server.get("/health")[1])["seq"]
+        assert server.terminate() == 0
+        run(in_redis("forget the snapshot"))
+        server.start()
+        status, body = server.get("/health")
+        assert status == 200 and json.loads(body)["seq"] == seq
+        assert f"recovered seq {seq}: snapshot at 0 + {seq} journaled commands" \
+            in (tmp_path / "server.log").read_text()
+    finally:
+        if server.process is not None and server.process.poll() is None:
+            server.kill()
+
+
+
+def test_matcher_replay_full_reads_the_archive_it_is_given(
+        redis_server: LocalRedis, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from service.cli import main
+
+    async def scenario() -> str:
+        client, journal, driver = await opened(redis_server, 34)
+        await play(driver, journal, 1300)
+        follower = Snapshotter(client, KEYS, every=1000, archive_root=tmp_path)
+        await follower.start()
+        assert await follower.step()
+        await journal.close()
+        await client.aclose()
+        return snapshot.state_hash(driver.engine)
+
+    live = run(scenario())
+    url = redis_server.url
+    assert main(["replay", "--redis-url", url, "--full"]) == 1
+    assert "are missing" in capsys.readouterr().err
+    assert main(["replay", "--redis-url", url, "--full", "--archive", str(tmp_path)]) == 0
+    assert f"state hash {live}" in capsys.readouterr().out
