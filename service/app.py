@@ -73,6 +73,7 @@ class Service:
         self.snapshotter: SnapshotterProcess | None = None
         self.snapshot_seq = 0       # what the stored snapshot covers, read every second
         self.journal_start = 0      # the first command in Redis's journal, likewise
+        self.archive_failures = 0   # as the snapshotter counted them in Redis, likewise
         self.runner: web.AppRunner | None = None
         self.port = config.server.port
         self.ready = False
@@ -167,6 +168,9 @@ class Service:
                          "holds: those before it were moved to the archive "
                          "([engine] journal_archive) once a snapshot covered them",
                          lambda: self.journal_start)
+        m.read_on_scrape("matcher_journal_archive_failures", "Times the snapshotter could "
+                         "not write the journal's archive (the journal then stays in Redis)",
+                         lambda: self.archive_failures, counter=True)
         m.read_on_scrape("matcher_snapshot_failures", "Times the snapshotter process "
                          "ended while the gateway ran (it is started again)",
                          lambda: snapshotter.exits if snapshotter else 0, counter=True)
@@ -234,6 +238,8 @@ class Service:
             with contextlib.suppress(RedisError, OSError):
                 self.snapshot_seq = await stored_seq(self.client, self.keys)
                 self.journal_start = await journal_start(self.client, self.keys) or 0
+                failures: Any = await self.client.get(self.keys.archive_failures)
+                self.archive_failures = int(failures or 0)
 
     async def _probe_loop(self) -> None:
         """Time how late a timer fires, for `matcher_event_loop_lag_seconds`.

@@ -72,6 +72,12 @@ class Keys:
         return f"matcher:{{{self.shard}}}:journal-id"
 
     @property
+    def archive_failures(self) -> str:
+        """How many times the journal's archive could not be written (the snapshotter
+        counts them here; the gateway exports them)."""
+        return f"matcher:{{{self.shard}}}:journal-archive-failures"
+
+    @property
     def snapshot(self) -> str:
         return f"matcher:{{{self.shard}}}:snapshot"
 

@@ -252,6 +252,8 @@ class Snapshotter:
         except ArchiveWriteFailed as exc:
             self.archive_failures += 1
             log.error("%s; the journal is not trimmed", exc)
+            with contextlib.suppress(RedisError, OSError):     # for the gateway's alert
+                await self.client.incr(self.keys.archive_failures)
 
     async def run(self, alive: Callable[[], bool]) -> None:
         """Start and step until `alive()` is false (the gateway that started it is

@@ -110,6 +110,7 @@ def test_an_archive_that_cannot_be_written_trims_nothing(
         assert await follower.step()                 # the snapshot itself is stored
         assert follower.archive_failures == 1
         assert await journal_start(client, KEYS) == 1    # the journal stays whole
+        assert await client.get(KEYS.archive_failures) == b"1"   # for the gateway's alert
         await journal.close()
         await client.aclose()
 
@@ -134,27 +135,50 @@ def test_a_journal_begun_again_in_an_empty_redis_has_an_archive_of_its_own(
     assert first == same != other
 
 
+def archiving_server(tmp_path: Path, redis_server: LocalRedis, root: Path) -> ServerProcess:
+    """A server that snapshots every 40 commands, with `[engine] journal_archive`."""
+    from service.localredis import free_port
+    port = free_port()
+    path = write_config(tmp_path / "m.toml", redis_server.url, port)
+    path.write_text(path.read_text().replace(
+        "snapshot_every = 1000", f'snapshot_every = 40\njournal_archive = "{root}"'))
+    return ServerProcess(path, port, tmp_path / "server.log").start()
+
+
+async def sixty_bids(server: ServerProcess) -> None:
+    from tests.test_service import F11, bid, line, sessions
+    async with sessions(server, F11) as (f11,):
+        await f11.ok(line("DFM"))
+        for i in range(60):
+            await f11.ok(bid(f"b{i}", "DFM-30D", 250 + i % 7, 100_000))
+
+
+def test_the_server_alerts_on_an_archive_it_cannot_write(
+        tmp_path: Path, redis_server: LocalRedis) -> None:
+    from tests.test_service import metric
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    server = archiving_server(tmp_path, redis_server, blocked)
+    try:
+        assert metric(server, "matcher_journal_archive_failures_total", required=True) == 0
+        run(sixty_bids(server))
+        deadline = time.monotonic() + 20
+        while metric(server, "matcher_journal_archive_failures_total") < 1:
+            assert time.monotonic() < deadline, "no archive failure counted"
+            time.sleep(0.1)
+        assert metric(server, "matcher_journal_start_seq") == 1     # nothing trimmed
+    finally:
+        server.kill()
+
+
 def test_the_server_archives_and_recovers_from_the_archive_after_a_restart(
         tmp_path: Path, redis_server: LocalRedis) -> None:
     """`[engine] journal_archive`: the gateway's snapshotter moves the journal, and a
     gateway restarted without the snapshot recovers the same state from the archive."""
-    from service.localredis import free_port
-    from tests.test_service import F11, bid, line, metric, sessions
+    from tests.test_service import metric
 
     root = tmp_path / "archive"
-    port = free_port()
-    config = write_config(tmp_path / "m.toml", redis_server.url, port).read_text()
-    config = config.replace("snapshot_every = 1000",
-                            f'snapshot_every = 40\njournal_archive = "{root}"')
-    path = tmp_path / "m.toml"
-    path.write_text(config)
-    server = ServerProcess(path, port, tmp_path / "server.log").start()
-
-    async def bids() -> None:
-        async with sessions(server, F11) as (f11,):
-            await f11.ok(line("DFM"))
-            for i in range(60):
-                await f11.ok(bid(f"b{i}", "DFM-30D", 250 + i % 7, 100_000))
+    server = archiving_server(tmp_path, redis_server, root)
 
     async def in_redis(then: str) -> int | None:
         client = aioredis.Redis.from_url(redis_server.url)
@@ -166,7 +190,7 @@ def test_the_server_archives_and_recovers_from_the_archive_after_a_restart(
             await client.aclose()
 
     try:
-        run(bids())
+        run(sixty_bids(server))
         deadline = time.monotonic() + 20
         while (run(in_redis("look")) or 1) == 1:
             assert time.monotonic() < deadline, "the snapshotter never trimmed the journal"
