@@ -125,7 +125,10 @@ async def archive_and_trim(client: aioredis.Redis, keys: Keys, archive: JournalA
     except OSError as exc:
         raise ArchiveWriteFailed(f"could not archive the journal in {archive.directory} "
                                  f"({exc})") from exc
-    removed: Any = await client.xtrim(keys.journal, minid=f"{keep_from}-0")
+    # Exact (`=`): redis-py asks for `~` by default, which stops at whole nodes and at
+    # most 100 of them a call (measured: 9,995 of 20,286 entries removed).
+    removed: Any = await client.xtrim(keys.journal, minid=f"{keep_from}-0",
+                                      approximate=False)
     if removed != len(rows):      # someone else trimmed too: say so, the file holds ours
         log.warning("journal trim removed %d entries, %d were archived", removed, len(rows))
     log.info("journal: archived %d entries, seq %s to %s, in %s; trimmed from Redis",

@@ -76,6 +76,27 @@ def test_after_a_snapshot_the_journal_before_it_moves_to_the_archive(
     run(scenario())
 
 
+def test_the_trim_removes_exactly_what_was_archived_however_many(
+        redis_server: LocalRedis, tmp_path: Path) -> None:
+    """An approximate trim (`~`) removes at most 100 stream nodes a call; with one entry
+    a node, a move of over a hundred entries shows whether the trim was exact."""
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 35)
+        await client.config_set("stream-node-max-entries", 1)
+        for _ in range(150):                     # each waits for its batch: 150 or more
+            await play(driver, journal, 4)
+        before = await client.xlen(KEYS.journal)
+        archive = await JournalArchive.of(tmp_path, client, KEYS)
+        moved = await archive_and_trim(client, KEYS, archive, driver.engine.seq)
+        assert moved == before - 1 >= 150
+        assert await client.xlen(KEYS.journal) == 1     # only the entry at the seq
+        assert await every_seq(client, archive) == list(range(1, driver.engine.seq + 1))
+        await journal.close()
+        await client.aclose()
+
+    run(scenario())
+
+
 def test_a_trim_cut_short_after_its_file_is_done_again_and_nothing_repeats(
         redis_server: LocalRedis, tmp_path: Path) -> None:
     """The snapshotter died between writing the file and trimming Redis: the next trim
