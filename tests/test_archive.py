@@ -107,7 +107,7 @@ def test_a_trim_cut_short_after_its_file_is_done_again_and_nothing_repeats(
         archive = await JournalArchive.of(tmp_path, client, KEYS)
         half = driver.engine.seq // 2
         rows = await client.xrange(KEYS.journal, max=f"({half}-0")
-        archive.write([(entry_id.decode(), fields[b"e"]) for entry_id, fields in rows])
+        await archive.write([(entry_id.decode(), fields[b"e"]) for entry_id, fields in rows])
         assert await journal_start(client, KEYS) == 1        # the trim never happened
         await play(driver, journal, 500)
         moved = await archive_and_trim(client, KEYS, archive, driver.engine.seq)
