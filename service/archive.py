@@ -7,14 +7,14 @@ here, makes the file durable, and only then removes them from Redis (`XTRIM MINI
 Every command stays on record: in Redis or in the archive, never in neither
 ([ADR 20](../docs/adr/0020-journal-archive.md)).
 
-Layout: `<dir>/<shard>-<journal id>/<first seq, 12 digits>.mpk`, one file per trim, each
-a MessagePack array of `[entry id, batch]` pairs exactly as the stream held them. The
-journal id is a random name Redis keeps beside the journal (`Keys.journal_id`): a Redis
-started empty begins a new journal whose sequence numbers start again at 1, and its
-archive must not be read as the old one's. A file is written under a temporary name,
-synced, renamed and its directory synced: it is whole or absent. A trim that failed
-after its file was written leaves those entries in Redis; the next one starts at the
-same entry and replaces the file with one that holds them and more.
+Layout: `<dir>/<shard>-<journal id>/<first seq, 12 digits>.mpk`, each file a MessagePack
+array of at most `FILE_ENTRIES` `[entry id, batch]` pairs exactly as the stream held
+them, each trimmed from Redis once written. The journal id is a random name Redis keeps
+beside the journal (`Keys.journal_id`): a Redis started empty begins a new journal whose
+sequence numbers start again at 1, and its archive must not be read as the old one's.
+A file is written under a temporary name, synced, renamed and its directory synced: it
+is whole or absent. A move cut short after a file was written leaves its entries in
+Redis; the next one starts at the same entry and writes the same file again.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class ArchiveWriteFailed(RuntimeError):
 #: read of 1,000 entries holds Redis for a millisecond or more, and a 6 MB file synced
 #: at once made Redis's own syncs wait up to 7.3 ms (128 KB parts: 2.1 ms).
 READ_CHUNK = 200
+FILE_ENTRIES = 50_000        # about 15 MB: what one file holds, and memory while moving
 PART_BYTES = 128 * 1024
 PAUSE_S = 0.002
 
@@ -116,34 +117,48 @@ class JournalArchive:
 async def archive_and_trim(client: aioredis.Redis, keys: Keys, archive: JournalArchive,
                            keep_from: int) -> int:
     """Move the journal entries before the one that ends at `keep_from` (the stored
-    snapshot's seq) to the archive, then out of Redis. Returns how many entries moved.
+    snapshot's seq) to the archive, then out of Redis, at most `FILE_ENTRIES` to a file
+    (a journal archived for the first time can hold months). Returns how many moved.
 
     Nothing else removes journal entries and new ones come after `keep_from`, so the
-    entries read are exactly those `XTRIM MINID` removes."""
-    began = time.monotonic()
+    entries read are exactly those `XTRIM MINID` removes: every id is `<seq>-0`, so
+    `MINID <seq>-1` removes the entry at seq and all before it."""
+    moved = 0
+    while True:
+        began = time.monotonic()
+        rows = await _oldest(client, keys, keep_from)
+        if not rows:
+            return moved
+        try:
+            path = await archive.write(rows)
+        except OSError as exc:
+            raise ArchiveWriteFailed(f"could not archive the journal in "
+                                     f"{archive.directory} ({exc})") from exc
+        # Exact (`=`): redis-py asks for `~` by default, which stops at whole nodes and
+        # at most 100 of them a call (measured: 9,995 of 20,286 entries removed).
+        removed: Any = await client.xtrim(keys.journal, minid=f"{stream_seq(rows[-1][0])}-1",
+                                          approximate=False)
+        if removed != len(rows):    # someone else trimmed too: say so, the file holds ours
+            log.warning("journal trim removed %d entries, %d were archived", removed,
+                        len(rows))
+        log.info("journal: archived %d entries, seq %s to %s, in %s; trimmed from Redis "
+                 "(%.2f s)", len(rows), rows[0][0], rows[-1][0], path,
+                 time.monotonic() - began)
+        moved += len(rows)
+        if len(rows) < FILE_ENTRIES:
+            return moved
+
+
+async def _oldest(client: aioredis.Redis, keys: Keys, before: int) -> list[_Row]:
+    """Up to `FILE_ENTRIES` of the journal's oldest entries with ids below `before`."""
     rows: list[_Row] = []
     start = "-"
-    while True:
-        got: Any = await client.xrange(keys.journal, min=start, max=f"({keep_from}-0",
-                                       count=READ_CHUNK)
+    while len(rows) < FILE_ENTRIES:
+        got: Any = await client.xrange(keys.journal, min=start, max=f"({before}-0",
+                                       count=min(READ_CHUNK, FILE_ENTRIES - len(rows)))
         rows += [(entry_id.decode(), fields[b"e"]) for entry_id, fields in got]
         if len(got) < READ_CHUNK:
             break
         start = f"({got[-1][0].decode()}"
         await asyncio.sleep(PAUSE_S)
-    if not rows:
-        return 0
-    try:
-        path = await archive.write(rows)
-    except OSError as exc:
-        raise ArchiveWriteFailed(f"could not archive the journal in {archive.directory} "
-                                 f"({exc})") from exc
-    # Exact (`=`): redis-py asks for `~` by default, which stops at whole nodes and at
-    # most 100 of them a call (measured: 9,995 of 20,286 entries removed).
-    removed: Any = await client.xtrim(keys.journal, minid=f"{keep_from}-0",
-                                      approximate=False)
-    if removed != len(rows):      # someone else trimmed too: say so, the file holds ours
-        log.warning("journal trim removed %d entries, %d were archived", removed, len(rows))
-    log.info("journal: archived %d entries, seq %s to %s, in %s; trimmed from Redis "
-             "(%.2f s)", len(rows), rows[0][0], rows[-1][0], path, time.monotonic() - began)
-    return len(rows)
+    return rows

@@ -97,6 +97,32 @@ def test_the_trim_removes_exactly_what_was_archived_however_many(
     run(scenario())
 
 
+def test_a_long_journal_moves_in_files_of_bounded_size(
+        redis_server: LocalRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A journal archived for the first time may hold months: it goes a file at a time,
+    each trimmed as soon as it is written, never all of it in memory."""
+    from service import archive as archive_module
+    monkeypatch.setattr(archive_module, "FILE_ENTRIES", 7)
+    monkeypatch.setattr(archive_module, "READ_CHUNK", 3)
+
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 36)
+        for _ in range(40):
+            await play(driver, journal, 4)
+        before = await client.xlen(KEYS.journal)
+        archive = await JournalArchive.of(tmp_path, client, KEYS)
+        assert await archive_and_trim(client, KEYS, archive, driver.engine.seq) == before - 1
+        files = archive.files()
+        assert len(files) == -(-(before - 1) // 7)
+        sizes = [len(archive_module._decode(f.read_bytes())) for f in files]
+        assert max(sizes) == 7 and sum(sizes) == before - 1
+        assert await every_seq(client, archive) == list(range(1, driver.engine.seq + 1))
+        await journal.close()
+        await client.aclose()
+
+    run(scenario())
+
+
 def test_a_trim_cut_short_after_its_file_is_done_again_and_nothing_repeats(
         redis_server: LocalRedis, tmp_path: Path) -> None:
     """The snapshotter died between writing the file and trimming Redis: the next trim
