@@ -14,6 +14,7 @@ import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -41,13 +42,29 @@ async def recover(client: aioredis.Redis, keys: Keys, names: Callable[[int], str
                   on_row: Callable[[bytes, bytes], None] | None = None,
                   archive: JournalArchive | None = None) -> Recovered:
     """The engine as of the journal's end. `on_row` as for `read_journal`; `archive`
-    holds what was trimmed from Redis, if anything was."""
+    holds what was trimmed from Redis, if anything was.
+
+    A snapshotter run elsewhere (`start_snapshotter = false`) can store a snapshot and
+    trim the journal while this reads it; the commands it trimmed are then behind that
+    newer snapshot, so recovery starts again from it (a few times at most)."""
     start = time.perf_counter()
-    data: bytes | None = await client.get(keys.snapshot) if use_snapshot else None  # type: ignore[assignment]
-    engine = snapshot.restore(snapshot.load(data), names) if data else Engine(names=names)
-    snapshot_seq = engine.seq
-    replayed = await catch_up(client, keys, engine, on_row=on_row, archive=archive)
-    return Recovered(engine, snapshot_seq, replayed, time.perf_counter() - start)
+    attempt = 1
+    while True:
+        data: bytes | None = await client.get(keys.snapshot) if use_snapshot else None  # type: ignore[assignment]
+        engine = snapshot.restore(snapshot.load(data), names) if data else Engine(names=names)
+        snapshot_seq = engine.seq
+        try:
+            replayed = await catch_up(client, keys, engine, on_row=on_row, archive=archive)
+        except JournalGap:
+            stored: Any = await client.get(keys.snapshot_seq) if use_snapshot else None
+            if attempt == _ATTEMPTS or int(stored or 0) <= snapshot_seq:
+                raise
+            attempt += 1
+            continue
+        return Recovered(engine, snapshot_seq, replayed, time.perf_counter() - start)
+
+
+_ATTEMPTS = 3
 
 
 async def catch_up(client: aioredis.Redis, keys: Keys, engine: Engine,

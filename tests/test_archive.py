@@ -165,6 +165,45 @@ def test_an_archive_that_cannot_be_written_trims_nothing(
     assert "could not archive the journal" in caplog.text
 
 
+def test_recovery_starts_again_from_a_snapshot_stored_and_trimmed_while_it_read(
+        redis_server: LocalRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshotter run elsewhere stores a newer snapshot and trims the journal after
+    recovery loaded the older one: recovery starts again from the newer one. A gap
+    with no newer snapshot to explain it still stops recovery."""
+    from service import recovery
+    from service.snapshots import store
+
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 37)
+        await play(driver, journal, 600)
+        assert await store(client, KEYS, driver.engine)
+        older = driver.engine.seq
+        await play(driver, journal, 600)
+        archive = await JournalArchive.of(tmp_path, client, KEYS)
+        real = recovery.catch_up
+        calls = []
+
+        async def meanwhile(*args: object, **kwargs: object) -> int:
+            if not calls:               # after the first attempt loaded the older one
+                assert await store(client, KEYS, driver.engine)
+                await archive_and_trim(client, KEYS, archive, driver.engine.seq)
+            calls.append(1)
+            return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(recovery, "catch_up", meanwhile)
+        got = await recover(client, KEYS)
+        assert len(calls) == 2 and got.snapshot_seq == driver.engine.seq > older
+        assert snapshot.state_hash(got.engine) == snapshot.state_hash(driver.engine)
+        monkeypatch.setattr(recovery, "catch_up", real)
+        await forget_the_snapshot(client)
+        with pytest.raises(JournalGap):
+            await recover(client, KEYS)
+        await journal.close()
+        await client.aclose()
+
+    run(scenario())
+
+
 def test_a_journal_begun_again_in_an_empty_redis_has_an_archive_of_its_own(
         redis_server: LocalRedis, tmp_path: Path) -> None:
     """Sequence numbers start again at 1 in an empty Redis: its archive must not be
