@@ -40,6 +40,7 @@ _Row = tuple[str, bytes]
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(list[tuple[str, bytes]]).decode
 
+
 class ArchiveWriteFailed(RuntimeError):
     """The archive's file could not be written (a full disk, no permission)."""
 
@@ -47,7 +48,8 @@ class ArchiveWriteFailed(RuntimeError):
 #: The move holds Redis, and the disk Redis syncs its append-only file to, in small
 #: steps with room between them for the journal's writes, as a snapshot's parts do: a
 #: read of 1,000 entries holds Redis for a millisecond or more, and a 6 MB file synced
-#: at once made Redis's own syncs wait up to 7.3 ms (128 KB parts: 2.1 ms).
+#: at once made small syncs of another file on the same disk (as Redis's are) wait up
+#: to 7.3 ms; in 128 KB parts, 2.1 ms.
 READ_CHUNK = 200
 FILE_ENTRIES = 50_000        # about 15 MB: what one file holds, and memory while moving
 PART_BYTES = 128 * 1024
