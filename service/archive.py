@@ -25,6 +25,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from matcher import protocol as wire
-from service.journal import Keys, stream_seq
+from service.journal import Keys, read_journal, stream_seq
 
 log = logging.getLogger("matcher.archive")
 
@@ -164,3 +165,45 @@ async def _oldest(client: aioredis.Redis, keys: Keys, before: int) -> list[_Row]
         start = f"({got[-1][0].decode()}"
         await asyncio.sleep(PAUSE_S)
     return rows
+
+
+@dataclass(frozen=True, slots=True)
+class Coverage:
+    """Which commands the archive and Redis's journal hold together (`check`)."""
+
+    files: int
+    archived: tuple[int, int] | None    # first and last command in the archive
+    in_redis: tuple[int, int] | None    # first and last command in Redis's journal
+    missing: list[tuple[int, int]]      # ranges neither holds, below the last
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+
+async def check(client: aioredis.Redis, keys: Keys, archive: JournalArchive) -> Coverage:
+    """Read the whole archive and Redis's journal after it, as a recovery without a
+    snapshot would, and say whether every command from 1 on is there: what to run
+    before relying on an archive (a restored backup, a moved directory)."""
+    missing: list[tuple[int, int]] = []
+    expected = 1
+
+    def see(entries: list[wire.JournalEntry], span: list[int]) -> None:
+        nonlocal expected
+        for entry in entries:
+            if entry.seq > expected:
+                missing.append((expected, entry.seq - 1))
+            expected = max(expected, entry.seq + 1)
+        span[:] = [span[0] if span else entries[0].seq, entries[-1].seq]
+
+    archived: list[int] = []             # first and last seen, once something is
+    for entries in archive.read():
+        see(entries, archived)
+    in_redis: list[int] = []
+    async for entries in read_journal(client, keys, after=expected - 1):
+        see(entries, in_redis)
+    return Coverage(len(archive.files()), _span(archived), _span(in_redis), missing)
+
+
+def _span(seen: list[int]) -> tuple[int, int] | None:
+    return (seen[0], seen[1]) if seen else None

@@ -97,6 +97,32 @@ def _fills(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _archive(args: argparse.Namespace) -> int:
+    """Whether the journal's archive and Redis hold every command: before relying on an
+    archive (a restored backup, a moved directory)."""
+    from service.archive import check
+
+    async def run() -> int:
+        client = aioredis.Redis.from_url(args.redis_url)
+        try:
+            archive = await JournalArchive.of(args.archive, client, Keys(args.shard))
+            got = await check(client, Keys(args.shard), archive)
+        finally:
+            await client.aclose()
+        print(f"archive {archive.directory}: {got.files} files, commands "
+              f"{_range(got.archived)}; Redis's journal: commands {_range(got.in_redis)}")
+        for first, last in got.missing:
+            print(f"missing: commands {first} to {last}", file=sys.stderr)
+        if got.complete:
+            print("complete: every command from 1 on is in one or the other")
+        return 0 if got.complete else 1
+    return asyncio.run(run())
+
+
+def _range(span: tuple[int, int] | None) -> str:
+    return f"{span[0]} to {span[1]}" if span else "none"
+
+
 def _trade_id(text: str) -> str:
     try:
         return msgspec.convert(text, TradeId)
@@ -197,6 +223,13 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"at most this many (default: all after --after; without it, the "
                         f"20 newest, at most {MAX_FILLS_PAGE})")
     p.set_defaults(run=_fills)
+    p = sub.add_parser("archive", help="check that the journal's archive and Redis hold "
+                                        "every command, and print what each holds")
+    p.add_argument("--redis-url", required=True)
+    p.add_argument("--shard", default="main")
+    p.add_argument("--archive", metavar="DIR", required=True,
+                   help="the journal's archive (engine.journal_archive)")
+    p.set_defaults(run=_archive)
     p = sub.add_parser("snapshotter", help="follow the journal and store a snapshot every "
                                             "--every commands (`serve` starts one itself)")
     p.add_argument("--redis-url", default=os.environ.get("MATCHER_REDIS_URL"),
