@@ -198,6 +198,8 @@ class Run:
         self._measure_wall_ns = 0
         self.server: dict[str, dict[str, Any] | None] = {}
         self.cpu: dict[str, float] = {}
+        self.redis_time: dict[str, Any] = {}
+        self._redis_samples: list[dict[str, Any]] = []     # INFO cpu and commandstats
 
     def _segments(self) -> list[Segment]:
         with urllib.request.urlopen(f"{self.http}/v1/segments", timeout=10) as r:
@@ -224,9 +226,11 @@ class Run:
         client.send(msg, intended_ns, measured)
 
     async def _cpu(self) -> dict[str, float]:
+        """`cpu_seconds`; Redis's CPU and its time by command are kept for `redis_time`."""
         redis = aioredis.Redis.from_url(self.redis_url)
         try:
             info: dict[str, Any] = await redis.info("cpu")
+            self._redis_samples.append({**info, **await redis.info("commandstats")})
         except (OSError, aioredis.RedisError):
             info = {}
         finally:
@@ -422,8 +426,10 @@ class Run:
             after = await asyncio.to_thread(server_buckets, self.http)
             self.server = {key: server_view(buckets.get(key, {}), after.get(key, {}))
                            for key in SERVER_HISTOGRAMS}
-            self.cpu = cpu_shares(cpu_before, await self._cpu(),
-                                  time.monotonic() - cpu_start)
+            cpu_after, seconds = await self._cpu(), time.monotonic() - cpu_start
+            self.cpu = cpu_shares(cpu_before, cpu_after, seconds)
+            if len(self._redis_samples) == 2:
+                self.redis_time = redis_time(*self._redis_samples[:2])
             stop.set()
             await asyncio.gather(reader, memory, progress, stolen)
         finally:
@@ -469,6 +475,7 @@ class Run:
             "reconciliation": recon,
             "memory": memory,
             "cpu": self.cpu or None,
+            "redis_time": self.redis_time or None,
             **{key: self.server.get(key) for key in SERVER_HISTOGRAMS},
         }
 
@@ -526,6 +533,30 @@ def machine_stolen(stat: Path = Path("/proc/stat")) -> float | None:
     if fields[0] != "cpu" or len(fields) < 9:
         return None
     return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_time(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Where Redis's CPU went between two samples of `INFO cpu` and `INFO commandstats`:
+    its CPU seconds and the kernel's part of them, and each command's calls, time per
+    call and share of that CPU, largest first. A script's time includes the commands it
+    runs, which are also counted on their own."""
+    def cpu(sample: dict[str, Any], part: str) -> float:
+        return float(sample.get(f"used_cpu_{part}", 0.0))
+    sys_s = cpu(after, "sys") - cpu(before, "sys")
+    cpu_s = cpu(after, "user") - cpu(before, "user") + sys_s
+    out: dict[str, Any] = {"cpu_s": round(cpu_s, 3), "sys_s": round(sys_s, 3),
+                           "commands": []}
+    for key, now in after.items():
+        if not key.startswith("cmdstat_") or cpu_s <= 0:
+            continue
+        then = before.get(key, {"calls": 0, "usec": 0})
+        calls, usec = now["calls"] - then["calls"], now["usec"] - then["usec"]
+        if calls > 0:
+            out["commands"].append({"command": key.removeprefix("cmdstat_"), "calls": calls,
+                                    "us_per_call": round(usec / calls, 1),
+                                    "share": round(usec / 1e6 / cpu_s, 4)})
+    out["commands"].sort(key=lambda c: -c["share"])
+    return out
 
 
 def cpu_shares(before: dict[str, float], after: dict[str, float],

@@ -318,6 +318,9 @@ def _facts(results: Results, problems: bool = False) -> list[tuple[str, str]]:
                                    "this machine during the run: its latency and capacity "
                                    "measure the neighbours too; compare builds in runs with "
                                    "little stolen, in pairs"))
+    redis = _redis_line(results.get("redis_time"))
+    if redis is not None:
+        facts.append(("redis", redis))
     realtime = (results.get("config") or {}).get("realtime_priority")
     if realtime:
         facts.append(("scheduling", f"SCHED_RR priority {realtime} (generator; with --serve "
@@ -334,6 +337,18 @@ def _server_line(results: Results) -> str | None:
         return None
     return f"receive → reply released: {within}  ({fmt_int(view.get('count'))} " \
            "commands, its own histogram)"
+
+
+def _redis_line(redis: Mapping[str, Any] | None) -> str | None:
+    """Redis's CPU by command, the largest three, and the kernel's part of it."""
+    if not redis or not redis.get("commands"):
+        return None
+    parts = [f"{c['command']} {100 * c['share']:.0f}% ({c['calls']:,} x "
+             f"{c['us_per_call']:.0f} us)" for c in redis["commands"][:3]]
+    kernel = redis["sys_s"] / redis["cpu_s"] if redis["cpu_s"] else 0.0
+    return (f"{', '.join(parts)}; in the kernel {100 * kernel:.0f}%  (of Redis's "
+            f"{redis['cpu_s']:.1f} s of CPU; a script's time includes its commands; the "
+            "kernel's part is its sockets, its append-only file and its syncs)")
 
 
 def _within_line(view: dict[str, Any] | None) -> str | None:

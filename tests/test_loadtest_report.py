@@ -225,6 +225,32 @@ def test_stolen_time_is_read_from_the_steal_column_of_proc_stat(tmp_path: Path) 
     assert cpu_shares({"stolen": 5.0}, {"stolen": 7.5}, 10.0) == {"stolen": 0.25}
 
 
+def test_redis_time_is_each_commands_share_of_its_cpu_during_the_run() -> None:
+    """From two samples of `INFO cpu` and `INFO commandstats`; the report names the three
+    largest and the kernel's part of Redis's CPU."""
+    from loadtest.driver import redis_time
+    before = {"used_cpu_user": 10.0, "used_cpu_sys": 20.0,
+              "cmdstat_evalsha": {"calls": 100, "usec": 8_000},
+              "cmdstat_xread": {"calls": 50, "usec": 1_500},
+              "cmdstat_info": {"calls": 3, "usec": 30}}
+    after = {"used_cpu_user": 11.5, "used_cpu_sys": 21.75,
+             "cmdstat_evalsha": {"calls": 10_100, "usec": 828_000},
+             "cmdstat_xread": {"calls": 6_850, "usec": 198_700},
+             "cmdstat_xrange": {"calls": 800, "usec": 17_600},
+             "cmdstat_info": {"calls": 3, "usec": 30}}
+    got = redis_time(before, after)
+    assert (got["cpu_s"], got["sys_s"]) == (3.25, 1.75)
+    assert [c["command"] for c in got["commands"]] == ["evalsha", "xread", "xrange"]
+    assert got["commands"][0] == {"command": "evalsha", "calls": 10_000,
+                                  "us_per_call": 82.0, "share": 0.2523}
+    assert got["commands"][1]["us_per_call"] == 29.0
+    table = report.summary_table({**fixed_results(), "redis_time": got})
+    assert re.search(r"^redis\s+evalsha 25% \(10,000 x 82 us\), xread 6% \(6,800 x 29 us\), "
+                     r"xrange 1% \(800 x 22 us\); in the kernel 54%  \(of Redis's 3.2 s",
+                     table, re.M), table
+    assert not re.search(r"^redis", report.summary_table(fixed_results()), re.M)
+
+
 def test_html_is_self_contained_with_verdict_numbers_and_images(tmp_path: Path) -> None:
     results = fixed_results()
     paths = report.write_all(results, tmp_path)
