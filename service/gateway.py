@@ -116,7 +116,10 @@ class Budgets:
     """A `TokenBucket` per key (an HTTP client's key or address), taken by `allow`.
 
     Keys such as addresses are not bounded by the directory, so once there are more than
-    `prune_at` the full buckets are dropped: a full bucket is the same as a new one.
+    `prune_at` the full buckets are dropped: a full bucket is the same as a new one. If
+    more than half are still spending (a flood from many addresses), the oldest of them
+    go too, which gives those a fresh budget: so a prune, a pass over all of them, comes
+    at most once per `prune_at / 2` new keys, never once per request.
     """
 
     def __init__(self, rate: float, burst: float, *, prune_at: int = 10_000) -> None:
@@ -127,7 +130,8 @@ class Budgets:
         bucket = self.buckets.get(key)
         if bucket is None:
             if len(self.buckets) >= self.prune_at:
-                self.buckets = {k: b for k, b in self.buckets.items() if not b.full()}
+                kept = [(k, b) for k, b in self.buckets.items() if not b.full()]
+                self.buckets = dict(kept[len(kept) - self.prune_at // 2:])  # the newest
             bucket = self.buckets[key] = TokenBucket(self.rate, self.burst)
         return bucket()
 

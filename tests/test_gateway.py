@@ -54,3 +54,8 @@ def test_budgets_are_kept_per_key_and_only_full_ones_are_pruned(
     assert budgets.allow("d")                             # 3 keys: prune a and b, not c
     assert set(budgets.buckets) == {"c", "d"}
     assert not budgets.allow("c")                         # c's spent budget was kept
+    # A flood of addresses, none of them refilled: the oldest are forgotten, half at a
+    # time, so the pass over them all is not made for each new one.
+    for key in "efghij":
+        budgets.allow(key)
+    assert len(budgets.buckets) <= 3 and "j" in budgets.buckets and "c" not in budgets.buckets
