@@ -131,7 +131,8 @@ class Budgets:
         if bucket is None:
             if len(self.buckets) >= self.prune_at:
                 kept = [(k, b) for k, b in self.buckets.items() if not b.full()]
-                self.buckets = dict(kept[len(kept) - self.prune_at // 2:])  # the newest
+                newest = max(0, len(kept) - self.prune_at // 2)
+                self.buckets = dict(kept[newest:])
             bucket = self.buckets[key] = TokenBucket(self.rate, self.burst)
         return bucket()
 

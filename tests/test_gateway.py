@@ -59,3 +59,11 @@ def test_budgets_are_kept_per_key_and_only_full_ones_are_pruned(
     for key in "efghij":
         budgets.allow(key)
     assert len(budgets.buckets) <= 3 and "j" in budgets.buckets and "c" not in budgets.buckets
+    few = gateway.Budgets(rate=1.0, burst=2, prune_at=10)
+    for key in range(10):
+        few.allow(key)
+    now[0] += 5.0                                           # all refilled, then
+    for key in range(3):                                    # three spend again
+        few.allow(key)
+    few.allow("new")                   # fewer than half spending: all of those stay
+    assert list(few.buckets) == [0, 1, 2, "new"]
