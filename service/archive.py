@@ -123,11 +123,38 @@ async def archive_and_trim(client: aioredis.Redis, keys: Keys, archive: JournalA
     snapshot's seq) to the archive, then out of Redis, at most `FILE_ENTRIES` to a file
     (a journal archived for the first time can hold months). Returns how many moved.
 
-    Nothing else removes journal entries and new ones come after `keep_from`, so the
+    One process moves at a time (a lock in Redis, `Keys.archive_lock`): two that read
+    the same entries at different moments could otherwise each write the file of that
+    name, the later one holding fewer entries than the other trimmed. With the lock,
+    nothing else removes journal entries and new ones come after `keep_from`, so the
     entries read are exactly those `XTRIM MINID` removes: every id is `<seq>-0`, so
     `MINID <seq>-1` removes the entry at seq and all before it."""
+    token = uuid.uuid4().hex
+    if not await client.set(keys.archive_lock, token, nx=True, px=LOCK_MS):
+        log.info("another process is archiving the journal; this one does not")
+        return 0
+    try:
+        return await _move(client, keys, archive, keep_from, token)
+    finally:
+        await client.eval(_HOLD, 1, keys.archive_lock, token, 0)    # 0: release
+
+
+#: Extend the lock (ARGV[2] ms) or, with 0, release it, if ARGV[1] still holds it.
+_HOLD = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '0' then return redis.call('DEL', KEYS[1]) end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
+LOCK_MS = 600_000            # a holder that died lets go after this; renewed per file
+
+
+async def _move(client: aioredis.Redis, keys: Keys, archive: JournalArchive,
+                keep_from: int, token: str) -> int:
     moved = 0
     while True:
+        if not await client.eval(_HOLD, 1, keys.archive_lock, token, LOCK_MS):
+            log.warning("the journal's archive lock expired during a move; stopping it")
+            return moved
         began = time.monotonic()
         rows = await _oldest(client, keys, keep_from)
         if not rows:

@@ -72,6 +72,11 @@ class Keys:
         return f"matcher:{{{self.shard}}}:journal-id"
 
     @property
+    def archive_lock(self) -> str:
+        """Held by the one process moving the journal to its archive."""
+        return f"matcher:{{{self.shard}}}:journal-archive-lock"
+
+    @property
     def archive_failures(self) -> str:
         """How many times the journal's archive could not be written (the snapshotter
         counts them here; the gateway exports them)."""

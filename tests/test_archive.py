@@ -97,6 +97,29 @@ def test_the_trim_removes_exactly_what_was_archived_however_many(
     run(scenario())
 
 
+def test_one_process_moves_the_journal_at_a_time(
+        redis_server: LocalRedis, tmp_path: Path) -> None:
+    """Two movers reading the same entries at different moments could write the same
+    file, the later with fewer entries than the other trimmed: a lock in Redis lets one
+    move at a time, and lets go when it is done."""
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 39)
+        for _ in range(20):
+            await play(driver, journal, 4)
+        archive = await JournalArchive.of(tmp_path, client, KEYS)
+        await client.set(KEYS.archive_lock, "another mover", px=60_000)
+        assert await archive_and_trim(client, KEYS, archive, driver.engine.seq) == 0
+        assert await journal_start(client, KEYS) == 1 and not archive.files()
+        await client.delete(KEYS.archive_lock)
+        assert await archive_and_trim(client, KEYS, archive, driver.engine.seq) > 0
+        assert await client.exists(KEYS.archive_lock) == 0          # released
+        assert await every_seq(client, archive) == list(range(1, driver.engine.seq + 1))
+        await journal.close()
+        await client.aclose()
+
+    run(scenario())
+
+
 def test_a_long_journal_moves_in_files_of_bounded_size(
         redis_server: LocalRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A journal archived for the first time may hold months: it goes a file at a time,
