@@ -65,6 +65,7 @@ async def recover(client: aioredis.Redis, keys: Keys, names: Callable[[int], str
 
 
 _ATTEMPTS = 3
+_REDIS, _ARCHIVE = "Redis's journal", "the archive"
 
 
 async def catch_up(client: aioredis.Redis, keys: Keys, engine: Engine,
@@ -81,10 +82,10 @@ async def catch_up(client: aioredis.Redis, keys: Keys, engine: Engine,
             start = await journal_start(client, keys)
             if start is not None and start > engine.seq + 1:
                 for entries in archive.read(after=engine.seq):
-                    replayed += _apply(engine, entries, "the archive")
+                    replayed += _apply(engine, entries, _ARCHIVE)
         async for entries in read_journal(client, keys, after=engine.seq, chunk=chunk,
                                           on_row=on_row):
-            replayed += _apply(engine, entries, "Redis's journal")
+            replayed += _apply(engine, entries, _REDIS)
     finally:
         if enabled:
             gc.enable()
@@ -94,12 +95,14 @@ async def catch_up(client: aioredis.Redis, keys: Keys, engine: Engine,
 def _apply(engine: Engine, entries: list[wire.JournalEntry], source: str) -> int:
     for entry in entries:
         if entry.seq != engine.seq + 1:
-            raise JournalGap(
-                f"{source} goes on at seq {entry.seq} but the state is at seq {engine.seq}: "
-                f"commands {engine.seq + 1} to {entry.seq - 1} are missing. They were "
-                "archived and trimmed from Redis once a snapshot covered them; recover "
-                "with that snapshot, or give the archive ([engine] journal_archive, "
-                "--archive)")
+            why = ("They were archived and trimmed from Redis once a snapshot covered them; "
+                   "recover with that snapshot, or give the archive ([engine] "
+                   "journal_archive, --archive)") if source == _REDIS else (
+                   "The archive lacks them (a file gone?); `matcher archive` lists what "
+                   "it holds")
+            raise JournalGap(f"{source} goes on at seq {entry.seq} but the state is at seq "
+                             f"{engine.seq}: commands {engine.seq + 1} to {entry.seq - 1} "
+                             f"are missing. {why}")
         if not engine.apply(entry, quiet=True).accepted:
             raise RuntimeError(f"journal seq {entry.seq} is rejected on replay: the "
                                "journal was written by a different engine version")

@@ -375,6 +375,11 @@ def test_matcher_archive_checks_that_every_command_is_held(
     assert main(args) == 1
     first = journal_seqs(hole[0][1])[0]
     assert f"missing: commands {first} to " in capsys.readouterr().err
+    # Recovery without the snapshot stops at the same hole, and says where to look.
+    replay = ["replay", "--redis-url", redis_server.url, "--full", "--archive", str(tmp_path)]
+    assert main(replay) == 1
+    err = capsys.readouterr().err
+    assert f"commands {first} to " in err and "The archive lacks them" in err
 
 
 def journal_seqs(batch: bytes) -> list[int]:
