@@ -47,6 +47,7 @@ from service.localredis import LocalRedis, free_port
 from service.metrics import Metrics
 from service.realtime import make_realtime
 from service.recovery import recover
+from service.retention import fill_stream_span
 from service.snapshots import SnapshotterProcess, adopt, store, stored_seq
 
 log = logging.getLogger("matcher.serve")
@@ -74,6 +75,7 @@ class Service:
         self.snapshot_seq = 0       # what the stored snapshot covers, read every second
         self.journal_start = 0      # the first command in Redis's journal, likewise
         self.archive_failures = 0   # as the snapshotter counted them in Redis, likewise
+        self.fill_stream = (0, 0)   # the fill stream's entries and first seq, likewise
         self.runner: web.AppRunner | None = None
         self.port = config.server.port
         self.ready = False
@@ -123,8 +125,9 @@ class Service:
             await self._snapshot_now("after recovery", cfg.server.shutdown_timeout)
         self.metrics.seq = engine.seq
         if cfg.engine.start_snapshotter:
-            self.snapshotter = SnapshotterProcess(url, keys, cfg.engine.snapshot_every,
-                                                  archive=root or None)
+            self.snapshotter = SnapshotterProcess(
+                url, keys, cfg.engine.snapshot_every, archive=root or None,
+                fill_retention_hours=cfg.engine.fill_retention_hours)
         self._watch(self.gateway, self.snapshotter)
         await self._open_market(first_start=engine.seq == 0)
         if self.snapshotter is not None:
@@ -171,6 +174,13 @@ class Service:
         m.read_on_scrape("matcher_journal_archive_failures", "Times the snapshotter could "
                          "not write the journal's archive (the journal then stays in Redis)",
                          lambda: self.archive_failures, counter=True)
+        m.read_on_scrape("matcher_fill_stream_entries", "Fills the platform's fill stream "
+                         "holds in Redis; with [engine] fill_retention_hours it stops "
+                         "growing once the window is full", lambda: self.fill_stream[0])
+        m.read_on_scrape("matcher_fill_stream_start_seq", "The sequence number of the "
+                         "oldest fill on the fill stream (0: none); retention moves it on, "
+                         "a consumer group that acknowledges nothing holds it",
+                         lambda: self.fill_stream[1])
         m.read_on_scrape("matcher_snapshot_failures", "Times the snapshotter process "
                          "ended while the gateway ran (it is started again)",
                          lambda: snapshotter.exits if snapshotter else 0, counter=True)
@@ -230,8 +240,9 @@ class Service:
 
     async def _follow_snapshots(self) -> None:
         """Read the stored snapshot's sequence number every second, for
-        `matcher_snapshot_seq`: whoever stored it, the snapshotter or anyone else; and
-        where Redis's journal starts, for `matcher_journal_start_seq`."""
+        `matcher_snapshot_seq`: whoever stored it, the snapshotter or anyone else; where
+        Redis's journal starts, for `matcher_journal_start_seq`; and what the fill
+        stream holds, for `matcher_fill_stream_*` (fill retention trims it)."""
         assert self.client is not None
         while True:
             await asyncio.sleep(1.0)
@@ -240,6 +251,7 @@ class Service:
                 self.journal_start = await journal_start(self.client, self.keys) or 0
                 failures: Any = await self.client.get(self.keys.archive_failures)
                 self.archive_failures = int(failures or 0)
+                self.fill_stream = await fill_stream_span(self.client, self.keys)
 
     async def _probe_loop(self) -> None:
         """Time how late a timer fires, for `matcher_event_loop_lag_seconds`.

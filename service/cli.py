@@ -137,6 +137,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _not_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:          # also NaN
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
 def _snapshotter(args: argparse.Namespace) -> int:
     # Below the gateway whatever its policy: it follows every command and encodes for
     # seconds at each snapshot, and must never take a core from the commands (started by
@@ -155,7 +162,8 @@ def _snapshotter(args: argparse.Namespace) -> int:
     async def run() -> int:
         client = aioredis.Redis.from_url(args.redis_url, socket_timeout=30)
         follower = Snapshotter(client, Keys(args.shard), args.every, poll_s=args.poll,
-                               archive_root=args.archive)
+                               archive_root=args.archive,
+                               fill_retention_s=args.fill_retention_hours * 3600)
         try:
             await follower.run(parent_alive(args.parent) if args.parent else lambda: True)
             log.info("snapshotter: the gateway is gone; exiting")
@@ -241,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--archive", metavar="DIR",
                    help="after each snapshot, move the journal before it from Redis to "
                         "files here (the config's engine.journal_archive)")
+    p.add_argument("--fill-retention-hours", type=_not_negative, default=0.0,
+                   help="after each snapshot, trim fills older than this from Redis, "
+                        "except those a consumer group has not acknowledged (the config's "
+                        "engine.fill_retention_hours; 0: keep all)")
     p.add_argument("--parent", type=int, default=0,
                    help="exit when this process is no longer our parent")
     p.set_defaults(run=_snapshotter)

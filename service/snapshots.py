@@ -39,6 +39,7 @@ from service import gctune
 from service.archive import ArchiveWriteFailed, JournalArchive, archive_and_trim
 from service.journal import Keys
 from service.recovery import catch_up, recover
+from service.retention import trim_fills
 
 log = logging.getLogger("matcher.snapshots")
 
@@ -178,7 +179,8 @@ class Snapshotter:
     """
 
     def __init__(self, client: aioredis.Redis, keys: Keys, every: int,
-                 *, poll_s: float = 0.2, archive_root: str | Path | None = None) -> None:
+                 *, poll_s: float = 0.2, archive_root: str | Path | None = None,
+                 fill_retention_s: float = 0.0) -> None:
         self.client = client
         self.keys = keys
         self.every = every
@@ -186,6 +188,7 @@ class Snapshotter:
         self.archive_root = archive_root        # None: the journal is never trimmed
         self.archive: JournalArchive | None = None
         self.archive_failures = 0
+        self.fill_retention_ns = int(fill_retention_s * 1e9)     # 0: fills stay
         self.engine = Engine()
         self.stored = 0
         self._last: tuple[bytes, bytes] | None = None   # the last journal entry read
@@ -236,6 +239,7 @@ class Snapshotter:
         if written:
             log.info("snapshot written at seq %d", self.engine.seq)
             await self._trim()
+            await self._retain()
             # Automatic collection is off here as in the gateway (`gctune`); between
             # snapshots is this process's quiet moment to reclaim any cycles.
             gctune.full_collect()
@@ -254,6 +258,17 @@ class Snapshotter:
             log.error("%s; the journal is not trimmed", exc)
             with contextlib.suppress(RedisError, OSError):     # for the gateway's alert
                 await self.client.incr(self.keys.archive_failures)
+
+    async def _retain(self) -> None:
+        """Trim fills older than the retention window, measured back from the journal's
+        own time (the engine has no clock): a quiet night moves nothing out."""
+        if not self.fill_retention_ns or not self.engine.ts:
+            return
+        done = await trim_fills(self.client, self.keys,
+                                since_ts=self.engine.ts - self.fill_retention_ns)
+        if done.fills or done.entries:
+            log.info("fills before seq %s left Redis: %d from the fill stream, %d from %d "
+                     "participants' streams", done.cut, done.fills, done.entries, done.streams)
 
     async def run(self, alive: Callable[[], bool]) -> None:
         """Start and step until `alive()` is false (the gateway that started it is
@@ -294,11 +309,14 @@ class SnapshotterProcess:
     """
 
     def __init__(self, redis_url: str, keys: Keys, every: int, *, restart_delay: float = 1.0,
-                 max_restart_delay: float = 30.0, archive: str | None = None) -> None:
+                 max_restart_delay: float = 30.0, archive: str | None = None,
+                 fill_retention_hours: float = 0.0) -> None:
         self.argv = [sys.executable, "-m", "service.cli", "snapshotter", "--shard", keys.shard,
                      "--every", str(every), "--parent", str(os.getpid())]
         if archive:
             self.argv += ["--archive", os.path.abspath(archive)]
+        if fill_retention_hours:
+            self.argv += ["--fill-retention-hours", repr(fill_retention_hours)]
         self.env = dict(os.environ, MATCHER_REDIS_URL=redis_url)   # not in `ps`: passwords
         self.restart_delay = restart_delay
         self.max_restart_delay = max_restart_delay

@@ -1,0 +1,253 @@
+"""Fill retention: fills older than the window leave the fill stream and the
+participants' streams, except fills a consumer group of the fill stream still needs;
+nothing recent goes, and other shards' streams are never touched."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+from service import resp
+from service.config import load
+from service.history import FillHistory
+from service.journal import Journal, Keys, stream_seq
+from service.localredis import LocalRedis
+from service.retention import first_seq_since, group_floor, trim_fills
+from service.snapshots import Snapshotter, SnapshotterProcess
+from tests.conftest import run
+from tests.test_journal import FUNDERS, KEYS, SMES, Driver, opened, play
+
+OTHER = Keys("other")
+
+
+async def ids(client: aioredis.Redis, key: str) -> list[bytes]:
+    rows: Any = await client.xrange(key)
+    return [entry_id for entry_id, _ in rows]
+
+
+def trade_ids(driver: Driver, *, of: int | None = None, from_seq: int = 0) -> list[bytes]:
+    return [t.trade_id.encode() for t in driver.trades
+            if t.seq >= from_seq and (of is None or of in (t.funder, t.sme))]
+
+
+async def market(redis_server: LocalRedis, seed: int, commands: int, *,
+                 node_entries: int = 1) -> tuple[aioredis.Redis, Driver]:
+    """Trades on every stream. One entry per stream node by default, so that Redis's
+    approximate trims are exact and the tests can say exactly what stays."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    await client.config_set("stream-node-max-entries", node_entries)
+    writer, journal, driver = await opened(redis_server, seed)
+    await play(driver, journal, commands)
+    await journal.close()
+    await writer.aclose()
+    assert len(driver.trades) > 200, "the market made too few trades to test with"
+    return client, driver
+
+
+def test_fills_older_than_the_window_leave_every_stream_of_the_shard(
+        redis_server: LocalRedis) -> None:
+    async def scenario() -> None:
+        client, driver = await market(redis_server, 51, 3000)
+        # Another shard's streams, all old: never this shard's to trim.
+        await client.xadd(OTHER.fills, {"ts": 1}, id="1-0")
+        await client.xadd(OTHER.fills_of(FUNDERS[0]), {"t1": b"x"}, id="1-0")
+        middle = driver.trades[len(driver.trades) // 2]
+        cut = min(t.seq for t in driver.trades if t.ts >= middle.ts)
+        assert cut > driver.trades[0].seq
+
+        done = await trim_fills(client, KEYS, since_ts=middle.ts)
+        assert (done.cut, done.held_by) == (cut, None)
+        assert await ids(client, KEYS.fills) == trade_ids(driver, from_seq=cut)
+        assert done.fills == len(driver.trades) - len(trade_ids(driver, from_seq=cut))
+        for p in FUNDERS + SMES:
+            assert await ids(client, KEYS.fills_of(p)) == trade_ids(driver, of=p, from_seq=cut)
+        assert done.streams == len(FUNDERS + SMES)
+        assert done.entries == 2 * done.fills
+        assert await client.xlen(OTHER.fills) == 1
+        assert await client.xlen(OTHER.fills_of(FUNDERS[0])) == 1
+
+        again = await trim_fills(client, KEYS, since_ts=middle.ts)    # nothing more
+        assert (again.cut, again.fills, again.entries) == (cut, 0, 0)
+        await client.aclose()
+
+    run(scenario())
+
+
+def test_the_cut_is_found_at_either_end_and_an_empty_stream_has_none(
+        redis_server: LocalRedis) -> None:
+    async def scenario() -> None:
+        client, driver = await market(redis_server, 52, 1500)
+        first, last = driver.trades[0], driver.trades[-1]
+        assert await first_seq_since(client, KEYS.fills, first.ts) == first.seq
+        assert await first_seq_since(client, KEYS.fills, last.ts) == \
+            min(t.seq for t in driver.trades if t.ts >= last.ts)
+        assert await first_seq_since(client, KEYS.fills, last.ts + 1) == last.seq + 1
+        assert await first_seq_since(client, OTHER.fills, 0) is None
+        everything = await trim_fills(client, KEYS, since_ts=last.ts + 1)
+        assert await client.xlen(KEYS.fills) == 0 and everything.fills == len(driver.trades)
+        assert (await trim_fills(client, OTHER, since_ts=1)).cut is None
+        await client.aclose()
+
+    run(scenario())
+
+
+def test_a_consumer_group_keeps_what_it_has_not_acknowledged(
+        redis_server: LocalRedis) -> None:
+    async def scenario() -> None:
+        client, driver = await market(redis_server, 53, 3000)
+        late = driver.trades[-1].ts + 1                   # every fill is out of the window
+        await client.xgroup_create(KEYS.fills, "platform", id="0")
+        await client.xgroup_create(KEYS.fills, "audit", id="$")    # up to date, nothing due
+        read: Any = await client.xreadgroup("platform", "c1", {KEYS.fills: ">"}, count=30)
+        delivered = [entry_id for entry_id, _ in read[0][1]]
+        await client.xack(KEYS.fills, "platform", *delivered[:10])
+
+        assert await group_floor(client, KEYS.fills) == (
+            tuple(int(x) for x in delivered[10].split(b"-")), "platform")
+        done = await trim_fills(client, KEYS, since_ts=late)
+        assert done.held_by == "platform"
+        assert await ids(client, KEYS.fills) == trade_ids(driver)[10:]   # first pending on
+        # Participants' streams are history, not delivery: the window alone decides.
+        assert all([await client.xlen(KEYS.fills_of(p)) == 0 for p in FUNDERS + SMES])
+
+        # All acknowledged: the floor is the entry after the last one delivered.
+        await client.xack(KEYS.fills, "platform", *delivered[10:])
+        done = await trim_fills(client, KEYS, since_ts=late)
+        assert await ids(client, KEYS.fills) == trade_ids(driver)[30:]
+        assert done.held_by == "platform"
+        read = await client.xreadgroup("platform", "c1", {KEYS.fills: ">"})
+        await client.xack(KEYS.fills, "platform", *[i for i, _ in read[0][1]])
+        done = await trim_fills(client, KEYS, since_ts=late)
+        assert (await client.xlen(KEYS.fills), done.held_by) == (0, None)
+        await client.aclose()
+
+    run(scenario())
+
+
+def test_with_redis_default_nodes_a_trim_keeps_at_most_a_node_of_old_fills(
+        redis_server: LocalRedis) -> None:
+    """Approximate trims remove whole stream nodes: never a recent fill, and of the old
+    ones at most what shares a node with the first recent one."""
+    async def scenario() -> None:
+        client, driver = await market(redis_server, 54, 4000, node_entries=100)
+        middle = driver.trades[len(driver.trades) // 2]
+        done = await trim_fills(client, KEYS, since_ts=middle.ts)
+        assert done.cut is not None
+        kept = await ids(client, KEYS.fills)
+        recent = trade_ids(driver, from_seq=done.cut)
+        assert kept[len(kept) - len(recent):] == recent
+        assert done.fills > 0 and len(kept) - len(recent) < 100
+        for p in FUNDERS + SMES:
+            mine = await ids(client, KEYS.fills_of(p))
+            assert all(stream_seq(i) >= done.cut for i in mine[100:])
+            assert mine[-1:] == trade_ids(driver, of=p)[-1:]
+        await client.aclose()
+
+    run(scenario())
+
+
+def test_the_snapshotter_trims_after_each_snapshot_and_pages_go_on_from_what_stays(
+        redis_server: LocalRedis) -> None:
+    async def scenario() -> None:
+        client, driver = await market(redis_server, 55, 3000)
+        span = driver.trades[-1].ts - driver.trades[0].ts
+        keep_s = span / 3 / 1e9
+        off = Snapshotter(client, KEYS, every=1000)
+        await off.start()
+        assert await off.step()
+        assert await client.xlen(KEYS.fills) == len(driver.trades)      # 0: keep all
+
+        follower = Snapshotter(client, KEYS, every=1, fill_retention_s=keep_s)
+        await follower.start()
+        journal = Journal(client, KEYS, written_seq=driver.engine.seq)
+        journal.start()
+        await play(driver, journal, 10)
+        await journal.close()
+        assert await follower.step()
+        since = follower.engine.ts - int(keep_s * 1e9)
+        cut = min(t.seq for t in driver.trades if t.ts >= since)
+        assert await ids(client, KEYS.fills) == trade_ids(driver, from_seq=cut)
+
+        # A participant paging on from a trade id that is gone gets what stays.
+        sme = SMES[0]
+        old = [t for t in driver.trades if sme in (t.funder, t.sme) and t.seq < cut]
+        conn = resp.Connection.like(client)
+        history = FillHistory(conn, KEYS)
+        page = await history.page(sme, old[0].trade_id, 5)
+        assert [t.trade_id.encode() for t in page.trades] == \
+            trade_ids(driver, of=sme, from_seq=cut)[:5]
+        history.close()
+        await client.aclose()
+
+    run(scenario())
+
+
+def test_the_setting_is_checked_and_reaches_the_snapshotter(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text("[engine]\nfill_retention_hours = -1\n")
+    with pytest.raises(msgspec.ValidationError, match=r"\$\.engine\.fill_retention_hours"):
+        load(path, {})
+    assert load(path, {"MATCHER_ENGINE_FILL_RETENTION_HOURS": "72"}).engine \
+        .fill_retention_hours == 72
+    assert load(None, {}).engine.fill_retention_hours > 0        # the demo trims
+    argv = SnapshotterProcess("redis://x", KEYS, 10, fill_retention_hours=1.5).argv
+    assert argv[argv.index("--fill-retention-hours") + 1] == "1.5"
+    assert "--fill-retention-hours" not in SnapshotterProcess("redis://x", KEYS, 10).argv
+    bad = subprocess.run([sys.executable, "-m", "service.cli", "snapshotter",
+                          "--fill-retention-hours", "-2"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--fill-retention-hours" in bad.stderr
+
+
+def test_the_server_trims_old_fills_and_reports_what_the_stream_holds(
+        tmp_path: Path, redis_server: LocalRedis) -> None:
+    """`[engine] fill_retention_hours` reaches the gateway's snapshotter, and
+    `matcher_fill_stream_*` follow the fill stream as it is trimmed."""
+    from service.localredis import free_port
+    from tests.conftest import ServerProcess, write_config
+    from tests.test_service import F11, SME_X, ask, bid, line, metric, sessions
+    port = free_port()
+    path = write_config(tmp_path / "m.toml", redis_server.url, port)
+    path.write_text(path.read_text().replace(         # a window of 0.36 ms: all but the newest
+        "snapshot_every = 1000", "snapshot_every = 10\nfill_retention_hours = 0.0000001"))
+
+    async def one_entry_per_node() -> None:       # trims whole nodes: make them small
+        client = aioredis.Redis.from_url(redis_server.url)
+        await client.config_set("stream-node-max-entries", 1)
+        await client.aclose()
+
+    run(one_entry_per_node())
+    server = ServerProcess(path, port, tmp_path / "server.log").start()
+
+    async def market() -> list[int]:
+        seqs = []
+        async with sessions(server, F11, SME_X) as (f11, sme):
+            await f11.ok(line("DFM"))
+            for i in range(30):
+                await f11.ok(bid(f"b{i}", "DFM-30D", 250, 100_000))
+            for i in range(30):
+                seqs.append((await sme.ok(ask(f"a{i}", "DFM-30D", 100_000, tif="ioc")))["seq"])
+                while (await sme.recv())["type"] != "done":
+                    pass
+        return seqs
+
+    try:
+        assert metric(server, "matcher_fill_stream_entries", required=True) == 0
+        seqs = run(market())
+        deadline = time.monotonic() + 20
+        while metric(server, "matcher_fill_stream_start_seq") <= seqs[0]:
+            assert time.monotonic() < deadline, "the fill stream was never trimmed"
+            time.sleep(0.1)
+        entries = metric(server, "matcher_fill_stream_entries")
+        start = metric(server, "matcher_fill_stream_start_seq")
+        assert 0 < entries < 30 and start in seqs
+        assert entries == len([s for s in seqs if s >= start])
+        assert "left Redis" in (tmp_path / "server.log").read_text()
+    finally:
+        server.kill()
