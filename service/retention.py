@@ -150,8 +150,7 @@ async def _trim_all(client: aioredis.Redis, keys: Sequence[bytes], minid: Stream
     return removed
 
 
-async def _holds(client: aioredis.Redis, key: str, floor: StreamId, _group: str,
-                 minid: StreamId) -> bool:
+async def _holds(client: aioredis.Redis, key: str, floor: StreamId, minid: StreamId) -> bool:
     """Whether an entry at or after the group's floor is older than the cut: a group
     that has had everything holds nothing back, though its floor is below the cut."""
     rows: Any = await client.xrange(key, min=format_id(floor), count=1)
@@ -172,7 +171,7 @@ async def trim_fills(client: aioredis.Redis, keys: Keys, *, since_ts: int) -> Tr
     minid: StreamId = (cut, 0)
     held_by = None
     floor = await group_floor(client, keys.fills)
-    if floor is not None and floor[0] < minid and await _holds(client, keys.fills, *floor,
+    if floor is not None and floor[0] < minid and await _holds(client, keys.fills, floor[0],
                                                                minid):
         minid, held_by = floor
         log.warning("consumer group %r of %s has not acknowledged fills from %s on: they "
