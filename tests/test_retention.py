@@ -4,6 +4,7 @@ nothing recent goes, and other shards' streams are never touched."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -251,3 +252,47 @@ def test_the_server_trims_old_fills_and_reports_what_the_stream_holds(
         assert "left Redis" in (tmp_path / "server.log").read_text()
     finally:
         server.kill()
+
+
+def test_the_platform_consumer_gets_every_fill_once_though_retention_ran_while_it_was_down(
+        redis_server: LocalRedis) -> None:
+    """Nothing acknowledged... and nothing undelivered is lost: the real consumer dies
+    mid-way, a trim whose window covers every fill runs, and the restarted consumer
+    still gets each fill it had not acknowledged, once; then a trim takes the rest."""
+    from matcher import protocol as wire
+    from service.platform import FillConsumer
+
+    class Crash(Exception):
+        pass
+
+    async def scenario() -> None:
+        client, driver = await market(redis_server, 56, 2000)
+        late = driver.trades[-1].ts + 1
+        handled: list[str] = []
+
+        def dies_at_50(trade: wire.Trade) -> None:
+            if len(handled) == 50:
+                raise Crash
+            handled.append(trade.trade_id)
+
+        first = FillConsumer(client, dies_at_50, KEYS, consumer="c1", count=20, block_ms=100)
+        with pytest.raises(Crash):
+            await first.run()
+        done = await trim_fills(client, KEYS, since_ts=late)
+        assert done.held_by == "platform" and done.fills == 50     # the acknowledged ones
+
+        stop_when_all = asyncio.Event()
+
+        def the_rest(trade: wire.Trade) -> None:
+            handled.append(trade.trade_id)
+            if len(handled) == len(driver.trades):
+                stop_when_all.set()
+
+        again = FillConsumer(client, the_rest, KEYS, consumer="c1", count=20, block_ms=100)
+        await asyncio.wait_for(again.run(stop_when_all), 20)
+        assert handled == [t.trade_id for t in driver.trades]      # each once, in order
+        await trim_fills(client, KEYS, since_ts=late)
+        assert await client.xlen(KEYS.fills) == 0                  # all acknowledged: gone
+        await client.aclose()
+
+    run(scenario())
