@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 
 from matcher import protocol as wire
 from matcher.participants import Directory, Participant
-from service import gctune
+from service import forwarded, gctune
 from service.archive import JournalArchive
 from service.config import Config
 from service.gateway import (
@@ -85,6 +85,7 @@ class Service:
         limits = config.limits     # each HTTP client has the budget of one connection
         self._fills_budgets = Budgets(limits.rate, limits.burst)    # per key
         self._quote_budgets = Budgets(limits.rate, limits.burst)    # per address
+        self._proxies = forwarded.networks(config.server.trusted_proxies)
 
     # --- lifecycle ---
 
@@ -406,7 +407,9 @@ class Service:
     async def _rest_quote(self, request: web.Request) -> web.Response:
         gw = self.gateway
         assert gw is not None
-        if not self._quote_budgets.allow(request.remote):
+        client = forwarded.client_address(
+            request.remote, request.headers.getall("X-Forwarded-For", ()), self._proxies)
+        if not self._quote_budgets.allow(client):
             return self._rate_limited("this address")
         segment = request.match_info["segment"]
         if segment not in gw.engine.books:

@@ -8,6 +8,7 @@ start with its path (`$.server.port`), not later.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from importlib import resources
@@ -41,6 +42,11 @@ class ServerConfig(_Section):
     # A WebSocket ping after this long without a message; no pong within half of it and
     # the connection is closed (and a funder's bids cancelled): how soon a dead peer shows.
     heartbeat_s: Annotated[float, Meta(gt=0)] = 30.0
+    # Reverse proxies (addresses or networks, "10.0.0.0/8") whose X-Forwarded-For is
+    # believed: behind them, the client's address is the last one they did not add, so
+    # that per-address limits are per client, not per proxy (service/forwarded.py).
+    # In the environment: comma-separated.
+    trusted_proxies: list[str] = []
 
 
 class RedisConfig(_Section):
@@ -164,8 +170,15 @@ def _env_overrides(data: dict[str, Any], environ: dict[str, str]) -> dict[str, A
         prefix = f"MATCHER_{section.upper()}_"
         for name, value in environ.items():
             if name.startswith(prefix):
-                data.setdefault(section, {})[name[len(prefix):].lower()] = value
+                key = name[len(prefix):].lower()
+                data.setdefault(section, {})[key] = \
+                    [v.strip() for v in value.split(",") if v.strip()] \
+                    if (section, key) in _LISTS else value
     return data
+
+
+#: Settings that are lists: comma-separated in the environment.
+_LISTS = {("server", "trusted_proxies")}
 
 
 def load(path: str | Path | None, environ: dict[str, str] | None = None) -> Config:
@@ -174,4 +187,11 @@ def load(path: str | Path | None, environ: dict[str, str] | None = None) -> Conf
             else resources.files("service").joinpath("demo.toml").read_text())
     data = _env_overrides(tomllib.loads(text), dict(os.environ if environ is None else environ))
     # strict=False: environment values are strings ("8081" -> 8081).
-    return msgspec.convert(data, Config, strict=False)
+    cfg = msgspec.convert(data, Config, strict=False)
+    for i, proxy in enumerate(cfg.server.trusted_proxies):
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError as exc:
+            raise msgspec.ValidationError(
+                f"{exc} - at `$.server.trusted_proxies[{i}]`") from None
+    return cfg

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -129,3 +129,24 @@ def server(tmp_path: Path, redis_server: LocalRedis) -> Iterator[ServerProcess]:
     yield proc
     if proc.process is not None and proc.process.poll() is None:
         proc.kill()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path, redis_server: LocalRedis,
+                 monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., ServerProcess]]:
+    """A server with other [limits]: start_server(rate=2) sets MATCHER_LIMITS_RATE=2."""
+    procs: list[ServerProcess] = []
+
+    def start(**limits: object) -> ServerProcess:
+        for name, value in limits.items():
+            monkeypatch.setenv(f"MATCHER_LIMITS_{name.upper()}", str(value))
+        port = free_port()
+        config = write_config(tmp_path / "matcher.toml", redis_server.url, port)
+        proc = ServerProcess(config, port, tmp_path / "server.log").start()
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.process is not None and proc.process.poll() is None:
+            proc.kill()

@@ -180,27 +180,6 @@ def metric(server: ServerProcess, sample: str, *, required: bool = False) -> flo
     return 0.0
 
 
-@pytest.fixture
-def start_server(tmp_path: Path, redis_server: LocalRedis,
-                 monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., ServerProcess]]:
-    """A server with other [limits]: start_server(rate=2) sets MATCHER_LIMITS_RATE=2."""
-    procs: list[ServerProcess] = []
-
-    def start(**limits: object) -> ServerProcess:
-        for name, value in limits.items():
-            monkeypatch.setenv(f"MATCHER_LIMITS_{name.upper()}", str(value))
-        port = free_port()
-        config = write_config(tmp_path / "matcher.toml", redis_server.url, port)
-        proc = ServerProcess(config, port, tmp_path / "server.log").start()
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.process is not None and proc.process.poll() is None:
-            proc.kill()
-
-
 #: Bank D (F14, only on the shared server): its bids survive its disconnects.
 STAY = """
 [[participants]]

@@ -1,0 +1,80 @@
+"""The client's address behind trusted reverse proxies (`service.forwarded`), and the
+per-address quote budget of a real server behind one."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from service.config import load
+from service.forwarded import client_address, networks
+from tests.conftest import ServerProcess
+
+PROXIES = networks(["10.0.0.0/8", "192.0.2.1", "2001:db8::/32"])
+
+
+@pytest.mark.parametrize(("peer", "header", "client"), [
+    ("203.0.113.7", ["198.51.100.1"], "203.0.113.7"),     # not a proxy: header ignored
+    ("10.0.0.1", [], "10.0.0.1"),                          # a proxy that sent no header
+    ("10.0.0.1", ["198.51.100.1"], "198.51.100.1"),
+    ("10.0.0.1", ["6.6.6.6, 198.51.100.1"], "198.51.100.1"),  # the client's own prefix
+    ("10.0.0.1", ["6.6.6.6", "198.51.100.1, 10.2.3.4"], "198.51.100.1"),  # two proxies
+    ("192.0.2.1", ["198.51.100.1 , 192.0.2.1"], "198.51.100.1"),
+    ("10.0.0.1", ["10.9.9.9, 10.0.0.2"], "10.9.9.9"),      # all trusted: the farthest
+    ("10.0.0.1", ["198.51.100.1, not-an-address"], "10.0.0.1"),  # forged: the proxy
+    ("10.0.0.1", ["garbage, 10.0.0.2"], "10.0.0.2"),
+    ("2001:db8::1", ["2001:db9::5"], "2001:db9::5"),
+    (None, ["198.51.100.1"], None),
+])
+def test_the_client_is_the_last_address_no_trusted_proxy_added(
+        peer: str | None, header: list[str], client: str | None) -> None:
+    assert client_address(peer, header, PROXIES) == client
+
+
+def test_without_trusted_proxies_the_peer_is_the_client() -> None:
+    assert client_address("10.0.0.1", ["198.51.100.1"], ()) == "10.0.0.1"
+
+
+def test_the_setting_is_checked_and_read_from_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text('[server]\ntrusted_proxies = ["10.0.0.0/8", "nonsense"]\n')
+    with pytest.raises(msgspec.ValidationError, match=r"\$\.server\.trusted_proxies\[1\]"):
+        load(path, {})
+    path.write_text("")
+    cfg = load(path, {"MATCHER_SERVER_TRUSTED_PROXIES": "10.0.0.1, 192.0.2.0/24"})
+    assert cfg.server.trusted_proxies == ["10.0.0.1", "192.0.2.0/24"]
+    assert load(path, {}).server.trusted_proxies == []
+
+
+def quote(server: ServerProcess, forwarded_for: str | None) -> int:
+    req = urllib.request.Request(f"{server.http}/v1/segments/DFM-90D/quote?amount=500000",
+                                 headers={"X-Forwarded-For": forwarded_for}
+                                 if forwarded_for else {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            assert json.loads(r.read())["type"] == "quote"
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+def test_behind_a_trusted_proxy_each_client_has_its_own_quote_budget(
+        start_server: Callable[..., ServerProcess], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MATCHER_SERVER_TRUSTED_PROXIES", "127.0.0.1")
+    server = start_server(rate=0.5, burst=2)
+    assert [quote(server, "198.51.100.1") for _ in range(3)] == [200, 200, 429]
+    assert quote(server, "6.6.6.6, 198.51.100.1") == 429       # a prefix changes nothing
+    assert quote(server, "198.51.100.2") == 200                # another client
+    assert [quote(server, None) for _ in range(3)] == [200, 200, 429]   # the proxy itself
+
+
+def test_an_untrusted_peer_cannot_escape_its_budget_with_the_header(
+        start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server(rate=0.5, burst=2)
+    assert [quote(server, f"198.51.100.{i}") for i in range(3)] == [200, 200, 429]
