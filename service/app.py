@@ -47,7 +47,7 @@ from service.localredis import LocalRedis, free_port
 from service.metrics import Metrics
 from service.realtime import make_realtime
 from service.recovery import recover
-from service.retention import fill_stream_span
+from service.retention import Span, fill_stream_span
 from service.snapshots import SnapshotterProcess, adopt, store, stored_seq
 
 log = logging.getLogger("matcher.serve")
@@ -75,7 +75,7 @@ class Service:
         self.snapshot_seq = 0       # what the stored snapshot covers, read every second
         self.journal_start = 0      # the first command in Redis's journal, likewise
         self.archive_failures = 0   # as the snapshotter counted them in Redis, likewise
-        self.fill_stream = (0, 0)   # the fill stream's entries and first seq, likewise
+        self.fill_stream = Span()   # what the fill stream holds, likewise
         self.runner: web.AppRunner | None = None
         self.port = config.server.port
         self.ready = False
@@ -177,11 +177,19 @@ class Service:
                          lambda: self.archive_failures, counter=True)
         m.read_on_scrape("matcher_fill_stream_entries", "Fills the platform's fill stream "
                          "holds in Redis; with [engine] fill_retention_hours it stops "
-                         "growing once the window is full", lambda: self.fill_stream[0])
+                         "growing once the window is full", lambda: self.fill_stream.entries)
         m.read_on_scrape("matcher_fill_stream_start_seq", "The sequence number of the "
                          "oldest fill on the fill stream (0: none); retention moves it on, "
                          "a consumer group that acknowledges nothing holds it",
-                         lambda: self.fill_stream[1])
+                         lambda: self.fill_stream.first_seq)
+        m.read_on_scrape("matcher_fill_stream_oldest_age_seconds", "How much older than the "
+                         "last command the oldest fill on the fill stream is, in journal "
+                         "time (0: none); with retention, at most about 1.1 windows",
+                         lambda: (gw.engine.ts - self.fill_stream.first_ts) / 1e9
+                         if self.fill_stream.entries else 0.0)
+        retention_s = self.config.engine.fill_retention_hours * 3600
+        m.read_on_scrape("matcher_fill_retention_seconds", "[engine] fill_retention_hours "
+                         "in seconds (0: fills stay in Redis)", lambda: retention_s)
         m.read_on_scrape("matcher_snapshot_failures", "Times the snapshotter process "
                          "ended while the gateway ran (it is started again)",
                          lambda: snapshotter.exits if snapshotter else 0, counter=True)

@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="after each snapshot, move the journal before it from Redis to "
                         "files here (the config's engine.journal_archive)")
     p.add_argument("--fill-retention-hours", type=_not_negative, default=0.0,
-                   help="after each snapshot, trim fills older than this from Redis, "
+                   help="trim fills older than this from Redis (every tenth of it), "
                         "except those a consumer group has not acknowledged (the config's "
                         "engine.fill_retention_hours; 0: keep all)")
     p.add_argument("--parent", type=int, default=0,

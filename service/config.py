@@ -75,7 +75,8 @@ class EngineConfig(_Section):
     # about one snapshot interval of commands. Empty: the journal stays whole in Redis.
     journal_archive: str = ""
     # Fills older than this (in journal time) leave Redis's fill stream and participants'
-    # streams after each snapshot, except fills a consumer group has not acknowledged
+    # streams (checked by the snapshotter every tenth of the window, at most every ten
+    # minutes of journal time), except fills a consumer group has not acknowledged
     # (service/retention.py, ADR 21). The journal gives them back by replay. 0: keep all.
     fill_retention_hours: Annotated[float, Meta(ge=0)] = 0.0
     end_of_day: Annotated[str, Meta(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")] = "16:30"

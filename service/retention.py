@@ -10,10 +10,10 @@ can leave Redis, with one exception: the fill stream is the platform's delivery 
 and an entry a consumer group has not acknowledged stays whatever its age
 ([ADR 21](../docs/adr/0021-fill-retention.md)).
 
-The snapshotter trims after each snapshot it stores, in small steps as it moves the
-journal: approximate trims (whole stream nodes, `XTRIM MINID ~ ... LIMIT`), so a step
-frees memory without copying, and a few entries older than the window may stay until
-the next one.
+The snapshotter trims whenever the journal's time has moved on by a tenth of the window
+(ten minutes at most), in small steps as it moves the journal: approximate trims (whole
+stream nodes, `XTRIM MINID ~ ... LIMIT`), so a step frees memory without copying, and
+a few entries older than the window may stay until the next one.
 """
 
 from __future__ import annotations
@@ -62,14 +62,24 @@ class Trimmed:
     entries: int
 
 
-async def fill_stream_span(client: aioredis.Redis, keys: Keys) -> tuple[int, int]:
-    """How many fills the fill stream holds, and the sequence number of its oldest
-    (0 when it is empty)."""
+@dataclass(frozen=True, slots=True)
+class Span:
+    """What the fill stream holds: how many fills, and its oldest one's sequence number
+    and journal time (0 and 0 when it is empty)."""
+
+    entries: int = 0
+    first_seq: int = 0
+    first_ts: int = 0
+
+
+async def fill_stream_span(client: aioredis.Redis, keys: Keys) -> Span:
     pipe = client.pipeline(transaction=False)
     pipe.xlen(keys.fills)
     pipe.xrange(keys.fills, count=1)
     length, first = await pipe.execute()
-    return int(length), stream_seq(first[0][0]) if first else 0
+    if not first:
+        return Span(int(length))
+    return Span(int(length), stream_seq(first[0][0]), int(first[0][1][b"ts"]))
 
 
 async def first_seq_since(client: aioredis.Redis, key: str, since_ts: int) -> int | None:

@@ -170,6 +170,10 @@ async def adopt(client: aioredis.Redis, keys: Keys, seq: int) -> None:
         await client.set(keys.snapshot_seq, seq, nx=True)
 
 
+#: Journal time between two passes of fill retention, at most (service/retention.py).
+RETAIN_EVERY_S = 600
+
+
 class Snapshotter:
     """Follows the journal with its own engine; stores a snapshot every `every` commands.
 
@@ -189,6 +193,7 @@ class Snapshotter:
         self.archive: JournalArchive | None = None
         self.archive_failures = 0
         self.fill_retention_ns = int(fill_retention_s * 1e9)     # 0: fills stay
+        self._retained_ts = 0             # the journal's time at the last retention pass
         self.engine = Engine()
         self.stored = 0
         self._last: tuple[bytes, bytes] | None = None   # the last journal entry read
@@ -224,22 +229,27 @@ class Snapshotter:
         return (rows[0][0], rows[0][1][b"e"]) if rows else None
 
     async def step(self) -> bool:
-        """Read what the journal gained; store a snapshot if one is due. True if stored.
-        Raises JournalDiverged when the journal no longer holds what was applied."""
+        """Read what the journal gained; store a snapshot if one is due, and trim old
+        fills if that is due. True if a snapshot was stored. Raises JournalDiverged when
+        the journal no longer holds what was applied."""
         if self._last is not None and await self._entry_from(self._last[0]) != self._last:
             raise JournalDiverged(f"the journal no longer holds entry "
                                   f"{self._last[0].decode()} as this snapshotter applied it")
         await catch_up(self.client, self.keys, self.engine, on_row=self._read,
                        chunk=READ_CHUNK, archive=self.archive)
-        if self.engine.seq - self.stored < self.every:
-            return False
+        written = self.engine.seq - self.stored >= self.every and await self._snapshot()
+        await self._retain()
+        return written
+
+    async def _snapshot(self) -> bool:
+        """Store one now, then move the journal it covers to the archive. True if
+        stored."""
         written = await store(self.client, self.keys, self.engine, applied=self.applied)
         # Not written: another writer stored a newer one (the gateway at shutdown).
         self.stored = self.engine.seq if written else await stored_seq(self.client, self.keys)
         if written:
             log.info("snapshot written at seq %d", self.engine.seq)
             await self._trim()
-            await self._retain()
             # Automatic collection is off here as in the gateway (`gctune`); between
             # snapshots is this process's quiet moment to reclaim any cycles.
             gctune.full_collect()
@@ -261,9 +271,14 @@ class Snapshotter:
 
     async def _retain(self) -> None:
         """Trim fills older than the retention window, measured back from the journal's
-        own time (the engine has no clock): a quiet night moves nothing out."""
-        if not self.fill_retention_ns or not self.engine.ts:
+        own time (the engine has no clock): a quiet night moves nothing out. A pass
+        whenever the journal's time moved on by a tenth of the window (at most
+        `RETAIN_EVERY_S`): fills stay at most about 1.1 windows, whatever the snapshots."""
+        window = self.fill_retention_ns
+        if not window or self.engine.ts - self._retained_ts < min(window // 10,
+                                                                  RETAIN_EVERY_S * 10**9):
             return
+        self._retained_ts = self.engine.ts
         done = await trim_fills(self.client, self.keys,
                                 since_ts=self.engine.ts - self.fill_retention_ns)
         if done.fills or done.entries:

@@ -190,6 +190,44 @@ def test_the_snapshotter_trims_after_each_snapshot_and_pages_go_on_from_what_sta
     run(scenario())
 
 
+def test_retention_runs_whenever_journal_time_moves_a_tenth_of_the_window_on(
+        redis_server: LocalRedis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only after snapshots: a market too quiet to snapshot still sheds old fills;
+    and a journal whose time stands still is not searched again."""
+    from service import snapshots
+    passes: list[int] = []
+
+    async def counted(client: aioredis.Redis, keys: Keys, *, since_ts: int) -> Any:
+        passes.append(since_ts)
+        return await trim_fills(client, keys, since_ts=since_ts)
+
+    monkeypatch.setattr(snapshots, "trim_fills", counted)
+
+    async def scenario() -> None:
+        client, driver = await market(redis_server, 57, 3000)
+        span = driver.trades[-1].ts - driver.trades[0].ts
+        window = span // 2
+        follower = Snapshotter(client, KEYS, every=10**9, fill_retention_s=window / 1e9)
+        await follower.start()
+        assert not await follower.step()                    # no snapshot, but a trim
+        cut = min(t.seq for t in driver.trades if t.ts >= follower.engine.ts - window)
+        assert await ids(client, KEYS.fills) == trade_ids(driver, from_seq=cut)
+        assert passes == [follower.engine.ts - window]
+        await follower.step()                               # the journal's time stood still
+        assert len(passes) == 1
+        journal = Journal(client, KEYS, written_seq=driver.engine.seq)
+        journal.start()
+        while driver.ts - follower.engine.ts < window // 10:    # a tenth of the window on
+            await play(driver, journal, 50)
+        await journal.close()
+        await follower.step()
+        assert len(passes) == 2 and passes[1] == follower.engine.ts - window
+        assert await client.get(KEYS.snapshot) is None       # never a snapshot
+        await client.aclose()
+
+    run(scenario())
+
+
 def test_the_setting_is_checked_and_reaches_the_snapshotter(tmp_path: Path) -> None:
     path = tmp_path / "m.toml"
     path.write_text("[engine]\nfill_retention_hours = -1\n")
@@ -249,6 +287,8 @@ def test_the_server_trims_old_fills_and_reports_what_the_stream_holds(
         start = metric(server, "matcher_fill_stream_start_seq")
         assert 0 < entries < 30 and start in seqs
         assert entries == len([s for s in seqs if s >= start])
+        assert metric(server, "matcher_fill_retention_seconds") == pytest.approx(0.00036)
+        assert 0 <= metric(server, "matcher_fill_stream_oldest_age_seconds") < 0.1
         assert "left Redis" in (tmp_path / "server.log").read_text()
     finally:
         server.kill()
