@@ -194,7 +194,8 @@ class Run:
         self.steps = [Step(rate) for rate in profile.steps()]
         self.offered: dict[int, int] = defaultdict(int)
         self.outstanding = 0
-        self.memory: list[list[float]] = []
+        self.memory: list[list[float]] = []          # [s, server RSS]
+        self.redis_memory: list[list[float]] = []    # [s, Redis's used_memory]
         self._measure_wall_ns = 0
         self.server: dict[str, dict[str, Any] | None] = {}
         self.cpu: dict[str, float] = {}
@@ -345,13 +346,23 @@ class Run:
             conn.close()
 
     async def sample_memory(self, stop: asyncio.Event) -> None:
+        """The server's RSS and Redis's memory every 5 s: the journal's archive and
+        fill retention are what keep the second from growing with every command."""
         start = time.monotonic()
-        while not stop.is_set():
-            rss = await asyncio.to_thread(server_rss, self.http)
-            if rss is not None:
-                self.memory.append([round(time.monotonic() - start, 1), rss])
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 5)
+        redis = aioredis.Redis.from_url(self.redis_url)
+        try:
+            while not stop.is_set():
+                rss = await asyncio.to_thread(server_rss, self.http)
+                t = round(time.monotonic() - start, 1)
+                if rss is not None:
+                    self.memory.append([t, rss])
+                with contextlib.suppress(OSError, aioredis.RedisError):
+                    info: dict[str, Any] = await redis.info("memory")
+                    self.redis_memory.append([t, float(info["used_memory"])])
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 5)
+        finally:
+            await redis.aclose()
 
     async def sample_stolen(self, stop: asyncio.Event) -> None:
         """The machine's stolen CPU time second by second of the run (`Recorder.stolen_ms`):
@@ -453,6 +464,10 @@ class Run:
             sustained = sustained_rate(ramp)
         memory = ({"rss_start": self.memory[0][1], "rss_end": self.memory[-1][1],
                    "samples": self.memory} if self.memory else None)
+        if memory is not None and self.redis_memory:
+            used = [m for _, m in self.redis_memory]
+            memory.update(redis_start=used[0], redis_end=used[-1], redis_peak=max(used),
+                          redis_samples=self.redis_memory)
         return {
             "profile": p.name,
             "ok": bool(recon["ok"] and lag_ok),

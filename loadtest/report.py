@@ -265,10 +265,16 @@ def _memory_line(results: Results) -> str | None:
     mem: Mapping[str, Any] | None = results.get("memory")
     if not mem:
         return None
-    start, end = _num(mem.get("rss_start")), _num(mem.get("rss_end"))
-    growth = f"  ({'+' if end - start >= 0 else '-'}{fmt_bytes(abs(end - start))})" \
-        if start is not None and end is not None else ""
-    return f"server RSS {fmt_bytes(start)} -> {fmt_bytes(end)}{growth}"
+    def change(start: float | None, end: float | None) -> str:
+        growth = f"  ({'+' if end - start >= 0 else '-'}{fmt_bytes(abs(end - start))})" \
+            if start is not None and end is not None else ""
+        return f"{fmt_bytes(start)} -> {fmt_bytes(end)}{growth}"
+
+    line = "server RSS " + change(_num(mem.get("rss_start")), _num(mem.get("rss_end")))
+    if mem.get("redis_end") is not None:
+        line += (f"; Redis {change(_num(mem.get('redis_start')), _num(mem.get('redis_end')))}"
+                 f", peak {fmt_bytes(_num(mem.get('redis_peak')))}")
+    return line
 
 
 def _facts(results: Results, problems: bool = False) -> list[tuple[str, str]]:

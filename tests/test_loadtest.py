@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,9 @@ def test_smoke_profile_reconciles_and_writes_its_report(
     assert all(0 <= row["stolen_ms"] <= 1000 * (os.cpu_count() or 1) + 50
                for row in results["timeline"]), results["timeline"]
     assert "cpu " in proc.stdout
+    memory = results["memory"]          # the server's RSS and Redis's, every 5 s
+    assert memory["rss_end"] > 0 and 0 < memory["redis_end"] <= memory["redis_peak"]
+    assert re.search(r"^memory .*; Redis .* peak", proc.stdout, re.M), proc.stdout
     for name in ("report.html", "latency.png", "timeline.png"):
         assert (out / name).stat().st_size > 1000, name
     html = (out / "report.html").read_text()

@@ -60,7 +60,10 @@ def fixed_results() -> dict[str, Any]:
                            "amount_sme": 123_456_789, "amount_funder": 123_456_789,
                            "amount_platform": 123_456_789, "over_line": []},
         "memory": {"rss_start": 100_000_000, "rss_end": 120_000_000,
-                   "samples": [[0, 100_000_000], [30, 110_000_000], [60, 120_000_000]]},
+                   "samples": [[0, 100_000_000], [30, 110_000_000], [60, 120_000_000]],
+                   "redis_start": 10_000_000, "redis_end": 8_000_000,
+                   "redis_peak": 50_000_000,
+                   "redis_samples": [[0, 10_000_000], [30, 50_000_000], [60, 8_000_000]]},
         "cpu": {"generator": 0.4512, "snapshotter": 0.057, "server": 0.5204, "redis": 0.25,
                 "stolen": 0.031},
     }
@@ -179,7 +182,8 @@ def test_summary_table_is_aligned_and_says_pass(tmp_path: Path) -> None:
     assert re.search(r"^generator lag\s+p50 0.100\s+p99 0.900\s+max 4.00 ms", table, re.M)
     assert re.search(r"^reconciliation\s+PASS\s+sent 300,000\s+acks 300,000", table, re.M)
     assert "fills sme/funder/platform 5,000/5,000/5,000" in table
-    assert re.search(r"^memory\s+server RSS 95.4 MiB -> 114.4 MiB\s+\(\+19.1 MiB\)", table, re.M)
+    assert re.search(r"^memory\s+server RSS 95.4 MiB -> 114.4 MiB\s+\(\+19.1 MiB\); "
+                     r"Redis 9.5 MiB -> 7.6 MiB\s+\(-1.9 MiB\), peak 47.7 MiB$", table, re.M), table
     assert re.search(r"^cpu\s+server 52%  redis 25%  generator 45%  snapshotter 6%  stolen 3%  "
                      r"\(of one core", table, re.M), table
     assert "capacity" not in table
