@@ -349,7 +349,7 @@ class Run:
         """The server's RSS and Redis's memory every 5 s: the journal's archive and
         fill retention are what keep the second from growing with every command."""
         start = time.monotonic()
-        redis = aioredis.Redis.from_url(self.redis_url)
+        redis = aioredis.Redis.from_url(self.redis_url, socket_timeout=5)
         try:
             while not stop.is_set():
                 rss = await asyncio.to_thread(server_rss, self.http)
@@ -462,12 +462,14 @@ class Run:
             passing = [r["offered"] for r in ramp if r["ok"]]
             capacity = max(passing) if passing else None
             sustained = sustained_rate(ramp)
-        memory = ({"rss_start": self.memory[0][1], "rss_end": self.memory[-1][1],
-                   "samples": self.memory} if self.memory else None)
-        if memory is not None and self.redis_memory:
+        memory: dict[str, Any] | None = None
+        if self.memory:
+            memory = {"rss_start": self.memory[0][1], "rss_end": self.memory[-1][1],
+                      "samples": self.memory}
+        if self.redis_memory:
             used = [m for _, m in self.redis_memory]
-            memory.update(redis_start=used[0], redis_end=used[-1], redis_peak=max(used),
-                          redis_samples=self.redis_memory)
+            memory = {**(memory or {}), "redis_start": used[0], "redis_end": used[-1],
+                      "redis_peak": max(used), "redis_samples": self.redis_memory}
         return {
             "profile": p.name,
             "ok": bool(recon["ok"] and lag_ok),

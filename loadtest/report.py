@@ -270,11 +270,13 @@ def _memory_line(results: Results) -> str | None:
             if start is not None and end is not None else ""
         return f"{fmt_bytes(start)} -> {fmt_bytes(end)}{growth}"
 
-    line = "server RSS " + change(_num(mem.get("rss_start")), _num(mem.get("rss_end")))
+    parts = []
+    if mem.get("rss_end") is not None:
+        parts.append("server RSS " + change(_num(mem.get("rss_start")), _num(mem.get("rss_end"))))
     if mem.get("redis_end") is not None:
-        line += (f"; Redis {change(_num(mem.get('redis_start')), _num(mem.get('redis_end')))}"
-                 f", peak {fmt_bytes(_num(mem.get('redis_peak')))}")
-    return line
+        parts.append(f"Redis {change(_num(mem.get('redis_start')), _num(mem.get('redis_end')))}"
+                     f", peak {fmt_bytes(_num(mem.get('redis_peak')))}")
+    return "; ".join(parts) or None
 
 
 def _facts(results: Results, problems: bool = False) -> list[tuple[str, str]]:

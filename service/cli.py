@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import ctypes
 import logging
+import math
 import os
 import signal
 import sys
@@ -139,8 +140,8 @@ def _positive(text: str) -> int:
 
 def _not_negative(text: str) -> float:
     value = float(text)
-    if not value >= 0:          # also NaN
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    if not (value >= 0 and math.isfinite(value)):       # also NaN
+        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, not {text}")
     return value
 
 

@@ -42,9 +42,10 @@ class ServerConfig(_Section):
     # A WebSocket ping after this long without a message; no pong within half of it and
     # the connection is closed (and a funder's bids cancelled): how soon a dead peer shows.
     heartbeat_s: Annotated[float, Meta(gt=0)] = 30.0
-    # Reverse proxies (addresses or networks, "10.0.0.0/8") whose X-Forwarded-For is
-    # believed: behind them, the client's address is the last one they did not add, so
-    # that per-address limits are per client, not per proxy (service/forwarded.py).
+    # Reverse proxies whose X-Forwarded-For is believed: their own addresses (or a
+    # network only they use, not one their clients are in, who could forge the header).
+    # Behind them the client's address is the last one they did not add, so that
+    # per-address limits are per client, not per proxy (service/forwarded.py).
     # In the environment: comma-separated.
     trusted_proxies: list[str] = []
 
@@ -78,7 +79,7 @@ class EngineConfig(_Section):
     # streams (checked by the snapshotter every tenth of the window, at most every ten
     # minutes of journal time), except fills a consumer group has not acknowledged
     # (service/retention.py, ADR 21). The journal gives them back by replay. 0: keep all.
-    fill_retention_hours: Annotated[float, Meta(ge=0)] = 0.0
+    fill_retention_hours: Annotated[float, Meta(ge=0, le=876_000)] = 0.0     # 100 years
     end_of_day: Annotated[str, Meta(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")] = "16:30"
     timezone: str = "Asia/Shanghai"
 

@@ -11,9 +11,10 @@ and an entry a consumer group has not acknowledged stays whatever its age
 ([ADR 21](../docs/adr/0021-fill-retention.md)).
 
 The snapshotter trims whenever the journal's time has moved on by a tenth of the window
-(ten minutes at most), in small steps as it moves the journal: approximate trims (whole
-stream nodes, `XTRIM MINID ~ ... LIMIT`), so a step frees memory without copying, and
-a few entries older than the window may stay until the next one.
+(ten minutes at most), in small steps as it moves the journal: approximate trims
+(`XTRIM MINID ~ ... LIMIT`) remove whole stream nodes, a bounded number per call, and
+then one exact trim per stream removes what is left of the window's first node, so a
+quiet stream whose one node spans days is trimmed as exactly as a busy one.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ log = logging.getLogger("matcher.retention")
 #: nodes of 100), then a pause, as the archive's moves pause: a trim of a million
 #: entries at once would hold Redis, and every journal write behind it, for a while.
 TRIM_LIMIT = 5_000
+SCAN_COUNT = 1_000           # keys SCAN looks at per call, of every shard and kind
 #: Participants' streams trimmed in one pipeline: an XTRIM that removes nothing costs
 #: Redis about 5 us, so a step holds it for about a tenth of a millisecond.
 KEYS_PER_STEP = 25
@@ -81,7 +83,7 @@ async def fill_stream_span(client: aioredis.Redis, keys: Keys) -> Span:
     length, first = await pipe.execute()
     if not first:
         return Span(int(length))
-    return Span(int(length), stream_seq(first[0][0]), int(first[0][1][b"ts"]))
+    return Span(int(length), stream_seq(first[0][0]), int(first[0][1].get(b"ts", 0)))
 
 
 async def first_seq_since(client: aioredis.Redis, key: str, since_ts: int) -> int | None:
@@ -102,7 +104,9 @@ async def first_seq_since(client: aioredis.Redis, key: str, since_ts: int) -> in
     async def first_from(m: int) -> tuple[int, int] | None:
         """(seq, ts) of the first fill at or after sequence number m."""
         rows: Any = await client.xrange(key, min=b"%d-0" % m, count=1)
-        return (stream_seq(rows[0][0]), int(rows[0][1][b"ts"])) if rows else None
+        if not rows:
+            return None
+        return stream_seq(rows[0][0]), int(rows[0][1].get(b"ts", 0))   # no ts: old
 
     while lo < hi:
         mid = (lo + hi) // 2
@@ -123,32 +127,24 @@ async def group_floor(client: aioredis.Redis, key: str) -> tuple[StreamId, str] 
     groups: Any = await client.xinfo_groups(key)
     for group in groups:
         name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
+        ms, n = parse_id(group["last-delivered-id"])
+        needed = (ms, n + 1)
         if group["pending"]:
             summary: Any = await client.xpending(key, name)
-            needed = parse_id(summary["min"])
-        else:
-            ms, n = parse_id(group["last-delivered-id"])
-            needed = (ms, n + 1)
+            # None: its consumers acknowledged the rest since XINFO; the entry after
+            # the last delivered then is what it needs (read before: never too high).
+            if summary["min"] is not None:
+                needed = parse_id(summary["min"])
         if floor is None or needed < floor[0]:
             floor = (needed, name)
     return floor
 
 
-async def _trim(client: aioredis.Redis, key: str, minid: StreamId) -> int:
-    """Remove the entries of `key` below `minid`, in steps of at most TRIM_LIMIT."""
-    removed = 0
-    while True:
-        n: Any = await client.xtrim(key, minid=format_id(minid), approximate=True,
-                                    limit=TRIM_LIMIT)
-        removed += int(n)
-        if not n:
-            return removed
-        await asyncio.sleep(PAUSE_S)
-
-
-async def _trim_all(client: aioredis.Redis, keys: Sequence[bytes], minid: StreamId) -> int:
-    """The same trim of many streams, a pipeline per step; streams with more to remove
-    are trimmed again, until none has."""
+async def _trim(client: aioredis.Redis, keys: Sequence[bytes | str], minid: StreamId) -> int:
+    """Remove the entries of `keys` below `minid`: approximate trims in a pipeline per
+    step, each removing at most TRIM_LIMIT entries of whole nodes, again for the streams
+    that had more, then one exact trim each for the rest of the node the cut falls in
+    (at most a node: quick)."""
     removed = 0
     todo = list(keys)
     while todo:
@@ -159,7 +155,10 @@ async def _trim_all(client: aioredis.Redis, keys: Sequence[bytes], minid: Stream
         removed += sum(int(n) for n in counts)
         todo = [key for key, n in zip(todo, counts, strict=True) if n]
         await asyncio.sleep(PAUSE_S)
-    return removed
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.xtrim(key, minid=format_id(minid), approximate=False)
+    return removed + sum(int(n) for n in await pipe.execute())
 
 
 async def _holds(client: aioredis.Redis, key: str, floor: StreamId, minid: StreamId) -> bool:
@@ -189,17 +188,18 @@ async def trim_fills(client: aioredis.Redis, keys: Keys, *, since_ts: int) -> Tr
         log.warning("consumer group %r of %s has not acknowledged fills from %s on: they "
                     "stay in Redis beyond the retention window until it does", held_by,
                     keys.fills, format_id(minid).decode())
-    fills = await _trim(client, keys.fills, minid)
+    fills = await _trim(client, [keys.fills], minid)
     streams = entries = 0
-    pattern = keys.fills_of(0)[:-1] + "*"        # matcher:{shard}:fills-of:*
+    # matcher:{shard}:fills-of:* (a shard id has no glob characters: protocol.NewId)
+    pattern = keys.fills_of(0)[:-1] + "*"
     batch: list[bytes] = []
-    async for key in client.scan_iter(match=pattern, count=KEYS_PER_STEP, _type="stream"):
+    async for key in client.scan_iter(match=pattern, count=SCAN_COUNT, _type="stream"):
         batch.append(key)
         if len(batch) == KEYS_PER_STEP:
-            entries += await _trim_all(client, batch, (cut, 0))
+            entries += await _trim(client, batch, (cut, 0))
             streams += len(batch)
             batch = []
     if batch:
-        entries += await _trim_all(client, batch, (cut, 0))
+        entries += await _trim(client, batch, (cut, 0))
         streams += len(batch)
     return Trimmed(cut, held_by, fills, streams, entries)

@@ -278,9 +278,9 @@ class Snapshotter:
         if not window or self.engine.ts - self._retained_ts < min(window // 10,
                                                                   RETAIN_EVERY_S * 10**9):
             return
-        self._retained_ts = self.engine.ts
-        done = await trim_fills(self.client, self.keys,
-                                since_ts=self.engine.ts - self.fill_retention_ns)
+        ts = self.engine.ts
+        done = await trim_fills(self.client, self.keys, since_ts=ts - window)
+        self._retained_ts = ts            # after it: a pass cut short is tried again soon
         if done.fills or done.entries:
             log.info("fills before seq %s left Redis: %d from the fill stream, %d from %d "
                      "participants' streams", done.cut, done.fills, done.entries, done.streams)

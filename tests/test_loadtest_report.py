@@ -167,6 +167,16 @@ def test_summary_lists_the_fills_requests_only_when_there_were_some() -> None:
     assert re.search(r"^fills_page\s+SME fills sent → page received\s+1,195 ", table, re.M)
 
 
+def test_the_memory_line_gives_what_was_measured() -> None:
+    results = fixed_results()
+    results["memory"] = {k: v for k, v in results["memory"].items() if "redis" in k}
+    table = report.summary_table(results)          # the server's RSS could not be read
+    assert re.search(r"^memory\s+Redis 9.5 MiB -> 7.6 MiB\s+\(-1.9 MiB\), peak 47.7 MiB$",
+                     table, re.M), table
+    results["memory"] = {}
+    assert not re.search(r"^memory", report.summary_table(results), re.M)
+
+
 def test_summary_table_is_aligned_and_says_pass(tmp_path: Path) -> None:
     table = report.summary_table(fixed_results())
     lines = table.splitlines()

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from service import resp
 from service.config import load
 from service.history import FillHistory
-from service.journal import Journal, Keys, stream_seq
+from service.journal import Journal, Keys
 from service.localredis import LocalRedis
 from service.retention import first_seq_since, group_floor, trim_fills
 from service.snapshots import Snapshotter, SnapshotterProcess
@@ -132,23 +132,61 @@ def test_a_consumer_group_keeps_what_it_has_not_acknowledged(
     run(scenario())
 
 
-def test_with_redis_default_nodes_a_trim_keeps_at_most_a_node_of_old_fills(
-        redis_server: LocalRedis) -> None:
-    """Approximate trims remove whole stream nodes: never a recent fill, and of the old
-    ones at most what shares a node with the first recent one."""
+def test_a_group_that_has_read_nothing_holds_every_fill(redis_server: LocalRedis) -> None:
     async def scenario() -> None:
-        client, driver = await market(redis_server, 54, 4000, node_entries=100)
+        client, driver = await market(redis_server, 58, 1500)
+        await client.xgroup_create(KEYS.fills, "platform", id="0")      # last delivered 0-0
+        assert await group_floor(client, KEYS.fills) == ((0, 1), "platform")
+        done = await trim_fills(client, KEYS, since_ts=driver.trades[-1].ts + 1)
+        assert (done.held_by, done.fills) == ("platform", 0)
+        assert await ids(client, KEYS.fills) == trade_ids(driver)
+        await client.aclose()
+
+    run(scenario())
+
+
+def test_a_group_that_acknowledged_its_last_pending_fill_meanwhile_is_read_again(
+        redis_server: LocalRedis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """XINFO said entries were pending; by XPENDING they were acknowledged (an empty
+    summary): the floor is then the entry after the last delivered, not a crash."""
+    async def scenario() -> None:
+        client, _driver = await market(redis_server, 59, 1500)
+        await client.xgroup_create(KEYS.fills, "platform", id="0")
+        read: Any = await client.xreadgroup("platform", "c1", {KEYS.fills: ">"}, count=12)
+        delivered = [entry_id for entry_id, _ in read[0][1]]
+        real_xpending = client.xpending
+
+        async def acknowledged_meanwhile(name: str, group: str) -> Any:
+            await client.xack(name, group, *delivered)
+            return await real_xpending(name, group)
+
+        monkeypatch.setattr(client, "xpending", acknowledged_meanwhile)
+        ms, n = (int(x) for x in delivered[-1].split(b"-"))
+        assert await group_floor(client, KEYS.fills) == ((ms, n + 1), "platform")
+        await client.aclose()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("node_entries", [100, 100_000])
+def test_with_large_stream_nodes_the_trim_is_still_exact(
+        redis_server: LocalRedis, monkeypatch: pytest.MonkeyPatch, node_entries: int) -> None:
+    """Approximate trims remove only whole nodes (Redis's default: up to 100 entries or
+    4 KB each), so a quiet stream whose one node spans days would keep its old fills:
+    the exact trim after them takes the rest. With steps of 7 entries, nodes larger
+    than a step (as with `stream-node-max-entries` 100,000) are left to it whole."""
+    from service import retention
+    monkeypatch.setattr(retention, "TRIM_LIMIT", 7)
+
+    async def scenario() -> None:
+        client, driver = await market(redis_server, 54, 4000, node_entries=node_entries)
         middle = driver.trades[len(driver.trades) // 2]
         done = await trim_fills(client, KEYS, since_ts=middle.ts)
-        assert done.cut is not None
-        kept = await ids(client, KEYS.fills)
-        recent = trade_ids(driver, from_seq=done.cut)
-        assert kept[len(kept) - len(recent):] == recent
-        assert done.fills > 0 and len(kept) - len(recent) < 100
+        assert done.cut is not None and done.fills > 0
+        assert await ids(client, KEYS.fills) == trade_ids(driver, from_seq=done.cut)
         for p in FUNDERS + SMES:
-            mine = await ids(client, KEYS.fills_of(p))
-            assert all(stream_seq(i) >= done.cut for i in mine[100:])
-            assert mine[-1:] == trade_ids(driver, of=p)[-1:]
+            assert await ids(client, KEYS.fills_of(p)) == \
+                trade_ids(driver, of=p, from_seq=done.cut)
         await client.aclose()
 
     run(scenario())
