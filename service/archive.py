@@ -7,7 +7,7 @@ here, makes the file durable, and only then removes them from Redis (`XTRIM MINI
 Every command stays on record: in Redis or in the archive, never in neither
 ([ADR 20](../docs/adr/0020-journal-archive.md)).
 
-Layout: `<dir>/<shard>-<journal id>/<first seq, 12 digits>.mpk`, each file a MessagePack
+Layout: `<dir>/<shard>-<journal id>/<first entry id, 12 digits>.mpk`, each file a MessagePack
 array of at most `FILE_ENTRIES` `[entry id, batch]` pairs exactly as the stream held
 them, each trimmed from Redis once written. The journal id is a random name Redis keeps
 beside the journal (`Keys.journal_id`): a Redis started empty begins a new journal whose
@@ -31,6 +31,7 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from matcher import protocol as wire
 from service.journal import Keys, read_journal, stream_seq
@@ -44,6 +45,10 @@ _decode = msgspec.msgpack.Decoder(list[tuple[str, bytes]]).decode
 
 class ArchiveWriteFailed(RuntimeError):
     """The archive's file could not be written (a full disk, no permission)."""
+
+
+class JournalIdMissing(RuntimeError):
+    """Redis has no journal id, so no archive can be its journal's."""
 
 
 #: The move holds Redis, and the disk Redis syncs its append-only file to, in small
@@ -64,54 +69,114 @@ async def journal_id(client: aioredis.Redis, keys: Keys) -> str:
     return str(value.decode())
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename, a new subdirectory) survive a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class JournalArchive:
     """The archive of one journal: `directory` is `<dir>/<shard>-<journal id>`."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        # The journal id ends the name (a uuid's hex: no "-" in it, a shard may have).
+        self.journal_id = directory.name.rpartition("-")[2]
 
     @classmethod
-    async def of(cls, root: str | Path, client: aioredis.Redis, keys: Keys) -> JournalArchive:
-        return cls(Path(root) / f"{keys.shard}-{await journal_id(client, keys)}")
+    async def of(cls, root: str | Path, client: aioredis.Redis, keys: Keys, *,
+                 create: bool = True) -> JournalArchive:
+        """The archive of the journal `client` holds. `create=False` (tools that only
+        read) never names a journal: without one, Redis holds none to read with it."""
+        if create:
+            name = await journal_id(client, keys)
+        else:
+            value: Any = await client.get(keys.journal_id)
+            if value is None:
+                raise JournalIdMissing(f"Redis holds no {keys.journal_id}: no journal was "
+                                       "ever archived from it, so no archive belongs to it")
+            name = value.decode()
+        return cls(Path(root) / f"{keys.shard}-{name}")
 
     def files(self) -> list[Path]:
-        """The archive's files, oldest first (their names sort by first seq)."""
+        """The archive's files in the order of their names, the id of each one's first
+        journal entry (other files, such as those a new history set aside, are not
+        read)."""
         if not self.directory.is_dir():
             return []
-        return sorted(p for p in self.directory.iterdir() if p.suffix == ".mpk")
+        return sorted((p for p in self.directory.iterdir()
+                       if p.suffix == ".mpk" and p.stem.isdigit()), key=lambda p: int(p.stem))
 
-    async def write(self, rows: list[_Row]) -> Path:
-        """Store journal entries, oldest first, durably; returns the file."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"{stream_seq(rows[0][0]):012d}.mpk"
-        tmp = path.with_suffix(".tmp")
-        data = memoryview(_encode(rows))
-        with open(tmp, "wb") as f:
-            for start in range(0, len(data), PART_BYTES):
-                f.write(data[start:start + PART_BYTES])
-                f.flush()
-                os.fdatasync(f.fileno())
-                await asyncio.sleep(PAUSE_S)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fd = os.open(self.directory, os.O_RDONLY)
+    async def write(self, rows: list[_Row], token: str = "") -> Path:
+        """Store journal entries, oldest first, durably; returns the file.
+
+        Files are written in the order of the journal, so a file whose name is at or
+        after this one's can only be from another history of the same journal id (Redis
+        brought back from an older copy, whose commands went on differently): it is set
+        aside (`.superseded`), never read again, and Redis's journal is the truth. The
+        temporary file is the writer's own (`token`), so two writers never share one.
+        """
+        if not self.directory.is_dir():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(self.directory.parent)          # the new directory's own entry
+        first = stream_seq(rows[0][0])
+        path = self.directory / f"{first:012d}.mpk"
+        data = _encode(rows)
+        for other in self.files():
+            if int(other.stem) >= first and not (other == path and
+                                                 other.read_bytes() == data):
+                aside = other.with_name(f"{other.name}.superseded-{uuid.uuid4().hex[:8]}")
+                log.warning("journal archive: %s is from an earlier attempt at this move "
+                            "or from another history of this journal (Redis brought back "
+                            "from an older copy): set aside as %s", other, aside.name)
+                os.replace(other, aside)
+        tmp = path.with_name(f"{path.stem}.{token or uuid.uuid4().hex}.tmp")
+        view = memoryview(data)
         try:
-            os.fsync(fd)              # the rename itself, through a power cut
-        finally:
-            os.close(fd)
+            with open(tmp, "wb") as f:
+                for start in range(0, len(view), PART_BYTES):
+                    f.write(view[start:start + PART_BYTES])
+                    f.flush()
+                    os.fdatasync(f.fileno())
+                    await asyncio.sleep(PAUSE_S)
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)      # a full disk is no place for half a file
+            raise
+        _fsync_dir(self.directory)            # the rename itself, through a power cut
         return path
 
     def read(self, after: int = 0) -> Iterator[list[wire.JournalEntry]]:
         """The archived commands with sequence numbers above `after`, batch by batch, as
-        `journal.read_journal` gives Redis's (files that overlap give each once)."""
+        `journal.read_journal` gives Redis's.
+
+        Where two files overlap, the later one is read: within one history overlapping
+        files hold the same commands, and after Redis came back from an older copy the
+        later file is the history Redis went on with (`write` set aside those written
+        after it; one written before it can still reach into it).
+        """
         files = self.files()
+        following: list[_Row] | None = None         # the next file, once decoded
         for i, path in enumerate(files):
             if i + 1 < len(files) and int(files[i + 1].stem) <= after:
+                following = None
                 continue     # what it holds that the next does not ends before `after`
-            for entry_id, batch in _decode(path.read_bytes()):
+            rows = following if following is not None else _decode(path.read_bytes())
+            following = _decode(files[i + 1].read_bytes()) if i + 1 < len(files) else None
+            limit = (wire.journal_decoder.decode(following[0][1])[0].seq
+                     if following else None)        # where the next file takes over
+            if limit is not None and rows and stream_seq(rows[-1][0]) >= limit:
+                log.warning("journal archive: %s and %s overlap from command %d on; the "
+                            "later file is read", path.name, files[i + 1].name, limit)
+            for entry_id, batch in rows:
                 if stream_seq(entry_id) <= after:
                     continue
-                entries = [e for e in wire.journal_decoder.decode(batch) if e.seq > after]
+                entries = [e for e in wire.journal_decoder.decode(batch)
+                           if e.seq > after and (limit is None or e.seq < limit)]
                 if entries:
                     after = entries[-1].seq
                     yield entries
@@ -136,7 +201,10 @@ async def archive_and_trim(client: aioredis.Redis, keys: Keys, archive: JournalA
     try:
         return await _move(client, keys, archive, keep_from, token)
     finally:
-        await client.eval(_HOLD, 1, keys.archive_lock, token, 0)    # 0: release
+        try:
+            await client.eval(_HOLD, 1, keys.archive_lock, token, 0)    # 0: release
+        except (RedisError, OSError) as exc:       # it expires; what failed matters more
+            log.warning("could not release the journal's archive lock (%s)", exc)
 
 
 #: Extend the lock (ARGV[2] ms) or, with 0, release it, if ARGV[1] still holds it.
@@ -146,6 +214,22 @@ if ARGV[2] == '0' then return redis.call('DEL', KEYS[1]) end
 return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """
 LOCK_MS = 600_000            # a holder that died lets go after this; renewed per file
+
+#: Trim what a file now holds, only if this mover still holds the lock (ARGV[1]), Redis
+#: still holds the archive's journal (ARGV[2], its id) and that journal still starts at
+#: the file's first entry (ARGV[3]): a mover that stalled past its lock, or a Redis that
+#: came back empty or failed over while the file was written, trims nothing it did not
+#: archive. KEYS: journal, lock, journal id. Returns the entries removed, or -1, -2, -3.
+_TRIM = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
+if redis.call('GET', KEYS[3]) ~= ARGV[2] then return -2 end
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+if #first == 0 or first[1][1] ~= ARGV[3] then return -3 end
+return redis.call('XTRIM', KEYS[1], 'MINID', ARGV[4])
+"""
+_REFUSED = {-1: "this process no longer holds the archive lock",
+            -2: "Redis no longer holds this archive's journal (a different journal id)",
+            -3: "Redis's journal no longer starts at the file's first entry"}
 
 
 async def _move(client: aioredis.Redis, keys: Keys, archive: JournalArchive,
@@ -160,15 +244,19 @@ async def _move(client: aioredis.Redis, keys: Keys, archive: JournalArchive,
         if not rows:
             return moved
         try:
-            path = await archive.write(rows)
+            path = await archive.write(rows, token)
         except OSError as exc:
             raise ArchiveWriteFailed(f"could not archive the journal in "
                                      f"{archive.directory} ({exc})") from exc
-        # Exact (`=`): redis-py asks for `~` by default, which stops at whole nodes and
-        # at most 100 of them a call (measured: 9,995 of 20,286 entries removed).
-        removed: Any = await client.xtrim(keys.journal, minid=f"{stream_seq(rows[-1][0])}-1",
-                                          approximate=False)
-        if removed != len(rows):    # someone else trimmed too: say so, the file holds ours
+        # Exact (no `~`, which stops at whole nodes and at most 100 of them a call).
+        removed: Any = await client.eval(
+            _TRIM, 3, keys.journal, keys.archive_lock, keys.journal_id, token,
+            archive.journal_id, rows[0][0], f"{stream_seq(rows[-1][0])}-1")
+        if removed < 0:
+            log.warning("journal: archived %d entries in %s but trimmed none: %s", len(rows),
+                        path, _REFUSED[removed])
+            return moved
+        if removed != len(rows):    # nothing else trims the journal: worth a look
             log.warning("journal trim removed %d entries, %d were archived", removed,
                         len(rows))
         log.info("journal: archived %d entries, seq %s to %s, in %s; trimmed from Redis "

@@ -18,7 +18,7 @@ from matcher import snapshot
 from matcher.protocol import MAX_FILLS_PAGE, TradeId
 from service import config as config_module
 from service import gctune
-from service.archive import JournalArchive
+from service.archive import JournalArchive, JournalIdMissing
 from service.journal import Keys
 from service.recovery import JournalGap, recover
 from service.snapshots import JournalDiverged, SnapshotAhead, Snapshotter, parent_alive, store
@@ -32,12 +32,12 @@ def _replay(args: argparse.Namespace) -> int:
         client = aioredis.Redis.from_url(args.redis_url)
         keys = Keys(args.shard)
         try:
-            archive = await JournalArchive.of(args.archive, client, keys) \
-                if args.archive else None
             try:
+                archive = await JournalArchive.of(args.archive, client, keys, create=False) \
+                    if args.archive else None
                 got = await recover(client, keys, use_snapshot=not args.full,
                                     archive=archive)
-            except JournalGap as exc:
+            except (JournalGap, JournalIdMissing) as exc:
                 print(exc, file=sys.stderr)
                 return 1
             engine = got.engine
@@ -106,8 +106,12 @@ def _archive(args: argparse.Namespace) -> int:
     async def run() -> int:
         client = aioredis.Redis.from_url(args.redis_url)
         try:
-            archive = await JournalArchive.of(args.archive, client, Keys(args.shard))
+            archive = await JournalArchive.of(args.archive, client, Keys(args.shard),
+                                              create=False)
             got = await check(client, Keys(args.shard), archive)
+        except JournalIdMissing as exc:
+            print(exc, file=sys.stderr)
+            return 1
         finally:
             await client.aclose()
         print(f"archive {archive.directory}: {got.files} files, commands "

@@ -385,3 +385,142 @@ def test_matcher_archive_checks_that_every_command_is_held(
 def journal_seqs(batch: bytes) -> list[int]:
     from matcher import protocol as wire
     return [e.seq for e in wire.journal_decoder.decode(batch)]
+
+
+@pytest.mark.parametrize("meanwhile", ["the lock expired and another mover took it",
+                                       "Redis came back empty and began a new journal",
+                                       "someone else trimmed the journal"])
+def test_a_trim_is_refused_when_redis_changed_while_the_file_was_written(
+        redis_server: LocalRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        meanwhile: str) -> None:
+    """The trim checks, in the same script, that this mover still holds the lock, that
+    Redis still holds the archive's journal, and that it still starts at the file's
+    first entry: a stalled mover or a Redis replaced meanwhile loses nothing."""
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 40)
+        await play(driver, journal, 600)
+        archive = await JournalArchive.of(tmp_path, client, KEYS)
+        real_write = archive.write
+
+        async def write_then_change(rows: list[tuple[str, bytes]], token: str = "") -> Path:
+            path = await real_write(rows, token)
+            if meanwhile.startswith("the lock"):
+                await client.set(KEYS.archive_lock, "another mover", px=60_000)
+            elif meanwhile.startswith("Redis came back"):
+                await client.set(KEYS.journal_id, "a-new-journal")
+            else:
+                await client.xtrim(KEYS.journal, minid=rows[1][0], approximate=False)
+            return path
+
+        monkeypatch.setattr(archive, "write", write_then_change)
+        first = await client.xrange(KEYS.journal, count=2)
+        length = await client.xlen(KEYS.journal)
+        assert await archive_and_trim(client, KEYS, archive, driver.engine.seq) == 0
+        expected = length - 1 if meanwhile.startswith("someone") else length
+        assert await client.xlen(KEYS.journal) == expected          # nothing of ours trimmed
+        assert (await client.xrange(KEYS.journal, count=1))[0][0] == \
+            first[1 if meanwhile.startswith("someone") else 0][0]
+        assert len(archive.files()) == 1                            # the file stays
+        await journal.close()
+        await client.aclose()
+
+    run(scenario())
+
+
+def test_a_file_that_cannot_be_finished_leaves_no_part_of_itself(
+        redis_server: LocalRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    from service import archive as archive_module
+    monkeypatch.setattr(archive_module, "PART_BYTES", 1024)
+    syncs = []
+
+    def disk_fills_up(fd: int) -> None:
+        syncs.append(fd)
+        if len(syncs) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 41)
+        await play(driver, journal, 600)
+        archive = await JournalArchive.of(tmp_path, client, KEYS)
+        length = await client.xlen(KEYS.journal)
+        monkeypatch.setattr(os, "fdatasync", disk_fills_up)
+        with pytest.raises(archive_module.ArchiveWriteFailed, match="No space left"):
+            await archive_and_trim(client, KEYS, archive, driver.engine.seq)
+        assert list(archive.directory.iterdir()) == []              # no .tmp left behind
+        assert await client.xlen(KEYS.journal) == length            # nothing trimmed
+        assert await client.exists(KEYS.archive_lock) == 0          # and the lock let go
+        await journal.close()
+        await client.aclose()
+
+    run(scenario())
+
+
+def entries_batch(seqs: range, participant: int) -> bytes:
+    from matcher import protocol as wire
+    return wire.journal_encoder.encode(
+        [wire.JournalEntry(seq, 1_767_225_600_000_000_000 + seq, participant,
+                           wire.Cancel(client_id=f"c{seq}")) for seq in seqs])
+
+
+def test_after_redis_came_back_from_an_older_copy_the_history_it_went_on_with_is_read(
+        tmp_path: Path) -> None:
+    """Old history: commands 1-20 archived in two files. Redis comes back from a copy
+    that ended at 7 (its journal starting at 5) and goes on differently from 8: the
+    next move writes a file from 5 on. The old file after it is set aside, the one
+    before it is read only up to where the new one takes over."""
+    async def scenario() -> None:
+        archive = JournalArchive(tmp_path / "main-0123abcd")
+        await archive.write([(f"{s}-0", entries_batch(range(s, s + 1), 11))
+                             for s in range(1, 11)])                 # old 1..10
+        await archive.write([(f"{s}-0", entries_batch(range(s, s + 1), 11))
+                             for s in range(11, 21)])                # old 11..20
+        assert [p.name for p in archive.files()] == ["000000000001.mpk", "000000000011.mpk"]
+        rows = [("5-0", entries_batch(range(5, 6), 11)),             # the same 5..7
+                ("7-0", entries_batch(range(6, 8), 11))]
+        rows += [(f"{s + 2}-0", entries_batch(range(s, s + 3), 22))  # new 8..16
+                 for s in (8, 11, 14)]
+        await archive.write(rows)
+        names = sorted(p.name for p in archive.directory.iterdir())
+        assert names[:2] == ["000000000001.mpk", "000000000005.mpk"]
+        assert names[2].startswith("000000000011.mpk.superseded-")
+        got = [(e.seq, e.participant) for batch in archive.read() for e in batch]
+        assert got == [(s, 11) for s in range(1, 8)] + [(s, 22) for s in range(8, 17)]
+        assert [e.seq for batch in archive.read(after=6) for e in batch] == \
+            list(range(7, 17))
+
+    run(scenario())
+
+
+def test_files_are_ordered_by_number_and_others_are_not_read(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        archive = JournalArchive(tmp_path / "main-0123abcd")
+        big = 10**12 + 5                                   # past twelve digits
+        await archive.write([("999999999999-0",
+                              entries_batch(range(999999999999, 10**12), 11))])
+        await archive.write([(f"{big}-0", entries_batch(range(big, big + 1), 11))])
+        (archive.directory / "notes.mpk").write_bytes(b"not ours")
+        assert [p.stem for p in archive.files()] == ["999999999999", str(big)]
+        assert [e.seq for batch in archive.read() for e in batch] == [999999999999, big]
+
+    run(scenario())
+
+
+def test_tools_that_only_read_never_name_a_journal(
+        redis_server: LocalRedis, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from service.cli import main
+    url = redis_server.url
+    assert main(["archive", "--redis-url", url, "--archive", str(tmp_path)]) == 1
+    assert "holds no matcher:{main}:journal-id" in capsys.readouterr().err
+    assert main(["replay", "--redis-url", url, "--full", "--archive", str(tmp_path)]) == 1
+    assert "no journal was ever archived" in capsys.readouterr().err
+
+    async def named() -> int:
+        client = aioredis.Redis.from_url(url)
+        try:
+            return int(await client.exists(KEYS.journal_id))
+        finally:
+            await client.aclose()
+    assert run(named()) == 0
