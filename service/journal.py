@@ -136,6 +136,18 @@ def _write_script(fields: tuple[str, ...]) -> bytes:
     pairs = ", ".join(f"'{name}', ARGV[i + {j}]" for j, name in enumerate(fields, 1))
     values = ", ".join(f"ARGV[i + {j}]" for j in range(1, len(fields) + 1))
     return f"""
+if ARGV[1] ~= '' then
+  local mine = tonumber(string.match(ARGV[1], '^%d+'))
+  local after = mine - tonumber(ARGV[2])
+  local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  local have = 0
+  if #last > 0 then have = tonumber(string.match(last[1][1], '^%d+')) end
+  if have >= mine then return 0 end
+  if have ~= after then
+    return redis.error_reply('GAP the journal ends at seq ' .. have ..
+                             ', this write follows seq ' .. after)
+  end
+end
 local k = 3
 local i = 4
 local n = #ARGV
@@ -163,6 +175,12 @@ return 1
 #: acknowledges nothing, and the journal stops. The trades it wrote before failing stay
 #: on the fill stream, ahead of the journal, and `check_streams_follow` refuses to
 #: start on that.
+#: The script first reads where the journal ends. A batch writes only right after the one
+#: before it (its first seq minus one), so the journal never has a gap, even with several
+#: writes in flight of which one failed (`GAP`, and the journal stops); and a batch
+#: already there (a write that landed after its reply timed out, then retried) writes
+#: nothing and returns 0, so nothing is written twice. Every batch of one journal is
+#: written this way, so a journal that ends at or after a batch holds it.
 #: KEYS: journal, fills, then per trade its funder's and its SME's stream (`fills_of`).
 #: ARGV: journal entry id ("" for none), count, batch, then per trade its id and the
 #: values of `trade_fields` in order (`trade_values`).
@@ -284,6 +302,8 @@ class Journal:
         last = self.barrier()
         if last is not None:
             await asyncio.shield(last)
+        if self.error is not None:          # stopped with nothing queued: still stopped
+            raise self.error
 
     async def close(self) -> None:
         if self._task is not None:
@@ -348,7 +368,7 @@ class Journal:
         """Send what is pending if the window has room (called when commands arrive and
         when a reply frees the window, so the next write leaves at once)."""
         while (self._durable is not None and len(self._window) < self.max_inflight
-               and not self._recovering and self._ready()):
+               and not self._recovering and self.error is None and self._ready()):
             batch = self._take()
             batch.sent = time.perf_counter()
             batch.reply = self._send(batch)

@@ -25,6 +25,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from websockets.asyncio.client import connect as ws_connect
 
 from matcher import protocol as wire
@@ -34,6 +35,7 @@ from matcher.protocol import Role
 from service import resp
 from service.history import FillHistory
 from service.journal import (
+    _SCRIPT_SHA,
     Journal,
     JournalLost,
     Keys,
@@ -419,6 +421,71 @@ def test_a_write_that_fails_part_way_journals_nothing(redis_server: LocalRedis,
         await client.aclose()
     run(scenario())
     assert any("journal stopped" in r.getMessage() for r in caplog.records)
+
+
+async def streams(client: aioredis.Redis) -> dict[str, int]:
+    """How many entries the journal, the fill stream and every participant's stream
+    hold."""
+    names = [KEYS.journal, KEYS.fills] + [KEYS.fills_of(p) for p in ROLES]
+    return {name: int(await client.xlen(name)) for name in names}
+
+
+def test_a_batch_already_journaled_is_not_written_again(redis_server: LocalRedis) -> None:
+    """A write that landed after its reply timed out, then sent again (or a second
+    writer's copy), writes nothing: the script sees the journal already ends at or
+    after it, and answers 0."""
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 12)
+        while not (out := driver.step()).trades:                # bounded: trades are common
+            if out.entry is not None:
+                await journal.append(out.entry, out.trades)
+        assert out.entry is not None
+        await journal.append(out.entry, out.trades)
+        before = await streams(client)
+        again = await journal._conn.call(journal._pack([out.entry], out.trades, _SCRIPT_SHA))
+        assert again == 0 and await streams(client) == before
+        await journal.close()
+        await client.aclose()
+    run(scenario())
+
+
+def test_a_batch_that_does_not_follow_the_journal_is_refused_whole(
+        redis_server: LocalRedis, caplog: pytest.LogCaptureFixture) -> None:
+    """With several writes in flight, one that fails must not leave a gap behind the
+    next: a batch writes only right after the one before it. The journal then stops
+    with that error, keeps it, sends nothing more, and `flush` raises it."""
+    caplog.set_level(logging.CRITICAL, logger="matcher.journal")
+
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 13)
+        outs = []
+        while len(outs) < 2 or not outs[-1].trades:             # bounded: trades are common
+            if (out := driver.step()).entry is not None:
+                outs.append(out)
+        before = await streams(client)
+        skipped, last = outs[0], outs[-1]                 # a batch without the one before
+        assert last.entry is not None and skipped.entry is not None
+        with pytest.raises(ResponseError, match=r"^GAP the journal ends at seq \d+, this "
+                                                r"write follows seq \d+"):
+            await journal._conn.call(journal._pack([last.entry], last.trades, _SCRIPT_SHA))
+        assert await streams(client) == before              # nothing of it, trades included
+        # Through the journal itself: it stops on the gap and stays stopped with it.
+        sent = journal._conn.generation, journal.batches
+        with pytest.raises(ResponseError, match=r"^GAP"):
+            await asyncio.wait_for(journal.append(last.entry, last.trades), 5)
+        await asyncio.sleep(0.1)
+        assert isinstance(journal.error, ResponseError) and "GAP" in str(journal.error)
+        assert (journal._conn.generation, journal.batches) == sent and not journal._window
+        with pytest.raises(ResponseError, match=r"^GAP"):
+            await journal.flush()
+        with pytest.raises(ResponseError, match=r"^GAP"):
+            await journal.append(skipped.entry, skipped.trades)
+        assert await streams(client) == before
+        await journal.close()
+        await client.aclose()
+    run(scenario())
+    stopped = [r for r in caplog.records if "journal stopped" in r.getMessage()]
+    assert len(stopped) == 1, [r.getMessage() for r in stopped]
 
 
 # --- replay and snapshots -------------------------------------------------------------
