@@ -136,20 +136,19 @@ def _write_script(fields: tuple[str, ...]) -> bytes:
     pairs = ", ".join(f"'{name}', ARGV[i + {j}]" for j, name in enumerate(fields, 1))
     values = ", ".join(f"ARGV[i + {j}]" for j in range(1, len(fields) + 1))
     return f"""
-if ARGV[1] ~= '' then
-  local mine = tonumber(string.match(ARGV[1], '^%d+'))
-  local after = mine - tonumber(ARGV[2])
+if ARGV[4] ~= '' then
   local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-  local have = 0
-  if #last > 0 then have = tonumber(string.match(last[1][1], '^%d+')) end
-  if have >= mine then return 0 end
-  if have ~= after then
-    return redis.error_reply('GAP the journal ends at seq ' .. have ..
-                             ', this write follows seq ' .. after)
+  local have = last[1] and last[1][1] or '0-0'
+  if have ~= ARGV[4] then
+    if tonumber(string.match(have, '^%d+')) >= tonumber(string.match(ARGV[1], '^%d+')) then
+      return 0
+    end
+    return redis.error_reply('GAP the journal ends at ' .. have ..
+                             ', this write follows ' .. ARGV[4])
   end
 end
 local k = 3
-local i = 4
+local i = 5
 local n = #ARGV
 while i <= n do
   redis.call('XADD', KEYS[2], ARGV[i], {pairs})
@@ -175,15 +174,19 @@ return 1
 #: acknowledges nothing, and the journal stops. The trades it wrote before failing stay
 #: on the fill stream, ahead of the journal, and `check_streams_follow` refuses to
 #: start on that.
-#: The script first reads where the journal ends. A batch writes only right after the one
-#: before it (its first seq minus one), so the journal never has a gap, even with several
-#: writes in flight of which one failed (`GAP`, and the journal stops); and a batch
-#: already there (a write that landed after its reply timed out, then retried) writes
-#: nothing and returns 0, so nothing is written twice. Every batch of one journal is
-#: written this way, so a journal that ends at or after a batch holds it.
+#: Given the id of the entry a batch follows, the script first reads where the journal
+#: ends: the batch writes only right after that entry, so the journal never has a gap
+#: (`GAP`, and the journal stops), and a batch already there (a write that landed after
+#: its reply timed out, then sent again) writes nothing and returns 0. The read costs
+#: Redis about 8 us a write, so the journal asks for it where a write can follow a
+#: failure or another Redis: every write with several in flight, every write again
+#: after a failure, and the first write on each new connection (`Journal._send`). With
+#: one write in flight, each is sent only once the one before it succeeded on the same
+#: connection, which is the check already made.
 #: KEYS: journal, fills, then per trade its funder's and its SME's stream (`fills_of`).
-#: ARGV: journal entry id ("" for none), count, batch, then per trade its id and the
-#: values of `trade_fields` in order (`trade_values`).
+#: ARGV: journal entry id ("" for none), count, batch, the id of the entry it follows
+#: ("0-0" for the first; "" to skip the check), then per trade its id and the values of
+#: `trade_fields` in order (`trade_values`).
 WRITE_SCRIPT = _write_script(wire.Trade.__struct_fields__)
 _SCRIPT_SHA = hashlib.sha1(WRITE_SCRIPT).hexdigest().encode()
 
@@ -248,6 +251,7 @@ class Journal:
         self._window: deque[_Batch] = deque()               # sent, in order, not yet durable
         self._recovering = False                            # a write in the window failed
         self._checked = -1                  # the connection generation found to hold all
+        self._sent_on = -1                  # the connection generation of the last write
         self.max_inflight = max_inflight
         self.error: Exception | None = None                # set once the journal stops
         self._wake = asyncio.Event()
@@ -482,11 +486,15 @@ class Journal:
 
     def _send(self, batch: _Batch) -> asyncio.Future[Any]:
         """Send one batch without waiting; its reply settles it (`_settle`)."""
-        return self._conn.request(self._pack(batch.entries, batch.trades, _SCRIPT_SHA))
+        check = self.max_inflight > 1 or self._conn.generation != self._sent_on
+        self._sent_on = self._conn.generation
+        return self._conn.request(self._pack(batch.entries, batch.trades, _SCRIPT_SHA,
+                                             check=check))
 
     def _pack(self, entries: list[wire.JournalEntry], trades: list[wire.Trade],
-              sha: bytes | None) -> bytes:
-        """One WRITE_SCRIPT call: by its digest, or with its text when `sha` is None."""
+              sha: bytes | None, *, check: bool = True) -> bytes:
+        """One WRITE_SCRIPT call: by its digest, or with its text when `sha` is None;
+        `check`: only right after the entry before it (see WRITE_SCRIPT)."""
         keys = [self._journal_key, self._fills_key]
         for trade in trades:
             keys += (self._own_key(trade.funder), self._own_key(trade.sme))
@@ -495,9 +503,10 @@ class Journal:
         args += (len(keys), *keys)
         if entries:
             args += (b"%d-0" % entries[-1].seq, len(entries),
-                     wire.journal_encoder.encode(entries))
+                     wire.journal_encoder.encode(entries),
+                     b"%d-0" % (entries[0].seq - 1) if check else b"")
         else:
-            args += (b"", 0, b"")
+            args += (b"", 0, b"", b"")
         for trade in trades:
             args += trade_values(trade)
         return resp.pack(*args)

@@ -457,7 +457,7 @@ def test_a_batch_that_does_not_follow_the_journal_is_refused_whole(
     caplog.set_level(logging.CRITICAL, logger="matcher.journal")
 
     async def scenario() -> None:
-        client, journal, driver = await opened(redis_server, 13)
+        client, journal, driver = await opened(redis_server, 13, max_inflight=2)
         outs = []
         while len(outs) < 2 or not outs[-1].trades:             # bounded: trades are common
             if (out := driver.step()).entry is not None:
@@ -465,8 +465,8 @@ def test_a_batch_that_does_not_follow_the_journal_is_refused_whole(
         before = await streams(client)
         skipped, last = outs[0], outs[-1]                 # a batch without the one before
         assert last.entry is not None and skipped.entry is not None
-        with pytest.raises(ResponseError, match=r"^GAP the journal ends at seq \d+, this "
-                                                r"write follows seq \d+"):
+        with pytest.raises(ResponseError, match=r"^GAP the journal ends at \d+-0, this "
+                                                r"write follows \d+-0"):
             await journal._conn.call(journal._pack([last.entry], last.trades, _SCRIPT_SHA))
         assert await streams(client) == before              # nothing of it, trades included
         # Through the journal itself: it stops on the gap and stays stopped with it.
@@ -486,6 +486,35 @@ def test_a_batch_that_does_not_follow_the_journal_is_refused_whole(
     run(scenario())
     stopped = [r for r in caplog.records if "journal stopped" in r.getMessage()]
     assert len(stopped) == 1, [r.getMessage() for r in stopped]
+
+
+def test_writes_are_checked_where_one_can_follow_a_failure_or_another_redis(
+        redis_server: LocalRedis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check costs Redis a read a write: with one write in flight it is asked for on
+    the first write of each connection (the one `_connected` checked may have been
+    replaced before it) and on writes sent again; with several in flight, on every one."""
+    async def scenario(window: int) -> list[bool]:
+        client, journal, driver = await opened(redis_server, 14 + window,
+                                               max_inflight=window)
+        checks: list[bool] = []
+        real = journal._pack
+
+        def recorded(entries: Any, trades: Any, sha: Any, *, check: bool = True) -> bytes:
+            checks.append(check)
+            return real(entries, trades, sha, check=check)
+
+        monkeypatch.setattr(journal, "_pack", recorded)
+        await play(driver, journal, 30, pause_every=5)
+        journal._conn.close()                 # dropped: the next write reconnects
+        await play(driver, journal, 30, pause_every=5)
+        await journal.close()
+        await client.aclose()
+        return checks
+
+    one = run(scenario(1))
+    assert one.count(True) == 1 and len(one) > 4, one     # the first on the new connection
+    assert not any(one[:one.index(True)]) and not any(one[one.index(True) + 1:])
+    assert all(run(scenario(2)))
 
 
 # --- replay and snapshots -------------------------------------------------------------
