@@ -26,8 +26,8 @@ from typing import Any
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
+from redis.exceptions import BusyLoadingError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
@@ -45,9 +45,21 @@ _CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL,
               "required": ssl.CERT_REQUIRED}
 
 
+def reply_error(message: str) -> Exception:
+    """An error reply as redis-py raises it, where the difference matters to a caller
+    that retries: a Redis still loading its data, or at its client limit, is a
+    connection that will work later (redis-py's `BusyLoadingError` and
+    `ConnectionError`), not a refused command."""
+    if message.startswith("LOADING"):
+        return BusyLoadingError(message)
+    if message.startswith("ERR max number of clients reached"):
+        return RedisConnectionError(message)
+    return ResponseError(message)
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self, on_settled: Callable[[], None] | None) -> None:
-        self.reader = hiredis.Reader(replyError=ResponseError)
+        self.reader = hiredis.Reader(replyError=reply_error)
         self.waiting: deque[tuple[asyncio.Future[Any], asyncio.TimerHandle]] = deque()
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
@@ -68,7 +80,7 @@ class _Protocol(asyncio.Protocol):
             settled = True
             if fut.done():
                 continue
-            if isinstance(reply, ResponseError):
+            if isinstance(reply, Exception):        # an error reply (`reply_error`)
                 fut.set_exception(reply)
             else:
                 fut.set_result(reply)

@@ -115,3 +115,35 @@ def test_a_dropped_connection_fails_the_waiting_calls() -> None:
         with pytest.raises(RedisConnectionError, match="cannot connect"):
             await conn.call(pack(b"PING"))
     run(scenario())
+
+
+def test_error_replies_that_mean_try_later_are_connection_errors() -> None:
+    """A Redis loading its data or at its client limit will work later: redis-py raises
+    connection errors for those, and so does this connection, so the journal retries
+    instead of stopping."""
+    from redis.exceptions import BusyLoadingError
+
+    from service.resp import reply_error
+    assert isinstance(reply_error("LOADING Redis is loading the dataset in memory"),
+                      BusyLoadingError)
+    assert isinstance(reply_error("ERR max number of clients reached"), RedisConnectionError)
+    for message in ("ERR unknown command", "NOSCRIPT No matching script", "OOM command"):
+        got = reply_error(message)
+        assert type(got) is ResponseError and str(got) == message
+
+
+def test_a_redis_at_its_client_limit_is_a_connection_error(redis_server: LocalRedis) -> None:
+    async def scenario() -> None:
+        admin = aioredis.Redis.from_url(redis_server.url)
+        await admin.ping()
+        await admin.config_set("maxclients", 1)
+        conn = Connection.like(admin)
+        try:
+            with pytest.raises(RedisConnectionError, match="max number of clients"):
+                await conn.call(pack("PING"))
+        finally:
+            conn.close()
+            await admin.config_set("maxclients", 10000)
+            await admin.aclose()
+
+    run(scenario())
