@@ -236,8 +236,10 @@ class Gateway:
         if out.entry is None:
             # A rejection or a retry's answer is read from state that may not be written
             # yet (the original of a retry can still be in the batch being written), so
-            # it waits for the journal too, and so never overtakes an earlier ack.
-            barrier = self.journal.barrier()
+            # it waits for the journal too, and so never overtakes an earlier ack: also
+            # not one whose batch became durable in this loop turn, whose replies go out
+            # in the next (`_durable` is a done callback).
+            barrier = self.journal.barrier() or self._held_batch
             if barrier is None:
                 self._deliver(out, conn)
             else:
@@ -261,6 +263,8 @@ class Gateway:
         self._held.append(held)
 
     def _durable(self, held: list[_Held], batch: asyncio.Future[int]) -> None:
+        if batch is self._held_batch:     # delivered now: later answers need not wait
+            self._held_batch = None
         if batch.cancelled() or batch.exception() is not None:
             self.accepting = False        # the journal is gone: acknowledge nothing more
             return

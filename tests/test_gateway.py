@@ -67,3 +67,29 @@ def test_budgets_are_kept_per_key_and_only_full_ones_are_pruned(
         few.allow(key)
     few.allow("new")                   # fewer than half spending: all of those stay
     assert list(few.buckets) == [0, 1, 2, "new"]
+
+
+def test_an_answer_never_overtakes_the_ack_of_a_batch_that_just_became_durable() -> None:
+    """The journal settles a batch inside the Redis connection's callback, and the
+    batch's acks go out in a callback of the next loop turn. A command rejected in
+    between, in the same turn (messages are handled as parsed, ADR 19), is answered
+    after those acks, not before: a client sees its answers in the order it sent."""
+    async def scenario() -> list[bytes]:
+        gateway, journal, conns = await _gateway()
+        funder = PEOPLE[0]
+        conn = conns[funder.id]
+        await asyncio.sleep(0)                          # the welcome is written
+        sent: list[bytes] = []
+        conn.transport.write = sent.append              # type: ignore[method-assign]
+        core = gateway.engine.segments[sorted(gateway.engine.segments)[0]].core
+        gateway.handle(conn, b'{"type":"set_credit_line","core":"%s","amount":1000}'
+                       % core.encode(), 0.0)
+        journal.land()                                  # durable; its ack not yet out
+        gateway.handle(conn, b'{"type":"cancel","client_id":"nothing-of-mine"}', 0.0)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return sent
+
+    written = b"".join(run(scenario()))
+    accepted, rejected = written.find(b'"type":"accepted"'), written.find(b'"type":"rejected"')
+    assert 0 <= accepted < rejected, written
