@@ -591,6 +591,40 @@ def test_replay_makes_exactly_the_live_trades(redis_server: LocalRedis) -> None:
 
 
 @WINDOWS
+def test_writes_dropped_before_they_ran_are_written_again_once(
+        redis_server: LocalRedis, caplog: pytest.LogCaptureFixture, window: int) -> None:
+    """Redis pauses writes, the journal's writes wait in it, and its connection is
+    killed: those writes never ran. The journal finds them not landed on a new
+    connection and writes them again, in order, each once; then acknowledges them."""
+    caplog.set_level(logging.WARNING, logger="matcher.journal")
+
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 16, max_retry_delay=0.1,
+                                               max_inflight=window)
+        await play(driver, journal, 200)
+        admin = connect(redis_server)
+        await admin.execute_command("CLIENT", "PAUSE", 3000, "WRITE")
+        futures = _append(driver, journal, 40)
+        for _ in range(3):                               # more batches meanwhile
+            await asyncio.sleep(0.05)
+            futures += _append(driver, journal, 20)
+        waiting: Any = [c for c in await admin.client_list() if c["cmd"] == "evalsha"]
+        assert waiting and not any(f.done() for f in futures)
+        for c in waiting:
+            await admin.execute_command("CLIENT", "KILL", "ID", c["id"])
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        done = await asyncio.wait_for(asyncio.gather(*futures), 20)
+        assert all(seq >= 1 for seq in done)
+        assert await journaled(client) == driver.entries                   # each once
+        await journal.close()
+        await client.aclose()
+        await admin.aclose()
+    run(scenario())
+    assert any("retrying" in r.getMessage() or "failed" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+@WINDOWS
 @pytest.mark.parametrize("how", ["stop", "kill"])
 def test_redis_restart_holds_acks_then_writes_everything_once(
         redis_server: LocalRedis, caplog: pytest.LogCaptureFixture, how: str,
