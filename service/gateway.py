@@ -223,9 +223,14 @@ class Gateway:
         The backlog limit holds back clients (`conn`); what the gateway issues itself
         (the configured market, end of day, cancels for funders that went away) is
         bounded and, for the cancels, lowers risk: it is never refused for a backlog.
+        It counts the answers held for the next batch too: while Redis is away,
+        rejections and retries' answers wait with the commands, and a client that
+        keeps sending them would otherwise grow that list without bound.
         """
-        if not self.accepting or (conn is not None
-                                  and self.journal.backlog >= self.limits.journal_backlog):
+        limit = self.limits.journal_backlog
+        if not self.accepting or (conn is not None and (
+                self.journal.backlog >= limit
+                or (self._held_batch is not None and len(self._held) >= limit))):
             why = "shutting down" if not self.accepting else "journal backlog is full"
             self.metrics.reject("unavailable")
             self._reply_now(who.id, wire.Rejected(

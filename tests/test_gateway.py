@@ -93,3 +93,39 @@ def test_an_answer_never_overtakes_the_ack_of_a_batch_that_just_became_durable()
     written = b"".join(run(scenario()))
     accepted, rejected = written.find(b'"type":"accepted"'), written.find(b'"type":"rejected"')
     assert 0 <= accepted < rejected, written
+
+
+def test_answers_held_for_the_journal_count_against_its_backlog() -> None:
+    """While Redis is away, rejections wait with the commands for the next batch; a
+    client sending them without end meets `unavailable` at `journal_backlog`, as new
+    commands do, instead of growing what the gateway holds."""
+    import msgspec
+
+    from matcher.engine import Engine
+    from matcher.participants import Directory
+    from service.gateway import Gateway
+    from service.journal import Keys
+    from service.metrics import Metrics
+    from tests.bench.test_gateway_bench import DEMO, SEGMENTS, _Journal, _Transport
+
+    async def scenario() -> tuple[int, list[bytes]]:
+        import redis.asyncio as aioredis
+        journal = _Journal(aioredis.Redis(host="127.0.0.1", port=1), Keys("bench"))
+        limits = msgspec.structs.replace(DEMO.limits, journal_backlog=5)
+        gateway = Gateway(Engine(SEGMENTS), journal, Directory(PEOPLE), limits, Metrics())
+        conn = gateway.attach(None, _Transport(), PEOPLE[0])  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        sent: list[bytes] = []
+        conn.transport.write = sent.append              # type: ignore[method-assign]
+        core = gateway.engine.segments[sorted(gateway.engine.segments)[0]].core
+        gateway.handle(conn, b'{"type":"set_credit_line","core":"%s","amount":1000}'
+                       % core.encode(), 0.0)            # a batch the journal never lands
+        for i in range(10):
+            gateway.handle(conn, b'{"type":"cancel","client_id":"c%d"}' % i, 0.0)
+        await asyncio.sleep(0)
+        return len(gateway._held), sent
+
+    held, sent = run(scenario())
+    written = b"".join(sent)
+    assert held == 5                                   # the command and 4 rejections
+    assert written.count(b'"code":"unavailable"') == 6 and b"unknown_order" not in written
