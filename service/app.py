@@ -417,7 +417,7 @@ class Service:
         assert gw is not None
         client = forwarded.client_address(
             request.remote, request.headers.getall("X-Forwarded-For", ()), self._proxies)
-        if not self._quote_budgets.allow(client):
+        if not self._quote_budgets.allow(forwarded.budget_key(client)):
             return self._rate_limited("this address")
         segment = request.match_info["segment"]
         if segment not in gw.engine.books:

@@ -67,3 +67,17 @@ def client_address(peer: str | None, forwarded_for: Sequence[str],
                 return str(hop)
             last = hop
     return str(last)       # every hop a trusted proxy: the farthest one is the client
+
+
+def budget_key(address: str | None) -> str | None:
+    """The key of `address`'s rate budget: the address itself for IPv4, its /64 for
+    IPv6. A network gives each host, and each customer of an ISP, a /64 (RFC 6177)
+    from which a client can take any number of addresses (privacy extensions make a new
+    one every day), so a budget per IPv6 address would be as many budgets as the client
+    cares to use."""
+    ip = parse(address) if address is not None else None
+    if ip is None:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)

@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from service.config import load
-from service.forwarded import client_address, networks
+from service.forwarded import budget_key, client_address, networks
 from tests.conftest import ServerProcess
 
 PROXIES = networks(["10.0.0.0/8", "192.0.2.1", "2001:db8::/32"])
@@ -48,6 +48,19 @@ def test_without_trusted_proxies_the_peer_is_the_client() -> None:
     assert client_address("10.0.0.1", ["198.51.100.1"], ()) == "10.0.0.1"
 
 
+@pytest.mark.parametrize(("address", "key"), [
+    ("198.51.100.1", "198.51.100.1"),
+    ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),     # the same /64
+    ("2001:db8:1:3::1", "2001:db8:1:3::/64"),                       # the next one
+    ("::ffff:198.51.100.1", "198.51.100.1"),
+    ("unix-socket", "unix-socket"),
+    (None, None),
+])
+def test_an_ipv6_client_has_one_budget_per_64(address: str | None, key: str | None) -> None:
+    assert budget_key(address) == key
+
+
 def test_the_setting_is_checked_and_read_from_the_environment(tmp_path: Path) -> None:
     path = tmp_path / "m.toml"
     path.write_text('[server]\ntrusted_proxies = ["10.0.0.0/8", "nonsense"]\n')
@@ -78,6 +91,9 @@ def test_behind_a_trusted_proxy_each_client_has_its_own_quote_budget(
     assert [quote(server, "198.51.100.1") for _ in range(3)] == [200, 200, 429]
     assert quote(server, "6.6.6.6, 198.51.100.1") == 429       # a prefix changes nothing
     assert quote(server, "198.51.100.2") == 200                # another client
+    # An IPv6 client cannot take a fresh budget from each address of its /64.
+    assert [quote(server, f"2001:db8:0:1::{i}") for i in range(3)] == [200, 200, 429]
+    assert quote(server, "2001:db8:0:2::1") == 200
     assert [quote(server, None) for _ in range(3)] == [200, 200, 429]   # the proxy itself
 
 
