@@ -124,6 +124,10 @@ class Engine:
         self.clients: ShardedDict[tuple[int, str], int] = ShardedDict()
         self.finished: ShardedDict[int, Finished] = ShardedDict()
         self._expiry: deque[tuple[int, int]] = deque()   # (ts, order id) in end order
+        # The time of the first command since the last end of day (0: none yet): a day
+        # that began before the latest cut-off and was never closed missed its end of
+        # day, which the gateway issues when it starts (`day_missed`).
+        self.day_started = 0
         self._names = names
         for segment in segments:
             self._open(segment)
@@ -163,8 +167,18 @@ class Engine:
             return out
         self.seq = entry.seq
         self.ts = entry.ts
+        if type(cmd) is wire.EndOfDay:
+            self.day_started = 0
+        elif not self.day_started:
+            self.day_started = entry.ts
         self._forget(entry.ts - RETRY_WINDOW_NS)
         return out
+
+    def day_missed(self, cut_off_ns: int) -> bool:
+        """Whether commands of a day that began before the cut-off at `cut_off_ns` (the
+        latest one, in journal time) are still waiting for its end of day: the gateway
+        was down, or its `end_of_day` was not journaled, when it fell due."""
+        return 0 < self.day_started < cut_off_ns
 
     def remember(self, finished: Iterable[Finished]) -> None:
         """Reload ended orders (from a snapshot), in the order they ended."""
@@ -401,6 +415,18 @@ class Engine:
         self._expiry.clear()
         self.rebuild_clients()
 
+    def _resume(self, entry: wire.JournalEntry, out: Outcome) -> None:
+        """The retry window counts trading time: an order that ended just before a stop
+        still answers retries for its whole window after the start, however long the
+        gateway was down (clients retry once they can reach it again). So the time since
+        the last command moves every remembered order's end forward by as much."""
+        out.accept(entry)
+        gap = entry.ts - self.ts
+        if gap > 0 and self._expiry:
+            self._expiry = deque((ts + gap, order_id) for ts, order_id in self._expiry)
+            for finished in self.finished.values():
+                finished.ts += gap
+
     # --- fills and ends ---
 
     def _fills(self, entry: wire.JournalEntry, segment: str, fills: list[Fill],
@@ -456,4 +482,5 @@ _HANDLERS: dict[type, Callable[[Engine, wire.JournalEntry, Outcome], None]] = {
     wire.SetCreditLine: Engine._set_credit_line,
     wire.AddSegment: Engine._add_segment,
     wire.EndOfDay: Engine._end_of_day,
+    wire.Resume: Engine._resume,
 }

@@ -20,6 +20,7 @@ from matcher.protocol import (
     CancelAll,
     EndOfDay,
     QuoteRequest,
+    Resume,
     Role,
     SetCreditLine,
     StatusRequest,
@@ -36,7 +37,7 @@ ALLOWED: dict[Role, frozenset[type]] = {
     "funder": frozenset({Bid, Amend, Cancel, CancelAll, SetCreditLine, *_READ}),
     "sme": frozenset({Ask, Cancel, CancelAll, *_READ}),
     "platform": frozenset(_READ),
-    "admin": frozenset({AddSegment, EndOfDay, *_READ}),
+    "admin": frozenset({AddSegment, EndOfDay, Resume, *_READ}),   # Resume: the gateway's
 }
 
 

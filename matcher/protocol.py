@@ -115,7 +115,14 @@ class EndOfDay(_Message, tag="end_of_day"):
     """The same-day disbursement cut-off: DAY orders expire, GTC orders stay."""
 
 
-Command = Bid | Ask | Cancel | CancelAll | Amend | SetCreditLine | AddSegment | EndOfDay
+class Resume(_Message, tag="resume"):
+    """The gateway serves again after a stop: the time since the last command was
+    downtime, not trading time (ADR 8 addendum). Issued by the gateway at every start;
+    no client can send it (it is not a `ClientMessage`)."""
+
+
+Command = (Bid | Ask | Cancel | CancelAll | Amend | SetCreditLine | AddSegment | EndOfDay
+           | Resume)
 
 
 # --- Requests that change nothing: answered at once, never journaled ----------------

@@ -19,8 +19,10 @@ from msgspec import Struct
 from matcher.engine import Engine, Finished, OrderInfo, Segment
 from matcher.types import Order
 
-VERSION = 2          # 2: without the client-id map, which restore derives; 1 still loads
-READS = (1, 2)
+#: 2: without the client-id map, which restore derives; 3: with `day_started`. 1 and 2
+#: still load.
+VERSION = 3
+READS = (1, 2, 3)
 
 
 class BookState(Struct, array_like=True):
@@ -36,6 +38,7 @@ class State(Struct, kw_only=True):
     lines: dict[str, list[tuple[int, int, int]]]  # core -> [(funder, line, used)], sorted
     orders: list[OrderInfo]                     # by order id
     finished: list[Finished]                    # in the order they ended
+    day_started: int = 0                        # Engine.day_started (version 3)
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -60,6 +63,7 @@ def capture(engine: Engine) -> State:
         lines={core: lines.items() for core, lines in sorted(engine.lines.items())},
         orders=list(engine.orders.values()),
         finished=engine.ended(),
+        day_started=engine.day_started,
     )
 
 
@@ -78,6 +82,9 @@ def restore(state: State, names: Callable[[int], str] = str) -> Engine:
     engine.orders = {o.order_id: o for o in state.orders}
     engine.remember(state.finished)
     engine.rebuild_clients()
+    # Before version 3 the day's start was not kept: take the snapshot's own time, so
+    # an end of day missed after it is still found, and none before it is invented.
+    engine.day_started = state.day_started if state.version >= 3 else state.ts
     return engine
 
 

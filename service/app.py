@@ -130,6 +130,8 @@ class Service:
                 url, keys, cfg.engine.snapshot_every, archive=root or None,
                 fill_retention_hours=cfg.engine.fill_retention_hours)
         self._watch(self.gateway, self.snapshotter)
+        zone = ZoneInfo(cfg.engine.timezone)       # an unknown zone fails here, at start
+        self._resume(zone)
         await self._open_market(first_start=engine.seq == 0)
         if self.snapshotter is not None:
             self.snapshotter.start()
@@ -148,7 +150,6 @@ class Service:
         server: Any = site._server
         if server is not None and server.sockets:       # port 0: what the OS chose
             self.port = server.sockets[0].getsockname()[1]
-        zone = ZoneInfo(cfg.engine.timezone)       # an unknown zone fails here, at start
         self._tasks.append(asyncio.get_running_loop().create_task(self._end_of_day_timer(zone)))
         self._tasks.append(asyncio.get_running_loop().create_task(self._probe_loop()))
         self._tasks.append(asyncio.get_running_loop().create_task(self._follow_snapshots()))
@@ -289,6 +290,22 @@ class Service:
             log.warning("Redis persistence is weaker than configured: appendfsync=%s, "
                         "durability=%s wants appendonly yes + appendfsync %s "
                         "(see README, Durability)", have, want, want)
+
+    def _resume(self, zone: ZoneInfo) -> None:
+        """Before serving again: the end of day that fell due while the gateway was down
+        (or whose `end_of_day` a crash kept out of the journal), then `resume`, which
+        keeps the downtime out of the retry window (ADR 8 addendum). Both are journaled
+        before any client's command (`_open_market` waits for them)."""
+        gw = self.gateway
+        assert gw is not None
+        if gw.engine.seq == 0:               # a new journal: nothing to resume
+            return
+        cut_off = last_end_of_day(dt.datetime.now(zone), self.config.engine.end_of_day)
+        if gw.engine.day_missed(int(cut_off.timestamp()) * 10**9):
+            log.warning("the end of day due %s was not journaled (the gateway was down "
+                        "then, or stopped before it was written): issued now", cut_off)
+            gw.submit(system(), wire.EndOfDay(), time.perf_counter())
+        gw.submit(system(), wire.Resume(), time.perf_counter())
 
     async def _open_market(self, first_start: bool) -> None:
         """Journal what the configuration adds: segments, and for the demo lines and bids."""
@@ -516,10 +533,17 @@ class Service:
 
 
 def next_end_of_day(now: dt.datetime, at: str) -> dt.datetime:
-    """The next `at` ("HH:MM") in `now`'s time zone, strictly after `now`."""
-    hour, minute = map(int, at.split(":"))
-    due = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    """The next `at` ("HH:MM" or "HH:MM:SS") in `now`'s time zone, strictly after
+    `now`."""
+    hour, minute, second = [*map(int, at.split(":")), 0][:3]
+    due = now.replace(hour=hour, minute=minute, second=second, microsecond=0)
     return due if due > now else due + dt.timedelta(days=1)
+
+
+def last_end_of_day(now: dt.datetime, at: str) -> dt.datetime:
+    """The latest `at` ("HH:MM" or "HH:MM:SS") in `now`'s time zone, at or before
+    `now`."""
+    return next_end_of_day(now, at) - dt.timedelta(days=1)
 
 
 def _int_param(request: web.Request, name: str) -> int:

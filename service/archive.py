@@ -20,6 +20,7 @@ Redis; the next one starts at the same entry and writes the same file again.
 from __future__ import annotations
 
 import asyncio
+import filecmp
 import logging
 import os
 import time
@@ -111,30 +112,18 @@ class JournalArchive:
                        if p.suffix == ".mpk" and p.stem.isdigit()), key=lambda p: int(p.stem))
 
     async def write(self, rows: list[_Row], token: str = "") -> Path:
-        """Store journal entries, oldest first, durably; returns the file.
+        """Store journal entries, oldest first, durably; returns the file. A mover
+        stages, checks that it may still publish, then publishes (`_move`)."""
+        return self.publish(rows, await self.stage(rows, token))
 
-        Files are written in the order of the journal, so a file whose name is at or
-        after this one's can only be from another history of the same journal id (Redis
-        brought back from an older copy, whose commands went on differently): it is set
-        aside (`.superseded`), never read again, and Redis's journal is the truth. The
-        temporary file is the writer's own (`token`), so two writers never share one.
-        """
+    async def stage(self, rows: list[_Row], token: str = "") -> Path:
+        """Write `rows` to a temporary file of this writer's own (`token`) and sync it:
+        whole, but not yet read by anyone. Removed again if the write fails."""
         if not self.directory.is_dir():
             self.directory.mkdir(parents=True, exist_ok=True)
             _fsync_dir(self.directory.parent)          # the new directory's own entry
-        first = stream_seq(rows[0][0])
-        path = self.directory / f"{first:012d}.mpk"
-        data = _encode(rows)
-        for other in self.files():
-            if int(other.stem) >= first and not (other == path and
-                                                 other.read_bytes() == data):
-                aside = other.with_name(f"{other.name}.superseded-{uuid.uuid4().hex[:8]}")
-                log.warning("journal archive: %s is from an earlier attempt at this move "
-                            "or from another history of this journal (Redis brought back "
-                            "from an older copy): set aside as %s", other, aside.name)
-                os.replace(other, aside)
-        tmp = path.with_name(f"{path.stem}.{token or uuid.uuid4().hex}.tmp")
-        view = memoryview(data)
+        tmp = self._path(rows).with_suffix(f".{token or uuid.uuid4().hex}.tmp")
+        view = memoryview(_encode(rows))
         try:
             with open(tmp, "wb") as f:
                 for start in range(0, len(view), PART_BYTES):
@@ -143,12 +132,52 @@ class JournalArchive:
                     os.fdatasync(f.fileno())
                     await asyncio.sleep(PAUSE_S)
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)      # a full disk is no place for half a file
             raise
-        _fsync_dir(self.directory)            # the rename itself, through a power cut
+        return tmp
+
+    def publish(self, rows: list[_Row], tmp: Path) -> Path:
+        """Rename the staged file of `rows` into place. No awaits: it runs right after
+        the mover's check that Redis still starts its journal at these rows.
+
+        Files are written in the order of the journal, so a file whose name is at or
+        after this one's can only be from an earlier attempt at this move (whose entries
+        Redis still holds: they start at the same entry) or from another history of the
+        same journal id (Redis brought back from an older copy, whose commands went on
+        differently): it is set aside (`.superseded`), never read again, and Redis's
+        journal is the truth.
+        """
+        path = self._path(rows)
+        try:
+            for other in self.files():
+                if int(other.stem) >= int(path.stem) and not (
+                        other == path and filecmp.cmp(other, tmp, shallow=False)):
+                    aside = other.with_name(f"{other.name}.superseded-{uuid.uuid4().hex[:8]}")
+                    log.warning("journal archive: %s is from an earlier attempt at this "
+                                "move or from another history of this journal (Redis "
+                                "brought back from an older copy): set aside as %s",
+                                other, aside.name)
+                    os.replace(other, aside)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.directory)            # the renames, through a power cut
         return path
+
+    def discard_stale(self) -> int:
+        """Remove temporary files that movers killed mid-write left (run while holding
+        the lock: no live mover is writing one). Returns how many."""
+        if not self.directory.is_dir():
+            return 0
+        stale = [p for p in self.directory.iterdir() if p.name.endswith(".tmp")]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return len(stale)
+
+    def _path(self, rows: list[_Row]) -> Path:
+        return self.directory / f"{stream_seq(rows[0][0]):012d}.mpk"
 
     def read(self, after: int = 0) -> Iterator[list[wire.JournalEntry]]:
         """The archived commands with sequence numbers above `after`, batch by batch, as
@@ -199,6 +228,8 @@ async def archive_and_trim(client: aioredis.Redis, keys: Keys, archive: JournalA
         log.info("another process is archiving the journal; this one does not")
         return 0
     try:
+        if n := archive.discard_stale():      # movers killed mid-write left them
+            log.info("journal archive: removed %d unfinished files of earlier moves", n)
         return await _move(client, keys, archive, keep_from, token)
     finally:
         try:
@@ -215,16 +246,19 @@ return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """
 LOCK_MS = 600_000            # a holder that died lets go after this; renewed per file
 
-#: Trim what a file now holds, only if this mover still holds the lock (ARGV[1]), Redis
+#: Trim what a file now holds (`XTRIM MINID` ARGV[4]; with "", trim nothing: the check
+#: before a file is published), only if this mover still holds the lock (ARGV[1]), Redis
 #: still holds the archive's journal (ARGV[2], its id) and that journal still starts at
 #: the file's first entry (ARGV[3]): a mover that stalled past its lock, or a Redis that
-#: came back empty or failed over while the file was written, trims nothing it did not
-#: archive. KEYS: journal, lock, journal id. Returns the entries removed, or -1, -2, -3.
+#: came back empty or failed over while the file was written, publishes and trims
+#: nothing. KEYS: journal, lock, journal id. Returns the entries removed (0 for the
+#: check), or -1, -2, -3.
 _TRIM = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
 if redis.call('GET', KEYS[3]) ~= ARGV[2] then return -2 end
 local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
 if #first == 0 or first[1][1] ~= ARGV[3] then return -3 end
+if ARGV[4] == '' then return 0 end
 return redis.call('XTRIM', KEYS[1], 'MINID', ARGV[4])
 """
 _REFUSED = {-1: "this process no longer holds the archive lock",
@@ -243,15 +277,33 @@ async def _move(client: aioredis.Redis, keys: Keys, archive: JournalArchive,
         rows = await _oldest(client, keys, keep_from)
         if not rows:
             return moved
+        checks = (3, keys.journal, keys.archive_lock, keys.journal_id, token,
+                  archive.journal_id, rows[0][0])
         try:
-            path = await archive.write(rows, token)
+            tmp = await archive.stage(rows, token)
+        except OSError as exc:
+            raise ArchiveWriteFailed(f"could not archive the journal in "
+                                     f"{archive.directory} ({exc})") from exc
+        # The file took time: only a mover that still holds the lock, and whose rows are
+        # still where the journal starts, may publish it, or it could set aside or
+        # replace a file another mover wrote (after this one's lock expired) and trimmed.
+        try:
+            current: Any = await client.eval(_TRIM, *checks, "")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if current < 0:
+            tmp.unlink(missing_ok=True)
+            log.warning("journal: %d entries staged for the archive were not published: %s",
+                        len(rows), _REFUSED[current])
+            return moved
+        try:
+            path = archive.publish(rows, tmp)
         except OSError as exc:
             raise ArchiveWriteFailed(f"could not archive the journal in "
                                      f"{archive.directory} ({exc})") from exc
         # Exact (no `~`, which stops at whole nodes and at most 100 of them a call).
-        removed: Any = await client.eval(
-            _TRIM, 3, keys.journal, keys.archive_lock, keys.journal_id, token,
-            archive.journal_id, rows[0][0], f"{stream_seq(rows[-1][0])}-1")
+        removed: Any = await client.eval(_TRIM, *checks, f"{stream_seq(rows[-1][0])}-1")
         if removed < 0:
             log.warning("journal: archived %d entries in %s but trimmed none: %s", len(rows),
                         path, _REFUSED[removed])

@@ -165,6 +165,12 @@ def _snapshotter(args: argparse.Namespace) -> int:
         return 2
 
     async def run() -> int:
+        # SIGTERM (the gateway stopping it, or its death) ends the work in hand the way
+        # an exception would: a move to the archive releases its lock and removes its
+        # unfinished file, rather than leaving them to time out.
+        main = asyncio.current_task()
+        assert main is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
         client = aioredis.Redis.from_url(args.redis_url, socket_timeout=30)
         follower = Snapshotter(client, Keys(args.shard), args.every, poll_s=args.poll,
                                archive_root=args.archive,
@@ -176,6 +182,9 @@ def _snapshotter(args: argparse.Namespace) -> int:
         except JournalDiverged as exc:
             log.error("snapshotter: %s; exiting, to be started afresh", exc)
             return 3
+        except asyncio.CancelledError:
+            log.info("snapshotter: stopped (SIGTERM)")
+            return 0
         finally:
             await client.aclose()
     return asyncio.run(run())

@@ -80,7 +80,7 @@ class EngineConfig(_Section):
     # minutes of journal time), except fills a consumer group has not acknowledged
     # (service/retention.py, ADR 21). The journal gives them back by replay. 0: keep all.
     fill_retention_hours: Annotated[float, Meta(ge=0, le=876_000)] = 0.0     # 100 years
-    end_of_day: Annotated[str, Meta(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")] = "16:30"
+    end_of_day: Annotated[str, Meta(pattern=r"^([01]\d|2[0-3]):[0-5]\d(:[0-5]\d)?$")] = "16:30"
     timezone: str = "Asia/Shanghai"
 
 

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 import msgspec
 import pytest
 
-from service.app import next_end_of_day
+from service.app import last_end_of_day, next_end_of_day
 from service.config import load
 from service.localredis import LocalRedis
 
@@ -24,6 +24,14 @@ def test_end_of_day_is_today_before_the_cut_off_and_tomorrow_after_it() -> None:
     evening = dt.datetime(2026, 11, 23, 16, 30, tzinfo=SHANGHAI)
     assert next_end_of_day(evening, "16:30") == dt.datetime(2026, 11, 24, 16, 30,
                                                            tzinfo=SHANGHAI)
+
+
+def test_the_last_cut_off_is_at_or_before_now_and_seconds_may_be_given() -> None:
+    at = dt.datetime(2026, 11, 23, 16, 30, tzinfo=SHANGHAI)
+    assert last_end_of_day(at, "16:30") == at
+    assert last_end_of_day(at - dt.timedelta(seconds=1), "16:30") == at - dt.timedelta(days=1)
+    assert last_end_of_day(at, "16:29:59") == at - dt.timedelta(seconds=1)
+    assert next_end_of_day(at, "16:30:01") == at + dt.timedelta(seconds=1)
 
 
 def test_environment_overrides_the_file(tmp_path: Path) -> None:

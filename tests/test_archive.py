@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 
 from matcher import snapshot
-from service.archive import JournalArchive, archive_and_trim, journal_id
+from service.archive import JournalArchive, archive_and_trim, check, journal_id
 from service.journal import journal_start, read_journal
 from service.localredis import LocalRedis
 from service.recovery import JournalGap, recover
@@ -313,7 +315,7 @@ def test_the_server_archives_and_recovers_from_the_archive_after_a_restart(
         run(in_redis("forget the snapshot"))
         server.start()
         status, body = server.get("/health")
-        assert status == 200 and json.loads(body)["seq"] == seq
+        assert status == 200 and json.loads(body)["seq"] == seq + 1      # and its `resume`
         assert f"recovered seq {seq}: snapshot at 0 + {seq} journaled commands" \
             in (tmp_path / "server.log").read_text()
     finally:
@@ -387,32 +389,41 @@ def journal_seqs(batch: bytes) -> list[int]:
     return [e.seq for e in wire.journal_decoder.decode(batch)]
 
 
-@pytest.mark.parametrize("meanwhile", ["the lock expired and another mover took it",
-                                       "Redis came back empty and began a new journal",
-                                       "someone else trimmed the journal"])
-def test_a_trim_is_refused_when_redis_changed_while_the_file_was_written(
+MEANWHILE = ["the lock expired and another mover took it",
+             "Redis came back empty and began a new journal",
+             "someone else trimmed the journal"]
+
+
+@pytest.mark.parametrize("meanwhile", MEANWHILE)
+@pytest.mark.parametrize("when", ["staged", "published"])
+def test_a_file_is_published_and_trimmed_only_if_redis_did_not_change_meanwhile(
         redis_server: LocalRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        meanwhile: str) -> None:
-    """The trim checks, in the same script, that this mover still holds the lock, that
-    Redis still holds the archive's journal, and that it still starts at the file's
-    first entry: a stalled mover or a Redis replaced meanwhile loses nothing."""
+        meanwhile: str, when: str) -> None:
+    """Before publishing the file it wrote, and again in the trim's own script, a mover
+    checks that it still holds the lock, that Redis still holds the archive's journal,
+    and that it still starts at the file's first entry: a stalled mover or a Redis
+    replaced meanwhile loses nothing."""
     async def scenario() -> None:
         client, journal, driver = await opened(redis_server, 40)
         await play(driver, journal, 600)
         archive = await JournalArchive.of(tmp_path, client, KEYS)
-        real_write = archive.write
+        sync = redis.Redis.from_url(redis_server.url)
+        if when == "staged":
+            real_stage = archive.stage
 
-        async def write_then_change(rows: list[tuple[str, bytes]], token: str = "") -> Path:
-            path = await real_write(rows, token)
-            if meanwhile.startswith("the lock"):
-                await client.set(KEYS.archive_lock, "another mover", px=60_000)
-            elif meanwhile.startswith("Redis came back"):
-                await client.set(KEYS.journal_id, "a-new-journal")
-            else:
-                await client.xtrim(KEYS.journal, minid=rows[1][0], approximate=False)
-            return path
+            async def stage_then_change(rows: list[tuple[str, bytes]], token: str = "") -> Path:
+                tmp = await real_stage(rows, token)
+                run_sync_change(sync, meanwhile, rows)
+                return tmp
+            monkeypatch.setattr(archive, "stage", stage_then_change)
+        else:
+            real_publish = archive.publish
 
-        monkeypatch.setattr(archive, "write", write_then_change)
+            def publish_then_change(rows: list[tuple[str, bytes]], tmp: Path) -> Path:
+                path = real_publish(rows, tmp)
+                run_sync_change(sync, meanwhile, rows)
+                return path
+            monkeypatch.setattr(archive, "publish", publish_then_change)
         first = await client.xrange(KEYS.journal, count=2)
         length = await client.xlen(KEYS.journal)
         assert await archive_and_trim(client, KEYS, archive, driver.engine.seq) == 0
@@ -420,7 +431,52 @@ def test_a_trim_is_refused_when_redis_changed_while_the_file_was_written(
         assert await client.xlen(KEYS.journal) == expected          # nothing of ours trimmed
         assert (await client.xrange(KEYS.journal, count=1))[0][0] == \
             first[1 if meanwhile.startswith("someone") else 0][0]
-        assert len(archive.files()) == 1                            # the file stays
+        # Refused before publishing: no file, and nothing half-written left behind.
+        assert len(archive.files()) == (1 if when == "published" else 0)
+        assert not list(archive.directory.glob("*.tmp"))
+        sync.close()
+        await journal.close()
+        await client.aclose()
+
+    run(scenario())
+
+
+def run_sync_change(client: Any, meanwhile: str, rows: list[tuple[str, bytes]]) -> None:
+    if meanwhile.startswith("the lock"):
+        client.set(KEYS.archive_lock, "another mover", px=60_000)
+    elif meanwhile.startswith("Redis came back"):
+        client.set(KEYS.journal_id, "a-new-journal")
+    else:
+        client.xtrim(KEYS.journal, minid=rows[1][0], approximate=False)
+
+
+def test_a_mover_that_stalled_past_its_lock_leaves_the_next_movers_file_alone(
+        redis_server: LocalRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mover 1 writes its file slowly; its lock expires; mover 2 archives more of the
+    journal into a file of the same name and trims it. Mover 1 must neither set that
+    file aside nor replace it with its shorter one: every command stays on record."""
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 42)
+        await play(driver, journal, 300)
+        first_cut = driver.engine.seq
+        await play(driver, journal, 300)
+        archive = await JournalArchive.of(tmp_path, client, KEYS)
+        real_stage = archive.stage
+        stalled = True
+
+        async def stall(rows: list[tuple[str, bytes]], token: str = "") -> Path:
+            nonlocal stalled
+            tmp = await real_stage(rows, token)
+            if stalled:                     # mover 1 only: its lock expires, mover 2 runs
+                stalled = False
+                await client.delete(KEYS.archive_lock)
+                assert await archive_and_trim(client, KEYS, archive, driver.engine.seq) > 0
+            return tmp
+        monkeypatch.setattr(archive, "stage", stall)
+        assert await archive_and_trim(client, KEYS, archive, first_cut) == 0
+        assert (await check(client, KEYS, archive)).missing == []
+        assert len(archive.files()) == 1
+        assert not [p for p in archive.directory.iterdir() if "superseded" in p.name]
         await journal.close()
         await client.aclose()
 

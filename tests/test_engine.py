@@ -446,10 +446,16 @@ def test_a_stored_snapshot_is_compressed_and_older_ones_still_load() -> None:
     assert state_hash(restore(load(stored))) == state_hash(m.engine)
     assert state_hash(restore(load(encode(state)))) == state_hash(m.engine)   # as before
     # Version 1 also wrote the client-id map; it loads, and the map is derived.
-    v1 = msgspec.msgpack.encode({**msgspec.structs.asdict(state), "version": 1,
+    fields = msgspec.structs.asdict(state)
+    del fields["day_started"]                   # version 3's
+    v1 = msgspec.msgpack.encode({**fields, "version": 1,
                                  "clients": [[p, c, o] for (p, c), o
                                              in m.engine.clients.items()]})
     old = restore(load(v1))
+    # Without a day's start, the snapshot's own time stands for it: an end of day missed
+    # after the snapshot is still found.
+    assert old.day_started == state.ts != m.engine.day_started > 0
+    old.day_started = m.engine.day_started
     assert state_hash(old) == state_hash(m.engine)
     assert dict(old.clients.items()) == dict(m.engine.clients.items())
 
@@ -509,6 +515,46 @@ def test_an_ended_orders_client_id_answers_retries_for_the_retry_window_only() -
     again = events(m.ask(S1, "gone", 100), S1, wire.Accepted)[0]
     assert not again.duplicate and again.order_id == m.engine.seq
     assert events(m.bid(F1, "b", 250, 1_000), F1, wire.Accepted)[0].duplicate   # still resting
+
+
+def test_downtime_does_not_count_against_the_retry_window() -> None:
+    """An ask filled just before a crash, whose ack never reached the SME: after a
+    restart that took longer than the window, the retry must find it, not fund twice."""
+    m = Market()
+    m.line(F1, "DFM", 10_000)
+    m.bid(F1, "b", 250, 1_000)
+    m.ask(S1, "funded", 100)                             # ends at once (IOC, filled)
+    m.ts += 60 * 10**9                                   # a minute of trading...
+    m.line(F2, "DFM", 1)
+    m.ts += 10 * 60 * 10**9                              # ...then ten minutes down
+    m.send(ADMIN, wire.Resume())                         # the gateway starts again
+    m.line(F2, "DFM", 2)                                 # someone else's command first
+    retry = m.ask(S1, "funded", 100)
+    assert events(retry, S1, wire.Accepted)[0].duplicate and not retry.trades
+    # The minute before the stop still counts: the window ends a minute early.
+    m.ts += RETRY_WINDOW_NS - 60 * 10**9 + 10
+    m.line(F2, "DFM", 3)
+    assert not events(m.ask(S1, "funded", 100), S1, wire.Accepted)[0].duplicate
+    # A snapshot and a replay shift the same ends: the state is the live one.
+    assert state_hash(restore(decode(encode(capture(m.engine))))) == state_hash(m.engine)
+    replayed = Engine(SEGMENTS, names=lambda p: f"P{p}")
+    for entry in m.journal:
+        replayed.apply(entry)
+    assert state_hash(replayed) == state_hash(m.engine)
+
+
+def test_a_day_not_closed_before_a_cut_off_is_found_missed() -> None:
+    m = Market()
+    assert not m.engine.day_missed(10)                   # nothing happened yet
+    m.ts = 100
+    m.line(F1, "DFM", 10_000)                            # the day starts at 101
+    assert m.engine.day_started == 101
+    assert not m.engine.day_missed(101) and m.engine.day_missed(102)
+    m.send(ADMIN, wire.EndOfDay())
+    assert m.engine.day_started == 0 and not m.engine.day_missed(10**9)
+    m.send(ADMIN, wire.Resume())                         # any command starts the next
+    assert m.engine.day_started == 103 and m.engine.day_missed(104)
+    assert rejected(m.send(F1, wire.Resume())).code == "forbidden"
 
 
 def test_stamped_time_never_goes_backwards() -> None:

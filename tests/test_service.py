@@ -1497,8 +1497,9 @@ def test_restart_after_sigterm_keeps_every_resting_order(server: ServerProcess) 
     books_after, quotes_after, fills = run(look())
     assert books[0]["levels"] == [[240, 300_000, 1], [250, 1_700_000, 2]]
     assert books[1]["demand_amount"] == 900_000
-    assert books_after == books
-    assert quotes_after == quotes
+    # The same books and quotes, one command later: the restart journaled `resume`.
+    assert [{**b, "seq": b["seq"] - 1} for b in books_after] == books
+    assert [{**q, "seq": q["seq"] - 1} for q in quotes_after] == quotes
     # Time priority survived: at 250, Bank A's bid came before Bank B's.
     assert [(f["funder"], f["rate_bps"], f["amount"]) for f in fills] == [
         (F12, 240, 300_000), (F11, 250, 1_000_000), (F12, 250, 200_000)]
@@ -1546,6 +1547,37 @@ def test_after_a_restart_funders_that_do_not_come_back_lose_their_bids(
     assert [o["client_id"] for o in mine["orders"]] == ["b1"]    # Bank B came back: kept
     assert [o["client_id"] for o in asks["orders"]] == ["a1"]    # SMEs' orders stay
     assert "funders not back 3 s after the start" in server.log.read_text()
+
+
+def test_an_end_of_day_that_fell_due_while_down_is_issued_at_the_start(
+        server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway was stopped before the cut-off and started after it: yesterday's DAY
+    bids must not fund this morning's asks. Started again after that, nothing more
+    expires."""
+    async def place_and_stop() -> int:
+        async with session(server, F11) as f11:
+            await f11.ok(line("DFM"))
+            await f11.ok(bid("day", "DFM-30D", 250, 1_000_000, tif="day"))
+            await f11.ok(bid("gtc", "DFM-30D", 260, 700_000, tif="gtc"))
+            return await asyncio.to_thread(server.terminate)
+
+    async def resting() -> list[list[int]]:
+        async with session(server, PLATFORM) as platform:      # not the funder: it has
+            return list((await platform.book("DFM-30D"))["levels"])   # cancel on disconnect
+
+    assert run(place_and_stop()) == 0
+    # The cut-off: the next whole second after the stop, in UTC (seconds allowed).
+    cut_off = int(time.time()) + 1
+    time.sleep(max(0.0, cut_off - time.time()) + 0.1)
+    monkeypatch.setenv("MATCHER_ENGINE_TIMEZONE", "UTC")
+    monkeypatch.setenv("MATCHER_ENGINE_END_OF_DAY", time.strftime("%H:%M:%S",
+                                                                  time.gmtime(cut_off)))
+    server.start()
+    assert run(resting()) == [[260, 700_000, 1]]             # the DAY bid expired
+    assert server.terminate() == 0
+    server.start()                                       # the day was closed: nothing more
+    assert run(resting()) == [[260, 700_000, 1]]
+    assert server.log.read_text().count("was not journaled") == 1
 
 
 # --- HTTP ---------------------------------------------------------------------------
@@ -1718,7 +1750,7 @@ def test_metrics_show_a_journal_that_cannot_write_and_its_recovery(
     assert server.terminate() == 0
     server.start()
     assert metric(server, "matcher_snapshot_seq") == seq > 0
-    assert metric(server, "matcher_sequence") == seq
+    assert metric(server, "matcher_sequence") == seq + 1             # and its `resume`
 
 
 def settled_sequence(server: ServerProcess, quiet_s: float = 0.5) -> float:
@@ -1836,7 +1868,8 @@ def test_a_restart_that_replayed_a_snapshots_worth_stores_one_before_serving(
     assert metric(server, "matcher_snapshot_seq", required=True) == 0
     server.kill()                            # no snapshot at shutdown
     server.start()                           # ready only once it is stored
-    assert metric(server, "matcher_snapshot_seq") == metric(server, "matcher_sequence") == seq
+    assert metric(server, "matcher_snapshot_seq") == metric(server, "matcher_sequence") - 1 \
+        == seq                                          # then it journaled its `resume`
     assert f"snapshot written at seq {int(seq)} (after recovery)" in server.log.read_text()
 
 

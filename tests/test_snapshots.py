@@ -329,3 +329,56 @@ def test_the_snapshotter_process_runs_niced_and_ends_with_its_gateway(
     finally:
         gateway.kill()
         gateway.wait()
+
+
+def test_sigterm_ends_the_snapshotter_cleanly(redis_server: LocalRedis) -> None:
+    """SIGTERM (the gateway stopping it, or the gateway's death) is handled as a
+    cancellation, so the work in hand runs its cleanup: see the next test."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "snapshotter", "--redis-url", redis_server.url,
+         "--shard", "sigterm", "--every", "10"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 20
+        for line in proc.stdout:
+            if "snapshotter at seq" in line:
+                break
+            assert time.monotonic() < deadline
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert "stopped (SIGTERM)" in proc.stdout.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_move_cut_short_releases_its_lock_and_leaves_no_unfinished_file(
+        redis_server: LocalRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service import archive as archive_module
+    monkeypatch.setattr(archive_module, "PART_BYTES", 256)    # many parts: time to stop it
+
+    root = tmp_path / "archive"
+
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 44)
+        await play(driver, journal, 300)
+        archive = await archive_module.JournalArchive.of(root, client, KEYS)
+        move = asyncio.get_running_loop().create_task(archive_module.archive_and_trim(
+            client, KEYS, archive, driver.engine.seq))
+        while not list(root.glob("*/*.tmp")):          # in the middle of its file
+            await asyncio.sleep(0.001)
+        move.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await move
+        assert await client.exists(KEYS.archive_lock) == 0
+        assert not list(root.glob("*/*"))
+        # One a kill left behind goes at the next move, which holds the lock.
+        (archive.directory / "000000000001.deadbeef.tmp").write_bytes(b"half")
+        assert await archive_module.archive_and_trim(client, KEYS, archive,
+                                                     driver.engine.seq) > 0
+        assert not list(root.glob("*/*.tmp")) and archive.files()
+        await journal.close()
+        await client.aclose()
+
+    run(scenario())
