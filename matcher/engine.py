@@ -284,9 +284,11 @@ class Engine:
         order_id = self.clients.get((entry.participant, client_id))
         if order_id is None:
             return False
+        ended = self.finished.get(order_id)
+        if ended is not None and ended.ts < entry.ts - RETRY_WINDOW_NS:
+            return False      # its window has passed (it is forgotten once time moves on)
         out.replies.append((entry.participant, wire.Accepted(
             client_id=client_id, seq=order_id, order_id=order_id, duplicate=True)))
-        ended = self.finished.get(order_id)
         if ended is not None:
             out.replies.append((entry.participant, ended.done))
         return True
@@ -298,7 +300,7 @@ class Engine:
         if self._retry(entry, cmd.client_id, out):
             return
         core = self.segments[cmd.segment].core
-        if self.lines[core].get(entry.participant) == (0, 0):
+        if self.lines[core].get(entry.participant)[0] == 0:     # never set, or set to 0
             raise Reject("no_credit_line", f"set a credit line against {core} first",
                          "$.segment")
         fills = book.bid(entry.seq, entry.participant, cmd.rate_bps, cmd.amount,

@@ -517,6 +517,35 @@ def test_an_ended_orders_client_id_answers_retries_for_the_retry_window_only() -
     assert events(m.bid(F1, "b", 250, 1_000), F1, wire.Accepted)[0].duplicate   # still resting
 
 
+def test_after_its_window_a_client_id_names_a_new_order_even_in_a_quiet_market() -> None:
+    """Nothing else happened since the order ended, so it is not forgotten yet: the
+    window is still what decides."""
+    m = Market()
+    m.line(F1, "DFM", 10_000)
+    m.bid(F1, "b", 250, 1_000)
+    m.ask(S1, "x", 100)                                  # ends at once (IOC, filled)
+    m.ts += RETRY_WINDOW_NS + 10
+    again = m.ask(S1, "x", 100)
+    assert not events(again, S1, wire.Accepted)[0].duplicate and again.trades
+    replayed = Engine(SEGMENTS, names=lambda p: f"P{p}")
+    for entry in m.journal:
+        replayed.apply(entry)
+    assert state_hash(replayed) == state_hash(m.engine)
+    assert state_hash(restore(decode(encode(capture(m.engine))))) == state_hash(m.engine)
+    assert events(m.ask(S1, "x", 100), S1, wire.Accepted)[0].duplicate   # the new one
+
+
+def test_a_line_set_to_zero_is_no_line() -> None:
+    m = Market()
+    m.line(F1, "DFM", 0)
+    assert rejected(m.bid(F1, "b", 250, 100)).code == "no_credit_line"
+    m.line(F1, "DFM", 100)
+    m.bid(F1, "b", 250, 100)
+    m.ask(S1, "a", 60)                                   # uses 60 of the line
+    m.line(F1, "DFM", 0)                                 # cut: used 60, line 0
+    assert rejected(m.bid(F1, "c", 250, 100)).code == "no_credit_line"
+
+
 def test_downtime_does_not_count_against_the_retry_window() -> None:
     """An ask filled just before a crash, whose ack never reached the SME: after a
     restart that took longer than the window, the retry must find it, not fund twice."""
