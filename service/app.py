@@ -33,6 +33,7 @@ from service import forwarded, gctune
 from service.archive import JournalArchive
 from service.config import Config
 from service.gateway import (
+    CLOSE_GOING_AWAY,
     CLOSE_UNAUTHORIZED,
     Budgets,
     Gateway,
@@ -77,6 +78,7 @@ class Service:
         self.archive_failures = 0   # as the snapshotter counted them in Redis, likewise
         self.fill_stream = Span()   # what the fill stream holds, likewise
         self.runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
         self.port = config.server.port
         self.ready = False
         self.exit_code = 0
@@ -147,6 +149,7 @@ class Service:
         site = web.TCPSite(self.runner, cfg.server.host, cfg.server.port, reuse_address=True,
                            backlog=LISTEN_BACKLOG)
         await site.start()
+        self._site = site
         server: Any = site._server
         if server is not None and server.sockets:       # port 0: what the OS chose
             self.port = server.sockets[0].getsockname()[1]
@@ -202,6 +205,10 @@ class Service:
         self.ready = False
         gw = self.gateway
         gw.accepting = False
+        if self._site is not None:
+            # No new connections: a client closed with 1001 that comes straight back
+            # is refused, not let in to a server that no longer serves it.
+            await self._site.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -217,7 +224,7 @@ class Service:
                       type(exc).__name__, exc)
         else:
             await self._snapshot_now("at shutdown", timeout)
-        await gw.close_all()
+        await gw.close_all(timeout)
         gw.history.close()
         await gw.journal.close()
         if self.runner is not None:
@@ -483,10 +490,12 @@ class Service:
         return web.Response(body=wire.json_encoder.encode(answer),
                             content_type="application/json")
 
-    async def _ws(self, request: web.Request) -> web.WebSocketResponse:
+    async def _ws(self, request: web.Request) -> web.StreamResponse:
         gw = self.gateway
         assert gw is not None
         limits = self.config.limits
+        if not gw.accepting:        # shutting down: connect again to the next gateway
+            return _json_error(503, "unavailable", "the server is shutting down", None)
         ws = WebSocket(max_msg_size=limits.max_frame_bytes, compress=False, decode_text=False,
                        heartbeat=self.config.server.heartbeat_s)
         await ws.prepare(request)
@@ -497,6 +506,9 @@ class Service:
             who = await self._auth_message(ws, limits.auth_timeout)
         if who is None:
             await ws.close(code=CLOSE_UNAUTHORIZED, message=b"unauthorized")
+            return ws
+        if not gw.accepting:        # the shutdown began while it signed in
+            await ws.close(code=CLOSE_GOING_AWAY, message=b"server shutting down")
             return ws
         assert request.transport is not None
         conn = gw.attach(ws, request.transport, who)
@@ -520,7 +532,10 @@ class Service:
         """The first message may be `{"type": "auth", "key": ...}` (browsers set no headers)."""
         assert self.gateway is not None
         try:
-            msg = await ws.receive(timeout=timeout)
+            # One deadline for the whole wait: `receive(timeout)` starts again after
+            # each ping or pong it answers, which would keep a silent client forever.
+            async with asyncio.timeout(timeout):
+                msg = await ws.receive()
         except TimeoutError:
             return None
         if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):

@@ -39,6 +39,7 @@ log = logging.getLogger("matcher.gateway")
 CLOSE_UNAUTHORIZED = 4401      # no valid key
 CLOSE_SLOW_CONSUMER = 4408     # outbox full: the client does not read fast enough
 CLOSE_GOING_AWAY = 1001        # shutdown
+DROP_GRACE_S = 30.0            # a connection given up on is cut this long after its close
 _PATH = re.compile(r" - at `(\$[^`]*)`$")
 _FIELD = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
 _SYSTEM = Participant(id=SYSTEM, name="system", role="admin", key_sha256="")
@@ -185,9 +186,11 @@ class Connection:
         return self.transport.get_write_buffer_size()
 
     async def close(self, code: int, message: str) -> None:
+        """Send what is queued, then the close frame after it, without waiting for the
+        client to take them (`drain`): only for its close frame in reply."""
         self._flush()
         self.closed = True
-        await self.ws.close(code=code, message=message.encode())
+        await self.ws.close(code=code, message=message.encode(), drain=False)
 
 
 class Gateway:
@@ -213,6 +216,7 @@ class Gateway:
         self.history = FillHistory(resp.Connection.like(journal.client), journal.keys)
         self._readers = asyncio.Semaphore(_READERS)
         self._waiting = 0                                  # pages asked for, not yet read
+        self._closing: set[asyncio.Task[bool]] = set()     # closes of dropped connections
 
     # --- commands ---
 
@@ -232,10 +236,9 @@ class Gateway:
                 self.journal.backlog >= limit
                 or (self._held_batch is not None and len(self._held) >= limit))):
             why = "shutting down" if not self.accepting else "journal backlog is full"
-            self.metrics.reject("unavailable")
-            self._reply_now(who.id, wire.Rejected(
+            self._refuse(who, conn, wire.Rejected(
                 client_id=getattr(cmd, "client_id", None), code="unavailable",
-                message=f"not accepting commands: {why}"), conn)
+                message=f"not accepting commands: {why}"))
             return
         out = self.engine.submit(who.id, who.role, cmd, time.time_ns())
         if out.entry is None:
@@ -259,6 +262,19 @@ class Gateway:
                 last = self._last_fills[t.segment] = deque(maxlen=10)
             last.appendleft((t.rate_bps, t.amount))
         self._hold(self.journal.append(out.entry, out.trades), (out, received, conn))
+
+    def _refuse(self, who: Participant, conn: Connection | None,
+                refusal: wire.Rejected) -> None:
+        """A command refused before the engine saw it (`unavailable`, `rate_limited`):
+        flow control, answered at once. It depends on no state, and a client that is
+        told to slow down must hear it now, not after a journal that may be away for
+        a while; so it can come before the acks of earlier commands still being written
+        (docs/protocol.md, "Answers and their order")."""
+        self.metrics.reject(refusal.code)
+        if conn is None:
+            self._reply_now(who.id, refusal, conn)
+        else:                                   # the connection that sent it
+            conn.send(self._encode(refusal))
 
     def _hold(self, batch: asyncio.Future[int], held: _Held) -> None:
         """Keep the replies until their batch is durable: one callback per batch."""
@@ -317,7 +333,8 @@ class Gateway:
             self._publish_book(segment)
         else:
             self._book_due.add(segment)
-            asyncio.get_running_loop().call_later(wait, self._publish_book, segment)
+            # uvloop's timers keep whole milliseconds and fire up to one early.
+            asyncio.get_running_loop().call_later(wait + 0.001, self._publish_book, segment)
 
     def _book_update(self, segment: str) -> wire.BookUpdate:
         last = self._last_fills.get(segment)
@@ -383,12 +400,24 @@ class Gateway:
     def _drop_slow(self, conn: Connection) -> None:
         if conn.closed:
             return
-        conn.closed = True
         self.metrics.dropped += 1
         log.warning("closing %s: %d bytes unsent, it does not keep up",
                     conn.participant.name, conn.backlog)
-        asyncio.get_running_loop().create_task(
-            conn.ws.close(code=CLOSE_SLOW_CONSUMER, message=b"slow consumer: outbox full"))
+        self._close_soon(conn, CLOSE_SLOW_CONSUMER, "slow consumer: outbox full")
+
+    def _close_soon(self, conn: Connection, code: int, message: str) -> None:
+        """End a connection the gateway gave up on. It is detached at once (cancel on
+        disconnect runs now, nothing more is sent to it): a client that does not read
+        would otherwise hold its close, and its bids, for as long as it likes. The close
+        frame goes after what is queued; whatever is still open `DROP_GRACE_S` later
+        is cut."""
+        self.detach(conn)
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(conn.ws.close(code=code, message=message.encode(),
+                                              drain=False))
+        self._closing.add(task)                      # the loop keeps only weak references
+        task.add_done_callback(self._closing.discard)
+        loop.call_later(DROP_GRACE_S, conn.transport.abort)
 
     # --- one message ---
 
@@ -397,22 +426,20 @@ class Gateway:
             # Closing (a slow consumer dropped, shutdown): messages still parsed during
             # the close handshake are not acted on, as none could be answered.
             return
+        allowed = conn.allow()         # every message counts, also one that is not valid
         try:
             msg = wire.json_decoder.decode(data)
         except msgspec.MsgspecError as exc:
-            self._error(conn, decode_error(exc, data))
+            self._error(conn, decode_error(exc, data) if allowed else self._over_rate(None))
             return
         who = conn.participant
-        if not conn.allow():
-            why = f"over {self.limits.rate:g} messages/s on this connection"
-            self.metrics.reject("rate_limited")
+        if not allowed:
             if isinstance(msg, wire.QuoteRequest | wire.FillsRequest):   # reads: by ref
-                conn.send(self._encode(wire.Error(code="rate_limited", message=why,
-                                                  ref=msg.ref)))
+                self._error(conn, self._over_rate(msg.ref))
             else:
-                conn.send(self._encode(wire.Rejected(
+                self._refuse(who, conn, wire.Rejected(
                     client_id=getattr(msg, "client_id", None), code="rate_limited",
-                    message=why)))
+                    message=self._over_rate(None).message))
             return
         if isinstance(msg, wire.QuoteRequest):
             self._quote(conn, msg)
@@ -427,6 +454,10 @@ class Gateway:
                                          message="this connection is signed in", path="$.type"))
         else:
             self.submit(who, msg, received, conn)
+
+    def _over_rate(self, ref: str | None) -> wire.Error:
+        return wire.Error(code="rate_limited", ref=ref, path=None,
+                          message=f"over {self.limits.rate:g} messages/s on this connection")
 
     def _error(self, conn: Connection, error: wire.Error) -> None:
         self.metrics.reject(error.code)
@@ -515,11 +546,21 @@ class Gateway:
             self.subscribers.setdefault(segment, set()).add(conn)
             conn.send(self._encode(self._book_update(segment)))
 
-    async def close_all(self) -> None:
-        for conns in list(self.connections.values()):
-            for conn in list(conns):
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await conn.close(CLOSE_GOING_AWAY, "server shutting down")
+    async def close_all(self, timeout: float) -> None:
+        """Close every connection with 1001, all at once: one client that does not read
+        must not hold the others' close, nor the exit. Cut those still open after
+        `timeout`."""
+        conns = [c for cs in self.connections.values() for c in cs]
+        closing = [asyncio.ensure_future(c.close(CLOSE_GOING_AWAY, "server shutting down"))
+                   for c in conns]
+        if closing:
+            await asyncio.wait(closing, timeout=timeout)
+        for conn, task in zip(conns, closing, strict=True):
+            if not task.done():
+                conn.transport.abort()
+                task.cancel()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await task
 
 
 def bearer_key(header: str | None) -> str | None:

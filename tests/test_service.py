@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import redis
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
 from matcher import protocol as wire
 from service.localredis import LocalRedis, free_port
@@ -617,6 +617,25 @@ def test_silent_client_without_key_is_closed_4401_after_the_auth_timeout(
             return await Client(ws).closed()
 
     assert run(scenario()) == ([], 4401)
+
+
+def test_pings_do_not_extend_the_auth_timeout(
+        start_server: Callable[..., ServerProcess]) -> None:
+    """A client that never signs in but keeps the connection busy with pings is closed
+    at the auth timeout all the same."""
+    server = start_server(auth_timeout=1)
+
+    async def scenario() -> tuple[int | None, float]:
+        async with ws_connect(server.ws_url) as ws:
+            started = time.monotonic()
+            with contextlib.suppress(ConnectionClosed):
+                while time.monotonic() - started < 10:
+                    await (await ws.ping())
+                    await asyncio.sleep(0.2)
+            return (ws.close_code, time.monotonic() - started)
+
+    code, took = run(scenario())
+    assert code == 4401 and took < 3
 
 
 def test_wrong_key_in_the_header_is_closed_4401_at_once(server: ServerProcess) -> None:
@@ -1397,6 +1416,73 @@ def test_slow_subscriber_is_dropped_4408_while_others_are_served(
     assert len([m for m in heard["f11"] if m["type"] == "fill"]) == asks + 1
 
 
+def stop_reading_and_ask_for_status(slow: RawWebSocket, bids: int) -> None:
+    """Sign in as Bank A on a raw socket, rest `bids` bids, and read the acks."""
+    slow.recv_json()                                            # welcome
+    slow.send_text(json.dumps(line("DFM")), *(
+        json.dumps(bid(f"b{i}", "DFM-30D", 250 + i % 50, 1_000_000)) for i in range(bids)))
+    assert all(slow.recv_json()["type"] == "accepted" for _ in range(bids + 1))
+
+
+def test_a_funder_dropped_as_a_slow_consumer_loses_its_bids_at_once(
+        start_server: Callable[..., ServerProcess]) -> None:
+    """Dropped for not reading, a funder is gone: cancel on disconnect runs at once, not
+    when (if ever) the client takes its close frame."""
+    server = start_server(outbox_bytes=64 * 1024, rate=1_000_000, burst=1_000_000)
+
+    async def scenario() -> float:
+        slow = RawWebSocket(server.port, key(F11))
+        try:
+            stop_reading_and_ask_for_status(slow, 300)
+            async with session(server, SME_X) as sme:
+                assert (await sme.quote("DFM-30D", 10**12))["fillable"] == 300_000_000
+                deadline = time.monotonic() + WAIT
+                while metric(server, DROPPED) < 1:               # its answers pile up
+                    assert time.monotonic() < deadline, "never dropped"
+                    slow.send_text(*[json.dumps({"type": "status"})] * 20)
+                    await asyncio.sleep(0.02)
+                dropped = time.monotonic()
+                while (await sme.quote("DFM-30D", 10**12))["fillable"] != 0:
+                    assert time.monotonic() < dropped + 5, "the dropped funder's bids stayed"
+                    await asyncio.sleep(0.05)
+                return metric(server, 'matcher_connections{role="funder"}')
+        finally:
+            slow.close()
+
+    assert run(scenario()) == 0
+
+
+def test_sigterm_is_not_held_up_by_a_client_that_does_not_read(
+        start_server: Callable[..., ServerProcess], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connections are closed all at once, and one still open after the shutdown
+    timeout is cut: a client that stopped reading (below the slow-consumer limit)
+    neither keeps the others from their 1001 nor the server from exiting."""
+    monkeypatch.setenv("MATCHER_SERVER_SHUTDOWN_TIMEOUT", "2")
+    server = start_server(rate=1_000_000, burst=1_000_000)
+
+    async def scenario() -> tuple[int, float, int | None]:
+        slow = RawWebSocket(server.port, key(F11))
+        try:
+            stop_reading_and_ask_for_status(slow, 300)
+            async with session(server, SME_X) as sme:
+                # About 6 MB of answers: more than the kernel's socket buffers take (4 MB
+                # at most here), less than that again: under `outbox_bytes` (4 MiB).
+                for _ in range(7):
+                    slow.send_text(*[json.dumps({"type": "status"})] * 20)
+                    await asyncio.sleep(0.2)
+                assert metric(server, DROPPED) == 0
+                started = time.monotonic()
+                status = await asyncio.to_thread(server.terminate, 20)
+                _, code = await sme.closed()
+                return status, time.monotonic() - started, code
+        finally:
+            slow.close()
+
+    status, took, code = run(scenario())
+    assert status == 0 and code == 1001
+    assert took < 10
+
+
 # --- rate limits ----------------------------------------------------------------------
 
 
@@ -1424,6 +1510,20 @@ def test_command_over_the_rate_limit_is_rejected_rate_limited(
                           "client_id": None, "ref": ref,
                           "message": "over 0.5 messages/s on this connection"}
     assert book["levels"] == [[250, 1_000, 1]] and book["seq"] == first["seq"]
+
+
+def test_every_message_counts_against_the_rate_also_one_that_is_not_valid(
+        start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server(rate=0.001, burst=2)
+
+    async def scenario() -> list[dict[str, Any]]:
+        async with session(server, F11) as f11:
+            for data in ("{not json", '{"type": "nonsense"}', "{not json"):
+                await f11.ws.send(data)
+            return [await f11.recv() for _ in range(3)]
+
+    answers = run(scenario())
+    assert [a["code"] for a in answers] == ["malformed", "invalid", "rate_limited"]
 
 
 def test_http_fills_are_rate_limited_per_key(start_server: Callable[..., ServerProcess]) -> None:
@@ -1462,6 +1562,36 @@ def test_sigterm_closes_clients_1001_and_exits_0(server: ServerProcess) -> None:
     assert status == 0
     assert (f11_got, f11_code) == ([], 1001)
     assert (sme_got, sme_code) == ([], 1001)
+
+
+def test_a_client_reconnecting_during_the_shutdown_is_refused_or_closed_1001(
+        server: ServerProcess) -> None:
+    """Clients closed with 1001 reconnect at once. One that gets in while the server
+    stops must be refused (503) or closed with 1001 too, never left signed in to a
+    server that no longer answers, keeping it from exiting."""
+    async def reconnecting(pid: int, stopping: asyncio.Task[int]) -> list[Any]:
+        outcomes: list[Any] = []
+        started = time.monotonic()
+        while not stopping.done() and time.monotonic() - started < 20:
+            try:
+                async with session(server, pid) as client:
+                    outcomes.append((await client.closed())[1])
+            except (OSError, InvalidStatus, InvalidMessage) as exc:   # 503, or gone
+                outcomes.append(type(exc).__name__)
+        return outcomes
+
+    async def scenario() -> tuple[int, list[Any], float]:
+        async with sessions(server, F11, F12, F13, SME_X, SME_Y, PLATFORM):
+            started = time.monotonic()
+            stopping = asyncio.create_task(asyncio.to_thread(server.terminate, 20))
+            everyone = await asyncio.gather(*(
+                reconnecting(pid, stopping) for pid in (F11, F12, F13, SME_X, SME_Y)))
+            return await stopping, [o for got in everyone for o in got], time.monotonic() - started
+
+    status, outcomes, took = run(scenario())
+    assert status == 0 and took < 10, outcomes
+    assert set(outcomes) <= {1001, "InvalidStatus", "InvalidMessage",
+                             "ConnectionRefusedError", "ConnectionResetError"}, outcomes
 
 
 def test_restart_after_sigterm_keeps_every_resting_order(server: ServerProcess) -> None:
