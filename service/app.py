@@ -480,6 +480,11 @@ class Service:
         if repeated:
             return _json_error(400, "invalid", f"{repeated[0]}: given more than once",
                                f"$.{repeated[0]}")
+        limit = request.query.get("limit")
+        if limit is not None and not (limit.isascii() and limit.isdigit()):
+            # strict=False below also reads "50.0" and "5e1" as 50: a count is digits
+            return _json_error(400, "invalid", "limit: a whole number from 1 to "
+                               f"{wire.MAX_FILLS_PAGE} is required", "$.limit")
         try:        # the WebSocket message's own checks; strict=False: "50" is 50
             req = msgspec.convert(dict(request.query), wire.FillsRequest, strict=False)
         except msgspec.ValidationError as exc:

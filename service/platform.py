@@ -14,6 +14,7 @@ import inspect
 import logging
 import signal
 import sys
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -84,9 +85,15 @@ class FillConsumer:
             try:
                 await self.ensure_group()
                 await self.recover()
+                claimed = time.monotonic()
                 while stop is None or not stop.is_set():
-                    if not await self.poll():
-                        await self.claim_idle()        # quiet: take over a dead consumer's
+                    # Take over what a dead consumer left (or a read whose reply was
+                    # lost left in our own list) when quiet, and at least every half
+                    # `claim_idle_ms`: a busy market never has a quiet poll.
+                    if (not await self.poll()
+                            or time.monotonic() - claimed >= self.claim_idle_ms / 2000):
+                        await self.claim_idle()
+                        claimed = time.monotonic()
                 delay = 0.1
             except _TRANSIENT as exc:
                 log.warning("fill stream unavailable (%s: %s); retrying in %.1fs",
@@ -115,7 +122,8 @@ class FillConsumer:
         return delivered + await self.claim_idle()
 
     async def claim_idle(self) -> int:
-        """XAUTOCLAIM entries pending longer than `claim_idle_ms` in other consumers."""
+        """XAUTOCLAIM entries pending longer than `claim_idle_ms`: another consumer's,
+        dead, or our own that a lost reply left undelivered."""
         delivered = 0
         cursor: bytes | str = "0-0"
         while True:

@@ -130,6 +130,48 @@ def test_another_consumer_takes_over_a_dead_ones_entries(redis_server: LocalRedi
     run(scenario())
 
 
+def test_a_dead_consumers_entries_are_taken_over_while_fills_keep_coming(
+        redis_server: LocalRedis) -> None:
+    """Under steady traffic a poll is never empty: the take-over must not wait for a
+    quiet moment, or a dead consumer's fills stay pending (and held back from
+    retention) for as long as the market is busy."""
+    async def scenario() -> None:
+        driver = Driver(seed=23)
+        await write_trades(redis_server, driver, 300)
+        reader = connect(redis_server)
+        got: list[str] = []
+
+        def dies_at_10(trade: wire.Trade) -> None:
+            if len(got) == 10:
+                raise Crash
+            got.append(trade.trade_id)
+
+        c1 = FillConsumer(reader, dies_at_10, KEYS, group=GROUP, consumer="c1", count=20,
+                          block_ms=100)
+        with pytest.raises(Crash):
+            await asyncio.wait_for(c1.run(), 10)
+        left = await pending_ids(reader, "c1")
+        assert left
+        stop = asyncio.Event()
+
+        async def market() -> None:                     # trades every few milliseconds
+            while not stop.is_set():
+                await write_trades(redis_server, driver, 40)
+
+        c2 = FillConsumer(reader, lambda t: got.append(t.trade_id), KEYS, group=GROUP,
+                          consumer="c2", count=20, block_ms=100, claim_idle_ms=200)
+        tasks = [asyncio.create_task(market()), asyncio.create_task(c2.run(stop))]
+        try:
+            await wait_until(lambda: set(left) <= set(got), timeout=3)
+            assert not any(t.done() for t in tasks)     # while the market still trades
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+        assert await pending_ids(reader, "c1") == []
+        await reader.aclose()
+    run(scenario())
+
+
 def test_redelivered_trades_are_dropped_by_trade_id(redis_server: LocalRedis) -> None:
     """The group is rewound (XGROUP SETID 0, as after restoring an older Redis): every
     entry comes again, and none reaches the handler a second time."""

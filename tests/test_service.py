@@ -846,6 +846,8 @@ def test_an_sme_that_was_away_reads_back_the_fills_it_missed(server: ServerProce
     ("", key(PLATFORM), 403, "forbidden", "$.type"),
     ("limit=0", key(SME_X), 400, "invalid", "$.limit"),
     ("limit=x", key(SME_X), 400, "invalid", "$.limit"),
+    ("limit=50.0", key(SME_X), 400, "invalid", "$.limit"),          # a count is digits
+    ("limit=5e1", key(SME_X), 400, "invalid", "$.limit"),
     ("limit=%C2%B2", key(SME_X), 400, "invalid", "$.limit"),       # a digit, not ASCII
     ("limit=" + "9" * 5000, key(SME_X), 400, "invalid", "$.limit"),
     ("limit=1&limit=2", key(SME_X), 400, "invalid", "$.limit"),
@@ -910,7 +912,7 @@ def test_serve_refuses_a_fill_stream_ahead_of_its_journal(tmp_path: Path,
     assert f"the stream {stream} has had trade 7-0, but the journal ends at seq 0" in \
         proc.log.read_text()
     client = redis.Redis.from_url(redis_server.url)
-    client.execute_command("XSETID", stream, "0-0")               # the runbook's repair
+    client.execute_command("XSETID", stream, "0-0", "MAXDELETEDID", "0-0")   # the runbook's
     client.close()
     proc.start()
     assert proc.terminate() == 0
