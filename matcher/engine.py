@@ -300,7 +300,10 @@ class Engine:
         if self._retry(entry, cmd.client_id, out):
             return
         core = self.segments[cmd.segment].core
-        if self.lines[core].get(entry.participant)[0] == 0:     # never set, or set to 0
+        # (0, 0): never set, or set to 0 with nothing lent. A line cut to 0 after
+        # lending still takes bids (they lend nothing until it is raised): journals
+        # hold such bids, and replay must accept what the live engine accepted.
+        if self.lines[core].get(entry.participant) == (0, 0):
             raise Reject("no_credit_line", f"set a credit line against {core} first",
                          "$.segment")
         fills = book.bid(entry.seq, entry.participant, cmd.rate_bps, cmd.amount,

@@ -79,6 +79,7 @@ class Service:
         self.fill_stream = Span()   # what the fill stream holds, likewise
         self.runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
+        self.stopping = False       # SIGTERM: no new connections (`accepting`: commands)
         self.port = config.server.port
         self.ready = False
         self.exit_code = 0
@@ -143,8 +144,11 @@ class Service:
         # fell due in the same loop turn: 6,300 timer callbacks at once stalled the loop
         # for 15 ms some 30 s after they connected. Never rounded, they keep the spread
         # of the connections themselves.
+        # Handlers still open when the connections are closed (one waiting for a client
+        # that never signs in) are given `shutdown_timeout`, not aiohttp's minute.
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                                    timeout_ceil_threshold=math.inf)
+                                    timeout_ceil_threshold=math.inf,
+                                    shutdown_timeout=cfg.server.shutdown_timeout)
         await self.runner.setup()
         site = web.TCPSite(self.runner, cfg.server.host, cfg.server.port, reuse_address=True,
                            backlog=LISTEN_BACKLOG)
@@ -203,6 +207,7 @@ class Service:
         if self.gateway is None:
             return
         self.ready = False
+        self.stopping = True
         gw = self.gateway
         gw.accepting = False
         if self._site is not None:
@@ -307,12 +312,20 @@ class Service:
         assert gw is not None
         if gw.engine.seq == 0:               # a new journal: nothing to resume
             return
-        cut_off = last_end_of_day(dt.datetime.now(zone), self.config.engine.end_of_day)
-        if gw.engine.day_missed(int(cut_off.timestamp()) * 10**9):
-            log.warning("the end of day due %s was not journaled (the gateway was down "
-                        "then, or stopped before it was written): issued now", cut_off)
+        if self._day_missed(zone):
             gw.submit(system(), wire.EndOfDay(), time.perf_counter())
         gw.submit(system(), wire.Resume(), time.perf_counter())
+
+    def _day_missed(self, zone: ZoneInfo) -> bool:
+        """Whether the latest cut-off passed with no `end_of_day` journaled after the day's
+        first command (logged when so)."""
+        assert self.gateway is not None
+        cut_off = last_end_of_day(dt.datetime.now(zone), self.config.engine.end_of_day)
+        if not self.gateway.engine.day_missed(int(cut_off.timestamp()) * 10**9):
+            return False
+        log.warning("the end of day due %s was not journaled (the gateway was down then, "
+                    "or stopped before it was written): issued now", cut_off)
+        return True
 
     async def _open_market(self, first_start: bool) -> None:
         """Journal what the configuration adds: segments, and for the demo lines and bids."""
@@ -363,11 +376,14 @@ class Service:
                      "cancelled", n, grace)
 
     async def _end_of_day_timer(self, zone: ZoneInfo) -> None:
-        """Issue `end_of_day` at the configured local time, every day."""
+        """Issue `end_of_day` at the configured local time, every day; first, one whose
+        cut-off passed while the gateway was starting (after `_resume` looked)."""
+        if self._day_missed(zone):
+            await self.close_day()
         while True:
             now = dt.datetime.now(zone)
             due = next_end_of_day(now, self.config.engine.end_of_day)
-            await asyncio.sleep((due - now).total_seconds())
+            await asyncio.sleep(max(0.0, seconds_until(due, time.time())))
             log.info("end of day %s: DAY orders expire", due.date())
             await self.close_day()
 
@@ -499,7 +515,7 @@ class Service:
         gw = self.gateway
         assert gw is not None
         limits = self.config.limits
-        if not gw.accepting:        # shutting down: connect again to the next gateway
+        if self.stopping:           # connect again to the next gateway
             return _json_error(503, "unavailable", "the server is shutting down", None)
         ws = WebSocket(max_msg_size=limits.max_frame_bytes, compress=False, decode_text=False,
                        heartbeat=self.config.server.heartbeat_s)
@@ -512,7 +528,7 @@ class Service:
         if who is None:
             await ws.close(code=CLOSE_UNAUTHORIZED, message=b"unauthorized")
             return ws
-        if not gw.accepting:        # the shutdown began while it signed in
+        if self.stopping:           # the shutdown began while it signed in
             await ws.close(code=CLOSE_GOING_AWAY, message=b"server shutting down")
             return ws
         assert request.transport is not None
@@ -558,6 +574,13 @@ def next_end_of_day(now: dt.datetime, at: str) -> dt.datetime:
     hour, minute, second = [*map(int, at.split(":")), 0][:3]
     due = now.replace(hour=hour, minute=minute, second=second, microsecond=0)
     return due if due > now else due + dt.timedelta(days=1)
+
+
+def seconds_until(due: dt.datetime, now: float) -> float:
+    """From `now` (epoch seconds) to `due`. Not `due - now` in the zone: across a change
+    of its UTC offset (daylight saving) two times of one zone differ by more or less
+    than their difference shows."""
+    return due.timestamp() - now
 
 
 def last_end_of_day(now: dt.datetime, at: str) -> dt.datetime:

@@ -149,6 +149,8 @@ class JournalArchive:
         journal is the truth.
         """
         path = self._path(rows)
+        if not tmp.exists():      # removed by a mover that took over: set nothing aside
+            raise FileNotFoundError(f"the staged file {tmp} is gone")
         try:
             for other in self.files():
                 if int(other.stem) >= int(path.stem) and not (
@@ -299,6 +301,12 @@ async def _move(client: aioredis.Redis, keys: Keys, archive: JournalArchive,
             return moved
         try:
             path = archive.publish(rows, tmp)
+        except FileNotFoundError:
+            # Stalled after the check, past its lock: the next mover removed the staged
+            # file (`discard_stale`) and moved the journal on. Nothing of ours to trim.
+            log.warning("journal: %d entries staged for the archive were removed by "
+                        "another mover before they were published", len(rows))
+            return moved
         except OSError as exc:
             raise ArchiveWriteFailed(f"could not archive the journal in "
                                      f"{archive.directory} ({exc})") from exc

@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import sys
+import threading
 
 import msgspec
 import redis.asyncio as aioredis
@@ -25,6 +26,7 @@ from service.snapshots import JournalDiverged, SnapshotAhead, Snapshotter, paren
 
 log = logging.getLogger("matcher.snapshots")
 SNAPSHOTTER_NICE = 10
+STOP_GRACE_S = 2.0       # a snapshotter told to stop ends by then, whatever it is doing
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -170,7 +172,25 @@ def _snapshotter(args: argparse.Namespace) -> int:
         # unfinished file, rather than leaving them to time out.
         main = asyncio.current_task()
         assert main is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
+        loop = asyncio.get_running_loop()
+
+        def cancel() -> None:
+            # Again until it takes: a task that awaits another can lose a cancellation
+            # the other swallows (a Redis client's read can).
+            if not main.done():
+                main.cancel()
+                loop.call_later(0.05, cancel)
+
+        def stop(signum: int, frame: object) -> None:
+            # A plain handler runs even while the loop is held by seconds of capture
+            # or encoding (where no lock is held): the task is cancelled when the loop
+            # runs again, and if that takes longer than a moment the process ends
+            # anyway, as a dead gateway's snapshotter must.
+            loop.call_soon_threadsafe(cancel)
+            deadline = threading.Timer(STOP_GRACE_S, os._exit, (0,))
+            deadline.daemon = True
+            deadline.start()
+        signal.signal(signal.SIGTERM, stop)
         client = aioredis.Redis.from_url(args.redis_url, socket_timeout=30)
         follower = Snapshotter(client, Keys(args.shard), args.every, poll_s=args.poll,
                                archive_root=args.archive,

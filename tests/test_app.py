@@ -258,3 +258,85 @@ def test_the_process_metrics_are_read_off_the_event_loop(
     assert any(line.startswith("process_open_fds ") for line in lines)
     assert any(line.startswith("process_resident_memory_bytes ") for line in lines)
     assert threads and loop_thread not in threads
+
+
+def test_a_cut_off_that_passes_while_the_gateway_starts_is_issued(
+        tmp_path: Path, redis_server: LocalRedis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_resume` looks for a missed end of day before the start's slow steps; a cut-off
+    between that and the timer's first look must not be skipped."""
+    import time
+
+    from service.app import Service
+    from service.journal import Keys, read_journal
+    from tests.conftest import run, write_config
+
+    async def journal(service: Service) -> list[str]:
+        assert service.client is not None
+        return [type(e.command).__name__
+                async for batch in read_journal(service.client, Keys()) for e in batch]
+
+    async def scenario() -> list[str]:
+        first = Service(load(write_config(tmp_path / "m.toml", redis_server.url, 0), {}))
+        await first.start()
+        await first.stop()
+        cut_off = int(time.time()) + 2
+        cfg = load(write_config(tmp_path / "m.toml", redis_server.url, 0), {
+            "MATCHER_ENGINE_TIMEZONE": "UTC",
+            "MATCHER_ENGINE_END_OF_DAY": time.strftime("%H:%M:%S", time.gmtime(cut_off))})
+        opening = Service._open_market
+
+        async def slow_open(self: Service, first_start: bool) -> None:   # a slow flush
+            await asyncio.sleep(cut_off + 0.5 - time.time())
+            await opening(self, first_start)
+        monkeypatch.setattr(Service, "_open_market", slow_open)
+        service = Service(cfg)
+        await service.start()
+        try:
+            deadline = time.monotonic() + 5
+            while "EndOfDay" not in await journal(service) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            return await journal(service)
+        finally:
+            await service.stop()
+
+    got = run(scenario())
+    assert got[-2:] == ["Resume", "EndOfDay"]
+
+
+def test_a_stopped_journal_still_lets_clients_connect(
+        tmp_path: Path, redis_server: LocalRedis) -> None:
+    """When the journal stops (Redis lost writes) commands are refused, but clients can
+    still connect and read: the gateway is not shutting down."""
+    import aiohttp
+
+    from service.app import Service
+    from tests.conftest import run, write_config
+
+    async def scenario() -> tuple[str, int]:
+        service = Service(load(write_config(tmp_path / "m.toml", redis_server.url, 0), {}))
+        await service.start()
+        assert service.gateway is not None
+        failed = asyncio.get_running_loop().create_future()
+        failed.set_exception(RuntimeError("journal stopped"))      # as Journal._stop does
+        service.gateway._durable([], failed)
+        assert not service.gateway.accepting
+        try:
+            async with aiohttp.ClientSession() as http, http.ws_connect(
+                    f"http://127.0.0.1:{service.port}/ws",
+                    headers={"Authorization": "Bearer key-f11"}) as ws:
+                welcome = (await ws.receive_json())["type"]
+                await ws.send_json({"type": "status"})
+                return welcome, len((await ws.receive_json())["orders"])
+        finally:
+            await service.stop()
+
+    assert run(scenario()) == ("welcome", 0)
+
+
+def test_sleeping_until_the_cut_off_counts_a_change_of_the_utc_offset() -> None:
+    """On the day clocks go forward, 01:00 to 16:30 in New York is 14.5 hours, not 15.5."""
+    from service.app import seconds_until
+    ny = ZoneInfo("America/New_York")
+    now = dt.datetime(2026, 3, 8, 1, 0, tzinfo=ny)
+    due = next_end_of_day(now, "16:30")
+    assert seconds_until(due, now.timestamp()) == 14.5 * 3600

@@ -4,6 +4,7 @@ from the snapshot, or from the archive and Redis together when the snapshot is g
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -580,3 +581,50 @@ def test_tools_that_only_read_never_name_a_journal(
         finally:
             await client.aclose()
     assert run(named()) == 0
+
+
+def test_a_mover_whose_staged_file_another_removed_stops_without_an_alarm(
+        redis_server: LocalRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mover 1 passes its check, then stalls past its lock; mover 2 removes mover 1's
+    staged file (`discard_stale`), archives further into the same file name and trims.
+    Mover 1 then finds its file gone: it sets nothing aside and does not count as an
+    archive failure (no `ArchiveWriteFailed`, which alerts)."""
+    import threading
+
+    from tests.test_journal import connect
+
+    async def scenario() -> tuple[Any, list[str]]:
+        client, journal, driver = await opened(redis_server, 43)
+        await play(driver, journal, 300)
+        first_cut = driver.engine.seq
+        await play(driver, journal, 300)
+        second_cut = driver.engine.seq
+        archive = await JournalArchive.of(tmp_path, client, KEYS)
+        publish = archive.publish
+        stalled = True
+
+        def stall(rows: list[tuple[str, bytes]], tmp: Path) -> Path:
+            nonlocal stalled
+            if stalled:                     # mover 1, paused right after its check
+                stalled = False
+
+                async def mover2() -> None:
+                    other = connect(redis_server)
+                    await other.delete(KEYS.archive_lock)          # mover 1's expired
+                    assert await archive_and_trim(other, KEYS, JournalArchive(
+                        archive.directory), second_cut) > 0
+                    await other.aclose()
+                thread = threading.Thread(target=lambda: asyncio.run(mover2()))
+                thread.start()
+                thread.join()
+            return publish(rows, tmp)
+        monkeypatch.setattr(archive, "publish", stall)
+        assert await archive_and_trim(client, KEYS, archive, first_cut) == 0
+        coverage = await check(client, KEYS, archive)
+        aside = [p.name for p in archive.directory.iterdir() if "superseded" in p.name]
+        await journal.close()
+        await client.aclose()
+        return coverage, aside
+
+    coverage, aside = run(scenario())
+    assert coverage.missing == [] and aside == []

@@ -1596,6 +1596,26 @@ def test_a_client_reconnecting_during_the_shutdown_is_refused_or_closed_1001(
                              "ConnectionRefusedError", "ConnectionResetError"}, outcomes
 
 
+def test_a_client_that_never_signs_in_does_not_hold_up_sigterm(
+        start_server: Callable[..., ServerProcess], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection waiting for its `auth` message is not one of the gateway's yet; the
+    shutdown gives it `shutdown_timeout` too, not aiohttp's minute."""
+    monkeypatch.setenv("MATCHER_SERVER_SHUTDOWN_TIMEOUT", "2")
+    server = start_server(auth_timeout=30)
+    silent = socket.create_connection(("127.0.0.1", server.port))
+    try:
+        nonce = base64.b64encode(os.urandom(16)).decode()
+        silent.sendall(f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                       f"Connection: Upgrade\r\nSec-WebSocket-Key: {nonce}\r\n"
+                       "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        assert silent.recv(4096).startswith(b"HTTP/1.1 101")
+        started = time.monotonic()
+        assert server.terminate(60) == 0
+        assert time.monotonic() - started < 8
+    finally:
+        silent.close()
+
+
 def test_restart_after_sigterm_keeps_every_resting_order(server: ServerProcess) -> None:
     segments = [s for s, _c, _t in SEGMENTS]
 

@@ -382,3 +382,31 @@ def test_a_move_cut_short_releases_its_lock_and_leaves_no_unfinished_file(
         await client.aclose()
 
     run(scenario())
+
+
+def test_sigterm_ends_the_snapshotter_while_it_is_busy(redis_server: LocalRedis) -> None:
+    """Capturing and encoding a snapshot holds the event loop for seconds, so a
+    cancellation waits for it; a snapshotter told to stop (or whose gateway died) still
+    ends within a moment."""
+    busy = ("import sys, time\n"
+            "from service import cli, snapshots\n"
+            "async def step(self):\n"
+            "    print('busy', flush=True)\n"
+            "    end = time.monotonic() + 30\n"
+            "    while time.monotonic() < end:\n"
+            "        pass\n"
+            "    return False\n"
+            "snapshots.Snapshotter.step = step\n"
+            "sys.exit(cli.main(sys.argv[1:]))\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", busy, "snapshotter", "--redis-url", redis_server.url,
+         "--shard", "busy", "--every", "10"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "busy"
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert time.monotonic() - started < 5
+    finally:
+        proc.kill()
+        proc.wait()
