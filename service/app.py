@@ -50,6 +50,7 @@ from service.realtime import make_realtime
 from service.recovery import recover
 from service.retention import Span, fill_stream_span
 from service.snapshots import SnapshotterProcess, adopt, store, stored_seq
+from service.tasks import cancel_all
 
 log = logging.getLogger("matcher.serve")
 LOOP_PROBE_S = 0.01     # the event loop lag probe's period: 100 timers a second
@@ -214,9 +215,7 @@ class Service:
             # No new connections: a client closed with 1001 that comes straight back
             # is refused, not let in to a server that no longer serves it.
             await self._site.stop()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_all(self._tasks)
         if self.snapshotter is not None:
             await self.snapshotter.stop()
         timeout = self.config.server.shutdown_timeout
