@@ -42,6 +42,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from matcher import protocol as wire
 from service import resp
+from service.tasks import cancel_all
 
 log = logging.getLogger("matcher.journal")
 
@@ -310,10 +311,8 @@ class Journal:
             raise self.error
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        if self._task is not None:     # it may be in a redis-py call (`_landed`)
+            await cancel_all([self._task])
         self._conn.close()
 
     async def _run(self) -> None:

@@ -279,19 +279,21 @@ def test_a_cut_off_that_passes_while_the_gateway_starts_is_issued(
         first = Service(load(write_config(tmp_path / "m.toml", redis_server.url, 0), {}))
         await first.start()
         await first.stop()
-        cut_off = int(time.time()) + 2
-        cfg = load(write_config(tmp_path / "m.toml", redis_server.url, 0), {
-            "MATCHER_ENGINE_TIMEZONE": "UTC",
-            "MATCHER_ENGINE_END_OF_DAY": time.strftime("%H:%M:%S", time.gmtime(cut_off))})
+        cfg = load(write_config(tmp_path / "m.toml", redis_server.url, 0),
+                   {"MATCHER_ENGINE_TIMEZONE": "UTC"})
         opening = Service._open_market
 
         async def slow_open(self: Service, first_start: bool) -> None:   # a slow flush
+            # `_resume` has looked already: the cut-off falls a second later, before
+            # the timer starts.
+            cut_off = int(time.time()) + 1
+            self.config.engine.end_of_day = time.strftime("%H:%M:%S", time.gmtime(cut_off))
             await asyncio.sleep(cut_off + 0.5 - time.time())
             await opening(self, first_start)
         monkeypatch.setattr(Service, "_open_market", slow_open)
         service = Service(cfg)
-        await service.start()
         try:
+            await service.start()
             deadline = time.monotonic() + 5
             while "EndOfDay" not in await journal(service) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
