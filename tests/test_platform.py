@@ -97,6 +97,21 @@ def test_consumed_exactly_once_across_a_consumer_restart(redis_server: LocalRedi
     run(scenario())
 
 
+async def crash_after(reader: aioredis.Redis, got: list[str], handled: int, *,
+                      count: int) -> None:
+    """Consumer c1 handles `handled` trades into `got`, then dies on the next, holding
+    the rest of what it read (`count` at a time) unacknowledged."""
+    def dies(trade: wire.Trade) -> None:
+        if len(got) == handled:
+            raise Crash
+        got.append(trade.trade_id)
+
+    c1 = FillConsumer(reader, dies, KEYS, group=GROUP, consumer="c1", count=count,
+                      block_ms=100)
+    with pytest.raises(Crash):
+        await asyncio.wait_for(c1.run(), 10)
+
+
 def test_another_consumer_takes_over_a_dead_ones_entries(redis_server: LocalRedis) -> None:
     async def scenario() -> None:
         driver = Driver(seed=22)
@@ -104,16 +119,7 @@ def test_another_consumer_takes_over_a_dead_ones_entries(redis_server: LocalRedi
         ids = [t.trade_id for t in driver.trades]
         reader = connect(redis_server)
         got: list[str] = []
-
-        def dies_at_40(trade: wire.Trade) -> None:
-            if len(got) == 40:
-                raise Crash
-            got.append(trade.trade_id)
-
-        c1 = FillConsumer(reader, dies_at_40, KEYS, group=GROUP, consumer="c1", count=30,
-                          block_ms=100)
-        with pytest.raises(Crash):
-            await asyncio.wait_for(c1.run(), 10)
+        await crash_after(reader, got, 40, count=30)
         assert await pending_ids(reader, "c1") == ids[40:60]
         await asyncio.sleep(0.3)                       # c1 has been silent for 300 ms
 
@@ -140,16 +146,7 @@ def test_a_dead_consumers_entries_are_taken_over_while_fills_keep_coming(
         await write_trades(redis_server, driver, 300)
         reader = connect(redis_server)
         got: list[str] = []
-
-        def dies_at_10(trade: wire.Trade) -> None:
-            if len(got) == 10:
-                raise Crash
-            got.append(trade.trade_id)
-
-        c1 = FillConsumer(reader, dies_at_10, KEYS, group=GROUP, consumer="c1", count=20,
-                          block_ms=100)
-        with pytest.raises(Crash):
-            await asyncio.wait_for(c1.run(), 10)
+        await crash_after(reader, got, 10, count=20)
         left = await pending_ids(reader, "c1")
         assert left
         stop = asyncio.Event()
