@@ -269,7 +269,7 @@ class Gateway:
         flow control, answered at once. It depends on no state, and a client that is
         told to slow down must hear it now, not after a journal that may be away for
         a while; so it can come before the acks of earlier commands still being written
-        (docs/protocol.md, "Answers and their order")."""
+        (docs/protocol.md, "Ordering and delivery")."""
         self.metrics.reject(refusal.code)
         if conn is None:
             self._reply_now(who.id, refusal, conn)
