@@ -102,10 +102,24 @@ def trade_fields(trade: wire.Trade) -> dict[str, str | int]:
     return {f: getattr(trade, f) for f in trade.__struct_fields__}
 
 
+_INT_FIELDS = frozenset(f.name for f in msgspec.structs.fields(wire.Trade) if f.type is int)
+
+
 def decode_trade(fields: dict[bytes, bytes]) -> wire.Trade:
-    """A fill-stream entry (the flat string fields of `trade_fields`) back into a Trade."""
-    return msgspec.convert({k.decode(): v.decode() for k, v in fields.items()}, wire.Trade,
-                           strict=False)
+    """A fill-stream entry (the flat string fields of `trade_fields`) back into a Trade.
+
+    Raises ValueError for one the write script could not have written: an integer not
+    in plain digits (`strict=False` alone reads "1e3" as 1000), or a loan of nothing.
+    """
+    text = {k.decode(): v.decode() for k, v in fields.items()}
+    for name in _INT_FIELDS & text.keys():
+        if not (text[name].isascii() and text[name].isdigit()):
+            raise ValueError(f"fill {text.get('trade_id')}: {name} is not a whole number: "
+                             f"{text[name]!r}")
+    trade = msgspec.convert(text, wire.Trade, strict=False)
+    if trade.amount < 1:
+        raise ValueError(f"fill {trade.trade_id}: amount {trade.amount}")
+    return trade
 
 
 #: The field of a participant's stream entry: the trade's values packed as one row.

@@ -63,6 +63,7 @@ class FillConsumer:
         self.max_retry_delay = max_retry_delay
         self.handled = 0                          # trades given to the handler
         self.duplicates = 0                       # deliveries dropped by trade_id
+        self.vanished = 0                         # pending entries found trimmed away
         self._remember = remember
         self._seen: OrderedDict[str, None] = OrderedDict()   # recent trade ids, bounded
 
@@ -154,11 +155,16 @@ class FillConsumer:
         entry_id, fields = entry
         trade_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
         if not fields:                                   # trimmed away while pending
-            pass
+            self.vanished += 1
+            log.warning("fill %s left the stream before it was handled (fill retention "
+                        "trimmed it, or it was deleted by hand); acknowledged", trade_id)
         elif trade_id in self._seen:
             self.duplicates += 1
         else:
             trade = decode_trade(fields)
+            if trade.trade_id != trade_id:               # nothing else writes this stream
+                raise ValueError(f"the fill stream's entry {trade_id} holds trade "
+                                 f"{trade.trade_id}: written by something else")
             result = self.handler(trade)
             if inspect.isawaitable(result):
                 await result

@@ -302,6 +302,22 @@ def test_group_commit_batches_what_arrives_during_a_write(redis_server: LocalRed
 # --- the fill stream ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("field", "value"), [
+    ("amount", "1e3"), ("amount", "100.0"), ("amount", "-7"), ("amount", "0"),
+    ("rate_bps", " 250"), ("funder", "\u0663"),               # an Arabic-Indic three
+])
+def test_a_fill_entry_the_script_could_not_have_written_is_refused(field: str,
+                                                                  value: str) -> None:
+    trade = wire.Trade(trade_id="7-0", seq=7, ts=1, segment="S", core="C", tenor_days=30,
+                       funder=11, sme=21, bid_order_id=3, ask_order_id=7, bid_client_id="b",
+                       ask_client_id="a", rate_bps=250, amount=1_000)
+    fields = {k.encode(): str(v).encode() for k, v in trade_fields(trade).items()}
+    assert decode_trade(fields) == trade
+    fields[field.encode()] = value.encode()
+    with pytest.raises(ValueError, match=field):
+        decode_trade(fields)
+
+
 def test_fill_stream_has_one_entry_per_trade_keyed_by_trade_id(redis_server: LocalRedis) -> None:
     async def scenario() -> None:
         client, journal, driver = await opened(redis_server, 3)

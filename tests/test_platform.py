@@ -21,6 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from matcher import protocol as wire
+from service.journal import trade_fields
 from service.localredis import LocalRedis
 from service.platform import FillConsumer, describe
 from tests.conftest import ROOT, run
@@ -297,3 +298,30 @@ def test_console_killed_mid_way_resumes_with_what_it_had_not_acknowledged(
     run2 = trade_ids(lines)
     assert run2 == expected                # unacked ones again, acked ones never, in order
     assert run(pending()) == []
+
+
+def test_a_fill_gone_while_pending_is_counted_and_a_foreign_entry_stops_the_consumer(
+        redis_server: LocalRedis) -> None:
+    async def scenario() -> tuple[int, list[str]]:
+        driver = Driver(seed=24)
+        await write_trades(redis_server, driver, 200)
+        reader = connect(redis_server)
+        got: list[str] = []
+        await crash_after(reader, got, 3, count=10)
+        gone = (await pending_ids(reader, "c1"))[0]
+        await reader.xdel(KEYS.fills, gone)                    # trimmed while pending
+        again = FillConsumer(reader, lambda t: got.append(t.trade_id), KEYS, group=GROUP,
+                             consumer="c1", count=10, block_ms=100)
+        await again.recover()
+        vanished = again.vanished
+        # An entry whose trade names another id: something else wrote to the stream.
+        row = {k.encode(): str(v).encode() for k, v in
+               trade_fields(driver.trades[0]).items()}
+        await reader.xadd(KEYS.fills, row, id="999999-0")
+        with pytest.raises(ValueError, match="999999-0 holds trade"):
+            await asyncio.wait_for(again.run(), 10)
+        await reader.aclose()
+        return vanished, got
+
+    vanished, got = run(scenario())
+    assert vanished == 1 and "999999-0" not in got
