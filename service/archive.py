@@ -181,6 +181,18 @@ class JournalArchive:
     def _path(self, rows: list[_Row]) -> Path:
         return self.directory / f"{stream_seq(rows[0][0]):012d}.mpk"
 
+    def batch(self, entry_id: bytes) -> bytes | None:
+        """The batch the archive holds under `entry_id`, as the stream held it; None if
+        no file has it. Reads the one file whose range can hold it (the last one that
+        starts at or before it)."""
+        seq = stream_seq(entry_id)
+        files = [p for p in self.files() if int(p.stem) <= seq]
+        if not files:
+            return None
+        wanted = entry_id.decode()
+        return next((batch for row_id, batch in _decode(files[-1].read_bytes())
+                     if row_id == wanted), None)
+
     def read(self, after: int = 0) -> Iterator[list[wire.JournalEntry]]:
         """The archived commands with sequence numbers above `after`, batch by batch, as
         `journal.read_journal` gives Redis's.

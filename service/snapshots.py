@@ -37,7 +37,7 @@ from matcher import snapshot
 from matcher.engine import Engine
 from service import gctune
 from service.archive import ArchiveWriteFailed, JournalArchive, archive_and_trim
-from service.journal import Keys
+from service.journal import Keys, stream_seq
 from service.recovery import catch_up, recover
 from service.retention import trim_fills
 
@@ -228,11 +228,26 @@ class Snapshotter:
         rows: Any = await self.client.xrange(self.keys.journal, min=entry_id, count=1)
         return (rows[0][0], rows[0][1][b"e"]) if rows else None
 
+    async def _still_held(self, entry_id: bytes, batch: bytes) -> bool:
+        """Whether the journal still holds the entry this state applied last: in Redis,
+        or, once another snapshotter moved it out (two running at once, as in a
+        deploy), in this journal's archive. Without an archive here to look in, an
+        entry gone from Redis counts as not held."""
+        if await self._entry_from(entry_id) == (entry_id, batch):
+            return True
+        if self.archive is None:
+            return False
+        first = await self._entry_from(b"0-0")
+        name: Any = await self.client.get(self.keys.journal_id)   # the same journal?
+        return (first is not None and stream_seq(first[0]) > stream_seq(entry_id)
+                and name is not None and name.decode() == self.archive.journal_id
+                and await asyncio.to_thread(self.archive.batch, entry_id) == batch)
+
     async def step(self) -> bool:
         """Read what the journal gained; store a snapshot if one is due, and trim old
         fills if that is due. True if a snapshot was stored. Raises JournalDiverged when
         the journal no longer holds what was applied."""
-        if self._last is not None and await self._entry_from(self._last[0]) != self._last:
+        if self._last is not None and not await self._still_held(*self._last):
             raise JournalDiverged(f"the journal no longer holds entry "
                                   f"{self._last[0].decode()} as this snapshotter applied it")
         await catch_up(self.client, self.keys, self.engine, on_row=self._read,

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -410,3 +411,32 @@ def test_sigterm_ends_the_snapshotter_while_it_is_busy(redis_server: LocalRedis)
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_snapshotter_reads_on_after_another_moved_its_last_entry_to_the_archive(
+        redis_server: LocalRedis, tmp_path: Path) -> None:
+    """Two snapshotters at once (a deploy's overlap): the one that stores a snapshot
+    moves the journal before it to the archive, past the other's last applied entry.
+    The other finds that entry in the archive, not a diverged journal, and reads on."""
+    async def scenario() -> tuple[str, str]:
+        client, journal, driver = await opened(redis_server, 45)
+        await play(driver, journal, 400)
+        slow = Snapshotter(client, KEYS, every=10**9, archive_root=tmp_path)
+        await slow.start()
+        await slow.step()                            # applied up to here
+        await play(driver, journal, 400)
+        busy = Snapshotter(client, KEYS, every=1, archive_root=tmp_path)
+        await busy.start()
+        assert await busy.step()                     # stored, and moved the journal
+        assert slow.applied is not None
+        first: Any = await client.xrange(KEYS.journal, count=1)
+        assert int(first[0][0].split(b"-")[0]) > int(slow.applied[0].split(b"-")[0])
+        await play(driver, journal, 100)
+        await slow.step()
+        await busy.step()
+        await journal.close()
+        await client.aclose()
+        return snapshot.state_hash(slow.engine), snapshot.state_hash(driver.engine)
+
+    slow, live = run(scenario())
+    assert slow == live
