@@ -205,7 +205,9 @@ class Service:
 
     async def stop(self) -> None:
         """Finish in-flight writes, snapshot, close connections with 1001."""
-        if self.gateway is None:
+        if self.gateway is None:          # the start failed before it served
+            if self.local_redis is not None:
+                await asyncio.to_thread(self.local_redis.stop)
             return
         self.ready = False
         self.stopping = True

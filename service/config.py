@@ -14,6 +14,7 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 from msgspec import Meta, Struct
@@ -112,7 +113,9 @@ class ParticipantConfig(_Section):
     name: Annotated[str, Meta(min_length=1, max_length=64)]
     role: Role
     key: str | None = None
-    key_sha256: str | None = None
+    # What `sha256sum` prints: 64 lower-case hex digits (a key pasted here instead, or
+    # an upper-case digest, would load and never sign anyone in).
+    key_sha256: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")] | None = None
     cancel_on_disconnect: bool = True
 
 
@@ -196,4 +199,9 @@ def load(path: str | Path | None, environ: dict[str, str] | None = None) -> Conf
         except ValueError as exc:
             raise msgspec.ValidationError(
                 f"{exc} - at `$.server.trusted_proxies[{i}]`") from None
+    try:                    # here, not at the end of a start that recovered and snapshot
+        ZoneInfo(cfg.engine.timezone)
+    except (ValueError, ZoneInfoNotFoundError):
+        raise msgspec.ValidationError(f"unknown time zone {cfg.engine.timezone!r} - at "
+                                      "`$.engine.timezone`") from None
     return cfg

@@ -7,7 +7,10 @@ file on with that fsync policy; `no` turns it off (a restart loses everything).
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -17,10 +20,15 @@ from urllib.parse import quote
 
 import redis
 
+log = logging.getLogger("matcher.localredis")
+
 
 def free_port(preferred: int = 0) -> int:
-    """`preferred` if it is free on 127.0.0.1, else any free port."""
+    """`preferred` if it is free on 127.0.0.1, else any free port. With SO_REUSEADDR, as
+    Redis binds: a port whose last connections wait in TIME_WAIT (a Redis stopped a
+    moment ago) is free to it, and must not send the next start to another port."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", preferred))
         except OSError:
@@ -60,6 +68,7 @@ class LocalRedis:
             raise RuntimeError("redis-server is not installed: run `./dev setup`, which "
                                "installs it with apt-get")
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._stop_orphan()
         # The gateway rewrites the append-only file after the end of day; Redis's own
         # rewrite (at 64 MB by default) would fork in the middle of trading.
         aof = ["--appendonly", "yes", "--appendfsync", self.durability,
@@ -72,10 +81,13 @@ class LocalRedis:
                       "--tls-key-file", str(self.tls.key.resolve()),
                       "--tls-ca-cert-file", str(self.tls.ca.resolve()),
                       "--tls-auth-clients", "no"]
+        # Its own process group: a Ctrl-C at the terminal is the gateway's to handle,
+        # which then finishes its journal writes and snapshot before it stops Redis.
         self.process = subprocess.Popen(
             [binary, *listen, "--bind", "127.0.0.1", "--dir",
-             str(self.data_dir.resolve()), "--save", "", "--logfile", "redis.log", *aof],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             str(self.data_dir.resolve()), "--save", "", "--logfile", "redis.log",
+             "--pidfile", str(self._pidfile.resolve()), *aof],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, process_group=0)
         deadline = time.monotonic() + timeout
         client = redis.Redis.from_url(self.url)
         try:
@@ -83,20 +95,55 @@ class LocalRedis:
                 try:
                     if client.ping():
                         return self.url
+                except redis.exceptions.BusyLoadingError:
+                    # Loading its append-only file (a large one takes a while): not
+                    # stuck, so the wait goes on as long as it is alive.
+                    deadline = time.monotonic() + timeout
+                    if self.process.poll() is not None:
+                        self._failed_to_start(None)
                 except redis.exceptions.ConnectionError as exc:
                     if self.process.poll() is not None or time.monotonic() > deadline:
-                        log = self.data_dir / "redis.log"
-                        raise RuntimeError(f"redis-server did not start on port {self.port}: "
-                                           f"{log.read_text()[-2000:] if log.exists() else ''}"
-                                           ) from exc
-                    time.sleep(0.02)
+                        self._failed_to_start(exc)
+                time.sleep(0.02)
         finally:
             client.close()
+
+    @property
+    def _pidfile(self) -> Path:
+        return self.data_dir / "redis.pid"
+
+    def _failed_to_start(self, exc: Exception | None) -> None:
+        self.stop()                       # not left running on the data directory
+        log_file = self.data_dir / "redis.log"
+        tail = log_file.read_text()[-2000:] if log_file.exists() else ""
+        raise RuntimeError(f"redis-server did not start on port {self.port}: {tail}") from exc
+
+    def _stop_orphan(self) -> None:
+        """Stop a redis-server still running on this data directory: one a gateway that
+        was killed left behind (it had no chance to stop it). Two on one append-only
+        file would both write it. SIGTERM makes Redis write and sync it, then exit."""
+        try:
+            pid = int(self._pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return
+        if b"redis-server" not in cmdline:
+            return                        # the pid is someone else's now
+        log.warning("a redis-server (pid %d) was still running on %s, left by a gateway "
+                    "that did not stop it: stopping it first", pid, self.data_dir)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
-            self.process.wait(timeout=30)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
         self.process = None
 
     def kill(self) -> None:

@@ -342,3 +342,61 @@ def test_sleeping_until_the_cut_off_counts_a_change_of_the_utc_offset() -> None:
     now = dt.datetime(2026, 3, 8, 1, 0, tzinfo=ny)
     due = next_end_of_day(now, "16:30")
     assert seconds_until(due, now.timestamp()) == 14.5 * 3600
+
+
+@pytest.mark.parametrize(("toml", "path"), [
+    ('[engine]\ntimezone = "Mars/Olympus"\n', r"\$\.engine\.timezone"),
+    ('[[participants]]\nid = 7\nname = "X"\nrole = "sme"\nkey_sha256 = "secret"\n',
+     r"\$\.participants\[0\]\.key_sha256"),
+    ('[[participants]]\nid = 7\nname = "X"\nrole = "sme"\nkey_sha256 = "' + "A" * 64 + '"\n',
+     r"\$\.participants\[0\]\.key_sha256"),
+])
+def test_settings_that_could_only_fail_later_fail_at_load(tmp_path: Path, toml: str,
+                                                           path: str) -> None:
+    """An unknown time zone used to pass the load and stop the start after recovery and
+    a snapshot; a key pasted as `key_sha256` loaded and never signed anyone in."""
+    file = tmp_path / "m.toml"
+    file.write_text(toml)
+    with pytest.raises(msgspec.ValidationError, match=path):
+        load(file, {})
+
+
+def test_a_start_that_fails_stops_its_local_redis_and_a_left_one_is_stopped_first(
+        tmp_path: Path) -> None:
+    """A gateway that cannot start (a fill stream ahead of its journal) stops the
+    redis-server it started; one a killed gateway left on the data directory is stopped
+    before the next starts there: never two on one append-only file. The local Redis has
+    its own process group, so a Ctrl-C reaches only the gateway, which stops it last."""
+    import os
+
+    import redis as sync_redis
+
+    from service.app import Service
+    from service.journal import JournalLost, Keys
+    from service.localredis import LocalRedis, free_port
+    from tests.conftest import run
+
+    data = tmp_path / "redis"
+    orphan = LocalRedis(data, port=free_port())          # as a killed gateway left it
+    orphan.start()
+    client = sync_redis.Redis.from_url(orphan.url)
+    client.xadd(Keys().fills, {"seq": "5"}, id="5-1")   # trades the journal lacks
+    client.close()
+    assert orphan.process is not None
+    left = orphan.process.pid
+    assert os.getpgid(left) != os.getpgid(0)
+
+    async def scenario() -> LocalRedis | None:
+        cfg = load(None, {"MATCHER_REDIS_DATA_DIR": str(data), "MATCHER_SERVER_PORT": "0"})
+        service = Service(cfg)
+        try:
+            with pytest.raises(JournalLost):
+                await service.start()
+        finally:
+            await service.stop()
+        return service.local_redis
+
+    mine = run(scenario())
+    assert orphan.process.poll() is not None             # stopped before ours started
+    assert mine is not None and mine.process is None     # and ours after the failure
+    assert free_port(orphan.port) == orphan.port         # its port is free again at once
