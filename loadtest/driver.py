@@ -138,9 +138,12 @@ class Client:
         event = _decode(data)
         if isinstance(event, wire.Accepted | wire.Rejected):
             queue = self.pending.get(event.client_id)
-            if not queue:
-                return                      # not ours (cancel on disconnect, setup)
+            if not queue:                   # an answer to nothing this client sent
+                rec.unmatched += 1
+                return
             origin, measured = queue.popleft()
+            if not queue:                   # one entry per id ever sent would add up
+                del self.pending[event.client_id]
             code = event.code if isinstance(event, wire.Rejected) else None
             rec.record_ack(origin, now, code, measured)
             if measured:      # the same, stamped when this callback runs (ArrivalClock)
@@ -263,11 +266,14 @@ class Run:
         """The open-loop schedule, step after step, from `t0` (perf_counter ns)."""
         p = self.profile
         rng = self.market.rng
+        # The times have a generator of their own: they are drawn as the run goes (see
+        # `arrivals`), and the content's draws depend on what the server answered.
+        times_rng = random.Random(p.seed + 2)
         offset = 0.0
         late = 0
         for k, step in enumerate(self.steps):
             warm = p.warmup_s if k == 0 else 0.0
-            times = arrivals(step.offered, offset, offset + warm + p.duration_s, rng)
+            times = arrivals(step.offered, offset, offset + warm + p.duration_s, times_rng)
             step.start_ns = t0 + int((offset + warm) * 1e9)
             step.end_ns = t0 + int((offset + warm + p.duration_s) * 1e9)
             for t in times:
@@ -424,7 +430,8 @@ class Run:
             buckets = await asyncio.to_thread(server_buckets, self.http)
             cpu_before, cpu_start = await self._cpu(), time.monotonic()
             t0 = self.rec.start_ns = time.perf_counter_ns() + 50_000_000
-            self._measure_wall_ns = time.time_ns() + 50_000_000
+            # Fills of measured commands only, as for the acks: the warm-up's are not.
+            self._measure_wall_ns = time.time_ns() + 50_000_000 + int(p.warmup_s * 1e9)
             stolen = asyncio.get_running_loop().create_task(self.sample_stolen(stop))
             await asyncio.gather(self.offer(t0), self.offer_reads(t0))
             await self._await_acks(30)
@@ -474,11 +481,12 @@ class Run:
             "profile": p.name,
             "ok": bool(recon["ok"] and lag_ok),
             "duration_s": p.warmup_s + p.duration_s * len(self.steps),
+            "measured_s": p.duration_s * len(self.steps),
             "measures": {
                 "ack": summary(rec.ack, "send → accepted"),
                 "ack_handled": summary(rec.ack_handled, "send → accepted, stamped when handled"),
                 "ask_fill": summary(rec.ask_fill, "SME ask sent → fill received"),
-                "platform": summary(rec.platform, "fill journaled → read by the platform"),
+                "platform": summary(rec.platform, "command received → fill read by the platform"),
                 **({"fills_page": summary(rec.fills_page, "SME fills sent → page received")}
                    if p.reads > 0 else {}),
             },

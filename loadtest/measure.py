@@ -192,6 +192,7 @@ class Recorder:
     stolen_ms: dict[int, float] = field(default_factory=dict)
     sent: int = 0
     accepted: int = 0
+    unmatched: int = 0                          # answers to no command sent (duplicates)
     reads_sent: int = 0
     reads_answered: int = 0                     # pages received
     reads_refused: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -233,6 +234,8 @@ class Recorder:
         acks = self.accepted + sum(self.rejected.values())
         if acks != self.sent:
             problems.append(f"{self.sent} commands sent but {acks} acknowledged")
+        if self.unmatched:       # a second answer to one command, or one to none
+            problems.append(f"{self.unmatched} answers matched no command sent")
         problems += self.fills.problems()
         over = [f"funder {f} lent {amount} against {core}, line {lines[(f, core)]}"
                 for (f, core), amount in sorted(self.lent.items())
@@ -250,6 +253,7 @@ class Recorder:
         return {
             "ok": not problems, "problems": problems, "commands_sent": self.sent,
             "acks": acks, "accepted": self.accepted, "rejected": dict(self.rejected),
+            "unmatched": self.unmatched,
             "fills_sme": self.fills.count[SME], "fills_funder": self.fills.count[FUNDER],
             "fills_platform": self.fills.count[PLATFORM],
             "amount_sme": self.fills.amount[SME], "amount_funder": self.fills.amount[FUNDER],

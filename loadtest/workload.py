@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,15 +42,16 @@ class FunderState:
         return f"{run}-f{self.index}-{self.next_id}"
 
 
-def arrivals(rate: float, start: float, end: float, rng: random.Random) -> list[float]:
-    """Poisson arrival times (seconds) in [start, end) at `rate` per second."""
-    out: list[float] = []
+def arrivals(rate: float, start: float, end: float, rng: random.Random) -> Iterator[float]:
+    """Poisson arrival times (seconds) in [start, end) at `rate` per second, each made
+    when it is asked for: a 15 s step at 30,000/s built at once held the generator for
+    150 ms at the step's start, and its first commands went out late."""
     t = start
     while True:
         t += rng.expovariate(rate)
         if t >= end:
-            return out
-        out.append(t)
+            return
+        yield t
 
 
 class Market:

@@ -36,6 +36,13 @@ class ArrivalClock:
     its arrivals, and never earlier: all callbacks of one poll share it. uvloop runs
     `call_soon` callbacks only after every I/O callback of the poll (checked in
     tests/test_wsclient.py), so that is where the stamp is forgotten.
+
+    The bound has one gap (found in review): a socket whose callback runs late in the
+    poll reads what it holds then, including bytes that arrived while the callbacks
+    before it ran, and those get the poll's earlier stamp. Such a reply is measured
+    early by up to the time the poll's callbacks took before it: the `ack` figures can
+    be that much low in a burst, which `ack_handled` (stamped as each callback runs)
+    bounds from above.
     """
 
     __slots__ = ("_now",)

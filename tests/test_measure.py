@@ -157,3 +157,25 @@ def test_an_ack_is_counted_in_the_steps_as_if_each_step_saw_it() -> None:
     assert [(s.acked, s.ack.total, s.ack.counts) for s in run.steps] == \
         [(s.acked, s.ack.total, s.ack.counts) for s in every]
     assert all(s.ack.total for s in run.steps[:4])
+
+
+def test_an_answer_to_no_command_fails_the_reconciliation() -> None:
+    """A second `accepted` for one command (or one for a command never sent) would take
+    the timing of another; it must show, not be dropped."""
+    rec = Recorder()
+    rec.sent, rec.accepted = 1, 1
+    assert rec.reconcile({})["ok"]
+    rec.unmatched = 1
+    out = rec.reconcile({})
+    assert not out["ok"] and "1 answers matched no command sent" in out["problems"]
+
+
+def test_arrival_times_are_drawn_as_they_are_needed() -> None:
+    """A step's schedule made at once held the generator at the step's start (150 ms for
+    15 s at 30,000/s): the first time must cost one draw, not the step's."""
+    from loadtest.workload import arrivals
+    rng, one = random.Random(5), random.Random(5)
+    first = next(iter(arrivals(30_000, 0.0, 15.0, rng)))
+    assert first == one.expovariate(30_000) and rng.getstate() == one.getstate()
+    again = list(arrivals(1_000, 0.0, 2.0, random.Random(6)))
+    assert 1_800 < len(again) < 2_200 and again == sorted(again) and again[-1] < 2.0
