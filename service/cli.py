@@ -144,6 +144,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = _not_negative(text)
+    if value == 0:                    # a read loop with no pause
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
 def _not_negative(text: str) -> float:
     value = float(text)
     if not (value >= 0 and math.isfinite(value)):       # also NaN
@@ -279,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard", default="main")
     p.add_argument("--every", type=_positive, default=100_000,
                    help="commands between snapshots (the config's engine.snapshot_every)")
-    p.add_argument("--poll", type=float, default=0.2, help="seconds between journal reads")
+    p.add_argument("--poll", type=_positive_seconds, default=0.2,
+                   help="seconds between journal reads")
     p.add_argument("--archive", metavar="DIR",
                    help="after each snapshot, move the journal before it from Redis to "
                         "files here (the config's engine.journal_archive)")

@@ -170,8 +170,21 @@ def demo_participants(demo: DemoConfig) -> list[ParticipantConfig]:
     return out
 
 
+_SECTIONS = ("server", "redis", "engine", "limits", "demo")
+
+
 def _env_overrides(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
-    for section in ("server", "redis", "engine", "limits", "demo"):
+    # A name outside the sections (a typo, or `[[segments]]`, which the environment
+    # cannot give) would be ignored without a word, and the setting not be what the
+    # operator thinks; a wrong key inside a section is an unknown field, reported below.
+    stray = sorted(name for name in environ if name.startswith("MATCHER_")
+                   and not name.startswith(tuple(f"MATCHER_{s.upper()}_" for s in _SECTIONS)))
+    if stray:
+        raise msgspec.ValidationError(
+            f"{stray[0]}: not a setting; environment variables set "
+            f"MATCHER_<{'|'.join(s.upper() for s in _SECTIONS)}>_<KEY> "
+            "(segments and participants only in the file)")
+    for section in _SECTIONS:
         prefix = f"MATCHER_{section.upper()}_"
         for name, value in environ.items():
             if name.startswith(prefix):

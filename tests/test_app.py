@@ -400,3 +400,17 @@ def test_a_start_that_fails_stops_its_local_redis_and_a_left_one_is_stopped_firs
     assert orphan.process.poll() is not None             # stopped before ours started
     assert mine is not None and mine.process is None     # and ours after the failure
     assert free_port(orphan.port) == orphan.port         # its port is free again at once
+
+
+@pytest.mark.parametrize("name", ["MATCHER_SERVR_PORT", "MATCHER_SEGMENTS"])
+def test_an_environment_variable_that_sets_nothing_is_refused(name: str) -> None:
+    with pytest.raises(msgspec.ValidationError, match=name):
+        load(None, {name: "9000"})
+
+
+def test_the_snapshotters_poll_must_be_positive() -> None:
+    from service.cli import main
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["snapshotter", "--redis-url", "redis://127.0.0.1:1/0", "--poll", bad])
+        assert exit_.value.code == 2
