@@ -72,6 +72,14 @@ class Client:
         assert msg["type"] == type_, msg
         return msg
 
+    async def book_since(self, seq: int) -> dict[str, Any]:
+        """The next book update that reflects `seq`: a coalesced update of an earlier
+        change, due when the subscription began, can still come first (same state)."""
+        while True:
+            update = await self.expect("book")
+            if update["seq"] >= seq:
+                return update
+
     async def quiet(self, seconds: float = 0.3) -> list[dict[str, Any]]:
         """Whatever arrives within `seconds` (tests expect it to be nothing)."""
         got = []
@@ -1073,9 +1081,9 @@ def test_subscriber_gets_the_book_at_once_and_after_each_change(server: ServerPr
             await platform.send({"type": "subscribe", "segments": ["DFM-30D"]})
             initial = await platform.expect("book")
             b1 = await f11.ok(bid("b1", "DFM-30D", 250, 1_000_000))
-            after_b1 = await platform.expect("book")
+            after_b1 = await platform.book_since(b1["seq"])
             b2 = await f12.ok(bid("b1", "DFM-30D", 250, 400_000, min_ticket=100_000))
-            after_b2 = await platform.expect("book")
+            after_b2 = await platform.book_since(b2["seq"])
             await f11.ok(bid("other", "DFM-90D", 250, 1_000))       # another segment
             other = await platform.quiet()
             cancel = await f11.ok({"type": "cancel", "client_id": "b1"})
