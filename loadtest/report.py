@@ -266,9 +266,10 @@ def _capacity_line(results: Results) -> str | None:
             "answered within 5% of the rate and ended with under 100 ms of it waiting)"
             if sustained is not None else "")
     if _num(results.get("capacity")) is None:
-        return f"none: no offered rate kept ack p99 under {objective} ms{tail}"
-    return (f"{fmt_rate(results.get('capacity'))} offered "
-            f"(highest rate with ack p99 under {objective} ms){tail}")
+        return (f"none: no offered rate both kept up and kept ack p99 under {objective} "
+                f"ms{tail}")
+    return (f"{fmt_rate(results.get('capacity'))} offered (highest rate that kept up with "
+            f"ack p99 under {objective} ms){tail}")
 
 
 def _memory_line(results: Results) -> str | None:
@@ -703,12 +704,16 @@ def _ramp_html(results: Results) -> str:
     if steps is None:
         return ""
     head = ("<tr><th class='n'>offered</th><th class='n'>achieved</th>"
-            "<th class='n'>p50 (ms)</th><th class='n'>p99 (ms)</th><th>within objective</th></tr>")
+            "<th class='n'>p50 (ms)</th><th class='n'>p99 (ms)</th>"
+            "<th class='n'>waiting at its end</th><th>kept up</th>"
+            "<th>kept up, p99 within objective</th></tr>")
     body = "".join(
         f"<tr><td class='n'>{_e(fmt_rate(s.get('offered')))}</td>"
         f"<td class='n'>{_e(fmt_rate(s.get('achieved')))}</td>"
         f"<td class='n'>{_e(fmt_ms(s.get('p50')))}</td>"
         f"<td class='n'>{_e(fmt_ms(s.get('p99')))}</td>"
+        f"<td class='n'>{_e(fmt_int(s.get('backlog')))}</td>"
+        f"<td>{'yes' if s.get('kept_up') else '<b>no</b>'}</td>"
         f"<td>{'yes' if s.get('ok') else '<b>no</b>'}</td></tr>" for s in steps)
     return f"<h2>Ramp</h2><table>{head}{body}</table>"
 

@@ -378,3 +378,15 @@ def test_throughput_is_over_the_measured_time_not_the_timelines_rows() -> None:
     rows.append({"t": 62, "offered": 0, "sent": 0, "acked": 10})
     tp = report.throughput({"timeline": rows, "measured_s": 60.0})
     assert tp == {"offered": 5_000.0, "sent": 5_000.0, "achieved": 5_000.0, "seconds": 60.0}
+
+
+def test_the_capacity_line_says_a_step_that_fell_behind_did_not_count() -> None:
+    """A step can be refused for falling behind with its p99 within the objective: the
+    line must not say the p99 was the reason."""
+    step = {"offered": 20_000.0, "achieved": 15_000.0, "p50": 0.9, "p99": 1.5,
+            "backlog": 40_000, "kept_up": False, "ok": False}
+    line = report._capacity_line({"ramp": [step], "capacity": None, "sustained": None,
+                                  "objective_p99_ms": 2.0})
+    assert line is not None and "kept up" in line
+    html = report._ramp_html({"ramp": [step]})
+    assert "kept up" in html and "40,000" in html
