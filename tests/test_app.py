@@ -414,3 +414,25 @@ def test_the_snapshotters_poll_must_be_positive() -> None:
         with pytest.raises(SystemExit) as exit_:
             main(["snapshotter", "--redis-url", "redis://127.0.0.1:1/0", "--poll", bad])
         assert exit_.value.code == 2
+
+
+def test_a_local_redis_without_durability_keeps_its_data_across_a_planned_restart(
+        tmp_path: Path) -> None:
+    import redis as sync_redis
+
+    from service.localredis import LocalRedis
+    server = LocalRedis(tmp_path / "r", durability="no")
+    for _ in range(2):
+        server.start()
+        client = sync_redis.Redis.from_url(server.url)
+        client.incr("restarts")
+        client.close()
+        server.stop()
+    server.start()
+    client = sync_redis.Redis.from_url(server.url)
+    try:
+        assert client.get("restarts") == b"2"
+        assert client.config_get("appendonly")["appendonly"] == "no"
+    finally:
+        client.close()
+        server.stop()
