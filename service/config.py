@@ -212,6 +212,9 @@ def load(path: str | Path | None, environ: dict[str, str] | None = None) -> Conf
         except ValueError as exc:
             raise msgspec.ValidationError(
                 f"{exc} - at `$.server.trusted_proxies[{i}]`") from None
+    if cfg.redis.url is not None and not cfg.redis.url.strip():
+        raise msgspec.ValidationError("empty: give a redis:// URL, or leave the setting "
+                                      "out to start a local Redis - at `$.redis.url`")
     try:                    # here, not at the end of a start that recovered and snapshot
         ZoneInfo(cfg.engine.timezone)
     except (ValueError, ZoneInfoNotFoundError):

@@ -402,6 +402,11 @@ def test_a_start_that_fails_stops_its_local_redis_and_a_left_one_is_stopped_firs
     assert free_port(orphan.port) == orphan.port         # its port is free again at once
 
 
+def test_an_empty_redis_url_is_refused_at_load() -> None:
+    with pytest.raises(msgspec.ValidationError, match=r"\$\.redis\.url"):
+        load(None, {"MATCHER_REDIS_URL": ""})
+
+
 @pytest.mark.parametrize("name", ["MATCHER_SERVR_PORT", "MATCHER_SEGMENTS"])
 def test_an_environment_variable_that_sets_nothing_is_refused(name: str) -> None:
     with pytest.raises(msgspec.ValidationError, match=name):
