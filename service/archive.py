@@ -111,11 +111,6 @@ class JournalArchive:
         return sorted((p for p in self.directory.iterdir()
                        if p.suffix == ".mpk" and p.stem.isdigit()), key=lambda p: int(p.stem))
 
-    async def write(self, rows: list[_Row], token: str = "") -> Path:
-        """Store journal entries, oldest first, durably; returns the file. A mover
-        stages, checks that it may still publish, then publishes (`_move`)."""
-        return self.publish(rows, await self.stage(rows, token))
-
     async def stage(self, rows: list[_Row], token: str = "") -> Path:
         """Write `rows` to a temporary file of this writer's own (`token`) and sync it:
         whole, but not yet read by anyone. Removed again if the write fails."""

@@ -23,6 +23,7 @@ from service.archive import JournalArchive, JournalIdMissing
 from service.journal import Keys
 from service.recovery import JournalGap, recover
 from service.snapshots import JournalDiverged, SnapshotAhead, Snapshotter, parent_alive, store
+from service.tasks import keep_cancelling
 
 log = logging.getLogger("matcher.snapshots")
 SNAPSHOTTER_NICE = 10
@@ -181,19 +182,13 @@ def _snapshotter(args: argparse.Namespace) -> int:
         assert main is not None
         loop = asyncio.get_running_loop()
 
-        def cancel() -> None:
-            # Again until it takes: a task that awaits another can lose a cancellation
-            # the other swallows (a Redis client's read can).
-            if not main.done():
-                main.cancel()
-                loop.call_later(0.05, cancel)
-
         def stop(signum: int, frame: object) -> None:
             # A plain handler runs even while the loop is held by seconds of capture
             # or encoding (where no lock is held): the task is cancelled when the loop
             # runs again, and if that takes longer than a moment the process ends
             # anyway, as a dead gateway's snapshotter must.
-            loop.call_soon_threadsafe(cancel)
+            # Again until it takes: redis-py can swallow a cancellation (service/tasks.py).
+            loop.call_soon_threadsafe(keep_cancelling, main)
             deadline = threading.Timer(STOP_GRACE_S, os._exit, (0,))
             deadline.daemon = True
             deadline.start()

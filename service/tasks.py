@@ -15,17 +15,26 @@ from collections.abc import Iterable
 log = logging.getLogger("matcher.tasks")
 
 
-async def cancel_all(tasks: Iterable[asyncio.Task[object]], *, again_s: float = 0.05,
+AGAIN_S = 0.05       # between cancellations of a task that has not ended yet
+
+
+def keep_cancelling(task: asyncio.Task[object], again_s: float = AGAIN_S) -> None:
+    """Cancel `task` now and again every `again_s` until it has ended. Needs no await,
+    so a signal handler can use it for the task it interrupts."""
+    if not task.done():
+        task.cancel()
+        asyncio.get_running_loop().call_later(again_s, keep_cancelling, task, again_s)
+
+
+async def cancel_all(tasks: Iterable[asyncio.Task[object]], *, again_s: float = AGAIN_S,
                      timeout: float = 10.0) -> None:
-    """Cancel `tasks` and wait until they have ended, cancelling those still running
-    every `again_s`; after `timeout`, log the ones left and return."""
+    """Cancel `tasks` until they have ended (`keep_cancelling`) and wait for them; after
+    `timeout`, log the ones left and return."""
     pending = {t for t in tasks if not t.done()}
-    deadline = asyncio.get_running_loop().time() + timeout
-    while pending:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=again_s)
-        if pending and asyncio.get_running_loop().time() >= deadline:
-            log.warning("%d tasks did not end when cancelled: %s", len(pending),
-                        ", ".join(t.get_name() for t in pending))
-            return
+    for task in pending:
+        keep_cancelling(task, again_s)
+    if pending:
+        _, pending = await asyncio.wait(pending, timeout=timeout)
+    if pending:
+        log.warning("%d tasks did not end when cancelled: %s", len(pending),
+                    ", ".join(t.get_name() for t in pending))
