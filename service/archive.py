@@ -194,7 +194,7 @@ class JournalArchive:
 
         Where two files overlap, the later one is read: within one history overlapping
         files hold the same commands, and after Redis came back from an older copy the
-        later file is the history Redis went on with (`write` set aside those written
+        later file is the history Redis went on with (`publish` set aside those written
         after it; one written before it can still reach into it).
         """
         files = self.files()
