@@ -254,8 +254,8 @@ class Gateway:
                 self._hold(barrier, (out, received, conn))
             return
         self.metrics.command(type(cmd))
-        # A book update shows the live engine (commands still being journaled included),
-        # so its last fills are taken with the same state, not when the journal has them.
+        # A book update is built from the live engine (and sent once that is durable,
+        # `_send_book`), so its last fills are taken with the same state.
         for t in out.trades:
             last = self._last_fills.get(t.segment)
             if last is None:
@@ -343,10 +343,31 @@ class Gateway:
     def _publish_book(self, segment: str) -> None:
         self._book_due.discard(segment)
         self._book_sent[segment] = time.monotonic()
-        subscribers = self.subscribers.get(segment)
-        if subscribers:
-            data = self._encode(self._book_update(segment))
-            for c in list(subscribers):
+        if self.subscribers.get(segment):
+            self._send_book(segment, None)
+
+    def _send_book(self, segment: str, conn: Connection | None) -> None:
+        """The segment's book now, to `conn` or to all its subscribers, once the journal
+        has every command it shows.
+
+        The engine applies a command before its write returns (ADR 6), so the book can
+        show bids that a failed write would take back: those are never acknowledged,
+        and a crash loses them. Market data shows only what is durable: built now (so
+        its `seq` and its levels agree), sent when the writes before it have returned,
+        after the acks of the commands it shows, and not at all if the journal fails.
+        Writes return in order, so updates still reach a subscriber in `seq` order."""
+        data = self._encode(self._book_update(segment))
+        barrier = self.journal.barrier() or self._held_batch
+        if barrier is None:
+            self._book_out(segment, conn, data)
+        else:
+            barrier.add_done_callback(
+                lambda batch: None if batch.cancelled() or batch.exception() is not None
+                else self._book_out(segment, conn, data))
+
+    def _book_out(self, segment: str, conn: Connection | None, data: bytes) -> None:
+        for c in [conn] if conn is not None else list(self.subscribers.get(segment, ())):
+            if segment in c.segments:        # not one that unsubscribed meanwhile
                 c.send(data)
 
     # --- connections ---
@@ -544,7 +565,7 @@ class Gateway:
         for segment in msg.segments:
             conn.segments.add(segment)
             self.subscribers.setdefault(segment, set()).add(conn)
-            conn.send(self._encode(self._book_update(segment)))
+            self._send_book(segment, conn)
 
     async def close_all(self, timeout: float) -> None:
         """Close every connection with 1001, all at once: one client that does not read

@@ -129,3 +129,80 @@ def test_answers_held_for_the_journal_count_against_its_backlog() -> None:
     written = b"".join(sent)
     assert held == 5                                   # the command and 4 rejections
     assert written.count(b'"code":"unavailable"') == 6 and b"unknown_order" not in written
+
+
+def test_book_updates_show_only_what_the_journal_has() -> None:
+    """The engine applies a command before its write returns. A book update built while
+    a later command is still being written is held until that write returns (and after
+    the acks it shows), so no subscriber ever sees a bid that a failed write or a crash
+    would take back; and a held update is dropped if the journal fails."""
+    import msgspec
+
+    from matcher import protocol as wire
+    from tests.bench.test_gateway_bench import SEGMENTS
+
+    decode = msgspec.json.Decoder(wire.Event).decode
+
+    def books(sent: list[bytes]) -> list[wire.BookUpdate]:
+        out = []
+        data, pos = b"".join(sent), 0
+        while pos < len(data):          # unmasked server frames, RFC 6455 5.2
+            n, pos = data[pos + 1], pos + 2
+            if n == 126:
+                n, pos = int.from_bytes(data[pos:pos + 2], "big"), pos + 2
+            event = decode(data[pos:pos + n])
+            pos += n
+            if isinstance(event, wire.BookUpdate):
+                out.append(event)
+        return out
+
+    async def scenario() -> None:
+        gateway, journal, conns = await _gateway()
+        funder, sme = PEOPLE[0], PEOPLE[-1]
+        segment = SEGMENTS[0]
+        f, s = conns[funder.id], conns[sme.id]
+        await asyncio.sleep(0)                          # the welcomes are written
+        seen: list[bytes] = []
+        s.transport.write = seen.append                 # type: ignore[method-assign]
+        gateway.handle(s, b'{"type":"subscribe","segments":["%s"]}' % segment.id.encode(),
+                       0.0)
+        await asyncio.sleep(0)
+        assert [b.seq for b in books(seen)] == [0]      # nothing pending: at once
+
+        def bid(n: int) -> bytes:
+            return (b'{"type":"bid","client_id":"b%d","segment":"%s","rate_bps":%d,'
+                    b'"amount":1000000}' % (n, segment.id.encode(), 250 - n))
+
+        gateway.handle(f, b'{"type":"set_credit_line","core":"%s","amount":%d}'
+                       % (segment.core.encode(), 10**9), 0.0)
+        gateway.handle(f, bid(1), 0.0)                  # seq 2, in the first write
+        first = journal._take()                         # that write is in flight
+        gateway.handle(f, bid(2), 0.0)                  # seq 3, in the next one
+        first.done.set_result(2)                        # the first write returns
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert [b.seq for b in books(seen)] == [0]      # bid 2 is not durable yet
+        journal.land()                                  # now it is
+        for _ in range(3):
+            await asyncio.sleep(0)
+        latest = books(seen)[-1]
+        assert latest.seq == 3 and latest.best_rate_bps == 248
+
+        # A subscriber arriving while a write is out gets its first book after it.
+        other = conns[PEOPLE[-2].id]
+        later: list[bytes] = []
+        other.transport.write = later.append            # type: ignore[method-assign]
+        gateway.handle(f, bid(3), 0.0)
+        gateway.handle(other, b'{"type":"subscribe","segments":["%s"]}'
+                       % segment.id.encode(), 0.0)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert books(later) == []
+        # ... and none at all if that write fails: the journal is gone.
+        failed = journal._take()
+        failed.done.set_exception(ConnectionError("Redis went away"))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert books(later) == []
+
+    run(scenario())
