@@ -48,8 +48,10 @@ def participants(cfg: config_module.Config, role: str, n: int) -> list[Participa
 
 @contextlib.contextmanager
 def local_server(config_path: str | None, out: Path, durability: str,
-                 realtime: int = 0) -> Iterator[tuple[str, str]]:
-    """A redis-server and `matcher serve` of our own, for one-command runs."""
+                 realtime: int = 0, floor: bool = False) -> Iterator[tuple[str, str]]:
+    """A redis-server and `matcher serve` of our own, for one-command runs; with `floor`,
+    `loadtest.floor` instead of `matcher serve` (the Redis then only serves the
+    generator's platform reader, which finds no fills)."""
     data = Path(tempfile.mkdtemp(prefix="loadtest-redis-", dir=out))
     redis = LocalRedis(data, durability=durability)
     redis.start()
@@ -62,6 +64,8 @@ def local_server(config_path: str | None, out: Path, durability: str,
                # The journal's archive goes with the throwaway Redis whose journal it is.
                MATCHER_ENGINE_JOURNAL_ARCHIVE=str(data / "journal-archive"))
     cmd = [sys.executable, "-m", "service.cli", "serve"]
+    if floor:
+        cmd = [sys.executable, "-m", "loadtest.floor", "--port", str(port)]
     if config_path:
         cmd += ["--config", config_path]
     log = open(out / "server.log", "ab")   # noqa: SIM115 - closed below
@@ -107,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", help="the server's TOML (default: the packaged demo)")
     ap.add_argument("--serve", action="store_true",
                     help="start a local Redis and `matcher serve` for this run")
+    ap.add_argument("--floor", action="store_true",
+                    help="with --serve: serve the transport floor (loadtest/floor.py: "
+                         "every command accepted at once, no engine, no journal) instead "
+                         "of `matcher serve`, the baseline for the server's figures")
     ap.add_argument("--durability", choices=("always", "everysec", "no"), default="always",
                     help="the local Redis's persistence, with --serve")
     ap.add_argument("--out", default="results")
@@ -127,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not 0 <= args.realtime <= 99:
         ap.error("--realtime: must be in [0, 99]")
+    if args.floor and not args.serve:
+        ap.error("--floor: only with --serve")
     profile: Profile = PROFILES[args.profile].with_(
         rate=args.rate, reads=args.reads, duration_s=args.duration_s, ramp=args.ramp,
         funders=args.funders,
@@ -140,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         url, redis_url = args.url, args.redis_url
         if args.serve:
-            url, redis_url = stack.enter_context(local_server(args.config, out,
-                                                              args.durability, args.realtime))
+            url, redis_url = stack.enter_context(local_server(
+                args.config, out, args.durability, args.realtime, args.floor))
         if args.realtime and not make_realtime(args.realtime):
             args.realtime = 0                  # refused (and logged): say so in the report
         run = Run(profile, url, redis_url, args.shard, funders, smes)
@@ -150,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                                                        if argv is None else argv),
                    machine=machine(),
                    config={**asdict(profile), "url": url,
-                           "durability": args.durability if args.serve else "(server's)",
+                           "durability": ("none (transport floor)" if args.floor
+                                          else args.durability if args.serve
+                                          else "(server's)"),
                            "realtime_priority": args.realtime})
     paths = report.write_all(results, out)
     print(report.summary_table(results))
