@@ -417,11 +417,15 @@ class Run:
         await redis.aclose()
         start_id = newest[0][0].decode() if newest else "0-0"
         clients = self.funders + self.smes
+        # Set on the way out, however the run ends: the background tasks end on it by
+        # themselves. A run that fails is left to `asyncio.run` to cancel them, and
+        # redis-py can lose a cancellation that lands in a command (service/tasks.py),
+        # which would keep the platform reader polling and the generator from exiting.
+        stop = asyncio.Event()
         try:
             for i in range(0, len(clients), 200):    # connect in waves, not all at once
                 await asyncio.gather(*(c.connect() for c in clients[i:i + 200]))
             gctune.tune()           # the generator must not stall either
-            stop = asyncio.Event()
             reader = asyncio.get_running_loop().create_task(self.platform_reader(stop, start_id))
             memory = asyncio.get_running_loop().create_task(self.sample_memory(stop))
             await self.open_market()
@@ -451,6 +455,7 @@ class Run:
             stop.set()
             await asyncio.gather(reader, memory, progress, stolen)
         finally:
+            stop.set()
             for i in range(0, len(clients), 500):
                 await asyncio.gather(*(c.ws.close() for c in clients[i:i + 500]
                                        if c.ws is not None))
