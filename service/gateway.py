@@ -212,6 +212,10 @@ class Gateway:
         self._book_sent: dict[str, float] = {}
         self._last_fills: dict[str, deque[tuple[int, int]]] = {}   # rate, amount; public
         self._book_due: set[str] = set()
+        # The book updates waiting for the journal: (connection or None for all
+        # subscribers, segment) -> (the write they wait for, the update).
+        self._book_waiting: dict[tuple[Connection | None, str],
+                                 tuple[asyncio.Future[int], bytes]] = {}
         self._encode = wire.json_encoder.encode
         self.history = FillHistory(resp.Connection.like(journal.client), journal.keys)
         self._readers = asyncio.Semaphore(_READERS)
@@ -352,18 +356,37 @@ class Gateway:
 
         The engine applies a command before its write returns (ADR 6), so the book can
         show bids that a failed write would take back: those are never acknowledged,
-        and a crash loses them. Market data shows only what is durable: built now (so
-        its `seq` and its levels agree), sent when the writes before it have returned,
-        after the acks of the commands it shows, and not at all if the journal fails.
-        Writes return in order, so updates still reach a subscriber in `seq` order."""
+        and a crash loses them. Market data shows only what is durable: an update is
+        built now (so its `seq` and its levels agree) and sent when the writes before it
+        have returned, after the acks of the commands it shows; never once the journal
+        has failed. One update waits per segment (and per connection, for the book a
+        `subscribe` asked for): a newer one replaces it, so while Redis is slow or away
+        what is held stays bounded and a subscriber never gets an older book after a
+        newer one."""
+        if self.journal.error is not None:      # the engine holds what was never written
+            return
+        key = (conn, segment)
         data = self._encode(self._book_update(segment))
         barrier = self.journal.barrier() or self._held_batch
         if barrier is None:
+            self._book_waiting.pop(key, None)   # an older one still waiting: replaced
             self._book_out(segment, conn, data)
-        else:
-            barrier.add_done_callback(
-                lambda batch: None if batch.cancelled() or batch.exception() is not None
-                else self._book_out(segment, conn, data))
+            return
+        waiting = self._book_waiting.get(key)
+        self._book_waiting[key] = (barrier, data)
+        if waiting is None or waiting[0] is not barrier:
+            barrier.add_done_callback(partial(self._book_durable, key))
+
+    def _book_durable(self, key: tuple[Connection | None, str],
+                      batch: asyncio.Future[int]) -> None:
+        waiting = self._book_waiting.get(key)
+        if waiting is None or waiting[0] is not batch:
+            return              # replaced by a newer update, sent already or waiting later
+        del self._book_waiting[key]
+        if batch.cancelled() or batch.exception() is not None:
+            return
+        conn, segment = key
+        self._book_out(segment, conn, waiting[1])
 
     def _book_out(self, segment: str, conn: Connection | None, data: bytes) -> None:
         for c in [conn] if conn is not None else list(self.subscribers.get(segment, ())):
@@ -398,6 +421,7 @@ class Gateway:
         self.metrics.connections[who.role] -= 1
         for segment in conn.segments:
             self.subscribers.get(segment, set()).discard(conn)
+            self._book_waiting.pop((conn, segment), None)
         self.fill_subscribers.discard(conn)
         if not conns:
             del self.connections[who.id]
@@ -554,6 +578,7 @@ class Gateway:
             for segment in msg.segments:
                 conn.segments.discard(segment)
                 self.subscribers.get(segment, set()).discard(conn)
+                self._book_waiting.pop((conn, segment), None)
             return
         if msg.fills:
             if conn.participant.role not in ("platform", "admin"):

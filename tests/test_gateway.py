@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import pytest
 
-from tests.bench.test_gateway_bench import PEOPLE, _gateway
+from matcher import protocol as wire
+from tests.bench.test_gateway_bench import PEOPLE, SEGMENTS, _gateway
 from tests.conftest import run
 
 
@@ -131,31 +133,48 @@ def test_answers_held_for_the_journal_count_against_its_backlog() -> None:
     assert written.count(b'"code":"unavailable"') == 6 and b"unknown_order" not in written
 
 
+_decode_event = msgspec.json.Decoder(wire.Event).decode
+
+
+def _books(sent: list[bytes]) -> list[wire.BookUpdate]:
+    """The `book` messages among the frames a stand-in socket was given."""
+    out = []
+    data, pos = b"".join(sent), 0
+    while pos < len(data):          # unmasked server frames, RFC 6455 5.2
+        n, pos = data[pos + 1], pos + 2
+        if n == 126:
+            n, pos = int.from_bytes(data[pos:pos + 2], "big"), pos + 2
+        event = _decode_event(data[pos:pos + n])
+        pos += n
+        if isinstance(event, wire.BookUpdate):
+            out.append(event)
+    return out
+
+
+def _bid(segment: str, n: int) -> bytes:
+    return (b'{"type":"bid","client_id":"b%d","segment":"%s","rate_bps":%d,'
+            b'"amount":1000000}' % (n, segment.encode(), 250 - n))
+
+
+def _line(core: str) -> bytes:
+    return b'{"type":"set_credit_line","core":"%s","amount":%d}' % (core.encode(), 10**9)
+
+
+def _subscribe(*segments: str) -> bytes:
+    return b'{"type":"subscribe","segments":[%s]}' % b",".join(
+        b'"%s"' % s.encode() for s in segments)
+
+
+async def _turns(n: int = 3) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
 def test_book_updates_show_only_what_the_journal_has() -> None:
     """The engine applies a command before its write returns. A book update built while
     a later command is still being written is held until that write returns (and after
     the acks it shows), so no subscriber ever sees a bid that a failed write or a crash
     would take back; and a held update is dropped if the journal fails."""
-    import msgspec
-
-    from matcher import protocol as wire
-    from tests.bench.test_gateway_bench import SEGMENTS
-
-    decode = msgspec.json.Decoder(wire.Event).decode
-
-    def books(sent: list[bytes]) -> list[wire.BookUpdate]:
-        out = []
-        data, pos = b"".join(sent), 0
-        while pos < len(data):          # unmasked server frames, RFC 6455 5.2
-            n, pos = data[pos + 1], pos + 2
-            if n == 126:
-                n, pos = int.from_bytes(data[pos:pos + 2], "big"), pos + 2
-            event = decode(data[pos:pos + n])
-            pos += n
-            if isinstance(event, wire.BookUpdate):
-                out.append(event)
-        return out
-
     async def scenario() -> None:
         gateway, journal, conns = await _gateway()
         funder, sme = PEOPLE[0], PEOPLE[-1]
@@ -164,45 +183,120 @@ def test_book_updates_show_only_what_the_journal_has() -> None:
         await asyncio.sleep(0)                          # the welcomes are written
         seen: list[bytes] = []
         s.transport.write = seen.append                 # type: ignore[method-assign]
-        gateway.handle(s, b'{"type":"subscribe","segments":["%s"]}' % segment.id.encode(),
-                       0.0)
+        gateway.handle(s, _subscribe(segment.id), 0.0)
         await asyncio.sleep(0)
-        assert [b.seq for b in books(seen)] == [0]      # nothing pending: at once
-
-        def bid(n: int) -> bytes:
-            return (b'{"type":"bid","client_id":"b%d","segment":"%s","rate_bps":%d,'
-                    b'"amount":1000000}' % (n, segment.id.encode(), 250 - n))
-
-        gateway.handle(f, b'{"type":"set_credit_line","core":"%s","amount":%d}'
-                       % (segment.core.encode(), 10**9), 0.0)
-        gateway.handle(f, bid(1), 0.0)                  # seq 2, in the first write
+        assert [b.seq for b in _books(seen)] == [0]     # nothing pending: at once
+        gateway.handle(f, _line(segment.core), 0.0)
+        gateway.handle(f, _bid(segment.id, 1), 0.0)     # seq 2, in the first write
         first = journal._take()                         # that write is in flight
-        gateway.handle(f, bid(2), 0.0)                  # seq 3, in the next one
+        gateway.handle(f, _bid(segment.id, 2), 0.0)     # seq 3, in the next one
         first.done.set_result(2)                        # the first write returns
-        for _ in range(3):
-            await asyncio.sleep(0)
-        assert [b.seq for b in books(seen)] == [0]      # bid 2 is not durable yet
+        await _turns()
+        assert [b.seq for b in _books(seen)] == [0]     # bid 2 is not durable yet
         journal.land()                                  # now it is
-        for _ in range(3):
-            await asyncio.sleep(0)
-        latest = books(seen)[-1]
+        await _turns()
+        latest = _books(seen)[-1]
         assert latest.seq == 3 and latest.best_rate_bps == 248
 
         # A subscriber arriving while a write is out gets its first book after it.
         other = conns[PEOPLE[-2].id]
         later: list[bytes] = []
         other.transport.write = later.append            # type: ignore[method-assign]
-        gateway.handle(f, bid(3), 0.0)
-        gateway.handle(other, b'{"type":"subscribe","segments":["%s"]}'
-                       % segment.id.encode(), 0.0)
-        for _ in range(3):
-            await asyncio.sleep(0)
-        assert books(later) == []
+        gateway.handle(f, _bid(segment.id, 3), 0.0)
+        gateway.handle(other, _subscribe(segment.id), 0.0)
+        await _turns()
+        assert _books(later) == []
         # ... and none at all if that write fails: the journal is gone.
         failed = journal._take()
         failed.done.set_exception(ConnectionError("Redis went away"))
-        for _ in range(3):
-            await asyncio.sleep(0)
-        assert books(later) == []
+        await _turns()
+        assert _books(later) == []
 
     run(scenario())
+
+
+def test_a_subscriber_never_gets_an_older_book_and_the_last_is_the_final_state() -> None:
+    """An update built while its barrier is the batch still being filled waits for it;
+    commands that join that batch later make the batch's own acks publish a newer book.
+    The older one must not follow the newer, and the last one sent shows every command
+    (found in review: the subscriber saw seq 5 then 4, and nothing after)."""
+    async def scenario() -> list[int]:
+        gateway, journal, conns = await _gateway()
+        segment = SEGMENTS[0]
+        f, s = conns[PEOPLE[0].id], conns[PEOPLE[-1].id]
+        await _turns()
+        seen: list[bytes] = []
+        s.transport.write = seen.append                 # type: ignore[method-assign]
+        gateway.handle(s, _subscribe(segment.id), 0.0)
+        gateway.handle(f, _line(segment.core), 0.0)
+        gateway.handle(f, _bid(segment.id, 1), 0.0)
+        journal.land()
+        await _turns()                                  # published at once
+        gateway.handle(f, _bid(segment.id, 2), 0.0)
+        journal.land()
+        await _turns()                                  # due in book_interval_ms
+        gateway.handle(f, _bid(segment.id, 3), 0.0)     # the batch being filled
+        await asyncio.sleep(0.07)                       # due: built at seq 4, waits
+        gateway.handle(f, _bid(segment.id, 4), 0.0)     # joins that batch: seq 5
+        await asyncio.sleep(0.07)                       # a write slower than the interval
+        journal.land()
+        await _turns()
+        await asyncio.sleep(0.2)                        # anything trailing comes now
+        return [b.seq for b in _books(seen)]
+
+    seqs = run(scenario())
+    assert seqs == sorted(seqs) and seqs[-1] == 5, seqs
+
+
+def test_no_book_is_sent_once_the_journal_has_stopped() -> None:
+    """A write in flight fails and the journal stops with nothing queued behind it: from
+    then on there is no write to wait for, and the engine still holds the command that
+    was never written. No book is sent at all (found in review: a `subscribe` got the
+    live engine at once)."""
+    async def scenario() -> list[wire.BookUpdate]:
+        gateway, journal, conns = await _gateway()
+        segment = SEGMENTS[0]
+        f, s = conns[PEOPLE[0].id], conns[PEOPLE[-1].id]
+        await _turns()
+        gateway.handle(f, _line(segment.core), 0.0)
+        journal.land()
+        await _turns()
+        gateway.handle(f, _bid(segment.id, 1), 0.0)     # applied, being written
+        journal._window.append(journal._take())
+        journal._stop(RuntimeError("GAP: the journal does not end where it follows"))
+        await _turns()
+        assert journal.barrier() is None and gateway.accepting is False
+        seen: list[bytes] = []
+        s.transport.write = seen.append                 # type: ignore[method-assign]
+        gateway.handle(s, _subscribe(segment.id), 0.0)
+        gateway.book_changed(segment.id)
+        await asyncio.sleep(0.1)
+        return _books(seen)
+
+    assert run(scenario()) == []
+
+
+def test_books_held_for_the_journal_stay_bounded() -> None:
+    """While a write is out, each `subscribe` builds a book per segment that waits for
+    it. A client repeating it must not grow what is held: one waits per connection and
+    segment (the newest), and a connection that goes takes its own with it (found in
+    review: 18,001 waiting on one write)."""
+    async def scenario() -> tuple[int, int, int]:
+        gateway, journal, conns = await _gateway()
+        segment = SEGMENTS[0]
+        f, s = conns[PEOPLE[0].id], conns[PEOPLE[-1].id]
+        await _turns()
+        gateway.handle(f, _line(segment.core), 0.0)     # a write that does not return
+        barrier = journal.barrier()
+        assert barrier is not None
+        every = _subscribe(*(g.id for g in SEGMENTS))
+        for _ in range(2000):
+            gateway.handle(s, every, 0.0)
+        held = len(gateway._book_waiting)
+        callbacks = len(barrier._callbacks)             # type: ignore[attr-defined]
+        gateway.detach(s)
+        return held, callbacks, len(gateway._book_waiting)
+
+    held, callbacks, after = run(scenario())
+    assert held == len(SEGMENTS) and callbacks <= len(SEGMENTS) + 2, (held, callbacks)
+    assert after == 0
