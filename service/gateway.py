@@ -46,6 +46,8 @@ _SYSTEM = Participant(id=SYSTEM, name="system", role="admin", key_sha256="")
 _Held = tuple[Outcome, float, "Connection | None"]   # an outcome waiting for its batch
 _READERS = 2                   # pages of fills read from Redis at once
 _WAITING = 256                 # pages of fills asked for and not yet read, at most
+_WAITING_EACH = 4              # ... of them for one participant (all its connections
+                               # and its HTTP requests), so no one takes all 256
 
 
 class _Named(msgspec.Struct):
@@ -220,6 +222,7 @@ class Gateway:
         self.history = FillHistory(resp.Connection.like(journal.client), journal.keys)
         self._readers = asyncio.Semaphore(_READERS)
         self._waiting = 0                                  # pages asked for, not yet read
+        self._waiting_of: dict[int, int] = {}              # ... by participant
         self._closing: set[asyncio.Task[bool]] = set()     # closes of dropped connections
 
     # --- commands ---
@@ -550,7 +553,12 @@ class Gateway:
         if self._waiting >= _WAITING:
             return _busy(f"{self._waiting} pages of fills are waiting to be read: ask again "
                          "shortly", req.ref)
+        own = self._waiting_of.get(who.id, 0)
+        if own >= _WAITING_EACH:
+            return _busy(f"{own} pages of your fills are being read: ask again when they "
+                         "have come", req.ref)
         self._waiting += 1
+        self._waiting_of[who.id] = own + 1
         try:
             async with self._readers:
                 page = await self.history.page(who.id, req.after, req.limit)
@@ -561,6 +569,10 @@ class Gateway:
                               message=f"fills cannot be read now: {exc}")
         finally:
             self._waiting -= 1
+            if self._waiting_of[who.id] == 1:
+                del self._waiting_of[who.id]
+            else:
+                self._waiting_of[who.id] -= 1
         side: Literal["bid", "ask"] = "bid" if who.role == "funder" else "ask"
         self.metrics.fill_pages += 1
         return wire.FillPage(

@@ -300,3 +300,39 @@ def test_books_held_for_the_journal_stay_bounded() -> None:
     held, callbacks, after = run(scenario())
     assert held == len(SEGMENTS) and callbacks <= len(SEGMENTS) + 2, (held, callbacks)
     assert after == 0
+
+
+def test_one_participant_cannot_take_every_fills_page_slot() -> None:
+    """`GET /v1/fills` has only a key's rate budget, not the connection's one page at a
+    time: one key's requests could fill all 256 waiting slots and have every other
+    participant's `fills` refused `busy` (found in review). A participant has at most
+    `_WAITING_EACH` pages waiting; the others are still served."""
+    from service import gateway as gateway_module
+    from service.history import Page
+
+    async def scenario() -> tuple[list[str], wire.FillPage | wire.Error, int]:
+        gateway, _, _ = await _gateway()
+        release = asyncio.Event()
+
+        class SlowHistory:                   # a Redis slow to read (or reconnecting)
+            async def page(self, participant: int, after: str | None,
+                           limit: int) -> Page:
+                await release.wait()
+                return Page([], False, after)
+
+        gateway.history = SlowHistory()      # type: ignore[assignment]
+        hog, sme = PEOPLE[0], PEOPLE[-1]
+        hogging = [asyncio.ensure_future(gateway.fill_page(hog, wire.FillsRequest()))
+                   for _ in range(gateway_module._WAITING)]
+        await _turns()
+        other = asyncio.ensure_future(gateway.fill_page(sme, wire.FillsRequest(ref="mine")))
+        await _turns()
+        release.set()
+        answers = await asyncio.gather(*hogging)
+        codes = [a.code if isinstance(a, wire.Error) else "page" for a in answers]
+        return codes, await other, len(gateway._waiting_of)
+
+    codes, other, left = run(scenario())
+    assert codes.count("page") == 4 and codes.count("busy") == len(codes) - 4, codes
+    assert isinstance(other, wire.FillPage) and other.ref == "mine"
+    assert left == 0                         # the counts go back to nothing
