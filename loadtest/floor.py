@@ -3,23 +3,32 @@
 A load test's figures mix what the server does with what the machine, the event loop,
 aiohttp and the loopback network cost the generator and the server before the server
 does anything. This server keeps the second part as `matcher serve` has it (aiohttp on
-uvloop, a WebSocket per participant signed in by its key, messages handed over as
-parsed by `service.inbox`, replies framed and written as the gateway does, automatic
-garbage collection off) and drops the first: every command is answered `accepted` at
-once, with no engine, no journal and no Redis. `matcher-loadtest --serve --floor` runs
-the generator against it, so the cost of the real server reads as a ratio against a
-floor measured on the same machine in the same hour (README, Speed).
+uvloop with the server's runner and listening settings, a WebSocket per participant
+signed in by its key, messages handed over as parsed by `service.inbox`, replies sent
+through the gateway's own `Connection`, which frames them and writes each client's
+replies of a loop turn at once, automatic garbage collection off, SCHED_RR when the
+configuration asks) and drops the first: every command is answered `accepted` at once,
+with no engine, no journal and no Redis. `matcher-loadtest --serve --floor` runs the
+generator against it, so the cost of the real server reads as a ratio against a floor
+measured on the same machine in the same hour (README, Speed).
 
-Only what the generator needs is served: `/v1/segments` from the configuration,
-`/health`, `/metrics` (the process's CPU, for the report's `cpu` line) and `/ws`.
-Nothing is matched, so no fill, `done` or book update is ever sent, and a `fills` or
-`quote` request is answered with an empty page or an empty quote.
+It answers one message with one reply, where the server also sends fills, `done`s and
+book updates: the floor is what any server of this protocol pays per command at least,
+not what this one would pay for the same traffic. Only what the generator needs is
+served: `/v1/segments` from the configuration, `/health`, `/metrics` (the process's CPU,
+for the report's `cpu` line) and `/ws` with the key in the `Authorization` header. A
+command is `accepted`; `fills`, `quote` and `status` get an empty answer; `subscribe`,
+`unsubscribe` and `auth` get an `error` with code `unsupported`, and what is not JSON
+one with code `malformed`.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
+import math
+import signal
 
 import msgspec
 import uvloop
@@ -29,9 +38,15 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from matcher import protocol as wire
 from matcher.participants import Directory
 from service import config as config_module
-from service.gateway import bearer_key, frame
+from service.app import LISTEN_BACKLOG
+from service.gateway import Connection, bearer_key
 from service.inbox import WebSocket
 from service.realtime import make_realtime
+
+#: What `matcher serve` journals and answers `accepted`.
+COMMANDS = frozenset(t.__struct_config__.tag for t in
+                     (wire.Bid, wire.Ask, wire.Cancel, wire.CancelAll, wire.Amend,
+                      wire.SetCreditLine, wire.AddSegment, wire.EndOfDay))
 
 
 class _Any(msgspec.Struct):
@@ -67,7 +82,10 @@ class Floor:
         try:
             msg = _decode(data)
         except msgspec.DecodeError as exc:
-            return _encode(wire.Error(code="invalid", message=str(exc)))
+            return _encode(wire.Error(code="malformed", message=str(exc)))
+        if msg.type in COMMANDS:
+            self.seq += 1
+            return _encode(wire.Accepted(client_id=msg.client_id, seq=self.seq))
         if msg.type == "fills":
             return _encode(wire.FillPage(fills=[], more=False, next=None, ref=msg.ref))
         if msg.type == "quote":
@@ -75,8 +93,10 @@ class Floor:
                                       single_funder=msg.single_funder, fillable=0,
                                       avg_rate_bps=None, worst_rate_bps=None, funders=0,
                                       seq=self.seq, ref=msg.ref))
-        self.seq += 1
-        return _encode(wire.Accepted(client_id=msg.client_id, seq=self.seq))
+        if msg.type == "status":
+            return _encode(wire.Status(orders=[], lines=[]))
+        return _encode(wire.Error(code="unsupported", path="$.type",
+                                  message=f"the transport floor does not serve {msg.type!r}"))
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -105,13 +125,16 @@ class Floor:
             return ws
         transport = request.transport
         assert transport is not None
-        transport.write(frame(_encode(wire.Welcome(
-            participant=who.id, name=who.name, role=who.role,
-            segments=self.segment_ids))))
+        conn = Connection(ws, transport, who, self.config.limits,
+                          lambda c: c.transport.abort())     # a slow consumer: cut
+        conn.send(_encode(wire.Welcome(participant=who.id, name=who.name, role=who.role,
+                                       segments=self.segment_ids)))
 
         def handle(data: bytes) -> None:
-            if not transport.is_closing():
-                transport.write(frame(self.answer(data)))
+            if conn.allow():            # the per-connection rate limit, as the gateway
+                conn.send(self.answer(data))
+            else:
+                conn.send(_encode(wire.Error(code="rate_limited", message="over the rate")))
 
         ws.deliver(handle)
         try:
@@ -121,7 +144,25 @@ class Floor:
                     ws.caught_up()
         finally:
             ws.deliver(None)
+            conn.closed = True
         return ws
+
+
+async def serve(floor: Floor, host: str, port: int) -> None:
+    """Listen as `matcher serve` does (service/app.py) until SIGTERM or SIGINT."""
+    runner = web.AppRunner(floor.app(), handle_signals=False, access_log=None,
+                           timeout_ceil_threshold=math.inf,
+                           shutdown_timeout=floor.config.server.shutdown_timeout)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, reuse_address=True, backlog=LISTEN_BACKLOG).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,8 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     gc.disable()                  # as the gateway runs (ADR 10)
     if config.server.realtime_priority:          # as `matcher serve` does (ADR 14)
         make_realtime(config.server.realtime_priority)
-    web.run_app(floor.app(), host=args.host, port=args.port or config.server.port, print=None,
-                loop=uvloop.new_event_loop(), handle_signals=True)
+    uvloop.run(serve(floor, args.host, args.port or config.server.port))
 
 
 if __name__ == "__main__":

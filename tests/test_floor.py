@@ -61,9 +61,19 @@ def test_floor_signs_in_by_key_and_accepts_each_command_in_order(tmp_path: Path)
                 page = _event(await ws.recv())
                 assert isinstance(page, wire.FillPage) and page.ref == "r1"
                 assert page.fills == []
+                await ws.send(json.dumps({"type": "status"}))
+                status = _event(await ws.recv())
+                assert isinstance(status, wire.Status) and status.orders == []
                 await ws.send(b"{not json")
                 error = _event(await ws.recv())
-                assert isinstance(error, wire.Error) and error.code == "invalid"
+                assert isinstance(error, wire.Error) and error.code == "malformed"
+                await ws.send(json.dumps({"type": "subscribe", "segments": ["DFM-30D"]}))
+                error = _event(await ws.recv())
+                assert isinstance(error, wire.Error) and error.code == "unsupported"
+                await ws.send(json.dumps({"type": "ask", "client_id": "a1", "amount": 5,
+                                          "segment": "DFM-30D"}))
+                ack = _event(await ws.recv())           # the seq goes on from the bids
+                assert isinstance(ack, wire.Accepted) and (ack.client_id, ack.seq) == ("a1", 4)
             async with connect(url, additional_headers={"Authorization": "Bearer nobody"}) \
                     as ws:
                 with pytest.raises(ConnectionClosed) as closed:
