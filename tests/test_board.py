@@ -727,3 +727,207 @@ def test_board_reconnects_after_a_server_restart(
     expect(card(page, "SGCC-90D").locator(".best-rate")).to_have_text("3.10%")
     assert ladder(page, "SGCC-90D") == [("3.10%", "250,000.00 CNY", "1 order")]
     assert page.evaluate("window.__sameDocument") is True
+
+
+# --- what a dropped connection or a busy market must not break (found in review) --------
+
+
+def test_an_ask_whose_answer_was_lost_with_the_connection_is_settled_once(
+        new_page: Callable[..., Page], server: ServerProcess,
+        market: tuple[WsClient, WsClient]) -> None:
+    """The ask reaches the gateway and is filled, but every answer is lost with the
+    connection. Back, the page sends it again under the same client id: the gateway
+    answers that it is a retry, with the original `done`, and the loans come with the
+    latest-loans page. One financing, shown as filled, and the SME can finance again."""
+    bank_a, bank_b = market
+    sockets: list[WebSocketRoute] = []
+    asks: list[str] = []
+
+    def route(ws: WebSocketRoute) -> None:
+        sockets.append(ws)
+        server_ws = ws.connect_to_server()
+        first = len(sockets) == 1
+
+        def outgoing(message: str | bytes) -> None:
+            msg = json.loads(message)
+            if msg["type"] == "ask":
+                asks.append(msg["client_id"])
+            server_ws.send(message)
+
+        def incoming(message: str | bytes) -> None:
+            if not (first and asks):               # after the ask: nothing gets back
+                ws.send(message)
+        ws.on_message(outgoing)
+        server_ws.on_message(incoming)
+
+    page = new_page("sme-ask-lost")
+    page.route_web_socket(re.compile(r".*/ws$"), route)
+    sign_in(page, server, SME_X)
+    page.select_option("#sme-segment", SEG)
+    page.fill("#sme-amount", "1,200,000")
+    expect(page.locator("#quote-split [data-count]")).to_have_text("2")
+    page.click("#finance")
+    assert bank_b.until("fill")["amount"] == 50_000_000       # the gateway filled it
+    assert bank_a.until("fill")["amount"] == 70_000_000
+    expect(page.locator("#outcome")).to_have_text("Processing…")
+    sockets[0].close(code=1001)
+    expect(page.locator("#outcome")).to_have_text("Filled", timeout=10_000)
+    assert len(asks) == 2 and asks[0] == asks[1], asks           # the same ask, again
+    expect(page.locator("#sme-result tr.loan")).to_have_count(2)
+    expect(page.locator("#total-financed")).to_have_text("1,200,000.00 CNY")
+    expect(page.locator("#finance")).to_be_enabled()
+    assert ladder(page) == [("2.50%", "1,300,000.00 CNY", "1 order")]   # lent once
+
+
+def test_the_quote_is_sent_while_the_book_keeps_moving(
+        new_page: Callable[..., Page], server: ServerProcess,
+        market: tuple[WsClient, WsClient]) -> None:
+    """Each book update of the SME's segment asks for a fresh quote after 200 ms; with an
+    update every 50 ms that must not postpone the quote for ever (it did: "Quoting…")."""
+    bank_a, _ = market
+    page = new_page("sme-busy-book")
+    sign_in(page, server, SME_X)
+    page.select_option("#sme-segment", SEG)
+    bid = bank_a.bid(SEG, 260, 1_000_000)
+    page.fill("#sme-amount", "100,000")
+    shown = None
+    deadline = time.monotonic() + 2.0
+    rate = 260
+    while time.monotonic() < deadline:          # the book moves every 50 ms meanwhile
+        rate = 261 if rate == 260 else 260
+        got = bank_a.command({"type": "amend", "client_id": bid, "rate_bps": rate})
+        assert got["type"] == "accepted", got
+        time.sleep(0.02)
+        shown = page.locator("#quote-split").get_attribute("data-fillable") or shown
+    assert shown == "10000000", shown
+
+
+def test_an_error_about_a_quote_does_not_settle_the_ask(
+        new_page: Callable[..., Page], server: ServerProcess,
+        market: tuple[WsClient, WsClient]) -> None:
+    """An `error` that answers a quote (its `ref` says so; here a rate limit) came right
+    after the ask was sent, and the page took it as the ask's: "Rejected", the button
+    free, while the ask went on to be filled."""
+    def route(ws: WebSocketRoute) -> None:
+        server_ws = ws.connect_to_server()
+
+        def outgoing(message: str | bytes) -> None:
+            server_ws.send(message)
+            if json.loads(message)["type"] == "ask":
+                ws.send(json.dumps({"type": "error", "code": "rate_limited", "path": None,
+                                    "message": "over the rate", "ref": "q9-split"}))
+        ws.on_message(outgoing)
+
+    page = new_page("sme-quote-error")
+    page.route_web_socket(re.compile(r".*/ws$"), route)
+    sign_in(page, server, SME_X)
+    page.select_option("#sme-segment", SEG)
+    page.fill("#sme-amount", "1,200,000")
+    expect(page.locator("#quote-split [data-count]")).to_have_text("2")
+    page.click("#finance")
+    expect(page.locator("#outcome")).to_have_text("Filled")
+    expect(page.locator("#sme-result tr.loan")).to_have_count(2)
+    expect(page.locator("#sme-msg")).to_contain_text("Quote: Error (rate_limited)")
+
+
+def test_books_from_a_gateway_that_numbers_from_lower_are_shown(
+        new_page: Callable[..., Page], server: ServerProcess,
+        market: tuple[WsClient, WsClient]) -> None:
+    """A newer book is newer within one connection: after reconnecting to a gateway whose
+    `seq` is lower (a Redis emptied or failed over), the board must not keep the old
+    picture for ever. The first connection's books are made to carry high numbers."""
+    bank_a, _ = market
+    sockets: list[WebSocketRoute] = []
+
+    def route(ws: WebSocketRoute) -> None:
+        sockets.append(ws)
+        server_ws = ws.connect_to_server()
+        first = len(sockets) == 1
+
+        def incoming(message: str | bytes) -> None:
+            msg = json.loads(message)
+            if first and msg["type"] == "book":
+                msg["seq"] += 1_000_000
+            ws.send(json.dumps(msg))
+        server_ws.on_message(incoming)
+
+    page = new_page("board-seq-restart")
+    page.route_web_socket(re.compile(r".*/ws$"), route)
+    sign_in(page, server, SME_Y)
+    expect(card(page).locator(".best-rate")).to_have_text("2.40%")
+    sockets[0].close(code=1001)
+    expect(page.locator("#live")).to_have_attribute("data-state", "live", timeout=10_000)
+    bank_a.bid(SEG, 230, 100_000)
+    expect(card(page).locator(".best-rate")).to_have_text("2.30%")
+
+
+def test_segments_shown_as_stand_ins_are_replaced_once_readable(
+        new_page: Callable[..., Page], server: ServerProcess) -> None:
+    """`/v1/segments` fails at sign-in: the page shows the ids it was welcomed with as
+    stand-ins (no core, no tenor). They are replaced once the list can be read, not only
+    segments it did not know."""
+    calls: list[int] = []
+
+    def segments(route: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            route.fulfill(status=503, json={"type": "error", "code": "unavailable"})
+        else:
+            route.continue_()
+
+    page = new_page("board-segments-later")
+    page.route(re.compile(r".*/v1/segments$"), segments)
+    sign_in(page, server, SME_Y)
+    expect(card(page).locator("h3")).to_have_text("DFM 30 days")
+    assert len(calls) >= 2
+
+
+def test_a_refusal_ahead_of_an_earlier_answer_is_pinned_on_the_latest_command(
+        new_page: Callable[..., Page], server: ServerProcess) -> None:
+    """`set_credit_line` and `cancel_all` carry no client id, so the page pins their
+    answers oldest first; but a flow-control refusal (`rate_limited`, `unavailable`) is
+    sent at once, ahead of an earlier command's `accepted` (docs/protocol.md), and is the
+    latest command's. Here the answers to a line change are held back until the
+    cancel-all after it has been refused."""
+    held: list[str | bytes] = []
+    holding = False
+
+    def route(ws: WebSocketRoute) -> None:
+        server_ws = ws.connect_to_server()
+
+        def outgoing(message: str | bytes) -> None:
+            nonlocal holding
+            msg = json.loads(message)
+            if msg["type"] == "set_credit_line" and msg["amount"] == 200_000_000:
+                holding = True
+                server_ws.send(message)
+            elif msg["type"] == "cancel_all" and holding:
+                holding = False                 # refused at once, not sent on
+                ws.send(json.dumps({"type": "rejected", "client_id": None,
+                                    "code": "rate_limited", "message": "over the rate"}))
+                for m in held:
+                    ws.send(m)
+            else:
+                server_ws.send(message)
+
+        def incoming(message: str | bytes) -> None:
+            if holding:
+                held.append(message)
+            else:
+                ws.send(message)
+        ws.on_message(outgoing)
+        server_ws.on_message(incoming)
+
+    page = new_page("funder-refusal-order")
+    page.route_web_socket(re.compile(r".*/ws$"), route)
+    sign_in(page, server, F13)
+    page.select_option("#line-core", "DFM")
+    page.fill("#line-amount", "1000000")
+    page.click("#line-form button[type=submit]")
+    expect(page.locator("#line-msg")).to_have_text("Line against DFM set to 1,000,000.00 CNY.")
+    page.fill("#line-amount", "2000000")
+    page.click("#line-form button[type=submit]")
+    page.evaluate("document.getElementById('cancel-all').disabled = false")
+    page.click("#cancel-all")
+    expect(page.locator("#orders-msg")).to_contain_text("Rejected (rate_limited)")
+    expect(page.locator("#line-msg")).to_have_text("Line against DFM set to 2,000,000.00 CNY.")

@@ -158,6 +158,7 @@ function connect() {
 function onClose(ws, ev) {
   if (ws !== conn.ws || conn.key === null) return;   // signed out, or an old socket
   conn.ws = null;
+  forgetUnanswered();
   if (!conn.everWelcomed) {   // nothing is on screen yet: back to the sign-in box
     conn.key = null;
     $('signin-button').disabled = false;
@@ -193,6 +194,19 @@ function sendCommand(msg, pending) {
   state.pending.set(msg.client_id, list);
   state.lastSent = { clientId: msg.client_id, pending };
   return true;
+}
+
+// Answers never cross connections: what the old one still waited for will not be answered
+// on the next, and an answer there must not be pinned on it. Each waiting note says so;
+// the next welcome brings the truth (status, latest loans) and sends the SME's ask again.
+function forgetUnanswered() {
+  for (const list of state.pending.values()) {
+    for (const p of list) if (p.kind !== 'ask') showMsg(p.msg, 'Connection lost before the answer: see the list once reconnected.', 'info');
+  }
+  for (const p of state.unnamed) showMsg($(p.kind === 'line' ? 'line-msg' : 'orders-msg'), 'Connection lost before the answer: see the list once reconnected.', 'info');
+  state.pending.clear();
+  state.unnamed = [];
+  state.lastSent = null;
 }
 
 function takePending(clientId) {
@@ -241,21 +255,24 @@ function setSegments(list) {
 
 async function loadSegments(ids) {
   const byId = new Map((await fetchSegments() ?? []).map((s) => [s.id, s]));
-  setSegments(ids.map((id) => byId.get(id) ?? { id, core: id, tenor_days: 0, rate_cap_bps: 10000 }));
+  setSegments(ids.map((id) => byId.get(id) ?? { id, core: id, tenor_days: 0, rate_cap_bps: 10000, placeholder: true }));
 }
 
 // Segments an admin opens while the page is up appear on it, subscribed, without a reload.
 const SEGMENT_REFRESH_MS = 10_000;
 
+// Also replaces the stand-ins (core = id, no tenor) of a first read that failed.
 async function refreshSegments() {
   if (!conn.welcomed) return;
-  const added = (await fetchSegments() ?? []).filter((s) => !state.segments.has(s.id));
-  if (!added.length) return;
+  const fresh = (await fetchSegments() ?? []).filter((s) => !state.segments.has(s.id)
+    || state.segments.get(s.id).placeholder);
+  if (!fresh.length) return;
+  const added = fresh.filter((s) => !state.segments.has(s.id));
   const chosen = ['sme-segment', 'bid-segment', 'line-core'].map((id) => [id, $(id).value]);
-  setSegments([...state.segments.values(), ...added]);
+  setSegments([...[...state.segments.values()].filter((s) => !fresh.some((f) => f.id === s.id)), ...fresh]);
   showWorkspace();
-  for (const [id, value] of chosen) if (value) $(id).value = value;
-  send({ type: 'subscribe', segments: added.map((s) => s.id) });
+  for (const [id, value] of chosen) if ([...$(id).options].some((o) => o.value === value)) $(id).value = value;
+  if (added.length) send({ type: 'subscribe', segments: added.map((s) => s.id) });
 }
 
 // ---- Events -----------------------------------------------------------------------
@@ -266,16 +283,24 @@ async function onWelcome(msg) {
   const first = !conn.everWelcomed;
   conn.everWelcomed = true;
   state.me = msg;
+  // Another gateway (a restart on an emptied Redis, a failover) may number from lower:
+  // a newer picture is newer within one connection only.
+  state.books.clear();
   if (msg.role === 'funder' || msg.role === 'sme') requestLoans();
   if (first) {
     await loadSegments(msg.segments);
     showWorkspace();
     setInterval(refreshSegments, SEGMENT_REFRESH_MS);
+    // The list could not be read: stand-ins are shown; read it again soon.
+    if ([...state.segments.values()].some((s) => s.placeholder)) setTimeout(refreshSegments, 2000);
   }
   setLive('live');
   send({ type: 'subscribe', segments: [...state.segments.keys()] });
   if (msg.role === 'funder') requestStatus();
-  if (msg.role === 'sme') sendQuotes();
+  if (msg.role === 'sme') {
+    sendQuotes();
+    resumeAsk();
+  }
 }
 
 // The latest loans, at every sign-in and reconnect: a loan made while the page was away
@@ -288,6 +313,7 @@ function requestLoans() {
 
 function onFills(page) {
   page.fills.forEach(showLoan);
+  for (const f of page.fills) if (f.side === 'ask') smeAskEvent(f.client_id, (a) => addAskFill(a, f));
 }
 
 // Trade ids are "<seq>-<n>": in the order the loans were made.
@@ -318,7 +344,7 @@ function onAccepted(msg) {
 }
 
 function onRejected(msg) {
-  if (msg.client_id === null && state.unnamed.length) return unnamedAnswer(msg);
+  if (msg.client_id === null && state.unnamed.length) return unnamedAnswer(msg, FLOW_CONTROL.has(msg.code));
   const p = takePending(msg.client_id);
   if (p?.kind === 'ask') smeAskEvent(msg.client_id, (a) => { a.rejected = msg; });
   if (p) showMsg(p.msg, rejectText(msg));
@@ -335,6 +361,11 @@ function onError(msg) {
     return;
   }
   const text = `Error (${msg.code}): ${msg.message}`;
+  if (msg.ref != null) {       // a quote's: no command of the user's failed
+    if (state.me?.role === 'sme') showMsg($('sme-msg'), `Quote: ${text}`);
+    else notify(text);
+    return;
+  }
   notify(text);
   const last = state.lastSent;
   state.lastSent = null;
@@ -356,7 +387,7 @@ function dropPending(sent) {
 
 function onFill(fill) {
   showLoan(fill);
-  if (fill.side === 'ask') return smeAskEvent(fill.client_id, (a) => a.fills.push(fill));
+  if (fill.side === 'ask') return smeAskEvent(fill.client_id, (a) => addAskFill(a, fill));
   requestStatus();
 }
 
@@ -397,8 +428,10 @@ function onBook(book) {
   if (prev && prev.seq > book.seq) return;   // an older picture: keep the newer one
   state.books.set(book.segment, book);
   renderCard(book.segment, prev);
-  if (state.me?.role === 'sme' && book.segment === $('sme-segment').value) {
-    scheduleQuote();   // the book moved: keep the quote on screen true
+  if (state.me?.role === 'sme' && book.segment === $('sme-segment').value && !sme.timer) {
+    // The book moved: keep the quote on screen true. Not by restarting a quote already
+    // due: with an update every 50 ms it would never be sent.
+    scheduleQuote();
   }
 }
 
@@ -516,6 +549,7 @@ function scheduleQuote() {
 // Both alternatives at once: split across funders, and the best single funder.
 function sendQuotes() {
   clearTimeout(sme.timer);
+  sme.timer = 0;
   if (!sme.want) return;
   const ref = `q${++sme.reqSeq}`;
   sme.want.ref = ref;
@@ -563,7 +597,7 @@ function renderQuote(node, q, none) {
 
 function onFinanceSubmit(ev) {
   ev.preventDefault();
-  if (sme.ask && !sme.ask.done && !sme.ask.rejected) return;
+  if (sme.ask && !askEnded(sme.ask)) return;
   const want = smeRead({ submit: true });
   if (!want) return;
   const fresh = sme.want && sme.want.segment === want.segment && sme.want.amount === want.amount;
@@ -590,7 +624,8 @@ function finance() {
   const clientId = newClientId('ask');
   const msg = { type: 'ask', client_id: clientId, segment: q.segment, amount: q.amount,
     max_rate_bps: q.worst_rate_bps, tif: 'ioc', single_funder: mode === 'single' };
-  sme.ask = { clientId, seg, amount: q.amount, cap: q.worst_rate_bps, fills: [], done: null, rejected: null };
+  sme.ask = { clientId, seg, amount: q.amount, cap: q.worst_rate_bps, fills: [], done: null, rejected: null,
+    msg, sentAt: Date.now(), lost: false };
   if (!sendCommand(msg, { kind: 'ask', msg: $('sme-msg') })) return;
   $('finance').disabled = true;
   renderResult();
@@ -600,8 +635,30 @@ function finance() {
 function smeAskEvent(clientId, apply) {
   if (sme.ask?.clientId !== clientId) return;   // e.g. an ask from another tab
   apply(sme.ask);
-  $('finance').disabled = !sme.ask.done && !sme.ask.rejected;
+  $('finance').disabled = !askEnded(sme.ask);
   renderResult();
+}
+
+const askEnded = (a) => Boolean(a.done || a.rejected || a.lost);
+
+// A loan comes live and in the latest-loans page after a reconnect: count it once.
+function addAskFill(ask, fill) {
+  if (!ask.fills.some((f) => f.trade_id === fill.trade_id)) ask.fills.push(fill);
+}
+
+// Well inside the gateway's two minutes in which a retry is recognised (docs/protocol.md,
+// Retries): past them the same client id could place a second ask and borrow twice.
+const ASK_RETRY_MS = 60_000;
+
+// The connection dropped while the ask was out: its answer is lost with it. Sent again
+// under the same client id, the gateway answers that it is a retry, with the original
+// `done`; the loans come with the latest-loans page. Too late for that, the outcome is
+// unknown here and the loans list shows what was lent.
+function resumeAsk() {
+  const a = sme.ask;
+  if (!a || askEnded(a)) return;
+  if (Date.now() - a.sentAt < ASK_RETRY_MS && sendCommand(a.msg, { kind: 'ask', msg: $('sme-msg') })) return;
+  smeAskEvent(a.clientId, (x) => { x.lost = true; });
 }
 
 const OUTCOMES = { filled: 'Filled', partial: 'Partly filled', unfilled: 'Unfilled' };
@@ -614,7 +671,9 @@ function renderResult() {
   let outcome = 'pending';
   if (a.rejected) outcome = 'rejected';
   else if (a.done) outcome = a.done.reason === 'filled' ? 'filled' : a.done.filled > 0 ? 'partial' : 'unfilled';
-  const label = { ...OUTCOMES, pending: 'Processing…', rejected: 'Rejected' }[outcome];
+  else if (a.lost) outcome = 'unknown';
+  const label = { ...OUTCOMES, pending: 'Processing…', rejected: 'Rejected',
+    unknown: 'Connection lost: see your latest loans' }[outcome];
   const total = a.fills.reduce((s, f) => s + BigInt(f.amount), 0n);
   const interest = a.fills.reduce((s, f) => s + interestFen(f.amount, f.rate_bps, a.seg.tenor_days), 0n);
   const rows = a.fills.map((f) => el('tr', { class: 'loan' },
@@ -786,10 +845,14 @@ function onLineSubmit(ev) {
   }
 }
 
-// set_credit_line and cancel_all carry no client id: their answers come back in the
-// order sent, so each answer is the oldest such command's.
-function unnamedAnswer(rejected) {
-  const p = state.unnamed.shift();
+// Refused at once, ahead of earlier commands' answers (docs/protocol.md, "Ordering and
+// delivery"): such a refusal is the latest command's, not the oldest one's.
+const FLOW_CONTROL = new Set(['rate_limited', 'unavailable']);
+
+// set_credit_line and cancel_all carry no client id: their other answers come back in the
+// order sent, so each is the oldest such command's.
+function unnamedAnswer(rejected, newest = false) {
+  const p = newest ? state.unnamed.pop() : state.unnamed.shift();
   requestStatus();   // also when another tab of this funder changed a line
   if (!p) return;
   const msgNode = $(p.kind === 'line' ? 'line-msg' : 'orders-msg');
