@@ -463,14 +463,18 @@ class Service:
         segment = request.match_info["segment"]
         if segment not in gw.engine.books:
             return _json_error(404, "unknown_segment", f"no segment {segment!r}", "$.segment")
-        try:
-            req = wire.QuoteRequest(
-                segment=segment, amount=_int_param(request, "amount"),
-                single_funder=request.query.get("single_funder", "false") in ("1", "true"))
-            req = wire.json_decoder.decode(wire.json_encoder.encode(req))  # checks bounds
-        except (ValueError, msgspec.ValidationError) as exc:
-            return _json_error(400, "invalid", str(exc), "$.amount")
-        assert isinstance(req, wire.QuoteRequest)
+        bad = _query_refused(request, ("amount", "single_funder", "ref"))
+        if bad is not None:
+            return bad
+        amount = request.query.get("amount", "")
+        if not (amount.isascii() and amount.isdigit()):   # not "50.0" or "5e1" as 50
+            return _json_error(400, "invalid", "amount: a positive whole number of fen is "
+                               "required", "$.amount")
+        try:        # the WebSocket message's own checks; strict=False: "true" and "1" too
+            req = msgspec.convert({**request.query, "segment": segment}, wire.QuoteRequest,
+                                  strict=False)
+        except msgspec.ValidationError as exc:
+            return _error_response(400, decode_error(exc, b""))
         return web.Response(body=wire.json_encoder.encode(gw.engine.quote(req)),
                             content_type="application/json")
 
@@ -493,10 +497,9 @@ class Service:
             return _error_response(403, refused)
         if not self._fills_budgets.allow(who.id):
             return self._rate_limited("this key")
-        repeated = [name for name in request.query if len(request.query.getall(name)) > 1]
-        if repeated:
-            return _json_error(400, "invalid", f"{repeated[0]}: given more than once",
-                               f"$.{repeated[0]}")
+        bad = _query_refused(request, ("after", "limit", "ref"))
+        if bad is not None:
+            return bad
         limit = request.query.get("limit")
         if limit is not None and not (limit.isascii() and limit.isdigit()):
             # strict=False below also reads "50.0" and "5e1" as 50: a count is digits
@@ -590,11 +593,16 @@ def last_end_of_day(now: dt.datetime, at: str) -> dt.datetime:
     return next_end_of_day(now, at) - dt.timedelta(days=1)
 
 
-def _int_param(request: web.Request, name: str) -> int:
-    value = request.query.get(name)
-    if value is None or not value.isdigit():
-        raise ValueError(f"{name}: a positive whole number of fen is required")
-    return int(value)
+def _query_refused(request: web.Request, known: tuple[str, ...]) -> web.Response | None:
+    """400 for a parameter given twice or not one of `known`, naming it: a typo must not
+    be answered as if the parameter had been left out."""
+    for name in request.query:
+        if len(request.query.getall(name)) > 1:
+            return _json_error(400, "invalid", f"{name}: given more than once", f"$.{name}")
+        if name not in known:
+            return _json_error(400, "invalid", f"{name}: not a parameter of this request "
+                               f"({', '.join(known)})", f"$.{name}")
+    return None
 
 
 def _json_error(status: int, code: str, message: str, path: str | None,

@@ -482,12 +482,12 @@ class Gateway:
             return
         who = conn.participant
         if not allowed:
-            if isinstance(msg, wire.QuoteRequest | wire.FillsRequest):   # reads: by ref
-                self._error(conn, self._over_rate(msg.ref))
-            else:
+            if isinstance(msg, wire.Command):   # a command is answered as refused commands are
                 self._refuse(who, conn, wire.Rejected(
                     client_id=getattr(msg, "client_id", None), code="rate_limited",
                     message=self._over_rate(None).message))
+            else:       # a read, a subscription, a sign-in: an `error`, by ref if it has one
+                self._error(conn, self._over_rate(getattr(msg, "ref", None)))
             return
         if isinstance(msg, wire.QuoteRequest):
             self._quote(conn, msg)

@@ -1509,9 +1509,13 @@ def test_command_over_the_rate_limit_is_rejected_rate_limited(
             excess_quote = await f11.command({"type": "quote", "segment": "DFM-30D",
                                               "amount": 1, "ref": "q9"})
             excess_fills = await f11.command({"type": "fills", "ref": "f9"})
-            return first, excess, excess_quote, excess_fills, await platform.book("DFM-30D")
+            others = [await f11.command(m) for m in (
+                {"type": "status"}, {"type": "subscribe", "segments": ["DFM-30D"]},
+                {"type": "unsubscribe", "segments": ["DFM-30D"]}, {"type": "auth", "key": "k"})]
+            return (first, excess, excess_quote, excess_fills, others,
+                    await platform.book("DFM-30D"))
 
-    first, excess, excess_quote, excess_fills, book = run(scenario())
+    first, excess, excess_quote, excess_fills, others, book = run(scenario())
     assert excess == {"type": "rejected", "client_id": "b2", "code": "rate_limited",
                       "message": "over 0.5 messages/s on this connection", "path": None}
     # reads are answered by ref: an `error`, not a command's `rejected`
@@ -1519,6 +1523,10 @@ def test_command_over_the_rate_limit_is_rejected_rate_limited(
         assert answer == {"type": "error", "code": "rate_limited", "path": None,
                           "client_id": None, "ref": ref,
                           "message": "over 0.5 messages/s on this connection"}
+    # ... as is every message that is not a command (a `rejected` answers commands only)
+    assert others == [{"type": "error", "code": "rate_limited", "path": None,
+                       "client_id": None, "ref": None,
+                       "message": "over 0.5 messages/s on this connection"}] * 4
     assert book["levels"] == [[250, 1_000, 1]] and book["seq"] == first["seq"]
 
 
@@ -2077,6 +2085,28 @@ def test_http_quote_of_an_unknown_segment_is_404(server: ServerProcess) -> None:
     assert json.loads(body) == {"type": "error", "code": "unknown_segment",
                                 "message": "no segment 'ACME-30D'", "path": "$.segment",
                                 "client_id": None, "ref": None}
+
+
+@pytest.mark.parametrize(("query", "path"), [
+    ("amount=5&single_funder=yes", "$.single_funder"),
+    ("amount=5&single_funder=true&single_funder=false", "$.single_funder"),
+    ("amount=5&singlefunder=true", "$.singlefunder"),      # a typo is not left out
+    ("amount=5&segment=SGCC-30D", "$.segment"),
+    ("amount=5e1", "$.amount"),
+])
+def test_http_quote_refuses_a_bad_or_unknown_parameter(shared_server: ServerProcess,
+                                                       query: str, path: str) -> None:
+    status, body = shared_server.get(f"/v1/segments/DFM-30D/quote?{query}")
+    error = json.loads(body)
+    assert (status, error["type"], error["code"], error["path"]) == (400, "error", "invalid",
+                                                                     path)
+
+
+@pytest.mark.parametrize("flag", ["true", "True", "1"])
+def test_http_quote_reads_single_funder_as_the_websocket_does(shared_server: ServerProcess,
+                                                              flag: str) -> None:
+    status, body = shared_server.get(f"/v1/segments/DFM-30D/quote?amount=5&single_funder={flag}")
+    assert status == 200 and json.loads(body)["single_funder"] is True
 
 
 @pytest.mark.parametrize("amount", ["", "abc", "0", "-5", "1.5", str(10**12 + 1)])

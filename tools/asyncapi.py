@@ -45,10 +45,13 @@ message as the first frame. Unauthenticated connections are closed with 4401. Cl
 codes: 1001 server shutting down, 1009 frame over the size limit, 4401 unauthorized,
 4408 slow consumer (outbox full).
 
-Replies to an accepted command (`accepted`, then its `fill`s and `done`s) are released
-only after the journal write that holds the command; rejections, errors, quotes and
-status answers are immediate and may overtake pending acknowledgements. `book` updates
-are coalesced per segment. docs/protocol.md is the prose reference."""
+Replies to an accepted command (`accepted`, then its `fill`s, each order's `done` after
+the fill that ends it) are released only after the journal write that holds the
+command. A `rejected` waits for the commands accepted before it, except flow control
+(`rate_limited`, `unavailable`), which is immediate; errors, quotes and status answers
+are immediate and may overtake pending acknowledgements. `book` updates are coalesced
+per segment and show only journaled commands. docs/protocol.md is the prose
+reference."""
 
 
 def tag(cls: type[msgspec.Struct]) -> str:
