@@ -293,7 +293,10 @@ def _memory_line(results: Results) -> str | None:
 def _facts(results: Results, problems: bool = False) -> list[tuple[str, str]]:
     """(label, text) lines under the latency table, shared by the terminal and the HTML;
     with `problems`, the reconciliation's problems follow it (the HTML lists them apart)."""
-    facts = [("objective", f"ack p99 < {fmt_ms(results.get('objective_p99_ms'))} ms"),
+    objective = f"ack p99 < {fmt_ms(results.get('objective_p99_ms'))} ms"
+    if results.get("ramp") is None:     # one rate: the verdict does not depend on it
+        objective += "  (what a ramp's steps are held to; not part of the verdict)"
+    facts = [("objective", objective),
              ("throughput", _throughput_line(results)),
              ("generator lag", _lag_line(results)),
              ("reconciliation", _reconciliation_line(results))]

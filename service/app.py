@@ -640,11 +640,13 @@ async def serve(config: Config) -> int:
 
 def print_demo_keys(config: Config, service: Service) -> None:
     d = config.demo
+    # Plain keys only: a key given as its digest cannot be printed, and is the operator's.
+    named = "".join(f"\n  {p.role:<8} {p.key}   ({p.name}, id {p.id})"
+                    for p in config.participants if p.key is not None)
     print(f"""
 Demo marketplace at http://{config.server.host}:{service.port}/  (WebSocket: /ws)
 Redis: {service.redis_url}   stream of fills: {Keys(config.redis.shard).fills}
 API keys (demo only):
   funders  {d.key_prefix}-funder-1 .. {d.key_prefix}-funder-{d.funders}   (ids 1001 ..)
-  SMEs     {d.key_prefix}-sme-1 .. {d.key_prefix}-sme-{d.smes}   (ids 100001 ..)
-  and any keys of [[participants]] in the configuration
+  SMEs     {d.key_prefix}-sme-1 .. {d.key_prefix}-sme-{d.smes}   (ids 100001 ..){named}
 """, flush=True)

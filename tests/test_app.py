@@ -441,3 +441,23 @@ def test_a_local_redis_without_durability_keeps_its_data_across_a_planned_restar
     finally:
         client.close()
         server.stop()
+
+
+def test_the_demo_banner_prints_the_configured_plain_keys(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """README: `./dev serve` prints the demo's keys, `demo-admin` and `demo-platform`
+    too; they are `[[participants]]` of the packaged demo, which the banner only named as
+    "any keys of [[participants]] in the configuration" (found trying the README on a
+    fresh machine). A key given as its digest is never printed."""
+    from types import SimpleNamespace
+
+    from service.app import print_demo_keys
+
+    config = load(None, {})
+    assert {p.key for p in config.participants} >= {"demo-admin", "demo-platform"}
+    print_demo_keys(config, SimpleNamespace(port=8080,  # type: ignore[arg-type]
+                                            redis_url="redis://127.0.0.1:6379/0"))
+    out = capsys.readouterr().out
+    for p in config.participants:
+        assert f"{p.role:<8} {p.key}   ({p.name}, id {p.id})" in out, out
+    assert "demo-funder-1 .. demo-funder-67" in out
