@@ -18,6 +18,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from functools import partial
 from typing import Literal, cast
 
@@ -158,6 +159,7 @@ class Connection:
         self.participant = participant
         self.limits = limits
         self.segments: set[str] = set()
+        self.book_seq: dict[str, int] = {}       # segment -> seq of the last book sent
         self.fills = False
         self.closed = False
         self.reading: asyncio.Task[None] | None = None     # a page of fills being read
@@ -195,6 +197,16 @@ class Connection:
         await self.ws.close(code=code, message=message.encode(), drain=False)
 
 
+@dataclass(slots=True)
+class _WaitingBook:
+    """Book updates waiting for the journal: `book` (seq, encoded) for the earliest write
+    it waits for, and the newest one, for a later write, if any."""
+
+    write: asyncio.Future[int]
+    book: tuple[int, bytes]
+    newest: tuple[asyncio.Future[int], tuple[int, bytes]] | None = None
+
+
 class Gateway:
     """Routes messages between connections, the engine and the journal."""
 
@@ -214,10 +226,9 @@ class Gateway:
         self._book_sent: dict[str, float] = {}
         self._last_fills: dict[str, deque[tuple[int, int]]] = {}   # rate, amount; public
         self._book_due: set[str] = set()
-        # The book updates waiting for the journal: (connection or None for all
-        # subscribers, segment) -> (the write they wait for, the update).
-        self._book_waiting: dict[tuple[Connection | None, str],
-                                 tuple[asyncio.Future[int], bytes]] = {}
+        # The book updates waiting for the journal, by (connection, or None for all
+        # subscribers, and segment).
+        self._book_waiting: dict[tuple[Connection | None, str], _WaitingBook] = {}
         self._encode = wire.json_encoder.encode
         self.history = FillHistory(resp.Connection.like(journal.client), journal.keys)
         self._readers = asyncio.Semaphore(_READERS)
@@ -362,38 +373,56 @@ class Gateway:
         and a crash loses them. Market data shows only what is durable: an update is
         built now (so its `seq` and its levels agree) and sent when the writes before it
         have returned, after the acks of the commands it shows; never once the journal
-        has failed. One update waits per segment (and per connection, for the book a
-        `subscribe` asked for): a newer one replaces it, so while Redis is slow or away
-        what is held stays bounded and a subscriber never gets an older book after a
-        newer one."""
+        has failed. Per segment (and per connection and segment, for the book a
+        `subscribe` asked for) two updates wait at most: the one waiting for the
+        earliest write, and the newest, which replaces any other. So what is held stays
+        bounded while Redis is slow or away, and updates keep coming when every write
+        takes about the coalescing interval: a newest that always replaced the one
+        before it would wait for ever for a write still to come."""
         if self.journal.error is not None:      # the engine holds what was never written
             return
         key = (conn, segment)
-        data = self._encode(self._book_update(segment))
+        update = self._book_update(segment)
+        book = (update.seq, self._encode(update))
         barrier = self.journal.barrier() or self._held_batch
         if barrier is None:
-            self._book_waiting.pop(key, None)   # an older one still waiting: replaced
-            self._book_out(segment, conn, data)
+            self._book_waiting.pop(key, None)   # what still waits is older: replaced
+            self._book_out(segment, conn, book)
             return
         waiting = self._book_waiting.get(key)
-        self._book_waiting[key] = (barrier, data)
-        if waiting is None or waiting[0] is not barrier:
+        if waiting is None:
+            self._book_waiting[key] = _WaitingBook(barrier, book)
             barrier.add_done_callback(partial(self._book_durable, key))
+        elif waiting.write is barrier:          # the same write: the newer book instead
+            waiting.book = book
+        else:
+            waiting.newest = (barrier, book)
 
     def _book_durable(self, key: tuple[Connection | None, str],
                       batch: asyncio.Future[int]) -> None:
         waiting = self._book_waiting.get(key)
-        if waiting is None or waiting[0] is not batch:
-            return              # replaced by a newer update, sent already or waiting later
-        del self._book_waiting[key]
+        if waiting is None or waiting.write is not batch:
+            return                      # replaced by a newer update that went out at once
+        book = waiting.book
         if batch.cancelled() or batch.exception() is not None:
+            del self._book_waiting[key]         # the journal failed: nothing more is sent
             return
+        if waiting.newest is None:
+            del self._book_waiting[key]
+        else:                           # the newest now waits first, for its own write
+            (waiting.write, waiting.book), waiting.newest = waiting.newest, None
+            waiting.write.add_done_callback(partial(self._book_durable, key))
         conn, segment = key
-        self._book_out(segment, conn, waiting[1])
+        self._book_out(segment, conn, book)
 
-    def _book_out(self, segment: str, conn: Connection | None, data: bytes) -> None:
+    def _book_out(self, segment: str, conn: Connection | None,
+                  book: tuple[int, bytes]) -> None:
+        seq, data = book
         for c in [conn] if conn is not None else list(self.subscribers.get(segment, ())):
-            if segment in c.segments:        # not one that unsubscribed meanwhile
+            # Not to one that unsubscribed meanwhile; and never an older book after a
+            # newer one (a subscribe's own book and the segment's updates wait apart).
+            if segment in c.segments and c.book_seq.get(segment, -1) <= seq:
+                c.book_seq[segment] = seq
                 c.send(data)
 
     # --- connections ---

@@ -4,6 +4,7 @@ benchmark's): a connection being closed has its later messages ignored."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import msgspec
 import pytest
@@ -336,3 +337,93 @@ def test_one_participant_cannot_take_every_fills_page_slot() -> None:
     assert codes.count("page") == 4 and codes.count("busy") == len(codes) - 4, codes
     assert isinstance(other, wire.FillPage) and other.ref == "mine"
     assert left == 0                         # the counts go back to nothing
+
+
+def test_books_keep_coming_when_each_write_takes_about_the_interval() -> None:
+    """One write in flight, a command every 5 ms, each write taking 50 ms (the book
+    interval): an update waiting for a write was replaced by the next one, which waited
+    for the write after, and so on; the board froze while the acks flowed (found in
+    review: 2 books in 2 s). The one waiting for the earliest write stays."""
+    async def scenario() -> int:
+        gateway, journal, conns = await _gateway()
+        segment = SEGMENTS[0]
+        f, s = conns[PEOPLE[0].id], conns[PEOPLE[-1].id]
+        await _turns()
+        seen: list[bytes] = []
+        s.transport.write = seen.append                 # type: ignore[method-assign]
+        gateway.handle(s, _subscribe(segment.id), 0.0)
+        gateway.handle(f, _line(segment.core), 0.0)
+        journal.land()
+        await _turns()
+        done = False
+
+        async def writer() -> None:                     # one write at a time, 50 ms each
+            while not done:
+                if journal._durable is None:
+                    await asyncio.sleep(0.001)
+                    continue
+                batch = journal._take()
+                journal._window.append(batch)
+                await asyncio.sleep(0.05)
+                journal._window.popleft()
+                batch.done.set_result(batch.entries[-1].seq)
+
+        task = asyncio.get_running_loop().create_task(writer())
+        before = len(_books(seen))
+        for i in range(200):                            # 1 s of commands
+            gateway.handle(f, _bid(segment.id, 1).replace(b'"b1"', b'"x%d"' % i), 0.0)
+            await asyncio.sleep(0.005)
+        done = True
+        await task
+        return len(_books(seen)) - before
+
+    assert run(scenario()) >= 8            # about one a write (20 in the second); was 1
+
+
+def test_a_subscribers_own_book_never_follows_a_newer_update() -> None:
+    """With several writes in flight, a `subscribe`'s own book and the segment's update
+    can wait for the same write, the update built later: the subscriber got seq 6, then
+    its own 5 (found in review). No subscriber gets an older book after a newer one."""
+    async def scenario() -> list[int]:
+        gateway, journal, conns = await _gateway()
+        segment = SEGMENTS[0]
+        f, a, b = conns[PEOPLE[0].id], conns[PEOPLE[-1].id], conns[PEOPLE[-2].id]
+        await _turns()
+        seen: list[bytes] = []
+        b.transport.write = seen.append                 # type: ignore[method-assign]
+        gateway.handle(a, _subscribe(segment.id), 0.0)
+        gateway.handle(f, _line(segment.core), 0.0)
+        gateway.handle(f, _bid(segment.id, 1), 0.0)
+        journal.land()
+        await _turns()
+
+        def send() -> Any:
+            batch = journal._take()
+            journal._window.append(batch)
+            return batch
+
+        def land(batch: Any) -> None:
+            assert journal._window.popleft() is batch
+            batch.done.set_result(batch.entries[-1].seq)
+
+        gateway.handle(f, _bid(segment.id, 2), 0.0)
+        first = send()
+        gateway.handle(f, _bid(segment.id, 3), 0.0)
+        second = send()
+        gateway.handle(f, _bid(segment.id, 4), 0.0)     # the write being filled
+        await asyncio.sleep(0.06)
+        land(first)
+        await _turns()                                  # an update waits for the third
+        gateway.handle(b, _subscribe(segment.id), 0.0)  # its own book, the same write
+        gateway.handle(f, _bid(segment.id, 5), 0.0)
+        third = send()
+        await asyncio.sleep(0.06)
+        land(second)
+        await _turns()                                  # a newer update, the same write
+        land(third)
+        await _turns()
+        await asyncio.sleep(0.1)
+        return [book.seq for book in _books(seen)]
+
+    seqs = run(scenario())
+    assert seqs and seqs == sorted(seqs), seqs
