@@ -732,13 +732,14 @@ def test_board_reconnects_after_a_server_restart(
 # --- what a dropped connection or a busy market must not break (found in review) --------
 
 
-def test_an_ask_whose_answer_was_lost_with_the_connection_is_settled_once(
+def test_an_ask_whose_answers_were_lost_with_the_connection_is_read_back_not_resent(
         new_page: Callable[..., Page], server: ServerProcess,
         market: tuple[WsClient, WsClient]) -> None:
     """The ask reaches the gateway and is filled, but every answer is lost with the
-    connection. Back, the page sends it again under the same client id: the gateway
-    answers that it is a retry, with the original `done`, and the loans come with the
-    latest-loans page. One financing, shown as filled, and the SME can finance again."""
+    connection ("Finance now" stayed locked for good). Back, the page does not send it
+    again (past two minutes or an end of day the same client id would borrow twice): it
+    reads its loans back by client id. One financing, shown as filled, and the SME can
+    finance again."""
     bank_a, bank_b = market
     sockets: list[WebSocketRoute] = []
     asks: list[str] = []
@@ -770,12 +771,13 @@ def test_an_ask_whose_answer_was_lost_with_the_connection_is_settled_once(
     assert bank_b.until("fill")["amount"] == 50_000_000       # the gateway filled it
     assert bank_a.until("fill")["amount"] == 70_000_000
     expect(page.locator("#outcome")).to_have_text("Processing…")
+    expect(page.locator("#finance")).to_be_disabled()
     sockets[0].close(code=1001)
     expect(page.locator("#outcome")).to_have_text("Filled", timeout=10_000)
-    assert len(asks) == 2 and asks[0] == asks[1], asks           # the same ask, again
     expect(page.locator("#sme-result tr.loan")).to_have_count(2)
     expect(page.locator("#total-financed")).to_have_text("1,200,000.00 CNY")
     expect(page.locator("#finance")).to_be_enabled()
+    assert len(asks) == 1, asks                                  # never sent again
     assert ladder(page) == [("2.50%", "1,300,000.00 CNY", "1 order")]   # lent once
 
 
@@ -802,12 +804,13 @@ def test_the_quote_is_sent_while_the_book_keeps_moving(
     assert shown == "10000000", shown
 
 
-def test_an_error_about_a_quote_does_not_settle_the_ask(
+def test_an_error_about_a_read_does_not_settle_the_ask(
         new_page: Callable[..., Page], server: ServerProcess,
         market: tuple[WsClient, WsClient]) -> None:
-    """An `error` that answers a quote (its `ref` says so; here a rate limit) came right
-    after the ask was sent, and the page took it as the ask's: "Rejected", the button
-    free, while the ask went on to be filled."""
+    """An `error` that answers a quote (its `ref` says so) or another read (a status or
+    a subscription over the rate: no client id, no ref) came right after the ask was
+    sent, and the page took it as the ask's: "Rejected", the button free, while the ask
+    went on to be filled (and a second click would have borrowed again)."""
     def route(ws: WebSocketRoute) -> None:
         server_ws = ws.connect_to_server()
 
@@ -816,6 +819,10 @@ def test_an_error_about_a_quote_does_not_settle_the_ask(
             if json.loads(message)["type"] == "ask":
                 ws.send(json.dumps({"type": "error", "code": "rate_limited", "path": None,
                                     "message": "over the rate", "ref": "q9-split"}))
+                # ... and a read's (a status over the rate: no client id, no ref)
+                ws.send(json.dumps({"type": "error", "code": "rate_limited", "path": None,
+                                    "message": "over the rate", "ref": None,
+                                    "client_id": None}))
         ws.on_message(outgoing)
 
     page = new_page("sme-quote-error")

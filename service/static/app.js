@@ -207,6 +207,7 @@ function forgetUnanswered() {
   state.pending.clear();
   state.unnamed = [];
   state.lastSent = null;
+  if (sme.ask?.checking) sme.ask.checking = false;   // its read back is lost too: again
 }
 
 function takePending(clientId) {
@@ -312,8 +313,8 @@ function requestLoans() {
 }
 
 function onFills(page) {
+  if (page.ref === 'ask-check') return settleLostAsk(page);
   page.fills.forEach(showLoan);
-  for (const f of page.fills) if (f.side === 'ask') smeAskEvent(f.client_id, (a) => addAskFill(a, f));
 }
 
 // Trade ids are "<seq>-<n>": in the order the loans were made.
@@ -355,14 +356,23 @@ function onRejected(msg) {
 // An error names the command's client id when the command had a readable one; else the
 // gateway answers a message it cannot take at once, so an error right after a command
 // most likely is that command's. Either way its "in progress" note ends.
+// Only a message that could not be read (`malformed`, `invalid`) is refused with an
+// `error` that may be a command's; everything else an `error` answers is a read (a quote,
+// a page of loans, a subscription, a status), and never settles a command.
+const COMMAND_ERRORS = new Set(['malformed', 'invalid']);
+
 function onError(msg) {
-  if (msg.ref === 'loans') {   // the list waits for Redis; no command of the user's failed
-    setTimeout(() => { if (conn.welcomed) requestLoans(); }, 2000);
+  if (msg.ref === 'loans' || msg.ref === 'ask-check') {   // Redis was busy: read again
+    setTimeout(() => {
+      if (!conn.welcomed) return;
+      if (msg.ref === 'loans') requestLoans();
+      else if (sme.ask?.checking) send({ type: 'fills', limit: ASK_CHECK_LOANS, ref: 'ask-check' });
+    }, 2000);
     return;
   }
   const text = `Error (${msg.code}): ${msg.message}`;
-  if (msg.ref != null) {       // a quote's: no command of the user's failed
-    if (state.me?.role === 'sme') showMsg($('sme-msg'), `Quote: ${text}`);
+  if (msg.ref != null || (msg.client_id == null && !COMMAND_ERRORS.has(msg.code))) {
+    if (state.me?.role === 'sme' && msg.ref != null) showMsg($('sme-msg'), `Quote: ${text}`);
     else notify(text);
     return;
   }
@@ -625,7 +635,7 @@ function finance() {
   const msg = { type: 'ask', client_id: clientId, segment: q.segment, amount: q.amount,
     max_rate_bps: q.worst_rate_bps, tif: 'ioc', single_funder: mode === 'single' };
   sme.ask = { clientId, seg, amount: q.amount, cap: q.worst_rate_bps, fills: [], done: null, rejected: null,
-    msg, sentAt: Date.now(), lost: false };
+    lost: false, checking: false };
   if (!sendCommand(msg, { kind: 'ask', msg: $('sme-msg') })) return;
   $('finance').disabled = true;
   renderResult();
@@ -646,19 +656,31 @@ function addAskFill(ask, fill) {
   if (!ask.fills.some((f) => f.trade_id === fill.trade_id)) ask.fills.push(fill);
 }
 
-// Well inside the gateway's two minutes in which a retry is recognised (docs/protocol.md,
-// Retries): past them the same client id could place a second ask and borrow twice.
-const ASK_RETRY_MS = 60_000;
+// The loans an ask made are among the SME's latest this many (one ask is filled by at
+// most a few dozen funders).
+const ASK_CHECK_LOANS = 100;
 
-// The connection dropped while the ask was out: its answer is lost with it. Sent again
-// under the same client id, the gateway answers that it is a retry, with the original
-// `done`; the loans come with the latest-loans page. Too late for that, the outcome is
-// unknown here and the loans list shows what was lent.
+// The connection dropped while the ask was out, and its answers with it. It is not sent
+// again: a retry is recognised only for two minutes and not across an end of day, after
+// which the same client id would be a second ask and a second loan. An IOC ask is over
+// once the gateway has taken it, so its loans, read back from the journal by client id,
+// are the whole outcome; none means it was not filled or never arrived. Until they are
+// read, "Finance now" stays locked.
 function resumeAsk() {
   const a = sme.ask;
-  if (!a || askEnded(a)) return;
-  if (Date.now() - a.sentAt < ASK_RETRY_MS && sendCommand(a.msg, { kind: 'ask', msg: $('sme-msg') })) return;
-  smeAskEvent(a.clientId, (x) => { x.lost = true; });
+  if (!a || askEnded(a) || a.checking) return;
+  a.checking = true;
+  send({ type: 'fills', limit: ASK_CHECK_LOANS, ref: 'ask-check' });
+}
+
+function settleLostAsk(page) {
+  const a = sme.ask;
+  if (!a?.checking) return;
+  a.checking = false;
+  smeAskEvent(a.clientId, (x) => {
+    for (const f of page.fills) if (f.client_id === x.clientId) addAskFill(x, f);
+    x.lost = true;
+  });
 }
 
 const OUTCOMES = { filled: 'Filled', partial: 'Partly filled', unfilled: 'Unfilled' };
@@ -671,9 +693,11 @@ function renderResult() {
   let outcome = 'pending';
   if (a.rejected) outcome = 'rejected';
   else if (a.done) outcome = a.done.reason === 'filled' ? 'filled' : a.done.filled > 0 ? 'partial' : 'unfilled';
-  else if (a.lost) outcome = 'unknown';
-  const label = { ...OUTCOMES, pending: 'Processing…', rejected: 'Rejected',
-    unknown: 'Connection lost: see your latest loans' }[outcome];
+  else if (a.lost) {                  // read back from the journal after a reconnect
+    const lent = a.fills.reduce((s, f) => s + f.amount, 0);
+    outcome = lent === a.amount ? 'filled' : lent > 0 ? 'partial' : 'unfilled';
+  }
+  const label = { ...OUTCOMES, pending: 'Processing…', rejected: 'Rejected' }[outcome];
   const total = a.fills.reduce((s, f) => s + BigInt(f.amount), 0n);
   const interest = a.fills.reduce((s, f) => s + interestFen(f.amount, f.rate_bps, a.seg.tenor_days), 0n);
   const rows = a.fills.map((f) => el('tr', { class: 'loan' },
