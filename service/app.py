@@ -10,7 +10,6 @@ snapshot, close connections with 1001, exit 0.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import math
@@ -59,6 +58,8 @@ LOOP_PROBE_S = 0.01     # the event loop lag probe's period: 100 timers a second
 #: the dropped ones retried a second later (0.9 to 2.0 s for all; with 4096: 0.9 to 1.0
 #: s and no drops). The kernel caps it at net.core.somaxconn.
 LISTEN_BACKLOG = 4096
+#: How long the every-second reads may take before Redis counts as not answering.
+REDIS_PROBE_TIMEOUT_S = 2.0
 STATIC = Path(__file__).with_name("static")
 
 
@@ -78,6 +79,9 @@ class Service:
         self.journal_start = 0      # the first command in Redis's journal, likewise
         self.archive_failures = 0   # as the snapshotter counted them in Redis, likewise
         self.fill_stream = Span()   # what the fill stream holds, likewise
+        # Whether Redis answered those reads: the journal learns that Redis is away only
+        # when it writes, so in a quiet market (before the open) this is what tells.
+        self.redis_answers = True
         self.runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.stopping = False       # SIGTERM: no new connections (`accepting`: commands)
@@ -171,9 +175,11 @@ class Service:
         m = self.metrics
         m.read_on_scrape("matcher_journal_backlog", "Commands applied but not yet written",
                          lambda: journal.backlog)
-        m.read_on_scrape("matcher_journal_up", "1 while the journal writes; 0 while it "
-                         "retries Redis or after it stopped (nothing is acknowledged)",
-                         lambda: 1.0 if journal.healthy and journal.error is None else 0.0)
+        m.read_on_scrape("matcher_journal_up", "1 while the journal can write; 0 while "
+                         "it retries Redis, while Redis does not answer the gateway's "
+                         "reads of every second, or after it stopped (nothing is "
+                         "acknowledged)",
+                         lambda: 1.0 if self.journal_up else 0.0)
         m.read_on_scrape("matcher_snapshot_seq", "The sequence number the newest snapshot "
                          "stored covers (recovery replays the journal after it)",
                          lambda: self.snapshot_seq)
@@ -261,20 +267,39 @@ class Service:
                         "start replays more of the journal", seq, when,
                         type(exc).__name__, exc)
 
+    @property
+    def journal_up(self) -> bool:
+        """The journal can write: it is not retrying or stopped, and Redis answers."""
+        gw = self.gateway
+        return (gw is not None and gw.journal.healthy and gw.journal.error is None
+                and self.redis_answers)
+
     async def _follow_snapshots(self) -> None:
         """Read the stored snapshot's sequence number every second, for
         `matcher_snapshot_seq`: whoever stored it, the snapshotter or anyone else; where
         Redis's journal starts, for `matcher_journal_start_seq`; and what the fill
-        stream holds, for `matcher_fill_stream_*` (fill retention trims it)."""
+        stream holds, for `matcher_fill_stream_*` (fill retention trims it). Whether
+        Redis answered them is `redis_answers`, which `/health` and `matcher_journal_up`
+        read: a Redis that went away in a quiet market shows before the first order."""
         assert self.client is not None
         while True:
             await asyncio.sleep(1.0)
-            with contextlib.suppress(RedisError, OSError):
-                self.snapshot_seq = await stored_seq(self.client, self.keys)
-                self.journal_start = await journal_start(self.client, self.keys) or 0
-                failures: Any = await self.client.get(self.keys.archive_failures)
-                self.archive_failures = int(failures or 0)
-                self.fill_stream = await fill_stream_span(self.client, self.keys)
+            try:
+                async with asyncio.timeout(REDIS_PROBE_TIMEOUT_S):
+                    self.snapshot_seq = await stored_seq(self.client, self.keys)
+                    self.journal_start = await journal_start(self.client, self.keys) or 0
+                    failures: Any = await self.client.get(self.keys.archive_failures)
+                    self.archive_failures = int(failures or 0)
+                    self.fill_stream = await fill_stream_span(self.client, self.keys)
+            except (RedisError, OSError, TimeoutError) as exc:
+                if self.redis_answers:
+                    log.warning("Redis does not answer (%s: %s): /health says unavailable "
+                                "until it does", type(exc).__name__, exc)
+                self.redis_answers = False
+            else:
+                if not self.redis_answers:
+                    log.info("Redis answers again")
+                self.redis_answers = True
 
     async def _probe_loop(self) -> None:
         """Time how late a timer fires, for `matcher_event_loop_lag_seconds`.
@@ -431,7 +456,7 @@ class Service:
 
     async def _health(self, request: web.Request) -> web.Response:
         gw = self.gateway
-        ok = self.ready and gw is not None and gw.journal.healthy
+        ok = self.ready and self.journal_up
         body = {"status": "ready" if ok else "unavailable",
                 "seq": gw.engine.seq if gw else 0,
                 "journal_backlog": gw.journal.backlog if gw else 0}

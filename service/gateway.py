@@ -253,7 +253,9 @@ class Gateway:
         if not self.accepting or (conn is not None and (
                 self.journal.backlog >= limit
                 or (self._held_batch is not None and len(self._held) >= limit))):
-            why = "shutting down" if not self.accepting else "journal backlog is full"
+            why = ("journal backlog is full" if self.accepting
+                   else "the journal has stopped (see the server's log)"
+                   if self.journal.error is not None else "shutting down")
             self._refuse(who, conn, wire.Rejected(
                 client_id=getattr(cmd, "client_id", None), code="unavailable",
                 message=f"not accepting commands: {why}"))

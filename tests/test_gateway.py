@@ -137,19 +137,22 @@ def test_answers_held_for_the_journal_count_against_its_backlog() -> None:
 _decode_event = msgspec.json.Decoder(wire.Event).decode
 
 
-def _books(sent: list[bytes]) -> list[wire.BookUpdate]:
-    """The `book` messages among the frames a stand-in socket was given."""
+def _events(sent: list[bytes]) -> list[wire.Event]:
+    """The messages in the frames a stand-in socket was given."""
     out = []
     data, pos = b"".join(sent), 0
     while pos < len(data):          # unmasked server frames, RFC 6455 5.2
         n, pos = data[pos + 1], pos + 2
         if n == 126:
             n, pos = int.from_bytes(data[pos:pos + 2], "big"), pos + 2
-        event = _decode_event(data[pos:pos + n])
+        out.append(_decode_event(data[pos:pos + n]))
         pos += n
-        if isinstance(event, wire.BookUpdate):
-            out.append(event)
     return out
+
+
+def _books(sent: list[bytes]) -> list[wire.BookUpdate]:
+    """The `book` messages among them."""
+    return [e for e in _events(sent) if isinstance(e, wire.BookUpdate)]
 
 
 def _bid(segment: str, n: int) -> bytes:
@@ -427,3 +430,27 @@ def test_a_subscribers_own_book_never_follows_a_newer_update() -> None:
 
     seqs = run(scenario())
     assert seqs and seqs == sorted(seqs), seqs
+
+
+def test_a_stopped_journal_is_named_in_the_refusal() -> None:
+    """Once the journal has stopped, commands are refused `unavailable`; the message
+    said "shutting down", and operators looked for a stop that never happened (found
+    in review of the runbook)."""
+    async def scenario() -> list[wire.Event]:
+        gateway, journal, conns = await _gateway()
+        segment = SEGMENTS[0]
+        f = conns[PEOPLE[0].id]
+        await _turns()
+        gateway.handle(f, _line(segment.core), 0.0)
+        journal._window.append(journal._take())
+        journal._stop(RuntimeError("GAP: the journal does not end where it follows"))
+        await _turns()
+        sent: list[bytes] = []
+        f.transport.write = sent.append                 # type: ignore[method-assign]
+        gateway.handle(f, _bid(segment.id, 1), 0.0)
+        await _turns()
+        return _events(sent)
+
+    [answer] = run(scenario())
+    assert isinstance(answer, wire.Rejected) and answer.code == "unavailable"
+    assert "the journal has stopped" in answer.message, answer

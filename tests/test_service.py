@@ -2117,3 +2117,28 @@ def test_http_quote_with_a_bad_amount_is_400(shared_server: ServerProcess,
     error = json.loads(body)
     assert (error["type"], error["code"], error["path"]) == ("error", "invalid", "$.amount")
     assert error["message"]
+
+
+def test_health_tells_that_redis_is_away_in_a_quiet_market(
+        start_server: Callable[..., ServerProcess], redis_server: LocalRedis) -> None:
+    """The journal learns that Redis is away only when it writes: before the open, with
+    no commands, `/health` said ready and `matcher_journal_up` 1 with Redis stopped
+    (found in review). The gateway's every-second reads now say it, and say when Redis
+    is back."""
+    server = start_server()
+
+    def health() -> int:
+        return server.get("/health")[0]
+
+    def wait_for(status: int, up: float) -> None:
+        deadline = time.monotonic() + 10
+        while health() != status or metric(server, "matcher_journal_up") != up:
+            assert time.monotonic() < deadline, (health(), metric(server, "matcher_journal_up"))
+            time.sleep(0.1)
+
+    assert health() == 200
+    redis_server.stop()
+    wait_for(503, 0)
+    redis_server.start()
+    wait_for(200, 1)
+    assert "Redis does not answer" in server.log.read_text()
