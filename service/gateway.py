@@ -229,6 +229,7 @@ class Gateway:
         # The book updates waiting for the journal, by (connection, or None for all
         # subscribers, and segment).
         self._book_waiting: dict[tuple[Connection | None, str], _WaitingBook] = {}
+        self._book_writes: dict[asyncio.Future[int], set[tuple[Connection | None, str]]] = {}
         self._encode = wire.json_encoder.encode
         self.history = FillHistory(resp.Connection.like(journal.client), journal.keys)
         self._readers = asyncio.Semaphore(_READERS)
@@ -394,11 +395,25 @@ class Gateway:
         waiting = self._book_waiting.get(key)
         if waiting is None:
             self._book_waiting[key] = _WaitingBook(barrier, book)
-            barrier.add_done_callback(partial(self._book_durable, key))
+            self._wait_for(barrier, key)
         elif waiting.write is barrier:          # the same write: the newer book instead
             waiting.book = book
         else:
             waiting.newest = (barrier, book)
+
+    def _wait_for(self, write: asyncio.Future[int], key: tuple[Connection | None, str]) -> None:
+        """One callback per write for all the books waiting for it, as `_hold` has for
+        answers: a callback per book piled up on a write that took long (subscribe and
+        unsubscribe again and again while Redis was away)."""
+        keys = self._book_writes.get(write)
+        if keys is None:
+            keys = self._book_writes[write] = set()
+            write.add_done_callback(self._books_durable)
+        keys.add(key)
+
+    def _books_durable(self, write: asyncio.Future[int]) -> None:
+        for key in self._book_writes.pop(write, ()):
+            self._book_durable(key, write)
 
     def _book_durable(self, key: tuple[Connection | None, str],
                       batch: asyncio.Future[int]) -> None:
@@ -413,7 +428,7 @@ class Gateway:
             del self._book_waiting[key]
         else:                           # the newest now waits first, for its own write
             (waiting.write, waiting.book), waiting.newest = waiting.newest, None
-            waiting.write.add_done_callback(partial(self._book_durable, key))
+            self._wait_for(waiting.write, key)
         conn, segment = key
         self._book_out(segment, conn, book)
 
@@ -630,7 +645,12 @@ class Gateway:
                 return
             conn.fills = True
             self.fill_subscribers.add(conn)
-        for segment in msg.segments:
+        # Each segment once, and not one already followed: its updates come anyway, and
+        # a book built per repeat (1,000 in one message) made one message cost a
+        # thousand (found in review: a few such messages stalled every client).
+        for segment in dict.fromkeys(msg.segments):
+            if segment in conn.segments:
+                continue
             conn.segments.add(segment)
             self.subscribers.setdefault(segment, set()).add(conn)
             self._send_book(segment, conn)
