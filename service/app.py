@@ -33,6 +33,7 @@ from service.archive import JournalArchive
 from service.config import Config
 from service.gateway import (
     CLOSE_GOING_AWAY,
+    CLOSE_TOO_MANY,
     CLOSE_UNAUTHORIZED,
     Budgets,
     Gateway,
@@ -469,6 +470,8 @@ class Service:
     async def _segments(self, request: web.Request) -> web.Response:
         gw = self.gateway
         assert gw is not None
+        if not self._quote_budgets.allow(forwarded.budget_key(self._client(request))):
+            return self._rate_limited("this address")      # no key: the quote's budget
         out = []
         for seg_id in sorted(gw.engine.segments):
             seg = gw.engine.segments[seg_id]
@@ -481,9 +484,7 @@ class Service:
     async def _rest_quote(self, request: web.Request) -> web.Response:
         gw = self.gateway
         assert gw is not None
-        client = forwarded.client_address(
-            request.remote, request.headers.getall("X-Forwarded-For", ()), self._proxies)
-        if not self._quote_budgets.allow(forwarded.budget_key(client)):
+        if not self._quote_budgets.allow(forwarded.budget_key(self._client(request))):
             return self._rate_limited("this address")
         segment = request.match_info["segment"]
         if segment not in gw.engine.books:
@@ -502,6 +503,11 @@ class Service:
             return _error_response(400, decode_error(exc, b""))
         return web.Response(body=wire.json_encoder.encode(gw.engine.quote(req)),
                             content_type="application/json")
+
+    def _client(self, request: web.Request) -> str | None:
+        """The client's address, behind the proxies we trust (ADR 22)."""
+        return forwarded.client_address(
+            request.remote, request.headers.getall("X-Forwarded-For", ()), self._proxies)
 
     def _rate_limited(self, whose: str) -> web.Response:
         self.metrics.reject("rate_limited")
@@ -559,6 +565,9 @@ class Service:
             return ws
         if self.stopping:           # the shutdown began while it signed in
             await ws.close(code=CLOSE_GOING_AWAY, message=b"server shutting down")
+            return ws
+        if gw.at_connection_cap(who):
+            await ws.close(code=CLOSE_TOO_MANY, message=b"too many connections for this key")
             return ws
         assert request.transport is not None
         conn = gw.attach(ws, request.transport, who)

@@ -40,6 +40,7 @@ log = logging.getLogger("matcher.gateway")
 CLOSE_UNAUTHORIZED = 4401      # no valid key
 CLOSE_SLOW_CONSUMER = 4408     # outbox full: the client does not read fast enough
 CLOSE_GOING_AWAY = 1001        # shutdown
+CLOSE_TOO_MANY = 4429          # the participant has `connections_per_participant` open
 DROP_GRACE_S = 30.0            # a connection given up on is cut this long after its close
 _PATH = re.compile(r" - at `(\$[^`]*)`$")
 _FIELD = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
@@ -446,6 +447,9 @@ class Gateway:
 
     def authenticate(self, key: str | None) -> Participant | None:
         return self.directory.authenticate(key) if key else None
+
+    def at_connection_cap(self, who: Participant) -> bool:
+        return len(self.connections.get(who.id, ())) >= self.limits.connections_per_participant
 
     def attach(self, ws: web.WebSocketResponse, transport: asyncio.BaseTransport,
                who: Participant) -> Connection:

@@ -2142,3 +2142,38 @@ def test_health_tells_that_redis_is_away_in_a_quiet_market(
     redis_server.start()
     wait_for(200, 1)
     assert "Redis does not answer" in server.log.read_text()
+
+
+def test_one_key_has_at_most_connections_per_participant_open(
+        start_server: Callable[..., ServerProcess]) -> None:
+    """Each connection has its own rate budget, so one key opening thousands multiplied
+    its rate by as many (found in review: 2,000 connections of one SME in a second).
+    Beyond the cap the next is closed with 4429; once one closes, a new one gets in."""
+    server = start_server(connections_per_participant=3)
+
+    async def scenario() -> tuple[int | None, str]:
+        stack = AsyncExitStack()
+        async with stack:
+            opened = [await stack.enter_async_context(session(server, SME_X))
+                      for _ in range(3)]
+            async with connect(server.ws_url, additional_headers={
+                    "Authorization": f"Bearer {key(SME_X)}"}) as extra:
+                with pytest.raises(ConnectionClosed) as closed:
+                    await asyncio.wait_for(extra.recv(), 5)
+            code = closed.value.rcvd.code if closed.value.rcvd else None
+            await opened[0].ws.close()
+            await asyncio.sleep(0.2)
+            async with session(server, SME_X) as again:           # room again
+                welcome = again.welcome["type"]
+        return code, welcome
+
+    assert run(scenario()) == (4429, "welcome")
+
+
+def test_the_segment_list_shares_the_quotes_budget_per_address(
+        start_server: Callable[..., ServerProcess]) -> None:
+    """`GET /v1/segments` needs no key and had no budget at all (found in review: 4,874
+    requests/s from one client slowed everyone's answers)."""
+    server = start_server(rate=0.5, burst=2)
+    assert [server.get("/v1/segments")[0] for _ in range(3)] == [200, 200, 429]
+    assert server.get("/v1/segments/DFM-90D/quote?amount=500000")[0] == 429   # shared

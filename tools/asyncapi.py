@@ -43,7 +43,7 @@ every message is one JSON text frame, an object tagged by `type`.
 Authenticate with `Authorization: Bearer <key>` on the upgrade request, or with an `auth`
 message as the first frame. Unauthenticated connections are closed with 4401. Close
 codes: 1001 server shutting down, 1009 frame over the size limit, 4401 unauthorized,
-4408 slow consumer (outbox full).
+4408 slow consumer (outbox full), 4429 too many connections for the key.
 
 Replies to an accepted command (`accepted`, then its `fill`s, each order's `done` after
 the fill that ends it) are released only after the journal write that holds the
