@@ -119,6 +119,9 @@ class Engine:
         self.lines: dict[str, CreditLines] = {}          # core enterprise -> lines
         self._of_core: dict[str, list[str]] = {}         # core enterprise -> its segments
         self.orders: dict[int, OrderInfo] = {}           # resting orders by order id
+        # ... and by owner, oldest first: `status`, `cancel_all` and a funder's
+        # disconnect read one participant's orders, not every order of the market.
+        self.owned: dict[int, dict[int, OrderInfo]] = {}
         # (participant, client id) -> order id, and ended orders for retries: hundreds of
         # thousands in a busy retry window, in maps that grow without stalling (maps.py).
         self.clients: ShardedDict[tuple[int, str], int] = ShardedDict()
@@ -191,11 +194,14 @@ class Engine:
         ended order still remembered for retries. That is all it ever holds: a name is
         entered when its order is placed and dropped only with the ended order (after
         the retry window, or at end of day), and it cannot name a second order while it
-        names one (that would be a retry)."""
+        names one (that would be a retry). The resting orders by owner, likewise."""
         self.clients = ShardedDict(((o.owner, o.client_id), o.order_id)
                                    for o in self.orders.values())
         for f in self.finished.values():
             self.clients[(f.owner, f.done.client_id)] = f.done.order_id
+        self.owned = {}
+        for o in self.orders.values():                  # in order id order
+            self.owned.setdefault(o.owner, {})[o.order_id] = o
 
     def ended(self) -> list[Finished]:
         """The ended orders still remembered, in the order they ended."""
@@ -239,14 +245,13 @@ class Engine:
     def status(self, participant: int) -> wire.Status:
         """A participant's own resting orders and credit lines."""
         orders = []
-        for o in self.orders.values():
-            if o.owner == participant:
-                resting = self.books[o.segment].order(o.order_id)
-                assert resting is not None
-                orders.append(wire.OrderStatus(
-                    client_id=o.client_id, order_id=o.order_id, segment=o.segment,
-                    side=o.side, rate_bps=resting.rate_bps, remaining=o.remaining,
-                    filled=o.filled, tif=resting.tif, min_ticket=resting.min_ticket))
+        for o in self.owned.get(participant, {}).values():
+            resting = self.books[o.segment].order(o.order_id)
+            assert resting is not None
+            orders.append(wire.OrderStatus(
+                client_id=o.client_id, order_id=o.order_id, segment=o.segment,
+                side=o.side, rate_bps=resting.rate_bps, remaining=o.remaining,
+                filled=o.filled, tif=resting.tif, min_ticket=resting.min_ticket))
         lines = [wire.LineStatus(core=core, line=line, used=used)
                  for core in sorted(self.lines)
                  for line, used in [self.lines[core].get(participant)] if line or used]
@@ -254,10 +259,10 @@ class Engine:
 
     def resting_client_ids(self, participant: int) -> list[str]:
         """The participant's resting orders by client id, oldest first."""
-        return [o.client_id for o in self.orders.values() if o.owner == participant]
+        return [o.client_id for o in self.owned.get(participant, {}).values()]
 
     def has_resting(self, participant: int) -> bool:
-        return any(o.owner == participant for o in self.orders.values())
+        return participant in self.owned
 
     def credit(self, core: str, funder: int) -> tuple[int, int]:
         """(line, used) of a funder against a core enterprise."""
@@ -329,6 +334,7 @@ class Engine:
         order = OrderInfo(order_id=entry.seq, segment=segment, owner=entry.participant,
                           client_id=client_id, side=side, filled=0, remaining=amount)
         self.orders[order.order_id] = order
+        self.owned.setdefault(order.owner, {})[order.order_id] = order
         self.clients[(entry.participant, client_id)] = order.order_id
         out.accept(entry, client_id, order.order_id)
         if fills:
@@ -361,8 +367,8 @@ class Engine:
         assert isinstance(cmd, wire.CancelAll)
         if cmd.segment is not None:
             self._book(cmd.segment)                   # an unknown segment is rejected
-        mine = [o for o in self.orders.values() if o.owner == entry.participant
-                and (cmd.segment is None or o.segment == cmd.segment)]
+        mine = [o for o in self.owned.get(entry.participant, {}).values()
+                if cmd.segment is None or o.segment == cmd.segment]
         out.accept(entry)
         for order in mine:
             self.books[order.segment].cancel(order.order_id)
@@ -471,6 +477,10 @@ class Engine:
         done = wire.Done(client_id=order.client_id, order_id=order.order_id, reason=reason,
                          filled=order.filled, remaining=order.remaining)
         del self.orders[order.order_id]
+        mine = self.owned[order.owner]
+        del mine[order.order_id]
+        if not mine:
+            del self.owned[order.owner]
         assert out.entry is not None             # every handler accepts before ending
         self.finished[order.order_id] = Finished(out.entry.ts, order.owner, done)
         self._expiry.append((out.entry.ts, order.order_id))
