@@ -96,6 +96,8 @@ class LimitsConfig(_Section):
     # Open at once with one key: each has its own rate budget, so without a cap one
     # participant could open thousands and multiply its rate by as many.
     connections_per_participant: Annotated[int, Meta(ge=1)] = 32
+    # Orders one participant may have resting (IOC and FOK asks never rest).
+    resting_orders_per_participant: Annotated[int, Meta(ge=1)] = 10_000
 
 
 class SegmentConfig(_Section):

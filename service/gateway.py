@@ -262,7 +262,14 @@ class Gateway:
                 client_id=getattr(cmd, "client_id", None), code="unavailable",
                 message=f"not accepting commands: {why}"))
             return
-        out = self.engine.submit(who.id, who.role, cmd, time.time_ns())
+        if conn is not None and self._over_resting_cap(who, cmd):
+            out = Outcome(replies=[(who.id, wire.Rejected(
+                client_id=getattr(cmd, "client_id", None), code="too_many_orders",
+                path="$.client_id",
+                message=f"{self.limits.resting_orders_per_participant} orders of yours "
+                        "rest already: cancel some first"))])
+        else:
+            out = self.engine.submit(who.id, who.role, cmd, time.time_ns())
         if out.entry is None:
             # A rejection or a retry's answer is read from state that may not be written
             # yet (the original of a retry can still be in the batch being written), so
@@ -297,6 +304,21 @@ class Gateway:
             self._reply_now(who.id, refusal, conn)
         else:                                   # the connection that sent it
             conn.send(self._encode(refusal))
+
+    def _over_resting_cap(self, who: Participant, cmd: wire.Command) -> bool:
+        """A new order that could rest, from a participant with the cap's worth resting.
+
+        Checked here, not in the engine: the engine's rules can never become stricter
+        (journals hold what they allowed, ADR 8), and a command refused here is never
+        journaled, so replay is the same. Every resting order costs memory, and the
+        levels of a book are walked for each update (a funder whose line is used up
+        shows nothing, however many bids it rests). A retry of an order placed before
+        is let through: the engine answers it as one."""
+        if not isinstance(cmd, wire.Bid | wire.Ask) or cmd.tif in ("ioc", "fok"):
+            return False
+        owned = self.engine.owned.get(who.id)
+        return (owned is not None and len(owned) >= self.limits.resting_orders_per_participant
+                and (who.id, cmd.client_id) not in self.engine.clients)
 
     def _hold(self, batch: asyncio.Future[int], held: _Held) -> None:
         """Keep the replies until their batch is durable: one callback per batch."""

@@ -495,3 +495,51 @@ def test_subscribing_again_and_again_during_an_outage_holds_one_callback_per_wri
         return len(barrier._callbacks)                  # type: ignore[attr-defined]
 
     assert run(scenario()) <= 2
+
+
+def test_a_participant_may_rest_only_so_many_orders() -> None:
+    """Nothing bounded one participant's resting orders: each costs memory, and a book's
+    levels are walked at each update even where a funder whose line is used up shows
+    nothing (found in review: 20,000 such bids made a few subscribes stall everyone).
+    Beyond `resting_orders_per_participant` a new order that could rest is rejected
+    `too_many_orders`, by the gateway (never journaled); a retry and an IOC are not."""
+    import redis.asyncio as aioredis
+
+    from matcher.engine import Engine
+    from matcher.participants import Directory
+    from service.gateway import Gateway
+    from service.journal import Keys
+    from service.metrics import Metrics
+    from tests.bench.test_gateway_bench import DEMO, _Journal, _Transport
+
+    async def scenario() -> list[tuple[str, str | None]]:
+        journal = _Journal(aioredis.Redis(host="127.0.0.1", port=1), Keys("bench"))
+        limits = msgspec.structs.replace(DEMO.limits, resting_orders_per_participant=2)
+        gateway = Gateway(Engine(SEGMENTS), journal, Directory(PEOPLE), limits, Metrics())
+        funder, sme = PEOPLE[0], PEOPLE[-1]
+        f = gateway.attach(None, _Transport(), funder)  # type: ignore[arg-type]
+        s = gateway.attach(None, _Transport(), sme)     # type: ignore[arg-type]
+        await _turns()
+        sent: list[bytes] = []
+        f.transport.write = sent.append                 # type: ignore[method-assign]
+        segment = SEGMENTS[0]
+        gateway.handle(f, _line(segment.core), 0.0)
+        for n in (1, 2, 3):
+            gateway.handle(f, _bid(segment.id, n), 0.0)
+        gateway.handle(f, _bid(segment.id, 1), 0.0)     # a retry of the first
+        gateway.handle(s, b'{"type":"ask","client_id":"x","segment":"%s","amount":5,'
+                       b'"tif":"ioc"}' % segment.id.encode(), 0.0)   # an IOC: let in
+        gateway.handle(f, _bid(segment.id, 4), 0.0)     # 5 fen lent: both bids still rest
+        journal.land()
+        await _turns()
+        gateway.handle(f, b'{"type":"cancel","client_id":"b1"}', 0.0)
+        gateway.handle(f, _bid(segment.id, 5), 0.0)     # room again
+        journal.land()
+        await _turns()
+        return [(e.client_id, e.code if isinstance(e, wire.Rejected) else "accepted")
+                for e in _events(sent) if isinstance(e, wire.Accepted | wire.Rejected)]
+
+    answers = run(scenario())
+    assert answers == [(None, "accepted"), ("b1", "accepted"), ("b2", "accepted"),
+                       ("b3", "too_many_orders"), ("b1", "accepted"),
+                       ("b4", "too_many_orders"), ("b1", "accepted"), ("b5", "accepted")]
