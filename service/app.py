@@ -86,6 +86,7 @@ class Service:
         self.runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.stopping = False       # SIGTERM: no new connections (`accepting`: commands)
+        self._signing_in = 0        # connections waiting for their `auth` message
         self.port = config.server.port
         self.ready = False
         self.exit_code = 0
@@ -552,14 +553,24 @@ class Service:
         limits = self.config.limits
         if self.stopping:           # connect again to the next gateway
             return _json_error(503, "unavailable", "the server is shutting down", None)
+        header = request.headers.get("Authorization")
+        if header is None and self._signing_in >= limits.unauthenticated_connections:
+            # Those cost a socket and a handler each for up to `auth_timeout`, for
+            # anyone who can connect: bounded, so that they cannot use up the process's
+            # files. A key in the header signs in at once and is never turned away here.
+            return _json_error(503, "unavailable", "too many connections are waiting to "
+                               "sign in: connect again shortly", None)
         ws = WebSocket(max_msg_size=limits.max_frame_bytes, compress=False, decode_text=False,
                        heartbeat=self.config.server.heartbeat_s)
         await ws.prepare(request)
-        header = request.headers.get("Authorization")
         if header is not None:        # a key was offered: it is right or the door closes
             who = gw.authenticate(bearer_key(header))
         else:
-            who = await self._auth_message(ws, limits.auth_timeout)
+            self._signing_in += 1
+            try:
+                who = await self._auth_message(ws, limits.auth_timeout)
+            finally:
+                self._signing_in -= 1
         if who is None:
             await ws.close(code=CLOSE_UNAUTHORIZED, message=b"unauthorized")
             return ws

@@ -93,6 +93,8 @@ class LimitsConfig(_Section):
     book_interval_ms: Annotated[int, Meta(ge=0)] = 50
     journal_backlog: Annotated[int, Meta(ge=1)] = 200_000
     auth_timeout: Annotated[float, Meta(gt=0)] = 10.0
+    # WebSocket connections waiting for their `auth` message, all clients together.
+    unauthenticated_connections: Annotated[int, Meta(ge=1)] = 1_000
     # Open at once with one key: each has its own rate budget, so without a cap one
     # participant could open thousands and multiply its rate by as many.
     connections_per_participant: Annotated[int, Meta(ge=1)] = 32

@@ -2177,3 +2177,29 @@ def test_the_segment_list_shares_the_quotes_budget_per_address(
     server = start_server(rate=0.5, burst=2)
     assert [server.get("/v1/segments")[0] for _ in range(3)] == [200, 200, 429]
     assert server.get("/v1/segments/DFM-90D/quote?amount=500000")[0] == 429   # shared
+
+
+def test_connections_waiting_to_sign_in_are_bounded(
+        start_server: Callable[..., ServerProcess]) -> None:
+    """A connection without a key in the header waits up to `auth_timeout` for its
+    `auth` message, a socket and a handler each, for anyone who can connect: nothing
+    bounded them but the process's files (found in review: 2,000 in 0.7 s). Beyond
+    `unauthenticated_connections` the upgrade is refused 503; a key in the header still
+    gets in, and so does the next one once a place is free."""
+    server = start_server(unauthenticated_connections=2)
+
+    async def scenario() -> tuple[int, str, str]:
+        async with connect(server.ws_url) as a, connect(server.ws_url):
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(server.ws_url):
+                    pass
+            async with session(server, F11) as f11:              # the header: let in
+                header_ok = f11.welcome["type"]
+            await a.send(json.dumps({"type": "auth", "key": key(SME_X)}))
+            await a.recv()                                       # signed in: a place
+            async with connect(server.ws_url) as c:
+                await c.send(json.dumps({"type": "auth", "key": key(SME_Y)}))
+                later = json.loads(await c.recv())["type"]
+        return refused.value.response.status_code, header_ok, later
+
+    assert run(scenario()) == (503, "welcome", "welcome")
