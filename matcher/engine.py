@@ -284,16 +284,25 @@ class Engine:
         self._of_core[segment.core].sort()
         self.books[segment.id] = Book(rate_cap_bps=segment.rate_cap_bps, credit=lines)
 
+    def retried(self, participant: int, client_id: str, ts: int) -> int | None:
+        """The order a new order under this client id, stamped `ts`, would be a retry of:
+        one resting, or one that ended within the retry window. None: a new order."""
+        order_id = self.clients.get((participant, client_id))
+        if order_id is None:
+            return None
+        ended = self.finished.get(order_id)
+        if ended is not None and ended.ts < max(ts, self.ts) - RETRY_WINDOW_NS:
+            return None       # its window has passed (it is forgotten once time moves on)
+        return order_id
+
     def _retry(self, entry: wire.JournalEntry, client_id: str, out: Outcome) -> bool:
         """A new order under a client id already used: answer as the first time did."""
-        order_id = self.clients.get((entry.participant, client_id))
+        order_id = self.retried(entry.participant, client_id, entry.ts)
         if order_id is None:
             return False
-        ended = self.finished.get(order_id)
-        if ended is not None and ended.ts < entry.ts - RETRY_WINDOW_NS:
-            return False      # its window has passed (it is forgotten once time moves on)
         out.replies.append((entry.participant, wire.Accepted(
             client_id=client_id, seq=order_id, order_id=order_id, duplicate=True)))
+        ended = self.finished.get(order_id)
         if ended is not None:
             out.replies.append((entry.participant, ended.done))
         return True

@@ -59,8 +59,12 @@ LOOP_PROBE_S = 0.01     # the event loop lag probe's period: 100 timers a second
 #: the dropped ones retried a second later (0.9 to 2.0 s for all; with 4096: 0.9 to 1.0
 #: s and no drops). The kernel caps it at net.core.somaxconn.
 LISTEN_BACKLOG = 4096
-#: How long the every-second reads may take before Redis counts as not answering.
+#: How long a connection that never signed in may take to answer its close frame.
+CLOSE_UNSIGNED_S = 1.0
+#: How long the every-second reads and write may take before they count as a miss,
+#: and how many misses in a row make Redis count as not answering.
 REDIS_PROBE_TIMEOUT_S = 2.0
+REDIS_PROBE_MISSES = 3
 STATIC = Path(__file__).with_name("static")
 
 
@@ -280,27 +284,36 @@ class Service:
         """Read the stored snapshot's sequence number every second, for
         `matcher_snapshot_seq`: whoever stored it, the snapshotter or anyone else; where
         Redis's journal starts, for `matcher_journal_start_seq`; and what the fill
-        stream holds, for `matcher_fill_stream_*` (fill retention trims it). Whether
-        Redis answered them is `redis_answers`, which `/health` and `matcher_journal_up`
-        read: a Redis that went away in a quiet market shows before the first order."""
+        stream holds, for `matcher_fill_stream_*` (fill retention trims it).
+
+        With them a short-lived key is written: whether Redis takes writes is
+        `redis_answers`, which `/health` and `matcher_journal_up` read, so a Redis that
+        went away, or that refuses writes while it still reads (a replica after a
+        failover, out of memory, a failed background save), shows in a quiet market,
+        before the first order. It turns false after `REDIS_PROBE_MISSES` misses in a
+        row, not one slow second."""
         assert self.client is not None
+        misses = 0
         while True:
             await asyncio.sleep(1.0)
             try:
                 async with asyncio.timeout(REDIS_PROBE_TIMEOUT_S):
+                    await self.client.set(self.keys.probe, time.time_ns(), px=5000)
                     self.snapshot_seq = await stored_seq(self.client, self.keys)
                     self.journal_start = await journal_start(self.client, self.keys) or 0
                     failures: Any = await self.client.get(self.keys.archive_failures)
                     self.archive_failures = int(failures or 0)
                     self.fill_stream = await fill_stream_span(self.client, self.keys)
             except (RedisError, OSError, TimeoutError) as exc:
-                if self.redis_answers:
-                    log.warning("Redis does not answer (%s: %s): /health says unavailable "
-                                "until it does", type(exc).__name__, exc)
-                self.redis_answers = False
+                misses += 1
+                if misses == REDIS_PROBE_MISSES:
+                    log.warning("Redis does not answer or take writes (%s: %s): /health "
+                                "says unavailable until it does", type(exc).__name__, exc)
+                    self.redis_answers = False
             else:
                 if not self.redis_answers:
                     log.info("Redis answers again")
+                misses = 0
                 self.redis_answers = True
 
     async def _probe_loop(self) -> None:
@@ -554,32 +567,35 @@ class Service:
         if self.stopping:           # connect again to the next gateway
             return _json_error(503, "unavailable", "the server is shutting down", None)
         header = request.headers.get("Authorization")
-        if header is None and self._signing_in >= limits.unauthenticated_connections:
-            # Those cost a socket and a handler each for up to `auth_timeout`, for
-            # anyone who can connect: bounded, so that they cannot use up the process's
-            # files. A key in the header signs in at once and is never turned away here.
+        # A key in the header signs in before the upgrade and is never turned away
+        # here. Any other connection (no header, or a wrong key) costs a socket and a
+        # handler until it signs in or is closed, for anyone who can connect: those are
+        # counted, and bounded, so that they cannot use up the process's files.
+        who = gw.authenticate(bearer_key(header)) if header is not None else None
+        if who is None and self._signing_in >= limits.unauthenticated_connections:
             return _json_error(503, "unavailable", "too many connections are waiting to "
                                "sign in: connect again shortly", None)
-        ws = WebSocket(max_msg_size=limits.max_frame_bytes, compress=False, decode_text=False,
-                       heartbeat=self.config.server.heartbeat_s)
-        await ws.prepare(request)
-        if header is not None:        # a key was offered: it is right or the door closes
-            who = gw.authenticate(bearer_key(header))
-        else:
+        counted = who is None
+        if counted:
             self._signing_in += 1
-            try:
+        try:
+            ws = WebSocket(max_msg_size=limits.max_frame_bytes, compress=False,
+                           decode_text=False, heartbeat=self.config.server.heartbeat_s)
+            await ws.prepare(request)
+            if who is None and header is None:
                 who = await self._auth_message(ws, limits.auth_timeout)
-            finally:
+            refusal = (
+                (CLOSE_UNAUTHORIZED, b"unauthorized") if who is None
+                else (CLOSE_GOING_AWAY, b"server shutting down") if self.stopping
+                else (CLOSE_TOO_MANY, b"too many connections for this key")
+                if gw.at_connection_cap(who) else None)
+            if refusal is not None:
+                await self._close_unsigned(ws, request, *refusal)
+                return ws
+        finally:
+            if counted:
                 self._signing_in -= 1
-        if who is None:
-            await ws.close(code=CLOSE_UNAUTHORIZED, message=b"unauthorized")
-            return ws
-        if self.stopping:           # the shutdown began while it signed in
-            await ws.close(code=CLOSE_GOING_AWAY, message=b"server shutting down")
-            return ws
-        if gw.at_connection_cap(who):
-            await ws.close(code=CLOSE_TOO_MANY, message=b"too many connections for this key")
-            return ws
+        assert who is not None
         assert request.transport is not None
         conn = gw.attach(ws, request.transport, who)
         # From here on messages are handled as they are parsed (service/inbox.py); the
@@ -596,6 +612,18 @@ class Service:
             ws.deliver(None)
             gw.detach(conn)
         return ws
+
+    async def _close_unsigned(self, ws: web.WebSocketResponse, request: web.Request,
+                              code: int, message: bytes) -> None:
+        """Close a connection that never signed in. aiohttp waits up to ten seconds for
+        the client's close frame; one that does not send it would hold its socket for
+        that long, so after a second the socket is cut."""
+        try:
+            async with asyncio.timeout(CLOSE_UNSIGNED_S):
+                await ws.close(code=code, message=message)
+        except TimeoutError:
+            if request.transport is not None:
+                request.transport.abort()
 
     async def _auth_message(self, ws: web.WebSocketResponse,
                             timeout: float) -> Participant | None:

@@ -318,7 +318,7 @@ class Gateway:
             return False
         owned = self.engine.owned.get(who.id)
         return (owned is not None and len(owned) >= self.limits.resting_orders_per_participant
-                and (who.id, cmd.client_id) not in self.engine.clients)
+                and self.engine.retried(who.id, cmd.client_id, time.time_ns()) is None)
 
     def _hold(self, batch: asyncio.Future[int], held: _Held) -> None:
         """Keep the replies until their batch is durable: one callback per batch."""

@@ -84,6 +84,12 @@ class Keys:
         return f"matcher:{{{self.shard}}}:journal-archive-failures"
 
     @property
+    def probe(self) -> str:
+        """Written by the gateway every second with a short expiry: whether Redis takes
+        writes, also in a quiet market."""
+        return f"matcher:{{{self.shard}}}:probe"
+
+    @property
     def snapshot(self) -> str:
         return f"matcher:{{{self.shard}}}:snapshot"
 

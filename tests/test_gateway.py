@@ -543,3 +543,45 @@ def test_a_participant_may_rest_only_so_many_orders() -> None:
     assert answers == [(None, "accepted"), ("b1", "accepted"), ("b2", "accepted"),
                        ("b3", "too_many_orders"), ("b1", "accepted"),
                        ("b4", "too_many_orders"), ("b1", "accepted"), ("b5", "accepted")]
+
+
+def test_a_client_id_past_its_retry_window_is_no_way_past_the_cap(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ended order's client id stays in the engine's map after its two minutes until
+    a command moves time on; let through as a retry, it placed a new order above the
+    cap (found in review). The gateway asks the engine's own rule."""
+    import redis.asyncio as aioredis
+
+    from matcher.engine import Engine
+    from matcher.participants import Directory
+    from service import gateway as gateway_module
+    from service.journal import Keys
+    from service.metrics import Metrics
+    from tests.bench.test_gateway_bench import DEMO, _Journal, _Transport
+
+    now = [10**18]
+    monkeypatch.setattr(gateway_module.time, "time_ns", lambda: now[0])
+
+    async def scenario() -> int:
+        journal = _Journal(aioredis.Redis(host="127.0.0.1", port=1), Keys("bench"))
+        limits = msgspec.structs.replace(DEMO.limits, resting_orders_per_participant=2)
+        gateway = gateway_module.Gateway(Engine(SEGMENTS), journal, Directory(PEOPLE),
+                                         limits, Metrics())
+        funder = PEOPLE[0]
+        f = gateway.attach(None, _Transport(), funder)  # type: ignore[arg-type]
+        await _turns()
+        segment = SEGMENTS[0]
+        gateway.handle(f, _line(segment.core), 0.0)
+        gateway.handle(f, _bid(segment.id, 1), 0.0)
+        gateway.handle(f, b'{"type":"cancel","client_id":"b1"}', 0.0)
+        gateway.handle(f, _bid(segment.id, 2), 0.0)
+        gateway.handle(f, _bid(segment.id, 3), 0.0)
+        journal.land()
+        await _turns()
+        now[0] += 121 * 10**9                           # a quiet two minutes
+        gateway.handle(f, _bid(segment.id, 1), 0.0)     # b1 again: a new order now
+        journal.land()
+        await _turns()
+        return len(gateway.engine.owned[funder.id])
+
+    assert run(scenario()) == 2

@@ -2203,3 +2203,65 @@ def test_connections_waiting_to_sign_in_are_bounded(
         return refused.value.response.status_code, header_ok, later
 
     assert run(scenario()) == (503, "welcome", "welcome")
+
+
+def test_a_wrong_key_in_the_header_is_counted_and_cut_soon(
+        start_server: Callable[..., ServerProcess]) -> None:
+    """A wrong key in the header skipped the count of connections waiting to sign in,
+    and a client that does not answer the 4401 close frame kept its socket for aiohttp's
+    ten seconds (found in review). It counts until it is closed, and is cut after a
+    second."""
+    server = start_server(unauthenticated_connections=1)
+
+    async def scenario() -> tuple[int, float, str]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     b"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer junk\r\n\r\n")
+        await writer.drain()
+        start = time.monotonic()
+        assert b" 101 " in await reader.readline()
+        with pytest.raises(InvalidStatus) as refused:      # it holds the one place
+            async with connect(server.ws_url):
+                pass
+        while await reader.read(4096):                     # never answers the close
+            pass
+        held = time.monotonic() - start
+        writer.close()
+        async with connect(server.ws_url) as c:            # the place is free again
+            await c.send(json.dumps({"type": "auth", "key": key(SME_X)}))
+            later = json.loads(await c.recv())["type"]
+        return refused.value.response.status_code, held, later
+
+    status, held, later = run(scenario())
+    assert status == 503 and later == "welcome"
+    assert held < 5, held                                  # not aiohttp's ten seconds
+
+
+def test_health_tells_that_redis_refuses_writes_in_a_quiet_market(
+        start_server: Callable[..., ServerProcess], redis_server: LocalRedis) -> None:
+    """A Redis that still reads but refuses writes (here: it wants a replica it does not
+    have; also a replica after a failover, out of memory, a failed background save) made
+    the first order of the day stop the journal, while `/health` had said ready (found
+    in review: the probe only read). It writes a short-lived key now."""
+    import redis
+
+    server = start_server()
+    admin = redis.Redis.from_url(redis_server.url)
+
+    def wait_for(status: int) -> None:
+        deadline = time.monotonic() + 10
+        while server.get("/health")[0] != status:
+            assert time.monotonic() < deadline, server.get("/health")
+            time.sleep(0.1)
+
+    try:
+        assert server.get("/health")[0] == 200
+        admin.config_set("min-replicas-to-write", 1)
+        wait_for(503)
+        assert metric(server, "matcher_journal_up") == 0
+        admin.config_set("min-replicas-to-write", 0)
+        wait_for(200)
+    finally:
+        admin.config_set("min-replicas-to-write", 0)
+        admin.close()
