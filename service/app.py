@@ -555,8 +555,8 @@ class Service:
         except msgspec.ValidationError as exc:
             return _error_response(400, decode_error(exc, b""))
         answer = await gw.fill_page(who, req)
-        if isinstance(answer, wire.Error):            # busy or unavailable: ask again
-            return _error_response(503, answer)
+        if isinstance(answer, wire.Error):    # busy, unavailable or over the rate: again
+            return _error_response(429 if answer.code == "rate_limited" else 503, answer)
         return web.Response(body=wire.json_encoder.encode(answer),
                             content_type="application/json")
 

@@ -585,3 +585,33 @@ def test_a_client_id_past_its_retry_window_is_no_way_past_the_cap(
         return len(gateway.engine.owned[funder.id])
 
     assert run(scenario()) == 2
+
+
+def test_one_participant_may_ask_for_only_so_many_fills_a_second() -> None:
+    """Pages were bounded in number, not in rate: one SME on four connections pulled
+    155,000 fills a second, each decoded on the event loop (found in review). Each
+    request counts its `limit` against the participant's 2,000 fills a second, a burst
+    of 20,000; another participant is not held back."""
+    from service import gateway as gateway_module
+    from service.history import Page
+
+    async def scenario() -> tuple[list[str], wire.FillPage | wire.Error]:
+        gateway, _, _ = await _gateway()
+
+        class History:
+            async def page(self, participant: int, after: str | None, limit: int) -> Page:
+                return Page([], False, after)
+
+        gateway.history = History()           # type: ignore[assignment]
+        hog, sme = PEOPLE[0], PEOPLE[-1]
+        codes = []
+        for _ in range(gateway_module.FILLS_BURST // 100 + 20):
+            answer = await gateway.fill_page(hog, wire.FillsRequest(limit=100))
+            codes.append(answer.code if isinstance(answer, wire.Error) else "page")
+        return codes, await gateway.fill_page(sme, wire.FillsRequest(limit=100, ref="mine"))
+
+    codes, other = run(scenario())
+    pages = gateway_module.FILLS_BURST // 100
+    assert pages <= codes.count("page") <= pages + 2, codes      # the burst, and a refill
+    assert codes[-1] == "rate_limited" and set(codes) == {"page", "rate_limited"}
+    assert isinstance(other, wire.FillPage) and other.ref == "mine"
