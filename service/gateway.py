@@ -267,14 +267,15 @@ class Gateway:
                 client_id=getattr(cmd, "client_id", None), code="unavailable",
                 message=f"not accepting commands: {why}"))
             return
-        if conn is not None and self._over_resting_cap(who, cmd):
+        now = time.time_ns()          # one reading: the cap asks the engine's retry rule
+        if conn is not None and self._over_resting_cap(who, cmd, now):
             out = Outcome(replies=[(who.id, wire.Rejected(
                 client_id=getattr(cmd, "client_id", None), code="too_many_orders",
                 path="$.client_id",
                 message=f"{self.limits.resting_orders_per_participant} orders of yours "
                         "rest already: cancel some first"))])
         else:
-            out = self.engine.submit(who.id, who.role, cmd, time.time_ns())
+            out = self.engine.submit(who.id, who.role, cmd, now)
         if out.entry is None:
             # A rejection or a retry's answer is read from state that may not be written
             # yet (the original of a retry can still be in the batch being written), so
@@ -310,7 +311,7 @@ class Gateway:
         else:                                   # the connection that sent it
             conn.send(self._encode(refusal))
 
-    def _over_resting_cap(self, who: Participant, cmd: wire.Command) -> bool:
+    def _over_resting_cap(self, who: Participant, cmd: wire.Command, now: int) -> bool:
         """A new order that could rest, from a participant with the cap's worth resting.
 
         Checked here, not in the engine: the engine's rules can never become stricter
@@ -323,7 +324,7 @@ class Gateway:
             return False
         owned = self.engine.owned.get(who.id)
         return (owned is not None and len(owned) >= self.limits.resting_orders_per_participant
-                and self.engine.retried(who.id, cmd.client_id, time.time_ns()) is None)
+                and self.engine.retried(who.id, cmd.client_id, now) is None)
 
     def _hold(self, batch: asyncio.Future[int], held: _Held) -> None:
         """Keep the replies until their batch is durable: one callback per batch."""
@@ -620,7 +621,7 @@ class Gateway:
     async def fill_page(self, who: Participant,
                         req: wire.FillsRequest) -> wire.FillPage | wire.Error:
         """A page of the participant's own journaled fills (a funder or an SME only), or
-        the error that says why not now: `busy` or `unavailable`.
+        the error that says why not now: `busy`, `rate_limited` or `unavailable`.
 
         At most `_READERS` pages are read at once, whoever asks (WebSocket or HTTP), so
         a reconnection storm's catch-ups queue here instead of in Redis; beyond

@@ -278,6 +278,7 @@ class Journal:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.healthy = True
+        self.written_at = 0.0           # time.monotonic() of the last write that landed
         self.batches = 0
         self._on_batch = on_batch
         self._journal_key = keys.journal.encode()
@@ -430,6 +431,7 @@ class Journal:
         settled by `_recover` also holds the outage, which is not a write's time."""
         if batch.entries:
             self.written_seq = batch.entries[-1].seq
+        self.written_at = time.monotonic()
         self.batches += 1
         if self._on_batch is not None and batch.entries:
             self._on_batch(len(batch.entries),
