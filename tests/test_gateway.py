@@ -82,8 +82,7 @@ def test_an_answer_never_overtakes_the_ack_of_a_batch_that_just_became_durable()
         funder = PEOPLE[0]
         conn = conns[funder.id]
         await asyncio.sleep(0)                          # the welcome is written
-        sent: list[bytes] = []
-        conn.transport.write = sent.append              # type: ignore[method-assign]
+        sent = _watch(conn)
         core = gateway.engine.segments[sorted(gateway.engine.segments)[0]].core
         gateway.handle(conn, b'{"type":"set_credit_line","core":"%s","amount":1000}'
                        % core.encode(), 0.0)
@@ -102,24 +101,10 @@ def test_answers_held_for_the_journal_count_against_its_backlog() -> None:
     """While Redis is away, rejections wait with the commands for the next batch; a
     client sending them without end meets `unavailable` at `journal_backlog`, as new
     commands do, instead of growing what the gateway holds."""
-    import msgspec
-
-    from matcher.engine import Engine
-    from matcher.participants import Directory
-    from service.gateway import Gateway
-    from service.journal import Keys
-    from service.metrics import Metrics
-    from tests.bench.test_gateway_bench import DEMO, SEGMENTS, _Journal, _Transport
-
     async def scenario() -> tuple[int, list[bytes]]:
-        import redis.asyncio as aioredis
-        journal = _Journal(aioredis.Redis(host="127.0.0.1", port=1), Keys("bench"))
-        limits = msgspec.structs.replace(DEMO.limits, journal_backlog=5)
-        gateway = Gateway(Engine(SEGMENTS), journal, Directory(PEOPLE), limits, Metrics())
-        conn = gateway.attach(None, _Transport(), PEOPLE[0])  # type: ignore[arg-type]
+        gateway, _, [conn] = _gateway_with(PEOPLE[0], journal_backlog=5)
         await asyncio.sleep(0)
-        sent: list[bytes] = []
-        conn.transport.write = sent.append              # type: ignore[method-assign]
+        sent = _watch(conn)
         core = gateway.engine.segments[sorted(gateway.engine.segments)[0]].core
         gateway.handle(conn, b'{"type":"set_credit_line","core":"%s","amount":1000}'
                        % core.encode(), 0.0)            # a batch the journal never lands
@@ -174,6 +159,32 @@ async def _turns(n: int = 3) -> None:
         await asyncio.sleep(0)
 
 
+def _watch(conn: Any) -> list[bytes]:
+    """What the gateway writes to a stand-in connection from now on."""
+    sent: list[bytes] = []
+    conn.transport.write = sent.append
+    return sent
+
+
+def _gateway_with(*people: Any, **limits: Any) -> tuple[Any, Any, list[Any]]:
+    """A gateway with other `[limits]` and a stand-in connection for each of `people`
+    (the benchmark's `_gateway` connects all 6,367 with the demo's limits). Call it in
+    a running loop."""
+    import redis.asyncio as aioredis
+
+    from matcher.engine import Engine
+    from matcher.participants import Directory
+    from service.gateway import Gateway
+    from service.journal import Keys
+    from service.metrics import Metrics
+    from tests.bench.test_gateway_bench import DEMO, _Journal, _Transport
+
+    journal = _Journal(aioredis.Redis(host="127.0.0.1", port=1), Keys("bench"))
+    gateway = Gateway(Engine(SEGMENTS), journal, Directory(PEOPLE),
+                      msgspec.structs.replace(DEMO.limits, **limits), Metrics())
+    return gateway, journal, [gateway.attach(None, _Transport(), p) for p in people]
+
+
 def test_book_updates_show_only_what_the_journal_has() -> None:
     """The engine applies a command before its write returns. A book update built while
     a later command is still being written is held until that write returns (and after
@@ -185,8 +196,7 @@ def test_book_updates_show_only_what_the_journal_has() -> None:
         segment = SEGMENTS[0]
         f, s = conns[funder.id], conns[sme.id]
         await asyncio.sleep(0)                          # the welcomes are written
-        seen: list[bytes] = []
-        s.transport.write = seen.append                 # type: ignore[method-assign]
+        seen = _watch(s)
         gateway.handle(s, _subscribe(segment.id), 0.0)
         await asyncio.sleep(0)
         assert [b.seq for b in _books(seen)] == [0]     # nothing pending: at once
@@ -204,8 +214,7 @@ def test_book_updates_show_only_what_the_journal_has() -> None:
 
         # A subscriber arriving while a write is out gets its first book after it.
         other = conns[PEOPLE[-2].id]
-        later: list[bytes] = []
-        other.transport.write = later.append            # type: ignore[method-assign]
+        later = _watch(other)
         gateway.handle(f, _bid(segment.id, 3), 0.0)
         gateway.handle(other, _subscribe(segment.id), 0.0)
         await _turns()
@@ -229,8 +238,7 @@ def test_a_subscriber_never_gets_an_older_book_and_the_last_is_the_final_state()
         segment = SEGMENTS[0]
         f, s = conns[PEOPLE[0].id], conns[PEOPLE[-1].id]
         await _turns()
-        seen: list[bytes] = []
-        s.transport.write = seen.append                 # type: ignore[method-assign]
+        seen = _watch(s)
         gateway.handle(s, _subscribe(segment.id), 0.0)
         gateway.handle(f, _line(segment.core), 0.0)
         gateway.handle(f, _bid(segment.id, 1), 0.0)
@@ -270,8 +278,7 @@ def test_no_book_is_sent_once_the_journal_has_stopped() -> None:
         journal._stop(RuntimeError("GAP: the journal does not end where it follows"))
         await _turns()
         assert journal.barrier() is None and gateway.accepting is False
-        seen: list[bytes] = []
-        s.transport.write = seen.append                 # type: ignore[method-assign]
+        seen = _watch(s)
         gateway.handle(s, _subscribe(segment.id), 0.0)
         gateway.book_changed(segment.id)
         await asyncio.sleep(0.1)
@@ -352,8 +359,7 @@ def test_books_keep_coming_when_each_write_takes_about_the_interval() -> None:
         segment = SEGMENTS[0]
         f, s = conns[PEOPLE[0].id], conns[PEOPLE[-1].id]
         await _turns()
-        seen: list[bytes] = []
-        s.transport.write = seen.append                 # type: ignore[method-assign]
+        seen = _watch(s)
         gateway.handle(s, _subscribe(segment.id), 0.0)
         gateway.handle(f, _line(segment.core), 0.0)
         journal.land()
@@ -392,8 +398,7 @@ def test_a_subscribers_own_book_never_follows_a_newer_update() -> None:
         segment = SEGMENTS[0]
         f, a, b = conns[PEOPLE[0].id], conns[PEOPLE[-1].id], conns[PEOPLE[-2].id]
         await _turns()
-        seen: list[bytes] = []
-        b.transport.write = seen.append                 # type: ignore[method-assign]
+        seen = _watch(b)
         gateway.handle(a, _subscribe(segment.id), 0.0)
         gateway.handle(f, _line(segment.core), 0.0)
         gateway.handle(f, _bid(segment.id, 1), 0.0)
@@ -445,8 +450,7 @@ def test_a_stopped_journal_is_named_in_the_refusal() -> None:
         journal._window.append(journal._take())
         journal._stop(RuntimeError("GAP: the journal does not end where it follows"))
         await _turns()
-        sent: list[bytes] = []
-        f.transport.write = sent.append                 # type: ignore[method-assign]
+        sent = _watch(f)
         gateway.handle(f, _bid(segment.id, 1), 0.0)
         await _turns()
         return _events(sent)
@@ -464,8 +468,7 @@ def test_a_subscribe_builds_each_segments_book_once() -> None:
         gateway, _, conns = await _gateway()
         s = conns[PEOPLE[-1].id]
         await _turns()
-        seen: list[bytes] = []
-        s.transport.write = seen.append                 # type: ignore[method-assign]
+        seen = _watch(s)
         gateway.handle(s, _subscribe(*[SEGMENTS[0].id] * 1000), 0.0)
         await _turns()
         first = len(_books(seen))
@@ -503,25 +506,11 @@ def test_a_participant_may_rest_only_so_many_orders() -> None:
     nothing (found in review: 20,000 such bids made a few subscribes stall everyone).
     Beyond `resting_orders_per_participant` a new order that could rest is rejected
     `too_many_orders`, by the gateway (never journaled); a retry and an IOC are not."""
-    import redis.asyncio as aioredis
-
-    from matcher.engine import Engine
-    from matcher.participants import Directory
-    from service.gateway import Gateway
-    from service.journal import Keys
-    from service.metrics import Metrics
-    from tests.bench.test_gateway_bench import DEMO, _Journal, _Transport
-
     async def scenario() -> list[tuple[str, str | None]]:
-        journal = _Journal(aioredis.Redis(host="127.0.0.1", port=1), Keys("bench"))
-        limits = msgspec.structs.replace(DEMO.limits, resting_orders_per_participant=2)
-        gateway = Gateway(Engine(SEGMENTS), journal, Directory(PEOPLE), limits, Metrics())
-        funder, sme = PEOPLE[0], PEOPLE[-1]
-        f = gateway.attach(None, _Transport(), funder)  # type: ignore[arg-type]
-        s = gateway.attach(None, _Transport(), sme)     # type: ignore[arg-type]
+        gateway, journal, [f, s] = _gateway_with(PEOPLE[0], PEOPLE[-1],
+                                                 resting_orders_per_participant=2)
         await _turns()
-        sent: list[bytes] = []
-        f.transport.write = sent.append                 # type: ignore[method-assign]
+        sent = _watch(f)
         segment = SEGMENTS[0]
         gateway.handle(f, _line(segment.core), 0.0)
         for n in (1, 2, 3):
@@ -550,25 +539,14 @@ def test_a_client_id_past_its_retry_window_is_no_way_past_the_cap(
     """An ended order's client id stays in the engine's map after its two minutes until
     a command moves time on; let through as a retry, it placed a new order above the
     cap (found in review). The gateway asks the engine's own rule."""
-    import redis.asyncio as aioredis
-
-    from matcher.engine import Engine
-    from matcher.participants import Directory
     from service import gateway as gateway_module
-    from service.journal import Keys
-    from service.metrics import Metrics
-    from tests.bench.test_gateway_bench import DEMO, _Journal, _Transport
 
     now = [10**18]
     monkeypatch.setattr(gateway_module.time, "time_ns", lambda: now[0])
 
     async def scenario() -> int:
-        journal = _Journal(aioredis.Redis(host="127.0.0.1", port=1), Keys("bench"))
-        limits = msgspec.structs.replace(DEMO.limits, resting_orders_per_participant=2)
-        gateway = gateway_module.Gateway(Engine(SEGMENTS), journal, Directory(PEOPLE),
-                                         limits, Metrics())
         funder = PEOPLE[0]
-        f = gateway.attach(None, _Transport(), funder)  # type: ignore[arg-type]
+        gateway, journal, [f] = _gateway_with(funder, resting_orders_per_participant=2)
         await _turns()
         segment = SEGMENTS[0]
         gateway.handle(f, _line(segment.core), 0.0)
