@@ -213,6 +213,14 @@ def ladder(page: Page, segment: str = SEG) -> list[tuple[str, str, str]]:
              r.locator(".orders").inner_text()) for r in rows.all()]
 
 
+def finance_from_both_banks(page: Page) -> None:
+    """The SME asks for 1.2M CNY in SEG once the quote shows both banks of `market`."""
+    page.select_option("#sme-segment", SEG)
+    page.fill("#sme-amount", "1,200,000")
+    expect(page.locator("#quote-split [data-count]")).to_have_text("2")
+    page.click("#finance")
+
+
 def count_sent_frames(page: Page) -> list[str]:
     """Every frame the page sends on any WebSocket, appended as it goes out."""
     sent: list[str] = []
@@ -431,10 +439,7 @@ def test_finance_now_shows_fills_and_board_updates(
     assert ladder(observer) == [("2.40%", "500,000.00 CNY", "1 order"),
                                 ("2.50%", "2,000,000.00 CNY", "1 order")]
 
-    page.select_option("#sme-segment", SEG)
-    page.fill("#sme-amount", "1,200,000")
-    expect(page.locator("#quote-split [data-count]")).to_have_text("2")
-    page.click("#finance")
+    finance_from_both_banks(page)
 
     expect(page.locator("#outcome")).to_have_text("Filled")
     loans = page.locator("#sme-result tr.loan")
@@ -473,10 +478,7 @@ def test_a_reloaded_sme_page_lists_its_latest_loans(
     page = new_page("sme-loans-after-reload")
     sign_in(page, server, SME_X)
     expect(page.locator("#loans")).to_be_hidden()             # none yet
-    page.select_option("#sme-segment", SEG)
-    page.fill("#sme-amount", "1,200,000")
-    expect(page.locator("#quote-split [data-count]")).to_have_text("2")
-    page.click("#finance")
+    finance_from_both_banks(page)
     expect(page.locator("#outcome")).to_have_text("Filled")
     expected = [("700,000.00 CNY", "2.50%", f"{name(F11)} · {SEG}"),     # newest first
                 ("500,000.00 CNY", "2.40%", f"{name(F12)} · {SEG}")]
@@ -764,10 +766,7 @@ def test_an_ask_whose_answers_were_lost_with_the_connection_is_read_back_not_res
     page = new_page("sme-ask-lost")
     page.route_web_socket(re.compile(r".*/ws$"), route)
     sign_in(page, server, SME_X)
-    page.select_option("#sme-segment", SEG)
-    page.fill("#sme-amount", "1,200,000")
-    expect(page.locator("#quote-split [data-count]")).to_have_text("2")
-    page.click("#finance")
+    finance_from_both_banks(page)
     assert bank_b.until("fill")["amount"] == 50_000_000       # the gateway filled it
     assert bank_a.until("fill")["amount"] == 70_000_000
     expect(page.locator("#outcome")).to_have_text("Processing…")
@@ -828,10 +827,7 @@ def test_an_error_about_a_read_does_not_settle_the_ask(
     page = new_page("sme-quote-error")
     page.route_web_socket(re.compile(r".*/ws$"), route)
     sign_in(page, server, SME_X)
-    page.select_option("#sme-segment", SEG)
-    page.fill("#sme-amount", "1,200,000")
-    expect(page.locator("#quote-split [data-count]")).to_have_text("2")
-    page.click("#finance")
+    finance_from_both_banks(page)
     expect(page.locator("#outcome")).to_have_text("Filled")
     expect(page.locator("#sme-result tr.loan")).to_have_count(2)
     expect(page.locator("#sme-msg")).to_contain_text("Quote: Error (rate_limited)")
