@@ -90,7 +90,8 @@ class Service:
         self.runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.stopping = False       # SIGTERM: no new connections (`accepting`: commands)
-        self._signing_in = 0        # connections waiting for their `auth` message
+        self._signing_in = 0        # connections not signed in by a header key, yet
+        self._signing_in_from: dict[str | None, int] = {}    # ... by address (budget key)
         self.port = config.server.port
         self.ready = False
         self.exit_code = 0
@@ -586,12 +587,19 @@ class Service:
         # handler until it signs in or is closed, for anyone who can connect: those are
         # counted, and bounded, so that they cannot use up the process's files.
         who = gw.authenticate(bearer_key(header)) if header is not None else None
-        if who is None and self._signing_in >= limits.unauthenticated_connections:
+        # One address may hold a tenth of them: a single client cannot take the pool
+        # and leave every browser (they sign in with a message) a 503.
+        address = forwarded.budget_key(self._client(request))
+        if who is None and (
+                self._signing_in >= limits.unauthenticated_connections
+                or self._signing_in_from.get(address, 0)
+                >= max(1, limits.unauthenticated_connections // 10)):
             return _json_error(503, "unavailable", "too many connections are waiting to "
                                "sign in: connect again shortly", None)
         counted = who is None
         if counted:
             self._signing_in += 1
+            self._signing_in_from[address] = self._signing_in_from.get(address, 0) + 1
         try:
             ws = WebSocket(max_msg_size=limits.max_frame_bytes, compress=False,
                            decode_text=False, heartbeat=self.config.server.heartbeat_s)
@@ -609,6 +617,10 @@ class Service:
         finally:
             if counted:
                 self._signing_in -= 1
+                if self._signing_in_from[address] == 1:
+                    del self._signing_in_from[address]
+                else:
+                    self._signing_in_from[address] -= 1
         assert who is not None
         assert request.transport is not None
         conn = gw.attach(ws, request.transport, who)

@@ -2180,29 +2180,57 @@ def test_the_segment_list_shares_the_quotes_budget_per_address(
 
 
 def test_connections_waiting_to_sign_in_are_bounded(
-        start_server: Callable[..., ServerProcess]) -> None:
+        start_server: Callable[..., ServerProcess], monkeypatch: pytest.MonkeyPatch) -> None:
     """A connection without a key in the header waits up to `auth_timeout` for its
     `auth` message, a socket and a handler each, for anyone who can connect: nothing
     bounded them but the process's files (found in review: 2,000 in 0.7 s). Beyond
     `unauthenticated_connections` the upgrade is refused 503; a key in the header still
     gets in, and so does the next one once a place is free."""
+    monkeypatch.setenv("MATCHER_SERVER_TRUSTED_PROXIES", "127.0.0.1")
     server = start_server(unauthenticated_connections=2)
 
+    def from_(address: str) -> Any:      # a client behind the (trusted) local proxy
+        return connect(server.ws_url, additional_headers={"X-Forwarded-For": address})
+
     async def scenario() -> tuple[int, str, str]:
-        async with connect(server.ws_url) as a, connect(server.ws_url):
+        async with from_("198.51.100.1") as a, from_("198.51.100.2"):
             with pytest.raises(InvalidStatus) as refused:
-                async with connect(server.ws_url):
+                async with from_("198.51.100.3"):
                     pass
             async with session(server, F11) as f11:              # the header: let in
                 header_ok = f11.welcome["type"]
             await a.send(json.dumps({"type": "auth", "key": key(SME_X)}))
             await a.recv()                                       # signed in: a place
-            async with connect(server.ws_url) as c:
+            async with from_("198.51.100.3") as c:
                 await c.send(json.dumps({"type": "auth", "key": key(SME_Y)}))
                 later = json.loads(await c.recv())["type"]
         return refused.value.response.status_code, header_ok, later
 
     assert run(scenario()) == (503, "welcome", "welcome")
+
+
+def test_one_address_holds_at_most_a_tenth_of_the_connections_signing_in(
+        start_server: Callable[..., ServerProcess], monkeypatch: pytest.MonkeyPatch) -> None:
+    """One client could hold the whole pool of connections waiting to sign in, and every
+    browser (they sign in with a message) got 503 (found in review). An address holds a
+    tenth of it at most; another address still gets in."""
+    monkeypatch.setenv("MATCHER_SERVER_TRUSTED_PROXIES", "127.0.0.1")
+    server = start_server(unauthenticated_connections=20)
+
+    def from_(address: str) -> Any:
+        return connect(server.ws_url, additional_headers={"X-Forwarded-For": address})
+
+    async def scenario() -> tuple[int, str]:
+        async with from_("198.51.100.1"), from_("198.51.100.1"):
+            with pytest.raises(InvalidStatus) as refused:
+                async with from_("198.51.100.1"):
+                    pass
+            async with from_("198.51.100.2") as other:
+                await other.send(json.dumps({"type": "auth", "key": key(SME_X)}))
+                welcome = json.loads(await other.recv())["type"]
+        return refused.value.response.status_code, welcome
+
+    assert run(scenario()) == (503, "welcome")
 
 
 def test_a_wrong_key_in_the_header_is_counted_and_cut_soon(
