@@ -228,6 +228,7 @@ class Gateway:
         self.fill_subscribers: set[Connection] = set()
         self._held_batch: asyncio.Future[int] | None = None
         self._held: list[_Held] = []
+        self._held_from: dict[int, int] = {}    # of `_held`, by the participant who sent it
         self._book_sent: dict[str, float] = {}
         self._last_fills: dict[str, deque[tuple[int, int]]] = {}   # rate, amount; public
         self._book_due: set[str] = set()
@@ -259,7 +260,11 @@ class Gateway:
         limit = self.limits.journal_backlog
         if not self.accepting or (conn is not None and (
                 self.journal.backlog >= limit
-                or (self._held_batch is not None and len(self._held) >= limit))):
+                or (self._held_batch is not None and (
+                    len(self._held) >= limit
+                    # A tenth each (100 at least): one client's answers cannot fill
+                    # it for everyone.
+                    or self._held_from.get(who.id, 0) >= max(100, limit // 10))))):
             why = ("journal backlog is full" if self.accepting
                    else "the journal has stopped (see the server's log)"
                    if self.journal.error is not None else "shutting down")
@@ -329,9 +334,13 @@ class Gateway:
     def _hold(self, batch: asyncio.Future[int], held: _Held) -> None:
         """Keep the replies until their batch is durable: one callback per batch."""
         if batch is not self._held_batch:
-            self._held_batch, self._held = batch, []
+            self._held_batch, self._held, self._held_from = batch, [], {}
             batch.add_done_callback(partial(self._durable, self._held))
         self._held.append(held)
+        conn = held[2]
+        if conn is not None:
+            who = conn.participant.id
+            self._held_from[who] = self._held_from.get(who, 0) + 1
 
     def _durable(self, held: list[_Held], batch: asyncio.Future[int]) -> None:
         if batch is self._held_batch:     # delivered now: later answers need not wait

@@ -102,21 +102,23 @@ def test_answers_held_for_the_journal_count_against_its_backlog() -> None:
     client sending them without end meets `unavailable` at `journal_backlog`, as new
     commands do, instead of growing what the gateway holds."""
     async def scenario() -> tuple[int, list[bytes]]:
-        gateway, _, [conn] = _gateway_with(PEOPLE[0], journal_backlog=5)
+        # Many SMEs, one rejection each: one participant alone meets its tenth first.
+        gateway, _, [conn, *smes] = _gateway_with(PEOPLE[0], *PEOPLE[-30:],
+                                                  journal_backlog=20)
         await asyncio.sleep(0)
-        sent = _watch(conn)
+        sent = [_watch(c) for c in smes]
         core = gateway.engine.segments[sorted(gateway.engine.segments)[0]].core
         gateway.handle(conn, b'{"type":"set_credit_line","core":"%s","amount":1000}'
                        % core.encode(), 0.0)            # a batch the journal never lands
-        for i in range(10):
-            gateway.handle(conn, b'{"type":"cancel","client_id":"c%d"}' % i, 0.0)
+        for i, sme in enumerate(smes):
+            gateway.handle(sme, b'{"type":"cancel","client_id":"c%d"}' % i, 0.0)
         await asyncio.sleep(0)
-        return len(gateway._held), sent
+        return len(gateway._held), [b for s in sent for b in s]
 
     held, sent = run(scenario())
     written = b"".join(sent)
-    assert held == 5                                   # the command and 4 rejections
-    assert written.count(b'"code":"unavailable"') == 6 and b"unknown_order" not in written
+    assert held == 20                                  # the command and 19 rejections
+    assert written.count(b'"code":"unavailable"') == 11 and b"unknown_order" not in written
 
 
 _decode_event = msgspec.json.Decoder(wire.Event).decode
@@ -593,3 +595,31 @@ def test_one_participant_may_ask_for_only_so_many_fills_a_second() -> None:
     assert pages <= codes.count("page") <= pages + 2, codes      # the burst, and a refill
     assert codes[-1] == "rate_limited" and set(codes) == {"page", "rate_limited"}
     assert isinstance(other, wire.FillPage) and other.ref == "mine"
+
+
+def test_one_participants_answers_waiting_for_the_journal_take_a_tenth_at_most() -> None:
+    """While a write is out, the answers held for it share `journal_backlog`: one SME
+    cancelling unknown orders without end filled it, and another's ask was refused
+    `unavailable` (found in review). One participant holds a tenth of it at most."""
+    async def scenario() -> tuple[list[str], list[str]]:
+        gateway, journal, [s, other] = _gateway_with(PEOPLE[-1], PEOPLE[-2],
+                                                     journal_backlog=2000)   # 200 each
+        await _turns()
+        mine, theirs = _watch(s), _watch(other)
+        gateway.handle(other, _subscribe(SEGMENTS[0].id), 0.0)
+        gateway.handle(s, b'{"type":"cancel_all"}', 0.0)          # a write being filled
+        for n in range(202):
+            gateway.handle(s, b'{"type":"cancel","client_id":"none%d"}' % n, 0.0)
+        gateway.handle(other, b'{"type":"cancel_all"}', 0.0)
+        await _turns()
+        journal.land()
+        await _turns()
+
+        def codes(sent: list[bytes]) -> list[str]:
+            return [e.code if isinstance(e, wire.Rejected) else "accepted"
+                    for e in _events(sent) if isinstance(e, wire.Accepted | wire.Rejected)]
+        return codes(mine), codes(theirs)
+
+    mine, theirs = run(scenario())
+    assert mine == ["unavailable"] * 3 + ["accepted"] + ["unknown_order"] * 199, mine
+    assert theirs == ["accepted"], theirs
