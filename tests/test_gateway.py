@@ -161,6 +161,14 @@ async def _turns(n: int = 3) -> None:
         await asyncio.sleep(0)
 
 
+async def _funder_and_sme() -> tuple[Any, Any, Any, Any]:
+    """The benchmark's gateway, and the connections of a funder and of an SME, their
+    welcomes written."""
+    gateway, journal, conns = await _gateway()
+    await _turns()
+    return gateway, journal, conns[PEOPLE[0].id], conns[PEOPLE[-1].id]
+
+
 def _watch(conn: Any) -> list[bytes]:
     """What the gateway writes to a stand-in connection from now on."""
     sent: list[bytes] = []
@@ -236,10 +244,8 @@ def test_a_subscriber_never_gets_an_older_book_and_the_last_is_the_final_state()
     The older one must not follow the newer, and the last one sent shows every command
     (found in review: the subscriber saw seq 5 then 4, and nothing after)."""
     async def scenario() -> list[int]:
-        gateway, journal, conns = await _gateway()
+        gateway, journal, f, s = await _funder_and_sme()
         segment = SEGMENTS[0]
-        f, s = conns[PEOPLE[0].id], conns[PEOPLE[-1].id]
-        await _turns()
         seen = _watch(s)
         gateway.handle(s, _subscribe(segment.id), 0.0)
         gateway.handle(f, _line(segment.core), 0.0)
@@ -268,10 +274,8 @@ def test_no_book_is_sent_once_the_journal_has_stopped() -> None:
     was never written. No book is sent at all (found in review: a `subscribe` got the
     live engine at once)."""
     async def scenario() -> list[wire.BookUpdate]:
-        gateway, journal, conns = await _gateway()
+        gateway, journal, f, s = await _funder_and_sme()
         segment = SEGMENTS[0]
-        f, s = conns[PEOPLE[0].id], conns[PEOPLE[-1].id]
-        await _turns()
         gateway.handle(f, _line(segment.core), 0.0)
         journal.land()
         await _turns()
@@ -295,10 +299,8 @@ def test_books_held_for_the_journal_stay_bounded() -> None:
     segment (the newest), and a connection that goes takes its own with it (found in
     review: 18,001 waiting on one write)."""
     async def scenario() -> tuple[int, int, int]:
-        gateway, journal, conns = await _gateway()
+        gateway, journal, f, s = await _funder_and_sme()
         segment = SEGMENTS[0]
-        f, s = conns[PEOPLE[0].id], conns[PEOPLE[-1].id]
-        await _turns()
         gateway.handle(f, _line(segment.core), 0.0)     # a write that does not return
         barrier = journal.barrier()
         assert barrier is not None
@@ -357,10 +359,8 @@ def test_books_keep_coming_when_each_write_takes_about_the_interval() -> None:
     for the write after, and so on; the board froze while the acks flowed (found in
     review: 2 books in 2 s). The one waiting for the earliest write stays."""
     async def scenario() -> int:
-        gateway, journal, conns = await _gateway()
+        gateway, journal, f, s = await _funder_and_sme()
         segment = SEGMENTS[0]
-        f, s = conns[PEOPLE[0].id], conns[PEOPLE[-1].id]
-        await _turns()
         seen = _watch(s)
         gateway.handle(s, _subscribe(segment.id), 0.0)
         gateway.handle(f, _line(segment.core), 0.0)
@@ -486,10 +486,8 @@ def test_subscribing_again_and_again_during_an_outage_holds_one_callback_per_wri
     it added a callback to it, and an unsubscribe did not take it back (found in review:
     450,000 callbacks and 231 MB on one write, a 1.2 s stall when it landed)."""
     async def scenario() -> int:
-        gateway, journal, conns = await _gateway()
+        gateway, journal, f, s = await _funder_and_sme()
         segment = SEGMENTS[0]
-        f, s = conns[PEOPLE[0].id], conns[PEOPLE[-1].id]
-        await _turns()
         gateway.handle(f, _line(segment.core), 0.0)     # a write that does not return
         barrier = journal.barrier()
         assert barrier is not None
