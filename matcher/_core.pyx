@@ -244,6 +244,15 @@ cdef class CreditLines:
         cdef int64_t v = _int_in(line, 0, C_MAX_LINE, "line")
         self.line[self.slot(f)] = v
 
+    def repay(self, funder: int, amount: int) -> None:
+        """Take `amount` (fen) repaid off what the funder has lent: as much of its line
+        is free again. More than is lent is refused, changing nothing."""
+        cdef int64_t f = _int_in(funder, 0, INT64_MAX, "funder")
+        cdef int32_t s = self.find(f)
+        cdef int64_t v = _int_in(amount, 0, self.used[s] if s >= 0 else 0, "amount")
+        if v:
+            self.used[s] -= v
+
     def restore(self, funder: int, line: int, used: int) -> None:
         """Set line and used at once, for rebuilding from a snapshot."""
         cdef int64_t f = _int_in(funder, 0, INT64_MAX, "funder")

@@ -117,6 +117,8 @@ class Engine:
         self.segments: dict[str, Segment] = {}
         self.books: dict[str, Book] = {}
         self.lines: dict[str, CreditLines] = {}          # core enterprise -> lines
+        # core enterprise -> funder -> the platform's latest `repaid_total` (ADR 24)
+        self.repaid: dict[str, dict[int, int]] = {}
         self._of_core: dict[str, list[str]] = {}         # core enterprise -> its segments
         self.orders: dict[int, OrderInfo] = {}           # resting orders by order id
         # ... and by owner, oldest first: `status`, `cancel_all` and a funder's
@@ -252,9 +254,11 @@ class Engine:
                 client_id=o.client_id, order_id=o.order_id, segment=o.segment,
                 side=o.side, rate_bps=resting.rate_bps, remaining=o.remaining,
                 filled=o.filled, tif=resting.tif, min_ticket=resting.min_ticket))
-        lines = [wire.LineStatus(core=core, line=line, used=used)
+        lines = [wire.LineStatus(core=core, line=line, used=used, repaid=repaid)
                  for core in sorted(self.lines)
-                 for line, used in [self.lines[core].get(participant)] if line or used]
+                 for line, used in [self.lines[core].get(participant)]
+                 for repaid in [self.repaid.get(core, {}).get(participant, 0)]
+                 if line or used or repaid]
         return wire.Status(orders=orders, lines=lines)
 
     def resting_client_ids(self, participant: int) -> list[str]:
@@ -407,10 +411,41 @@ class Engine:
                          "$.core")
         lines.set(entry.participant, cmd.amount)
         out.accept(entry)
-        # A higher line can make resting pairs matchable: re-match, segment by segment.
-        for segment in self._of_core[cmd.core]:
-            self._fills(entry, segment, self.books[segment].rematch(entry.participant), out)
-        out.segments.extend(self._of_core[cmd.core])     # what the funder can lend moved
+        self._lending_moved(entry, cmd.core, entry.participant, out)
+
+    def _repay(self, entry: wire.JournalEntry, out: Outcome) -> None:
+        cmd = entry.command
+        assert isinstance(cmd, wire.Repay)
+        lines = self.lines.get(cmd.core)
+        if lines is None:
+            raise Reject("unknown_core", f"no segment of core enterprise {cmd.core!r}",
+                         "$.core")
+        before = self.repaid.get(cmd.core, {}).get(cmd.funder, 0)
+        freed = cmd.repaid_total - before
+        if freed <= 0:
+            # A retry, or a report overtaken by a later one: already counted. Nothing to
+            # journal; `seq` is the latest command's, which reflects it.
+            out.replies.append((entry.participant, wire.Accepted(
+                client_id=None, seq=self.seq, duplicate=True)))
+            return
+        used = lines.get(cmd.funder)[1]
+        if freed > used:
+            raise Reject("exceeds_used",
+                         f"repaid_total {cmd.repaid_total} would free {freed} fen, but "
+                         f"funder {cmd.funder} has {used} lent and unrepaid against "
+                         f"{cmd.core} (repaid_total so far: {before})", "$.repaid_total")
+        lines.repay(cmd.funder, freed)
+        self.repaid.setdefault(cmd.core, {})[cmd.funder] = cmd.repaid_total
+        out.accept(entry)
+        self._lending_moved(entry, cmd.core, cmd.funder, out)
+
+    def _lending_moved(self, entry: wire.JournalEntry, core: str, funder: int,
+                       out: Outcome) -> None:
+        """What the funder may lend against `core` rose (or fell): its resting bids may
+        match now, segment by segment, and every book of the core shows a new depth."""
+        for segment in self._of_core[core]:
+            self._fills(entry, segment, self.books[segment].rematch(funder), out)
+        out.segments.extend(self._of_core[core])
 
     def _add_segment(self, entry: wire.JournalEntry, out: Outcome) -> None:
         cmd = entry.command
@@ -504,6 +539,7 @@ _HANDLERS: dict[type, Callable[[Engine, wire.JournalEntry, Outcome], None]] = {
     wire.CancelAll: Engine._cancel_all,
     wire.Amend: Engine._amend,
     wire.SetCreditLine: Engine._set_credit_line,
+    wire.Repay: Engine._repay,
     wire.AddSegment: Engine._add_segment,
     wire.EndOfDay: Engine._end_of_day,
     wire.Resume: Engine._resume,

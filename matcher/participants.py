@@ -20,6 +20,7 @@ from matcher.protocol import (
     CancelAll,
     EndOfDay,
     QuoteRequest,
+    Repay,
     Resume,
     Role,
     SetCreditLine,
@@ -36,7 +37,7 @@ _READ = {QuoteRequest, StatusRequest, Subscribe, Unsubscribe}
 ALLOWED: dict[Role, frozenset[type]] = {
     "funder": frozenset({Bid, Amend, Cancel, CancelAll, SetCreditLine, *_READ}),
     "sme": frozenset({Ask, Cancel, CancelAll, *_READ}),
-    "platform": frozenset(_READ),
+    "platform": frozenset({Repay, *_READ}),
     "admin": frozenset({AddSegment, EndOfDay, Resume, *_READ}),   # Resume: the gateway's
 }
 

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from matcher.types import MAX_AMOUNT, MAX_LINE
+from matcher.types import MAX_AMOUNT, MAX_ID, MAX_LINE, MAX_REPAID
 
 #: The highest rate cap a segment may have (bps): 100% a year.
 MAX_RATE_CAP = 10_000
@@ -102,6 +102,17 @@ class SetCreditLine(_Message, tag="set_credit_line"):
     amount: LineAmount
 
 
+class Repay(_Message, tag="repay"):
+    """The platform reports what SMEs' loans from `funder` against `core` have repaid so
+    far, in total: the difference from the last report frees as much of the funder's
+    line (ADR 24). A total, not an increment, so that a retry or a report overtaken by
+    a later one changes nothing, with nothing to remember but one number per line."""
+
+    funder: Annotated[int, Meta(ge=1, le=MAX_ID)]
+    core: CoreId
+    repaid_total: Annotated[int, Meta(ge=0, le=MAX_REPAID)]
+
+
 class AddSegment(_Message, tag="add_segment"):
     """An admin opens a market: receivables of `core` with `tenor_days`."""
 
@@ -121,8 +132,8 @@ class Resume(_Message, tag="resume"):
     no client can send it (it is not a `ClientMessage`)."""
 
 
-Command = (Bid | Ask | Cancel | CancelAll | Amend | SetCreditLine | AddSegment | EndOfDay
-           | Resume)
+Command = (Bid | Ask | Cancel | CancelAll | Amend | SetCreditLine | Repay | AddSegment
+           | EndOfDay | Resume)
 
 
 # --- Requests that change nothing: answered at once, never journaled ----------------
@@ -174,7 +185,7 @@ class Unsubscribe(_Message, tag="unsubscribe"):
 
 
 ClientMessage = (
-    Bid | Ask | Cancel | CancelAll | Amend | SetCreditLine | AddSegment | EndOfDay
+    Bid | Ask | Cancel | CancelAll | Amend | SetCreditLine | Repay | AddSegment | EndOfDay
     | QuoteRequest | StatusRequest | FillsRequest | Auth | Subscribe | Unsubscribe
 )
 
@@ -291,9 +302,13 @@ class OrderStatus(Struct, frozen=True, kw_only=True):
 
 
 class LineStatus(Struct, frozen=True, kw_only=True):
+    """A funder's line against one core enterprise: `used` is what is lent and not yet
+    repaid; `repaid` the platform's latest `repaid_total`."""
+
     core: str
     line: int
     used: int
+    repaid: int = 0
 
 
 class Status(_Event, tag="status"):

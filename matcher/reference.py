@@ -152,6 +152,14 @@ class CreditLines:
         v = _check_int("line", line, 0, MAX_LINE)
         self._lines.setdefault(f, [0, 0])[0] = v
 
+    def repay(self, funder: int, amount: int) -> None:
+        f = _check_int("funder", funder, 0, MAX_ID)
+        lent = self._lines.get(f)
+        v = _check_int("amount", amount, 0, lent[1] if lent else 0)
+        if v:
+            assert lent is not None
+            lent[1] -= v
+
     def restore(self, funder: int, line: int, used: int) -> None:
         f = _check_int("funder", funder, 0, MAX_ID)
         v = _check_int("line", line, 0, MAX_LINE)

@@ -19,10 +19,10 @@ from msgspec import Struct
 from matcher.engine import Engine, Finished, OrderInfo, Segment
 from matcher.types import Order
 
-#: 2: without the client-id map, which restore derives; 3: with `day_started`. 1 and 2
-#: still load.
-VERSION = 3
-READS = (1, 2, 3)
+#: 2: without the client-id map, which restore derives; 3: with `day_started`; 4: with
+#: `repaid` (ADR 24). 1 to 3 still load.
+VERSION = 4
+READS = (1, 2, 3, 4)
 
 
 class BookState(Struct, array_like=True):
@@ -39,6 +39,7 @@ class State(Struct, kw_only=True):
     orders: list[OrderInfo]                     # by order id
     finished: list[Finished]                    # in the order they ended
     day_started: int = 0                        # Engine.day_started (version 3)
+    repaid: dict[str, list[tuple[int, int]]] = {}  # core -> [(funder, repaid_total)] (4)
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -64,6 +65,8 @@ def capture(engine: Engine) -> State:
         orders=list(engine.orders.values()),
         finished=engine.ended(),
         day_started=engine.day_started,
+        repaid={core: sorted(totals.items())
+                for core, totals in sorted(engine.repaid.items())},
     )
 
 
@@ -77,6 +80,8 @@ def restore(state: State, names: Callable[[int], str] = str) -> Engine:
         lines = engine.lines[core]        # opened with its segments above
         for funder, line, used in items:
             lines.restore(funder, line, used)
+    for core, totals in state.repaid.items():
+        engine.repaid[core] = dict(totals)
     for b in state.books:
         engine.books[b.segment.id].restore(b.orders)
     engine.orders = {o.order_id: o for o in state.orders}

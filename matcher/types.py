@@ -17,6 +17,9 @@ MAX_AMOUNT = 10**12
 MAX_ID = 2**63 - 1
 #: The largest credit line (fen) a funder may set against one core enterprise.
 MAX_LINE = 10**15
+#: The largest cumulative repayment (fen) reported for one funder against one core
+#: enterprise: a thousand times the largest line, far inside int64 (ADR 24).
+MAX_REPAID = 10**18
 
 Side = Literal["bid", "ask"]
 Tif = Literal["gtc", "day", "ioc", "fok"]

@@ -217,11 +217,13 @@ def test_core_agrees_with_reference_and_keeps_the_rules(cmds: list[tuple[Any, ..
 
 @st.composite
 def credit_commands(draw: st.DrawFn) -> list[tuple[Any, ...]]:
-    """Commands over two books of one core enterprise, with credit lines moving."""
+    """Commands over two books of one core enterprise, with credit lines moving: set, and
+    freed by repayments (some of more than is lent, which both must refuse)."""
     n = draw(st.integers(min_value=1, max_value=50))
     out: list[tuple[Any, ...]] = []
     for i in range(n):
-        kind = draw(st.sampled_from(["bid"] * 4 + ["ask"] * 3 + ["line", "line", "cancel"]))
+        kind = draw(st.sampled_from(["bid"] * 4 + ["ask"] * 3
+                                    + ["line", "line", "cancel", "repay"]))
         book = draw(st.integers(0, 1))
         if kind == "bid":
             out.append(("bid", book, i, draw(st.integers(0, 2)), draw(RATES), draw(AMOUNTS),
@@ -232,6 +234,8 @@ def credit_commands(draw: st.DrawFn) -> list[tuple[Any, ...]]:
                         draw(st.sampled_from(["ioc", "gtc", "fok"])), draw(st.booleans())))
         elif kind == "line":
             out.append(("line", draw(st.integers(0, 2)), draw(st.integers(0, 1_500))))
+        elif kind == "repay":
+            out.append(("repay", draw(st.integers(0, 2)), draw(st.integers(0, 1_200))))
         else:
             out.append(("cancel", book, draw(st.integers(0, max(i - 1, 0)))))
     return out
@@ -243,6 +247,9 @@ def run_credit(books: list[Any], lines: Any, cmd: tuple[Any, ...]) -> Any:
         if cmd[0] == "line":
             lines.set(cmd[1], cmd[2])
             return [fill for book in books for fill in book.rematch(cmd[1])]
+        if cmd[0] == "repay":
+            lines.repay(cmd[1], cmd[2])
+            return [fill for book in books for fill in book.rematch(cmd[1])]
         book = books[cmd[1]]
         if cmd[0] == "bid":
             _, _, oid, funder, rate, amount, min_ticket, tif = cmd
@@ -253,6 +260,8 @@ def run_credit(books: list[Any], lines: Any, cmd: tuple[Any, ...]) -> Any:
         return book.cancel(cmd[2])
     except KeyError as e:
         return ("KeyError", e.args)
+    except OrderError as e:
+        return ("OrderError", e.field, e.reason)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

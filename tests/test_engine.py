@@ -17,8 +17,9 @@ from matcher.snapshot import capture, decode, encode, restore, state_hash
 SEGMENTS = [Segment(id="DFM-30D", core="DFM", tenor_days=30),
             Segment(id="DFM-90D", core="DFM", tenor_days=90),
             Segment(id="SGCC-90D", core="SGCC", tenor_days=90, rate_cap_bps=500)]
-F1, F2, S1, S2, ADMIN = 11, 12, 21, 22, 1
-ROLE = {F1: "funder", F2: "funder", S1: "sme", S2: "sme", ADMIN: "admin"}
+F1, F2, S1, S2, ADMIN, PLATFORM = 11, 12, 21, 22, 1, 2
+ROLE = {F1: "funder", F2: "funder", S1: "sme", S2: "sme", ADMIN: "admin",
+        PLATFORM: "platform"}
 
 
 class Market:
@@ -38,6 +39,9 @@ class Market:
 
     def line(self, funder: int, core: str, amount: int) -> Outcome:
         return self.send(funder, wire.SetCreditLine(core=core, amount=amount))
+
+    def repay(self, funder: int, core: str, total: int) -> Outcome:
+        return self.send(PLATFORM, wire.Repay(funder=funder, core=core, repaid_total=total))
 
     def bid(self, funder: int, cid: str, rate: int, amount: int, seg: str = "DFM-90D",
             **kw: Any) -> Outcome:
@@ -281,6 +285,75 @@ def test_raising_a_line_rematches_resting_asks_and_lowering_cancels_nothing() ->
     assert book.depth() == [(250, 500, 1)]                 # 1,000 line - 500 used
 
 
+def test_a_repayment_frees_the_line_and_resting_bids_lend_again() -> None:
+    m = Market()
+    m.line(F1, "DFM", 1_000)
+    m.bid(F1, "b", 250, 5_000)
+    m.ask(S1, "a", 1_000)                                 # the whole line is lent
+    m.ask(S2, "w", 700, max_rate_bps=260, tif="gtc")      # rests: nothing left to lend
+    assert m.engine.books["DFM-90D"].demand() == (700, 1)
+    out = m.repay(F1, "DFM", 400)
+    assert events(out, PLATFORM, wire.Accepted) == [
+        wire.Accepted(client_id=None, seq=out.entry.seq if out.entry else -1)]
+    # The 400 freed lend at once to the waiting ask, in the same command.
+    assert [(t.funder, t.sme, t.amount, t.ask_client_id) for t in out.trades] == [
+        (F1, S2, 400, "w")]
+    assert {"DFM-30D", "DFM-90D"} <= set(out.segments)
+    assert m.engine.credit("DFM", F1) == (1_000, 1_000)
+    out = m.repay(F1, "DFM", 1_400)                       # everything lent so far
+    assert [t.amount for t in out.trades] == [300]        # the rest of the waiting ask
+    assert m.engine.credit("DFM", F1) == (1_000, 300)
+    assert m.engine.status(F1).lines == [
+        wire.LineStatus(core="DFM", line=1_000, used=300, repaid=1_400)]
+
+
+def test_a_repaid_total_counts_once_however_often_it_is_sent() -> None:
+    m = Market()
+    m.line(F1, "DFM", 1_000)
+    m.bid(F1, "b", 250, 1_000)
+    m.ask(S1, "a", 800)
+    first = m.repay(F1, "DFM", 300)
+    assert first.entry is not None and m.engine.credit("DFM", F1) == (1_000, 500)
+    before = state_hash(m.engine)
+    for total in (300, 100, 0):                           # a retry; overtaken reports
+        again = m.repay(F1, "DFM", total)
+        assert again.entry is None and not again.trades
+        assert events(again, PLATFORM, wire.Accepted) == [
+            wire.Accepted(client_id=None, seq=first.entry.seq, duplicate=True)]
+    assert state_hash(m.engine) == before
+    m.repay(F1, "DFM", 450)                               # only the 150 more is new
+    assert m.engine.credit("DFM", F1) == (1_000, 350)
+
+
+def test_a_repayment_of_more_than_is_lent_is_rejected_and_changes_nothing() -> None:
+    m = Market()
+    m.line(F1, "DFM", 1_000)
+    m.bid(F1, "b", 250, 1_000)
+    m.ask(S1, "a", 600)
+    m.repay(F1, "DFM", 100)
+    before = state_hash(m.engine)
+    cases: list[tuple[int, wire.Repay, str, str]] = [
+        (PLATFORM, wire.Repay(funder=F1, core="DFM", repaid_total=601), "exceeds_used",
+         "$.repaid_total"),                               # 501 more, but 500 are lent
+        (PLATFORM, wire.Repay(funder=F2, core="DFM", repaid_total=1), "exceeds_used",
+         "$.repaid_total"),                               # F2 never lent
+        (PLATFORM, wire.Repay(funder=F1, core="SGCC", repaid_total=1), "exceeds_used",
+         "$.repaid_total"),                               # nothing lent against SGCC
+        (PLATFORM, wire.Repay(funder=F1, core="NOPE", repaid_total=1), "unknown_core",
+         "$.core"),
+        (F1, wire.Repay(funder=F1, core="DFM", repaid_total=600), "forbidden", "$.type"),
+        (S1, wire.Repay(funder=F1, core="DFM", repaid_total=600), "forbidden", "$.type"),
+        (ADMIN, wire.Repay(funder=F1, core="DFM", repaid_total=600), "forbidden", "$.type"),
+    ]
+    for who, cmd, code, path in cases:
+        r = rejected(m.send(who, cmd))
+        assert (r.code, r.path) == (code, path), (cmd, r)
+    assert "501" in rejected(m.send(PLATFORM, cases[0][1])).message
+    assert state_hash(m.engine) == before
+    assert m.repay(F1, "DFM", 600).entry is not None      # exactly what is lent: taken
+    assert m.engine.credit("DFM", F1) == (1_000, 0)
+
+
 def test_a_fill_in_one_tenor_changes_what_the_others_show() -> None:
     """The line is shared by the core enterprise's books, so a fill in one moves the
     lendable depth of all of them, and each is reported as changed."""
@@ -305,7 +378,7 @@ def sessions(draw: st.DrawFn) -> list[tuple[int, Any]]:
     for i in range(draw(st.integers(1, 80))):
         seg = draw(st.sampled_from(["DFM-30D", "DFM-90D"]))
         kind = draw(st.sampled_from(["bid", "bid", "ask", "ask", "line", "cancel", "amend",
-                                     "bid", "cancel_all"]))
+                                     "bid", "cancel_all", "repay"]))
         funder = draw(st.sampled_from([F1, F2]))
         if kind == "bid":
             cmds.append((funder, wire.Bid(client_id=f"b{i}", segment=seg,
@@ -320,6 +393,9 @@ def sessions(draw: st.DrawFn) -> list[tuple[int, Any]]:
         elif kind == "line":
             cmds.append((funder, wire.SetCreditLine(core="DFM",
                                                     amount=draw(st.integers(0, 5_000)))))
+        elif kind == "repay":
+            cmds.append((PLATFORM, wire.Repay(funder=funder, core="DFM",
+                                              repaid_total=draw(st.integers(0, 6_000)))))
         elif kind == "cancel":
             cmds.append((funder, wire.Cancel(client_id=f"b{draw(st.integers(0, i))}")))
         elif kind == "cancel_all":
@@ -336,13 +412,23 @@ def sessions(draw: st.DrawFn) -> list[tuple[int, Any]]:
 def test_credit_lines_hold_across_segments_under_random_load(
         cmds: list[tuple[int, Any]]) -> None:
     m = Market()
-    lent: dict[int, int] = {F1: 0, F2: 0}
+    lent: dict[int, int] = {F1: 0, F2: 0}     # lent and not repaid
     line: dict[int, int] = {F1: 0, F2: 0}
+    repaid: dict[int, int] = {F1: 0, F2: 0}
     peak: dict[int, int] = {F1: 0, F2: 0}     # lending may stop below a lowered line...
     for who, cmd in cmds:
         if isinstance(cmd, wire.SetCreditLine):
             line[who] = cmd.amount
         out = m.send(who, cmd)
+        if isinstance(cmd, wire.Repay):
+            freed = cmd.repaid_total - repaid[cmd.funder]
+            # A repayment frees exactly the new part of the total, never more than is
+            # lent; anything else changes nothing.
+            assert out.accepted == (freed > 0 and freed <= lent[cmd.funder])
+            if out.accepted:
+                lent[cmd.funder] -= freed
+                repaid[cmd.funder] = cmd.repaid_total
+                peak[cmd.funder] = lent[cmd.funder]
         for t in out.trades:
             lent[t.funder] += t.amount
             # ...but no fill may take a funder past the line in force when it happened.
@@ -379,8 +465,12 @@ def random_session(m: Market, n: int, seed: int) -> None:
         elif roll < 0.97:
             m.send(rng.choice([F1, F2]), wire.Amend(client_id=f"b{rng.randrange(i + 1)}",
                                                     rate_bps=rng.randrange(240, 300)))
-        elif roll < 0.98:
+        elif roll < 0.975:
             m.send(rng.choice([F1, F2, S1]), wire.CancelAll(segment=rng.choice([None, seg])))
+        elif roll < 0.98:
+            funder, core = rng.choice([F1, F2]), rng.choice(["DFM", "SGCC"])
+            m.repay(funder, core, m.engine.repaid.get(core, {}).get(funder, 0)
+                    + m.engine.credit(core, funder)[1] // 2)
         else:
             m.send(ADMIN, wire.EndOfDay())
 
@@ -446,8 +536,10 @@ def test_a_stored_snapshot_is_compressed_and_older_ones_still_load() -> None:
     assert state_hash(restore(load(stored))) == state_hash(m.engine)
     assert state_hash(restore(load(encode(state)))) == state_hash(m.engine)   # as before
     # Version 1 also wrote the client-id map; it loads, and the map is derived.
+    assert state.repaid and state.repaid == capture(restore(load(stored))).repaid
     fields = msgspec.structs.asdict(state)
     del fields["day_started"]                   # version 3's
+    del fields["repaid"]                        # version 4's
     v1 = msgspec.msgpack.encode({**fields, "version": 1,
                                  "clients": [[p, c, o] for (p, c), o
                                              in m.engine.clients.items()]})
@@ -456,6 +548,8 @@ def test_a_stored_snapshot_is_compressed_and_older_ones_still_load() -> None:
     # after the snapshot is still found.
     assert old.day_started == state.ts != m.engine.day_started > 0
     old.day_started = m.engine.day_started
+    assert old.repaid == {}                     # no version before 4 had repayments
+    old.repaid = {core: dict(totals) for core, totals in m.engine.repaid.items()}
     assert state_hash(old) == state_hash(m.engine)
     assert dict(old.clients.items()) == dict(m.engine.clients.items())
 

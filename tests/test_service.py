@@ -167,6 +167,10 @@ def line(core: str, amount: int = 10**10) -> dict[str, Any]:
     return {"type": "set_credit_line", "core": core, "amount": amount}
 
 
+def repay(funder: int, core: str, total: int) -> dict[str, Any]:
+    return {"type": "repay", "funder": funder, "core": core, "repaid_total": total}
+
+
 def stream(redis_url: str) -> list[tuple[str, dict[str, str]]]:
     """The platform's fill stream, decoded."""
     client = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -445,6 +449,16 @@ BAD_INPUTS: list[tuple[str, int, str, dict[str, Any]]] = [
     ("credit_line_of_unknown_core", F11, json.dumps(line("ACME")),
      {"type": "rejected", "client_id": None, "code": "unknown_core",
       "message": "no segment of core enterprise 'ACME'", "path": "$.core"}),
+    ("repay_more_than_lent", PLATFORM, json.dumps(repay(F12, "DFM", 1)),
+     {"type": "rejected", "client_id": None, "code": "exceeds_used",
+      "message": "repaid_total 1 would free 1 fen, but funder 12 has 0 lent and unrepaid "
+                 "against DFM (repaid_total so far: 0)", "path": "$.repaid_total"}),
+    ("repay_funder_zero", PLATFORM, json.dumps(repay(0, "DFM", 1)),
+     {"type": "error", "code": "invalid", "message": ">= 1", "path": "$.funder",
+      "client_id": None}),
+    ("funder_repays", F11, json.dumps(repay(F11, "DFM", 1)),
+     {"type": "rejected", "client_id": None, "code": "forbidden",
+      "message": "a funder may not send repay", "path": "$.type"}),
     ("sme_sends_bid", SME_X, json.dumps(VALID_BID),
      {"type": "rejected", "client_id": "b9", "code": "forbidden",
       "message": "a sme may not send bid", "path": "$.type"}),
@@ -982,7 +996,7 @@ def test_status_lists_own_resting_orders_and_lines(server: ServerProcess) -> Non
          "min_ticket": 0},
         {"client_id": "b2", "order_id": b2["order_id"], "segment": "DFM-90D", "side": "bid",
          "rate_bps": 300, "remaining": 500_000, "filled": 0, "tif": "day", "min_ticket": 0}],
-        "lines": [{"core": "DFM", "line": 2_000_000, "used": 400_000}]}
+        "lines": [{"core": "DFM", "line": 2_000_000, "used": 400_000, "repaid": 0}]}
     assert sme_status == {"type": "status", "orders": [], "lines": []}
 
 
@@ -1671,6 +1685,59 @@ def test_restart_after_sigterm_keeps_every_resting_order(server: ServerProcess) 
     # Time priority survived: at 250, Bank A's bid came before Bank B's.
     assert [(f["funder"], f["rate_bps"], f["amount"]) for f in fills] == [
         (F12, 240, 300_000), (F11, 250, 1_000_000), (F12, 250, 200_000)]
+
+
+def test_a_repayment_frees_the_funders_line_and_counts_once_across_a_restart(
+        server: ServerProcess, redis_server: LocalRedis) -> None:
+    """The platform reports repayments as a running total: what it frees lends at once
+    to a waiting ask (fills to both sides and the platform's stream), and the total
+    survives a restart, so the same report sent again after it frees nothing."""
+    async def lend_and_stop() -> tuple[Any, ...]:
+        async with sessions(server, F11, SME_X, SME_Y, PLATFORM) as (
+                f11, sme_x, sme_y, platform):
+            await f11.ok(line("DFM", 1_000_000))
+            await f11.ok(bid("b1", "DFM-30D", 250, 5_000_000))
+            await sme_x.ok(ask("a1", "DFM-30D", 1_000_000))            # the whole line
+            await sme_y.ok(ask("w", "DFM-30D", 600_000, max_rate_bps=260, tif="gtc"))
+            await f11.quiet()
+            freed = await platform.ok(repay(F11, "DFM", 400_000))
+            fills = [await sme_y.expect("fill"), await f11.expect("fill")]
+            again = await platform.command(repay(F11, "DFM", 400_000))
+            await f11.send({"type": "status"})
+            lines = (await f11.expect("status"))["lines"]
+            status = await asyncio.to_thread(server.terminate)    # connected: no cancels
+            return freed, fills, again, lines, status
+
+    async def after_restart() -> tuple[Any, ...]:
+        async with sessions(server, F11, SME_Y, PLATFORM) as (f11, sme_y, platform):
+            again = await platform.command(repay(F11, "DFM", 400_000))
+            more = await platform.ok(repay(F11, "DFM", 1_000_000))
+            fill = await sme_y.expect("fill")
+            done = await sme_y.expect("done")
+            await f11.quiet()
+            await f11.send({"type": "status"})
+            return again, more, fill, done, (await f11.expect("status"))["lines"]
+
+    freed, fills, again, lines, status = run(lend_and_stop())
+    assert status == 0
+    trade = f"{freed['seq']}-0"
+    assert [(f["trade_id"], f["side"], f["amount"], f["client_id"]) for f in fills] == [
+        (trade, "ask", 400_000, "w"), (trade, "bid", 400_000, "b1")]
+    assert again == {"type": "accepted", "client_id": None, "seq": freed["seq"],
+                     "order_id": None, "duplicate": True}
+    assert lines == [{"core": "DFM", "line": 1_000_000, "used": 1_000_000,
+                      "repaid": 400_000}]
+    server.start()
+    again, more, fill, done, lines = run(after_restart())
+    assert again["duplicate"] is True and again["seq"] == more["seq"] - 1
+    assert (fill["amount"], fill["trade_id"]) == (200_000, f"{more['seq']}-0")
+    assert (done["client_id"], done["reason"]) == ("w", "filled")
+    # 1,400,000 lent, 1,000,000 of it repaid.
+    assert lines == [{"core": "DFM", "line": 1_000_000, "used": 600_000,
+                      "repaid": 1_000_000}]
+    # Both loans the repayments made possible reached the platform's stream.
+    amounts = {entry_id: int(f["amount"]) for entry_id, f in stream(redis_server.url)}
+    assert amounts[trade] == 400_000 and amounts[fill["trade_id"]] == 200_000
 
 
 def test_after_a_restart_funders_that_do_not_come_back_lose_their_bids(
