@@ -13,6 +13,11 @@ from typing import Literal, NamedTuple
 #: The largest amount (fen) one order may carry: 10 billion CNY. Bounding it keeps every
 #: sum a book can form (level totals, demand) far inside int64, so nothing overflows.
 MAX_AMOUNT = 10**12
+#: The most orders one book may rest for every sum it forms (a level's total, the
+#: demand) to stay inside int64 at `MAX_AMOUNT` each: 9,223,372. The books do not check
+#: it on the hot path; the gateway refuses a new resting order past its
+#: `resting_orders_per_segment`, which may not exceed this (ADR 4, addendum).
+MAX_RESTING = (2**63 - 1) // MAX_AMOUNT
 #: Ids and owners are non-negative int64.
 MAX_ID = 2**63 - 1
 #: The largest credit line (fen) a funder may set against one core enterprise.

@@ -22,6 +22,7 @@ from msgspec import Meta, Struct
 from matcher.engine import Segment
 from matcher.participants import Participant, hash_key
 from matcher.protocol import NewId, Role
+from matcher.types import MAX_RESTING
 
 Durability = Literal["always", "everysec", "no"]
 
@@ -100,6 +101,9 @@ class LimitsConfig(_Section):
     connections_per_participant: Annotated[int, Meta(ge=1)] = 32
     # Orders one participant may have resting (IOC and FOK asks never rest).
     resting_orders_per_participant: Annotated[int, Meta(ge=1)] = 10_000
+    # Orders resting in one segment, everyone's together: at most MAX_RESTING, so that
+    # no sum the book forms can leave int64 (ADR 4, addendum).
+    resting_orders_per_segment: Annotated[int, Meta(ge=1, le=MAX_RESTING)] = 1_000_000
 
 
 class SegmentConfig(_Section):

@@ -273,12 +273,9 @@ class Gateway:
                 message=f"not accepting commands: {why}"))
             return
         now = time.time_ns()          # one reading: the cap asks the engine's retry rule
-        if conn is not None and self._over_resting_cap(who, cmd, now):
-            out = Outcome(replies=[(who.id, wire.Rejected(
-                client_id=getattr(cmd, "client_id", None), code="too_many_orders",
-                path="$.client_id",
-                message=f"{self.limits.resting_orders_per_participant} orders of yours "
-                        "rest already: cancel some first"))])
+        capped = self._over_resting_cap(who, cmd, now) if conn is not None else None
+        if capped is not None:
+            out = Outcome(replies=[(who.id, capped)])
         else:
             out = self.engine.submit(who.id, who.role, cmd, now)
         if out.entry is None:
@@ -316,20 +313,36 @@ class Gateway:
         else:                                   # the connection that sent it
             conn.send(self._encode(refusal))
 
-    def _over_resting_cap(self, who: Participant, cmd: wire.Command, now: int) -> bool:
-        """A new order that could rest, from a participant with the cap's worth resting.
+    def _over_resting_cap(self, who: Participant, cmd: wire.Command,
+                          now: int) -> wire.Rejected | None:
+        """The refusal of a new order that could rest, from a participant with its cap's
+        worth resting or into a segment with its cap's worth; None to let it through.
 
         Checked here, not in the engine: the engine's rules can never become stricter
         (journals hold what they allowed, ADR 8), and a command refused here is never
         journaled, so replay is the same. Every resting order costs memory, and the
         levels of a book are walked for each update (a funder whose line is used up
-        shows nothing, however many bids it rests). A retry of an order placed before
-        is let through: the engine answers it as one."""
+        shows nothing, however many bids it rests). The segment's cap also keeps the
+        book's sums inside int64 (ADR 4). A retry of an order placed before is let
+        through: the engine answers it as one."""
         if not isinstance(cmd, wire.Bid | wire.Ask) or cmd.tif in ("ioc", "fok"):
-            return False
+            return None
+        limits = self.limits
         owned = self.engine.owned.get(who.id)
-        return (owned is not None and len(owned) >= self.limits.resting_orders_per_participant
-                and self.engine.retried(who.id, cmd.client_id, now) is None)
+        book = self.engine.books.get(cmd.segment)
+        if owned is not None and len(owned) >= limits.resting_orders_per_participant:
+            refusal = wire.Rejected(
+                client_id=cmd.client_id, code="too_many_orders", path="$.client_id",
+                message=f"{limits.resting_orders_per_participant} orders of yours rest "
+                        "already: cancel some first")
+        elif book is not None and len(book) >= limits.resting_orders_per_segment:
+            refusal = wire.Rejected(
+                client_id=cmd.client_id, code="segment_full", path="$.segment",
+                message=f"{limits.resting_orders_per_segment} orders rest in "
+                        f"{cmd.segment} already: an IOC or FOK order still trades")
+        else:
+            return None
+        return refusal if self.engine.retried(who.id, cmd.client_id, now) is None else None
 
     def _hold(self, batch: asyncio.Future[int], held: _Held) -> None:
         """Keep the replies until their batch is durable: one callback per batch."""

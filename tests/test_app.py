@@ -346,6 +346,9 @@ def test_sleeping_until_the_cut_off_counts_a_change_of_the_utc_offset() -> None:
 
 @pytest.mark.parametrize(("toml", "path"), [
     ('[engine]\ntimezone = "Mars/Olympus"\n', r"\$\.engine\.timezone"),
+    # Past 9,223,372 resting orders of 10^12 fen a book's sums leave int64 (ADR 4).
+    ("[limits]\nresting_orders_per_segment = 9223373\n",
+     r"<= 9223372 - at `\$\.limits\.resting_orders_per_segment`"),
     ('[[participants]]\nid = 7\nname = "X"\nrole = "sme"\nkey_sha256 = "secret"\n',
      r"\$\.participants\[0\]\.key_sha256"),
     ('[[participants]]\nid = 7\nname = "X"\nrole = "sme"\nkey_sha256 = "' + "A" * 64 + '"\n',

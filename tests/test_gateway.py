@@ -534,6 +534,45 @@ def test_a_participant_may_rest_only_so_many_orders() -> None:
                        ("b4", "too_many_orders"), ("b1", "accepted"), ("b5", "accepted")]
 
 
+def test_a_segment_may_rest_only_so_many_orders() -> None:
+    """Every sum a book forms stays inside int64 only below `MAX_RESTING` orders of the
+    largest size (ADR 4), and nothing checked it. Beyond `resting_orders_per_segment` a
+    new order that could rest there is rejected `segment_full` by the gateway, whoever
+    sends it; a retry, an IOC ask and another segment are not."""
+    async def scenario() -> list[tuple[str | None, str]]:
+        gateway, journal, [f1, f2, s] = _gateway_with(PEOPLE[0], PEOPLE[1], PEOPLE[-1],
+                                                      resting_orders_per_segment=3)
+        await _turns()
+        sent = [_watch(f1), _watch(f2), _watch(s)]
+        full, other = SEGMENTS[0], SEGMENTS[1]
+        for f in (f1, f2):
+            gateway.handle(f, _line(full.core), 0.0)
+            gateway.handle(f, _line(other.core), 0.0)
+        gateway.handle(f1, _bid(full.id, 1), 0.0)
+        gateway.handle(f1, _bid(full.id, 2), 0.0)
+        gateway.handle(f2, _bid(full.id, 3), 0.0)
+        gateway.handle(f2, _bid(full.id, 4), 0.0)      # a fourth: refused
+        gateway.handle(f1, _bid(full.id, 1), 0.0)      # a retry of the first: answered
+        gateway.handle(f2, _bid(other.id, 5), 0.0)     # another segment has room
+        gateway.handle(s, b'{"type":"ask","client_id":"x","segment":"%s","amount":5,'
+                       b'"tif":"ioc"}' % full.id.encode(), 0.0)   # an IOC: let in
+        journal.land()
+        await _turns()
+        gateway.handle(f1, b'{"type":"cancel","client_id":"b1"}', 0.0)
+        gateway.handle(f2, _bid(full.id, 6), 0.0)      # room again
+        journal.land()
+        await _turns()
+        return [(e.client_id, e.code if isinstance(e, wire.Rejected) else "accepted")
+                for watched in sent for e in _events(watched)
+                if isinstance(e, wire.Accepted | wire.Rejected) and e.client_id]
+
+    answers = run(scenario())
+    assert answers == [("b1", "accepted"), ("b2", "accepted"), ("b1", "accepted"),
+                       ("b1", "accepted"),
+                       ("b3", "accepted"), ("b4", "segment_full"), ("b5", "accepted"),
+                       ("b6", "accepted"), ("x", "accepted")]
+
+
 def test_a_client_id_past_its_retry_window_is_no_way_past_the_cap(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """An ended order's client id stays in the engine's map after its two minutes until
