@@ -438,6 +438,10 @@ class Engine:
         self.repaid.setdefault(cmd.core, {})[cmd.funder] = cmd.repaid_total
         out.accept(entry)
         self._lending_moved(entry, cmd.core, cmd.funder, out)
+        if not out.quiet:
+            line, used = lines.get(cmd.funder)
+            out.replies.append((cmd.funder, wire.LineUpdate(
+                core=cmd.core, line=line, used=used, repaid=cmd.repaid_total)))
 
     def _lending_moved(self, entry: wire.JournalEntry, core: str, funder: int,
                        out: Outcome) -> None:

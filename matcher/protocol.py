@@ -311,6 +311,17 @@ class LineStatus(Struct, frozen=True, kw_only=True):
     repaid: int = 0
 
 
+class LineUpdate(_Event, tag="line"):
+    """To a funder whose line a `repay` freed, after the fills that lent it at once:
+    the line as it now stands (a repayment is the platform's, so the funder would not
+    otherwise hear of it)."""
+
+    core: str
+    line: int
+    used: int
+    repaid: int
+
+
 class Status(_Event, tag="status"):
     """The answer to `status`: resting orders oldest first; lines by core enterprise."""
 
@@ -396,8 +407,8 @@ class Trade(_Event, tag="trade"):
     amount: int
 
 
-Event = (Accepted | Rejected | Fill | Done | Quote | BookUpdate | Status | FillPage | Error
-         | Welcome | Trade)
+Event = (Accepted | Rejected | Fill | Done | Quote | BookUpdate | Status | LineUpdate
+         | FillPage | Error | Welcome | Trade)
 
 json_decoder = msgspec.json.Decoder(ClientMessage)
 json_encoder = msgspec.json.Encoder()

@@ -31,7 +31,7 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-q
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 OUTPUT = ROOT / "test-output"
-ADMIN, F11, F12, F13, SME_X, SME_Y = 1, 11, 12, 13, 21, 22
+ADMIN, PLATFORM, F11, F12, F13, SME_X, SME_Y = 1, 2, 11, 12, 13, 21, 22
 WAIT = 5.0
 SEG = "DFM-30D"
 DEBOUNCE_S = 0.6          # well past the page's quote debounce (200 ms)
@@ -551,6 +551,35 @@ def test_a_funder_page_that_lost_its_connection_catches_up_on_its_loans(
     expect(page.locator("#loan-list li")).to_have_count(2)
     assert loan_rows(page) == [("300,000.00 CNY", "2.50%", f"to SME {SME_X} · {SEG}"), first]
     assert asked == [{"type": "fills", "limit": 5, "ref": "loans"}] * 2   # sign-in, return
+
+
+def test_a_repayment_frees_the_funders_line_on_its_page(
+        new_page: Callable[..., Page], server: ServerProcess,
+        clients: Callable[[int], WsClient]) -> None:
+    """The platform's `repay` is not the funder's own command: the page hears of it
+    through the `line` event, says so, and shows the line freed."""
+    bank_a = clients(F11)
+    bank_a.line("DFM", 1_000_000)
+    bank_a.bid(SEG, 250, 2_000_000)
+    page = new_page("funder-repaid")
+    sign_in(page, server, F11)
+    line = page.locator('#lines li[data-core="DFM"]')
+    expect(line).to_contain_text("1,000,000.00 CNY available")
+    sme = clients(SME_X)
+    got = sme.command({"type": "ask", "client_id": "py-ask-1", "segment": SEG,
+                       "amount": 1_000_000 * 100, "tif": "ioc"})
+    assert got["type"] == "accepted", got
+    expect(line).to_contain_text("0.00 CNY available")
+    expect(line).to_contain_text("1,000,000.00 CNY used of 1,000,000.00 CNY")
+    platform = clients(PLATFORM)
+    got = platform.command({"type": "repay", "funder": F11, "core": "DFM",
+                            "repaid_total": 400_000 * 100})
+    assert got == {"type": "accepted", "client_id": None, "seq": got["seq"],
+                   "order_id": None, "duplicate": False}
+    expect(line).to_contain_text("400,000.00 CNY available")
+    expect(line).to_contain_text("600,000.00 CNY used of 1,000,000.00 CNY")
+    expect(page.locator("#activity")).to_contain_text(
+        "Repaid against DFM: 400,000.00 CNY in all; 400,000.00 CNY of the line free to lend")
 
 
 def test_finance_more_than_the_book_is_partly_filled(

@@ -484,6 +484,36 @@ def test_depth_shows_only_what_funders_can_lend_now(Book: BookCls) -> None:
     assert book.depth() == [(300, 100, 1), (310, 50, 1)]
 
 
+@pytest.mark.parametrize(("funder", "amount", "field", "reason"), [
+    (F1, 61, "amount", "out_of_range"),          # more than is lent
+    (F2, 1, "amount", "out_of_range"),           # lent nothing
+    (F1, -1, "amount", "out_of_range"),
+    (F1, True, "amount", "not_int"),
+    (F1, 1.0, "amount", "not_int"),
+    (F1, 2**63, "amount", "out_of_range"),
+    (-1, 1, "funder", "out_of_range"),
+    (2**63, 1, "funder", "out_of_range"),
+    (False, 1, "funder", "not_int"),
+])
+def test_a_repayment_takes_off_what_is_lent_and_refuses_more(
+        Book: BookCls, funder: Any, amount: Any, field: str, reason: str) -> None:
+    """`CreditLines.repay` (ADR 24): both books check alike and change nothing when
+    refused; what it takes off lends again."""
+    lines = importlib.import_module(Book.__module__).CreditLines()
+    book = Book(rate_cap_bps=CAP, credit=lines)
+    lines.set(F1, 100)
+    book.bid(1, F1, 300, 1_000)
+    book.ask(10, S1, None, 60)
+    before = (lines.items(), book.depth())
+    with pytest.raises(OrderError) as caught:
+        lines.repay(funder, amount)
+    assert (caught.value.field, caught.value.reason) == (field, reason)
+    assert (lines.items(), book.depth()) == before == ([(F1, 100, 60)], [(300, 40, 1)])
+    lines.repay(F1, 0)                           # nothing: allowed, nothing changes
+    lines.repay(F1, 60)
+    assert lines.get(F1) == (100, 0) and book.depth() == [(300, 100, 1)]
+
+
 def test_reads_summarise_the_resting_orders(book: Any) -> None:
     book.bid(1, F1, 300, 100, min_ticket=20)
     book.bid(2, F2, 300, 50, tif="day")

@@ -300,6 +300,10 @@ def test_a_repayment_frees_the_line_and_resting_bids_lend_again() -> None:
         (F1, S2, 400, "w")]
     assert {"DFM-30D", "DFM-90D"} <= set(out.segments)
     assert m.engine.credit("DFM", F1) == (1_000, 1_000)
+    # The funder hears of it after the fills: the line as it stands after them.
+    assert [type(e).__name__ for p, e in out.replies if p == F1] == ["Fill", "LineUpdate"]
+    assert events(out, F1, wire.LineUpdate) == [
+        wire.LineUpdate(core="DFM", line=1_000, used=1_000, repaid=400)]
     out = m.repay(F1, "DFM", 1_400)                       # everything lent so far
     assert [t.amount for t in out.trades] == [300]        # the rest of the waiting ask
     assert m.engine.credit("DFM", F1) == (1_000, 300)
@@ -318,6 +322,7 @@ def test_a_repaid_total_counts_once_however_often_it_is_sent() -> None:
     for total in (300, 100, 0):                           # a retry; overtaken reports
         again = m.repay(F1, "DFM", total)
         assert again.entry is None and not again.trades
+        assert not events(again, F1, wire.LineUpdate)
         assert events(again, PLATFORM, wire.Accepted) == [
             wire.Accepted(client_id=None, seq=first.entry.seq, duplicate=True)]
     assert state_hash(m.engine) == before
@@ -535,8 +540,9 @@ def test_a_stored_snapshot_is_compressed_and_older_ones_still_load() -> None:
     assert stored.startswith(STORED) and len(stored) * 2 < len(encode(state))
     assert state_hash(restore(load(stored))) == state_hash(m.engine)
     assert state_hash(restore(load(encode(state)))) == state_hash(m.engine)   # as before
-    # Version 1 also wrote the client-id map; it loads, and the map is derived.
+    # The platform's repaid totals are kept (version 4).
     assert state.repaid and state.repaid == capture(restore(load(stored))).repaid
+    # Version 1 also wrote the client-id map; it loads, and the map is derived.
     fields = msgspec.structs.asdict(state)
     del fields["day_started"]                   # version 3's
     del fields["repaid"]                        # version 4's

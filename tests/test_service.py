@@ -1702,11 +1702,12 @@ def test_a_repayment_frees_the_funders_line_and_counts_once_across_a_restart(
             await f11.quiet()
             freed = await platform.ok(repay(F11, "DFM", 400_000))
             fills = [await sme_y.expect("fill"), await f11.expect("fill")]
+            told = await f11.expect("line")
             again = await platform.command(repay(F11, "DFM", 400_000))
             await f11.send({"type": "status"})
             lines = (await f11.expect("status"))["lines"]
             status = await asyncio.to_thread(server.terminate)    # connected: no cancels
-            return freed, fills, again, lines, status
+            return freed, fills, told, again, lines, status
 
     async def after_restart() -> tuple[Any, ...]:
         async with sessions(server, F11, SME_Y, PLATFORM) as (f11, sme_y, platform):
@@ -1718,8 +1719,10 @@ def test_a_repayment_frees_the_funders_line_and_counts_once_across_a_restart(
             await f11.send({"type": "status"})
             return again, more, fill, done, (await f11.expect("status"))["lines"]
 
-    freed, fills, again, lines, status = run(lend_and_stop())
+    freed, fills, told, again, lines, status = run(lend_and_stop())
     assert status == 0
+    assert told == {"type": "line", "core": "DFM", "line": 1_000_000, "used": 1_000_000,
+                    "repaid": 400_000}
     trade = f"{freed['seq']}-0"
     assert [(f["trade_id"], f["side"], f["amount"], f["client_id"]) for f in fills] == [
         (trade, "ask", 400_000, "w"), (trade, "bid", 400_000, "b1")]

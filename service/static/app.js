@@ -401,6 +401,14 @@ function onFill(fill) {
   requestStatus();
 }
 
+// The platform reported repayments on this funder's loans: part of its line is free
+// again (its fills, if the bids lent it at once, came just before).
+function onLine(msg) {
+  addActivity(`Repaid against ${msg.core}: ${formatCny(msg.repaid)} in all; `
+    + `${formatCny(Math.max(0, msg.line - msg.used))} of the line free to lend`);
+  requestStatus();
+}
+
 function onDone(done) {
   if (state.me?.role === 'sme') return smeAskEvent(done.client_id, (a) => { a.done = done; });
   if (done.reason === 'cancelled' && state.bulkCancel) {
@@ -905,7 +913,7 @@ function addActivity(text) {
 
 const handlers = {
   welcome: onWelcome, book: onBook, quote: onQuote, accepted: onAccepted, rejected: onRejected,
-  fill: onFill, fills: onFills, done: onDone, status: onStatus, error: onError,
+  fill: onFill, fills: onFills, done: onDone, status: onStatus, error: onError, line: onLine,
 };
 
 function init() {
