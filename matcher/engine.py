@@ -119,6 +119,7 @@ class Engine:
         self.lines: dict[str, CreditLines] = {}          # core enterprise -> lines
         # core enterprise -> funder -> the platform's latest `repaid_total` (ADR 24)
         self.repaid: dict[str, dict[int, int]] = {}
+        self.halted: set[str] = set()                    # segments closed to orders
         self._of_core: dict[str, list[str]] = {}         # core enterprise -> its segments
         self.orders: dict[int, OrderInfo] = {}           # resting orders by order id
         # ... and by owner, oldest first: `status`, `cancel_all` and a funder's
@@ -242,7 +243,8 @@ class Engine:
         return wire.BookUpdate(
             segment=segment, seq=self.seq, best_rate_bps=depth[0][0] if depth else None,
             levels=[wire.Level(*lv) for lv in depth], demand_amount=amount,
-            demand_orders=orders, last_fills=last_fills or [])
+            demand_orders=orders, last_fills=last_fills or [],
+            halted=segment in self.halted)
 
     def status(self, participant: int) -> wire.Status:
         """A participant's own resting orders and credit lines."""
@@ -317,6 +319,7 @@ class Engine:
         book = self._book(cmd.segment)
         if self._retry(entry, cmd.client_id, out):
             return
+        self._check_open(cmd.segment)
         core = self.segments[cmd.segment].core
         # (0, 0): never set, or set to 0 with nothing lent. A line cut to 0 after
         # lending still takes bids (they lend nothing until it is raised): journals
@@ -335,10 +338,18 @@ class Engine:
         book = self._book(cmd.segment)
         if self._retry(entry, cmd.client_id, out):
             return
+        self._check_open(cmd.segment)
         fills = book.ask(entry.seq, entry.participant, cmd.max_rate_bps, cmd.amount,
                          tif=cmd.tif, single_funder=cmd.single_funder)
         self._new_order(entry, cmd.client_id, cmd.segment, "ask", cmd.amount, cmd.tif, fills,
                         out)
+
+    def _check_open(self, segment: str) -> None:
+        """A new order in a halted segment is refused; a retry of one placed before the
+        halt is still answered as one (checked first)."""
+        if segment in self.halted:
+            raise Reject("segment_halted", f"trading in {segment!r} is halted until an "
+                         "admin reopens it", "$.segment")
 
     def _new_order(self, entry: wire.JournalEntry, client_id: str, segment: str,
                    side: Literal["bid", "ask"], amount: int, tif: wire.Tif, fills: list[Fill],
@@ -422,11 +433,8 @@ class Engine:
                          "$.core")
         before = self.repaid.get(cmd.core, {}).get(cmd.funder, 0)
         freed = cmd.repaid_total - before
-        if freed <= 0:
-            # A retry, or a report overtaken by a later one: already counted. Nothing to
-            # journal; `seq` is the latest command's, which reflects it.
-            out.replies.append((entry.participant, wire.Accepted(
-                client_id=None, seq=self.seq, duplicate=True)))
+        if freed <= 0:                  # already counted
+            self._unchanged(entry, out)
             return
         used = lines.get(cmd.funder)[1]
         if freed > used:
@@ -460,6 +468,40 @@ class Engine:
                            rate_cap_bps=cmd.rate_cap_bps))
         out.accept(entry)
         out.segments.append(cmd.segment)
+
+    def _halt(self, entry: wire.JournalEntry, out: Outcome) -> None:
+        """Every order resting in the segment ends, oldest first (`self.orders` is in
+        order id order, and a snapshot keeps that order)."""
+        cmd = entry.command
+        assert isinstance(cmd, wire.Halt)
+        book = self._book(cmd.segment)
+        if cmd.segment in self.halted:
+            self._unchanged(entry, out)
+            return
+        self.halted.add(cmd.segment)
+        out.accept(entry)
+        for order in [o for o in self.orders.values() if o.segment == cmd.segment]:
+            book.cancel(order.order_id)
+            self._end(order, "halted", out)
+        out.segments.append(cmd.segment)
+
+    def _reopen(self, entry: wire.JournalEntry, out: Outcome) -> None:
+        cmd = entry.command
+        assert isinstance(cmd, wire.Reopen)
+        self._book(cmd.segment)
+        if cmd.segment not in self.halted:
+            self._unchanged(entry, out)
+            return
+        self.halted.discard(cmd.segment)
+        out.accept(entry)
+        out.segments.append(cmd.segment)
+
+    def _unchanged(self, entry: wire.JournalEntry, out: Outcome) -> None:
+        """A command whose effect is already there (a retry, or a report overtaken by a
+        later one): `accepted` with `duplicate`, nothing journaled; `seq` is the latest
+        command's, which reflects it."""
+        out.replies.append((entry.participant, wire.Accepted(
+            client_id=None, seq=self.seq, duplicate=True)))
 
     def _end_of_day(self, entry: wire.JournalEntry, out: Outcome) -> None:
         out.accept(entry)
@@ -545,6 +587,8 @@ _HANDLERS: dict[type, Callable[[Engine, wire.JournalEntry, Outcome], None]] = {
     wire.SetCreditLine: Engine._set_credit_line,
     wire.Repay: Engine._repay,
     wire.AddSegment: Engine._add_segment,
+    wire.Halt: Engine._halt,
+    wire.Reopen: Engine._reopen,
     wire.EndOfDay: Engine._end_of_day,
     wire.Resume: Engine._resume,
 }

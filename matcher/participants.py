@@ -19,7 +19,9 @@ from matcher.protocol import (
     Cancel,
     CancelAll,
     EndOfDay,
+    Halt,
     QuoteRequest,
+    Reopen,
     Repay,
     Resume,
     Role,
@@ -38,7 +40,8 @@ ALLOWED: dict[Role, frozenset[type]] = {
     "funder": frozenset({Bid, Amend, Cancel, CancelAll, SetCreditLine, *_READ}),
     "sme": frozenset({Ask, Cancel, CancelAll, *_READ}),
     "platform": frozenset({Repay, *_READ}),
-    "admin": frozenset({AddSegment, EndOfDay, Resume, *_READ}),   # Resume: the gateway's
+    # Resume: the gateway's own (no client sends it).
+    "admin": frozenset({AddSegment, Halt, Reopen, EndOfDay, Resume, *_READ}),
 }
 
 

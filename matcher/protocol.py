@@ -122,6 +122,21 @@ class AddSegment(_Message, tag="add_segment"):
     rate_cap_bps: Annotated[int, Meta(ge=1, le=MAX_RATE_CAP)] = 3600
 
 
+class Halt(_Message, tag="halt"):
+    """An admin stops trading in a segment at once, as when its core enterprise's
+    receivables can no longer be financed (a credit event, a dispute): every order
+    resting there ends (`done` reason `halted`), and new orders there are refused until
+    `reopen` (ADR 25)."""
+
+    segment: SegmentId
+
+
+class Reopen(_Message, tag="reopen"):
+    """An admin lets a halted segment trade again; it reopens empty."""
+
+    segment: SegmentId
+
+
 class EndOfDay(_Message, tag="end_of_day"):
     """The same-day disbursement cut-off: DAY orders expire, GTC orders stay."""
 
@@ -133,7 +148,7 @@ class Resume(_Message, tag="resume"):
 
 
 Command = (Bid | Ask | Cancel | CancelAll | Amend | SetCreditLine | Repay | AddSegment
-           | EndOfDay | Resume)
+           | Halt | Reopen | EndOfDay | Resume)
 
 
 # --- Requests that change nothing: answered at once, never journaled ----------------
@@ -185,8 +200,9 @@ class Unsubscribe(_Message, tag="unsubscribe"):
 
 
 ClientMessage = (
-    Bid | Ask | Cancel | CancelAll | Amend | SetCreditLine | Repay | AddSegment | EndOfDay
-    | QuoteRequest | StatusRequest | FillsRequest | Auth | Subscribe | Unsubscribe
+    Bid | Ask | Cancel | CancelAll | Amend | SetCreditLine | Repay | AddSegment | Halt
+    | Reopen | EndOfDay | QuoteRequest | StatusRequest | FillsRequest | Auth | Subscribe
+    | Unsubscribe
 )
 
 
@@ -238,7 +254,7 @@ class Fill(_Event, tag="fill"):
     order_id: int
 
 
-DoneReason = Literal["filled", "cancelled", "expired", "unfilled"]
+DoneReason = Literal["filled", "cancelled", "expired", "unfilled", "halted"]
 
 
 class Done(_Event, tag="done"):
@@ -287,6 +303,7 @@ class BookUpdate(_Event, tag="book"):
     demand_amount: int
     demand_orders: int
     last_fills: list[tuple[int, int]] = []      # [rate_bps, amount], newest first
+    halted: bool = False                        # no orders until an admin reopens it
 
 
 class OrderStatus(Struct, frozen=True, kw_only=True):

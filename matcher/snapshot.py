@@ -20,9 +20,9 @@ from matcher.engine import Engine, Finished, OrderInfo, Segment
 from matcher.types import Order
 
 #: 2: without the client-id map, which restore derives; 3: with `day_started`; 4: with
-#: `repaid` (ADR 24). 1 to 3 still load.
-VERSION = 4
-READS = (1, 2, 3, 4)
+#: `repaid` (ADR 24); 5: with `halted` (ADR 25). 1 to 4 still load.
+VERSION = 5
+READS = (1, 2, 3, 4, 5)
 
 
 class BookState(Struct, array_like=True):
@@ -40,6 +40,7 @@ class State(Struct, kw_only=True):
     finished: list[Finished]                    # in the order they ended
     day_started: int = 0                        # Engine.day_started (version 3)
     repaid: dict[str, list[tuple[int, int]]] = {}  # core -> [(funder, repaid_total)] (4)
+    halted: list[str] = []                      # segments halted, sorted (version 5)
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -67,6 +68,7 @@ def capture(engine: Engine) -> State:
         day_started=engine.day_started,
         repaid={core: sorted(totals.items())
                 for core, totals in sorted(engine.repaid.items())},
+        halted=sorted(engine.halted),
     )
 
 
@@ -82,6 +84,7 @@ def restore(state: State, names: Callable[[int], str] = str) -> Engine:
             lines.restore(funder, line, used)
     for core, totals in state.repaid.items():
         engine.repaid[core] = dict(totals)
+    engine.halted = set(state.halted)
     for b in state.books:
         engine.books[b.segment.id].restore(b.orders)
     engine.orders = {o.order_id: o for o in state.orders}

@@ -507,7 +507,7 @@ class Service:
             book = gw.engine.book_update(seg_id, levels=1)
             out.append({"id": seg.id, "core": seg.core, "tenor_days": seg.tenor_days,
                         "rate_cap_bps": seg.rate_cap_bps, "best_rate_bps": book.best_rate_bps,
-                        "demand_amount": book.demand_amount})
+                        "demand_amount": book.demand_amount, "halted": book.halted})
         return web.json_response(out)
 
     async def _rest_quote(self, request: web.Request) -> web.Response:

@@ -582,6 +582,33 @@ def test_a_repayment_frees_the_funders_line_on_its_page(
         "Repaid against DFM: 400,000.00 CNY in all; 400,000.00 CNY of the line free to lend")
 
 
+def test_a_halted_segment_shows_halted_to_the_sme(
+        new_page: Callable[..., Page], server: ServerProcess,
+        market: tuple[WsClient, WsClient], clients: Callable[[int], WsClient]) -> None:
+    """An admin halts the segment: its card says so at once (the funders' bids ended),
+    the SME's quote and its "Finance now" say why nothing can be lent (no ask is sent),
+    and after `reopen` it is an empty market."""
+    page = new_page("sme-halted")
+    sign_in(page, server, SME_X)
+    expect(card(page).locator(".level")).to_have_count(2)
+    admin = clients(ADMIN)
+    assert admin.command({"type": "halt", "segment": SEG})["type"] == "accepted"
+    expect(card(page).locator(".ladder")).to_have_text("Trading halted")
+    expect(card(page)).to_have_attribute("data-halted", "")
+    expect(card(page, "DFM-90D").locator(".ladder")).to_have_text("No funder bids yet")
+    sent = count_sent_frames(page)
+    page.select_option("#sme-segment", SEG)
+    page.fill("#sme-amount", "100,000")
+    halted = f"Trading in {SEG} is halted: no loans until it reopens."
+    expect(page.locator("#quote-split")).to_contain_text(halted)
+    page.click("#finance")
+    expect(page.locator("#sme-msg")).to_have_text(halted)
+    assert not [f for f in sent if json.loads(f)["type"] == "ask"]   # nothing to ask for
+    assert admin.command({"type": "reopen", "segment": SEG})["type"] == "accepted"
+    expect(card(page).locator(".ladder")).to_have_text("No funder bids yet")
+    expect(card(page)).not_to_have_attribute("data-halted", "")
+
+
 def test_finance_more_than_the_book_is_partly_filled(
         new_page: Callable[..., Page], server: ServerProcess,
         market: tuple[WsClient, WsClient]) -> None:

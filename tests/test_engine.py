@@ -359,6 +359,57 @@ def test_a_repayment_of_more_than_is_lent_is_rejected_and_changes_nothing() -> N
     assert m.engine.credit("DFM", F1) == (1_000, 0)
 
 
+def test_a_halt_ends_every_order_in_the_segment_and_refuses_new_ones() -> None:
+    m = Market()
+    m.line(F1, "DFM", 10_000)
+    m.line(F2, "DFM", 10_000)
+    m.bid(F1, "b1", 250, 1_000)
+    m.bid(F2, "b2", 260, 500, seg="DFM-90D", tif="day")
+    m.bid(F1, "elsewhere", 250, 700, seg="DFM-30D")
+    m.ask(S1, "w", 300, max_rate_bps=200, tif="gtc")
+    out = m.send(ADMIN, wire.Halt(segment="DFM-90D"))
+    assert out.entry is not None and out.segments == ["DFM-90D"]
+    # Each order ends, oldest first, told to its owner with what it gave up.
+    assert [(p, e.client_id, e.reason, e.remaining) for p, e in out.replies
+            if isinstance(e, wire.Done)] == [
+        (F1, "b1", "halted", 1_000), (F2, "b2", "halted", 500), (S1, "w", "halted", 300)]
+    assert len(m.engine.books["DFM-90D"]) == 0 and len(m.engine.books["DFM-30D"]) == 1
+    update = m.engine.book_update("DFM-90D")
+    assert update.halted and update.levels == [] and update.demand_orders == 0
+    assert not m.engine.book_update("DFM-30D").halted
+    before = state_hash(m.engine)
+    for who, cmd in [(F1, wire.Bid(client_id="new", segment="DFM-90D", rate_bps=250,
+                                   amount=1)),
+                     (S1, wire.Ask(client_id="new", segment="DFM-90D", amount=1))]:
+        r = rejected(m.send(who, cmd))
+        assert (r.code, r.path) == ("segment_halted", "$.segment")
+    # A retry of an order placed before the halt is still answered as one, with its end.
+    retried = m.bid(F1, "b1", 250, 1_000)
+    assert events(retried, F1, wire.Accepted)[0].duplicate
+    assert events(retried, F1, wire.Done)[0].reason == "halted"
+    # Halting again changes nothing and is not journaled.
+    again = m.send(ADMIN, wire.Halt(segment="DFM-90D"))
+    assert again.entry is None and events(again, ADMIN, wire.Accepted)[0].duplicate
+    assert state_hash(m.engine) == before
+    assert m.ask(S2, "a", 100, seg="DFM-30D").trades      # the other tenor trades on
+    # Reopened, it takes orders again, empty.
+    assert m.send(ADMIN, wire.Reopen(segment="DFM-90D")).entry is not None
+    assert not m.engine.book_update("DFM-90D").halted
+    assert m.bid(F1, "b3", 250, 100).accepted
+    assert m.send(ADMIN, wire.Reopen(segment="DFM-90D")).entry is None   # already open
+
+
+def test_halt_and_reopen_are_the_admins_and_name_a_segment() -> None:
+    m = Market()
+    for who in (F1, S1, PLATFORM):
+        for cmd in (wire.Halt(segment="DFM-90D"), wire.Reopen(segment="DFM-90D")):
+            r = rejected(m.send(who, cmd))
+            assert (r.code, r.path) == ("forbidden", "$.type")
+    for cmd in (wire.Halt(segment="NOPE"), wire.Reopen(segment="NOPE")):
+        r = rejected(m.send(ADMIN, cmd))
+        assert (r.code, r.path) == ("unknown_segment", "$.segment")
+
+
 def test_a_fill_in_one_tenor_changes_what_the_others_show() -> None:
     """The line is shared by the core enterprise's books, so a fill in one moves the
     lendable depth of all of them, and each is reported as changed."""
@@ -383,7 +434,7 @@ def sessions(draw: st.DrawFn) -> list[tuple[int, Any]]:
     for i in range(draw(st.integers(1, 80))):
         seg = draw(st.sampled_from(["DFM-30D", "DFM-90D"]))
         kind = draw(st.sampled_from(["bid", "bid", "ask", "ask", "line", "cancel", "amend",
-                                     "bid", "cancel_all", "repay"]))
+                                     "bid", "cancel_all", "repay", "halt"]))
         funder = draw(st.sampled_from([F1, F2]))
         if kind == "bid":
             cmds.append((funder, wire.Bid(client_id=f"b{i}", segment=seg,
@@ -398,6 +449,9 @@ def sessions(draw: st.DrawFn) -> list[tuple[int, Any]]:
         elif kind == "line":
             cmds.append((funder, wire.SetCreditLine(core="DFM",
                                                     amount=draw(st.integers(0, 5_000)))))
+        elif kind == "halt":
+            cmds.append((ADMIN, wire.Halt(segment=seg) if draw(st.booleans())
+                         else wire.Reopen(segment=seg)))
         elif kind == "repay":
             cmds.append((PLATFORM, wire.Repay(funder=funder, core="DFM",
                                               repaid_total=draw(st.integers(0, 6_000)))))
@@ -472,6 +526,9 @@ def random_session(m: Market, n: int, seed: int) -> None:
                                                     rate_bps=rng.randrange(240, 300)))
         elif roll < 0.975:
             m.send(rng.choice([F1, F2, S1]), wire.CancelAll(segment=rng.choice([None, seg])))
+        elif roll < 0.977:
+            m.send(ADMIN, wire.Halt(segment=seg) if rng.random() < 0.5
+                   else wire.Reopen(segment=seg))
         elif roll < 0.98:
             funder, core = rng.choice([F1, F2]), rng.choice(["DFM", "SGCC"])
             m.repay(funder, core, m.engine.repaid.get(core, {}).get(funder, 0)
@@ -540,12 +597,14 @@ def test_a_stored_snapshot_is_compressed_and_older_ones_still_load() -> None:
     assert stored.startswith(STORED) and len(stored) * 2 < len(encode(state))
     assert state_hash(restore(load(stored))) == state_hash(m.engine)
     assert state_hash(restore(load(encode(state)))) == state_hash(m.engine)   # as before
-    # The platform's repaid totals are kept (version 4).
+    # The platform's repaid totals are kept (version 4), and the halted segments (5).
     assert state.repaid and state.repaid == capture(restore(load(stored))).repaid
+    assert state.halted and restore(load(stored)).halted == m.engine.halted
     # Version 1 also wrote the client-id map; it loads, and the map is derived.
     fields = msgspec.structs.asdict(state)
     del fields["day_started"]                   # version 3's
     del fields["repaid"]                        # version 4's
+    del fields["halted"]                        # version 5's
     v1 = msgspec.msgpack.encode({**fields, "version": 1,
                                  "clients": [[p, c, o] for (p, c), o
                                              in m.engine.clients.items()]})
@@ -556,6 +615,8 @@ def test_a_stored_snapshot_is_compressed_and_older_ones_still_load() -> None:
     old.day_started = m.engine.day_started
     assert old.repaid == {}                     # no version before 4 had repayments
     old.repaid = {core: dict(totals) for core, totals in m.engine.repaid.items()}
+    assert old.halted == set() and m.engine.halted   # nor halts before version 5
+    old.halted = set(m.engine.halted)
     assert state_hash(old) == state_hash(m.engine)
     assert dict(old.clients.items()) == dict(m.engine.clients.items())
 

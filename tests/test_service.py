@@ -374,10 +374,10 @@ def test_end_of_day_expires_day_bids_and_keeps_gtc_bids(server: ServerProcess) -
     assert after == {
         "DFM-90D": {"type": "book", "segment": "DFM-90D", "seq": seq, "best_rate_bps": None,
                     "levels": [], "demand_amount": 0, "demand_orders": 0,
-                    "last_fills": []},
+                    "last_fills": [], "halted": False},
         "SGCC-30D": {"type": "book", "segment": "SGCC-30D", "seq": seq, "best_rate_bps": 280,
                      "levels": [[280, 600_000, 1]], "demand_amount": 0, "demand_orders": 0,
-                     "last_fills": []}}
+                     "last_fills": [], "halted": False}}
     assert still == []                   # DFM-30D had no DAY bid left: no update
     assert [(q["fillable"], q["worst_rate_bps"]) for q in quotes] == [
         (300_000, 250), (0, None), (600_000, 280)]
@@ -1016,7 +1016,7 @@ def test_book_update_shows_last_fills_without_funders(server: ServerProcess) -> 
     assert update == {"type": "book", "segment": "DFM-30D", "seq": placed["seq"],
                       "best_rate_bps": 250, "levels": [[250, 700_000, 1]],
                       "demand_amount": 0, "demand_orders": 0,
-                      "last_fills": [[250, 300_000], [240, 200_000]]}
+                      "last_fills": [[250, 300_000], [240, 200_000]], "halted": False}
 
 
 # --- idempotent retries -------------------------------------------------------------
@@ -1112,7 +1112,7 @@ def test_subscriber_gets_the_book_at_once_and_after_each_change(server: ServerPr
     (initial, b1, after_b1, b2, after_b2, other, cancel, after_cancel,
      after_unsubscribe) = run(scenario())
     empty = {"type": "book", "segment": "DFM-30D", "best_rate_bps": None, "levels": [],
-             "demand_amount": 0, "demand_orders": 0, "last_fills": []}
+             "demand_amount": 0, "demand_orders": 0, "last_fills": [], "halted": False}
     assert initial == {**empty, "seq": b1["seq"] - 1}
     assert after_b1 == {**empty, "seq": b1["seq"], "best_rate_bps": 250,
                         "levels": [[250, 1_000_000, 1]]}
@@ -1207,7 +1207,7 @@ def test_book_updates_are_coalesced_and_the_last_is_final(server: ServerProcess)
         "type": "book", "segment": "DFM-30D", "seq": acks[-1]["seq"], "best_rate_bps": 210,
         "levels": [[r, sum(1_000 + i for i in range(n) if rates[i % 5] == r), n // 5]
                    for r in rates],
-        "demand_amount": 0, "demand_orders": 0, "last_fills": []}
+        "demand_amount": 0, "demand_orders": 0, "last_fills": [], "halted": False}
 
 
 # --- cancel on disconnect -----------------------------------------------------------
@@ -1743,6 +1743,53 @@ def test_a_repayment_frees_the_funders_line_and_counts_once_across_a_restart(
     assert amounts[trade] == 400_000 and amounts[fill["trade_id"]] == 200_000
 
 
+def test_an_admin_halts_a_segment_and_the_halt_outlives_a_restart(
+        server: ServerProcess) -> None:
+    """A halt ends the segment's orders (each owner told why), refuses new ones, shows in
+    the book and in GET /v1/segments, and is still in force after a restart."""
+    async def halt_and_stop() -> tuple[Any, ...]:
+        async with sessions(server, ADMIN, F11, SME_X, PLATFORM) as (admin, f11, sme, plat):
+            await f11.ok(line("DFM"))
+            placed = await f11.ok(bid("b1", "DFM-30D", 250, 1_000_000))
+            await f11.ok(bid("b2", "DFM-90D", 260, 500_000))
+            await sme.ok(ask("w", "DFM-30D", 300_000, max_rate_bps=200, tif="gtc"))
+            await plat.send({"type": "subscribe", "segments": ["DFM-30D"]})
+            await plat.expect("book")
+            halted = await admin.ok({"type": "halt", "segment": "DFM-30D"})
+            ends = [await f11.expect("done"), await sme.expect("done")]
+            book = await plat.book_since(halted["seq"])
+            refused = await f11.command(bid("b3", "DFM-30D", 250, 1_000))
+            quote = await sme.quote("DFM-30D", 100_000)
+            segments = json.loads(server.get("/v1/segments")[1])
+            status = await asyncio.to_thread(server.terminate)
+            return placed, halted, ends, book, refused, quote, segments, status
+
+    async def after_restart() -> tuple[Any, ...]:
+        async with sessions(server, ADMIN, F11) as (admin, f11):
+            refused = await f11.command(bid("b4", "DFM-30D", 250, 1_000))
+            elsewhere = await f11.command(bid("b5", "DFM-90D", 255, 1_000))
+            await admin.ok({"type": "reopen", "segment": "DFM-30D"})
+            return refused, elsewhere, await f11.command(bid("b6", "DFM-30D", 250, 1_000))
+
+    placed, halted, ends, book, refused, quote, segments, status = run(halt_and_stop())
+    assert status == 0
+    assert ends == [
+        {"type": "done", "client_id": "b1", "order_id": placed["order_id"],
+         "reason": "halted", "filled": 0, "remaining": 1_000_000},
+        {"type": "done", "client_id": "w", "order_id": halted["seq"] - 1,
+         "reason": "halted", "filled": 0, "remaining": 300_000}]
+    assert (book["halted"], book["levels"], book["demand_orders"]) == (True, [], 0)
+    assert (refused["type"], refused["code"], refused["path"]) == (
+        "rejected", "segment_halted", "$.segment")
+    assert quote["fillable"] == 0
+    assert {s["id"]: s["halted"] for s in segments} == {
+        s: s == "DFM-30D" for s, _core, _tenor in SEGMENTS}
+    server.start()
+    refused, elsewhere, reopened = run(after_restart())
+    assert refused["code"] == "segment_halted"             # the halt was journaled
+    assert elsewhere["type"] == reopened["type"] == "accepted"
+
+
 def test_after_a_restart_funders_that_do_not_come_back_lose_their_bids(
         server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stop closes every connection without cancelling (it is not a disconnect), and a
@@ -2122,7 +2169,8 @@ def test_segments_lists_the_four_segments(server: ServerProcess) -> None:
     assert status == 200
     assert json.loads(body) == [
         {"id": seg, "core": core, "tenor_days": tenor, "rate_cap_bps": 3600,
-         "best_rate_bps": 330 if seg == "SGCC-90D" else None, "demand_amount": 0}
+         "best_rate_bps": 330 if seg == "SGCC-90D" else None, "demand_amount": 0,
+         "halted": False}
         for seg, core, tenor in sorted(SEGMENTS)]
 
 

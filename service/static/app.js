@@ -461,6 +461,7 @@ function renderCard(id, prev) {
   const best = book?.best_rate_bps ?? null;
   const trend = prev && best !== null && prev.best_rate_bps !== null && best !== prev.best_rate_bps
     ? (best < prev.best_rate_bps ? 'down' : 'up') : '';
+  card.toggleAttribute('data-halted', Boolean(book?.halted));   // an admin stopped it
   setChildren(card,
     el('header', { class: 'card-head' },
       el('div', {},
@@ -483,6 +484,7 @@ function renderCard(id, prev) {
 
 // Funder levels as bars scaled to the largest shown level, best (lowest) rate first.
 function renderLadder(book) {
+  if (book?.halted) return el('p', { class: 'ladder empty halted' }, 'Trading halted');
   const levels = (book?.levels ?? []).slice(0, LADDER_LEVELS);
   if (!levels.length) return el('p', { class: 'ladder empty' }, 'No funder bids yet');
   const max = Math.max(...levels.map(([, amount]) => amount));
@@ -587,9 +589,15 @@ function onQuote(q) {
   }
 }
 
+// An admin halted the segment: nothing can be financed there until it reopens.
+function haltedNote(segment) {
+  return state.books.get(segment)?.halted ? `Trading in ${segment} is halted: no loans until it reopens.` : null;
+}
+
 function renderQuotes() {
-  renderQuote($('quote-split'), sme.quotes.split, 'No funder can lend in this segment right now.');
-  renderQuote($('quote-single'), sme.quotes.single, 'No single funder can lend this amount.');
+  const halted = haltedNote($('sme-segment').value);
+  renderQuote($('quote-split'), sme.quotes.split, halted ?? 'No funder can lend in this segment right now.');
+  renderQuote($('quote-single'), sme.quotes.single, halted ?? 'No single funder can lend this amount.');
 }
 
 function renderQuote(node, q, none) {
@@ -634,8 +642,9 @@ function finance() {
   const mode = smeMode();
   const q = sme.quotes[mode];
   if (!q || q.fillable === 0) {
-    showMsg($('sme-msg'), mode === 'single' ? 'No single funder can lend this amount right now.'
-      : 'No funder can lend in this segment right now.');
+    showMsg($('sme-msg'), haltedNote($('sme-segment').value)
+      ?? (mode === 'single' ? 'No single funder can lend this amount right now.'
+        : 'No funder can lend in this segment right now.'));
     return;
   }
   const seg = state.segments.get(q.segment);
