@@ -46,7 +46,8 @@ from service.realtime import make_realtime
 #: What `matcher serve` journals and answers `accepted`.
 COMMANDS = frozenset(t.__struct_config__.tag for t in
                      (wire.Bid, wire.Ask, wire.Cancel, wire.CancelAll, wire.Amend,
-                      wire.SetCreditLine, wire.Repay, wire.AddSegment, wire.EndOfDay))
+                      wire.SetCreditLine, wire.Repay, wire.AddSegment, wire.Halt,
+                      wire.Reopen, wire.EndOfDay))
 
 
 class _Any(msgspec.Struct):

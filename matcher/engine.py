@@ -480,9 +480,9 @@ class Engine:
             return
         self.halted.add(cmd.segment)
         out.accept(entry)
-        for order in [o for o in self.orders.values() if o.segment == cmd.segment]:
-            book.cancel(order.order_id)
-            self._end(order, "halted", out)
+        for order_id in sorted(o.order_id for o in book.orders()):
+            book.cancel(order_id)
+            self._end(self.orders[order_id], "halted", out)
         out.segments.append(cmd.segment)
 
     def _reopen(self, entry: wire.JournalEntry, out: Outcome) -> None:

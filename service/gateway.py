@@ -325,7 +325,8 @@ class Gateway:
         shows nothing, however many bids it rests). The segment's cap also keeps the
         book's sums inside int64 (ADR 4). A retry of an order placed before is let
         through: the engine answers it as one."""
-        if not isinstance(cmd, wire.Bid | wire.Ask) or cmd.tif in ("ioc", "fok"):
+        if (not isinstance(cmd, wire.Bid | wire.Ask) or cmd.tif in ("ioc", "fok")
+                or cmd.segment in self.engine.halted):      # the engine says why
             return None
         limits = self.limits
         owned = self.engine.owned.get(who.id)

@@ -589,24 +589,33 @@ def test_a_halted_segment_shows_halted_to_the_sme(
     the SME's quote and its "Finance now" say why nothing can be lent (no ask is sent),
     and after `reopen` it is an empty market."""
     page = new_page("sme-halted")
+    sent = count_sent_frames(page)
     sign_in(page, server, SME_X)
+    funder_page = new_page("funder-halted")
+    sign_in(funder_page, server, F11)
     expect(card(page).locator(".level")).to_have_count(2)
+    page.select_option("#sme-segment", SEG)
+    page.fill("#sme-amount", "100,000")
+    expect(page.locator("#quote-split [data-count]")).to_have_text("1")   # Bank B
     admin = clients(ADMIN)
     assert admin.command({"type": "halt", "segment": SEG})["type"] == "accepted"
     expect(card(page).locator(".ladder")).to_have_text("Trading halted")
     expect(card(page)).to_have_attribute("data-halted", "")
     expect(card(page, "DFM-90D").locator(".ladder")).to_have_text("No funder bids yet")
-    sent = count_sent_frames(page)
-    page.select_option("#sme-segment", SEG)
-    page.fill("#sme-amount", "100,000")
+    page.click("#finance")            # at once: the quote on screen may predate the halt
     halted = f"Trading in {SEG} is halted: no loans until it reopens."
-    expect(page.locator("#quote-split")).to_contain_text(halted)
-    page.click("#finance")
     expect(page.locator("#sme-msg")).to_have_text(halted)
-    assert not [f for f in sent if json.loads(f)["type"] == "ask"]   # nothing to ask for
+    expect(page.locator("#quote-split")).to_contain_text(halted)
+    page.wait_for_timeout(DEBOUNCE_S * 1000)
+    kinds = [json.loads(f)["type"] for f in sent]
+    assert "quote" in kinds and "ask" not in kinds      # counted, and nothing asked
+    # Bank A's page says why its bid (kept by its Python client) is gone.
+    expect(funder_page.locator("#activity")).to_contain_text(
+        "Bid ended, trading in its segment was halted: 2,000,000.00 CNY withdrawn")
     assert admin.command({"type": "reopen", "segment": SEG})["type"] == "accepted"
     expect(card(page).locator(".ladder")).to_have_text("No funder bids yet")
     expect(card(page)).not_to_have_attribute("data-halted", "")
+    expect(page.locator("#sme-msg")).to_have_text("")     # the halt's note is gone
 
 
 def test_finance_more_than_the_book_is_partly_filled(

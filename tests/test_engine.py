@@ -450,7 +450,9 @@ def sessions(draw: st.DrawFn) -> list[tuple[int, Any]]:
             cmds.append((funder, wire.SetCreditLine(core="DFM",
                                                     amount=draw(st.integers(0, 5_000)))))
         elif kind == "halt":
-            cmds.append((ADMIN, wire.Halt(segment=seg) if draw(st.booleans())
+            # Reopened three times as often: a halted segment refuses orders, and long
+            # halts would leave the credit checks little to check.
+            cmds.append((ADMIN, wire.Halt(segment=seg) if draw(st.integers(0, 3)) == 0
                          else wire.Reopen(segment=seg)))
         elif kind == "repay":
             cmds.append((PLATFORM, wire.Repay(funder=funder, core="DFM",
@@ -527,7 +529,7 @@ def random_session(m: Market, n: int, seed: int) -> None:
         elif roll < 0.975:
             m.send(rng.choice([F1, F2, S1]), wire.CancelAll(segment=rng.choice([None, seg])))
         elif roll < 0.977:
-            m.send(ADMIN, wire.Halt(segment=seg) if rng.random() < 0.5
+            m.send(ADMIN, wire.Halt(segment=seg) if rng.random() < 0.25
                    else wire.Reopen(segment=seg))
         elif roll < 0.98:
             funder, core = rng.choice([F1, F2]), rng.choice(["DFM", "SGCC"])

@@ -573,6 +573,31 @@ def test_a_segment_may_rest_only_so_many_orders() -> None:
                        ("b6", "accepted"), ("x", "accepted")]
 
 
+def test_a_participant_at_its_cap_is_told_a_halted_segment_is_halted() -> None:
+    """The caps are checked before the engine, which alone knows a halt: a funder at its
+    cap that bid into a halted segment was told to cancel some of its orders (found in
+    review). The gateway leaves halted segments to the engine's answer."""
+    from matcher.participants import Participant
+
+    async def scenario() -> list[str]:
+        gateway, journal, [f] = _gateway_with(PEOPLE[0], resting_orders_per_participant=1)
+        await _turns()
+        sent = _watch(f)
+        open_, halted = SEGMENTS[0], SEGMENTS[1]
+        gateway.handle(f, _line(open_.core), 0.0)
+        gateway.handle(f, _line(halted.core), 0.0)
+        gateway.handle(f, _bid(open_.id, 1), 0.0)      # at the cap now
+        admin = Participant(id=1, name="Admin", role="admin", key_sha256="a")
+        gateway.submit(admin, wire.Halt(segment=halted.id), 0.0)
+        gateway.handle(f, _bid(halted.id, 2), 0.0)
+        gateway.handle(f, _bid(open_.id, 3), 0.0)
+        journal.land()
+        await _turns()
+        return [e.code for e in _events(sent) if isinstance(e, wire.Rejected)]
+
+    assert run(scenario()) == ["segment_halted", "too_many_orders"]
+
+
 def test_a_client_id_past_its_retry_window_is_no_way_past_the_cap(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """An ended order's client id stays in the engine's map after its two minutes until

@@ -417,6 +417,8 @@ function onDone(done) {
     showMsg($('orders-msg'), `Bid cancelled: ${formatCny(done.remaining)} withdrawn.`, 'ok');
   } else if (done.reason === 'expired') {
     addActivity(`Day bid expired: ${formatCny(done.remaining)} withdrawn`);
+  } else if (done.reason === 'halted') {
+    addActivity(`Bid ended, trading in its segment was halted: ${formatCny(done.remaining)} withdrawn`);
   }
   requestStatus();
 }
@@ -446,6 +448,8 @@ function onBook(book) {
   if (prev && prev.seq > book.seq) return;   // an older picture: keep the newer one
   state.books.set(book.segment, book);
   renderCard(book.segment, prev);
+  const halted = `Trading in ${book.segment} is halted: no loans until it reopens.`;
+  if (prev?.halted && !book.halted && $('sme-msg').textContent === halted) showMsg($('sme-msg'), '');
   if (state.me?.role === 'sme' && book.segment === $('sme-segment').value && !sme.timer) {
     // The book moved: keep the quote on screen true. Not by restarting a quote already
     // due: with an update every 50 ms it would never be sent.
@@ -641,8 +645,10 @@ function onFinanceSubmit(ev) {
 function finance() {
   const mode = smeMode();
   const q = sme.quotes[mode];
-  if (!q || q.fillable === 0) {
-    showMsg($('sme-msg'), haltedNote($('sme-segment').value)
+  // Halted: say so, even with a quote from before the halt still on screen.
+  const halted = haltedNote($('sme-segment').value);
+  if (halted || !q || q.fillable === 0) {
+    showMsg($('sme-msg'), halted
       ?? (mode === 'single' ? 'No single funder can lend this amount right now.'
         : 'No funder can lend in this segment right now.'));
     return;
