@@ -47,7 +47,7 @@ from service.realtime import make_realtime
 COMMANDS = frozenset(t.__struct_config__.tag for t in
                      (wire.Bid, wire.Ask, wire.Cancel, wire.CancelAll, wire.Amend,
                       wire.SetCreditLine, wire.Repay, wire.AddSegment, wire.Halt,
-                      wire.Reopen, wire.EndOfDay))
+                      wire.Reopen, wire.Suspend, wire.Reinstate, wire.EndOfDay))
 
 
 class _Any(msgspec.Struct):

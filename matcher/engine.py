@@ -120,9 +120,10 @@ class Engine:
         # core enterprise -> funder -> the platform's latest `repaid_total` (ADR 24)
         self.repaid: dict[str, dict[int, int]] = {}
         self.halted: set[str] = set()                    # segments closed to orders
+        self.suspended: set[int] = set()                 # participants closed to orders
         self._of_core: dict[str, list[str]] = {}         # core enterprise -> its segments
         self.orders: dict[int, OrderInfo] = {}           # resting orders by order id
-        # ... and by owner, oldest first: `status`, `cancel_all` and a funder's
+        # ... and by owner, oldest first: `status`, `cancel_all`, `suspend` and a funder's
         # disconnect read one participant's orders, not every order of the market.
         self.owned: dict[int, dict[int, OrderInfo]] = {}
         # (participant, client id) -> order id, and ended orders for retries: hundreds of
@@ -261,7 +262,8 @@ class Engine:
                  for line, used in [self.lines[core].get(participant)]
                  for repaid in [self.repaid.get(core, {}).get(participant, 0)]
                  if line or used or repaid]
-        return wire.Status(orders=orders, lines=lines)
+        return wire.Status(orders=orders, lines=lines,
+                           suspended=participant in self.suspended)
 
     def resting_client_ids(self, participant: int) -> list[str]:
         """The participant's resting orders by client id, oldest first."""
@@ -319,7 +321,7 @@ class Engine:
         book = self._book(cmd.segment)
         if self._retry(entry, cmd.client_id, out):
             return
-        self._check_open(cmd.segment)
+        self._check_open(cmd.segment, entry.participant)
         core = self.segments[cmd.segment].core
         # (0, 0): never set, or set to 0 with nothing lent. A line cut to 0 after
         # lending still takes bids (they lend nothing until it is raised): journals
@@ -338,15 +340,18 @@ class Engine:
         book = self._book(cmd.segment)
         if self._retry(entry, cmd.client_id, out):
             return
-        self._check_open(cmd.segment)
+        self._check_open(cmd.segment, entry.participant)
         fills = book.ask(entry.seq, entry.participant, cmd.max_rate_bps, cmd.amount,
                          tif=cmd.tif, single_funder=cmd.single_funder)
         self._new_order(entry, cmd.client_id, cmd.segment, "ask", cmd.amount, cmd.tif, fills,
                         out)
 
-    def _check_open(self, segment: str) -> None:
-        """A new order in a halted segment is refused; a retry of one placed before the
-        halt is still answered as one (checked first)."""
+    def _check_open(self, segment: str, participant: int) -> None:
+        """A new order in a halted segment, or from a suspended participant, is refused;
+        a retry of one placed before is still answered as one (checked first)."""
+        if participant in self.suspended:
+            raise Reject("suspended", "an admin has suspended your trading: contact the "
+                         "platform", "$.type")
         if segment in self.halted:
             raise Reject("segment_halted", f"trading in {segment!r} is halted until an "
                          "admin reopens it", "$.segment")
@@ -496,6 +501,30 @@ class Engine:
         out.accept(entry)
         out.segments.append(cmd.segment)
 
+    def _suspend(self, entry: wire.JournalEntry, out: Outcome) -> None:
+        """Every order the participant has resting ends, oldest first."""
+        cmd = entry.command
+        assert isinstance(cmd, wire.Suspend)
+        if cmd.participant in self.suspended:
+            self._unchanged(entry, out)
+            return
+        self.suspended.add(cmd.participant)
+        out.accept(entry)
+        ended = list(self.owned.get(cmd.participant, {}).values())
+        for order in ended:
+            self.books[order.segment].cancel(order.order_id)
+            self._end(order, "suspended", out)
+        out.segments.extend(dict.fromkeys(o.segment for o in ended))
+
+    def _reinstate(self, entry: wire.JournalEntry, out: Outcome) -> None:
+        cmd = entry.command
+        assert isinstance(cmd, wire.Reinstate)
+        if cmd.participant not in self.suspended:
+            self._unchanged(entry, out)
+            return
+        self.suspended.discard(cmd.participant)
+        out.accept(entry)
+
     def _unchanged(self, entry: wire.JournalEntry, out: Outcome) -> None:
         """A command whose effect is already there (a retry, or a report overtaken by a
         later one): `accepted` with `duplicate`, nothing journaled; `seq` is the latest
@@ -589,6 +618,8 @@ _HANDLERS: dict[type, Callable[[Engine, wire.JournalEntry, Outcome], None]] = {
     wire.AddSegment: Engine._add_segment,
     wire.Halt: Engine._halt,
     wire.Reopen: Engine._reopen,
+    wire.Suspend: Engine._suspend,
+    wire.Reinstate: Engine._reinstate,
     wire.EndOfDay: Engine._end_of_day,
     wire.Resume: Engine._resume,
 }

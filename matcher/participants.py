@@ -21,6 +21,7 @@ from matcher.protocol import (
     EndOfDay,
     Halt,
     QuoteRequest,
+    Reinstate,
     Reopen,
     Repay,
     Resume,
@@ -28,6 +29,7 @@ from matcher.protocol import (
     SetCreditLine,
     StatusRequest,
     Subscribe,
+    Suspend,
     Unsubscribe,
 )
 
@@ -41,7 +43,8 @@ ALLOWED: dict[Role, frozenset[type]] = {
     "sme": frozenset({Ask, Cancel, CancelAll, *_READ}),
     "platform": frozenset({Repay, *_READ}),
     # Resume: the gateway's own (no client sends it).
-    "admin": frozenset({AddSegment, Halt, Reopen, EndOfDay, Resume, *_READ}),
+    "admin": frozenset({AddSegment, Halt, Reopen, Suspend, Reinstate, EndOfDay, Resume,
+                        *_READ}),
 }
 
 

@@ -137,6 +137,20 @@ class Reopen(_Message, tag="reopen"):
     segment: SegmentId
 
 
+class Suspend(_Message, tag="suspend"):
+    """An admin stops a participant from trading at once (a fraud investigation, a
+    breach of the platform's rules): its resting orders end (`done` reason `suspended`),
+    and its new orders are refused until `reinstate`. It may still read (ADR 26)."""
+
+    participant: Annotated[int, Meta(ge=1, le=MAX_ID)]
+
+
+class Reinstate(_Message, tag="reinstate"):
+    """An admin lets a suspended participant place orders again."""
+
+    participant: Annotated[int, Meta(ge=1, le=MAX_ID)]
+
+
 class EndOfDay(_Message, tag="end_of_day"):
     """The same-day disbursement cut-off: DAY orders expire, GTC orders stay."""
 
@@ -148,7 +162,7 @@ class Resume(_Message, tag="resume"):
 
 
 Command = (Bid | Ask | Cancel | CancelAll | Amend | SetCreditLine | Repay | AddSegment
-           | Halt | Reopen | EndOfDay | Resume)
+           | Halt | Reopen | Suspend | Reinstate | EndOfDay | Resume)
 
 
 # --- Requests that change nothing: answered at once, never journaled ----------------
@@ -201,8 +215,8 @@ class Unsubscribe(_Message, tag="unsubscribe"):
 
 ClientMessage = (
     Bid | Ask | Cancel | CancelAll | Amend | SetCreditLine | Repay | AddSegment | Halt
-    | Reopen | EndOfDay | QuoteRequest | StatusRequest | FillsRequest | Auth | Subscribe
-    | Unsubscribe
+    | Reopen | Suspend | Reinstate | EndOfDay | QuoteRequest | StatusRequest | FillsRequest
+    | Auth | Subscribe | Unsubscribe
 )
 
 
@@ -254,7 +268,7 @@ class Fill(_Event, tag="fill"):
     order_id: int
 
 
-DoneReason = Literal["filled", "cancelled", "expired", "unfilled", "halted"]
+DoneReason = Literal["filled", "cancelled", "expired", "unfilled", "halted", "suspended"]
 
 
 class Done(_Event, tag="done"):
@@ -340,10 +354,12 @@ class LineUpdate(_Event, tag="line"):
 
 
 class Status(_Event, tag="status"):
-    """The answer to `status`: resting orders oldest first; lines by core enterprise."""
+    """The answer to `status`: resting orders oldest first; lines by core enterprise;
+    whether an admin has suspended the sender's trading."""
 
     orders: list[OrderStatus]
     lines: list[LineStatus]
+    suspended: bool = False
 
 
 class FillPage(_Event, tag="fills"):

@@ -20,9 +20,10 @@ from matcher.engine import Engine, Finished, OrderInfo, Segment
 from matcher.types import Order
 
 #: 2: without the client-id map, which restore derives; 3: with `day_started`; 4: with
-#: `repaid` (ADR 24); 5: with `halted` (ADR 25). 1 to 4 still load.
-VERSION = 5
-READS = (1, 2, 3, 4, 5)
+#: `repaid` (ADR 24); 5: with `halted` (ADR 25); 6: with `suspended` (ADR 26). 1 to 5
+#: still load.
+VERSION = 6
+READS = (1, 2, 3, 4, 5, 6)
 
 
 class BookState(Struct, array_like=True):
@@ -41,6 +42,7 @@ class State(Struct, kw_only=True):
     day_started: int = 0                        # Engine.day_started (version 3)
     repaid: dict[str, list[tuple[int, int]]] = {}  # core -> [(funder, repaid_total)] (4)
     halted: list[str] = []                      # segments halted, sorted (version 5)
+    suspended: list[int] = []                   # participants suspended, sorted (6)
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -69,6 +71,7 @@ def capture(engine: Engine) -> State:
         repaid={core: sorted(totals.items())
                 for core, totals in sorted(engine.repaid.items())},
         halted=sorted(engine.halted),
+        suspended=sorted(engine.suspended),
     )
 
 
@@ -85,6 +88,7 @@ def restore(state: State, names: Callable[[int], str] = str) -> Engine:
     for core, totals in state.repaid.items():
         engine.repaid[core] = dict(totals)
     engine.halted = set(state.halted)
+    engine.suspended = set(state.suspended)
     for b in state.books:
         engine.books[b.segment.id].restore(b.orders)
     engine.orders = {o.order_id: o for o in state.orders}

@@ -273,9 +273,9 @@ class Gateway:
                 message=f"not accepting commands: {why}"))
             return
         now = time.time_ns()          # one reading: the cap asks the engine's retry rule
-        capped = self._over_resting_cap(who, cmd, now) if conn is not None else None
-        if capped is not None:
-            out = Outcome(replies=[(who.id, capped)])
+        refused = self._refused_here(who, cmd, now) if conn is not None else None
+        if refused is not None:
+            out = Outcome(replies=[(who.id, refused)])
         else:
             out = self.engine.submit(who.id, who.role, cmd, now)
         if out.entry is None:
@@ -313,6 +313,26 @@ class Gateway:
         else:                                   # the connection that sent it
             conn.send(self._encode(refusal))
 
+    def _refused_here(self, who: Participant, cmd: wire.Command,
+                      now: int) -> wire.Rejected | None:
+        """What the gateway refuses before the engine sees it: the engine has no
+        directory of participants, and its rules can never become stricter."""
+        if isinstance(cmd, wire.Suspend | wire.Reinstate) and who.may(cmd):
+            named = self.directory.get(cmd.participant)
+            if named is None and not (isinstance(cmd, wire.Reinstate)
+                                      and cmd.participant in self.engine.suspended):
+                # (One suspended and then removed from the directory can be reinstated:
+                # its id would otherwise stay suspended for whoever gets it next.)
+                return wire.Rejected(client_id=None, code="unknown_participant",
+                                     path="$.participant",
+                                     message=f"no participant {cmd.participant}")
+            if named is not None and named.role not in ("funder", "sme"):
+                return wire.Rejected(client_id=None, code="not_a_trader",
+                                     path="$.participant",
+                                     message=f"{named.name} is the {named.role}: only "
+                                             "funders and SMEs place orders")
+        return self._over_resting_cap(who, cmd, now)
+
     def _over_resting_cap(self, who: Participant, cmd: wire.Command,
                           now: int) -> wire.Rejected | None:
         """The refusal of a new order that could rest, from a participant with its cap's
@@ -326,7 +346,8 @@ class Gateway:
         book's sums inside int64 (ADR 4). A retry of an order placed before is let
         through: the engine answers it as one."""
         if (not isinstance(cmd, wire.Bid | wire.Ask) or cmd.tif in ("ioc", "fok")
-                or cmd.segment in self.engine.halted):      # the engine says why
+                or cmd.segment in self.engine.halted        # the engine says why
+                or who.id in self.engine.suspended):
             return None
         limits = self.limits
         owned = self.engine.owned.get(who.id)

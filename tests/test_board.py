@@ -618,6 +618,28 @@ def test_a_halted_segment_shows_halted_to_the_sme(
     expect(page.locator("#sme-msg")).to_have_text("")     # the halt's note is gone
 
 
+def test_a_suspended_funder_is_told_why_its_bids_ended_and_new_ones_are_refused(
+        new_page: Callable[..., Page], server: ServerProcess,
+        market: tuple[WsClient, WsClient], clients: Callable[[int], WsClient]) -> None:
+    page = new_page("funder-suspended")
+    sign_in(page, server, F11)
+    expect(page.locator("#orders li:not(.empty)")).to_have_count(1)   # Bank A's, from Python
+    assert clients(ADMIN).command({"type": "suspend", "participant": F11})["type"] \
+        == "accepted"
+    expect(page.locator("#activity")).to_contain_text(
+        "Bid ended, an admin suspended your trading: 2,000,000.00 CNY withdrawn")
+    expect(page.locator("#orders")).to_have_text("No resting bids.")
+    page.select_option("#bid-segment", SEG)
+    page.fill("#bid-rate", "2.50")
+    page.fill("#bid-amount", "1000")
+    page.click("#bid-button")
+    expect(page.locator("#bid-msg")).to_have_text(
+        "Rejected (suspended): an admin has suspended your trading: contact the platform")
+    sign_in(page, server, F11)                 # a fresh page is told before it tries
+    expect(page.locator("#bid-msg")).to_have_text(
+        "An admin has suspended your trading: contact the platform.")
+
+
 def test_finance_more_than_the_book_is_partly_filled(
         new_page: Callable[..., Page], server: ServerProcess,
         market: tuple[WsClient, WsClient]) -> None:

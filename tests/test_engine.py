@@ -399,10 +399,56 @@ def test_a_halt_ends_every_order_in_the_segment_and_refuses_new_ones() -> None:
     assert m.send(ADMIN, wire.Reopen(segment="DFM-90D")).entry is None   # already open
 
 
+def test_a_suspension_ends_a_participants_orders_and_refuses_new_ones() -> None:
+    m = Market()
+    m.line(F1, "DFM", 10_000)
+    m.line(F2, "DFM", 10_000)
+    m.bid(F1, "b1", 250, 1_000)
+    m.bid(F1, "b2", 260, 500, seg="DFM-30D", tif="day")
+    m.bid(F2, "other", 270, 800)
+    out = m.send(ADMIN, wire.Suspend(participant=F1))
+    assert out.entry is not None and set(out.segments) == {"DFM-30D", "DFM-90D"}
+    assert [(p, e.client_id, e.reason, e.remaining) for p, e in out.replies
+            if isinstance(e, wire.Done)] == [(F1, "b1", "suspended", 1_000),
+                                             (F1, "b2", "suspended", 500)]
+    assert m.engine.status(F1).suspended and not m.engine.status(F2).suspended
+    assert m.engine.books["DFM-90D"].depth() == [(270, 800, 1)]     # F2's bid stays
+    before = state_hash(m.engine)
+    r = rejected(m.bid(F1, "new", 250, 100))
+    assert (r.code, r.path) == ("suspended", "$.type")
+    retried = m.bid(F1, "b1", 250, 1_000)                # a retry: answered as one
+    assert events(retried, F1, wire.Accepted)[0].duplicate
+    assert events(retried, F1, wire.Done)[0].reason == "suspended"
+    again = m.send(ADMIN, wire.Suspend(participant=F1))
+    assert again.entry is None and events(again, ADMIN, wire.Accepted)[0].duplicate
+    assert state_hash(m.engine) == before
+    assert m.line(F1, "DFM", 20_000).accepted            # it may still manage its lines
+    assert m.ask(S1, "a", 300).trades                    # the market trades on
+    assert m.send(ADMIN, wire.Reinstate(participant=F1)).entry is not None
+    assert m.bid(F1, "b3", 250, 100).accepted and not m.engine.status(F1).suspended
+    assert m.send(ADMIN, wire.Reinstate(participant=F1)).entry is None
+
+
+def test_a_suspended_smes_ask_ends_and_its_new_asks_are_refused() -> None:
+    m = Market()
+    m.line(F1, "DFM", 10_000)
+    m.ask(S1, "w", 500, max_rate_bps=200, tif="gtc")
+    out = m.send(ADMIN, wire.Suspend(participant=S1))
+    assert [(e.client_id, e.reason) for e in events(out, S1, wire.Done)] == [
+        ("w", "suspended")]
+    assert m.engine.books["DFM-90D"].demand() == (0, 0)
+    m.bid(F1, "b", 250, 1_000)
+    for tif in ("ioc", "fok", "gtc"):
+        r = rejected(m.ask(S1, f"a-{tif}", 100, tif=tif))
+        assert (r.code, r.path) == ("suspended", "$.type")
+    assert m.ask(S2, "other", 100).trades              # another SME borrows
+
+
 def test_halt_and_reopen_are_the_admins_and_name_a_segment() -> None:
     m = Market()
     for who in (F1, S1, PLATFORM):
-        for cmd in (wire.Halt(segment="DFM-90D"), wire.Reopen(segment="DFM-90D")):
+        for cmd in (wire.Halt(segment="DFM-90D"), wire.Reopen(segment="DFM-90D"),
+                    wire.Suspend(participant=S1), wire.Reinstate(participant=S1)):
             r = rejected(m.send(who, cmd))
             assert (r.code, r.path) == ("forbidden", "$.type")
     for cmd in (wire.Halt(segment="NOPE"), wire.Reopen(segment="NOPE")):
@@ -454,6 +500,9 @@ def sessions(draw: st.DrawFn) -> list[tuple[int, Any]]:
             # halts would leave the credit checks little to check.
             cmds.append((ADMIN, wire.Halt(segment=seg) if draw(st.integers(0, 3)) == 0
                          else wire.Reopen(segment=seg)))
+            who = draw(st.sampled_from([F1, F2, S1, S2]))
+            cmds.append((ADMIN, wire.Suspend(participant=who) if draw(st.integers(0, 3)) == 0
+                         else wire.Reinstate(participant=who)))
         elif kind == "repay":
             cmds.append((PLATFORM, wire.Repay(funder=funder, core="DFM",
                                               repaid_total=draw(st.integers(0, 6_000)))))
@@ -497,6 +546,9 @@ def test_credit_lines_hold_across_segments_under_random_load(
         for f in (F1, F2):
             peak[f] = max(peak[f], lent[f])
             assert m.engine.credit("DFM", f)[1] == lent[f]
+        # A suspended participant has nothing resting and takes part in no loan.
+        assert not m.engine.suspended & m.engine.owned.keys()
+        assert not any({t.funder, t.sme} & m.engine.suspended for t in out.trades)
     # The same journal gives the same state, and so does snapshot + the rest of it.
     replay = Engine(SEGMENTS)
     for entry in m.journal:
@@ -531,6 +583,9 @@ def random_session(m: Market, n: int, seed: int) -> None:
         elif roll < 0.977:
             m.send(ADMIN, wire.Halt(segment=seg) if rng.random() < 0.25
                    else wire.Reopen(segment=seg))
+            who = rng.choice([F1, F2, S1, S2])
+            m.send(ADMIN, wire.Suspend(participant=who) if rng.random() < 0.25
+                   else wire.Reinstate(participant=who))
         elif roll < 0.98:
             funder, core = rng.choice([F1, F2]), rng.choice(["DFM", "SGCC"])
             m.repay(funder, core, m.engine.repaid.get(core, {}).get(funder, 0)
@@ -594,6 +649,7 @@ def test_a_stored_snapshot_is_compressed_and_older_ones_still_load() -> None:
     from matcher.snapshot import STORED, dump, load
     m = Market()
     random_session(m, 3_000, seed=7)
+    m.send(ADMIN, wire.Suspend(participant=S2))      # whatever the session left
     state = capture(m.engine)
     stored = dump(state)
     assert stored.startswith(STORED) and len(stored) * 2 < len(encode(state))
@@ -602,11 +658,13 @@ def test_a_stored_snapshot_is_compressed_and_older_ones_still_load() -> None:
     # The platform's repaid totals are kept (version 4), and the halted segments (5).
     assert state.repaid and state.repaid == capture(restore(load(stored))).repaid
     assert state.halted and restore(load(stored)).halted == m.engine.halted
+    assert state.suspended and restore(load(stored)).suspended == m.engine.suspended
     # Version 1 also wrote the client-id map; it loads, and the map is derived.
     fields = msgspec.structs.asdict(state)
     del fields["day_started"]                   # version 3's
     del fields["repaid"]                        # version 4's
     del fields["halted"]                        # version 5's
+    del fields["suspended"]                     # version 6's
     v1 = msgspec.msgpack.encode({**fields, "version": 1,
                                  "clients": [[p, c, o] for (p, c), o
                                              in m.engine.clients.items()]})
@@ -619,6 +677,8 @@ def test_a_stored_snapshot_is_compressed_and_older_ones_still_load() -> None:
     old.repaid = {core: dict(totals) for core, totals in m.engine.repaid.items()}
     assert old.halted == set() and m.engine.halted   # nor halts before version 5
     old.halted = set(m.engine.halted)
+    assert old.suspended == set() and m.engine.suspended     # nor suspensions before 6
+    old.suspended = set(m.engine.suspended)
     assert state_hash(old) == state_hash(m.engine)
     assert dict(old.clients.items()) == dict(m.engine.clients.items())
 

@@ -177,9 +177,9 @@ def _watch(conn: Any) -> list[bytes]:
 
 
 def _gateway_with(*people: Any, **limits: Any) -> tuple[Any, Any, list[Any]]:
-    """A gateway with other `[limits]` and a stand-in connection for each of `people`
-    (the benchmark's `_gateway` connects all 6,367 with the demo's limits). Call it in
-    a running loop."""
+    """A gateway with other `[limits]` and a stand-in connection for each of `people`,
+    who join the benchmark's directory if not in it (the benchmark's `_gateway` connects
+    all 6,367 with the demo's limits). Call it in a running loop."""
     import redis.asyncio as aioredis
 
     from matcher.engine import Engine
@@ -190,7 +190,8 @@ def _gateway_with(*people: Any, **limits: Any) -> tuple[Any, Any, list[Any]]:
     from tests.bench.test_gateway_bench import DEMO, _Journal, _Transport
 
     journal = _Journal(aioredis.Redis(host="127.0.0.1", port=1), Keys("bench"))
-    gateway = Gateway(Engine(SEGMENTS), journal, Directory(PEOPLE),
+    gateway = Gateway(Engine(SEGMENTS), journal,
+                      Directory([*PEOPLE, *(p for p in people if p not in PEOPLE)]),
                       msgspec.structs.replace(DEMO.limits, **limits), Metrics())
     return gateway, journal, [gateway.attach(None, _Transport(), p) for p in people]
 
@@ -596,6 +597,44 @@ def test_a_participant_at_its_cap_is_told_a_halted_segment_is_halted() -> None:
         return [e.code for e in _events(sent) if isinstance(e, wire.Rejected)]
 
     assert run(scenario()) == ["segment_halted", "too_many_orders"]
+
+
+def test_a_suspended_participant_is_told_so_whatever_the_caps() -> None:
+    """A suspended funder bidding into a full segment was told `segment_full` (found in
+    review): the engine's `suspended` is the answer. The gateway also names only real
+    traders, and lets a suspended id be reinstated after it left the directory."""
+    from matcher.participants import Participant
+
+    async def scenario() -> list[tuple[str, str]]:
+        gateway, journal, [f1, f2, a] = _gateway_with(
+            PEOPLE[0], PEOPLE[1], Participant(id=1, name="Admin", role="admin",
+                                              key_sha256="a"),
+            resting_orders_per_segment=1)
+        await _turns()
+        seen = [_watch(f2), _watch(a)]
+        segment = SEGMENTS[0]
+        for f in (f1, f2):
+            gateway.handle(f, _line(segment.core), 0.0)
+        gateway.handle(f1, _bid(segment.id, 1), 0.0)     # the segment is full now
+        gateway.handle(a, b'{"type":"suspend","participant":%d}' % f2.participant.id, 0.0)
+        gateway.handle(f2, _bid(segment.id, 2), 0.0)
+        gateway.handle(a, b'{"type":"suspend","participant":1}', 0.0)       # the admin
+        gateway.handle(a, b'{"type":"suspend","participant":424242}', 0.0)
+        gateway.handle(a, b'{"type":"reinstate","participant":424242}', 0.0)
+        journal.land()
+        await _turns()
+        gateway.engine.suspended.add(424242)        # suspended, then left the directory
+        gateway.handle(a, b'{"type":"reinstate","participant":424242}', 0.0)
+        journal.land()
+        await _turns()
+        return [(type(e).__name__, e.code if isinstance(e, wire.Rejected) else "")
+                for watched in seen for e in _events(watched)
+                if isinstance(e, wire.Accepted | wire.Rejected) and e.client_id != "b"]
+
+    assert run(scenario()) == [
+        ("Accepted", ""), ("Rejected", "suspended"),                  # the funder's
+        ("Accepted", ""), ("Rejected", "not_a_trader"), ("Rejected", "unknown_participant"),
+        ("Rejected", "unknown_participant"), ("Accepted", "")]        # the admin's
 
 
 def test_a_client_id_past_its_retry_window_is_no_way_past_the_cap(

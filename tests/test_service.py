@@ -996,8 +996,9 @@ def test_status_lists_own_resting_orders_and_lines(server: ServerProcess) -> Non
          "min_ticket": 0},
         {"client_id": "b2", "order_id": b2["order_id"], "segment": "DFM-90D", "side": "bid",
          "rate_bps": 300, "remaining": 500_000, "filled": 0, "tif": "day", "min_ticket": 0}],
-        "lines": [{"core": "DFM", "line": 2_000_000, "used": 400_000, "repaid": 0}]}
-    assert sme_status == {"type": "status", "orders": [], "lines": []}
+        "lines": [{"core": "DFM", "line": 2_000_000, "used": 400_000, "repaid": 0}],
+        "suspended": False}
+    assert sme_status == {"type": "status", "orders": [], "lines": [], "suspended": False}
 
 
 def test_book_update_shows_last_fills_without_funders(server: ServerProcess) -> None:
@@ -1788,6 +1789,48 @@ def test_an_admin_halts_a_segment_and_the_halt_outlives_a_restart(
     refused, elsewhere, reopened = run(after_restart())
     assert refused["code"] == "segment_halted"             # the halt was journaled
     assert elsewhere["type"] == reopened["type"] == "accepted"
+
+
+def test_an_admin_suspends_a_funder_and_the_suspension_outlives_a_restart(
+        server: ServerProcess) -> None:
+    """A suspension ends the participant's orders in every segment, refuses its new
+    ones (it may still read and see it in `status`), names only known participants, and
+    is still in force after a restart until `reinstate`."""
+    async def suspend_and_stop() -> tuple[Any, ...]:
+        async with sessions(server, ADMIN, F11, F12) as (admin, f11, f12):
+            await f11.ok(line("DFM"))
+            await f12.ok(line("DFM"))
+            await f11.ok(bid("b1", "DFM-30D", 250, 1_000_000))
+            await f11.ok(bid("b2", "DFM-90D", 260, 500_000))
+            await f12.ok(bid("b1", "DFM-30D", 255, 700_000))
+            unknown = await admin.command({"type": "suspend", "participant": 999})
+            await admin.ok({"type": "suspend", "participant": F11})
+            ends = [await f11.expect("done"), await f11.expect("done")]
+            refused = await f11.command(bid("b3", "DFM-30D", 250, 1_000))
+            await f11.send({"type": "status"})
+            status = await f11.expect("status")
+            quote = await f12.quote("DFM-30D", 5_000_000)
+            stopped = await asyncio.to_thread(server.terminate)
+            return unknown, ends, refused, status, quote, stopped
+
+    async def after_restart() -> tuple[Any, ...]:
+        async with sessions(server, ADMIN, F11) as (admin, f11):
+            refused = await f11.command(bid("b4", "DFM-30D", 250, 1_000))
+            await admin.ok({"type": "reinstate", "participant": F11})
+            return refused, await f11.command(bid("b5", "DFM-30D", 250, 1_000))
+
+    unknown, ends, refused, status, quote, stopped = run(suspend_and_stop())
+    assert stopped == 0
+    assert (unknown["type"], unknown["code"], unknown["path"]) == (
+        "rejected", "unknown_participant", "$.participant")
+    assert [(d["client_id"], d["reason"], d["remaining"]) for d in ends] == [
+        ("b1", "suspended", 1_000_000), ("b2", "suspended", 500_000)]
+    assert (refused["code"], refused["path"]) == ("suspended", "$.type")
+    assert status["orders"] == [] and status["suspended"] is True
+    assert (quote["fillable"], quote["funders"]) == (700_000, 1)      # Bank B's alone
+    server.start()
+    refused, placed = run(after_restart())
+    assert refused["code"] == "suspended" and placed["type"] == "accepted"
 
 
 def test_after_a_restart_funders_that_do_not_come_back_lose_their_bids(

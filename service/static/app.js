@@ -419,6 +419,8 @@ function onDone(done) {
     addActivity(`Day bid expired: ${formatCny(done.remaining)} withdrawn`);
   } else if (done.reason === 'halted') {
     addActivity(`Bid ended, trading in its segment was halted: ${formatCny(done.remaining)} withdrawn`);
+  } else if (done.reason === 'suspended') {
+    addActivity(`Bid ended, an admin suspended your trading: ${formatCny(done.remaining)} withdrawn`);
   }
   requestStatus();
 }
@@ -755,6 +757,7 @@ function requestStatus() {
 
 function onStatus(status) {
   state.status = status;
+  if (status.suspended) showMsg($('bid-msg'), 'An admin has suspended your trading: contact the platform.');
   state.bulkCancel = false;
   renderLines();
   renderOrders();
