@@ -178,7 +178,11 @@ class QuoteRequest(_Message, tag="quote"):
 
 
 class StatusRequest(_Message, tag="status"):
-    """One's own resting orders and, for a funder, credit lines: answered with `status`."""
+    """One's own resting orders and, for a funder, credit lines: answered with `status`.
+    An admin may name another `participant` (what the runbook asks an operator to look
+    at: a funder's lines, a suspended participant's orders)."""
+
+    participant: Annotated[int, Meta(ge=1, le=MAX_ID)] | None = None
 
 
 class FillsRequest(_Message, tag="fills"):

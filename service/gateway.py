@@ -614,7 +614,7 @@ class Gateway:
         if isinstance(msg, wire.QuoteRequest):
             self._quote(conn, msg)
         elif isinstance(msg, wire.StatusRequest):
-            conn.send(self._encode(self.engine.status(who.id)))
+            self._status(conn, msg)
         elif isinstance(msg, wire.FillsRequest):
             self._fills(conn, msg)
         elif isinstance(msg, wire.Subscribe | wire.Unsubscribe):
@@ -632,6 +632,20 @@ class Gateway:
     def _error(self, conn: Connection, error: wire.Error) -> None:
         self.metrics.reject(error.code)
         conn.send(self._encode(error))
+
+    def _status(self, conn: Connection, req: wire.StatusRequest) -> None:
+        whose = req.participant
+        if whose is None or whose == conn.participant.id:
+            whose = conn.participant.id
+        elif conn.participant.role != "admin":
+            self._error(conn, wire.Error(code="forbidden", path="$.participant",
+                                         message="only an admin reads another's status"))
+            return
+        elif self.directory.get(whose) is None and whose not in self.engine.suspended:
+            self._error(conn, wire.Error(code="unknown_participant", path="$.participant",
+                                         message=f"no participant {whose}"))
+            return
+        conn.send(self._encode(self.engine.status(whose)))
 
     def _quote(self, conn: Connection, req: wire.QuoteRequest) -> None:
         if req.segment not in self.engine.books:

@@ -1810,8 +1810,15 @@ def test_an_admin_suspends_a_funder_and_the_suspension_outlives_a_restart(
             await f11.send({"type": "status"})
             status = await f11.expect("status")
             quote = await f12.quote("DFM-30D", 5_000_000)
+            # An operator reads what the funder sees; nobody else may.
+            await admin.send({"type": "status", "participant": F11})
+            seen = await admin.expect("status")
+            await f12.send({"type": "status", "participant": F11})
+            snooping = await f12.expect("error")
+            await admin.send({"type": "status", "participant": 999})
+            nobody = await admin.expect("error")
             stopped = await asyncio.to_thread(server.terminate)
-            return unknown, ends, refused, status, quote, stopped
+            return unknown, ends, refused, status, quote, (seen, snooping, nobody), stopped
 
     async def after_restart() -> tuple[Any, ...]:
         async with sessions(server, ADMIN, F11) as (admin, f11):
@@ -1819,8 +1826,12 @@ def test_an_admin_suspends_a_funder_and_the_suspension_outlives_a_restart(
             await admin.ok({"type": "reinstate", "participant": F11})
             return refused, await f11.command(bid("b5", "DFM-30D", 250, 1_000))
 
-    unknown, ends, refused, status, quote, stopped = run(suspend_and_stop())
+    unknown, ends, refused, status, quote, reads, stopped = run(suspend_and_stop())
     assert stopped == 0
+    seen, snooping, nobody = reads
+    assert seen == status
+    assert (snooping["code"], snooping["path"]) == ("forbidden", "$.participant")
+    assert (nobody["code"], nobody["path"]) == ("unknown_participant", "$.participant")
     assert (unknown["type"], unknown["code"], unknown["path"]) == (
         "rejected", "unknown_participant", "$.participant")
     assert [(d["client_id"], d["reason"], d["remaining"]) for d in ends] == [
