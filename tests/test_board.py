@@ -638,6 +638,11 @@ def test_a_suspended_funder_is_told_why_its_bids_ended_and_new_ones_are_refused(
     sign_in(page, server, F11)                 # a fresh page is told before it tries
     expect(page.locator("#bid-msg")).to_have_text(
         "An admin has suspended your trading: contact the platform.")
+    sme_page = new_page("sme-suspended")       # and so is an SME's
+    clients(ADMIN).command({"type": "suspend", "participant": SME_X})
+    sign_in(sme_page, server, SME_X)
+    expect(sme_page.locator("#sme-msg")).to_have_text(
+        "An admin has suspended your trading: contact the platform.")
 
 
 def test_finance_more_than_the_book_is_partly_filled(
@@ -682,12 +687,12 @@ def test_bad_amount_shows_message_and_sends_nothing(
     sent = count_sent_frames(page)
     sign_in(page, server, SME_X)
     page.wait_for_timeout(DEBOUNCE_S * 1000)
-    assert [json.loads(f)["type"] for f in sent] == ["auth", "fills", "subscribe"]
+    assert [json.loads(f)["type"] for f in sent] == ["auth", "fills", "subscribe", "status"]
 
     # The counter does see frames: a good amount sends its two quotes, exact to the fen.
     page.fill("#sme-amount", "1,000.29")
     expect(page.locator("#quote-split [data-count]")).to_have_text("1")
-    quotes_sent = [json.loads(f) for f in sent[3:]]
+    quotes_sent = [json.loads(f) for f in sent[4:]]
     assert [(q["type"], q["amount"], q["single_funder"]) for q in quotes_sent] == [
         ("quote", 100_029, False), ("quote", 100_029, True)]
     before = len(sent)

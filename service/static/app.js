@@ -301,6 +301,7 @@ async function onWelcome(msg) {
   if (msg.role === 'sme') {
     sendQuotes();
     resumeAsk();
+    send({ type: 'status' });   // only to learn whether an admin suspended this SME
   }
 }
 
@@ -755,9 +756,11 @@ function requestStatus() {
   statusTimer = setTimeout(() => send({ type: 'status' }), 60);
 }
 
+const SUSPENDED = 'An admin has suspended your trading: contact the platform.';
+
 function onStatus(status) {
   state.status = status;
-  if (status.suspended) showMsg($('bid-msg'), 'An admin has suspended your trading: contact the platform.');
+  if (status.suspended) showMsg($(state.me?.role === 'sme' ? 'sme-msg' : 'bid-msg'), SUSPENDED);
   state.bulkCancel = false;
   renderLines();
   renderOrders();
