@@ -399,10 +399,7 @@ class Engine:
         mine = [o for o in self.owned.get(entry.participant, {}).values()
                 if cmd.segment is None or o.segment == cmd.segment]
         out.accept(entry)
-        for order in mine:
-            self.books[order.segment].cancel(order.order_id)
-            self._end(order, "cancelled", out)
-            out.segments.append(order.segment)
+        self._end_resting(mine, "cancelled", out)
 
     def _amend(self, entry: wire.JournalEntry, out: Outcome) -> None:
         cmd = entry.command
@@ -418,24 +415,23 @@ class Engine:
         self._fills(entry, order.segment, fills, out)
         out.segments.append(order.segment)
 
+    def _lines(self, core: str) -> CreditLines:
+        lines = self.lines.get(core)
+        if lines is None:
+            raise Reject("unknown_core", f"no segment of core enterprise {core!r}", "$.core")
+        return lines
+
     def _set_credit_line(self, entry: wire.JournalEntry, out: Outcome) -> None:
         cmd = entry.command
         assert isinstance(cmd, wire.SetCreditLine)
-        lines = self.lines.get(cmd.core)
-        if lines is None:
-            raise Reject("unknown_core", f"no segment of core enterprise {cmd.core!r}",
-                         "$.core")
-        lines.set(entry.participant, cmd.amount)
+        self._lines(cmd.core).set(entry.participant, cmd.amount)
         out.accept(entry)
         self._lending_moved(entry, cmd.core, entry.participant, out)
 
     def _repay(self, entry: wire.JournalEntry, out: Outcome) -> None:
         cmd = entry.command
         assert isinstance(cmd, wire.Repay)
-        lines = self.lines.get(cmd.core)
-        if lines is None:
-            raise Reject("unknown_core", f"no segment of core enterprise {cmd.core!r}",
-                         "$.core")
+        lines = self._lines(cmd.core)
         before = self.repaid.get(cmd.core, {}).get(cmd.funder, 0)
         freed = cmd.repaid_total - before
         if freed <= 0:                  # already counted
@@ -485,10 +481,10 @@ class Engine:
             return
         self.halted.add(cmd.segment)
         out.accept(entry)
-        for order_id in sorted(o.order_id for o in book.orders()):
-            book.cancel(order_id)
-            self._end(self.orders[order_id], "halted", out)
-        out.segments.append(cmd.segment)
+        ended = [self.orders[o] for o in sorted(o.order_id for o in book.orders())]
+        self._end_resting(ended, "halted", out)
+        if not ended:
+            out.segments.append(cmd.segment)       # its book says halted all the same
 
     def _reopen(self, entry: wire.JournalEntry, out: Outcome) -> None:
         cmd = entry.command
@@ -510,11 +506,8 @@ class Engine:
             return
         self.suspended.add(cmd.participant)
         out.accept(entry)
-        ended = list(self.owned.get(cmd.participant, {}).values())
-        for order in ended:
-            self.books[order.segment].cancel(order.order_id)
-            self._end(order, "suspended", out)
-        out.segments.extend(dict.fromkeys(o.segment for o in ended))
+        self._end_resting(list(self.owned.get(cmd.participant, {}).values()), "suspended",
+                          out)
 
     def _reinstate(self, entry: wire.JournalEntry, out: Outcome) -> None:
         cmd = entry.command
@@ -591,6 +584,15 @@ class Engine:
         funder_name = self._names(fill.funder)
         out.replies.append((bid.owner, wire.fill_of(trade, "bid", funder_name)))
         out.replies.append((ask.owner, wire.fill_of(trade, "ask", funder_name)))
+
+    def _end_resting(self, orders: list[OrderInfo], reason: wire.DoneReason,
+                     out: Outcome) -> None:
+        """Take resting orders off their books, in the order given, and end them; each
+        segment is reported changed once."""
+        for order in orders:
+            self.books[order.segment].cancel(order.order_id)
+            self._end(order, reason, out)
+        out.segments.extend(dict.fromkeys(o.segment for o in orders))
 
     def _end(self, order: OrderInfo, reason: wire.DoneReason, out: Outcome) -> None:
         done = wire.Done(client_id=order.client_id, order_id=order.order_id, reason=reason,
