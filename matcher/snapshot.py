@@ -1,8 +1,9 @@
 """Engine state as one MessagePack document, and the hash that proves two states equal.
 
 A snapshot holds everything `Engine.apply` reads: the books (each in queue order, so
-time priority survives), credit lines, resting orders' names and progress, the client-id
-map and today's finished orders (for retries). It is canonical: capturing the same state
+time priority survives), credit lines and the platform's repaid totals, halted segments
+and suspended participants, resting orders' names and progress, and today's finished
+orders (for retries; the client-id map is derived from these). It is canonical: capturing the same state
 always gives the same bytes, so `state_hash` is simply their SHA-256, and "recovery
 equals full replay equals live" is one comparison.
 """
