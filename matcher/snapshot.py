@@ -3,9 +3,9 @@
 A snapshot holds everything `Engine.apply` reads: the books (each in queue order, so
 time priority survives), credit lines and the platform's repaid totals, halted segments
 and suspended participants, resting orders' names and progress, and today's finished
-orders (for retries; the client-id map is derived from these). It is canonical: capturing the same state
-always gives the same bytes, so `state_hash` is simply their SHA-256, and "recovery
-equals full replay equals live" is one comparison.
+orders (for retries; the client-id map is derived from these). It is canonical:
+capturing the same state always gives the same bytes, so `state_hash` is simply their
+SHA-256, and "recovery equals full replay equals live" is one comparison.
 """
 
 from __future__ import annotations

@@ -577,7 +577,8 @@ def test_a_repayment_frees_the_funders_line_on_its_page(
     assert got == {"type": "accepted", "client_id": None, "seq": got["seq"],
                    "order_id": None, "duplicate": False}
     expect(line).to_contain_text("400,000.00 CNY available")
-    expect(line).to_contain_text("600,000.00 CNY used of 1,000,000.00 CNY")
+    expect(line).to_contain_text(
+        "600,000.00 CNY used of 1,000,000.00 CNY · 400,000.00 CNY repaid so far")
     expect(page.locator("#activity")).to_contain_text(
         "Repaid against DFM: 400,000.00 CNY in all; 400,000.00 CNY of the line free to lend")
 

@@ -768,7 +768,7 @@ function onStatus(status) {
 
 function lineFor(core) {
   const l = state.status.lines.find((x) => x.core === core);
-  return l ? { line: l.line, used: l.used, left: Math.max(0, l.line - l.used) } : null;
+  return l ? { line: l.line, used: l.used, repaid: l.repaid, left: Math.max(0, l.line - l.used) } : null;
 }
 
 function renderLines() {
@@ -780,7 +780,8 @@ function renderLines() {
       el('div', { class: 'line-head' }, el('strong', {}, core),
         el('span', {}, l && l.line ? `${formatCny(l.left)} available` : 'No line')),
       el('div', { class: 'meter' }, el('span', { style: `width:${pct.toFixed(1)}%` })),
-      l && l.line ? el('small', { class: 'muted' }, `${formatCny(l.used)} used of ${formatCny(l.line)}`) : null);
+      l && l.line ? el('small', { class: 'muted' }, `${formatCny(l.used)} used of ${formatCny(l.line)}`,
+        l.repaid ? ` · ${formatCny(l.repaid)} repaid so far` : '') : null);
   }));
 }
 
