@@ -1,4 +1,4 @@
-"""The `matcher` command: serve, replay, snapshot, snapshotter, fills."""
+"""The `matcher` command: serve, replay, snapshot, snapshotter, fills, archive, admin."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 import msgspec
 import redis.asyncio as aioredis
@@ -98,6 +99,63 @@ def _fills(args: argparse.Namespace) -> int:
         finally:
             history.close()
             await client.aclose()
+    return asyncio.run(run())
+
+
+#: What `matcher admin` sends for each action, from its one argument.
+ADMIN_ACTIONS: dict[str, Callable[[str], dict[str, object]]] = {
+    "halt": lambda arg: {"type": "halt", "segment": arg},
+    "reopen": lambda arg: {"type": "reopen", "segment": arg},
+    "suspend": lambda arg: {"type": "suspend", "participant": int(arg)},
+    "reinstate": lambda arg: {"type": "reinstate", "participant": int(arg)},
+    "status": lambda arg: {"type": "status", "participant": int(arg)},
+}
+
+
+def _admin(args: argparse.Namespace) -> int:
+    """One admin action over the WebSocket API, its answer printed as JSON: what the
+    runbook asks an operator to do at 9:00, without composing messages by hand. The key
+    comes from MATCHER_ADMIN_KEY (or --key, which `ps` shows to everyone)."""
+    import json
+
+    import aiohttp
+
+    key = args.key or os.environ.get("MATCHER_ADMIN_KEY")
+    if not key:
+        print("matcher admin: set MATCHER_ADMIN_KEY (or --key)", file=sys.stderr)
+        return 2
+    try:
+        message = ADMIN_ACTIONS[args.action](args.target)
+    except ValueError:
+        print(f"matcher admin: {args.action} takes a participant id, not {args.target!r}",
+              file=sys.stderr)
+        return 2
+    answers = {"accepted", "rejected", "error", "status"}
+
+    async def run() -> int:
+        async with aiohttp.ClientSession() as session, session.ws_connect(
+                args.url, headers={"Authorization": f"Bearer {key}"},
+                timeout=aiohttp.ClientWSTimeout(ws_close=args.timeout)) as ws:
+            async with asyncio.timeout(args.timeout):
+                welcome = await ws.receive()
+                if welcome.type != aiohttp.WSMsgType.TEXT:
+                    print(f"matcher admin: not signed in (close code {ws.close_code})",
+                          file=sys.stderr)
+                    return 2
+                if json.loads(welcome.data).get("role") != "admin":
+                    print("matcher admin: the key is not an admin's", file=sys.stderr)
+                    return 2
+                await ws.send_str(json.dumps(message))
+                while True:                 # book updates and the like are not answers
+                    msg = await ws.receive()
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        print("matcher admin: the connection closed before an answer",
+                              file=sys.stderr)
+                        return 2
+                    answer = json.loads(msg.data)
+                    if answer.get("type") in answers:
+                        print(json.dumps(answer))
+                        return 1 if answer["type"] in ("rejected", "error") else 0
     return asyncio.run(run())
 
 
@@ -274,6 +332,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--archive", metavar="DIR", required=True,
                    help="the journal's archive (engine.journal_archive)")
     p.set_defaults(run=_archive)
+    p = sub.add_parser("admin", help="one admin action over the WebSocket API (key in "
+                                      "MATCHER_ADMIN_KEY); prints the answer as JSON, exits "
+                                      "1 if it was refused")
+    p.add_argument("--url", default="ws://127.0.0.1:8080/ws")
+    p.add_argument("--key", help="the admin's API key (better: MATCHER_ADMIN_KEY)")
+    p.add_argument("--timeout", type=_positive_seconds, default=10.0)
+    p.add_argument("action", choices=sorted(ADMIN_ACTIONS),
+                   help="halt/reopen SEGMENT, suspend/reinstate/status PARTICIPANT")
+    p.add_argument("target", help="a segment id, or a participant id")
+    p.set_defaults(run=_admin)
     p = sub.add_parser("snapshotter", help="follow the journal and store a snapshot every "
                                             "--every commands (`serve` starts one itself)")
     p.add_argument("--redis-url", default=os.environ.get("MATCHER_REDIS_URL"),

@@ -1844,6 +1844,43 @@ def test_an_admin_suspends_a_funder_and_the_suspension_outlives_a_restart(
     assert refused["code"] == "suspended" and placed["type"] == "accepted"
 
 
+def test_matcher_admin_halts_suspends_and_reads_from_the_command_line(
+        server: ServerProcess, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`matcher admin ACTION TARGET`: one admin message over the real WebSocket API, the
+    answer printed as JSON, exit 1 when refused, 2 without an admin's key."""
+    from service.cli import main
+
+    said: list[str] = []
+
+    def admin(*argv: str) -> tuple[int, Any]:
+        code = main(["admin", "--url", server.ws_url, *argv])
+        out, err = capsys.readouterr()
+        said.append(err)
+        return code, json.loads(out) if out.strip() else None
+
+    monkeypatch.delenv("MATCHER_ADMIN_KEY", raising=False)
+    assert admin("halt", "DFM-30D") == (2, None)
+    assert "set MATCHER_ADMIN_KEY" in said[-1]
+    monkeypatch.setenv("MATCHER_ADMIN_KEY", key(F11))
+    assert admin("halt", "DFM-30D") == (2, None)
+    assert "the key is not an admin's" in said[-1]
+    monkeypatch.setenv("MATCHER_ADMIN_KEY", key(ADMIN))
+    code, halted = admin("halt", "DFM-30D")
+    assert code == 0 and halted["type"] == "accepted" and not halted["duplicate"]
+    assert {s["id"]: s["halted"] for s in json.loads(server.get("/v1/segments")[1])}[
+        "DFM-30D"] is True
+    assert admin("suspend", str(F11))[0] == 0
+    code, status = admin("status", str(F11))
+    assert code == 0 and status == {"type": "status", "orders": [], "lines": [],
+                                    "suspended": True}
+    code, refused = admin("suspend", "999")
+    assert code == 1 and refused["code"] == "unknown_participant"
+    assert admin("suspend", "abc") == (2, None)
+    assert "takes a participant id, not 'abc'" in said[-1]
+    assert admin("reopen", "DFM-30D")[0] == admin("reinstate", str(F11))[0] == 0
+
+
 def test_after_a_restart_funders_that_do_not_come_back_lose_their_bids(
         server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stop closes every connection without cancelling (it is not a disconnect), and a
