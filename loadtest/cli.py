@@ -61,6 +61,7 @@ def local_server(config_path: str | None, out: Path, durability: str,
     env = dict(os.environ, MATCHER_REDIS_URL=redis.url, MATCHER_SERVER_PORT=str(port),
                MATCHER_REDIS_DURABILITY=durability, MATCHER_ENGINE_END_OF_DAY="23:59",
                MATCHER_SERVER_REALTIME_PRIORITY=str(realtime),
+               MATCHER_SERVER_METRICS_CACHE_MS="0",    # the report reads at its own times
                # The journal's archive goes with the throwaway Redis whose journal it is.
                MATCHER_ENGINE_JOURNAL_ARCHIVE=str(data / "journal-archive"))
     cmd = [sys.executable, "-m", "service.cli", "serve"]

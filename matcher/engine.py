@@ -424,9 +424,11 @@ class Engine:
     def _set_credit_line(self, entry: wire.JournalEntry, out: Outcome) -> None:
         cmd = entry.command
         assert isinstance(cmd, wire.SetCreditLine)
-        self._lines(cmd.core).set(entry.participant, cmd.amount)
+        lines = self._lines(cmd.core)
+        lines.set(entry.participant, cmd.amount)
         out.accept(entry)
         self._lending_moved(entry, cmd.core, entry.participant, out)
+        self._line_update(cmd.core, entry.participant, lines, "set", out)
 
     def _repay(self, entry: wire.JournalEntry, out: Outcome) -> None:
         cmd = entry.command
@@ -447,10 +449,16 @@ class Engine:
         self.repaid.setdefault(cmd.core, {})[cmd.funder] = cmd.repaid_total
         out.accept(entry)
         self._lending_moved(entry, cmd.core, cmd.funder, out)
+        self._line_update(cmd.core, cmd.funder, lines, "repaid", out)
+
+    def _line_update(self, core: str, funder: int, lines: CreditLines,
+                     reason: Literal["set", "repaid"], out: Outcome) -> None:
+        """The funder's line as it now stands, after the fills it lent at once."""
         if not out.quiet:
-            line, used = lines.get(cmd.funder)
-            out.replies.append((cmd.funder, wire.LineUpdate(
-                core=cmd.core, line=line, used=used, repaid=cmd.repaid_total)))
+            line, used = lines.get(funder)
+            out.replies.append((funder, wire.LineUpdate(
+                core=core, line=line, used=used,
+                repaid=self.repaid.get(core, {}).get(funder, 0), reason=reason)))
 
     def _lending_moved(self, entry: wire.JournalEntry, core: str, funder: int,
                        out: Outcome) -> None:
@@ -508,6 +516,8 @@ class Engine:
         out.accept(entry)
         self._end_resting(list(self.owned.get(cmd.participant, {}).values()), "suspended",
                           out)
+        if not out.quiet:
+            out.replies.append((cmd.participant, wire.SuspensionUpdate(suspended=True)))
 
     def _reinstate(self, entry: wire.JournalEntry, out: Outcome) -> None:
         cmd = entry.command
@@ -517,6 +527,8 @@ class Engine:
             return
         self.suspended.discard(cmd.participant)
         out.accept(entry)
+        if not out.quiet:
+            out.replies.append((cmd.participant, wire.SuspensionUpdate(suspended=False)))
 
     def _unchanged(self, entry: wire.JournalEntry, out: Outcome) -> None:
         """A command whose effect is already there (a retry, or a report overtaken by a

@@ -347,14 +347,23 @@ class LineStatus(Struct, frozen=True, kw_only=True):
 
 
 class LineUpdate(_Event, tag="line"):
-    """To a funder whose line a `repay` freed, after the fills that lent it at once:
-    the line as it now stands (a repayment is the platform's, so the funder would not
-    otherwise hear of it)."""
+    """To every connection of a funder whose line changed, after the fills that lent it
+    at once: the line as it now stands. `reason` says why: `set`, a `set_credit_line`
+    from any of its connections (the others would not hear of it: an unnamed command's
+    answer goes to its sender only), or `repaid`, the platform's `repay`."""
 
     core: str
     line: int
     used: int
     repaid: int
+    reason: Literal["set", "repaid"]
+
+
+class SuspensionUpdate(_Event, tag="suspension"):
+    """To every connection of a participant an admin suspended (after the `done`s of
+    the orders that ended) or reinstated: a page that is open learns of it at once."""
+
+    suspended: bool
 
 
 class Status(_Event, tag="status"):
@@ -445,7 +454,7 @@ class Trade(_Event, tag="trade"):
 
 
 Event = (Accepted | Rejected | Fill | Done | Quote | BookUpdate | Status | LineUpdate
-         | FillPage | Error | Welcome | Trade)
+         | SuspensionUpdate | FillPage | Error | Welcome | Trade)
 
 json_decoder = msgspec.json.Decoder(ClientMessage)
 json_encoder = msgspec.json.Encoder()

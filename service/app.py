@@ -74,7 +74,7 @@ class Service:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.directory = Directory(config.all_participants())
-        self.metrics = Metrics()
+        self.metrics = Metrics(max_age=config.server.metrics_cache_ms / 1000)
         self.local_redis: LocalRedis | None = None
         self.client: aioredis.Redis | None = None
         self.gateway: Gateway | None = None
@@ -479,6 +479,7 @@ class Service:
         if STATIC.is_dir():
             app.router.add_get("/", self._index)
             app.router.add_static("/static/", STATIC)
+        app.on_response_prepare.append(_not_stored)
         return app
 
     async def _index(self, request: web.Request) -> web.FileResponse:
@@ -690,6 +691,15 @@ def last_end_of_day(now: dt.datetime, at: str) -> dt.datetime:
     """The latest `at` ("HH:MM" or "HH:MM:SS") in `now`'s time zone, at or before
     `now`."""
     return next_end_of_day(now, at) - dt.timedelta(days=1)
+
+
+async def _not_stored(request: web.Request, response: web.StreamResponse) -> None:
+    """The endpoints answer with the market as it is now: no browser or proxy may keep
+    an answer for later, so a client need not add a cache-busting parameter (which the
+    quote would refuse as unknown: a typo must not pass as a parameter left out). The
+    board's own files may be kept."""
+    if request.path != "/" and not request.path.startswith("/static/"):
+        response.headers.setdefault("Cache-Control", "no-store")
 
 
 def _query_refused(request: web.Request, known: tuple[str, ...]) -> web.Response | None:

@@ -50,6 +50,10 @@ class ServerConfig(_Section):
     # per-address limits are per client, not per proxy (service/forwarded.py).
     # In the environment: comma-separated.
     trusted_proxies: list[str] = []
+    # A scrape of /metrics within this long of the one before gets the same text: making
+    # it takes the event loop a few ms with thousands of connections, and /metrics takes
+    # no key. 0: every scrape reads afresh.
+    metrics_cache_ms: Annotated[int, Meta(ge=0, le=60_000)] = 1_000
 
 
 class RedisConfig(_Section):

@@ -400,10 +400,18 @@ class Gateway:
             self.book_changed(segment)
 
     def _deliver(self, out: Outcome, conn: Connection | None) -> None:
+        """The replies, each to every connection of its participant; but the answer to
+        a command without a client id only to the connection that sent it: the others
+        could not tell whose command it answers (they hear of a line they did not set
+        by its `line` event)."""
         for participant, event in out.replies:
             if isinstance(event, wire.Rejected):
                 self.metrics.reject(event.code)
-            self._reply_now(participant, event, conn)
+            if (conn is not None and isinstance(event, wire.Accepted | wire.Rejected)
+                    and event.client_id is None and participant == conn.participant.id):
+                conn.send(self._encode(event))
+            else:
+                self._reply_now(participant, event, conn)
         if out.trades and self.fill_subscribers:
             for trade in out.trades:
                 data = self._encode(trade)

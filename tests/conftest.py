@@ -56,6 +56,7 @@ def redis_server(tmp_path: Path) -> Iterator[LocalRedis]:
 def write_config(path: Path, redis_url: str, port: int, extra: str = "") -> Path:
     lines = [
         "[server]", 'host = "127.0.0.1"', f"port = {port}",
+        "metrics_cache_ms = 0",         # tests read a counter, act, and read it again
         "[redis]", f'url = "{redis_url}"', "max_retry_delay = 0.2",
         "[engine]", "snapshot_every = 1000",
         "[limits]", "book_interval_ms = 50",

@@ -260,6 +260,45 @@ def test_the_process_metrics_are_read_off_the_event_loop(
     assert threads and loop_thread not in threads
 
 
+def test_scrapes_closer_than_the_cache_age_share_one_text(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`/metrics` takes no key and each text costs the event loop milliseconds with
+    thousands of connections: scrapes within `max_age` of the one before, or while it is
+    being made, share it, and a later one reads afresh."""
+    from service import metrics as metrics_module
+    from service.metrics import Metrics
+
+    now = [1000.0]
+    monkeypatch.setattr(metrics_module.time, "monotonic", lambda: now[0])
+    made = []
+    expose = Metrics._expose
+
+    async def counted(self: Metrics) -> bytes:
+        made.append(now[0])
+        return await expose(self)
+
+    monkeypatch.setattr(Metrics, "_expose", counted)
+    metrics = Metrics(max_age=1.0)
+
+    def fills(text: bytes) -> str:
+        return next(line for line in text.decode().splitlines()
+                    if line.startswith("matcher_fills_total"))
+
+    async def scrapes() -> list[str]:
+        metrics.fills = 1
+        together = await asyncio.gather(*(metrics.exposition() for _ in range(5)))
+        metrics.fills = 2
+        now[0] += 0.9
+        soon = await metrics.exposition()
+        now[0] += 0.1
+        later = await metrics.exposition()
+        return [*map(fills, together), fills(soon), fills(later)]
+
+    assert asyncio.run(scrapes()) == ["matcher_fills_total 1.0"] * 6 + [
+        "matcher_fills_total 2.0"]
+    assert made == [1000.0, 1001.0]
+
+
 def test_a_cut_off_that_passes_while_the_gateway_starts_is_issued(
         tmp_path: Path, redis_server: LocalRedis, monkeypatch: pytest.MonkeyPatch) -> None:
     """`_resume` looks for a missed end of day before the start's slow steps; a cut-off

@@ -581,6 +581,17 @@ def test_a_repayment_frees_the_funders_line_on_its_page(
         "600,000.00 CNY used of 1,000,000.00 CNY · 400,000.00 CNY repaid so far")
     expect(page.locator("#activity")).to_contain_text(
         "Repaid against DFM: 400,000.00 CNY in all; 400,000.00 CNY of the line free to lend")
+    # A line the funder sets elsewhere (here its Python client) shows at once as well.
+    bank_a.line("DFM", 2_000_000)
+    expect(line).to_contain_text("1,400,000.00 CNY available")
+    expect(page.locator("#activity")).to_contain_text(
+        "Line against DFM set to 2,000,000.00 CNY in another session")
+    page.select_option("#line-core", "DFM")        # one it sets itself says so once
+    page.fill("#line-amount", "2500000")
+    page.click("#line-form button[type=submit]")
+    expect(page.locator("#line-msg")).to_have_text("Line against DFM set to 2,500,000.00 CNY.")
+    expect(line).to_contain_text("1,900,000.00 CNY available")
+    expect(page.locator("#activity p", has_text="in another session")).to_have_count(1)
 
 
 def test_a_halted_segment_shows_halted_to_the_sme(
@@ -622,20 +633,31 @@ def test_a_halted_segment_shows_halted_to_the_sme(
 def test_a_suspended_funder_is_told_why_its_bids_ended_and_new_ones_are_refused(
         new_page: Callable[..., Page], server: ServerProcess,
         market: tuple[WsClient, WsClient], clients: Callable[[int], WsClient]) -> None:
+    """An open page is told at once, sends no bid while suspended, and is told of its
+    reinstatement; a page signing in is told before it tries."""
     page = new_page("funder-suspended")
+    sent = count_sent_frames(page)
     sign_in(page, server, F11)
     expect(page.locator("#orders li:not(.empty)")).to_have_count(1)   # Bank A's, from Python
-    assert clients(ADMIN).command({"type": "suspend", "participant": F11})["type"] \
-        == "accepted"
+    admin = clients(ADMIN)
+    assert admin.command({"type": "suspend", "participant": F11})["type"] == "accepted"
     expect(page.locator("#activity")).to_contain_text(
         "Bid ended, an admin suspended your trading: 2,000,000.00 CNY withdrawn")
     expect(page.locator("#orders")).to_have_text("No resting bids.")
+    suspended = "An admin has suspended your trading: contact the platform."
+    expect(page.locator("#bid-msg")).to_have_text(suspended)          # before it tries
     page.select_option("#bid-segment", SEG)
     page.fill("#bid-rate", "2.50")
     page.fill("#bid-amount", "1000")
     page.click("#bid-button")
+    expect(page.locator("#bid-msg")).to_have_text(suspended)
+    assert admin.command({"type": "reinstate", "participant": F11})["type"] == "accepted"
     expect(page.locator("#bid-msg")).to_have_text(
-        "Rejected (suspended): an admin has suspended your trading: contact the platform")
+        "An admin has reinstated your trading: you may place orders again.")
+    assert not [f for f in sent if json.loads(f)["type"] == "bid"]   # none while suspended
+    page.click("#bid-button")
+    expect(page.locator("#bid-msg")).to_have_text(re.compile("^Bid placed: "))
+    assert admin.command({"type": "suspend", "participant": F11})["type"] == "accepted"
     sign_in(page, server, F11)                 # a fresh page is told before it tries
     expect(page.locator("#bid-msg")).to_have_text(
         "An admin has suspended your trading: contact the platform.")

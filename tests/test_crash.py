@@ -81,11 +81,11 @@ async def set_credit_lines(url: str) -> None:
             for core in sorted({core for _, core, _ in SEGMENTS}):
                 await ws.send(json.dumps({"type": "set_credit_line", "core": core,
                                           "amount": 10**13}))
-            accepted = 0
-            while accepted < 2:
+            answered = 0          # each line's `accepted`, then its `line` event
+            while answered < 4:
                 reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
-                assert reply["type"] in ("accepted", "book"), reply
-                accepted += reply["type"] == "accepted"
+                assert reply["type"] in ("accepted", "line", "book"), reply
+                answered += reply["type"] != "book"
 
 
 async def load(url: str, clients: list[Client], total_acks: list[int],

@@ -303,7 +303,7 @@ def test_a_repayment_frees_the_line_and_resting_bids_lend_again() -> None:
     # The funder hears of it after the fills: the line as it stands after them.
     assert [type(e).__name__ for p, e in out.replies if p == F1] == ["Fill", "LineUpdate"]
     assert events(out, F1, wire.LineUpdate) == [
-        wire.LineUpdate(core="DFM", line=1_000, used=1_000, repaid=400)]
+        wire.LineUpdate(core="DFM", line=1_000, used=1_000, repaid=400, reason="repaid")]
     out = m.repay(F1, "DFM", 1_400)                       # everything lent so far
     assert [t.amount for t in out.trades] == [300]        # the rest of the waiting ask
     assert m.engine.credit("DFM", F1) == (1_000, 300)

@@ -724,3 +724,60 @@ def test_one_participants_answers_waiting_for_the_journal_take_a_tenth_at_most()
     mine, theirs = run(scenario())
     assert mine == ["unavailable"] * 3 + ["accepted"] + ["unknown_order"] * 199, mine
     assert theirs == ["accepted"], theirs
+
+
+def test_an_unnamed_answer_goes_to_its_sender_and_a_line_to_every_connection() -> None:
+    """A command without a client id is answered on the connection that sent it only:
+    a funder's second tab took the first one's `accepted` of a line for its own
+    `cancel_all` (noticed before). Its other connections hear of the line by its
+    `line` event, which all of them get."""
+    async def scenario() -> tuple[list[wire.Event], list[wire.Event]]:
+        funder = PEOPLE[0]
+        gateway, journal, [one, two] = _gateway_with(funder, funder)
+        await _turns()
+        seen = [_watch(one), _watch(two)]
+        gateway.handle(one, _line(SEGMENTS[0].core), 0.0)
+        gateway.handle(two, b'{"type":"cancel_all","segment":"nowhere"}', 0.0)
+        journal.land()
+        await _turns()
+        return _events(seen[0]), _events(seen[1])
+
+    first, second = run(scenario())
+    line = wire.LineUpdate(core=SEGMENTS[0].core, line=10**9, used=0, repaid=0,
+                           reason="set")
+    assert [type(e) for e in first] == [wire.Accepted, wire.LineUpdate]
+    assert first[1] == line
+    assert [type(e) for e in second] == [wire.LineUpdate, wire.Rejected]
+    assert second[0] == line
+    rejected = second[1]
+    assert isinstance(rejected, wire.Rejected) and rejected.code == "unknown_segment"
+
+
+def test_a_participant_hears_of_its_suspension_on_every_open_connection() -> None:
+    """A page already open learned of its suspension only when its next order was
+    refused (noticed before): now the `done`s of its orders, then a `suspension`,
+    and a `suspension` again when it is reinstated."""
+    from matcher.participants import Participant
+
+    async def scenario() -> list[list[wire.Event]]:
+        funder = PEOPLE[0]
+        admin = Participant(id=1, name="Admin", role="admin", key_sha256="a")
+        gateway, journal, [one, two, a] = _gateway_with(funder, funder, admin)
+        await _turns()
+        seen = [_watch(one), _watch(two)]
+        segment = SEGMENTS[0]
+        gateway.handle(one, _line(segment.core), 0.0)
+        gateway.handle(one, _bid(segment.id, 1), 0.0)
+        journal.land()
+        await _turns()
+        seen[0].clear(), seen[1].clear()
+        for action in (b"suspend", b"suspend", b"reinstate"):     # the 2nd: a repeat
+            gateway.handle(a, b'{"type":"%s","participant":%d}' % (action, funder.id), 0.0)
+        journal.land()
+        await _turns()
+        return [_events(s) for s in seen]
+
+    for events in run(scenario()):
+        assert [(type(e).__name__, getattr(e, "reason", getattr(e, "suspended", None)))
+                for e in events] == [("Done", "suspended"), ("SuspensionUpdate", True),
+                                     ("SuspensionUpdate", False)]

@@ -97,8 +97,17 @@ class Client:
         return await self.recv()
 
     async def ok(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """`command`, which must be accepted. A line set is followed, after the fills it
+        made at once, by its `line` event: checked and taken, the fills kept for later."""
         reply = await self.command(msg)
         assert reply["type"] == "accepted" and reply["duplicate"] is False, reply
+        if msg.get("type") == "set_credit_line":
+            before: list[dict[str, Any]] = []
+            while (event := await self.recv())["type"] != "line":
+                before.append(event)
+            assert event["core"] == msg["core"] and event["line"] == msg["amount"] \
+                and event["reason"] == "set", event
+            self.held = before + self.held
         return reply
 
     async def quote(self, segment: str, amount: int, **kw: Any) -> dict[str, Any]:
@@ -1072,7 +1081,7 @@ def test_duplicate_ack_does_not_overtake_the_original_ack(server: ServerProcess)
         try:
             assert raw.recv_json()["type"] == "welcome"
             raw.send_text(json.dumps(line("DFM")))
-            assert raw.recv_json()["type"] == "accepted"
+            assert [raw.recv_json()["type"] for _ in range(2)] == ["accepted", "line"]
             order = json.dumps(bid("b1", "DFM-30D", 250, 1_000_000))
             raw.send_text(order, order)                # the retry right behind the order
             return [raw.recv_json(), raw.recv_json()]
@@ -1446,7 +1455,8 @@ def stop_reading_and_ask_for_status(slow: RawWebSocket, bids: int) -> None:
     slow.recv_json()                                            # welcome
     slow.send_text(json.dumps(line("DFM")), *(
         json.dumps(bid(f"b{i}", "DFM-30D", 250 + i % 50, 1_000_000)) for i in range(bids)))
-    assert all(slow.recv_json()["type"] == "accepted" for _ in range(bids + 1))
+    assert [slow.recv_json()["type"] for _ in range(bids + 2)] == [
+        "accepted", "line", *["accepted"] * bids]
 
 
 def test_a_funder_dropped_as_a_slow_consumer_loses_its_bids_at_once(
@@ -1723,7 +1733,7 @@ def test_a_repayment_frees_the_funders_line_and_counts_once_across_a_restart(
     freed, fills, told, again, lines, status = run(lend_and_stop())
     assert status == 0
     assert told == {"type": "line", "core": "DFM", "line": 1_000_000, "used": 1_000_000,
-                    "repaid": 400_000}
+                    "repaid": 400_000, "reason": "repaid"}
     trade = f"{freed['seq']}-0"
     assert [(f["trade_id"], f["side"], f["amount"], f["client_id"]) for f in fills] == [
         (trade, "ask", 400_000, "w"), (trade, "bid", 400_000, "b1")]
@@ -1806,6 +1816,8 @@ def test_an_admin_suspends_a_funder_and_the_suspension_outlives_a_restart(
             unknown = await admin.command({"type": "suspend", "participant": 999})
             await admin.ok({"type": "suspend", "participant": F11})
             ends = [await f11.expect("done"), await f11.expect("done")]
+            assert await f11.expect("suspension") == {"type": "suspension",
+                                                      "suspended": True}
             refused = await f11.command(bid("b3", "DFM-30D", 250, 1_000))
             await f11.send({"type": "status"})
             status = await f11.expect("status")
@@ -1824,6 +1836,8 @@ def test_an_admin_suspends_a_funder_and_the_suspension_outlives_a_restart(
         async with sessions(server, ADMIN, F11) as (admin, f11):
             refused = await f11.command(bid("b4", "DFM-30D", 250, 1_000))
             await admin.ok({"type": "reinstate", "participant": F11})
+            assert await f11.expect("suspension") == {"type": "suspension",
+                                                      "suspended": False}
             return refused, await f11.command(bid("b5", "DFM-30D", 250, 1_000))
 
     unknown, ends, refused, status, quote, reads, stopped = run(suspend_and_stop())
@@ -2286,6 +2300,24 @@ def test_http_quote_equals_the_websocket_quote(server: ServerProcess) -> None:
         500_000, (280 * 250_000 + 300 * 250_000) / 500_000, 2)
     assert json.loads(body_single) == ws_single
     assert ws_single["fillable"] == 0 and ws_single["avg_rate_bps"] is None
+
+
+def test_live_answers_may_not_be_stored_by_browsers_or_proxies(
+        shared_server: ServerProcess) -> None:
+    """A quote is the market of this millisecond: without `no-store` a client would add
+    a cache-busting parameter, which the quote refuses (a typo must not pass). The
+    board's own files may be kept."""
+    def cache_control(path: str) -> str | None:
+        try:
+            with urllib.request.urlopen(f"{shared_server.http}{path}", timeout=5) as r:
+                return r.headers.get("Cache-Control")
+        except urllib.error.HTTPError as e:
+            return e.headers.get("Cache-Control")
+
+    for path in ("/v1/segments", "/v1/segments/DFM-90D/quote?amount=5",
+                 "/v1/segments/ACME/quote?amount=5", "/v1/fills", "/health", "/metrics"):
+        assert cache_control(path) == "no-store", path
+    assert cache_control("/") is None and cache_control("/static/app.js") is None
 
 
 def test_http_quote_of_an_unknown_segment_is_404(server: ServerProcess) -> None:

@@ -130,6 +130,8 @@ const state = {
   status: { orders: [], lines: [] },
   pending: new Map(),        // client_id -> [{kind, msg, text}] awaiting accepted/rejected
   unnamed: [],               // sent without a client id (lines, cancel_all), oldest first
+  lineSet: null,             // the line this page set last, to tell its `line` event apart
+  suspended: false,          // an admin has suspended this participant's trading
   bulkCancel: false,         // the done messages of a cancel_all are coming
   lastSent: null,            // the latest command, to pin a gateway `error` on
   loans: [],                 // the latest loans shown, newest first (trade ids are unique)
@@ -402,12 +404,30 @@ function onFill(fill) {
   requestStatus();
 }
 
-// The platform reported repayments on this funder's loans: part of its line is free
-// again (its fills, if the bids lent it at once, came just before).
+// A line changed: the platform reported repayments on this funder's loans (part of its
+// line is free again; its fills, if the bids lent it at once, came just before), or a
+// line was set, by this page (its form already says so) or by another of its sessions.
 function onLine(msg) {
-  addActivity(`Repaid against ${msg.core}: ${formatCny(msg.repaid)} in all; `
-    + `${formatCny(Math.max(0, msg.line - msg.used))} of the line free to lend`);
+  const mine = state.lineSet;
+  if (msg.reason === 'repaid') {
+    addActivity(`Repaid against ${msg.core}: ${formatCny(msg.repaid)} in all; `
+      + `${formatCny(Math.max(0, msg.line - msg.used))} of the line free to lend`);
+  } else if (mine && mine.core === msg.core && mine.amount === msg.line) {
+    state.lineSet = null;
+  } else {
+    addActivity(`Line against ${msg.core} set to ${formatCny(msg.line)} in another session`);
+  }
   requestStatus();
+}
+
+// An admin suspended or reinstated this participant: said at once, and its orders are
+// not sent while suspended (the `done`s of the orders that ended came just before).
+function onSuspension(msg) {
+  state.suspended = msg.suspended;
+  const node = $(state.me?.role === 'sme' ? 'sme-msg' : 'bid-msg');
+  if (msg.suspended) showMsg(node, SUSPENDED);
+  else showMsg(node, 'An admin has reinstated your trading: you may place orders again.', 'ok');
+  if (state.me?.role === 'funder') requestStatus();
 }
 
 function onDone(done) {
@@ -649,7 +669,7 @@ function finance() {
   const mode = smeMode();
   const q = sme.quotes[mode];
   // Halted: say so, even with a quote from before the halt still on screen.
-  const halted = haltedNote($('sme-segment').value);
+  const halted = state.suspended ? SUSPENDED : haltedNote($('sme-segment').value);
   if (halted || !q || q.fillable === 0) {
     showMsg($('sme-msg'), halted
       ?? (mode === 'single' ? 'No single funder can lend this amount right now.'
@@ -760,6 +780,7 @@ const SUSPENDED = 'An admin has suspended your trading: contact the platform.';
 
 function onStatus(status) {
   state.status = status;
+  state.suspended = status.suspended;
   if (status.suspended) showMsg($(state.me?.role === 'sme' ? 'sme-msg' : 'bid-msg'), SUSPENDED);
   state.bulkCancel = false;
   renderLines();
@@ -837,6 +858,7 @@ function creditError(segment, amount) {
 function onBidSubmit(ev) {
   ev.preventDefault();
   const msgNode = $('bid-msg');
+  if (state.suspended) return showMsg(msgNode, SUSPENDED);
   const segment = $('bid-segment').value;
   const seg = state.segments.get(segment);
   const rate = parseRate($('bid-rate').value, seg.rate_cap_bps);
@@ -907,12 +929,14 @@ const FLOW_CONTROL = new Set(['rate_limited', 'unavailable']);
 // order sent, so each is the oldest such command's.
 function unnamedAnswer(rejected, newest = false) {
   const p = newest ? state.unnamed.pop() : state.unnamed.shift();
-  requestStatus();   // also when another tab of this funder changed a line
+  requestStatus();
   if (!p) return;
   const msgNode = $(p.kind === 'line' ? 'line-msg' : 'orders-msg');
   if (rejected) showMsg(msgNode, rejectText(rejected));
-  else if (p.kind === 'line') showMsg(msgNode, `Line against ${p.core} set to ${formatCny(p.amount)}.`, 'ok');
-  else {
+  else if (p.kind === 'line') {
+    state.lineSet = { core: p.core, amount: p.amount };   // its `line` event follows
+    showMsg(msgNode, `Line against ${p.core} set to ${formatCny(p.amount)}.`, 'ok');
+  } else {
     state.bulkCancel = true;   // until the next status: its done messages go to the activity
     showMsg(msgNode, 'All resting bids cancelled.', 'ok');
   }
@@ -936,6 +960,7 @@ function addActivity(text) {
 const handlers = {
   welcome: onWelcome, book: onBook, quote: onQuote, accepted: onAccepted, rejected: onRejected,
   fill: onFill, fills: onFills, done: onDone, status: onStatus, error: onError, line: onLine,
+  suspension: onSuspension,
 };
 
 function init() {

@@ -6,7 +6,7 @@ Redis and the clients' sockets replaced by stand-ins.
 The baseline, in the same run, is the same commands decoded and applied to an engine
 alone, so the ratio is what the gateway adds around the engine. The load test measures
 the server with its I/O; this measures the part of it that is ours, without the noise of
-the network and of the other processes (README, Speed: "Where the capacity goes"). With
+the network and of the other processes (docs/speed.md, "Where the capacity goes"). With
 `--benchmark-disable` (the normal test run) it runs fewer commands once and checks that
 both paths made the same trades and that every command was answered.
 """
