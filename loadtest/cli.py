@@ -62,6 +62,7 @@ def local_server(config_path: str | None, out: Path, durability: str,
                MATCHER_REDIS_DURABILITY=durability, MATCHER_ENGINE_END_OF_DAY="23:59",
                MATCHER_SERVER_REALTIME_PRIORITY=str(realtime),
                MATCHER_SERVER_METRICS_CACHE_MS="0",    # the report reads at its own times
+               MATCHER_DEMO_ACTIVITY="0",         # the demo's own market would be load too
                # The journal's archive goes with the throwaway Redis whose journal it is.
                MATCHER_ENGINE_JOURNAL_ARCHIVE=str(data / "journal-archive"))
     cmd = [sys.executable, "-m", "service.cli", "serve"]

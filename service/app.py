@@ -28,9 +28,9 @@ from redis.exceptions import RedisError
 
 from matcher import protocol as wire
 from matcher.participants import Directory, Participant
-from service import forwarded, gctune
+from service import demo_market, forwarded, gctune
 from service.archive import JournalArchive
-from service.config import Config
+from service.config import DEMO_FUNDER_BASE, DEMO_SME_BASE, Config, demo_key
 from service.gateway import (
     CLOSE_GOING_AWAY,
     CLOSE_TOO_MANY,
@@ -80,6 +80,7 @@ class Service:
         self.gateway: Gateway | None = None
         self.keys = Keys(config.redis.shard)
         self.snapshotter: SnapshotterProcess | None = None
+        self.demo_market: demo_market.DemoMarketProcess | None = None
         self.snapshot_seq = 0       # what the stored snapshot covers, read every second
         self.journal_start = 0      # the first command in Redis's journal, likewise
         self.archive_failures = 0   # as the snapshotter counted them in Redis, likewise
@@ -175,6 +176,26 @@ class Service:
         self._tasks.append(asyncio.get_running_loop().create_task(self._cancel_absent()))
         self.ready = True
         log.info("serving on http://%s:%d (WebSocket at /ws)", cfg.server.host, self.port)
+        self._start_demo_market()
+
+    def _start_demo_market(self) -> None:
+        """`[demo] activity`: a market that moves by itself, as a client of ours."""
+        demo = self.config.demo
+        if not (demo.activity > 0 and demo.funders and demo.smes):
+            return
+        plain = {p.role: p.key for p in reversed(self.config.participants) if p.key}
+        keys = demo_market.Keys(
+            funders={DEMO_FUNDER_BASE + n: demo_key(demo, "funder", n)
+                     for n in range(1, min(demo.funders, demo_market.FUNDERS) + 1)},
+            smes={DEMO_SME_BASE + n: demo_key(demo, "sme", n)
+                  for n in range(1, min(demo.smes, demo_market.SMES) + 1)},
+            platform=plain.get("platform"), admin=plain.get("admin"))
+        host = self.config.server.host
+        host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+        host = f"[{host}]" if ":" in host else host
+        self.demo_market = demo_market.DemoMarketProcess(
+            f"ws://{host}:{self.port}/ws", keys, demo.activity, demo.repay_after_s)
+        self.demo_market.start()
 
     def _watch(self, gw: Gateway, snapshotter: SnapshotterProcess | None) -> None:
         """What /metrics reads from the journal and the snapshots when it is scraped."""
@@ -231,6 +252,8 @@ class Service:
             # is refused, not let in to a server that no longer serves it.
             await self._site.stop()
         await cancel_all(self._tasks)
+        if self.demo_market is not None:
+            await self.demo_market.stop()
         if self.snapshotter is not None:
             await self.snapshotter.stop()
         timeout = self.config.server.shutdown_timeout
@@ -697,9 +720,10 @@ async def _not_stored(request: web.Request, response: web.StreamResponse) -> Non
     """The endpoints answer with the market as it is now: no browser or proxy may keep
     an answer for later, so a client need not add a cache-busting parameter (which the
     quote would refuse as unknown: a typo must not pass as a parameter left out). The
-    board's own files may be kept."""
-    if request.path != "/" and not request.path.startswith("/static/"):
-        response.headers.setdefault("Cache-Control", "no-store")
+    board's own files may be kept, but asked after each time (a 304 when unchanged): a
+    board from before an upgrade would misread the new server's messages."""
+    board = request.path == "/" or request.path.startswith("/static/")
+    response.headers.setdefault("Cache-Control", "no-cache" if board else "no-store")
 
 
 def _query_refused(request: web.Request, known: tuple[str, ...]) -> web.Response | None:

@@ -159,6 +159,14 @@ def _admin(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _demo_market(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from service import demo_market
+    return uvloop.run(demo_market.run(args.url, demo_market.keys_from_env(), args.rate,
+                                      repay_after_s=args.repay_after, parent=args.parent))
+
+
 def _archive(args: argparse.Namespace) -> int:
     """Whether the journal's archive and Redis hold every command: before relying on an
     archive (a restored backup, a moved directory)."""
@@ -342,6 +350,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="halt/reopen SEGMENT, suspend/reinstate/status PARTICIPANT")
     p.add_argument("target", help="a segment id, or a participant id")
     p.set_defaults(run=_admin)
+    p = sub.add_parser("demo-market", help="a market that moves by itself, for the demo "
+                                            "(`serve` starts it with [demo] activity; keys "
+                                            "in DEMO_MARKET_KEYS)")
+    p.add_argument("--url", default="ws://127.0.0.1:8080/ws")
+    p.add_argument("--rate", type=_positive_seconds, default=2.0, help="commands a second")
+    p.add_argument("--repay-after", type=_positive_seconds, default=60.0,
+                   help="seconds from a loan to its repayment")
+    p.add_argument("--parent", type=int, default=0,
+                   help="exit when this process is no longer our parent")
+    p.set_defaults(run=_demo_market)
     p = sub.add_parser("snapshotter", help="follow the journal and store a snapshot every "
                                             "--every commands (`serve` starts one itself)")
     p.add_argument("--redis-url", default=os.environ.get("MATCHER_REDIS_URL"),

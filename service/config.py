@@ -145,6 +145,12 @@ class DemoConfig(_Section):
     # Demo funders keep their bids when they go away: the seeded bids are theirs, and
     # nobody runs them (with cancel on disconnect, the restart grace would clear them).
     cancel_on_disconnect: bool = False
+    # Commands a second from `matcher demo-market`, which `serve` starts beside it: demo
+    # funders re-quote, demo SMEs finance, and the platform repays each loan
+    # `repay_after_s` later (service/demo_market.py). 0: the market moves only when
+    # someone acts.
+    activity: Annotated[float, Meta(ge=0, le=1000)] = 0.0
+    repay_after_s: Annotated[float, Meta(gt=0)] = 60.0
 
 
 class Config(_Section):

@@ -308,10 +308,10 @@ class Gateway:
         a while; so it can come before the acks of earlier commands still being written
         (docs/protocol.md, "Ordering and delivery")."""
         self.metrics.reject(refusal.code)
-        if conn is None:
-            self._reply_now(who.id, refusal, conn)
-        else:                                   # the connection that sent it
+        if conn is not None:                    # the connection that sent it
             conn.send(self._encode(refusal))
+        elif not _unnamed_answer(refusal):      # the gateway's own: to nobody (ADR 27)
+            self._reply_now(who.id, refusal, conn)
 
     def _refused_here(self, who: Participant, cmd: wire.Command,
                       now: int) -> wire.Rejected | None:
@@ -401,15 +401,16 @@ class Gateway:
 
     def _deliver(self, out: Outcome, conn: Connection | None) -> None:
         """The replies, each to every connection of its participant; but the answer to
-        a command without a client id only to the connection that sent it: the others
-        could not tell whose command it answers (they hear of a line they did not set
-        by its `line` event)."""
+        a command without a client id only to the connection that sent it, and to none
+        for one the gateway issued itself (`conn` None: a funder's cancels when it went
+        away): the others could not tell whose command it answers (ADR 27; they hear of
+        a line they did not set by its `line` event)."""
         for participant, event in out.replies:
             if isinstance(event, wire.Rejected):
                 self.metrics.reject(event.code)
-            if (conn is not None and isinstance(event, wire.Accepted | wire.Rejected)
-                    and event.client_id is None and participant == conn.participant.id):
-                conn.send(self._encode(event))
+            if _unnamed_answer(event):
+                if conn is not None and participant == conn.participant.id:
+                    conn.send(self._encode(event))
             else:
                 self._reply_now(participant, event, conn)
         if out.trades and self.fill_subscribers:
@@ -773,6 +774,12 @@ class Gateway:
                 task.cancel()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await task
+
+
+def _unnamed_answer(event: wire.Event) -> bool:
+    """The answer to a command without a client id: only its sender can tell it is its
+    own (ADR 27)."""
+    return isinstance(event, wire.Accepted | wire.Rejected) and event.client_id is None
 
 
 def bearer_key(header: str | None) -> str | None:

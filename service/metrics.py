@@ -101,6 +101,9 @@ class Metrics:
                 or (text.done() and (text.cancelled() or text.exception() is not None))):
             self._made = now
             text = self._text = asyncio.ensure_future(self._expose())
+            # Its error is read here if every scrape waiting for it gave up: not logged
+            # as never retrieved (the next scrape makes a new text).
+            text.add_done_callback(lambda t: t.cancelled() or t.exception())
         return await asyncio.shield(text)    # a scrape that gives up stops no other
 
     async def _expose(self) -> bytes:

@@ -781,3 +781,27 @@ def test_a_participant_hears_of_its_suspension_on_every_open_connection() -> Non
         assert [(type(e).__name__, getattr(e, "reason", getattr(e, "suspended", None)))
                 for e in events] == [("Done", "suspended"), ("SuspensionUpdate", True),
                                      ("SuspensionUpdate", False)]
+
+
+def test_the_answer_to_the_gateways_own_command_goes_to_no_connection() -> None:
+    """Cancel on disconnect is a `cancel_all` the gateway sends in the funder's name. A
+    tab that reconnected before it was journaled got its `accepted` and pinned it on a
+    line it had just set (found in review): now only the `done`s reach it."""
+    async def scenario() -> list[wire.Event]:
+        funder = PEOPLE[0]
+        gateway, journal, [tab] = _gateway_with(funder)
+        await _turns()
+        segment = SEGMENTS[0]
+        gateway.handle(tab, _line(segment.core), 0.0)
+        gateway.handle(tab, _bid(segment.id, 1), 0.0)
+        journal.land()
+        await _turns()
+        seen = _watch(tab)
+        gateway.submit(funder, wire.CancelAll(), 0.0)       # conn None: the gateway's
+        journal.land()
+        await _turns()
+        return _events(seen)
+
+    events = run(scenario())
+    assert [(type(e).__name__, getattr(e, "reason", None)) for e in events] == [
+        ("Done", "cancelled")]
