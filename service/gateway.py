@@ -406,9 +406,10 @@ class Gateway:
         away): the others could not tell whose command it answers (ADR 27; they hear of
         a line they did not set by its `line` event)."""
         for participant, event in out.replies:
-            if isinstance(event, wire.Rejected):
-                self.metrics.reject(event.code)
-            if _unnamed_answer(event):
+            kind = type(event)        # not isinstance: 150 ns a reply on msgspec's types
+            if kind is wire.Rejected:
+                self.metrics.reject(event.code)        # type: ignore[union-attr]
+            if kind in _ANSWERS and event.client_id is None:   # type: ignore[union-attr]
                 if conn is not None and participant == conn.participant.id:
                     conn.send(self._encode(event))
             else:
@@ -776,10 +777,13 @@ class Gateway:
                 await task
 
 
+_ANSWERS = (wire.Accepted, wire.Rejected)
+
+
 def _unnamed_answer(event: wire.Event) -> bool:
     """The answer to a command without a client id: only its sender can tell it is its
     own (ADR 27)."""
-    return isinstance(event, wire.Accepted | wire.Rejected) and event.client_id is None
+    return type(event) in _ANSWERS and event.client_id is None   # type: ignore[union-attr]
 
 
 def bearer_key(header: str | None) -> str | None:
