@@ -190,8 +190,9 @@ class Service:
             smes={DEMO_SME_BASE + n: demo_key(demo, "sme", n)
                   for n in range(1, min(demo.smes, demo_market.SMES) + 1)},
             platform=plain.get("platform"), admin=plain.get("admin"))
-        host = self.config.server.host
-        host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+        # A wildcard is reached at its loopback address (an IPv6 socket takes only IPv6).
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(
+            self.config.server.host, self.config.server.host)
         host = f"[{host}]" if ":" in host else host
         self.demo_market = demo_market.DemoMarketProcess(
             f"ws://{host}:{self.port}/ws", keys, demo.activity, demo.repay_after_s)

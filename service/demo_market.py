@@ -29,14 +29,14 @@ import logging
 import math
 import os
 import random
-import signal
-import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from service.children import Supervised
 
 log = logging.getLogger("matcher.demo_market")
 
@@ -47,6 +47,8 @@ FUNDERS, SMES = 12, 40
 REQUOTE_SHARE = 0.65
 #: Rates (bps) the drift stays in, before each segment's cap and its tenor's premium.
 RATE_FLOOR, RATE_CEILING = 215, 300
+#: Seconds a halted segment, or a suspended participant, is left alone after a refusal.
+PAUSE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,8 @@ class Script:
     """What the market sends next, from a seeded generator and what it was told.
 
     `prefix` starts every client id it makes: a new one per run, so that ids never meet
-    those of an earlier run (a resting order's id cannot be reused)."""
+    those of an earlier run (a resting order's id cannot be reused). `now` is the
+    caller's clock (seconds), given with what depends on time."""
 
     def __init__(self, markets: Iterable[Market], funders: list[int], smes: list[int], *,
                  prefix: str, seed: int = 2026, repay_after_s: float = 60.0) -> None:
@@ -77,9 +80,12 @@ class Script:
         # Each segment's going rate: the opening bids' level (`Service._seed_bids`).
         self.mid = {m.id: min(self._premium(m) + 40, m.rate_cap_bps) for m in self.markets}
         self.live: dict[tuple[int, str], str] = {}     # (funder, segment) -> its bid's id
-        self._owner: dict[str, tuple[int, str]] = {}
+        self._sent: dict[str, tuple[int, str, str]] = {}   # id -> who, segment, type
+        self._paused: dict[int | str, float] = {}      # participant or segment -> until
         self.repaid: dict[tuple[int, str], int] = {}   # (funder, core) -> total reported
+        self._known: set[int] = set()                  # funders whose totals were read
         self._due: deque[tuple[float, int, str, int]] = deque()   # loans to repay
+        self._waiting: list[tuple[float, int, str, int]] = []     # ... totals not read yet
         self._n = 0
 
     @staticmethod
@@ -91,55 +97,99 @@ class Script:
         self._n += 1
         return f"{self.prefix}-{self._n}"
 
-    def next(self) -> tuple[int, dict[str, Any]]:
-        """The next command and the participant to send it as."""
+    def _open(self, who: int | str, now: float) -> bool:
+        return self._paused.get(who, 0.0) <= now
+
+    def next(self, now: float) -> tuple[int, dict[str, Any]] | None:
+        """The next command and the participant to send it as; None when the one drawn
+        is paused (its segment halted, or it suspended)."""
         market = self.rng.choice(self.markets)
         low = min(self._premium(market), market.rate_cap_bps)
         high = min(RATE_CEILING + market.tenor_days // 6, market.rate_cap_bps)
         mid = self.mid[market.id] = max(low, min(high, self.mid[market.id]
                                                  + self.rng.choice((-1, 0, 0, 1))))
-        if self.rng.random() < REQUOTE_SHARE:
-            funder = self.rng.choice(self.funders)
-            rate = max(0, min(market.rate_cap_bps, mid + self.rng.randrange(-3, 10)))
-            amount = self.rng.randrange(2, 21) * 100_000_000        # 2 to 20 million CNY
-            resting = self.live.get((funder, market.id))
-            if resting is not None:
-                return funder, {"type": "amend", "client_id": resting, "rate_bps": rate,
-                                "amount": amount}
-            cid = self._client_id()
-            self.live[(funder, market.id)] = cid
-            self._owner[cid] = (funder, market.id)
-            return funder, {"type": "bid", "client_id": cid, "segment": market.id,
-                            "rate_bps": rate, "amount": amount, "tif": "gtc"}
-        sme = self.rng.choice(self.smes)
-        yuan = round(self.rng.lognormvariate(math.log(1_500_000), 0.6) / 10_000) * 10_000
-        fen = max(100_000, min(20_000_000, yuan)) * 100
-        return sme, {"type": "ask", "client_id": self._client_id(), "segment": market.id,
-                     "amount": fen, "tif": "ioc",
-                     "max_rate_bps": min(market.rate_cap_bps, mid + 15)}
+        requote = self.rng.random() < REQUOTE_SHARE
+        who = self.rng.choice(self.funders if requote else self.smes)
+        if not (self._open(market.id, now) and self._open(who, now)):
+            return None
+        message: dict[str, Any]
+        client_id = self.live.get((who, market.id)) if requote else None
+        kind = "amend" if client_id is not None else "bid" if requote else "ask"
+        if client_id is None:
+            client_id = self._client_id()
+        if requote:
+            message = {"type": kind, "client_id": client_id,
+                       "rate_bps": max(0, min(market.rate_cap_bps,
+                                              mid + self.rng.randrange(-3, 10))),
+                       "amount": self.rng.randrange(2, 21) * 100_000_000}  # 2-20 M CNY
+            if kind == "bid":
+                message.update(segment=market.id, tif="gtc")
+                self.live[(who, market.id)] = client_id
+        else:
+            yuan = round(self.rng.lognormvariate(math.log(1_500_000), 0.6) / 10_000) * 10_000
+            message = {"type": "ask", "client_id": client_id, "segment": market.id,
+                       "amount": max(100_000, min(20_000_000, yuan)) * 100, "tif": "ioc",
+                       "max_rate_bps": min(market.rate_cap_bps, mid + 15)}
+        self._sent[client_id] = (who, market.id, kind)
+        return who, message
 
-    def ended(self, client_id: str | None) -> None:
-        """A bid of the market's is over (`done`), or was refused (`rejected`): its
-        funder bids afresh next time rather than amending it."""
-        key = self._owner.pop(client_id, None) if client_id is not None else None
-        if key is not None and self.live.get(key) == client_id:
-            del self.live[key]
+    def answered(self, client_id: str | None, code: str | None, now: float) -> None:
+        """`accepted` (code None) or `rejected` for one of its commands. A refused bid
+        never rested, and an amend refused because its bid has ended is of no bid: the
+        funder bids afresh next time. A halted segment, or a suspended participant, is
+        left alone for a while instead of being refused again and again; a flow-control
+        refusal (`rate_limited`, `unavailable`) leaves a resting bid resting."""
+        sent = self._sent.pop(client_id, None) if client_id is not None else None
+        if sent is None or code is None:
+            return
+        who, segment, kind = sent
+        if code == "segment_halted":
+            self._paused[segment] = now + PAUSE_S
+        elif code == "suspended":
+            self._paused[who] = now + PAUSE_S
+        if kind == "bid" or (kind == "amend" and code in ("not_resting", "unknown_order")):
+            self.ended(who, segment, client_id)
 
-    def known_total(self, funder: int, core: str, total: int) -> None:
-        """What the engine has counted repaid so far (the admin's `status`): totals go on
-        from there, or the first ones after a restart would count nothing."""
-        key = (funder, core)
-        self.repaid[key] = max(self.repaid.get(key, 0), total)
+    def done(self, client_id: str | None) -> None:
+        """A bid of the market's is over (lent in full, halted, suspended, cancelled)."""
+        for key, resting in list(self.live.items()):
+            if resting == client_id:
+                del self.live[key]
+
+    def ended(self, who: int, segment: str, client_id: str | None) -> None:
+        if self.live.get((who, segment)) == client_id:
+            del self.live[(who, segment)]
+
+    def needs_total(self, funder: int) -> bool:
+        """Whether the engine's repaid totals of this funder are still to be read (the
+        admin's `status`) before its loans can be repaid: totals go on from there, or the
+        first ones after a restart would count nothing."""
+        return funder not in self._known
+
+    def known_totals(self, funder: int, totals: dict[str, int]) -> None:
+        """The funder's totals by core enterprise, as the engine has counted them."""
+        for core, total in totals.items():
+            key = (funder, core)
+            self.repaid[key] = max(self.repaid.get(key, 0), total)
+        self._known.add(funder)
+        self._due.extend(x for x in self._waiting if x[1] == funder)
+        self._due = deque(sorted(self._due))
+        self._waiting = [x for x in self._waiting if x[1] != funder]
 
     def lent(self, now: float, funder: int, core: str, amount: int) -> None:
         """A loan on the platform's fill subscription: repaid `repay_after_s` from now."""
         self._due.append((now + self.repay_after_s, funder, core, amount))
 
     def repayments(self, now: float) -> list[dict[str, Any]]:
-        """A `repay` with the new total for each line whose loans fell due by `now`."""
+        """A `repay` with the new total for each line whose loans fell due by `now` (of
+        funders whose totals are known; the others' wait for them)."""
         changed: list[tuple[int, str]] = []
         while self._due and self._due[0][0] <= now:
-            _, funder, core, amount = self._due.popleft()
+            loan = self._due.popleft()
+            _, funder, core, amount = loan
+            if funder not in self._known:
+                self._waiting.append(loan)
+                continue
             key = (funder, core)
             if key not in changed:
                 changed.append(key)
@@ -154,7 +204,7 @@ class Script:
 @dataclass(frozen=True)
 class Keys:
     """The keys the market signs in with: funders and SMEs by id, and the platform's
-    and the admin's (None: no repayments)."""
+    and the admin's (without both: no repayments)."""
 
     funders: dict[int, str]
     smes: dict[int, str]
@@ -164,63 +214,76 @@ class Keys:
 
 async def run(url: str, keys: Keys, rate: float, *, repay_after_s: float = 60.0,
               parent: int = 0, seed: int | None = None) -> int:
-    """Send `rate` commands a second until a connection closes (the gateway stops) or
-    `parent` is no longer ours."""
+    """Send `rate` commands a second until a connection closes (the gateway stops or
+    dropped it) or `parent` is no longer ours. 0 when the parent is gone, 1 otherwise:
+    the gateway that supervises it then starts it again."""
     import aiohttp
 
     http = url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
     http = http.rsplit("/ws", 1)[0]
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{http}/v1/segments") as resp:
+            if resp.status != 200:
+                log.error("demo market: GET /v1/segments answered %d", resp.status)
+                return 1
             markets = [Market(s["id"], s["core"], s["tenor_days"], s["rate_cap_bps"])
                        for s in await resp.json()]
         conns = {pid: await _signed_in(session, url, key)
                  for pid, key in {**keys.funders, **keys.smes}.items()}
-        platform = await _signed_in(session, url, keys.platform) if keys.platform else None
+        repaying = keys.platform is not None and keys.admin is not None
+        if not repaying:
+            log.warning("demo market: no platform or admin key with a plain `key` in the "
+                        "configuration: loans are not repaid")
+        platform = await _signed_in(session, url, keys.platform) if repaying else None
+        admin = await _signed_in(session, url, keys.admin) if repaying else None
         script = Script(markets, sorted(keys.funders), sorted(keys.smes),
-                        prefix=f"live{int(time.time()) % 10**8}",
-                        seed=seed if seed is not None else int(time.time()),
+                        prefix=f"live{time.time_ns() // 1000 % 10**12:x}",
+                        seed=seed if seed is not None else time.time_ns(),
                         repay_after_s=repay_after_s)
         for funder in keys.funders:
             await _withdraw_earlier(conns[funder])
-        if keys.admin and platform is not None:
-            admin = await _signed_in(session, url, keys.admin)
-            await _read_totals(admin, script, keys.funders)
-            await admin.close()
-        closed = asyncio.Event()
-        readers = [asyncio.create_task(_read(ws, script, closed, funder=pid in keys.funders))
-                   for pid, ws in conns.items()]
+        closed: asyncio.Event = asyncio.Event()
+        tasks = [asyncio.create_task(_read(ws, closed, _trader(script))) for ws in conns.values()]
         if platform is not None:
+            repayer = _Repayer(script, admin)
             await platform.send_str(json.dumps({"type": "subscribe", "fills": True}))
-            readers.append(asyncio.create_task(_read(platform, script, closed,
-                                                     platform=True)))
+            tasks += [asyncio.create_task(_read(platform, closed, repayer.on_platform)),
+                      asyncio.create_task(_read(admin, closed, repayer.on_admin)),
+                      asyncio.create_task(_repay(platform, script, closed))]
         log.info("demo market: %d funders and %d SMEs, %.1f commands a second",
                  len(keys.funders), len(keys.smes), rate)
         try:
-            await _send(conns, platform, script, rate, closed, parent)
+            gone = await _send(conns, script, rate, closed, parent)
         finally:
-            for task in readers:
+            for task in tasks:
                 task.cancel()
-            for ws in [*conns.values(), *([platform] if platform else [])]:
+            for ws in [*conns.values(), *(c for c in (platform, admin) if c is not None)]:
                 await ws.close()
-    return 0
+    if not gone:
+        log.warning("demo market: a connection closed; it ends")
+    return 0 if gone else 1
 
 
-async def _signed_in(session: Any, url: str, key: str) -> Any:
+async def _signed_in(session: Any, url: str, key: str | None) -> Any:
     ws = await session.ws_connect(url, headers={"Authorization": f"Bearer {key}"},
                                   heartbeat=None, autoping=True)
-    welcome = await ws.receive_json()
+    welcome = await _answer(ws, "welcome")
     if welcome.get("type") != "welcome":
         raise RuntimeError(f"not signed in: {welcome}")
     return ws
 
 
 async def _answer(ws: Any, type_: str) -> dict[str, Any]:
-    """The next message of `type_` (book updates and fills may come first)."""
+    """The next message of `type_` (book updates and fills may come first), or `error`."""
+    import aiohttp
+
     while True:
-        msg: dict[str, Any] = await ws.receive_json()
-        if msg.get("type") in (type_, "error"):
-            return msg
+        msg = await ws.receive()
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            raise ConnectionError(f"the connection closed ({ws.close_code})")
+        event: dict[str, Any] = json.loads(msg.data)
+        if event.get("type") in (type_, "error"):
+            return event
 
 
 async def _withdraw_earlier(ws: Any) -> None:
@@ -232,78 +295,100 @@ async def _withdraw_earlier(ws: Any) -> None:
             await ws.send_str(json.dumps({"type": "cancel", "client_id": order["client_id"]}))
 
 
-async def _read_totals(admin: Any, script: Script, funders: Iterable[int]) -> None:
-    for funder in funders:
-        await admin.send_str(json.dumps({"type": "status", "participant": funder}))
-        status = await _answer(admin, "status")
-        for line in status.get("lines", ()):
-            script.known_total(funder, line["core"], line["repaid"])
-
-
-async def _read(ws: Any, script: Script, closed: asyncio.Event, *, funder: bool = False,
-                platform: bool = False) -> None:
-    """Tell the script what it needs to know; set `closed` when the connection ends."""
+async def _read(ws: Any, closed: asyncio.Event,
+                handle: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+    """Hand each message to `handle`; set `closed` when the connection ends."""
     import aiohttp
 
     try:
         async for msg in ws:
-            if msg.type != aiohttp.WSMsgType.TEXT:
-                continue
-            event = json.loads(msg.data)
-            kind = event.get("type")
-            if funder and kind in ("done", "rejected"):
-                script.ended(event.get("client_id"))
-            elif platform and kind == "trade":
-                script.lent(time.monotonic(), event["funder"], event["core"], event["amount"])
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await handle(json.loads(msg.data))
+    except Exception:
+        log.exception("demo market: reading a connection failed")
     finally:
         closed.set()
 
 
-async def _send(conns: dict[int, Any], platform: Any, script: Script, rate: float,
-                closed: asyncio.Event, parent: int) -> None:
+def _trader(script: Script) -> Callable[[dict[str, Any]], Awaitable[None]]:
+    """What a funder or an SME hears that the script needs: answers and ends."""
+    async def handle(event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind in ("accepted", "rejected"):
+            script.answered(event.get("client_id"), event.get("code"), time.monotonic())
+        elif kind == "done":
+            script.done(event.get("client_id"))
+    return handle
+
+
+class _Repayer:
+    """The platform's loans to repay, and the admin's reads of a funder's totals the
+    first time one of its loans comes (`status` answers come in the order asked)."""
+
+    def __init__(self, script: Script, admin: Any) -> None:
+        self.script, self.admin = script, admin
+        self.asked: deque[int] = deque()
+
+    async def on_platform(self, event: dict[str, Any]) -> None:
+        if event.get("type") != "trade":
+            return
+        funder = event["funder"]
+        if self.script.needs_total(funder) and funder not in self.asked:
+            self.asked.append(funder)
+            await self.admin.send_str(json.dumps({"type": "status", "participant": funder}))
+        self.script.lent(time.monotonic(), funder, event["core"], event["amount"])
+
+    async def on_admin(self, event: dict[str, Any]) -> None:
+        if event.get("type") not in ("status", "error") or not self.asked:
+            return
+        funder = self.asked.popleft()
+        if event["type"] == "status":          # an error: asked again at its next loan
+            self.script.known_totals(funder, {line["core"]: line["repaid"]
+                                              for line in event["lines"]})
+
+
+async def _repay(platform: Any, script: Script, closed: asyncio.Event) -> None:
+    """Once a second, the totals of the loans that fell due."""
+    while not closed.is_set():
+        for repay in script.repayments(time.monotonic()):
+            await platform.send_str(json.dumps(repay))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(closed.wait(), 1.0)
+
+
+async def _send(conns: dict[int, Any], script: Script, rate: float, closed: asyncio.Event,
+                parent: int) -> bool:
+    """Send at `rate` until a connection closes (False) or the parent is gone (True). A
+    stall is not made up for with a burst."""
     interval = 1.0 / rate
     due = time.monotonic()
-    while not closed.is_set() and (not parent or os.getppid() == parent):
-        pid, message = script.next()
-        await conns[pid].send_str(json.dumps(message))
-        if platform is not None:
-            for repay in script.repayments(time.monotonic()):
-                await platform.send_str(json.dumps(repay))
-        due += interval
+    while not closed.is_set():
+        if parent and os.getppid() != parent:
+            return True
+        now = time.monotonic()
+        drawn = script.next(now)
+        if drawn is not None:
+            who, message = drawn
+            await conns[who].send_str(json.dumps(message))
+        due = max(due + interval, now)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(closed.wait(), max(0.0, due - time.monotonic()))
+    return False
 
 
-class DemoMarketProcess:
-    """`matcher demo-market` beside the gateway, for as long as it serves.
-
-    Started with `subprocess.Popen` (vfork, as the snapshotter), in its own process
-    group, so a Ctrl-C is the gateway's to handle; it ends when the gateway's
-    connections close, or when the gateway is no longer its parent."""
+class DemoMarketProcess(Supervised):
+    """`matcher demo-market` beside the gateway, for as long as it serves
+    (service/children.py): started again if it ends, say when a connection of its was
+    dropped; it ends by itself when the gateway is no longer its parent."""
 
     def __init__(self, url: str, keys: Keys, rate: float, repay_after_s: float) -> None:
-        self.argv = [sys.executable, "-m", "service.cli", "demo-market", "--url", url,
-                     "--rate", repr(rate), "--repay-after", repr(repay_after_s),
-                     "--parent", str(os.getpid())]
-        # Keys in the environment, not in `ps`.
-        self.env = dict(os.environ, DEMO_MARKET_KEYS=json.dumps({
+        argv = [sys.executable, "-m", "service.cli", "demo-market", "--url", url,
+                "--rate", repr(rate), "--repay-after", repr(repay_after_s),
+                "--parent", str(os.getpid())]
+        env = dict(os.environ, DEMO_MARKET_KEYS=json.dumps({     # not in `ps`
             "funders": keys.funders, "smes": keys.smes, "platform": keys.platform,
             "admin": keys.admin}))
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(self.argv, env=self.env, process_group=0)
-
-    async def stop(self, timeout: float = 5.0) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.to_thread(process.wait, timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            await asyncio.to_thread(process.wait)
+        super().__init__("the demo market", argv, env)
 
 
 def keys_from_env() -> Keys:

@@ -21,10 +21,7 @@ import contextlib
 import hashlib
 import logging
 import os
-import signal
-import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +34,7 @@ from matcher import snapshot
 from matcher.engine import Engine
 from service import gctune
 from service.archive import ArchiveWriteFailed, JournalArchive, archive_and_trim
+from service.children import Supervised
 from service.journal import Keys, stream_seq
 from service.recovery import catch_up, recover
 from service.retention import trim_fills
@@ -327,67 +325,25 @@ def parent_alive(parent: int) -> Callable[[], bool]:
     return lambda: os.getppid() == parent
 
 
-class SnapshotterProcess:
-    """`matcher snapshotter` beside the gateway, started again whenever it ends.
+class SnapshotterProcess(Supervised):
+    """`matcher snapshotter` beside the gateway (service/children.py).
 
     A separate process, not a thread: its capture and encoding hold the GIL for
     seconds. The gateway does not depend on it: without snapshots recovery replays more
     of the journal, nothing else changes. So a crash is logged, counted
-    (`matcher_snapshot_failures_total`) and followed by a restart, with a growing delay
-    while it keeps failing. Started with `subprocess.Popen`, which uses vfork: uvloop's
-    own subprocess support forks, and a fork of the gateway is what ADR 17 removed.
+    (`matcher_snapshot_failures_total`) and followed by a restart. A snapshot it is
+    storing when stopped is atomic: it lands whole or not at all.
     """
 
     def __init__(self, redis_url: str, keys: Keys, every: int, *, restart_delay: float = 1.0,
                  max_restart_delay: float = 30.0, archive: str | None = None,
                  fill_retention_hours: float = 0.0) -> None:
-        self.argv = [sys.executable, "-m", "service.cli", "snapshotter", "--shard", keys.shard,
-                     "--every", str(every), "--parent", str(os.getpid())]
+        argv = [sys.executable, "-m", "service.cli", "snapshotter", "--shard", keys.shard,
+                "--every", str(every), "--parent", str(os.getpid())]
         if archive:
-            self.argv += ["--archive", os.path.abspath(archive)]
+            argv += ["--archive", os.path.abspath(archive)]
         if fill_retention_hours:
-            self.argv += ["--fill-retention-hours", repr(fill_retention_hours)]
-        self.env = dict(os.environ, MATCHER_REDIS_URL=redis_url)   # not in `ps`: passwords
-        self.restart_delay = restart_delay
-        self.max_restart_delay = max_restart_delay
-        self.process: subprocess.Popen[bytes] | None = None
-        self.exits = 0                  # times it ended, or could not start, while we ran
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._supervise(),
-                                                            name="snapshotter")
-
-    async def _supervise(self) -> None:
-        delay = self.restart_delay
-        while True:
-            started = time.monotonic()
-            try:
-                # Its own process group: a Ctrl-C at the terminal is the gateway's to
-                # handle (it then ends this one), even while this one is importing.
-                self.process = subprocess.Popen(self.argv, env=self.env, process_group=0)
-                code: int | str = await asyncio.to_thread(self.process.wait)
-            except OSError as exc:       # no memory or no pids left: try again later
-                code = f"{type(exc).__name__}: {exc}"
-            self.exits += 1
-            if time.monotonic() - started > 60:      # it had been working: retry soon
-                delay = self.restart_delay
-            log.error("the snapshotter ended (%s); starting it again in %.0fs", code, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.max_restart_delay)
-
-    async def stop(self, timeout: float = 5.0) -> None:
-        """End it (a snapshot it is storing is atomic: it lands whole or not at all)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await self._task
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.to_thread(process.wait, timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            await asyncio.to_thread(process.wait)
+            argv += ["--fill-retention-hours", repr(fill_retention_hours)]
+        super().__init__("the snapshotter", argv,
+                         dict(os.environ, MATCHER_REDIS_URL=redis_url),  # not in `ps`
+                         restart_delay=restart_delay, max_restart_delay=max_restart_delay)

@@ -3,14 +3,15 @@
 
 from __future__ import annotations
 
-import json
+import os
+import signal
 import time
 from pathlib import Path
 
 import pytest
 import redis
 
-from service.demo_market import Market, Script
+from service.demo_market import PAUSE_S, Market, Script
 from service.localredis import LocalRedis, free_port
 from tests.conftest import ServerProcess, run, write_config
 from tests.test_service import ADMIN, sessions
@@ -26,7 +27,8 @@ def script(**kw: float) -> Script:
 
 def test_a_funder_amends_its_resting_bid_and_bids_again_once_it_ended() -> None:
     s = script()
-    sent = [s.next() for _ in range(400)]
+    sent = [x for t in range(400) if (x := s.next(float(t))) is not None]
+    assert len(sent) == 400                      # nothing paused
     bids = [(who, m) for who, m in sent if m["type"] == "bid"]
     amends = [(who, m) for who, m in sent if m["type"] == "amend"]
     asks = [(who, m) for who, m in sent if m["type"] == "ask"]
@@ -37,40 +39,80 @@ def test_a_funder_amends_its_resting_bid_and_bids_again_once_it_ended() -> None:
     assert 0.5 < len(bids + amends) / len(sent) < 0.8 and asks
     ids = [m["client_id"] for _, m in bids + asks]
     assert len(set(ids)) == len(ids) and all(i.startswith("live7-") for i in ids)
-    for _, m in bids + amends + asks:            # within each segment's cap and range
-        market = next(x for x in MARKETS if x.id == m.get("segment", "")) if "segment" in m \
-            else None
-        rate = m.get("rate_bps", m.get("max_rate_bps"))
-        assert 0 <= rate <= (market.rate_cap_bps if market else 3600)
+    caps = {m.id: m.rate_cap_bps for m in MARKETS}
+    segment_of = {m["client_id"]: m["segment"] for _, m in bids}
+    for _, m in bids + amends + asks:            # within each segment's cap
+        segment = m.get("segment") or segment_of[m["client_id"]]
+        assert 0 <= m.get("rate_bps", m.get("max_rate_bps")) <= caps[segment]
     assert all(m["tif"] == "ioc" and 100_000_00 <= m["amount"] <= 20_000_000_00
                for _, m in asks)
-    # A bid that ended is bid afresh.
+    # A bid that ended is bid afresh; one that was refused too.
     who, first = bids[0]
-    s.ended(first["client_id"])
-    s.ended("someone-elses")                     # not one of its bids: nothing happens
-    again = next(m for w, m in iter(s.next, None)
-                 if w == who and m.get("segment") == first["segment"]
-                 and m["type"] in ("bid", "amend"))
+    s.done(first["client_id"])
+    s.done("someone-elses")                      # not one of its bids: nothing happens
+    again = _next_for(s, who, first["segment"])
     assert again["type"] == "bid" and again["client_id"] != first["client_id"]
+    s.answered(again["client_id"], "over_line", 500.0)
+    assert _next_for(s, who, first["segment"])["type"] == "bid"
+
+
+def _next_for(s: Script, who: int, segment: str, now: float = 500.0) -> dict[str, object]:
+    """The script's next bid or amend for this funder and segment."""
+    while True:
+        drawn = s.next(now)
+        if drawn is not None and drawn[0] == who and drawn[1]["type"] in ("bid", "amend") \
+                and (drawn[1].get("segment") == segment
+                     or s.live.get((who, segment)) == drawn[1]["client_id"]):
+            return drawn[1]
+
+
+def test_a_refusal_for_flow_control_leaves_the_bid_and_a_halt_pauses_its_segment() -> None:
+    """`unavailable` says nothing of the bid: it still rests, and is amended, not bid
+    again beside it (found in review). A halted segment and a suspended participant are
+    left alone for a while rather than refused again and again."""
+    s = script()
+    bid = _next_for(s, 1001, "DFM-30D")
+    s.answered(bid["client_id"], None, 0.0)                      # accepted: resting
+    amend = _next_for(s, 1001, "DFM-30D")
+    assert amend["type"] == "amend"
+    s.answered(amend["client_id"], "unavailable", 0.0)
+    assert _next_for(s, 1001, "DFM-30D")["type"] == "amend"
+    s.answered(bid["client_id"], "segment_halted", 10.0)
+    drawn = [s.next(20.0) for _ in range(300)]
+    assert all(d is None or d[1].get("segment") != "DFM-30D" or d[1]["type"] == "amend"
+               for d in drawn)
+    assert any(d is None for d in drawn)
+    assert any(m.get("segment") == "DFM-30D" for _, m in _draws(s, 10.0 + PAUSE_S))
+    sme, ask = next(d for _ in range(100) if (d := s.next(100.0)) and d[1]["type"] == "ask")
+    s.answered(ask["client_id"], "suspended", 100.0)
+    assert all(who != sme for who, _ in _draws(s, 110.0))
+    assert any(who == sme for who, _ in _draws(s, 100.0 + PAUSE_S))
+
+
+def _draws(s: Script, now: float, n: int = 300) -> list[tuple[int, dict[str, object]]]:
+    """What the script sends in `n` draws at `now` (a paused one sends nothing)."""
+    return [d for _ in range(n) if (d := s.next(now)) is not None]
 
 
 def test_the_same_seed_sends_the_same_market() -> None:
     one, two = script(), script()
-    assert [one.next() for _ in range(200)] == [two.next() for _ in range(200)]
+    assert [one.next(1.0) for _ in range(200)] == [two.next(1.0) for _ in range(200)]
 
 
 def test_loans_are_repaid_when_due_as_running_totals_from_what_the_engine_counted() -> None:
     s = script(repay_after_s=60)
-    s.known_total(1001, "DFM", 500)              # counted before a restart
-    s.known_total(1001, "DFM", 300)              # a lower total never goes back
+    s.known_totals(1001, {"DFM": 500})          # counted before a restart
     s.lent(0.0, 1001, "DFM", 100)
-    s.lent(1.0, 1002, "CRRC", 40)
+    s.lent(1.0, 1002, "CRRC", 40)                # its totals are not read yet
     s.lent(2.0, 1001, "DFM", 10)
+    assert s.needs_total(1002) and not s.needs_total(1001)
     assert s.repayments(59.9) == []
     assert s.repayments(61.0) == [
-        {"type": "repay", "funder": 1001, "core": "DFM", "repaid_total": 600},
-        {"type": "repay", "funder": 1002, "core": "CRRC", "repaid_total": 40}]
+        {"type": "repay", "funder": 1001, "core": "DFM", "repaid_total": 600}]
+    s.known_totals(1002, {"CRRC": 7, "DFM": 0})
+    s.known_totals(1001, {"DFM": 300})          # a lower total never goes back
     assert s.repayments(62.0) == [
+        {"type": "repay", "funder": 1002, "core": "CRRC", "repaid_total": 47},
         {"type": "repay", "funder": 1001, "core": "DFM", "repaid_total": 610}]
     assert s.repayments(1000.0) == []
 
@@ -80,10 +122,24 @@ def test_a_market_needs_somewhere_to_trade_and_someone_to_trade() -> None:
         Script([], [1], [2], prefix="x")
 
 
+def _demo_markets_of(parent: int) -> list[Path]:
+    """The /proc entries of the demo markets started by `parent`."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:                               # it ended meanwhile
+            continue
+        if b"demo-market" in args and str(parent).encode() in args:
+            found.append(proc)
+    return found
+
+
 def test_serve_starts_a_moving_market_that_repays_and_ends_with_the_gateway(
         tmp_path: Path, redis_server: LocalRedis) -> None:
     """`[demo] activity`: demo funders bid and re-quote, demo SMEs borrow, the platform
-    repays each loan; nothing it sends is wrong, and it ends with the gateway."""
+    repays each loan; nothing it sends is wrong; it is started again if it ends, and it
+    ends with the gateway."""
     port = free_port()
     config = write_config(tmp_path / "matcher.toml", redis_server.url, port, extra="\n".join([
         "[demo]", "funders = 3", "smes = 4", "credit_line = 10000000000",
@@ -106,10 +162,15 @@ def test_serve_starts_a_moving_market_that_repays_and_ends_with_the_gateway(
 
         seen = run(statuses())
         status, metrics = server.get("/metrics")
-        children = [p for p in Path("/proc").glob("[0-9]*")
-                    if (p / "cmdline").exists() and b"demo-market" in (p / "cmdline").read_bytes()
-                    and f"--parent\0{server.process.pid}".encode()      # type: ignore[union-attr]
-                    in (p / "cmdline").read_bytes()]
+        assert server.process is not None
+        first = _demo_markets_of(server.process.pid)
+        assert len(first) == 1
+        os.kill(int(first[0].name), signal.SIGKILL)     # a crash: it is started again
+        deadline = time.monotonic() + 15
+        children: list[Path] = []
+        while time.monotonic() < deadline and not children:
+            time.sleep(0.1)
+            children = [c for c in _demo_markets_of(server.process.pid) if c != first[0]]
     finally:
         code = server.terminate()
     fills = client.xrange("matcher:{main}:fills")
@@ -137,4 +198,4 @@ def test_serve_starts_a_moving_market_that_repays_and_ends_with_the_gateway(
     log = (tmp_path / "server.log").read_text()
     assert "demo market: 3 funders and 4 SMEs, 40.0 commands a second" in log
     assert "Traceback" not in log, log[-3000:]
-    json.dumps(seen)                                 # plain data all through
+    assert "the demo market ended (-9); starting it again in 1s" in log
