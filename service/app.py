@@ -253,10 +253,10 @@ class Service:
             # is refused, not let in to a server that no longer serves it.
             await self._site.stop()
         await cancel_all(self._tasks)
-        if self.demo_market is not None:
-            await self.demo_market.stop()
-        if self.snapshotter is not None:
-            await self.snapshotter.stop()
+        # The demo market before the connections close (not restarted as they do); both
+        # at once, each given its few seconds to end.
+        await asyncio.gather(*(child.stop() for child in (self.demo_market, self.snapshotter)
+                               if child is not None))
         timeout = self.config.server.shutdown_timeout
         try:
             await asyncio.wait_for(gw.journal.flush(), timeout)

@@ -22,8 +22,9 @@ log = logging.getLogger("matcher.serve")
 
 class Supervised:
     def __init__(self, name: str, argv: list[str], env: dict[str, str], *,
-                 restart_delay: float = 1.0, max_restart_delay: float = 30.0) -> None:
-        self.name = name
+                 restart_delay: float = 1.0, max_restart_delay: float = 30.0,
+                 logger: logging.Logger = log) -> None:
+        self.name, self.log = name, logger
         self.argv, self.env = argv, env
         self.restart_delay = restart_delay
         self.max_restart_delay = max_restart_delay
@@ -47,7 +48,8 @@ class Supervised:
             self.exits += 1
             if time.monotonic() - started > 60:      # it had been working: retry soon
                 delay = self.restart_delay
-            log.error("%s ended (%s); starting it again in %.0fs", self.name, code, delay)
+            self.log.error("%s ended (%s); starting it again in %.0fs", self.name, code,
+                           delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.max_restart_delay)
 

@@ -13,8 +13,8 @@ The engine and the gateway know nothing of it; stop it and the market is as it w
 - Forty demo SMEs finance receivables of about 1.5 million CNY (log-normal), as IOC
   asks capped a little above the going rate, as the board's "Finance now" does.
 - The platform repays every loan it sees on its fill subscription `repay_after_s`
-  later (its running totals, read back at start through the admin's `status`), so the
-  demo's lines never run dry, also after a load test against the demo.
+  later, as running totals that go on from the engine's (read through the admin's
+  `status` the first time a funder's loan comes), so the demo's lines do not run dry.
 
 What to send is decided by `Script`, which does no I/O (a seeded random generator and
 what it was told), so that it can be tested alone; `run` connects and sends.
@@ -35,6 +35,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+
+import aiohttp
 
 from service.children import Supervised
 
@@ -80,6 +82,7 @@ class Script:
         # Each segment's going rate: the opening bids' level (`Service._seed_bids`).
         self.mid = {m.id: min(self._premium(m) + 40, m.rate_cap_bps) for m in self.markets}
         self.live: dict[tuple[int, str], str] = {}     # (funder, segment) -> its bid's id
+        self._unanswered: set[str] = set()             # bids not yet accepted or refused
         self._sent: dict[str, tuple[int, str, str]] = {}   # id -> who, segment, type
         self._paused: dict[int | str, float] = {}      # participant or segment -> until
         self.repaid: dict[tuple[int, str], int] = {}   # (funder, core) -> total reported
@@ -114,6 +117,8 @@ class Script:
             return None
         message: dict[str, Any]
         client_id = self.live.get((who, market.id)) if requote else None
+        if client_id in self._unanswered:
+            return None          # amended once placed: an answer names the command it is of
         kind = "amend" if client_id is not None else "bid" if requote else "ask"
         if client_id is None:
             client_id = self._client_id()
@@ -125,6 +130,7 @@ class Script:
             if kind == "bid":
                 message.update(segment=market.id, tif="gtc")
                 self.live[(who, market.id)] = client_id
+                self._unanswered.add(client_id)
         else:
             yuan = round(self.rng.lognormvariate(math.log(1_500_000), 0.6) / 10_000) * 10_000
             message = {"type": "ask", "client_id": client_id, "segment": market.id,
@@ -140,7 +146,10 @@ class Script:
         left alone for a while instead of being refused again and again; a flow-control
         refusal (`rate_limited`, `unavailable`) leaves a resting bid resting."""
         sent = self._sent.pop(client_id, None) if client_id is not None else None
-        if sent is None or code is None:
+        if sent is None:
+            return
+        self._unanswered.discard(client_id)
+        if code is None:
             return
         who, segment, kind = sent
         if code == "segment_halted":
@@ -165,6 +174,10 @@ class Script:
         admin's `status`) before its loans can be repaid: totals go on from there, or the
         first ones after a restart would count nothing."""
         return funder not in self._known
+
+    def unread(self) -> set[int]:
+        """Funders with loans due whose totals are still to be read."""
+        return {loan[1] for loan in self._waiting}
 
     def known_totals(self, funder: int, totals: dict[str, int]) -> None:
         """The funder's totals by core enterprise, as the engine has counted them."""
@@ -215,10 +228,18 @@ class Keys:
 async def run(url: str, keys: Keys, rate: float, *, repay_after_s: float = 60.0,
               parent: int = 0, seed: int | None = None) -> int:
     """Send `rate` commands a second until a connection closes (the gateway stops or
-    dropped it) or `parent` is no longer ours. 0 when the parent is gone, 1 otherwise:
-    the gateway that supervises it then starts it again."""
-    import aiohttp
+    dropped it) or `parent` is no longer ours: 0 then, 1 when a connection closed or
+    could not be made (the gateway that supervises it starts it again; one whose
+    connections closed because it went has nobody left to)."""
+    try:
+        return await _run(url, keys, rate, repay_after_s, parent, seed)
+    except (aiohttp.ClientError, OSError, RuntimeError) as exc:   # one line, not a trace
+        log.error("demo market: %s: %s", type(exc).__name__, exc)
+        return 1
 
+
+async def _run(url: str, keys: Keys, rate: float, repay_after_s: float, parent: int,
+               seed: int | None) -> int:
     http = url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
     http = http.rsplit("/ws", 1)[0]
     async with aiohttp.ClientSession() as session:
@@ -245,11 +266,11 @@ async def run(url: str, keys: Keys, rate: float, *, repay_after_s: float = 60.0,
         closed: asyncio.Event = asyncio.Event()
         tasks = [asyncio.create_task(_read(ws, closed, _trader(script))) for ws in conns.values()]
         if platform is not None:
-            repayer = _Repayer(script, admin)
+            repayer = _Repayer(script, platform, admin)
             await platform.send_str(json.dumps({"type": "subscribe", "fills": True}))
             tasks += [asyncio.create_task(_read(platform, closed, repayer.on_platform)),
                       asyncio.create_task(_read(admin, closed, repayer.on_admin)),
-                      asyncio.create_task(_repay(platform, script, closed))]
+                      asyncio.create_task(repayer.run(closed))]
         log.info("demo market: %d funders and %d SMEs, %.1f commands a second",
                  len(keys.funders), len(keys.smes), rate)
         try:
@@ -275,8 +296,6 @@ async def _signed_in(session: Any, url: str, key: str | None) -> Any:
 
 async def _answer(ws: Any, type_: str) -> dict[str, Any]:
     """The next message of `type_` (book updates and fills may come first), or `error`."""
-    import aiohttp
-
     while True:
         msg = await ws.receive()
         if msg.type != aiohttp.WSMsgType.TEXT:
@@ -298,8 +317,6 @@ async def _withdraw_earlier(ws: Any) -> None:
 async def _read(ws: Any, closed: asyncio.Event,
                 handle: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
     """Hand each message to `handle`; set `closed` when the connection ends."""
-    import aiohttp
-
     try:
         async for msg in ws:
             if msg.type == aiohttp.WSMsgType.TEXT:
@@ -322,44 +339,58 @@ def _trader(script: Script) -> Callable[[dict[str, Any]], Awaitable[None]]:
 
 
 class _Repayer:
-    """The platform's loans to repay, and the admin's reads of a funder's totals the
-    first time one of its loans comes (`status` answers come in the order asked)."""
+    """The platform's loans to repay, and the admin's reads of each funder's totals
+    before its first repayment. The admin sends nothing but these `status` requests,
+    and the gateway answers a connection's messages in order, one answer each (`status`,
+    or `error`): so the answers are matched to the funders asked, oldest first (a
+    `status` does not say whose it is)."""
 
-    def __init__(self, script: Script, admin: Any) -> None:
-        self.script, self.admin = script, admin
+    def __init__(self, script: Script, platform: Any, admin: Any) -> None:
+        self.script, self.platform, self.admin = script, platform, admin
         self.asked: deque[int] = deque()
 
-    async def on_platform(self, event: dict[str, Any]) -> None:
-        if event.get("type") != "trade":
-            return
-        funder = event["funder"]
-        if self.script.needs_total(funder) and funder not in self.asked:
+    async def _ask(self, funder: int) -> None:
+        if funder not in self.asked:
             self.asked.append(funder)
             await self.admin.send_str(json.dumps({"type": "status", "participant": funder}))
-        self.script.lent(time.monotonic(), funder, event["core"], event["amount"])
+
+    async def on_platform(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "trade":
+            funder = event["funder"]
+            if self.script.needs_total(funder):
+                await self._ask(funder)
+            self.script.lent(time.monotonic(), funder, event["core"], event["amount"])
+        elif kind in ("rejected", "error"):
+            log.warning("demo market: a repayment was refused: %s", event)
 
     async def on_admin(self, event: dict[str, Any]) -> None:
         if event.get("type") not in ("status", "error") or not self.asked:
             return
         funder = self.asked.popleft()
-        if event["type"] == "status":          # an error: asked again at its next loan
+        if event["type"] == "status":
             self.script.known_totals(funder, {line["core"]: line["repaid"]
                                               for line in event["lines"]})
+        else:                                   # asked again within the second
+            log.warning("demo market: reading funder %d's totals failed: %s", funder, event)
 
-
-async def _repay(platform: Any, script: Script, closed: asyncio.Event) -> None:
-    """Once a second, the totals of the loans that fell due."""
-    while not closed.is_set():
-        for repay in script.repayments(time.monotonic()):
-            await platform.send_str(json.dumps(repay))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(closed.wait(), 1.0)
+    async def run(self, closed: asyncio.Event) -> None:
+        """Once a second, the totals of the loans that fell due; and the totals of
+        funders whose loans wait for them, asked again after a failed read."""
+        while not closed.is_set():
+            for funder in self.script.unread():
+                await self._ask(funder)
+            for repay in self.script.repayments(time.monotonic()):
+                await self.platform.send_str(json.dumps(repay))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(closed.wait(), 1.0)
 
 
 async def _send(conns: dict[int, Any], script: Script, rate: float, closed: asyncio.Event,
                 parent: int) -> bool:
-    """Send at `rate` until a connection closes (False) or the parent is gone (True). A
-    stall is not made up for with a burst."""
+    """Send at `rate` until a connection closes (False) or the parent is gone (True).
+    After a stall the next command goes at once and the pace resumes from there: what
+    the stall missed is not made up for."""
     interval = 1.0 / rate
     due = time.monotonic()
     while not closed.is_set():
@@ -388,7 +419,7 @@ class DemoMarketProcess(Supervised):
         env = dict(os.environ, DEMO_MARKET_KEYS=json.dumps({     # not in `ps`
             "funders": keys.funders, "smes": keys.smes, "platform": keys.platform,
             "admin": keys.admin}))
-        super().__init__("the demo market", argv, env)
+        super().__init__("the demo market", argv, env, logger=log)
 
 
 def keys_from_env() -> Keys:

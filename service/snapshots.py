@@ -346,4 +346,5 @@ class SnapshotterProcess(Supervised):
             argv += ["--fill-retention-hours", repr(fill_retention_hours)]
         super().__init__("the snapshotter", argv,
                          dict(os.environ, MATCHER_REDIS_URL=redis_url),  # not in `ps`
-                         restart_delay=restart_delay, max_restart_delay=max_restart_delay)
+                         restart_delay=restart_delay, max_restart_delay=max_restart_delay,
+                         logger=log)

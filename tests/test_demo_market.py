@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -25,10 +26,36 @@ def script(**kw: float) -> Script:
                   seed=7, **kw)
 
 
+def _accepted(s: Script, now: float, n: int = 400) -> list[tuple[int, dict[str, Any]]]:
+    """`n` draws at `now`, each command accepted at once, as a gateway would answer."""
+    sent = []
+    for _ in range(n):
+        drawn = s.next(now)
+        if drawn is not None:
+            s.answered(drawn[1]["client_id"], None, now)
+            sent.append(drawn)
+    return sent
+
+
+def _segment(s: Script, segment_of: dict[str, str], message: dict[str, Any]) -> str:
+    return message.get("segment") or segment_of[message["client_id"]]
+
+
+def _next_for(s: Script, who: int, segment: str, now: float = 500.0) -> dict[str, Any]:
+    """The script's next bid or amend for this funder and segment (unanswered)."""
+    for _ in range(10_000):
+        drawn = s.next(now)
+        if drawn is not None and drawn[0] == who and drawn[1]["type"] in ("bid", "amend") \
+                and (drawn[1].get("segment") == segment
+                     or s.live.get((who, segment)) == drawn[1]["client_id"]):
+            return drawn[1]
+    raise AssertionError(f"nothing for {who} in {segment}")
+
+
 def test_a_funder_amends_its_resting_bid_and_bids_again_once_it_ended() -> None:
     s = script()
-    sent = [x for t in range(400) if (x := s.next(float(t))) is not None]
-    assert len(sent) == 400                      # nothing paused
+    sent = _accepted(s, 0.0)
+    assert len(sent) == 400                      # nothing paused, nothing waiting
     bids = [(who, m) for who, m in sent if m["type"] == "bid"]
     amends = [(who, m) for who, m in sent if m["type"] == "amend"]
     asks = [(who, m) for who, m in sent if m["type"] == "ask"]
@@ -42,8 +69,7 @@ def test_a_funder_amends_its_resting_bid_and_bids_again_once_it_ended() -> None:
     caps = {m.id: m.rate_cap_bps for m in MARKETS}
     segment_of = {m["client_id"]: m["segment"] for _, m in bids}
     for _, m in bids + amends + asks:            # within each segment's cap
-        segment = m.get("segment") or segment_of[m["client_id"]]
-        assert 0 <= m.get("rate_bps", m.get("max_rate_bps")) <= caps[segment]
+        assert 0 <= m.get("rate_bps", m.get("max_rate_bps")) <= caps[_segment(s, segment_of, m)]
     assert all(m["tif"] == "ioc" and 100_000_00 <= m["amount"] <= 20_000_000_00
                for _, m in asks)
     # A bid that ended is bid afresh; one that was refused too.
@@ -52,18 +78,21 @@ def test_a_funder_amends_its_resting_bid_and_bids_again_once_it_ended() -> None:
     s.done("someone-elses")                      # not one of its bids: nothing happens
     again = _next_for(s, who, first["segment"])
     assert again["type"] == "bid" and again["client_id"] != first["client_id"]
-    s.answered(again["client_id"], "over_line", 500.0)
+    s.answered(again["client_id"], "no_credit_line", 500.0)
     assert _next_for(s, who, first["segment"])["type"] == "bid"
 
 
-def _next_for(s: Script, who: int, segment: str, now: float = 500.0) -> dict[str, object]:
-    """The script's next bid or amend for this funder and segment."""
-    while True:
-        drawn = s.next(now)
-        if drawn is not None and drawn[0] == who and drawn[1]["type"] in ("bid", "amend") \
-                and (drawn[1].get("segment") == segment
-                     or s.live.get((who, segment)) == drawn[1]["client_id"]):
-            return drawn[1]
+def test_a_bid_is_amended_only_once_answered() -> None:
+    """An amend reuses its bid's client id: sent before the bid's answer, the bid's
+    refusal was taken for the amend's and the refused bid kept being amended (found in
+    review). Until its answer, nothing more is sent for that funder and segment."""
+    s = script()
+    bid = _next_for(s, 1001, "DFM-30D")
+    assert bid["type"] == "bid"
+    drawn = _draws(s, 500.0)
+    assert not [m for who, m in drawn if m["client_id"] == bid["client_id"]]
+    s.answered(bid["client_id"], "no_credit_line", 500.0)
+    assert _next_for(s, 1001, "DFM-30D")["type"] == "bid"
 
 
 def test_a_refusal_for_flow_control_leaves_the_bid_and_a_halt_pauses_its_segment() -> None:
@@ -77,19 +106,26 @@ def test_a_refusal_for_flow_control_leaves_the_bid_and_a_halt_pauses_its_segment
     assert amend["type"] == "amend"
     s.answered(amend["client_id"], "unavailable", 0.0)
     assert _next_for(s, 1001, "DFM-30D")["type"] == "amend"
-    s.answered(bid["client_id"], "segment_halted", 10.0)
-    drawn = [s.next(20.0) for _ in range(300)]
-    assert all(d is None or d[1].get("segment") != "DFM-30D" or d[1]["type"] == "amend"
-               for d in drawn)
-    assert any(d is None for d in drawn)
-    assert any(m.get("segment") == "DFM-30D" for _, m in _draws(s, 10.0 + PAUSE_S))
-    sme, ask = next(d for _ in range(100) if (d := s.next(100.0)) and d[1]["type"] == "ask")
-    s.answered(ask["client_id"], "suspended", 100.0)
+    # An SME's ask in the segment is refused: halted.
+    sme, ask = next((who, m) for who, m in _draws(s, 5.0)
+                    if m["type"] == "ask" and m["segment"] == "DFM-30D")
+    s.answered(ask["client_id"], "segment_halted", 10.0)
+    segment_of = {bid["client_id"]: "DFM-30D"}
+    during = _accepted(s, 20.0)
+    segment_of.update((m["client_id"], m["segment"]) for _, m in during if "segment" in m)
+    assert during and all(_segment(s, segment_of, m) != "DFM-30D" for _, m in during)
+    after = _accepted(s, 10.0 + PAUSE_S)
+    assert any(_segment(s, {**segment_of, **{m["client_id"]: m["segment"] for _, m in after
+                                             if "segment" in m}}, m) == "DFM-30D"
+               for _, m in after)
+    # An SME suspended: it is left alone too.
+    s.answered(next(m for who, m in _draws(s, 100.0) if who == sme)["client_id"],
+               "suspended", 100.0)
     assert all(who != sme for who, _ in _draws(s, 110.0))
     assert any(who == sme for who, _ in _draws(s, 100.0 + PAUSE_S))
 
 
-def _draws(s: Script, now: float, n: int = 300) -> list[tuple[int, dict[str, object]]]:
+def _draws(s: Script, now: float, n: int = 300) -> list[tuple[int, dict[str, Any]]]:
     """What the script sends in `n` draws at `now` (a paused one sends nothing)."""
     return [d for _ in range(n) if (d := s.next(now)) is not None]
 
