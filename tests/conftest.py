@@ -53,15 +53,17 @@ def redis_server(tmp_path: Path) -> Iterator[LocalRedis]:
     server.stop()
 
 
-def write_config(path: Path, redis_url: str, port: int, extra: str = "") -> Path:
+def write_config(path: Path, redis_url: str, port: int, extra: str = "", *,
+                 shard: str = "main",
+                 segments: list[tuple[str, str, int]] = SEGMENTS) -> Path:
     lines = [
         "[server]", 'host = "127.0.0.1"', f"port = {port}",
         "metrics_cache_ms = 0",         # tests read a counter, act, and read it again
-        "[redis]", f'url = "{redis_url}"', "max_retry_delay = 0.2",
+        "[redis]", f'url = "{redis_url}"', "max_retry_delay = 0.2", f'shard = "{shard}"',
         "[engine]", "snapshot_every = 1000",
         "[limits]", "book_interval_ms = 50",
     ]
-    for seg_id, core, tenor in SEGMENTS:
+    for seg_id, core, tenor in segments:
         lines += ["[[segments]]", f'id = "{seg_id}"', f'core = "{core}"', f"tenor_days = {tenor}"]
     for pid, (name, role, key) in PARTICIPANTS.items():
         lines += ["[[participants]]", f"id = {pid}", f'name = "{name}"', f'role = "{role}"',
