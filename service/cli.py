@@ -102,13 +102,34 @@ def _fills(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
-#: What `matcher admin` sends for each action, from its one argument.
-ADMIN_ACTIONS: dict[str, Callable[[str], dict[str, object]]] = {
-    "halt": lambda arg: {"type": "halt", "segment": arg},
-    "reopen": lambda arg: {"type": "reopen", "segment": arg},
-    "suspend": lambda arg: {"type": "suspend", "participant": int(arg)},
-    "reinstate": lambda arg: {"type": "reinstate", "participant": int(arg)},
-    "status": lambda arg: {"type": "status", "participant": int(arg)},
+def _add_segment(args: argparse.Namespace) -> dict[str, object]:
+    if args.core is None or args.tenor_days is None:
+        raise ValueError("add-segment takes SEGMENT --core CORE --tenor-days N "
+                         "[--rate-cap-bps N]")
+    message: dict[str, object] = {"type": "add_segment", "segment": args.target,
+                                  "core": args.core, "tenor_days": args.tenor_days}
+    if args.rate_cap_bps is not None:
+        message["rate_cap_bps"] = args.rate_cap_bps
+    return message
+
+
+def _participant(args: argparse.Namespace) -> int:
+    try:
+        return int(args.target)
+    except ValueError:
+        raise ValueError(f"{args.action} takes a participant id, not {args.target!r}") \
+            from None
+
+
+#: What `matcher admin` sends for each action, from its arguments (ValueError: they are
+#: not what the action takes). The gateway checks the rest, as for any client.
+ADMIN_ACTIONS: dict[str, Callable[[argparse.Namespace], dict[str, object]]] = {
+    "halt": lambda args: {"type": "halt", "segment": args.target},
+    "reopen": lambda args: {"type": "reopen", "segment": args.target},
+    "suspend": lambda args: {"type": "suspend", "participant": _participant(args)},
+    "reinstate": lambda args: {"type": "reinstate", "participant": _participant(args)},
+    "status": lambda args: {"type": "status", "participant": _participant(args)},
+    "add-segment": _add_segment,
 }
 
 
@@ -124,11 +145,13 @@ def _admin(args: argparse.Namespace) -> int:
     if not key:
         print("matcher admin: set MATCHER_ADMIN_KEY (or --key)", file=sys.stderr)
         return 2
+    if args.target is None:
+        print(f"matcher admin: {args.action} takes a target", file=sys.stderr)
+        return 2
     try:
-        message = ADMIN_ACTIONS[args.action](args.target)
-    except ValueError:
-        print(f"matcher admin: {args.action} takes a participant id, not {args.target!r}",
-              file=sys.stderr)
+        message = ADMIN_ACTIONS[args.action](args)
+    except ValueError as exc:
+        print(f"matcher admin: {exc}", file=sys.stderr)
         return 2
     answers = {"accepted", "rejected", "error", "status"}
 
@@ -347,8 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--key", help="the admin's API key (better: MATCHER_ADMIN_KEY)")
     p.add_argument("--timeout", type=_positive_seconds, default=10.0)
     p.add_argument("action", choices=sorted(ADMIN_ACTIONS),
-                   help="halt/reopen SEGMENT, suspend/reinstate/status PARTICIPANT")
-    p.add_argument("target", help="a segment id, or a participant id")
+                   help="halt/reopen SEGMENT, suspend/reinstate/status PARTICIPANT, "
+                        "add-segment SEGMENT --core CORE --tenor-days N")
+    p.add_argument("target", nargs="?", help="a segment id, or a participant id")
+    p.add_argument("--core", help="add-segment: its core enterprise (new or known)")
+    p.add_argument("--tenor-days", type=int, help="add-segment: the receivables' tenor")
+    p.add_argument("--rate-cap-bps", type=int,
+                   help="add-segment: the highest rate it takes (default 3600)")
     p.set_defaults(run=_admin)
     p = sub.add_parser("demo-market", help="a market that moves by itself, for the demo "
                                             "(`serve` starts it with [demo] activity; keys "

@@ -1862,7 +1862,8 @@ def test_matcher_admin_halts_suspends_and_reads_from_the_command_line(
         server: ServerProcess, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
     """`matcher admin ACTION TARGET`: one admin message over the real WebSocket API, the
-    answer printed as JSON, exit 1 when refused, 2 without an admin's key."""
+    answer printed as JSON, exit 1 when refused, 2 without an admin's key or with
+    arguments the action does not take."""
     from service.cli import main
 
     said: list[str] = []
@@ -1893,6 +1894,18 @@ def test_matcher_admin_halts_suspends_and_reads_from_the_command_line(
     assert admin("suspend", "abc") == (2, None)
     assert "takes a participant id, not 'abc'" in said[-1]
     assert admin("reopen", "DFM-30D")[0] == admin("reinstate", str(F11))[0] == 0
+    # A new market, opened from the shell; the engine's own checks answer the rest.
+    assert admin("add-segment", "CRRC-60D") == (2, None)
+    assert "--core CORE --tenor-days N" in said[-1]
+    code, opened = admin("add-segment", "CRRC-60D", "--core", "CRRC", "--tenor-days", "60",
+                         "--rate-cap-bps", "3000")
+    assert code == 0 and opened["type"] == "accepted"
+    assert {"id": "CRRC-60D", "core": "CRRC", "tenor_days": 60, "rate_cap_bps": 3000,
+            "best_rate_bps": None, "demand_amount": 0, "halted": False} in json.loads(
+        server.get("/v1/segments")[1])
+    code, again = admin("add-segment", "CRRC-60D", "--core", "CRRC", "--tenor-days", "60")
+    assert code == 1 and again["code"] == "duplicate_segment"
+    assert admin("halt") == (2, None) and "halt takes a target" in said[-1]
 
 
 def test_after_a_restart_funders_that_do_not_come_back_lose_their_bids(
