@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import msgspec
 from aiohttp import web
@@ -317,9 +317,11 @@ class Gateway:
                       now: int) -> wire.Rejected | None:
         """What the gateway refuses before the engine sees it: the engine has no
         directory of participants, and its rules can never become stricter."""
-        if isinstance(cmd, wire.Suspend | wire.Reinstate) and who.may(cmd):
+        kind = type(cmd)        # not isinstance: 120 to 330 ns on msgspec's types, a command
+        if (kind is wire.Suspend or kind is wire.Reinstate) and who.may(cmd):
+            cmd = cast("wire.Suspend | wire.Reinstate", cmd)
             named = self.directory.get(cmd.participant)
-            if named is None and not (isinstance(cmd, wire.Reinstate)
+            if named is None and not (kind is wire.Reinstate
                                       and cmd.participant in self.engine.suspended):
                 # (One suspended and then removed from the directory can be reinstated:
                 # its id would otherwise stay suspended for whoever gets it next.)
@@ -345,7 +347,10 @@ class Gateway:
         shows nothing, however many bids it rests). The segment's cap also keeps the
         book's sums inside int64 (ADR 4). A retry of an order placed before is let
         through: the engine answers it as one."""
-        if (not isinstance(cmd, wire.Bid | wire.Ask) or cmd.tif in ("ioc", "fok")
+        if type(cmd) not in _ORDERS:
+            return None
+        cmd = cast("wire.Bid | wire.Ask", cmd)
+        if (cmd.tif in ("ioc", "fok")
                 or cmd.segment in self.engine.halted        # the engine says why
                 or who.id in self.engine.suspended):
             return None
@@ -612,27 +617,25 @@ class Gateway:
             self._error(conn, decode_error(exc, data) if allowed else self._over_rate(None))
             return
         who = conn.participant
+        # By its type, not a chain of isinstance (120 to 330 ns each on msgspec's types):
+        # every command went through five of them.
+        read = _READS.get(type(msg))
         if not allowed:
-            if isinstance(msg, wire.Command):   # a command is answered as refused commands are
+            if read is None:            # a command is answered as refused commands are
                 self._refuse(who, conn, wire.Rejected(
                     client_id=getattr(msg, "client_id", None), code="rate_limited",
                     message=self._over_rate(None).message))
             else:       # a read, a subscription, a sign-in: an `error`, by ref if it has one
                 self._error(conn, self._over_rate(getattr(msg, "ref", None)))
             return
-        if isinstance(msg, wire.QuoteRequest):
-            self._quote(conn, msg)
-        elif isinstance(msg, wire.StatusRequest):
-            self._status(conn, msg)
-        elif isinstance(msg, wire.FillsRequest):
-            self._fills(conn, msg)
-        elif isinstance(msg, wire.Subscribe | wire.Unsubscribe):
-            self._subscribe(conn, msg)
-        elif isinstance(msg, wire.Auth):
-            self._error(conn, wire.Error(code="already_authenticated",
-                                         message="this connection is signed in", path="$.type"))
+        if read is None:
+            self.submit(who, cast(wire.Command, msg), received, conn)
         else:
-            self.submit(who, msg, received, conn)
+            read(self, conn, msg)
+
+    def _signed_in_already(self, conn: Connection, msg: wire.Auth) -> None:
+        self._error(conn, wire.Error(code="already_authenticated",
+                                     message="this connection is signed in", path="$.type"))
 
     def _over_rate(self, ref: str | None) -> wire.Error:
         return wire.Error(code="rate_limited", ref=ref, path=None,
@@ -777,6 +780,13 @@ class Gateway:
 
 
 _ANSWERS = (wire.Accepted, wire.Rejected)
+_ORDERS = (wire.Bid, wire.Ask)
+#: The messages answered at once, by their handler; every other is a command.
+_READS: dict[type, Callable[[Gateway, Connection, Any], None]] = {
+    wire.QuoteRequest: Gateway._quote, wire.StatusRequest: Gateway._status,
+    wire.FillsRequest: Gateway._fills, wire.Subscribe: Gateway._subscribe,
+    wire.Unsubscribe: Gateway._subscribe, wire.Auth: Gateway._signed_in_already,
+}
 
 
 def _unnamed_answer(event: wire.Event) -> bool:
