@@ -64,7 +64,8 @@ class Histogram:
 
 class Metrics:
     def __init__(self, max_age: float = 0.0) -> None:
-        self.commands: defaultdict[str, int] = defaultdict(int)     # by command type
+        # By command type, named on scrape (a name made per command is a new string).
+        self.commands: defaultdict[type, int] = defaultdict(int)
         self.rejects: defaultdict[str, int] = defaultdict(int)      # by code
         self.connections: defaultdict[str, int] = defaultdict(int)  # by role
         # Series that alerts compare with zero exist from the start: a series that
@@ -113,7 +114,7 @@ class Metrics:
         return own + await asyncio.to_thread(generate_latest, self.process)
 
     def command(self, kind: type) -> None:
-        self.commands[kind.__name__.lower()] += 1
+        self.commands[kind] += 1
 
     def read_on_scrape(self, name: str, doc: str, read: Callable[[], float], *,
                        counter: bool = False) -> None:
@@ -138,7 +139,8 @@ class Metrics:
             return family
 
         yield labelled(CounterMetricFamily("matcher_commands", "Commands accepted, by type",
-                                           labels=["type"]), self.commands)
+                                           labels=["type"]),
+                       {kind.__name__.lower(): n for kind, n in self.commands.items()})
         yield labelled(CounterMetricFamily("matcher_rejects",
                                            "Commands and messages refused, by code",
                                            labels=["code"]), self.rejects)
