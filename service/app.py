@@ -189,7 +189,8 @@ class Service:
                      for n in range(1, min(demo.funders, demo_market.FUNDERS) + 1)},
             smes={DEMO_SME_BASE + n: demo_key(demo, "sme", n)
                   for n in range(1, min(demo.smes, demo_market.SMES) + 1)},
-            platform=plain.get("platform"), admin=plain.get("admin"))
+            platform=plain.get("platform"), admin=plain.get("admin"),
+            lenders=tuple(DEMO_FUNDER_BASE + n for n in range(1, demo.funders + 1)))
         # A wildcard is reached at its loopback address (an IPv6 socket takes only IPv6).
         host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(
             self.config.server.host, self.config.server.host)

@@ -12,9 +12,11 @@ The engine and the gateway know nothing of it; stop it and the market is as it w
   one whose bid ended (lent in full, halted, suspended) bids again.
 - Forty demo SMEs finance receivables of about 1.5 million CNY (log-normal), as IOC
   asks capped a little above the going rate, as the board's "Finance now" does.
-- The platform repays every loan it sees on its fill subscription `repay_after_s`
-  later, as running totals that go on from the engine's (read through the admin's
-  `status` the first time a funder's loan comes), so the demo's lines do not run dry.
+- The platform repays what each demo funder has lent, `repay_after_s` after it saw
+  it lent: the admin reads every lender's lines (`status`) every few seconds, and what
+  a line has lent and not been repaid falls due as the running total `repaid + used`.
+  So the demo's lines do not run dry, whoever borrowed, even loans made while the market
+  was not running.
 
 What to send is decided by `Script`, which does no I/O (a seeded random generator and
 what it was told), so that it can be tested alone; `run` connects and sends.
@@ -51,6 +53,9 @@ REQUOTE_SHARE = 0.65
 RATE_FLOOR, RATE_CEILING = 215, 300
 #: Seconds a halted segment, or a suspended participant, is left alone after a refusal.
 PAUSE_S = 30.0
+#: Seconds between two reads of a lender's lines (at most; less when loans are repaid
+#: sooner than that).
+SWEEP_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,8 @@ class Script:
     caller's clock (seconds), given with what depends on time."""
 
     def __init__(self, markets: Iterable[Market], funders: list[int], smes: list[int], *,
-                 prefix: str, seed: int = 2026, repay_after_s: float = 60.0) -> None:
+                 prefix: str, seed: int = 2026, repay_after_s: float = 60.0,
+                 lenders: Iterable[int] = (), sweep_s: float | None = None) -> None:
         self.markets = sorted(markets, key=lambda m: m.id)
         if not self.markets or not funders or not smes:
             raise ValueError("a demo market needs segments, funders and SMEs")
@@ -86,9 +92,15 @@ class Script:
         self._sent: dict[str, tuple[int, str, str]] = {}   # id -> who, segment, type
         self._paused: dict[int | str, float] = {}      # participant or segment -> until
         self.repaid: dict[tuple[int, str], int] = {}   # (funder, core) -> total reported
-        self._known: set[int] = set()                  # funders whose totals were read
-        self._due: deque[tuple[float, int, str, int]] = deque()   # loans to repay
-        self._waiting: list[tuple[float, int, str, int]] = []     # ... totals not read yet
+        # Lines are read every `sweep_s`: a loan is repaid `repay_after_s` to that much
+        # more after it was made.
+        self.sweep_s = sweep_s if sweep_s is not None else min(repay_after_s, SWEEP_S)
+        order = sorted(lenders)
+        # When each is read, first as offsets into the first sweep (from the first call).
+        self._next_read = {funder: n * self.sweep_s / len(order)
+                           for n, funder in enumerate(order)}
+        self._sweeping = False
+        self._due: deque[tuple[float, int, str, int]] = deque()   # (when, funder, core, total)
         self._n = 0
 
     @staticmethod
@@ -169,46 +181,54 @@ class Script:
         if self.live.get((who, segment)) == client_id:
             del self.live[(who, segment)]
 
-    def needs_total(self, funder: int) -> bool:
-        """Whether the engine's repaid totals of this funder are still to be read (the
-        admin's `status`) before its loans can be repaid: totals go on from there, or the
-        first ones after a restart would count nothing."""
-        return funder not in self._known
+    def reads(self, now: float) -> list[int]:
+        """Lenders whose lines are to be read now (the admin's `status`), each about
+        every `sweep_s`, spread over the sweep so that they do not come all at once."""
+        if not self._sweeping:
+            self._sweeping = True
+            self._next_read = {funder: now + at for funder, at in self._next_read.items()}
+        due = [funder for funder, at in self._next_read.items() if at <= now]
+        for funder in due:
+            self._next_read[funder] = math.inf          # until its lines are read
+        return due
 
-    def unread(self) -> set[int]:
-        """Funders with loans due whose totals are still to be read."""
-        return {loan[1] for loan in self._waiting}
+    def unread(self, funder: int, now: float) -> None:
+        """A read that failed: asked again at the next sweep."""
+        self._next_read[funder] = now + self.sweep_s
 
-    def known_totals(self, funder: int, totals: dict[str, int]) -> None:
-        """The funder's totals by core enterprise, as the engine has counted them."""
-        for core, total in totals.items():
-            key = (funder, core)
-            self.repaid[key] = max(self.repaid.get(key, 0), total)
-        self._known.add(funder)
-        self._due.extend(x for x in self._waiting if x[1] == funder)
-        self._due = deque(sorted(self._due))
-        self._waiting = [x for x in self._waiting if x[1] != funder]
-
-    def lent(self, now: float, funder: int, core: str, amount: int) -> None:
-        """A loan on the platform's fill subscription: repaid `repay_after_s` from now."""
-        self._due.append((now + self.repay_after_s, funder, core, amount))
+    def lines_read(self, funder: int, lines: Iterable[dict[str, int | str]],
+                   now: float) -> None:
+        """A lender's lines as the engine counts them (`status`): what it has lent and
+        not yet been repaid (`used`) falls due `repay_after_s` from now, as the total
+        `repaid + used`. Lent, whoever borrowed, and even while the market was not
+        running: a loan that a stop or a refused `repay` left unpaid is repaid by the
+        next read."""
+        self._next_read[funder] = now + self.sweep_s
+        for line in lines:
+            key = (funder, str(line["core"]))
+            repaid, used = int(line["repaid"]), int(line["used"])
+            # The engine's count: lower than a total sent only if that one was refused
+            # (or is still on its way: sent again, it is a `duplicate`, changing nothing).
+            self.repaid[key] = repaid
+            if used > 0:
+                self._due.append((now + self.repay_after_s, funder, key[1], repaid + used))
 
     def repayments(self, now: float) -> list[dict[str, Any]]:
-        """A `repay` with the new total for each line whose loans fell due by `now` (of
-        funders whose totals are known; the others' wait for them)."""
-        changed: list[tuple[int, str]] = []
+        """A `repay` for each line with a total that fell due by `now` and goes beyond
+        what was reported before. Such a total is never more than the engine can free:
+        what the line had lent and not been repaid when it was read is still lent, or
+        was repaid since (the platform's totals only grow)."""
+        totals: dict[tuple[int, str], int] = {}
         while self._due and self._due[0][0] <= now:
-            loan = self._due.popleft()
-            _, funder, core, amount = loan
-            if funder not in self._known:
-                self._waiting.append(loan)
-                continue
-            key = (funder, core)
-            if key not in changed:
-                changed.append(key)
-            self.repaid[key] = self.repaid.get(key, 0) + amount
-        return [{"type": "repay", "funder": funder, "core": core,
-                 "repaid_total": self.repaid[(funder, core)]} for funder, core in changed]
+            _, funder, core, total = self._due.popleft()
+            totals[(funder, core)] = max(totals.get((funder, core), 0), total)
+        out = []
+        for key, total in totals.items():
+            if total > self.repaid.get(key, 0):
+                self.repaid[key] = total
+                out.append({"type": "repay", "funder": key[0], "core": key[1],
+                            "repaid_total": total})
+        return out
 
 
 # --- I/O: connections to the gateway -----------------------------------------------------
@@ -217,12 +237,14 @@ class Script:
 @dataclass(frozen=True)
 class Keys:
     """The keys the market signs in with: funders and SMEs by id, and the platform's
-    and the admin's (without both: no repayments)."""
+    and the admin's (without both: no repayments); and the funders whose lines are
+    repaid (every demo funder, not only those that trade here)."""
 
     funders: dict[int, str]
     smes: dict[int, str]
     platform: str | None
     admin: str | None
+    lenders: tuple[int, ...] = ()
 
 
 async def run(url: str, keys: Keys, rate: float, *, repay_after_s: float = 60.0,
@@ -260,14 +282,14 @@ async def _run(url: str, keys: Keys, rate: float, repay_after_s: float, parent: 
         script = Script(markets, sorted(keys.funders), sorted(keys.smes),
                         prefix=f"live{time.time_ns() // 1000 % 10**12:x}",
                         seed=seed if seed is not None else time.time_ns(),
-                        repay_after_s=repay_after_s)
+                        repay_after_s=repay_after_s,
+                        lenders=keys.lenders if repaying else ())
         for funder in keys.funders:
             await _withdraw_earlier(conns[funder])
         closed: asyncio.Event = asyncio.Event()
         tasks = [asyncio.create_task(_read(ws, closed, _trader(script))) for ws in conns.values()]
         if platform is not None:
             repayer = _Repayer(script, platform, admin)
-            await platform.send_str(json.dumps({"type": "subscribe", "fills": True}))
             tasks += [asyncio.create_task(_read(platform, closed, repayer.on_platform)),
                       asyncio.create_task(_read(admin, closed, repayer.on_admin)),
                       asyncio.create_task(repayer.run(closed))]
@@ -339,29 +361,18 @@ def _trader(script: Script) -> Callable[[dict[str, Any]], Awaitable[None]]:
 
 
 class _Repayer:
-    """The platform's loans to repay, and the admin's reads of each funder's totals
-    before its first repayment. The admin sends nothing but these `status` requests,
-    and the gateway answers a connection's messages in order, one answer each (`status`,
-    or `error`): so the answers are matched to the funders asked, oldest first (a
-    `status` does not say whose it is)."""
+    """The admin's reads of the lenders' lines, and the platform's repayments. The
+    admin sends nothing but these `status` requests, and the gateway answers a
+    connection's messages in order, one answer each (`status`, or `error`): so the
+    answers are matched to the funders asked, oldest first (a `status` does not say
+    whose it is)."""
 
     def __init__(self, script: Script, platform: Any, admin: Any) -> None:
         self.script, self.platform, self.admin = script, platform, admin
         self.asked: deque[int] = deque()
 
-    async def _ask(self, funder: int) -> None:
-        if funder not in self.asked:
-            self.asked.append(funder)
-            await self.admin.send_str(json.dumps({"type": "status", "participant": funder}))
-
     async def on_platform(self, event: dict[str, Any]) -> None:
-        kind = event.get("type")
-        if kind == "trade":
-            funder = event["funder"]
-            if self.script.needs_total(funder):
-                await self._ask(funder)
-            self.script.lent(time.monotonic(), funder, event["core"], event["amount"])
-        elif kind in ("rejected", "error"):
+        if event.get("type") in ("rejected", "error"):    # its total is sent again later
             log.warning("demo market: a repayment was refused: %s", event)
 
     async def on_admin(self, event: dict[str, Any]) -> None:
@@ -369,21 +380,23 @@ class _Repayer:
             return
         funder = self.asked.popleft()
         if event["type"] == "status":
-            self.script.known_totals(funder, {line["core"]: line["repaid"]
-                                              for line in event["lines"]})
-        else:                                   # asked again within the second
-            log.warning("demo market: reading funder %d's totals failed: %s", funder, event)
+            self.script.lines_read(funder, event["lines"], time.monotonic())
+        else:                                   # asked again at the next sweep
+            log.warning("demo market: reading funder %d's lines failed: %s", funder, event)
+            self.script.unread(funder, time.monotonic())
 
     async def run(self, closed: asyncio.Event) -> None:
-        """Once a second, the totals of the loans that fell due; and the totals of
-        funders whose loans wait for them, asked again after a failed read."""
+        """Four times a second: the lines due to be read, and the totals that fell due."""
         while not closed.is_set():
-            for funder in self.script.unread():
-                await self._ask(funder)
-            for repay in self.script.repayments(time.monotonic()):
+            now = time.monotonic()
+            for funder in self.script.reads(now):
+                self.asked.append(funder)
+                await self.admin.send_str(json.dumps({"type": "status",
+                                                      "participant": funder}))
+            for repay in self.script.repayments(now):
                 await self.platform.send_str(json.dumps(repay))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(closed.wait(), 1.0)
+                await asyncio.wait_for(closed.wait(), 0.25)
 
 
 async def _send(conns: dict[int, Any], script: Script, rate: float, closed: asyncio.Event,
@@ -418,7 +431,7 @@ class DemoMarketProcess(Supervised):
                 "--parent", str(os.getpid())]
         env = dict(os.environ, DEMO_MARKET_KEYS=json.dumps({     # not in `ps`
             "funders": keys.funders, "smes": keys.smes, "platform": keys.platform,
-            "admin": keys.admin}))
+            "admin": keys.admin, "lenders": keys.lenders}))
         super().__init__("the demo market", argv, env, logger=log)
 
 
@@ -426,4 +439,5 @@ def keys_from_env() -> Keys:
     data = json.loads(os.environ["DEMO_MARKET_KEYS"])
     return Keys(funders={int(k): v for k, v in data["funders"].items()},
                 smes={int(k): v for k, v in data["smes"].items()},
-                platform=data["platform"], admin=data["admin"])
+                platform=data["platform"], admin=data["admin"],
+                lenders=tuple(data.get("lenders", ())))

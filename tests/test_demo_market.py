@@ -135,22 +135,50 @@ def test_the_same_seed_sends_the_same_market() -> None:
     assert [one.next(1.0) for _ in range(200)] == [two.next(1.0) for _ in range(200)]
 
 
-def test_loans_are_repaid_when_due_as_running_totals_from_what_the_engine_counted() -> None:
-    s = script(repay_after_s=60)
-    s.known_totals(1001, {"DFM": 500})          # counted before a restart
-    s.lent(0.0, 1001, "DFM", 100)
-    s.lent(1.0, 1002, "CRRC", 40)                # its totals are not read yet
-    s.lent(2.0, 1001, "DFM", 10)
-    assert s.needs_total(1002) and not s.needs_total(1001)
-    assert s.repayments(59.9) == []
-    assert s.repayments(61.0) == [
+def _line(core: str, used: int, repaid: int) -> dict[str, int | str]:
+    return {"core": core, "line": 10**12, "used": used, "repaid": repaid}
+
+
+def test_every_lenders_lines_are_read_in_turn_and_what_they_lent_is_repaid_when_due() -> None:
+    """Repayments go by what the engine says each line has lent and not been repaid, not
+    by the loans the market saw: a loan made while it was not running, or one whose
+    `repay` was refused, is repaid after the next read."""
+    s = Script(MARKETS, [1001], [100001], prefix="live7", seed=7, repay_after_s=60,
+               lenders=[1004, 1001, 1002, 1003], sweep_s=10)
+    # Spread over the first sweep, from the first call; each once until its answer.
+    assert s.reads(100.0) == [1001]
+    assert s.reads(102.4) == []
+    assert s.reads(105.0) == [1002, 1003]
+    s.lines_read(1001, [_line("DFM", 100, 500), _line("CRRC", 0, 7)], 100.0)
+    s.unread(1002, 105.0)                      # its read failed: asked at the next sweep
+    assert s.reads(109.9) == [1004]
+    assert s.reads(110.0) == [1001]
+    assert s.reads(114.9) == [] and s.reads(115.0) == [1002]
+    assert s.repayments(159.9) == []
+    assert s.repayments(160.0) == [
         {"type": "repay", "funder": 1001, "core": "DFM", "repaid_total": 600}]
-    s.known_totals(1002, {"CRRC": 7, "DFM": 0})
-    s.known_totals(1001, {"DFM": 300})          # a lower total never goes back
-    assert s.repayments(62.0) == [
-        {"type": "repay", "funder": 1002, "core": "CRRC", "repaid_total": 47},
-        {"type": "repay", "funder": 1001, "core": "DFM", "repaid_total": 610}]
+    # Read again before that repayment: 30 more lent since; and by then a total is
+    # never sent twice, nor one already counted.
+    s.lines_read(1001, [_line("DFM", 130, 500)], 110.0)
+    s.lines_read(1003, [_line("SGCC", 0, 40)], 115.0)
+    assert s.repayments(169.9) == []
+    assert s.repayments(170.0) == [
+        {"type": "repay", "funder": 1001, "core": "DFM", "repaid_total": 630}]
+    # That one was refused: the engine still counts 600, and 30 are lent: sent again.
+    s.lines_read(1001, [_line("DFM", 30, 600)], 180.0)
+    s.lines_read(1002, [_line("DFM", 0, 0)], 180.0)
+    assert s.repayments(240.0) == [
+        {"type": "repay", "funder": 1001, "core": "DFM", "repaid_total": 630}]
+    # Read while that one was on its way: the same total falls due again, but a later
+    # read found it counted: not sent (it would have been a `duplicate`).
+    s.lines_read(1001, [_line("DFM", 30, 600)], 240.0)
+    s.lines_read(1001, [_line("DFM", 0, 630)], 250.0)
     assert s.repayments(1000.0) == []
+
+
+def test_without_lenders_nothing_is_read() -> None:
+    s = script()
+    assert s.reads(0.0) == [] and s.repayments(1000.0) == []
 
 
 def test_a_market_needs_somewhere_to_trade_and_someone_to_trade() -> None:
