@@ -895,6 +895,67 @@ def test_an_ask_whose_answers_were_lost_with_the_connection_is_read_back_not_res
     assert ladder(page) == [("2.50%", "1,300,000.00 CNY", "1 order")]   # lent once
 
 
+@pytest.mark.parametrize("filled", [True, False])
+def test_a_lost_ask_is_read_back_past_the_loans_made_after_it(
+        new_page: Callable[..., Page], server: ServerProcess,
+        market: tuple[WsClient, WsClient], clients: Callable[[int], WsClient],
+        filled: bool) -> None:
+    """As above, but the SME borrows 110 times more (from another client) before the
+    page is back: its ask's two loans are no longer among the latest 100, and the page
+    read "Unfilled" for an ask that was filled. It reads the loans made after the
+    newest book it had seen instead, page by page: past the ask's loans, or, for an
+    ask that lent nothing (capped below every bid here), to the end."""
+    sockets: list[WebSocketRoute] = []
+    asks: list[str] = []
+    reads: list[dict[str, Any]] = []
+
+    def route(ws: WebSocketRoute) -> None:
+        sockets.append(ws)
+        server_ws = ws.connect_to_server()
+        first = len(sockets) == 1
+
+        def outgoing(message: str | bytes) -> None:
+            msg = json.loads(message)
+            if msg["type"] == "ask":
+                asks.append(msg["client_id"])
+                if not filled:
+                    message = json.dumps({**msg, "max_rate_bps": 200})
+            if msg["type"] == "fills" and msg["ref"] == "ask-check":
+                reads.append(msg)
+            server_ws.send(message)
+
+        def incoming(message: str | bytes) -> None:
+            if not (first and asks):
+                ws.send(message)
+        ws.on_message(outgoing)
+        server_ws.on_message(incoming)
+
+    page = new_page(f"sme-ask-lost-far-{filled}")
+    page.route_web_socket(re.compile(r".*/ws$"), route)
+    sign_in(page, server, SME_X)
+    finance_from_both_banks(page)
+    bank_a, bank_b = market
+    if filled:
+        assert bank_b.until("fill")["amount"] == 50_000_000
+        assert bank_a.until("fill")["amount"] == 70_000_000
+    other = clients(SME_X)
+    for n in range(110):
+        got = other.command({"type": "ask", "client_id": f"py-more-{n}", "segment": SEG,
+                             "amount": 1_000_000, "max_rate_bps": 250, "tif": "ioc"})
+        assert got["type"] == "accepted", got
+    sockets[0].close(code=1001)
+    expect(page.locator("#outcome")).to_have_text("Filled" if filled else "Unfilled",
+                                                  timeout=10_000)
+    expect(page.locator("#sme-result tr.loan")).to_have_count(2 if filled else 0)
+    expect(page.locator("#total-financed")).to_have_text(
+        "1,200,000.00 CNY" if filled else "0.00 CNY")
+    expect(page.locator("#finance")).to_be_enabled()
+    assert len(asks) == 1, asks
+    # After the book it had seen; to the end (two pages) only when nothing was found.
+    assert len(reads) == (1 if filled else 2), reads
+    assert all(r.get("after") not in (None, "0-0") for r in reads), reads
+
+
 def test_the_quote_is_sent_while_the_book_keeps_moving(
         new_page: Callable[..., Page], server: ServerProcess,
         market: tuple[WsClient, WsClient]) -> None:

@@ -369,7 +369,7 @@ function onError(msg) {
     setTimeout(() => {
       if (!conn.welcomed) return;
       if (msg.ref === 'loans') requestLoans();
-      else if (sme.ask?.checking) send({ type: 'fills', limit: ASK_CHECK_LOANS, ref: 'ask-check' });
+      else if (sme.ask?.checking) askCheckPage(sme.ask);
     }, 2000);
     return;
   }
@@ -681,7 +681,7 @@ function finance() {
   const msg = { type: 'ask', client_id: clientId, segment: q.segment, amount: q.amount,
     max_rate_bps: q.worst_rate_bps, tif: 'ioc', single_funder: mode === 'single' };
   sme.ask = { clientId, seg, amount: q.amount, cap: q.worst_rate_bps, fills: [], done: null, rejected: null,
-    lost: false, checking: false };
+    lost: false, checking: false, after: askCursor() };
   if (!sendCommand(msg, { kind: 'ask', msg: $('sme-msg') })) return;
   $('finance').disabled = true;
   renderResult();
@@ -702,31 +702,52 @@ function addAskFill(ask, fill) {
   if (!ask.fills.some((f) => f.trade_id === fill.trade_id)) ask.fills.push(fill);
 }
 
-// The loans an ask made are among the SME's latest this many (one ask is filled by at
-// most a few dozen funders).
+// Pages of loans read back for an ask whose answers were lost.
 const ASK_CHECK_LOANS = 100;
+
+// Where the SME's loans made by an ask sent now can start: after every command the page
+// has seen journaled (its newest book's, or its newest loan's). The ask is sequenced
+// after those; if a gateway after a reconnect numbers from lower, the journal lost the
+// ask too (it loses only its newest commands), and there is nothing to find.
+function askCursor() {
+  let seq = 0;
+  for (const b of state.books.values()) seq = Math.max(seq, b.seq);
+  const loan = state.loans[0]?.trade_id;
+  return loan && newerTrade(loan, `${seq}-0`) ? loan : `${seq}-0`;
+}
 
 // The connection dropped while the ask was out, and its answers with it. It is not sent
 // again: a retry is recognised only for two minutes and not across an end of day, after
 // which the same client id would be a second ask and a second loan. An IOC ask is over
 // once the gateway has taken it, so its loans, read back from the journal by client id,
-// are the whole outcome; none means it was not filled or never arrived. Until they are
+// are the whole outcome; none means it was not filled or never arrived. They are read
+// from `askCursor()` on, page by page, for as many loans as came after. Until they are
 // read, "Finance now" stays locked.
 function resumeAsk() {
   const a = sme.ask;
   if (!a || askEnded(a) || a.checking) return;
   a.checking = true;
-  send({ type: 'fills', limit: ASK_CHECK_LOANS, ref: 'ask-check' });
+  askCheckPage(a);
+}
+
+function askCheckPage(a) {
+  send({ type: 'fills', after: a.after, limit: ASK_CHECK_LOANS, ref: 'ask-check' });
 }
 
 function settleLostAsk(page) {
   const a = sme.ask;
   if (!a?.checking) return;
+  for (const f of page.fills) if (f.client_id === a.clientId) addAskFill(a, f);
+  if (page.next != null) a.after = page.next;
+  // One command makes all of an ask's loans, one after another: past them, or past
+  // the end, nothing more can be its.
+  const seq = a.fills[0]?.seq;
+  if (page.more && !(seq !== undefined && page.fills.some((f) => f.seq > seq))) {
+    askCheckPage(a);
+    return;
+  }
   a.checking = false;
-  smeAskEvent(a.clientId, (x) => {
-    for (const f of page.fills) if (f.client_id === x.clientId) addAskFill(x, f);
-    x.lost = true;
-  });
+  smeAskEvent(a.clientId, (x) => { x.lost = true; });
 }
 
 const OUTCOMES = { filled: 'Filled', partial: 'Partly filled', unfilled: 'Unfilled' };
