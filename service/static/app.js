@@ -135,6 +135,7 @@ const state = {
   bulkCancel: false,         // the done messages of a cancel_all are coming
   lastSent: null,            // the latest command, to pin a gateway `error` on
   loans: [],                 // the latest loans shown, newest first (trade ids are unique)
+  awayFrom: null,            // client id -> bid listed when the connection dropped
 };
 
 const conn = { ws: null, key: null, welcomed: false, everWelcomed: false, retry: 0, timer: 0 };
@@ -179,9 +180,14 @@ function onClose(ws, ev) {
   conn.timer = setTimeout(connect, delay);
 }
 
-function send(msg) {
-  if (!conn.ws || conn.ws.readyState !== WebSocket.OPEN || !conn.welcomed) {
-    notify('Not connected to the market: try again in a moment.');
+const connected = () => Boolean(conn.ws && conn.ws.readyState === WebSocket.OPEN && conn.welcomed);
+
+// What the person asked for says so when it cannot go; a read the page makes by itself
+// (`quiet`: a status refresh, a quote while typing) is simply made again on the next
+// welcome.
+function send(msg, { quiet = false } = {}) {
+  if (!connected()) {
+    if (!quiet) notify('Not connected to the market: try again in a moment.');
     return false;
   }
   conn.ws.send(JSON.stringify(msg));
@@ -210,6 +216,8 @@ function forgetUnanswered() {
   state.unnamed = [];
   state.lastSent = null;
   if (sme.ask?.checking) sme.ask.checking = false;   // its read back is lost too: again
+  sme.financeAfterQuote = false;   // never an ask the person did not see go out
+  noteBidsAtRisk();
 }
 
 function takePending(clientId) {
@@ -578,6 +586,7 @@ function smeRead({ submit = false } = {}) {
 }
 
 function onSmeInput() {
+  sme.financeAfterQuote = false;   // "Finance now" was for what was typed before
   const want = smeRead();
   clearTimeout(sme.timer);
   if (!want || !sme.want || want.segment !== sme.want.segment || want.amount !== sme.want.amount) {
@@ -601,8 +610,8 @@ function sendQuotes() {
   const ref = `q${++sme.reqSeq}`;
   sme.want.ref = ref;
   const { segment, amount } = sme.want;
-  send({ type: 'quote', segment, amount, single_funder: false, ref: `${ref}-split` });
-  send({ type: 'quote', segment, amount, single_funder: true, ref: `${ref}-single` });
+  send({ type: 'quote', segment, amount, single_funder: false, ref: `${ref}-split` }, { quiet: true });
+  send({ type: 'quote', segment, amount, single_funder: true, ref: `${ref}-single` }, { quiet: true });
 }
 
 function onQuote(q) {
@@ -655,6 +664,7 @@ function onFinanceSubmit(ev) {
   if (!want) return;
   const fresh = sme.want && sme.want.segment === want.segment && sme.want.amount === want.amount;
   if (fresh && sme.quotes.split && sme.quotes.single) return finance();
+  if (!connected()) return showMsg($('sme-msg'), 'Not connected to the market: try again once it is back.');
   // No answer yet for what is typed: ask now, and finance as soon as it is in.
   sme.want = want;
   sme.quotes = {};
@@ -680,9 +690,10 @@ function finance() {
   const clientId = newClientId('ask');
   const msg = { type: 'ask', client_id: clientId, segment: q.segment, amount: q.amount,
     max_rate_bps: q.worst_rate_bps, tif: 'ioc', single_funder: mode === 'single' };
-  sme.ask = { clientId, seg, amount: q.amount, cap: q.worst_rate_bps, fills: [], done: null, rejected: null,
+  const ask = { clientId, seg, amount: q.amount, cap: q.worst_rate_bps, fills: [], done: null, rejected: null,
     lost: false, checking: false, after: askCursor() };
-  if (!sendCommand(msg, { kind: 'ask', msg: $('sme-msg') })) return;
+  if (!sendCommand(msg, { kind: 'ask', msg: $('sme-msg') })) return;   // nothing went out
+  sme.ask = ask;
   $('finance').disabled = true;
   renderResult();
 }
@@ -782,7 +793,7 @@ function renderResult() {
       el('thead', {}, el('tr', {}, el('th', {}, 'Funder'), el('th', {}, 'Rate'), el('th', {}, 'Amount'))),
       el('tbody', {}, rows)) : null,
     el('dl', { class: 'totals' },
-      el('div', {}, el('dt', {}, 'Financed today'), el('dd', { id: 'total-financed', dataset: { fen: total } }, formatCny(total))),
+      el('div', {}, el('dt', {}, 'Financed'), el('dd', { id: 'total-financed', dataset: { fen: total } }, formatCny(total))),
       el('div', {}, el('dt', {}, `Interest for ${plural(a.seg.tenor_days, 'day')}`),
         el('dd', { id: 'total-interest', dataset: { fen: interest } }, formatCny(interest)))));
 }
@@ -794,12 +805,53 @@ let statusTimer = 0;
 // Coalesces the refreshes a burst of fills would cause into one status request.
 function requestStatus() {
   clearTimeout(statusTimer);
-  statusTimer = setTimeout(() => send({ type: 'status' }), 60);
+  statusTimer = setTimeout(() => send({ type: 'status' }, { quiet: true }), 60);
 }
 
 const SUSPENDED = 'An admin has suspended your trading: contact the platform.';
 
+// The connection dropped: the bids listed may be gone by the time it is back (cancel on
+// disconnect, when this was the funder's last connection; or lent meanwhile), and their
+// `done`s went to the closed connection. Until the next status the list is shown as it
+// was, without its buttons, and that status says which of them ended.
+function noteBidsAtRisk() {
+  if (state.me?.role !== 'funder' || state.awayFrom) return;
+  const bids = state.status.orders.filter((o) => o.side === 'bid');
+  state.awayFrom = new Map(bids.map((o) => [o.client_id, o]));
+  $('orders').dataset.stale = 'true';
+  for (const b of $('orders').querySelectorAll('button')) b.disabled = true;
+  $('cancel-all').disabled = true;
+  if (bids.length) {
+    showMsg($('orders-msg'), state.me.cancel_on_disconnect
+      ? 'Connection lost: your bids are cancelled unless another session of yours is open (cancel on disconnect). The list is refreshed once reconnected.'
+      : 'Connection lost: your bids stay resting. The list is refreshed once reconnected.', 'info');
+  }
+}
+
+// The first status after a reconnect: each bid listed when the connection dropped that
+// is no longer resting ended meanwhile.
+function reportBidsEndedAway(status) {
+  const before = state.awayFrom;
+  state.awayFrom = null;
+  delete $('orders').dataset.stale;
+  if (!before?.size) return;
+  const resting = new Set(status.orders.map((o) => o.client_id));
+  const why = state.me.cancel_on_disconnect
+    ? 'cancelled when the connection dropped (cancel on disconnect), or lent meanwhile'
+    : 'lent, expired or ended by an admin meanwhile';
+  let ended = 0;
+  for (const o of before.values()) {
+    if (resting.has(o.client_id)) continue;
+    ended += 1;
+    const seg = state.segments.get(o.segment);
+    addActivity(`Bid at ${formatRate(o.rate_bps)} in ${seg ? segmentLabel(seg) : o.segment} `
+      + `(${formatCny(o.remaining)} resting) ended while the connection was down: ${why}`);
+  }
+  showMsg($('orders-msg'), ended ? `${plural(ended, 'bid')} ended while the connection was down: see Activity.` : '', 'info');
+}
+
 function onStatus(status) {
+  if (state.awayFrom) reportBidsEndedAway(status);
   state.status = status;
   state.suspended = status.suspended;
   if (status.suspended) showMsg($(state.me?.role === 'sme' ? 'sme-msg' : 'bid-msg'), SUSPENDED);
@@ -834,6 +886,7 @@ function renderOrders() {
   $('cancel-all').disabled = !bids.length;
   const keep = new Set(bids.map((o) => o.client_id));
   for (const li of [...list.children]) if (!keep.has(li.dataset.clientId)) li.remove();
+  for (const b of list.querySelectorAll('button')) b.disabled = false;   // live again
   if (!bids.length) {
     setChildren(list, el('li', { class: 'empty muted' }, 'No resting bids.'));
     return;
@@ -867,13 +920,21 @@ function orderItem(clientId) {
   return li;
 }
 
-// A bid or amend may not ask for more than the line left against the core enterprise.
-function creditError(segment, amount) {
+// Without a line against the core enterprise a bid is refused (`no_credit_line`). A bid
+// for more than the line leaves rests whole and lends what the line allows, the rest as
+// repayments free it (ADR 13): it is sent, and the answer says so.
+function creditError(segment) {
   const core = state.segments.get(segment)?.core;
   const l = lineFor(core);
-  if (!l || l.line === 0) return `Set a credit line against ${core} first.`;
-  if (amount > l.left) return `Amount: over your remaining credit line against ${core} (${formatCny(l.left)} available).`;
-  return null;
+  return !l || l.line === 0 ? `Set a credit line against ${core} first.` : null;
+}
+
+function overLineNote(segment, amount) {
+  const core = state.segments.get(segment)?.core;
+  const l = lineFor(core);
+  return l && amount > l.left
+    ? ` Your line against ${core} has ${formatCny(l.left)} free: the bid lends up to that now, the rest as repayments free it.`
+    : '';
 }
 
 function onBidSubmit(ev) {
@@ -886,13 +947,14 @@ function onBidSubmit(ev) {
   if (rate.error) return showMsg(msgNode, `Rate: ${rate.error}`);
   const amount = parseAmount($('bid-amount').value);
   if (amount.error) return showMsg(msgNode, `Amount: ${amount.error}`);
-  const credit = creditError(segment, amount.value);
+  const credit = creditError(segment);
   if (credit) return showMsg(msgNode, credit);
   const tif = document.querySelector('input[name="tif"]:checked').value;
   const msg = { type: 'bid', client_id: newClientId('bid'), segment, rate_bps: rate.value,
     amount: amount.value, tif };
   if (sendCommand(msg, { kind: 'bid', msg: msgNode,
-    text: `Bid placed: ${formatCny(amount.value)} at ${formatRate(rate.value)} in ${segmentLabel(seg)}.` })) {
+    text: `Bid placed: ${formatCny(amount.value)} at ${formatRate(rate.value)} in ${segmentLabel(seg)}.`
+      + overLineNote(segment, amount.value) })) {
     showMsg(msgNode, 'Placing bid…', 'info');
   }
 }
@@ -913,11 +975,10 @@ function amend(clientId, form) {
   if (amountText.trim() !== '') {
     const a = parseAmount(amountText);
     if (a.error) return showMsg(msgNode, `Amount: ${a.error}`);
-    const credit = creditError(order.segment, a.value);
-    if (credit) return showMsg(msgNode, credit);
     msg.amount = a.value;
   }
-  if (sendCommand(msg, { kind: 'amend', msg: msgNode, text: 'Bid amended.' })) {
+  const note = msg.amount !== undefined ? overLineNote(order.segment, msg.amount) : '';
+  if (sendCommand(msg, { kind: 'amend', msg: msgNode, text: `Bid amended.${note}` })) {
     showMsg(msgNode, 'Saving…', 'info');
     form.elements.rate.value = '';
     form.elements.amount.value = '';
