@@ -420,14 +420,19 @@ class Service:
                                                  rate_cap_bps=seg.rate_cap_bps),
                           time.perf_counter())
         demo = self.config.demo
-        if first_start and demo.credit_line:
+        if demo.credit_line:
+            # At every start, not only the first: a core enterprise or a funder added to
+            # the configuration since has its demo line too (the demo's market bids
+            # everywhere). One with none (never set, or 0 with nothing lent) gets it.
             funders = [p for p in self.directory if p.role == "funder"]
             cores = sorted({s.core for s in gw.engine.segments.values()})
             for funder in funders:
                 for core in cores:
-                    gw.submit(funder, wire.SetCreditLine(core=core, amount=demo.credit_line),
-                              time.perf_counter())
-            if demo.seed_bids:
+                    if gw.engine.credit(core, funder.id) == (0, 0):
+                        gw.submit(funder, wire.SetCreditLine(core=core,
+                                                             amount=demo.credit_line),
+                                  time.perf_counter())
+            if first_start and demo.seed_bids:
                 self._seed_bids(funders)
         await gw.journal.flush()
 

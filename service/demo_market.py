@@ -90,7 +90,9 @@ class Script:
         self.live: dict[tuple[int, str], str] = {}     # (funder, segment) -> its bid's id
         self._unanswered: set[str] = set()             # bids not yet accepted or refused
         self._sent: dict[str, tuple[int, str, str]] = {}   # id -> who, segment, type
-        self._paused: dict[int | str, float] = {}      # participant or segment -> until
+        # participant, segment, or (funder, core) without a line there -> until when
+        self._paused: dict[int | str | tuple[int, str], float] = {}
+        self._core = {m.id: m.core for m in self.markets}
         self.repaid: dict[tuple[int, str], int] = {}   # (funder, core) -> total reported
         # Lines are read every `sweep_s`: a loan is repaid `repay_after_s` to that much
         # more after it was made.
@@ -112,7 +114,7 @@ class Script:
         self._n += 1
         return f"{self.prefix}-{self._n}"
 
-    def _open(self, who: int | str, now: float) -> bool:
+    def _open(self, who: int | str | tuple[int, str], now: float) -> bool:
         return self._paused.get(who, 0.0) <= now
 
     def next(self, now: float) -> tuple[int, dict[str, Any]] | None:
@@ -125,7 +127,8 @@ class Script:
                                                  + self.rng.choice((-1, 0, 0, 1))))
         requote = self.rng.random() < REQUOTE_SHARE
         who = self.rng.choice(self.funders if requote else self.smes)
-        if not (self._open(market.id, now) and self._open(who, now)):
+        if not (self._open(market.id, now) and self._open(who, now)
+                and self._open((who, market.core), now)):
             return None
         message: dict[str, Any]
         client_id = self.live.get((who, market.id)) if requote else None
@@ -155,7 +158,8 @@ class Script:
         """`accepted` (code None) or `rejected` for one of its commands. A refused bid
         never rested, and an amend refused because its bid has ended is of no bid: the
         funder bids afresh next time. A halted segment, or a suspended participant, is
-        left alone for a while instead of being refused again and again; a flow-control
+        left alone for a while instead of being refused again and again, and so is a
+        funder without a line against a core enterprise, there; a flow-control
         refusal (`rate_limited`, `unavailable`) leaves a resting bid resting."""
         sent = self._sent.pop(client_id, None) if client_id is not None else None
         if sent is None:
@@ -168,6 +172,8 @@ class Script:
             self._paused[segment] = now + PAUSE_S
         elif code == "suspended":
             self._paused[who] = now + PAUSE_S
+        elif code == "no_credit_line":           # until someone sets one
+            self._paused[(who, self._core[segment])] = now + PAUSE_S
         if kind == "bid" or (kind == "amend" and code in ("not_resting", "unknown_order")):
             self.ended(who, segment, client_id)
 

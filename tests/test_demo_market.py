@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 import redis
+from websockets.asyncio.client import connect
 
 from service.demo_market import PAUSE_S, Market, Script
 from service.localredis import LocalRedis, free_port
-from tests.conftest import ServerProcess, run, write_config
-from tests.test_service import ADMIN, sessions
+from tests.conftest import SEGMENTS, ServerProcess, run, write_config
+from tests.test_service import ADMIN, Client, sessions
 
 MARKETS = [Market("DFM-30D", "DFM", 30, 3600), Market("DFM-180D", "DFM", 180, 3600),
            Market("CRRC-90D", "CRRC", 90, 260)]
@@ -78,7 +79,7 @@ def test_a_funder_amends_its_resting_bid_and_bids_again_once_it_ended() -> None:
     s.done("someone-elses")                      # not one of its bids: nothing happens
     again = _next_for(s, who, first["segment"])
     assert again["type"] == "bid" and again["client_id"] != first["client_id"]
-    s.answered(again["client_id"], "no_credit_line", 500.0)
+    s.answered(again["client_id"], "unavailable", 500.0)
     assert _next_for(s, who, first["segment"])["type"] == "bid"
 
 
@@ -91,7 +92,7 @@ def test_a_bid_is_amended_only_once_answered() -> None:
     assert bid["type"] == "bid"
     drawn = _draws(s, 500.0)
     assert not [m for who, m in drawn if m["client_id"] == bid["client_id"]]
-    s.answered(bid["client_id"], "no_credit_line", 500.0)
+    s.answered(bid["client_id"], "unavailable", 500.0)
     assert _next_for(s, 1001, "DFM-30D")["type"] == "bid"
 
 
@@ -123,6 +124,67 @@ def test_a_refusal_for_flow_control_leaves_the_bid_and_a_halt_pauses_its_segment
                "suspended", 100.0)
     assert all(who != sme for who, _ in _draws(s, 110.0))
     assert any(who == sme for who, _ in _draws(s, 100.0 + PAUSE_S))
+
+
+def test_a_funder_without_a_line_is_left_alone_in_that_core_enterprise() -> None:
+    """A core enterprise where a demo funder has no line (added after the demo's first
+    start, or a line cut to 0): its bids there were refused at every draw (found in
+    review). It is left alone there for a while, and bids elsewhere meanwhile."""
+    s = script()
+    bid = _next_for(s, 1001, "CRRC-90D")
+    s.answered(bid["client_id"], "no_credit_line", 0.0)
+    during = _accepted(s, 10.0, 2000)
+    assert not [m for who, m in during if who == 1001 and m.get("segment") == "CRRC-90D"]
+    assert [m for who, m in during if who == 1001 and m.get("segment") == "DFM-30D"]
+    assert [m for who, m in during if who == 1002 and m.get("segment") == "CRRC-90D"]
+    assert _next_for(s, 1001, "CRRC-90D", now=PAUSE_S)["type"] == "bid"
+
+
+def test_demo_lines_are_set_for_a_core_enterprise_added_since(
+        tmp_path: Path, redis_server: LocalRedis) -> None:
+    """The demo's lines were set at its first start only: a core enterprise added to the
+    configuration later had no demo lines, and every bid there was refused (found in
+    review). Each start sets the demo line where a funder has none; a line someone set
+    stays, and the opening bids are not placed again."""
+    port = free_port()
+    demo = "\n".join(["[demo]", "funders = 2", "smes = 1", "credit_line = 700",
+                      "seed_bids = true", ""])
+    config = write_config(tmp_path / "matcher.toml", redis_server.url, port, extra=demo)
+
+    async def lines_and_bids() -> dict[int, tuple[dict[str, int], int]]:
+        async with sessions(server, ADMIN) as (admin,):
+            out = {}
+            for funder in (1001, 1002):
+                await admin.send({"type": "status", "participant": funder})
+                got = await admin.expect("status")
+                out[funder] = ({line["core"]: line["line"] for line in got["lines"]},
+                               len(got["orders"]))
+            return out
+
+    async def set_line(core: str, amount: int) -> None:
+        async with connect(server.ws_url,
+                           additional_headers={"Authorization": "Bearer demo-funder-1"}) as ws:
+            funder = Client(ws)
+            await funder.expect("welcome")
+            await funder.ok({"type": "set_credit_line", "core": core, "amount": amount})
+
+    server = ServerProcess(config, port, tmp_path / "server.log").start()
+    try:
+        first = run(lines_and_bids())
+        run(set_line("DFM", 5))
+    finally:
+        assert server.terminate() == 0
+    write_config(tmp_path / "matcher.toml", redis_server.url, port, extra=demo,
+                 segments=[*SEGMENTS, ("CRRC-60D", "CRRC", 60)])
+    server = ServerProcess(config, port, tmp_path / "server.log").start()
+    try:
+        again = run(lines_and_bids())
+    finally:
+        assert server.terminate() == 0
+    assert first[1001][0] == first[1002][0] == {"DFM": 700, "SGCC": 700}
+    assert again[1001][0] == {"CRRC": 700, "DFM": 5, "SGCC": 700}
+    assert again[1002][0] == {"CRRC": 700, "DFM": 700, "SGCC": 700}
+    assert [n for _, n in again.values()] == [n for _, n in first.values()]
 
 
 def _draws(s: Script, now: float, n: int = 300) -> list[tuple[int, dict[str, Any]]]:
