@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Literal
+from typing import Literal, cast
 
 from msgspec import Struct
 
@@ -38,6 +38,7 @@ class Segment(Struct, frozen=True, kw_only=True):
 #: memory (and every snapshot) stays bounded at thousands of orders a second. A resting
 #: order's client id answers retries for as long as the order rests.
 RETRY_WINDOW_NS = 120 * 10**9
+_END_OF_DAY = wire.EndOfDay(keep_retries=True)
 
 
 class Finished(Struct, array_like=True, gc=False):
@@ -149,7 +150,9 @@ class Engine:
         """
         if type(cmd) not in ALLOWED[role]:
             return self._rejected(participant, cmd, Reject(
-                "forbidden", f"a {role} may not send {type(cmd).__name__.lower()}", "$.type"))
+                "forbidden", f"a {role} may not send {cmd.__struct_config__.tag}", "$.type"))
+        if type(cmd) is wire.EndOfDay and not cmd.keep_retries:
+            cmd = _END_OF_DAY            # this version's rule, journaled as such
         return self.apply(wire.JournalEntry(self.seq + 1, max(ts, self.ts), participant, cmd))
 
     def apply(self, entry: wire.JournalEntry, *, quiet: bool = False) -> Outcome:
@@ -271,6 +274,9 @@ class Engine:
 
     def has_resting(self, participant: int) -> bool:
         return participant in self.owned
+
+    def resting_count(self, participant: int) -> int:
+        return len(self.owned.get(participant, ()))
 
     def credit(self, core: str, funder: int) -> tuple[int, int]:
         """(line, used) of a funder against a core enterprise."""
@@ -545,10 +551,15 @@ class Engine:
                 self._end(self.orders[order_id], "expired", out)
             if expired:
                 out.segments.append(segment)
-        # A new business day: forget every order that has ended, and so their names.
-        self.finished.clear()
-        self._expiry.clear()
-        self.rebuild_clients()
+        # Orders that ended within the retry window answer retries across the cut-off,
+        # as at any other time: a crash just before it, then a restart after it (which
+        # journals the missed end of day), made an SME's retried ask a second loan
+        # (found in review). Journals from before `keep_retries` forgot every ended
+        # order, and so their names, here: they replay so.
+        if not cast(wire.EndOfDay, entry.command).keep_retries:
+            self.finished.clear()
+            self._expiry.clear()
+            self.rebuild_clients()
 
     def _resume(self, entry: wire.JournalEntry, out: Outcome) -> None:
         """The retry window counts trading time: an order that ended just before a stop

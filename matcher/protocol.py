@@ -154,6 +154,12 @@ class Reinstate(_Message, tag="reinstate"):
 class EndOfDay(_Message, tag="end_of_day"):
     """The same-day disbursement cut-off: DAY orders expire, GTC orders stay."""
 
+    # Whether orders that ended within the retry window keep answering retries after
+    # the cut-off. The sequencer journals it true whatever a client sent; false in the
+    # journals written before it existed, where every ended order was forgotten at the
+    # cut-off (and an ask retried across it was a second loan): they replay that way.
+    keep_retries: bool = False
+
 
 class Resume(_Message, tag="resume"):
     """The gateway serves again after a stop: the time since the last command was

@@ -35,6 +35,7 @@ from service.gateway import (
     CLOSE_GOING_AWAY,
     CLOSE_TOO_MANY,
     CLOSE_UNAUTHORIZED,
+    DECODE_ERRORS,
     Budgets,
     Gateway,
     bearer_key,
@@ -93,6 +94,8 @@ class Service:
         self.stopping = False       # SIGTERM: no new connections (`accepting`: commands)
         self._signing_in = 0        # connections not signed in by a header key, yet
         self._signing_in_from: dict[str | None, int] = {}    # ... by address (budget key)
+        # ... waiting for their `auth` message: closed with 1001 at shutdown too
+        self._unsigned: dict[web.WebSocketResponse, web.Request] = {}
         self.port = config.server.port
         self.ready = False
         self.exit_code = 0
@@ -269,6 +272,11 @@ class Service:
         else:
             await self._snapshot_now("at shutdown", timeout)
         await gw.close_all(timeout)
+        # Those still signing in are no connections of the gateway's, but are told the
+        # same (they had waited for their auth timeout, then got 4401, "wrong key").
+        await asyncio.gather(*(self._close_unsigned(ws, request, CLOSE_GOING_AWAY,
+                                                    b"server shutting down")
+                               for ws, request in list(self._unsigned.items())))
         gw.history.close()
         await gw.journal.close()
         if self.runner is not None:
@@ -385,17 +393,20 @@ class Service:
                         "(see README, Durability)", have, want, want)
 
     def _resume(self, zone: ZoneInfo) -> None:
-        """Before serving again: the end of day that fell due while the gateway was down
-        (or whose `end_of_day` a crash kept out of the journal), then `resume`, which
-        keeps the downtime out of the retry window (ADR 8 addendum). Both are journaled
-        before any client's command (`_open_market` waits for them)."""
+        """Before serving again: `resume`, which keeps the downtime out of the retry
+        window (ADR 8 addendum), then the end of day that fell due while the gateway was
+        down (or whose `end_of_day` a crash kept out of the journal). In that order: an
+        order that ended just before the stop still answers retries after the end of
+        day, which keeps what is within the window, counted without the downtime. Both
+        are journaled before any client's command (`_open_market` waits for them)."""
         gw = self.gateway
         assert gw is not None
         if gw.engine.seq == 0:               # a new journal: nothing to resume
             return
-        if self._day_missed(zone):
-            gw.submit(system(), wire.EndOfDay(), time.perf_counter())
+        missed = self._day_missed(zone)      # before `resume` starts a day
         gw.submit(system(), wire.Resume(), time.perf_counter())
+        if missed:
+            gw.submit(system(), wire.EndOfDay(), time.perf_counter())
 
     def _day_missed(self, zone: ZoneInfo) -> bool:
         """Whether the latest cut-off passed with no `end_of_day` journaled after the day's
@@ -458,8 +469,8 @@ class Service:
         await asyncio.sleep(grace)
         assert self.gateway is not None
         if n := self.gateway.cancel_absent():
-            log.info("%d funders not back %.0f s after the start: their resting orders are "
-                     "cancelled", n, grace)
+            log.info("%d participants not back %.0f s after the start, or no longer in the "
+                     "configuration: their resting orders are cancelled", n, grace)
 
     async def _end_of_day_timer(self, zone: ZoneInfo) -> None:
         """Issue `end_of_day` at the configured local time, every day; first, one whose
@@ -532,6 +543,8 @@ class Service:
         assert gw is not None
         if not self._quote_budgets.allow(forwarded.budget_key(self._client(request))):
             return self._rate_limited("this address")      # no key: the quote's budget
+        if (stopped := gw.unwritten()) is not None:
+            return _error_response(503, stopped)
         out = []
         for seg_id in sorted(gw.engine.segments):
             seg = gw.engine.segments[seg_id]
@@ -546,6 +559,8 @@ class Service:
         assert gw is not None
         if not self._quote_budgets.allow(forwarded.budget_key(self._client(request))):
             return self._rate_limited("this address")
+        if (stopped := gw.unwritten()) is not None:
+            return _error_response(503, stopped)
         segment = request.match_info["segment"]
         if segment not in gw.engine.books:
             return _json_error(404, "unknown_segment", f"no segment {segment!r}", "$.segment")
@@ -612,12 +627,14 @@ class Service:
         limits = self.config.limits
         if self.stopping:           # connect again to the next gateway
             return _json_error(503, "unavailable", "the server is shutting down", None)
-        header = request.headers.get("Authorization")
-        # A key in the header signs in before the upgrade and is never turned away
-        # here. Any other connection (no header, or a wrong key) costs a socket and a
-        # handler until it signs in or is closed, for anyone who can connect: those are
-        # counted, and bounded, so that they cannot use up the process's files.
-        who = gw.authenticate(bearer_key(header)) if header is not None else None
+        # A Bearer key in the header signs in before the upgrade and is never turned away
+        # here. Another scheme is not ours (a browser sends a proxy's Basic credentials by
+        # itself): such a connection signs in with its first message, as one without the
+        # header does. Any connection not signed in yet costs a socket and a handler
+        # until it signs in or is closed, for anyone who can connect: those are counted,
+        # and bounded, so that they cannot use up the process's files.
+        key = bearer_key(request.headers.get("Authorization"))
+        who = gw.authenticate(key) if key is not None else None
         # One address may hold a tenth of them: a single client cannot take the pool
         # and leave every browser (they sign in with a message) a 503.
         address = forwarded.budget_key(self._client(request))
@@ -635,8 +652,12 @@ class Service:
             ws = WebSocket(max_msg_size=limits.max_frame_bytes, compress=False,
                            decode_text=False, heartbeat=self.config.server.heartbeat_s)
             await ws.prepare(request)
-            if who is None and header is None:
-                who = await self._auth_message(ws, limits.auth_timeout)
+            if who is None and key is None:
+                self._unsigned[ws] = request
+                try:
+                    who = await self._auth_message(ws, limits.auth_timeout)
+                finally:
+                    del self._unsigned[ws]
             refusal = (
                 (CLOSE_UNAUTHORIZED, b"unauthorized") if who is None
                 else (CLOSE_GOING_AWAY, b"server shutting down") if self.stopping
@@ -697,7 +718,7 @@ class Service:
             return None
         try:
             auth = wire.json_decoder.decode(msg.data)
-        except msgspec.MsgspecError:
+        except DECODE_ERRORS:
             return None
         return self.gateway.authenticate(auth.key) if isinstance(auth, wire.Auth) else None
 

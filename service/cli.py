@@ -156,30 +156,40 @@ def _admin(args: argparse.Namespace) -> int:
     answers = {"accepted", "rejected", "error", "status"}
 
     async def run() -> int:
-        async with aiohttp.ClientSession() as session, session.ws_connect(
-                args.url, headers={"Authorization": f"Bearer {key}"},
-                timeout=aiohttp.ClientWSTimeout(ws_close=args.timeout)) as ws:
-            async with asyncio.timeout(args.timeout):
-                welcome = await ws.receive()
-                if welcome.type != aiohttp.WSMsgType.TEXT:
-                    print(f"matcher admin: not signed in (close code {ws.close_code})",
+        # One deadline for all of it, the connection and its upgrade too: a port that
+        # takes the connection and never answers held it for aiohttp's five minutes.
+        async with asyncio.timeout(args.timeout), aiohttp.ClientSession() as session, \
+                session.ws_connect(args.url, headers={"Authorization": f"Bearer {key}"},
+                                   timeout=aiohttp.ClientWSTimeout(ws_close=1.0)) as ws:
+            welcome = await ws.receive()
+            if welcome.type != aiohttp.WSMsgType.TEXT:
+                print(f"matcher admin: not signed in (close code {ws.close_code})",
+                      file=sys.stderr)
+                return 2
+            if json.loads(welcome.data).get("role") != "admin":
+                print("matcher admin: the key is not an admin's", file=sys.stderr)
+                return 2
+            await ws.send_str(json.dumps(message))
+            while True:                 # book updates and the like are not answers
+                msg = await ws.receive()
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    print("matcher admin: the connection closed before an answer",
                           file=sys.stderr)
                     return 2
-                if json.loads(welcome.data).get("role") != "admin":
-                    print("matcher admin: the key is not an admin's", file=sys.stderr)
-                    return 2
-                await ws.send_str(json.dumps(message))
-                while True:                 # book updates and the like are not answers
-                    msg = await ws.receive()
-                    if msg.type != aiohttp.WSMsgType.TEXT:
-                        print("matcher admin: the connection closed before an answer",
-                              file=sys.stderr)
-                        return 2
-                    answer = json.loads(msg.data)
-                    if answer.get("type") in answers:
-                        print(json.dumps(answer))
-                        return 1 if answer["type"] in ("rejected", "error") else 0
-    return asyncio.run(run())
+                answer = json.loads(msg.data)
+                if answer.get("type") in answers:
+                    print(json.dumps(answer))
+                    return 1 if answer["type"] in ("rejected", "error") else 0
+
+    try:
+        return asyncio.run(run())
+    except TimeoutError:
+        print(f"matcher admin: no answer from {args.url} within {args.timeout:g} s",
+              file=sys.stderr)
+    except (aiohttp.ClientError, OSError) as exc:     # down, a wrong path, stopping (503)
+        print(f"matcher admin: cannot reach {args.url}: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+    return 3
 
 
 def _demo_market(args: argparse.Namespace) -> int:
@@ -365,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=_archive)
     p = sub.add_parser("admin", help="one admin action over the WebSocket API (key in "
                                       "MATCHER_ADMIN_KEY); prints the answer as JSON, exits "
-                                      "1 if it was refused")
+                                      "1 if it was refused, 2 if not signed in, 3 if the "
+                                      "gateway could not be reached or did not answer")
     p.add_argument("--url", default="ws://127.0.0.1:8080/ws")
     p.add_argument("--key", help="the admin's API key (better: MATCHER_ADMIN_KEY)")
     p.add_argument("--timeout", type=_positive_seconds, default=10.0)

@@ -192,6 +192,10 @@ def demo_participants(demo: DemoConfig) -> list[ParticipantConfig]:
 
 
 _SECTIONS = ("server", "redis", "engine", "limits", "demo")
+#: Variables of ours that are not settings of the server: `matcher admin`'s key, and the
+#: build's switches (setup.py). An operator who exported the key for `matcher admin`
+#: could not start the gateway from that shell (found in review).
+_NOT_SETTINGS = frozenset({"MATCHER_ADMIN_KEY", "MATCHER_DEBUG", "MATCHER_ANNOTATE"})
 
 
 def _env_overrides(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
@@ -199,6 +203,7 @@ def _env_overrides(data: dict[str, Any], environ: dict[str, str]) -> dict[str, A
     # cannot give) would be ignored without a word, and the setting not be what the
     # operator thinks; a wrong key inside a section is an unknown field, reported below.
     stray = sorted(name for name in environ if name.startswith("MATCHER_")
+                   and name not in _NOT_SETTINGS
                    and not name.startswith(tuple(f"MATCHER_{s.upper()}_" for s in _SECTIONS)))
     if stray:
         raise msgspec.ValidationError(

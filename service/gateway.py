@@ -65,14 +65,22 @@ class _Named(msgspec.Struct):
 
 _read_names = msgspec.json.Decoder(_Named).decode
 
+#: What decoding a client's message may raise: msgspec's errors, and RecursionError for
+#: JSON nested about a thousand levels deep, which is not one of them (such a message
+#: ended the connection, with a traceback, instead of getting an `error`).
+DECODE_ERRORS = (msgspec.MsgspecError, RecursionError)
 
-def decode_error(exc: msgspec.MsgspecError, data: bytes | str) -> wire.Error:
+
+def decode_error(exc: msgspec.MsgspecError | RecursionError, data: bytes | str) -> wire.Error:
     """msgspec's own message, with the JSON path split out, and the message's client id
     and ref when it has valid ones.
 
     msgspec puts the path of the object in which a field is unknown or missing, and
     nothing at the top level; the path given here ends at the field itself.
     """
+    if isinstance(exc, RecursionError):
+        return wire.Error(code="malformed", path=None,
+                          message="JSON nested too deeply (at most a few hundred levels)")
     text = str(exc)
     if not isinstance(exc, msgspec.ValidationError):
         return wire.Error(code="malformed", message=text, path=None)
@@ -83,7 +91,7 @@ def decode_error(exc: msgspec.MsgspecError, data: bytes | str) -> wire.Error:
         path = f"{path}.{field.group(1)}"
     try:
         named = _read_names(data)
-    except msgspec.MsgspecError:
+    except DECODE_ERRORS:
         named = _Named()
     return wire.Error(code="invalid", message=text, path=path, client_id=named.client_id,
                       ref=named.ref)
@@ -97,6 +105,10 @@ def frame(payload: bytes) -> bytes:
     if n < 65536:
         return bytes((0x81, 126)) + n.to_bytes(2, "big") + payload
     return bytes((0x81, 127)) + n.to_bytes(8, "big") + payload
+
+
+#: A `status` costs a message of the rate limit more for every this many orders it lists.
+STATUS_ORDERS_PER_TOKEN = 25
 
 
 class TokenBucket:
@@ -152,8 +164,11 @@ class Connection:
     Messages are framed here and written straight to the transport, all those sent in
     one turn of the event loop in one write: a batch of replies to one client costs one
     system call, not one per message (on this VM a small write is ~10 us). The kernel
-    buffer and the transport's buffer are the outbox; when the transport holds more
-    than `outbox_bytes` unsent, the client does not keep up and is closed.
+    buffer and the transport's buffer are the outbox; when it holds more than
+    `outbox_bytes` unsent, with what this turn queued, the client does not keep up and is
+    closed. What is queued counts at once: one turn can queue a lot (a burst of
+    messages read in one go, each answered by a large `status`), and checked only at the
+    write, a single turn buffered a hundred megabytes (found in review).
     """
 
     def __init__(self, ws: web.WebSocketResponse, transport: asyncio.BaseTransport,
@@ -169,6 +184,7 @@ class Connection:
         self.closed = False
         self.reading: asyncio.Task[None] | None = None     # a page of fills being read
         self._frames: list[bytes] = []
+        self._queued = 0                         # bytes in `_frames`
         self._loop = asyncio.get_running_loop()
         self.allow = TokenBucket(limits.rate, limits.burst)
         self._on_slow = on_slow
@@ -178,10 +194,17 @@ class Connection:
             return
         if not self._frames:
             self._loop.call_soon(self._flush)
-        self._frames.append(frame(data))
+        framed = frame(data)
+        self._frames.append(framed)
+        self._queued += len(framed)
+        # Rare, so only then the buffer's size too. One answer alone is written whatever
+        # its size: the outbox bounds what a client leaves unread, not a message.
+        if self._queued > self.limits.outbox_bytes and len(self._frames) > 1:
+            self._check_outbox()
 
     def _flush(self) -> None:
         frames, self._frames = self._frames, []
+        self._queued = 0
         if self.closed or not frames or self.transport.is_closing():
             return
         if self.transport.get_write_buffer_size() > self.limits.outbox_bytes:
@@ -189,10 +212,15 @@ class Connection:
             return
         self.transport.write(b"".join(frames))
 
+    def _check_outbox(self) -> None:
+        if self.backlog > self.limits.outbox_bytes:
+            self._on_slow(self)            # closes it: nothing more is queued
+            self._frames, self._queued = [], 0
+
     @property
     def backlog(self) -> int:
-        """Bytes written but not yet taken by the network."""
-        return self.transport.get_write_buffer_size()
+        """Bytes written but not yet taken by the network, and queued in this turn."""
+        return self.transport.get_write_buffer_size() + self._queued
 
     async def close(self, code: int, message: str) -> None:
         """Send what is queued, then the close frame after it, without waiting for the
@@ -321,10 +349,12 @@ class Gateway:
         if (kind is wire.Suspend or kind is wire.Reinstate) and who.may(cmd):
             cmd = cast("wire.Suspend | wire.Reinstate", cmd)
             named = self.directory.get(cmd.participant)
-            if named is None and not (kind is wire.Reinstate
-                                      and cmd.participant in self.engine.suspended):
+            if named is None and not (
+                    cmd.participant in self.engine.suspended if kind is wire.Reinstate
+                    else self.engine.has_resting(cmd.participant)):
                 # (One suspended and then removed from the directory can be reinstated:
-                # its id would otherwise stay suspended for whoever gets it next.)
+                # its id would otherwise stay suspended for whoever gets it next. One
+                # removed with orders still resting can be suspended, which ends them.)
                 return wire.Rejected(client_id=None, code="unknown_participant",
                                      path="$.participant",
                                      message=f"no participant {cmd.participant}")
@@ -571,7 +601,23 @@ class Gateway:
         connected; the number of funders. After a restart: the gateway could not see
         who went away while it was down, and the journal brought their bids back."""
         absent = [who for who in self.directory if who.id not in self.connections]
-        return sum(self._cancel_if_gone(who) for who in absent)
+        return sum(self._cancel_if_gone(who) for who in absent) + self._cancel_removed()
+
+    def _cancel_removed(self) -> int:
+        """Cancel what participants no longer in the configuration left resting: no one
+        can manage those orders any more, and they went on lending and borrowing (a
+        removed funder's bids filled asks; found in review). Cancelled as theirs, by
+        the role their orders show; the number of such participants."""
+        removed = sorted(pid for pid in self.engine.owned if self.directory.get(pid) is None)
+        for pid in removed:
+            orders = self.engine.owned[pid]
+            side = next(iter(orders.values())).side
+            log.warning("participant %d is not in the configuration: its %d resting "
+                        "orders are cancelled", pid, len(orders))
+            self.submit(Participant(id=pid, name=f"participant {pid}", key_sha256="",
+                                    role="funder" if side == "bid" else "sme"),
+                        wire.CancelAll(), time.perf_counter())
+        return len(removed)
 
     def _cancel_if_gone(self, who: Participant) -> bool:
         """No stale quote outlives its sender: cancel what a funder left resting."""
@@ -613,7 +659,7 @@ class Gateway:
         allowed = conn.allow()         # every message counts, also one that is not valid
         try:
             msg = wire.json_decoder.decode(data)
-        except msgspec.MsgspecError as exc:
+        except DECODE_ERRORS as exc:
             self._error(conn, decode_error(exc, data) if allowed else self._over_rate(None))
             return
         who = conn.participant
@@ -645,7 +691,22 @@ class Gateway:
         self.metrics.reject(error.code)
         conn.send(self._encode(error))
 
+    def unwritten(self, ref: str | None = None) -> wire.Error | None:
+        """The answer to a read of the market once the journal has stopped: the engine
+        then holds commands that were never written, and will not be there after the
+        restart (book updates stop then too). Quotes and statuses went on answering
+        from them (found in review)."""
+        if self.journal.error is None:
+            return None
+        return wire.Error(code="unavailable", path=None, ref=ref,
+                          message="the journal has stopped (see the server's log): this "
+                                  "gateway's market may hold commands that were never "
+                                  "written; ask again after its restart")
+
     def _status(self, conn: Connection, req: wire.StatusRequest) -> None:
+        if (stopped := self.unwritten()) is not None:
+            self._error(conn, stopped)
+            return
         whose = req.participant
         if whose is None or whose == conn.participant.id:
             whose = conn.participant.id
@@ -657,9 +718,24 @@ class Gateway:
             self._error(conn, wire.Error(code="unknown_participant", path="$.participant",
                                          message=f"no participant {whose}"))
             return
+        # Its cost grows with the orders it lists (about 1 us each, 2 MB for the 10,000 a
+        # funder may rest): one message's token does not pay for it, and a burst of them
+        # stalled every client's matching (found in review). It costs a token more for
+        # every `STATUS_ORDERS_PER_TOKEN` orders, about what a command costs.
+        extra = self.engine.resting_count(whose) / STATUS_ORDERS_PER_TOKEN
+        if extra >= 1 and not conn.allow(extra):
+            self._error(conn, wire.Error(
+                code="rate_limited", path=None,
+                message=f"a status of {self.engine.resting_count(whose)} orders counts as "
+                        f"{1 + extra:.0f} messages: over {self.limits.rate:g} messages/s "
+                        "on this connection"))
+            return
         conn.send(self._encode(self.engine.status(whose)))
 
     def _quote(self, conn: Connection, req: wire.QuoteRequest) -> None:
+        if (stopped := self.unwritten(req.ref)) is not None:
+            self._error(conn, stopped)
+            return
         if req.segment not in self.engine.books:
             self._error(conn, wire.Error(code="unknown_segment", ref=req.ref,
                                          message=f"no segment {req.segment!r}", path="$.segment"))

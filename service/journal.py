@@ -570,11 +570,16 @@ async def journal_start(client: aioredis.Redis, keys: Keys) -> int | None:
 
 
 async def last_seq(client: aioredis.Redis, keys: Keys) -> int:
-    """The last sequence number in the journal, 0 when empty."""
+    """The last sequence number in the journal, 0 when empty (no such key). An error
+    reply is no answer: one that says "later" is raised as `resp.NotNow`, to be retried
+    as a lost connection is; others as they are. (Read as 0, either stopped the journal
+    with "Redis lost writes".)"""
     try:
         newest: Any = await client.xrevrange(keys.journal, count=1)
-    except ResponseError:
-        return 0
+    except ResponseError as exc:
+        if resp.not_now(exc):
+            raise resp.NotNow(str(exc)) from exc
+        raise
     return stream_seq(newest[0][0]) if newest else 0
 
 

@@ -27,6 +27,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import get_args
 
+import msgspec
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -65,7 +66,7 @@ class Histogram:
 class Metrics:
     def __init__(self, max_age: float = 0.0) -> None:
         # By command type, named on scrape (a name made per command is a new string).
-        self.commands: defaultdict[type, int] = defaultdict(int)
+        self.commands: defaultdict[type[msgspec.Struct], int] = defaultdict(int)
         self.rejects: defaultdict[str, int] = defaultdict(int)      # by code
         self.connections: defaultdict[str, int] = defaultdict(int)  # by role
         # Series that alerts compare with zero exist from the start: a series that
@@ -140,7 +141,9 @@ class Metrics:
 
         yield labelled(CounterMetricFamily("matcher_commands", "Commands accepted, by type",
                                            labels=["type"]),
-                       {kind.__name__.lower(): n for kind, n in self.commands.items()})
+                       # the message's `type`, as protocol.md names it
+                       {str(kind.__struct_config__.tag): n
+                        for kind, n in self.commands.items()})
         yield labelled(CounterMetricFamily("matcher_rejects",
                                            "Commands and messages refused, by code",
                                            labels=["code"]), self.rejects)

@@ -103,7 +103,14 @@ def _apply(engine: Engine, entries: list[wire.JournalEntry], source: str) -> int
             raise JournalGap(f"{source} goes on at seq {entry.seq} but the state is at seq "
                              f"{engine.seq}: commands {engine.seq + 1} to {entry.seq - 1} "
                              f"are missing. {why}")
-        if not engine.apply(entry, quiet=True).accepted:
-            raise RuntimeError(f"journal seq {entry.seq} is rejected on replay: the "
-                               "journal was written by a different engine version")
+        out = engine.apply(entry, quiet=True)
+        if not out.accepted:
+            refusal = next((r for _, r in out.replies if isinstance(r, wire.Rejected)), None)
+            why = (f"{refusal.code} at {refusal.path}: {refusal.message}"
+                   if refusal is not None else "no answer")
+            raise RuntimeError(
+                f"journal seq {entry.seq} ({entry.command.__struct_config__.tag} of "
+                f"participant {entry.participant}) is rejected on replay ({why}): the "
+                "journal was written by another engine version, or over another state "
+                "(a snapshot of another history)")
     return len(entries)

@@ -26,7 +26,7 @@ from typing import Any
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
-from redis.exceptions import BusyLoadingError, ResponseError
+from redis.exceptions import BusyLoadingError, MasterDownError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -45,15 +45,35 @@ _CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL,
               "required": ssl.CERT_REQUIRED}
 
 
+class NotNow(RedisConnectionError):
+    """An error reply that says "later", not "no": a script running past
+    `busy-reply-threshold` (BUSY), a replica that lost its master (MASTERDOWN), a
+    cluster moving a slot (TRYAGAIN). The command did not run; a caller that retries
+    lost connections retries it (it is a `ConnectionError` for that), rather than take
+    it for an answer. The journal took a BUSY for the end of its history, and stopped
+    with "Redis lost writes" (found in review)."""
+
+
+NOT_NOW = ("BUSY", "MASTERDOWN", "TRYAGAIN")
+
+
+def not_now(exc: ResponseError) -> bool:
+    """Whether redis-py's error reply says "later" (it strips the codes it has a class
+    for from the message, and keeps the others')."""
+    return isinstance(exc, MasterDownError | TryAgainError) or str(exc).startswith(NOT_NOW)
+
+
 def reply_error(message: str) -> Exception:
     """An error reply as redis-py raises it, where the difference matters to a caller
     that retries: a Redis still loading its data, or at its client limit, is a
     connection that will work later (redis-py's `BusyLoadingError` and
-    `ConnectionError`), not a refused command."""
+    `ConnectionError`), as is one that says "later" (`NotNow`), not a refused command."""
     if message.startswith("LOADING"):
         return BusyLoadingError(message)
     if message.startswith("ERR max number of clients reached"):
         return RedisConnectionError(message)
+    if message.startswith(NOT_NOW):
+        return NotNow(message)
     return ResponseError(message)
 
 

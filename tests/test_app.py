@@ -455,6 +455,12 @@ def test_an_environment_variable_that_sets_nothing_is_refused(name: str) -> None
         load(None, {name: "9000"})
 
 
+def test_matcher_admins_key_in_the_environment_does_not_stop_the_server() -> None:
+    """`matcher admin` reads MATCHER_ADMIN_KEY: exported for it, the server refused to
+    start from the same shell ("not a setting")."""
+    assert load(None, {"MATCHER_ADMIN_KEY": "key-admin"}).server.port == load(None, {}).server.port
+
+
 def test_the_snapshotters_poll_must_be_positive() -> None:
     from service.cli import main
     for bad in ("0", "-1", "nan"):

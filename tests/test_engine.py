@@ -212,13 +212,58 @@ def test_client_ids_are_per_participant() -> None:
     assert m.engine.books["DFM-90D"].depth() == [(250, 200, 2)]
 
 
-def test_end_of_day_forgets_finished_client_ids_but_keeps_resting_ones() -> None:
+def test_end_of_day_keeps_an_ended_order_for_retries_within_its_window() -> None:
+    """An order that ended just before the cut-off still answers retries after it; one
+    whose two minutes have passed is forgotten, as at any time; a resting order's name
+    stays. (End of day forgot every ended order: an SME's ask retried across the cut-off
+    was a second loan; found in review.)"""
     m = Market()
     m.line(F1, "DFM", 10_000)
-    m.bid(F1, "gtc", 250, 100)
-    m.ask(S1, "gone", 50)
+    m.bid(F1, "gtc", 250, 1_000)
+    m.ask(S1, "old", 50)
+    m.ts += RETRY_WINDOW_NS
+    m.ask(S1, "recent", 50)
     m.send(ADMIN, wire.EndOfDay())
-    assert not events(m.ask(S1, "gone", 10), S1, wire.Accepted)[0].duplicate
+    assert m.journal[-1].command == wire.EndOfDay(keep_retries=True)     # the rule journaled
+    retry = m.ask(S1, "recent", 50)
+    assert events(retry, S1, wire.Accepted)[0].duplicate and retry.trades == []
+    assert events(retry, S1, wire.Done)[0].reason == "filled"
+    assert not events(m.ask(S1, "old", 10), S1, wire.Accepted)[0].duplicate
+    assert events(m.bid(F1, "gtc", 250, 100), F1, wire.Accepted)[0].duplicate
+
+
+def test_a_restart_after_the_cut_off_keeps_an_ask_that_ended_before_it() -> None:
+    """The crash of the finding: an ask filled at 16:29:50, the gateway back at 16:40.
+    It journals `resume` (the downtime is not retry time), then the missed end of day;
+    the SME's client retries the ask it never heard the answer of: no second loan."""
+    m = Market()
+    m.line(F1, "DFM", 10_000)
+    m.bid(F1, "gtc", 250, 1_000)
+    m.ask(S1, "a-17", 100)
+    m.ts += 10 * 60 * 10**9                          # down for ten minutes
+    m.send(ADMIN, wire.Resume())
+    m.send(ADMIN, wire.EndOfDay())
+    m.ts += 10 * 10**9
+    retry = m.ask(S1, "a-17", 100)
+    assert events(retry, S1, wire.Accepted)[0].duplicate and retry.trades == []
+    assert m.engine.credit("DFM", F1) == (10_000, 100)
+
+
+def test_an_end_of_day_journaled_before_keep_retries_replays_as_it_was_written() -> None:
+    """Journals written before `keep_retries` forgot every ended order at the cut-off,
+    and a retry after it was a new order: replayed, it still is (same journal in, same
+    fills out)."""
+    m = Market()
+    m.line(F1, "DFM", 10_000)
+    m.bid(F1, "gtc", 250, 1_000)
+    m.ask(S1, "gone", 50)
+    old = msgspec.json.decode(b'{"type": "end_of_day"}', type=wire.Command)
+    assert old == wire.EndOfDay(keep_retries=False)
+    m.ts += 1
+    m.engine.apply(wire.JournalEntry(m.engine.seq + 1, m.ts, ADMIN, old))
+    again = m.ask(S1, "gone", 50)
+    assert not events(again, S1, wire.Accepted)[0].duplicate
+    assert [t.amount for t in again.trades] == [50]
     assert events(m.bid(F1, "gtc", 250, 100), F1, wire.Accepted)[0].duplicate
 
 

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from matcher import protocol as wire
-from tests.bench.test_gateway_bench import PEOPLE, SEGMENTS, _gateway
+from tests.bench.test_gateway_bench import PEOPLE, SEGMENTS, _gateway, _Transport
 from tests.conftest import run
 
 
@@ -805,3 +805,116 @@ def test_the_answer_to_the_gateways_own_command_goes_to_no_connection() -> None:
     events = run(scenario())
     assert [(type(e).__name__, getattr(e, "reason", None)) for e in events] == [
         ("Done", "cancelled")]
+
+
+def _resting(gateway: Any, journal: Any, funder: Any, n: int, prefix: str = "r") -> str:
+    """`n` bids of the funder resting in the first segment, journaled; the segment."""
+    segment = sorted(gateway.engine.segments)[0]
+    core = gateway.engine.segments[segment].core
+    gateway.submit(funder, wire.SetCreditLine(core=core, amount=10**12), 0.0)
+    for i in range(n):
+        gateway.submit(funder, wire.Bid(client_id=f"{prefix}{i}", segment=segment, rate_bps=250,
+                                        amount=1_000, tif="gtc"), 0.0)
+    journal.land()
+    return segment
+
+
+def test_a_status_costs_a_message_more_for_every_25_orders_it_lists() -> None:
+    """A `status` of 10,000 orders takes about 9 ms and 2 MB: at one message of the rate
+    limit each, a burst of them stalled every client's matching (found in review)."""
+    async def scenario() -> list[wire.Event]:
+        funder = PEOPLE[0]
+        gateway, journal, [conn] = _gateway_with(funder, burst=202, rate=0.001)
+        _resting(gateway, journal, funder, 100)
+        await _turns()
+        sent = _watch(conn)
+        for _ in range(45):
+            gateway.handle(conn, b'{"type":"status"}', 0.0)
+        await _turns()
+        return _events(sent)
+
+    events = run(scenario())
+    statuses = [e for e in events if isinstance(e, wire.Status)]
+    errors = [e for e in events if isinstance(e, wire.Error)]
+    assert len(statuses) == 40 and len(statuses[0].orders) == 100   # 5 messages each
+    assert [e.code for e in errors] == ["rate_limited"] * 5
+    assert errors[0].message == ("a status of 100 orders counts as 5 messages: over "
+                                 "0.001 messages/s on this connection")
+
+
+class _ClosingSocket:
+    """Stands in for aiohttp's WebSocketResponse where only its close is used."""
+
+    def __init__(self) -> None:
+        self.closed_with: int | None = None
+
+    async def close(self, *, code: int, message: bytes, drain: bool) -> None:
+        self.closed_with = code
+
+
+def test_answers_queued_in_one_turn_count_against_the_outbox() -> None:
+    """The outbox was checked only at each turn's write: messages read in one go, each
+    answered by a large `status`, queued 96 MB in a single turn (found in review). Past
+    `outbox_bytes` with what is queued, the client is dropped as a slow one, and what
+    was queued is not sent; one answer alone larger than the outbox is still sent."""
+    from service.gateway import CLOSE_SLOW_CONSUMER
+
+    async def scenario() -> tuple[Any, Any, list[bytes], list[bytes]]:
+        funder, other = PEOPLE[0], PEOPLE[1]
+        gateway, journal, [conn, alone] = _gateway_with(funder, other, outbox_bytes=20_000)
+        _resting(gateway, journal, funder, 100)      # its status: about 15 kB
+        _resting(gateway, journal, other, 200)       # about 30 kB
+        await _turns()
+        conn.ws = _ClosingSocket()
+        conn.transport.abort = lambda: None
+        sent, sent_alone = _watch(conn), _watch(alone)
+        for _ in range(5):
+            gateway.handle(conn, b'{"type":"status"}', 0.0)
+        gateway.handle(alone, b'{"type":"status"}', 0.0)
+        await _turns()
+        return gateway, conn, sent, sent_alone
+
+    gateway, conn, sent, sent_alone = run(scenario())
+    assert gateway.metrics.dropped == 1 and conn.closed
+    assert conn.ws.closed_with == CLOSE_SLOW_CONSUMER and sent == []
+    assert [len(e.orders) for e in _events(sent_alone) if isinstance(e, wire.Status)] == [200]
+
+
+def test_orders_of_a_participant_gone_from_the_configuration_are_cancelled() -> None:
+    """A funder removed from the configuration: its bids came back with the journal and
+    went on lending, no one could cancel them, and an admin could not suspend it (found
+    in review). After the restart's grace they are cancelled as its own; until then an
+    admin may suspend it."""
+    from matcher.participants import Directory, Participant
+    from service.gateway import Gateway
+    from service.metrics import Metrics
+
+    async def scenario() -> tuple[Any, ...]:
+        funder = PEOPLE[0]
+        admin = Participant(id=9, name="Admin", role="admin", key_sha256="admin")
+        before, journal, _ = _gateway_with(funder)
+        _resting(before, journal, funder, 3)
+        await _turns()
+        assert before.engine.resting_count(funder.id) == 3
+        # The restart: the same state, a directory without the funder.
+        after = Gateway(before.engine, journal,
+                        Directory([admin, *(p for p in PEOPLE if p.id != funder.id)]),
+                        before.limits, Metrics())
+        cancelled = after.cancel_absent()
+        journal.land()
+        await _turns()
+        left = after.engine.resting_count(funder.id)
+        _resting(after, journal, funder, 2, prefix="s")   # (as its own: a test's shortcut)
+        conn = after.attach(None, _Transport(), admin)
+        sent = _watch(conn)
+        after.handle(conn, b'{"type":"suspend","participant":%d}' % funder.id, 0.0)
+        after.handle(conn, b'{"type":"suspend","participant":424242}', 0.0)
+        journal.land()
+        await _turns()
+        suspended = [e for e in _events(sent) if type(e) in (wire.Accepted, wire.Rejected)]
+        return suspended, cancelled, left, after.engine.resting_count(funder.id)
+
+    suspended, cancelled, left, after_suspend = run(scenario())
+    assert cancelled == 1 and left == 0
+    assert [type(e).__name__ for e in suspended] == ["Accepted", "Rejected"]
+    assert suspended[1].code == "unknown_participant" and after_suspend == 0

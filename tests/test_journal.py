@@ -775,6 +775,49 @@ def test_writes_go_on_when_redis_forgets_the_script_or_drops_the_connection(
     run(scenario())
 
 
+#: Busy for `ARGV[1]` ms: Redis answers every other client BUSY meanwhile (once past
+#: `busy-reply-threshold`).
+_BUSY_SCRIPT = """
+local t = redis.call('TIME')
+local start = t[1] * 1000 + math.floor(t[2] / 1000)
+while true do
+  t = redis.call('TIME')
+  if t[1] * 1000 + math.floor(t[2] / 1000) - start > tonumber(ARGV[1]) then return 1 end
+end
+"""
+
+
+def test_a_redis_busy_with_a_script_holds_acks_then_writes_everything_once(
+        redis_server: LocalRedis, caplog: pytest.LogCaptureFixture) -> None:
+    """A BUSY reply (a script past `busy-reply-threshold`) says "later": the journal took
+    it, read back as the end of its history, for "Redis lost writes" and stopped for good
+    (found in review). Writes are held and retried, as for a lost connection."""
+    caplog.set_level(logging.WARNING, logger="matcher.journal")
+
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 21, max_retry_delay=0.1)
+        await play(driver, journal, 100)
+        other = connect(redis_server)
+        await other.config_set("busy-reply-threshold", 50)
+        busy = asyncio.create_task(other.eval(_BUSY_SCRIPT, 0, 1500))
+        await asyncio.sleep(0.3)
+        futures = _append(driver, journal, 20)
+        await asyncio.sleep(0.5)
+        assert not any(f.done() for f in futures)            # held while Redis is busy
+        assert await busy == 1
+        await asyncio.wait_for(asyncio.gather(*futures), 10)
+        assert journal.healthy and journal.error is None
+        assert journal.written_seq == driver.engine.seq
+        assert await journaled(client) == driver.entries
+        assert [t for _, t in await fill_stream(client)] == driver.trades
+        assert any("BUSY" in r.getMessage() for r in caplog.records)
+        await other.config_set("busy-reply-threshold", 5000)
+        await journal.close()
+        await client.aclose()
+        await other.aclose()
+    run(scenario())
+
+
 async def _acked_then_down(redis_server: LocalRedis, seed: int
                            ) -> tuple[aioredis.Redis, Journal, Driver]:
     client, journal, driver = await opened(redis_server, seed, max_retry_delay=0.1)
@@ -1007,9 +1050,18 @@ def test_serve_exits_on_sigterm_after_its_journal_stopped(
                 while "Redis lost writes" not in server.log.read_text():
                     assert time.monotonic() < deadline, "the journal did not stop"
                     await asyncio.sleep(0.05)
+                # Its line was set in the engine, never written: no read shows it now.
+                for read in ({"type": "status"},
+                             {"type": "quote", "segment": "DFM-30D", "amount": 1, "ref": "q"}):
+                    await ws.send(json.dumps(read))
+                    while (got := json.loads(await asyncio.wait_for(ws.recv(), 5)))[
+                            "type"] != "error":
+                        assert got["type"] in ("rejected", "line"), got
+                    assert got["code"] == "unavailable" and got["ref"] == read.get("ref"), got
 
         run(one_command())
         assert server.get("/health")[0] == 503
+        assert server.get("/v1/segments")[0] == 503
         try:
             server.terminate(timeout=15)
         except subprocess.TimeoutExpired:
@@ -1019,3 +1071,18 @@ def test_serve_exits_on_sigterm_after_its_journal_stopped(
         if server.process is not None and server.process.poll() is None:
             server.kill()
         fresh.stop()
+
+
+def test_an_entry_refused_on_replay_is_named_with_the_reason() -> None:
+    """The reason was dropped for "written by a different engine version", which may be
+    wrong (found in review): the command, its participant and the refusal are named."""
+    from service.recovery import _apply
+
+    engine = Engine([])
+    entry = wire.JournalEntry(1, 10, 11, wire.Bid(client_id="b1", segment="ACME-30D",
+                                                  rate_bps=250, amount=100))
+    with pytest.raises(RuntimeError) as refused:
+        _apply(engine, [entry], "Redis")
+    assert ("journal seq 1 (bid of participant 11) is rejected on replay (unknown_segment "
+            "at $.segment: no segment 'ACME-30D')") in str(refused.value)
+    assert engine.seq == 0

@@ -404,6 +404,15 @@ BAD_INPUTS: list[tuple[str, int, str, dict[str, Any]]] = [
     ("not_json_at_all", F11, "hello",
      {"type": "error", "code": "malformed", "message": "malformed", "path": None,
       "client_id": None}),
+    # msgspec raises RecursionError, not one of its own errors, for such nesting: the
+    # connection ended without an answer (found in review). Both orders of the fields.
+    ("nested_too_deeply", F11, '{"x":' + "[" * 1000 + "]" * 1000 + ',"type":"status"}',
+     {"type": "error", "code": "malformed", "message": "nested too deeply", "path": None,
+      "client_id": None}),
+    ("nested_too_deeply_after_its_type", F11,
+     '{"type":"status","x":' + "[" * 1000 + "]" * 1000 + "}",
+     {"type": "error", "code": "invalid", "message": "unknown field `x`", "path": "$.x",
+      "client_id": None}),
     ("wrong_type", F11, json.dumps({**VALID_BID, "rate_bps": "250"}),
      {"type": "error", "code": "invalid", "message": "Expected `int`, got `str`",
       "path": "$.rate_bps", "client_id": "b9"}),
@@ -719,16 +728,16 @@ def test_auth_message_as_the_first_message_signs_in(server: ServerProcess) -> No
 
 ROLE_REFUSALS = [
     ("funder_asks", F11, ask("a1", "DFM-30D", 1_000), "a funder may not send ask"),
-    ("funder_ends_the_day", F11, {"type": "end_of_day"}, "a funder may not send endofday"),
+    ("funder_ends_the_day", F11, {"type": "end_of_day"}, "a funder may not send end_of_day"),
     ("sme_amends", SME_X, {"type": "amend", "client_id": "a1", "rate_bps": 200},
      "a sme may not send amend"),
-    ("sme_sets_credit_line", SME_X, line("DFM"), "a sme may not send setcreditline"),
+    ("sme_sets_credit_line", SME_X, line("DFM"), "a sme may not send set_credit_line"),
     ("platform_bids", PLATFORM, bid("p1", "DFM-30D", 250, 1_000), "a platform may not send bid"),
     ("platform_asks", PLATFORM, ask("p1", "DFM-30D", 1_000), "a platform may not send ask"),
     ("admin_bids", ADMIN, bid("x1", "DFM-30D", 250, 1_000), "a admin may not send bid"),
     ("funder_adds_segment", F11,
      {"type": "add_segment", "segment": "X-1D", "core": "X", "tenor_days": 1},
-     "a funder may not send addsegment"),
+     "a funder may not send add_segment"),
 ]
 
 
@@ -1657,6 +1666,49 @@ def test_a_client_that_never_signs_in_does_not_hold_up_sigterm(
         silent.close()
 
 
+def test_sigterm_closes_a_client_still_signing_in_1001_too(
+        start_server: Callable[..., ServerProcess]) -> None:
+    """A connection waiting for its `auth` message got no 1001: it was closed at its auth
+    timeout with 4401, which says its key is wrong (found in review)."""
+    server = start_server(auth_timeout=30)
+
+    async def scenario() -> tuple[int, list[dict[str, Any]], int | None, float]:
+        async with ws_connect(server.ws_url) as ws:
+            await asyncio.sleep(0.2)                    # upgraded, waiting for `auth`
+            started = time.monotonic()
+            status = await asyncio.to_thread(server.terminate, 20)
+            got, code = await Client(ws).closed()
+            return status, got, code, time.monotonic() - started
+
+    status, got, code, took = run(scenario())
+    assert (status, got, code) == (0, [], 1001) and took < 5
+
+
+def test_another_authorization_scheme_signs_in_with_the_auth_message(
+        server: ServerProcess) -> None:
+    """A browser behind a proxy with HTTP Basic authentication sends that header on the
+    upgrade by itself: it was taken for a wrong key and closed 4401 before the page could
+    send its `auth` (found in review)."""
+    async def scenario() -> dict[str, Any]:
+        async with ws_connect(server.ws_url, {"Authorization": "Basic dXNlcjpwYXNz"}) as ws:
+            client = Client(ws)
+            await client.send({"type": "auth", "key": key(SME_Y)})
+            return await client.recv()
+
+    welcome = run(scenario())
+    assert welcome["type"] == "welcome" and welcome["participant"] == SME_Y
+
+
+def test_a_first_message_nested_too_deeply_is_closed_4401(server: ServerProcess) -> None:
+    async def scenario() -> tuple[list[dict[str, Any]], int | None]:
+        async with ws_connect(server.ws_url) as ws:
+            client = Client(ws)
+            await client.send('{"x":' + "[" * 1000 + "]" * 1000 + ',"type":"auth"}')
+            return await client.closed()
+
+    assert run(scenario()) == ([], 4401)
+
+
 def test_restart_after_sigterm_keeps_every_resting_order(server: ServerProcess) -> None:
     segments = [s for s, _c, _t in SEGMENTS]
 
@@ -1908,6 +1960,32 @@ def test_matcher_admin_halts_suspends_and_reads_from_the_command_line(
     assert admin("halt") == (2, None) and "halt takes a target" in said[-1]
 
 
+def test_matcher_admin_says_in_one_line_when_the_gateway_cannot_be_reached(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exit 3 and one line: nothing listening, or a port that takes the connection and
+    never answers (it was held for aiohttp's five minutes, whatever `--timeout` said),
+    rather than a traceback and the exit code of a refusal (found in review)."""
+    from service.cli import main
+
+    monkeypatch.setenv("MATCHER_ADMIN_KEY", key(ADMIN))
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        nobody = closed.getsockname()[1]        # free again once closed
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        mute = silent.getsockname()[1]
+        started = time.monotonic()
+        codes = [main(["admin", "--url", f"ws://127.0.0.1:{port}/ws", "--timeout", "1",
+                       "halt", "DFM-30D"])
+                 for port in (nobody, mute)]
+        took = time.monotonic() - started
+    out, err = capsys.readouterr()
+    assert codes == [3, 3] and out == "" and took < 5
+    lines = err.splitlines()
+    assert len(lines) == 2 and "Traceback" not in err, err
+    assert lines[0].startswith(f"matcher admin: cannot reach ws://127.0.0.1:{nobody}/ws")
+    assert lines[1] == f"matcher admin: no answer from ws://127.0.0.1:{mute}/ws within 1 s"
+
+
 def test_after_a_restart_funders_that_do_not_come_back_lose_their_bids(
         server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stop closes every connection without cancelling (it is not a disconnect), and a
@@ -1949,7 +2027,7 @@ def test_after_a_restart_funders_that_do_not_come_back_lose_their_bids(
     assert waited > 0.5                                  # not at once: after the grace
     assert [o["client_id"] for o in mine["orders"]] == ["b1"]    # Bank B came back: kept
     assert [o["client_id"] for o in asks["orders"]] == ["a1"]    # SMEs' orders stay
-    assert "funders not back 3 s after the start" in server.log.read_text()
+    assert "participants not back 3 s after the start" in server.log.read_text()
 
 
 def test_an_end_of_day_that_fell_due_while_down_is_issued_at_the_start(
@@ -2060,7 +2138,7 @@ def test_metrics_are_prometheus_text(server: ServerProcess) -> None:
             text = body.decode()
             for sample in ('matcher_commands_total{type="bid"} 1.0',
                            'matcher_commands_total{type="ask"} 1.0',
-                           'matcher_commands_total{type="setcreditline"} 1.0',
+                           'matcher_commands_total{type="set_credit_line"} 1.0',
                            "matcher_fills_total 1.0",
                            "matcher_filled_fen_total 250000.0",
                            'matcher_connections{role="funder"} 1.0',

@@ -728,7 +728,7 @@ function askCursor() {
 }
 
 // The connection dropped while the ask was out, and its answers with it. It is not sent
-// again: a retry is recognised only for two minutes and not across an end of day, after
+// again: a retry is recognised only for two minutes after the ask ended, after
 // which the same client id would be a second ask and a second loan. An IOC ask is over
 // once the gateway has taken it, so its loans, read back from the journal by client id,
 // are the whole outcome; none means it was not filled or never arrived. They are read
