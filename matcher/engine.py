@@ -379,11 +379,18 @@ class Engine:
         out.segments.append(segment)
 
     def _target(self, entry: wire.JournalEntry, client_id: str) -> OrderInfo:
+        """The resting order a cancel or an amend names. One that has ended is
+        `not_resting` within its retry window, then `unknown_order`, as `retried` sees
+        it: it is forgotten only when a later command comes, which in a quiet market
+        can be long after (only the refusal's code depends on it, nothing journaled)."""
         order_id = self.clients.get((entry.participant, client_id))
         order = self.orders.get(order_id) if order_id is not None else None
         if order is None:
-            code = "unknown_order" if order_id is None else "not_resting"
-            raise Reject(code, f"no resting order {client_id!r} of yours", "$.client_id")
+            why = f"no resting order {client_id!r} of yours"
+            if order_id is not None and self.retried(entry.participant, client_id,
+                                                     entry.ts) is not None:
+                raise Reject("not_resting", why, "$.client_id")
+            raise Reject("unknown_order", why, "$.client_id")
         return order
 
     def _cancel(self, entry: wire.JournalEntry, out: Outcome) -> None:

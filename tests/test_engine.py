@@ -901,3 +901,17 @@ def test_one_participants_orders_are_read_without_walking_the_market() -> None:
     after_snapshot = restore(decode(encode(capture(m.engine))))
     check(m.engine)
     check(after_snapshot)
+
+
+def test_a_cancel_names_an_ended_order_not_resting_within_its_window_then_unknown() -> None:
+    """In a quiet market an ended order is forgotten only when a later command comes: a
+    cancel ten minutes on still said `not_resting`, where a retry of its order would be
+    a new order (found in review)."""
+    m = Market()
+    m.line(F1, "DFM", 10_000)
+    m.bid(F1, "b", 250, 100)
+    m.send(F1, wire.Cancel(client_id="b"))
+    assert rejected(m.send(F1, wire.Cancel(client_id="b"))).code == "not_resting"
+    m.ts += RETRY_WINDOW_NS
+    assert rejected(m.send(F1, wire.Cancel(client_id="b"))).code == "unknown_order"
+    assert rejected(m.send(F1, wire.Amend(client_id="b", amount=5))).code == "unknown_order"
