@@ -38,7 +38,8 @@ class Segment(Struct, frozen=True, kw_only=True):
 #: memory (and every snapshot) stays bounded at thousands of orders a second. A resting
 #: order's client id answers retries for as long as the order rests.
 RETRY_WINDOW_NS = 120 * 10**9
-_END_OF_DAY = wire.EndOfDay(keep_retries=True)
+_EndOfDay = wire.EndOfDay
+_END_OF_DAY = _EndOfDay(keep_retries=True)
 
 
 class Finished(Struct, array_like=True, gc=False):
@@ -151,7 +152,7 @@ class Engine:
         if type(cmd) not in ALLOWED[role]:
             return self._rejected(participant, cmd, Reject(
                 "forbidden", f"a {role} may not send {cmd.__struct_config__.tag}", "$.type"))
-        if type(cmd) is wire.EndOfDay and not cmd.keep_retries:
+        if type(cmd) is _EndOfDay and not cmd.keep_retries:
             cmd = _END_OF_DAY            # this version's rule, journaled as such
         return self.apply(wire.JournalEntry(self.seq + 1, max(ts, self.ts), participant, cmd))
 

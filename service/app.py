@@ -424,6 +424,7 @@ class Service:
         gw = self.gateway
         assert gw is not None
         admin = system()
+        cores_before = {s.core for s in gw.engine.segments.values()}
         for seg in self.config.segments:
             if seg.id not in gw.engine.segments:
                 gw.submit(admin, wire.AddSegment(segment=seg.id, core=seg.core,
@@ -432,19 +433,20 @@ class Service:
                           time.perf_counter())
         demo = self.config.demo
         if demo.credit_line:
-            # At every start, not only the first: a core enterprise or a funder added to
-            # the configuration since has its demo line too (the demo's market bids
-            # everywhere). One with none (never set, or 0 with nothing lent) gets it.
+            # At the first start, and for a core enterprise added to the configuration
+            # since (the demo's market bids everywhere: its bids there were refused at
+            # every draw). Not where a line is 0: a funder may have closed it.
             funders = [p for p in self.directory if p.role == "funder"]
-            cores = sorted({s.core for s in gw.engine.segments.values()})
+            cores = sorted({s.core for s in gw.engine.segments.values()} - cores_before)
             for funder in funders:
                 for core in cores:
-                    if gw.engine.credit(core, funder.id) == (0, 0):
-                        gw.submit(funder, wire.SetCreditLine(core=core,
-                                                             amount=demo.credit_line),
-                                  time.perf_counter())
+                    gw.submit(funder, wire.SetCreditLine(core=core, amount=demo.credit_line),
+                              time.perf_counter())
             if first_start and demo.seed_bids:
                 self._seed_bids(funders)
+        if n := gw.cancel_removed():
+            log.warning("%d participants are no longer in the configuration: their "
+                        "resting orders are cancelled", n)
         await gw.journal.flush()
 
     def _seed_bids(self, funders: list[Participant]) -> None:
@@ -469,8 +471,8 @@ class Service:
         await asyncio.sleep(grace)
         assert self.gateway is not None
         if n := self.gateway.cancel_absent():
-            log.info("%d participants not back %.0f s after the start, or no longer in the "
-                     "configuration: their resting orders are cancelled", n, grace)
+            log.info("%d funders not back %.0f s after the start: their resting orders are "
+                     "cancelled", n, grace)
 
     async def _end_of_day_timer(self, zone: ZoneInfo) -> None:
         """Issue `end_of_day` at the configured local time, every day; first, one whose

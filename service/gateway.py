@@ -182,9 +182,11 @@ class Connection:
         self.book_seq: dict[str, int] = {}       # segment -> seq of the last book sent
         self.fills = False
         self.closed = False
+        self.dropped = False                     # as a slow consumer
         self.reading: asyncio.Task[None] | None = None     # a page of fills being read
         self._frames: list[bytes] = []
         self._queued = 0                         # bytes in `_frames`
+        self._outbox_bytes = limits.outbox_bytes
         self._loop = asyncio.get_running_loop()
         self.allow = TokenBucket(limits.rate, limits.burst)
         self._on_slow = on_slow
@@ -199,8 +201,19 @@ class Connection:
         self._queued += len(framed)
         # Rare, so only then the buffer's size too. One answer alone is written whatever
         # its size: the outbox bounds what a client leaves unread, not a message.
-        if self._queued > self.limits.outbox_bytes and len(self._frames) > 1:
+        if self._queued > self._outbox_bytes and len(self._frames) > 1:
             self._check_outbox()
+
+    def _check_outbox(self) -> None:
+        """Past the outbox: nothing more is queued or handled for it (`closed`), and it
+        is dropped in a callback of its own. Not here: `send` runs inside the loops that
+        deliver a batch to every connection of a participant and to every fill
+        subscriber, which the drop changes; dropped there, it ended that delivery for
+        everyone after it (found in review)."""
+        if self.backlog > self._outbox_bytes:
+            self.closed = True
+            self._frames, self._queued = [], 0
+            self._loop.call_soon(self._on_slow, self)
 
     def _flush(self) -> None:
         frames, self._frames = self._frames, []
@@ -211,11 +224,6 @@ class Connection:
             self._on_slow(self)
             return
         self.transport.write(b"".join(frames))
-
-    def _check_outbox(self) -> None:
-        if self.backlog > self.limits.outbox_bytes:
-            self._on_slow(self)            # closes it: nothing more is queued
-            self._frames, self._queued = [], 0
 
     @property
     def backlog(self) -> int:
@@ -601,13 +609,14 @@ class Gateway:
         connected; the number of funders. After a restart: the gateway could not see
         who went away while it was down, and the journal brought their bids back."""
         absent = [who for who in self.directory if who.id not in self.connections]
-        return sum(self._cancel_if_gone(who) for who in absent) + self._cancel_removed()
+        return sum(self._cancel_if_gone(who) for who in absent)
 
-    def _cancel_removed(self) -> int:
-        """Cancel what participants no longer in the configuration left resting: no one
-        can manage those orders any more, and they went on lending and borrowing (a
-        removed funder's bids filled asks; found in review). Cancelled as theirs, by
-        the role their orders show; the number of such participants."""
+    def cancel_removed(self) -> int:
+        """Cancel what participants no longer in the configuration left resting, at a
+        start, before serving: no one can manage those orders any more, and they went
+        on lending and borrowing (a removed funder's bids filled asks; found in review).
+        Cancelled as theirs, by the role their orders show; the number of such
+        participants."""
         removed = sorted(pid for pid in self.engine.owned if self.directory.get(pid) is None)
         for pid in removed:
             orders = self.engine.owned[pid]
@@ -628,8 +637,11 @@ class Gateway:
         return False
 
     def _drop_slow(self, conn: Connection) -> None:
-        if conn.closed:
+        """Drop a client that does not keep up (it may already be `closed` by its own
+        outbox check, waiting for this)."""
+        if conn.dropped:
             return
+        conn.dropped = True
         self.metrics.dropped += 1
         log.warning("closing %s: %d bytes unsent, it does not keep up",
                     conn.participant.name, conn.backlog)
@@ -704,8 +716,8 @@ class Gateway:
                                   "written; ask again after its restart")
 
     def _status(self, conn: Connection, req: wire.StatusRequest) -> None:
-        if (stopped := self.unwritten()) is not None:
-            self._error(conn, stopped)
+        if self.journal.error is not None:
+            self._error(conn, cast(wire.Error, self.unwritten()))
             return
         whose = req.participant
         if whose is None or whose == conn.participant.id:
@@ -722,7 +734,9 @@ class Gateway:
         # funder may rest): one message's token does not pay for it, and a burst of them
         # stalled every client's matching (found in review). It costs a token more for
         # every `STATUS_ORDERS_PER_TOKEN` orders, about what a command costs.
-        extra = self.engine.resting_count(whose) / STATUS_ORDERS_PER_TOKEN
+        # (Never more than the bucket can hold, or such a status could never be had.)
+        extra = min(self.engine.resting_count(whose) / STATUS_ORDERS_PER_TOKEN,
+                    self.limits.burst - 1)
         if extra >= 1 and not conn.allow(extra):
             self._error(conn, wire.Error(
                 code="rate_limited", path=None,
@@ -733,8 +747,8 @@ class Gateway:
         conn.send(self._encode(self.engine.status(whose)))
 
     def _quote(self, conn: Connection, req: wire.QuoteRequest) -> None:
-        if (stopped := self.unwritten(req.ref)) is not None:
-            self._error(conn, stopped)
+        if self.journal.error is not None:         # (a method call per quote costs)
+            self._error(conn, cast(wire.Error, self.unwritten(req.ref)))
             return
         if req.segment not in self.engine.books:
             self._error(conn, wire.Error(code="unknown_segment", ref=req.ref,

@@ -234,6 +234,10 @@ def _unknown_script(exc: BaseException | None) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("NOSCRIPT")
 
 
+def _gap(exc: BaseException | None) -> bool:
+    return isinstance(exc, ResponseError) and str(exc).startswith("GAP ")
+
+
 @dataclass(slots=True)
 class _Batch:
     """Commands written together, and the future their replies wait for."""
@@ -441,6 +445,7 @@ class Journal:
     async def _recover(self) -> None:
         """Settle the window oldest first: a write whose reply was lost may have landed
         (checked, not repeated), one that did not is written again."""
+        rewritten = False
         while self._window:
             batch = self._window[0]
             assert batch.reply is not None
@@ -454,10 +459,14 @@ class Journal:
                     except _TRANSIENT as again:
                         await self._write_until_done(batch.entries, batch.trades,
                                                      failed=again)
-                elif exc is None or isinstance(exc, _TRANSIENT):
+                # A batch pipelined behind one that did not run (BUSY, say) found the
+                # journal short of the entry it follows, and did not run either: the
+                # window is written again in order (a GAP there stopped the journal).
+                elif exc is None or isinstance(exc, _TRANSIENT) or (rewritten and _gap(exc)):
                     await self._write_until_done(batch.entries, batch.trades, failed=exc)
                 else:
                     raise exc
+                rewritten = True
             self._window.popleft()
             self._durable_batch(batch, timed=False)
         self._recovering = False

@@ -60,7 +60,12 @@ NOT_NOW = ("BUSY", "MASTERDOWN", "TRYAGAIN")
 def not_now(exc: ResponseError) -> bool:
     """Whether redis-py's error reply says "later" (it strips the codes it has a class
     for from the message, and keeps the others')."""
-    return isinstance(exc, MasterDownError | TryAgainError) or str(exc).startswith(NOT_NOW)
+    return isinstance(exc, MasterDownError | TryAgainError) or _code(str(exc)) in NOT_NOW
+
+
+def _code(message: str) -> str:
+    """An error reply's code: its first word, whole (BUSYGROUP and BUSYKEY say "no")."""
+    return message.split(" ", 1)[0]
 
 
 def reply_error(message: str) -> Exception:
@@ -72,7 +77,7 @@ def reply_error(message: str) -> Exception:
         return BusyLoadingError(message)
     if message.startswith("ERR max number of clients reached"):
         return RedisConnectionError(message)
-    if message.startswith(NOT_NOW):
+    if _code(message) in NOT_NOW:
         return NotNow(message)
     return ResponseError(message)
 

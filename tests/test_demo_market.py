@@ -144,8 +144,8 @@ def test_demo_lines_are_set_for_a_core_enterprise_added_since(
         tmp_path: Path, redis_server: LocalRedis) -> None:
     """The demo's lines were set at its first start only: a core enterprise added to the
     configuration later had no demo lines, and every bid there was refused (found in
-    review). Each start sets the demo line where a funder has none; a line someone set
-    stays, and the opening bids are not placed again."""
+    review). A start sets them for a core enterprise added since; a line someone set
+    stays, also one closed (0), and the opening bids are not placed again."""
     port = free_port()
     demo = "\n".join(["[demo]", "funders = 2", "smes = 1", "credit_line = 700",
                       "seed_bids = true", ""])
@@ -172,6 +172,7 @@ def test_demo_lines_are_set_for_a_core_enterprise_added_since(
     try:
         first = run(lines_and_bids())
         run(set_line("DFM", 5))
+        run(set_line("SGCC", 0))
     finally:
         assert server.terminate() == 0
     write_config(tmp_path / "matcher.toml", redis_server.url, port, extra=demo,
@@ -182,7 +183,7 @@ def test_demo_lines_are_set_for_a_core_enterprise_added_since(
     finally:
         assert server.terminate() == 0
     assert first[1001][0] == first[1002][0] == {"DFM": 700, "SGCC": 700}
-    assert again[1001][0] == {"CRRC": 700, "DFM": 5, "SGCC": 700}
+    assert again[1001][0] == {"CRRC": 700, "DFM": 5}          # SGCC closed: not listed
     assert again[1002][0] == {"CRRC": 700, "DFM": 700, "SGCC": 700}
     assert [n for _, n in again.values()] == [n for _, n in first.values()]
 

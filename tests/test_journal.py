@@ -818,6 +818,38 @@ def test_a_redis_busy_with_a_script_holds_acks_then_writes_everything_once(
     run(scenario())
 
 
+def test_a_batch_pipelined_behind_a_busy_one_is_written_again_after_it(
+        redis_server: LocalRedis, caplog: pytest.LogCaptureFixture) -> None:
+    """Several writes in flight: batch N is answered BUSY; the script ends; batch N+1,
+    sent before N's reply was read, runs and finds the journal short of N (`GAP`). It did
+    not run either: both are written again, in order (the GAP stopped the journal; found
+    in review)."""
+    caplog.set_level(logging.WARNING, logger="matcher.journal")
+
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 22, max_retry_delay=0.1,
+                                               max_inflight=4)
+        await play(driver, journal, 50)
+        other = connect(redis_server)
+        await other.config_set("busy-reply-threshold", 50)
+        busy = asyncio.create_task(other.eval(_BUSY_SCRIPT, 0, 800))
+        await asyncio.sleep(0.3)                       # past the threshold
+        first = _append(driver, journal, 1)            # N: sent, answered BUSY
+        await asyncio.sleep(0)
+        time.sleep(0.8)            # the loop does not read N's answer; the script ends
+        second = _append(driver, journal, 1)           # N+1: sent before N's answer is read
+        await asyncio.wait_for(asyncio.gather(*first, *second), 10)
+        assert await busy == 1
+        assert journal.error is None and journal.written_seq == driver.engine.seq
+        assert await journaled(client) == driver.entries
+        assert [t for _, t in await fill_stream(client)] == driver.trades
+        await other.config_set("busy-reply-threshold", 5000)
+        await journal.close()
+        await client.aclose()
+        await other.aclose()
+    run(scenario())
+
+
 async def _acked_then_down(redis_server: LocalRedis, seed: int
                            ) -> tuple[aioredis.Redis, Journal, Driver]:
     client, journal, driver = await opened(redis_server, seed, max_retry_delay=0.1)

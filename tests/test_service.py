@@ -2027,7 +2027,7 @@ def test_after_a_restart_funders_that_do_not_come_back_lose_their_bids(
     assert waited > 0.5                                  # not at once: after the grace
     assert [o["client_id"] for o in mine["orders"]] == ["b1"]    # Bank B came back: kept
     assert [o["client_id"] for o in asks["orders"]] == ["a1"]    # SMEs' orders stay
-    assert "participants not back 3 s after the start" in server.log.read_text()
+    assert "funders not back 3 s after the start" in server.log.read_text()
 
 
 def test_an_end_of_day_that_fell_due_while_down_is_issued_at_the_start(
