@@ -497,31 +497,56 @@ def loan_rows(page: Page) -> list[tuple[str, str, str]]:
              li.locator(".who").inner_text()) for li in page.locator("#loan-list li").all()]
 
 
+class Switch:
+    """The page's WebSockets through a switch the test flips: `drop` closes the page's
+    connection, and those it opens next are never answered (it keeps trying); `restore`
+    waits for its next try and lets that one through to the server. `sent` gets every
+    message the page sends to the server."""
+
+    def __init__(self, page: Page) -> None:
+        self.page = page
+        self.away = False
+        self.sockets: list[WebSocketRoute] = []
+        self.sent: list[dict[str, Any]] = []
+        self.tries = 0                  # connections the page had made when dropped
+        page.route_web_socket(re.compile(r".*/ws$"), self._route)
+
+    def _route(self, ws: WebSocketRoute) -> None:
+        self.sockets.append(ws)
+        if self.away:
+            return                  # a mock that never answers the sign-in
+        server_ws = ws.connect_to_server()
+
+        def outgoing(message: str | bytes) -> None:
+            self.sent.append(json.loads(message))
+            server_ws.send(message)
+        ws.on_message(outgoing)
+
+    def drop(self) -> None:
+        self.away = True
+        self.tries = len(self.sockets)
+        self.sockets[-1].close()
+        expect(self.page.locator("#live")).to_have_attribute("data-state", "reconnecting")
+
+    def restore(self) -> None:
+        deadline = time.monotonic() + WAIT
+        while len(self.sockets) <= self.tries:
+            assert time.monotonic() < deadline, "the page did not try to reconnect"
+            self.page.wait_for_timeout(50)
+        self.away = False
+        self.sockets[-1].close()        # the page tries again, this time to the server
+        expect(self.page.locator("#live")).to_have_attribute("data-state", "live",
+                                                             timeout=10_000)
+
+
 def test_a_funder_page_that_lost_its_connection_catches_up_on_its_loans(
         new_page: Callable[..., Page], server: ServerProcess,
         market: tuple[WsClient, WsClient], clients: Callable[[int], WsClient]) -> None:
     """Bank A's page loses its connection; a loan is made meanwhile (Bank A's Python
     client keeps its bid resting); once back, the page lists it, newest first, and each
     loan once."""
-    away = False
-    sockets: list[WebSocketRoute] = []
-    asked: list[dict[str, Any]] = []          # the page's `fills` requests
-
-    def route(ws: WebSocketRoute) -> None:
-        sockets.append(ws)
-        if away:
-            return                  # a mock that never answers the sign-in
-        server_ws = ws.connect_to_server()
-
-        def outgoing(message: str | bytes) -> None:
-            msg = json.loads(message)
-            if msg["type"] == "fills":
-                asked.append(msg)
-            server_ws.send(message)
-        ws.on_message(outgoing)
-
     page = new_page("funder-catch-up")
-    page.route_web_socket(re.compile(r".*/ws$"), route)
+    switch = Switch(page)
     sign_in(page, server, F11)
     expect(page.locator("#loans")).to_be_hidden()
     sme = clients(SME_X)
@@ -537,19 +562,12 @@ def test_a_funder_page_that_lost_its_connection_catches_up_on_its_loans(
     expect(page.locator("#loan-list li")).to_have_count(1)
     assert loan_rows(page) == [first]
 
-    away = True
-    sockets[-1].close()
-    expect(page.locator("#live")).to_have_attribute("data-state", "reconnecting")
+    switch.drop()
     borrow(300_000)
-    deadline = time.monotonic() + WAIT
-    while len(sockets) < 2:
-        assert time.monotonic() < deadline, "the page did not try to reconnect"
-        page.wait_for_timeout(50)
-    away = False
-    sockets[-1].close()                 # the page tries again, this time to the server
-    expect(page.locator("#live")).to_have_attribute("data-state", "live", timeout=10_000)
+    switch.restore()
     expect(page.locator("#loan-list li")).to_have_count(2)
     assert loan_rows(page) == [("300,000.00 CNY", "2.50%", f"to SME {SME_X} · {SEG}"), first]
+    asked = [m for m in switch.sent if m["type"] == "fills"]
     assert asked == [{"type": "fills", "limit": 5, "ref": "loans"}] * 2   # sign-in, return
 
 
@@ -864,18 +882,13 @@ def test_board_reconnects_after_a_server_restart(
 # --- what a dropped connection or a busy market must not break (found in review) --------
 
 
-def test_an_ask_whose_answers_were_lost_with_the_connection_is_read_back_not_resent(
-        new_page: Callable[..., Page], server: ServerProcess,
-        market: tuple[WsClient, WsClient]) -> None:
-    """The ask reaches the gateway and is filled, but every answer is lost with the
-    connection ("Finance now" stayed locked for good). Back, the page does not send it
-    again (past two minutes or an end of day the same client id would borrow twice): it
-    reads its loans back by client id. One financing, shown as filled, and the SME can
-    finance again."""
-    bank_a, bank_b = market
-    sockets: list[WebSocketRoute] = []
-    asks: list[str] = []
-
+def _answers_lost_after_the_ask(sockets: list[WebSocketRoute], asks: list[str],
+                                reads: list[dict[str, Any]] | None = None,
+                                cap: int | None = None) -> Callable[[WebSocketRoute], None]:
+    """A route for the page's WebSockets: on the first, nothing comes back once the page
+    sent its ask, as if the connection died with the answers on their way; later ones
+    pass everything. `asks` gets the asks' client ids, `reads` the page's `ask-check`
+    reads; `cap` rewrites the ask's `max_rate_bps` on its way out."""
     def route(ws: WebSocketRoute) -> None:
         sockets.append(ws)
         server_ws = ws.connect_to_server()
@@ -885,6 +898,10 @@ def test_an_ask_whose_answers_were_lost_with_the_connection_is_read_back_not_res
             msg = json.loads(message)
             if msg["type"] == "ask":
                 asks.append(msg["client_id"])
+                if cap is not None:
+                    message = json.dumps({**msg, "max_rate_bps": cap})
+            if reads is not None and msg["type"] == "fills" and msg["ref"] == "ask-check":
+                reads.append(msg)
             server_ws.send(message)
 
         def incoming(message: str | bytes) -> None:
@@ -892,9 +909,22 @@ def test_an_ask_whose_answers_were_lost_with_the_connection_is_read_back_not_res
                 ws.send(message)
         ws.on_message(outgoing)
         server_ws.on_message(incoming)
+    return route
 
+
+def test_an_ask_whose_answers_were_lost_with_the_connection_is_read_back_not_resent(
+        new_page: Callable[..., Page], server: ServerProcess,
+        market: tuple[WsClient, WsClient]) -> None:
+    """The ask reaches the gateway and is filled, but every answer is lost with the
+    connection ("Finance now" stayed locked for good). Back, the page does not send it
+    again (past two minutes the same client id would borrow twice): it
+    reads its loans back by client id. One financing, shown as filled, and the SME can
+    finance again."""
+    bank_a, bank_b = market
+    sockets: list[WebSocketRoute] = []
+    asks: list[str] = []
     page = new_page("sme-ask-lost")
-    page.route_web_socket(re.compile(r".*/ws$"), route)
+    page.route_web_socket(re.compile(r".*/ws$"), _answers_lost_after_the_ask(sockets, asks))
     sign_in(page, server, SME_X)
     finance_from_both_banks(page)
     assert bank_b.until("fill")["amount"] == 50_000_000       # the gateway filled it
@@ -923,30 +953,9 @@ def test_a_lost_ask_is_read_back_past_the_loans_made_after_it(
     sockets: list[WebSocketRoute] = []
     asks: list[str] = []
     reads: list[dict[str, Any]] = []
-
-    def route(ws: WebSocketRoute) -> None:
-        sockets.append(ws)
-        server_ws = ws.connect_to_server()
-        first = len(sockets) == 1
-
-        def outgoing(message: str | bytes) -> None:
-            msg = json.loads(message)
-            if msg["type"] == "ask":
-                asks.append(msg["client_id"])
-                if not filled:
-                    message = json.dumps({**msg, "max_rate_bps": 200})
-            if msg["type"] == "fills" and msg["ref"] == "ask-check":
-                reads.append(msg)
-            server_ws.send(message)
-
-        def incoming(message: str | bytes) -> None:
-            if not (first and asks):
-                ws.send(message)
-        ws.on_message(outgoing)
-        server_ws.on_message(incoming)
-
     page = new_page(f"sme-ask-lost-far-{filled}")
-    page.route_web_socket(re.compile(r".*/ws$"), route)
+    page.route_web_socket(re.compile(r".*/ws$"), _answers_lost_after_the_ask(
+        sockets, asks, reads, cap=None if filled else 200))
     sign_in(page, server, SME_X)
     finance_from_both_banks(page)
     bank_a, bank_b = market
@@ -979,30 +988,13 @@ def test_finance_now_while_offline_sends_nothing_then_or_later(
     or once the page is back. It had kept the ask (shown "Unfilled" after the
     reconnect, and every later click ignored), and a click without a quote on screen
     financed by itself once the page was back (found in review)."""
-    away = False
-    sockets: list[WebSocketRoute] = []
-    sent: list[dict[str, Any]] = []
-
-    def route(ws: WebSocketRoute) -> None:
-        sockets.append(ws)
-        if away:
-            return                  # a mock that never answers the sign-in
-        server_ws = ws.connect_to_server()
-
-        def outgoing(message: str | bytes) -> None:
-            sent.append(json.loads(message))
-            server_ws.send(message)
-        ws.on_message(outgoing)
-
     page = new_page("sme-offline-finance")
-    page.route_web_socket(re.compile(r".*/ws$"), route)
+    switch = Switch(page)
     sign_in(page, server, SME_X)
     page.select_option("#sme-segment", SEG)
     page.fill("#sme-amount", "1,200,000")
     expect(page.locator("#quote-split [data-count]")).to_have_text("2")
-    away = True
-    sockets[-1].close()
-    expect(page.locator("#live")).to_have_attribute("data-state", "reconnecting")
+    switch.drop()
     page.click("#finance")                    # with the quote from before
     expect(page.locator("#notice-text")).to_contain_text("Not connected")
     page.click("#notice-close")
@@ -1010,21 +1002,15 @@ def test_finance_now_while_offline_sends_nothing_then_or_later(
     page.click("#finance")
     expect(page.locator("#sme-msg")).to_contain_text("Not connected")
     expect(page.locator("#notice")).to_be_hidden()    # the quotes while typing: quiet
-    away = False
-    deadline = time.monotonic() + WAIT
-    while len(sockets) < 2:
-        assert time.monotonic() < deadline, "the page did not try to reconnect"
-        page.wait_for_timeout(50)
-    sockets[-1].close()                       # the page tries again, to the server
-    expect(page.locator("#live")).to_have_attribute("data-state", "live", timeout=10_000)
+    switch.restore()
     expect(page.locator("#quote-split [data-count]")).to_have_text("1")   # 300k: Bank B
     page.wait_for_timeout(500)
-    assert [m for m in sent if m["type"] == "ask"] == []
+    assert [m for m in switch.sent if m["type"] == "ask"] == []
     expect(page.locator("#sme-result")).to_be_hidden()
     expect(page.locator("#finance")).to_be_enabled()
     page.click("#finance")                    # and now it goes
     expect(page.locator("#outcome")).to_have_text("Filled")
-    assert [m["amount"] for m in sent if m["type"] == "ask"] == [30_000_000]
+    assert [m["amount"] for m in switch.sent if m["type"] == "ask"] == [30_000_000]
 
 
 def test_a_funders_bids_cancelled_on_disconnect_are_not_shown_resting_meanwhile(
@@ -1033,16 +1019,8 @@ def test_a_funders_bids_cancelled_on_disconnect_are_not_shown_resting_meanwhile(
     ends the bids and their `done`s are lost with it. The list stayed as it was, with
     live buttons, and then emptied without a word (found in review). Now it says what
     may happen, and once back, which bids ended meanwhile."""
-    away = False
-    sockets: list[WebSocketRoute] = []
-
-    def route(ws: WebSocketRoute) -> None:
-        sockets.append(ws)
-        if not away:
-            ws.connect_to_server()
-
     page = new_page("funder-cancel-on-disconnect")
-    page.route_web_socket(re.compile(r".*/ws$"), route)
+    switch = Switch(page)
     sign_in(page, server, F13)
     page.select_option("#line-core", "DFM")
     page.fill("#line-amount", "1,000,000")
@@ -1053,18 +1031,11 @@ def test_a_funders_bids_cancelled_on_disconnect_are_not_shown_resting_meanwhile(
     page.fill("#bid-amount", "400,000")
     page.click("#bid-button")
     expect(page.locator("#orders .order")).to_have_count(1)
-    away = True
-    sockets[-1].close()
+    switch.drop()
     expect(page.locator("#orders-msg")).to_contain_text("cancel on disconnect")
     expect(page.locator("#orders .order .cancel")).to_be_disabled()
     expect(page.locator("#cancel-all")).to_be_disabled()
-    away = False
-    deadline = time.monotonic() + WAIT
-    while len(sockets) < 2:
-        assert time.monotonic() < deadline, "the page did not try to reconnect"
-        page.wait_for_timeout(50)
-    sockets[-1].close()
-    expect(page.locator("#live")).to_have_attribute("data-state", "live", timeout=10_000)
+    switch.restore()
     expect(page.locator("#orders")).to_contain_text("No resting bids.")
     expect(page.locator("#activity")).to_contain_text(
         "Bid at 2.45% in DFM · 30 days (400,000.00 CNY resting) ended while the connection "

@@ -820,21 +820,26 @@ def _resting(gateway: Any, journal: Any, funder: Any, n: int, prefix: str = "r")
     return segment
 
 
-def test_a_status_costs_a_message_more_for_every_25_orders_it_lists() -> None:
-    """A `status` of 10,000 orders takes about 9 ms and 2 MB: at one message of the rate
-    limit each, a burst of them stalled every client's matching (found in review)."""
+def _statuses(resting: int, burst: int, times: int) -> list[wire.Event]:
+    """What a funder with `resting` bids hears for `times` statuses sent at once, with a
+    burst of `burst` and next to no refill."""
     async def scenario() -> list[wire.Event]:
         funder = PEOPLE[0]
-        gateway, journal, [conn] = _gateway_with(funder, burst=202, rate=0.001)
-        _resting(gateway, journal, funder, 100)
+        gateway, journal, [conn] = _gateway_with(funder, burst=burst, rate=0.001)
+        _resting(gateway, journal, funder, resting)
         await _turns()
         sent = _watch(conn)
-        for _ in range(45):
+        for _ in range(times):
             gateway.handle(conn, b'{"type":"status"}', 0.0)
         await _turns()
         return _events(sent)
+    return run(scenario())
 
-    events = run(scenario())
+
+def test_a_status_costs_a_message_more_for_every_25_orders_it_lists() -> None:
+    """A `status` of 10,000 orders takes about 9 ms and 2 MB: at one message of the rate
+    limit each, a burst of them stalled every client's matching (found in review)."""
+    events = _statuses(resting=100, burst=202, times=45)
     statuses = [e for e in events if isinstance(e, wire.Status)]
     errors = [e for e in events if isinstance(e, wire.Error)]
     assert len(statuses) == 40 and len(statuses[0].orders) == 100   # 5 messages each
@@ -953,17 +958,6 @@ def test_a_client_dropped_while_a_batch_is_delivered_costs_the_others_nothing() 
 def test_a_status_never_costs_more_than_the_burst() -> None:
     """With 3,000 orders resting and a burst of 100, a status cost 121 tokens, which a
     bucket of 100 never holds: it could never be had (found in review)."""
-    async def scenario() -> list[wire.Event]:
-        funder = PEOPLE[0]
-        gateway, journal, [conn] = _gateway_with(funder, burst=100, rate=0.001)
-        _resting(gateway, journal, funder, 3_000)
-        await _turns()
-        sent = _watch(conn)
-        gateway.handle(conn, b'{"type":"status"}', 0.0)
-        gateway.handle(conn, b'{"type":"status"}', 0.0)       # the bucket is empty now
-        await _turns()
-        return _events(sent)
-
-    events = run(scenario())
+    events = _statuses(resting=3_000, burst=100, times=2)   # the second: the bucket is empty
     assert [type(e).__name__ for e in events] == ["Status", "Error"]
     assert len(events[0].orders) == 3_000 and events[1].code == "rate_limited"
