@@ -128,6 +128,14 @@ class TokenBucket:
         self._tokens -= cost
         return True
 
+    def owe(self, cost: float) -> None:
+        """Take `cost` more for a message that passed: as much as it costs, owed if the
+        bucket holds less, so the messages after it wait until the refill has paid it.
+        Over time it is paid whole whatever the burst (capped at the burst, a smaller
+        burst made a large cost cheaper; found in review), and it never starves: it
+        passes whenever the bucket is not in debt."""
+        self._tokens -= cost
+
     def full(self) -> bool:
         """Refilled to its burst: it holds nothing a new bucket would not."""
         return self._tokens + (time.monotonic() - self._refilled) * self.rate >= self.burst
@@ -183,6 +191,7 @@ class Connection:
         self.fills = False
         self.closed = False
         self.dropped = False                     # as a slow consumer
+        self.unsent = 0                          # bytes unsent when it was found too slow
         self.reading: asyncio.Task[None] | None = None     # a page of fills being read
         self._frames: list[bytes] = []
         self._queued = 0                         # bytes in `_frames`
@@ -212,6 +221,7 @@ class Connection:
         everyone after it (found in review)."""
         if self.backlog > self._outbox_bytes:
             self.closed = True
+            self.unsent = self.backlog          # for the log: what made it too slow
             self._frames, self._queued = [], 0
             self._loop.call_soon(self._on_slow, self)
 
@@ -220,7 +230,8 @@ class Connection:
         self._queued = 0
         if self.closed or not frames or self.transport.is_closing():
             return
-        if self.transport.get_write_buffer_size() > self.limits.outbox_bytes:
+        if self.transport.get_write_buffer_size() > self._outbox_bytes:
+            self.unsent = self.backlog
             self._on_slow(self)
             return
         self.transport.write(b"".join(frames))
@@ -639,12 +650,12 @@ class Gateway:
     def _drop_slow(self, conn: Connection) -> None:
         """Drop a client that does not keep up (it may already be `closed` by its own
         outbox check, waiting for this)."""
-        if conn.dropped:
-            return
+        if conn.dropped or conn not in self.connections.get(conn.participant.id, ()):
+            return                          # (or it went away meanwhile)
         conn.dropped = True
         self.metrics.dropped += 1
         log.warning("closing %s: %d bytes unsent, it does not keep up",
-                    conn.participant.name, conn.backlog)
+                    conn.participant.name, conn.unsent)
         self._close_soon(conn, CLOSE_SLOW_CONSUMER, "slow consumer: outbox full")
 
     def _close_soon(self, conn: Connection, code: int, message: str) -> None:
@@ -733,17 +744,9 @@ class Gateway:
         # Its cost grows with the orders it lists (about 1 us each, 2 MB for the 10,000 a
         # funder may rest): one message's token does not pay for it, and a burst of them
         # stalled every client's matching (found in review). It costs a token more for
-        # every `STATUS_ORDERS_PER_TOKEN` orders, about what a command costs.
-        # (Never more than the bucket can hold, or such a status could never be had.)
-        extra = min(self.engine.resting_count(whose) / STATUS_ORDERS_PER_TOKEN,
-                    self.limits.burst - 1)
-        if extra >= 1 and not conn.allow(extra):
-            self._error(conn, wire.Error(
-                code="rate_limited", path=None,
-                message=f"a status of {self.engine.resting_count(whose)} orders counts as "
-                        f"{1 + extra:.0f} messages: over {self.limits.rate:g} messages/s "
-                        "on this connection"))
-            return
+        # every `STATUS_ORDERS_PER_TOKEN` orders, about what a command costs, which the
+        # connection's next messages wait for.
+        conn.allow.owe(self.engine.resting_count(whose) / STATUS_ORDERS_PER_TOKEN)
         conn.send(self._encode(self.engine.status(whose)))
 
     def _quote(self, conn: Connection, req: wire.QuoteRequest) -> None:
