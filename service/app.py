@@ -545,8 +545,8 @@ class Service:
         assert gw is not None
         if not self._quote_budgets.allow(forwarded.budget_key(self._client(request))):
             return self._rate_limited("this address")      # no key: the quote's budget
-        if (stopped := gw.unwritten()) is not None:
-            return _error_response(503, stopped)
+        if gw.journal.error is not None:
+            return _error_response(503, gw.unwritten())
         out = []
         for seg_id in sorted(gw.engine.segments):
             seg = gw.engine.segments[seg_id]
@@ -561,8 +561,8 @@ class Service:
         assert gw is not None
         if not self._quote_budgets.allow(forwarded.budget_key(self._client(request))):
             return self._rate_limited("this address")
-        if (stopped := gw.unwritten()) is not None:
-            return _error_response(503, stopped)
+        if gw.journal.error is not None:
+            return _error_response(503, gw.unwritten())
         segment = request.match_info["segment"]
         if segment not in gw.engine.books:
             return _json_error(404, "unknown_segment", f"no segment {segment!r}", "$.segment")

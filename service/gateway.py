@@ -714,13 +714,11 @@ class Gateway:
         self.metrics.reject(error.code)
         conn.send(self._encode(error))
 
-    def unwritten(self, ref: str | None = None) -> wire.Error | None:
-        """The answer to a read of the market once the journal has stopped: the engine
-        then holds commands that were never written, and will not be there after the
-        restart (book updates stop then too). Quotes and statuses went on answering
-        from them (found in review)."""
-        if self.journal.error is None:
-            return None
+    def unwritten(self, ref: str | None = None) -> wire.Error:
+        """The answer to a read of the market once the journal has stopped (its `error`
+        is set): the engine then holds commands that were never written, and will not
+        be there after the restart (book updates stop then too). Quotes and statuses
+        went on answering from them (found in review)."""
         return wire.Error(code="unavailable", path=None, ref=ref,
                           message="the journal has stopped (see the server's log): this "
                                   "gateway's market may hold commands that were never "
@@ -728,7 +726,7 @@ class Gateway:
 
     def _status(self, conn: Connection, req: wire.StatusRequest) -> None:
         if self.journal.error is not None:
-            self._error(conn, cast(wire.Error, self.unwritten()))
+            self._error(conn, self.unwritten())
             return
         whose = req.participant
         if whose is None or whose == conn.participant.id:
@@ -750,8 +748,8 @@ class Gateway:
         conn.send(self._encode(self.engine.status(whose)))
 
     def _quote(self, conn: Connection, req: wire.QuoteRequest) -> None:
-        if self.journal.error is not None:         # (a method call per quote costs)
-            self._error(conn, cast(wire.Error, self.unwritten(req.ref)))
+        if self.journal.error is not None:
+            self._error(conn, self.unwritten(req.ref))
             return
         if req.segment not in self.engine.books:
             self._error(conn, wire.Error(code="unknown_segment", ref=req.ref,
