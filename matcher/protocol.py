@@ -10,7 +10,10 @@ order it is) the engine checks.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import functools
+import operator
+from types import UnionType
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import msgspec
 from msgspec import Meta, Struct
@@ -466,6 +469,51 @@ json_decoder = msgspec.json.Decoder(ClientMessage)
 json_encoder = msgspec.json.Encoder()
 journal_encoder = msgspec.msgpack.Encoder()
 journal_decoder = msgspec.msgpack.Decoder(list[JournalEntry])
+
+
+def decode_journal(batch: bytes) -> list[JournalEntry]:
+    """A journal batch. Decoded with the wire types and their bounds (lengths, ranges,
+    patterns), which are only the gateway's checks of what a client sends: an entry
+    journaled before a bound was tightened (a segment id `"X-30\n"`, before ids could
+    not end in a newline) must still replay, so one that fails them is decoded again
+    without them (ADR 8, addendum). The engine's own rules still apply to it."""
+    try:
+        return journal_decoder.decode(batch)
+    except msgspec.ValidationError:
+        return [JournalEntry(e.seq, e.ts, e.participant, _STRICT[type(e.command)](
+            **msgspec.structs.asdict(e.command))) for e in _lax_journal().decode(batch)]
+
+
+def _unbounded(annotation: Any) -> Any:
+    """The type without its `Meta` bounds, inside unions too."""
+    if get_origin(annotation) is Annotated:
+        return _unbounded(get_args(annotation)[0])
+    if isinstance(annotation, UnionType):
+        return functools.reduce(operator.or_, map(_unbounded, get_args(annotation)))
+    return annotation
+
+
+_STRICT: dict[type, type] = {}
+
+
+@functools.cache
+def _lax_journal() -> msgspec.msgpack.Decoder[list[Any]]:
+    """The decoder of `decode_journal`'s second try, made the first time it is needed."""
+    lax = []
+    for kind in get_args(Command):
+        config = kind.__struct_config__
+        twin = msgspec.defstruct(
+            kind.__name__, [(f.name, _unbounded(f.type), f.default)
+                            for f in msgspec.structs.fields(kind)],
+            tag=config.tag, tag_field=config.tag_field, forbid_unknown_fields=True,
+            kw_only=True)
+        _STRICT[twin] = kind
+        lax.append(twin)
+    entry = msgspec.defstruct("JournalEntry", [("seq", int), ("ts", int),
+                                               ("participant", int),
+                                               ("command", functools.reduce(operator.or_, lax))],
+                              array_like=True)
+    return msgspec.msgpack.Decoder(list[entry])  # type: ignore[valid-type]
 
 
 def fill_of(trade: Trade, side: Literal["bid", "ask"], funder_name: str) -> Fill:

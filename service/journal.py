@@ -642,7 +642,7 @@ async def read_journal(client: aioredis.Redis, keys: Keys, after: int = 0,
             for entry_id, fields in rows:
                 if on_row is not None:
                     on_row(entry_id, fields[b"e"])
-                entries = wire.journal_decoder.decode(fields[b"e"])
+                entries = wire.decode_journal(fields[b"e"])
                 yield [e for e in entries if e.seq > after] if entries[0].seq <= after \
                     else entries
         except BaseException:

@@ -1118,3 +1118,26 @@ def test_an_entry_refused_on_replay_is_named_with_the_reason() -> None:
     assert ("journal seq 1 (bid of participant 11) is rejected on replay (unknown_segment "
             "at $.segment: no segment 'ACME-30D')") in str(refused.value)
     assert engine.seq == 0
+
+
+def test_an_entry_journaled_before_a_bound_was_tightened_still_replays() -> None:
+    """The journal's decoder checked today's bounds of the wire types: a segment id
+    ending in a newline, journaled before ids could not, no longer decoded, and the
+    journal no longer replayed (found in review). Such an entry is decoded without the
+    bounds; what the engine's rules refuse still fails, and a field missing still does."""
+    raw = msgspec.msgpack.encode([
+        [1, 10, 1, {"type": "add_segment", "segment": "X-30\n", "core": "X",
+                    "tenor_days": 30, "rate_cap_bps": 3600}],
+        [2, 11, 11, {"type": "set_credit_line", "core": "X", "amount": 1_000}],
+        [3, 12, 11, {"type": "bid", "client_id": "b" * 70, "segment": "X-30\n",
+                     "rate_bps": 250, "amount": 100}]])
+    with pytest.raises(msgspec.ValidationError, match=r"\$\[0\]\[3\]\.segment"):
+        wire.journal_decoder.decode(raw)
+    entries = wire.decode_journal(raw)
+    assert [type(e.command) for e in entries] == [wire.AddSegment, wire.SetCreditLine,
+                                                  wire.Bid]
+    engine = Engine([])
+    assert all(engine.apply(e).accepted for e in entries)
+    assert engine.books["X-30\n"].depth() == [(250, 100, 1)]
+    with pytest.raises(msgspec.ValidationError, match="client_id"):
+        wire.decode_journal(msgspec.msgpack.encode([[4, 13, 11, {"type": "cancel"}]]))
