@@ -15,6 +15,7 @@ from sortedcontainers import SortedDict  # type: ignore[import-untyped]
 
 from matcher.types import (
     MAX_AMOUNT,
+    MAX_BOOK_RATE_CAP,
     MAX_ID,
     MAX_LINE,
     TIFS,
@@ -184,7 +185,7 @@ class Book:
     """A reverse-auction book: lowest bid rate wins, earliest breaks ties, pay-as-bid."""
 
     def __init__(self, rate_cap_bps: int = 3600, credit: CreditLines | None = None) -> None:
-        self.rate_cap_bps = _check_int("rate_cap_bps", rate_cap_bps, 0, MAX_ID)
+        self.rate_cap_bps = _check_int("rate_cap_bps", rate_cap_bps, 0, MAX_BOOK_RATE_CAP)
         #: Funders' credit lines, shared with the other books of the core enterprise;
         #: ``None``: unlimited.
         self.credit = credit
@@ -432,11 +433,16 @@ class Book:
         return out
 
     def restore(self, orders: Iterable[Order]) -> None:
-        """Append resting orders (as from ``orders()``) at the back of their levels."""
+        """Append resting orders (as from ``orders()``) at the back of their levels,
+        checked as the compiled book checks them (one with nothing remaining, or over
+        the cap, is refused)."""
         for o in orders:
             self._check_new_id(self._check_id(o.order_id))
-            self._insert(_Rec(o.order_id, o.side, o.owner, o.rate_bps, o.remaining,
-                              o.min_ticket, o.tif, o.single_funder))
+            self._insert(_Rec(o.order_id, o.side, _check_int("owner", o.owner, 0, MAX_ID),
+                              _check_int("rate_bps", o.rate_bps, 0, self.rate_cap_bps),
+                              _check_int("remaining", o.remaining, 1, MAX_AMOUNT),
+                              _check_int("min_ticket", o.min_ticket, 0, MAX_AMOUNT),
+                              _check_tif(o.tif), o.single_funder))
 
     def expire_day(self) -> list[int]:
         """End of day: ``day`` orders lapse; sorted ids make the result deterministic."""
@@ -455,8 +461,9 @@ class Book:
     def depth(self, n: int = 10) -> list[tuple[int, int, int]]:
         """Funder side by level as ``(rate_bps, amount, orders)``, best first: the plan of
         a market ask for everything on offer, summed by rate, so credit counts."""
+        _check_int("n", n, 0, MAX_ID)
         everything = sum(rec.remaining for rec in self._orders.values() if rec.side == "bid")
-        if n <= 0 or not everything:
+        if n == 0 or not everything:
             return []
         probe = _Rec(-1, "ask", -1, self.rate_cap_bps, everything, 0, "ioc", False)
         levels: dict[int, list[int]] = {}
@@ -489,9 +496,7 @@ class Book:
 
     def order(self, order_id: int) -> Order | None:
         """A snapshot, not the live record, so callers cannot corrupt the book."""
-        if isinstance(order_id, bool) or not isinstance(order_id, int):
-            return None
-        rec = self._orders.get(order_id)
+        rec = self._orders.get(self._check_id(order_id))
         return None if rec is None else rec.snapshot()
 
     def orders(self) -> list[Order]:

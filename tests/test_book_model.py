@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -298,3 +299,35 @@ def test_shared_credit_lines_agree_and_are_never_exceeded(cmds: list[tuple[Any, 
                              ) if a.single_funder else min(b.remaining, a.remaining, left)
                         assert q < max(1, min(b.min_ticket, b.remaining)), (
                             f"crossed: {b} and {a} could fill {q}")
+
+
+def _outcome(call: Any) -> tuple[Any, ...]:
+    try:
+        return ("ok", call())
+    except OrderError as exc:
+        return ("refused", exc.field, exc.reason)
+
+
+def _resting(**kw: Any) -> list[Order]:
+    fields = dict(order_id=1, side="bid", owner=5, rate_bps=250, remaining=10,
+                  min_ticket=0, tif="gtc", single_funder=False)
+    return [Order(**{**fields, **kw})]
+
+
+@pytest.mark.parametrize(("name", "call"), [
+    ("cap over the book's maximum", lambda B: B(rate_cap_bps=2_000_000)),
+    ("negative depth", lambda B: B().depth(-1)),
+    ("an order id that is a string", lambda B: B().order("7")),
+    ("a negative order id", lambda B: B().order(-1)),
+    ("restoring nothing remaining", lambda B: B().restore(_resting(remaining=0))),
+    ("restoring over the cap", lambda B: B(rate_cap_bps=300).restore(_resting(rate_bps=400))),
+    ("restoring an unknown tif", lambda B: B().restore(_resting(tif="gfd"))),
+    ("no such order", lambda B: B().order(3)),
+    ("no depth asked", lambda B: B().depth(0)),
+])
+def test_both_books_refuse_the_same_calls_outside_the_engines_inputs(name: str,
+                                                                      call: Any) -> None:
+    """The twin is the oracle: it checked less than the compiled book where the engine
+    never calls (it took a cap of 2,000,000, restored an order with nothing remaining,
+    and answered None to a string id; found in review)."""
+    assert _outcome(lambda: call(reference.Book)) == _outcome(lambda: call(matcher.Book))
