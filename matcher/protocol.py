@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import operator
 from types import UnionType
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import msgspec
 from msgspec import Meta, Struct
@@ -488,7 +488,8 @@ def _unbounded(annotation: Any) -> Any:
     """The type without its `Meta` bounds, inside unions too."""
     if get_origin(annotation) is Annotated:
         return _unbounded(get_args(annotation)[0])
-    if isinstance(annotation, UnionType):
+    # `X | None` resolves to `typing.Optional[X]` (a `typing.Union`), not a `UnionType`
+    if get_origin(annotation) in (Union, UnionType):
         return functools.reduce(operator.or_, map(_unbounded, get_args(annotation)))
     return annotation
 

@@ -438,11 +438,12 @@ class Book:
         the cap, is refused)."""
         for o in orders:
             self._check_new_id(self._check_id(o.order_id))
-            self._insert(_Rec(o.order_id, o.side, _check_int("owner", o.owner, 0, MAX_ID),
+            self._insert(_Rec(o.order_id, "bid" if o.side == "bid" else "ask",
+                              _check_int("owner", o.owner, 0, MAX_ID),
                               _check_int("rate_bps", o.rate_bps, 0, self.rate_cap_bps),
                               _check_int("remaining", o.remaining, 1, MAX_AMOUNT),
                               _check_int("min_ticket", o.min_ticket, 0, MAX_AMOUNT),
-                              _check_tif(o.tif), o.single_funder))
+                              _check_tif(o.tif), bool(o.single_funder)))
 
     def expire_day(self) -> list[int]:
         """End of day: ``day`` orders lapse; sorted ids make the result deterministic."""

@@ -231,7 +231,7 @@ class Connection:
         if self.closed or not frames or self.transport.is_closing():
             return
         if self.transport.get_write_buffer_size() > self._outbox_bytes:
-            self.unsent = self.backlog
+            self.unsent = self.transport.get_write_buffer_size() + sum(map(len, frames))
             self._on_slow(self)
             return
         self.transport.write(b"".join(frames))

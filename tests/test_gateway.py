@@ -955,9 +955,10 @@ def test_a_client_dropped_while_a_batch_is_delivered_costs_the_others_nothing() 
     assert [type(e).__name__ for e in sme_heard] == ["Accepted", "Done"], sme_heard
 
 
-def test_a_status_never_costs_more_than_the_burst() -> None:
-    """With 3,000 orders resting and a burst of 100, a status cost 121 tokens, which a
-    bucket of 100 never holds: it could never be had (found in review)."""
+def test_a_status_costing_more_than_the_burst_is_answered_and_owed() -> None:
+    """With 3,000 orders resting and a burst of 100, a status costs 121 tokens, which a
+    bucket of 100 never holds: it is answered, and the rest is owed (a first version
+    required the cost in the bucket, and it could never be had; found in review)."""
     events = _statuses(resting=3_000, burst=100, times=2)   # the second: the bucket is empty
     assert [type(e).__name__ for e in events] == ["Status", "Error"]
     assert len(events[0].orders) == 3_000 and events[1].code == "rate_limited"

@@ -1141,3 +1141,14 @@ def test_an_entry_journaled_before_a_bound_was_tightened_still_replays() -> None
     assert engine.books["X-30\n"].depth() == [(250, 100, 1)]
     with pytest.raises(msgspec.ValidationError, match="client_id"):
         wire.decode_journal(msgspec.msgpack.encode([[4, 13, 11, {"type": "cancel"}]]))
+    # Optional fields too (`X | None` is a typing.Union, which a first version kept
+    # bounded; found in review).
+    optional = wire.decode_journal(msgspec.msgpack.encode([
+        [4, 13, 11, {"type": "cancel_all", "segment": "S" * 40}],
+        [5, 14, 11, {"type": "amend", "client_id": "c", "amount": 10**13}],
+        [6, 15, 21, {"type": "ask", "client_id": "a", "segment": "X-30\n",
+                     "amount": 5, "max_rate_bps": 20_000}]]))
+    assert [(e.seq, type(e.command)) for e in optional] == [
+        (4, wire.CancelAll), (5, wire.Amend), (6, wire.Ask)]
+    assert optional[0].command.segment == "S" * 40                  # type: ignore[union-attr]
+    assert optional[2].command.max_rate_bps == 20_000               # type: ignore[union-attr]
