@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import operator
+from collections.abc import Callable
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -471,15 +472,19 @@ journal_encoder = msgspec.msgpack.Encoder()
 journal_decoder = msgspec.msgpack.Decoder(list[JournalEntry])
 
 
-def decode_journal(batch: bytes) -> list[JournalEntry]:
+def decode_journal(batch: bytes, on_lax: Callable[[msgspec.ValidationError], None] | None = None
+                   ) -> list[JournalEntry]:
     """A journal batch. Decoded with the wire types and their bounds (lengths, ranges,
     patterns), which are only the gateway's checks of what a client sends: an entry
     journaled before a bound was tightened (a segment id `"X-30\n"`, before ids could
     not end in a newline) must still replay, so one that fails them is decoded again
-    without them (ADR 8, addendum). The engine's own rules still apply to it."""
+    without them (ADR 8, addendum). The engine's own rules still apply to it. `on_lax`
+    hears of it (this module does no I/O; the caller logs)."""
     try:
         return journal_decoder.decode(batch)
-    except msgspec.ValidationError:
+    except msgspec.ValidationError as exc:
+        if on_lax is not None:
+            on_lax(exc)
         return [JournalEntry(e.seq, e.ts, e.participant, _STRICT[type(e.command)](
             **msgspec.structs.asdict(e.command))) for e in _lax_journal().decode(batch)]
 

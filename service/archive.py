@@ -35,7 +35,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from matcher import protocol as wire
-from service.journal import Keys, read_journal, stream_seq
+from service.journal import Keys, lax_decoded, read_journal, stream_seq
 
 log = logging.getLogger("matcher.archive")
 
@@ -205,7 +205,7 @@ class JournalArchive:
                 continue     # what it holds that the next does not ends before `after`
             rows = following if following is not None else _decode(path.read_bytes())
             following = _decode(files[i + 1].read_bytes()) if i + 1 < len(files) else None
-            limit = (wire.decode_journal(following[0][1])[0].seq
+            limit = (wire.decode_journal(following[0][1], lax_decoded)[0].seq
                      if following else None)        # where the next file takes over
             if limit is not None and rows and stream_seq(rows[-1][0]) >= limit:
                 log.warning("journal archive: %s and %s overlap from command %d on; the "
@@ -213,7 +213,7 @@ class JournalArchive:
             for entry_id, batch in rows:
                 if stream_seq(entry_id) <= after:
                     continue
-                entries = [e for e in wire.decode_journal(batch)
+                entries = [e for e in wire.decode_journal(batch, lax_decoded)
                            if e.seq > after and (limit is None or e.seq < limit)]
                 if entries:
                     after = entries[-1].seq

@@ -1152,3 +1152,27 @@ def test_an_entry_journaled_before_a_bound_was_tightened_still_replays() -> None
         (4, wire.CancelAll), (5, wire.Amend), (6, wire.Ask)]
     assert optional[0].command.segment == "S" * 40                  # type: ignore[union-attr]
     assert optional[2].command.max_rate_bps == 20_000               # type: ignore[union-attr]
+
+
+def test_a_journal_batch_read_without_todays_bounds_is_logged(
+        redis_server: LocalRedis, caplog: pytest.LogCaptureFixture) -> None:
+    """Read from Redis, such a batch replays, and the operator hears of it."""
+    caplog.set_level(logging.WARNING, logger="matcher.journal")
+    raw = msgspec.msgpack.encode([
+        [1, 10, 1, {"type": "add_segment", "segment": "X-30\n", "core": "X",
+                    "tenor_days": 30, "rate_cap_bps": 3600}]])
+
+    async def scenario() -> list[wire.JournalEntry]:
+        client = connect(redis_server)
+        await client.delete(KEYS.journal)
+        await client.xadd(KEYS.journal, {"e": raw, "n": 1}, id="1-0")
+        try:
+            return await journaled(client)
+        finally:
+            await client.delete(KEYS.journal)
+            await client.aclose()
+
+    entries = run(scenario())
+    assert [(e.seq, e.command) for e in entries] == [(1, wire.AddSegment(
+        segment="X-30\n", core="X", tenor_days=30, rate_cap_bps=3600))]
+    assert any("fails this version's bounds" in r.getMessage() for r in caplog.records)
