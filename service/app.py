@@ -433,13 +433,19 @@ class Service:
                           time.perf_counter())
         demo = self.config.demo
         if demo.credit_line:
-            # At the first start, and for a core enterprise added to the configuration
-            # since (the demo's market bids everywhere: its bids there were refused at
-            # every draw). Not where a line is 0: a funder may have closed it.
+            # For a core enterprise added to the configuration since the last start, and
+            # for a funder with nothing to its name yet (every one at the first start,
+            # one added by raising `[demo] funders` later): the demo's market bids
+            # everywhere, and its bids were refused at every draw where a funder had no
+            # line. Not where a funder closed a line (0): it has a history elsewhere, or
+            # its lines are all closed and nothing was ever lent, which is the same as
+            # new (the engine keeps no line of 0).
             funders = [p for p in self.directory if p.role == "funder"]
-            cores = sorted({s.core for s in gw.engine.segments.values()} - cores_before)
+            cores = sorted({s.core for s in gw.engine.segments.values()})
             for funder in funders:
-                for core in cores:
+                known = gw.engine.status(funder.id)
+                for core in (cores if not (known.lines or known.orders)
+                             else [c for c in cores if c not in cores_before]):
                     gw.submit(funder, wire.SetCreditLine(core=core, amount=demo.credit_line),
                               time.perf_counter())
             if first_start and demo.seed_bids:

@@ -144,17 +144,18 @@ def test_demo_lines_are_set_for_a_core_enterprise_added_since(
         tmp_path: Path, redis_server: LocalRedis) -> None:
     """The demo's lines were set at its first start only: a core enterprise added to the
     configuration later had no demo lines, and every bid there was refused (found in
-    review). A start sets them for a core enterprise added since; a line someone set
-    stays, also one closed (0), and the opening bids are not placed again."""
+    review). A start sets them for a core enterprise added since, and for a funder
+    added since; a line someone set stays, also one closed (0), and the opening bids are
+    not placed again."""
     port = free_port()
     demo = "\n".join(["[demo]", "funders = 2", "smes = 1", "credit_line = 700",
                       "seed_bids = true", ""])
     config = write_config(tmp_path / "matcher.toml", redis_server.url, port, extra=demo)
 
-    async def lines_and_bids() -> dict[int, tuple[dict[str, int], int]]:
+    async def lines_and_bids(*funders: int) -> dict[int, tuple[dict[str, int], int]]:
         async with sessions(server, ADMIN) as (admin,):
             out = {}
-            for funder in (1001, 1002):
+            for funder in funders:
                 await admin.send({"type": "status", "participant": funder})
                 got = await admin.expect("status")
                 out[funder] = ({line["core"]: line["line"] for line in got["lines"]},
@@ -170,22 +171,23 @@ def test_demo_lines_are_set_for_a_core_enterprise_added_since(
 
     server = ServerProcess(config, port, tmp_path / "server.log").start()
     try:
-        first = run(lines_and_bids())
+        first = run(lines_and_bids(1001, 1002))
         run(set_line("DFM", 5))
         run(set_line("SGCC", 0))
     finally:
         assert server.terminate() == 0
-    write_config(tmp_path / "matcher.toml", redis_server.url, port, extra=demo,
+    write_config(tmp_path / "matcher.toml", redis_server.url, port,
+                 extra=demo.replace("funders = 2", "funders = 3"),
                  segments=[*SEGMENTS, ("CRRC-60D", "CRRC", 60)])
     server = ServerProcess(config, port, tmp_path / "server.log").start()
     try:
-        again = run(lines_and_bids())
+        again = run(lines_and_bids(1001, 1002, 1003))
     finally:
         assert server.terminate() == 0
     assert first[1001][0] == first[1002][0] == {"DFM": 700, "SGCC": 700}
     assert again[1001][0] == {"CRRC": 700, "DFM": 5}          # SGCC closed: not listed
-    assert again[1002][0] == {"CRRC": 700, "DFM": 700, "SGCC": 700}
-    assert [n for _, n in again.values()] == [n for _, n in first.values()]
+    assert again[1002][0] == again[1003][0] == {"CRRC": 700, "DFM": 700, "SGCC": 700}
+    assert [again[f][1] for f in (1001, 1002)] == [first[f][1] for f in (1001, 1002)]
 
 
 def _draws(s: Script, now: float, n: int = 300) -> list[tuple[int, dict[str, Any]]]:
