@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +218,12 @@ async def fill_stream(client: aioredis.Redis) -> list[tuple[str, wire.Trade]]:
     return [(entry_id.decode(), decode_trade(fields)) for entry_id, fields in rows]
 
 
+
+
+async def assert_written_once(client: aioredis.Redis, driver: Driver) -> None:
+    """Redis holds every command the driver made, and every trade, each exactly once."""
+    assert await journaled(client) == driver.entries
+    assert [t for _, t in await fill_stream(client)] == driver.trades
 
 
 #: Journal windows the robustness tests run with: one write in flight (the default) and
@@ -732,8 +739,7 @@ def test_a_write_that_landed_without_its_reply_is_not_repeated(
         await play(driver, journal, 1200, snapshot_every=400, snapshots=snapshots)
         assert len(lost) == 3
         assert journal.healthy and journal.written_seq == driver.engine.seq
-        assert await journaled(client) == driver.entries               # each exactly once
-        assert [t for _, t in await fill_stream(client)] == driver.trades
+        await assert_written_once(client, driver)               # each exactly once
         await assert_own_streams(client, driver.trades)
         stored = await client.get(KEYS.snapshot)
         assert stored is not None
@@ -767,8 +773,7 @@ def test_writes_go_on_when_redis_forgets_the_script_or_drops_the_connection(
         await asyncio.sleep(0.05)
         await play(driver, journal, 300)
         assert journal.healthy and journal.written_seq == driver.engine.seq
-        assert await journaled(client) == driver.entries
-        assert [t for _, t in await fill_stream(client)] == driver.trades
+        await assert_written_once(client, driver)
         assert not [r for r in caplog.records if "failed" in r.getMessage()]
         await journal.close()
         await client.aclose()
@@ -787,6 +792,19 @@ end
 """
 
 
+@contextlib.asynccontextmanager
+async def _busy(redis_server: LocalRedis, ms: int) -> AsyncIterator[asyncio.Task[Any]]:
+    """Redis busy with a script for `ms` ms (the task of its call), answering others
+    BUSY past a threshold of 50 ms; the threshold is put back after."""
+    other = connect(redis_server)
+    await other.config_set("busy-reply-threshold", 50)
+    try:
+        yield asyncio.create_task(other.eval(_BUSY_SCRIPT, 0, ms))
+    finally:
+        await other.config_set("busy-reply-threshold", 5000)
+        await other.aclose()
+
+
 def test_a_redis_busy_with_a_script_holds_acks_then_writes_everything_once(
         redis_server: LocalRedis, caplog: pytest.LogCaptureFixture) -> None:
     """A BUSY reply (a script past `busy-reply-threshold`) says "later": the journal took
@@ -797,24 +815,19 @@ def test_a_redis_busy_with_a_script_holds_acks_then_writes_everything_once(
     async def scenario() -> None:
         client, journal, driver = await opened(redis_server, 21, max_retry_delay=0.1)
         await play(driver, journal, 100)
-        other = connect(redis_server)
-        await other.config_set("busy-reply-threshold", 50)
-        busy = asyncio.create_task(other.eval(_BUSY_SCRIPT, 0, 1500))
-        await asyncio.sleep(0.3)
-        futures = _append(driver, journal, 20)
-        await asyncio.sleep(0.5)
-        assert not any(f.done() for f in futures)            # held while Redis is busy
-        assert await busy == 1
+        async with _busy(redis_server, 1500) as busy:
+            await asyncio.sleep(0.3)
+            futures = _append(driver, journal, 20)
+            await asyncio.sleep(0.5)
+            assert not any(f.done() for f in futures)        # held while Redis is busy
+            assert await busy == 1
         await asyncio.wait_for(asyncio.gather(*futures), 10)
         assert journal.healthy and journal.error is None
         assert journal.written_seq == driver.engine.seq
-        assert await journaled(client) == driver.entries
-        assert [t for _, t in await fill_stream(client)] == driver.trades
+        await assert_written_once(client, driver)
         assert any("BUSY" in r.getMessage() for r in caplog.records)
-        await other.config_set("busy-reply-threshold", 5000)
         await journal.close()
         await client.aclose()
-        await other.aclose()
     run(scenario())
 
 
@@ -830,23 +843,18 @@ def test_a_batch_pipelined_behind_a_busy_one_is_written_again_after_it(
         client, journal, driver = await opened(redis_server, 22, max_retry_delay=0.1,
                                                max_inflight=4)
         await play(driver, journal, 50)
-        other = connect(redis_server)
-        await other.config_set("busy-reply-threshold", 50)
-        busy = asyncio.create_task(other.eval(_BUSY_SCRIPT, 0, 800))
-        await asyncio.sleep(0.3)                       # past the threshold
-        first = _append(driver, journal, 1)            # N: sent, answered BUSY
-        await asyncio.sleep(0)
-        time.sleep(0.8)            # the loop does not read N's answer; the script ends
-        second = _append(driver, journal, 1)           # N+1: sent before N's answer is read
-        await asyncio.wait_for(asyncio.gather(*first, *second), 10)
-        assert await busy == 1
+        async with _busy(redis_server, 800) as busy:
+            await asyncio.sleep(0.3)                   # past the threshold
+            first = _append(driver, journal, 1)        # N: sent, answered BUSY
+            await asyncio.sleep(0)
+            time.sleep(0.8)        # the loop does not read N's answer; the script ends
+            second = _append(driver, journal, 1)       # N+1: sent before N's answer is read
+            await asyncio.wait_for(asyncio.gather(*first, *second), 10)
+            assert await busy == 1
         assert journal.error is None and journal.written_seq == driver.engine.seq
-        assert await journaled(client) == driver.entries
-        assert [t for _, t in await fill_stream(client)] == driver.trades
-        await other.config_set("busy-reply-threshold", 5000)
+        await assert_written_once(client, driver)
         await journal.close()
         await client.aclose()
-        await other.aclose()
     run(scenario())
 
 
