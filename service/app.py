@@ -163,7 +163,7 @@ class Service:
         # Handlers still open when the connections are closed (one waiting for a client
         # that never signs in) are given `shutdown_timeout`, not aiohttp's minute.
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                                    timeout_ceil_threshold=math.inf,
+                                    logger=_SERVER_LOG, timeout_ceil_threshold=math.inf,
                                     shutdown_timeout=cfg.server.shutdown_timeout)
         await self.runner.setup()
         site = web.TCPSite(self.runner, cfg.server.host, cfg.server.port, reuse_address=True,
@@ -528,6 +528,8 @@ class Service:
         if STATIC.is_dir():
             app.router.add_get("/", self._index)
             app.router.add_static("/static/", STATIC)
+        # Last: it answers only what no route above does (`_no_route`).
+        app.router.add_route("*", "/{path:.*}", _no_route)
         app.on_response_prepare.append(_not_stored)
         return app
 
@@ -760,6 +762,45 @@ async def _not_stored(request: web.Request, response: web.StreamResponse) -> Non
     board from before an upgrade would misread the new server's messages."""
     board = request.path == "/" or request.path.startswith("/static/")
     response.headers.setdefault("Cache-Control", "no-cache" if board else "no-store")
+
+
+class _ForgetfulLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's request handler logs a request it could not parse (a scanner's, a TLS
+    hello on the plain port) with its exception, and keeps the exception, whose
+    traceback keeps the frame that keeps it: a reference cycle per such request, kept
+    until the end of day with automatic collection off (`service/gctune.py`). It logs
+    through this adapter, which drops the traceback once the record is written."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().log(level, msg, *args, **kwargs)
+        finally:
+            exc = kwargs.get("exc_info")
+            if isinstance(exc, BaseException):
+                exc.__traceback__ = None
+
+
+_SERVER_LOG = _ForgetfulLog(logging.getLogger("aiohttp.server"))
+
+
+async def _no_route(request: web.Request) -> web.Response:
+    """404 for a path no route serves, 405 (with `Allow`) for a method it does not.
+
+    aiohttp's router would answer these itself, each time building a route object that
+    refers to itself: a reference cycle per request, and with automatic collection off
+    (`service/gctune.py`) a scanner's requests would stay in memory until the end of
+    day. This route, registered last, takes them first.
+    """
+    own = request.match_info.route.resource
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not own:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        methods = ", ".join(sorted(allowed))
+        return _json_error(405, "method_not_allowed", f"{request.method} {request.path}: "
+                           f"only {methods}", None, {"Allow": methods})
+    return _json_error(404, "not_found", f"{request.path}: no such endpoint", None)
 
 
 def _query_refused(request: web.Request, known: tuple[str, ...]) -> web.Response | None:

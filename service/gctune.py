@@ -9,6 +9,10 @@ freed by reference counting. With automatic collection off, the same run had the
 memory curve and a p99.9 three times lower. So: after startup everything alive is frozen
 and automatic collection is off; `full_collect` runs at the end of day, when the market
 is closed, to reclaim whatever cycles the day left.
+
+So a reference cycle made per connection or per request is a leak until then. The ones
+aiohttp made are broken where they form (ADR 10, addendum), and tests/test_garbage.py
+requires a day's kinds of connection to leave none.
 """
 
 from __future__ import annotations

@@ -28,10 +28,11 @@ direct way and keep their order.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
 from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 
@@ -85,9 +86,19 @@ class WebSocket(web.WebSocketResponse):
         self._parser = WebSocketReader(self.inbox, self._max_msg_size,
                                        compress=bool(self._compress),
                                        decode_text=self._decode_text)
-        callback = None if self._heartbeat is None else self._on_data_received
+        callback = None if self._heartbeat is None else _weakly(self)
         request.protocol.set_parser(self._parser, data_received_cb=callback)
         request.protocol.keep_alive(False)
+
+    async def receive(self, timeout: float | None = None) -> WSMessage:
+        msg = await super().receive(timeout)
+        if msg.type == WSMsgType.ERROR and isinstance(msg.data, BaseException):
+            # A protocol error (a frame over the size limit, a bad frame) is raised
+            # through the reader's frames, which its traceback keeps, and the queue
+            # keeps it: a reference cycle, kept all day with collection off. Its
+            # traceback says nothing the close code does not.
+            msg.data.__traceback__ = None
+        return msg
 
     def deliver(self, handler: Callable[[bytes], None] | None) -> None:
         """Hand each later text or binary message to `handler` as it is parsed (None:
@@ -102,3 +113,22 @@ class WebSocket(web.WebSocketResponse):
         inbox = self.inbox
         if inbox is not None and not inbox._buffer:
             inbox.queued = False
+
+
+def _weakly(ws: WebSocket) -> Callable[[], None]:
+    """The heartbeat's data callback without a strong reference to the response.
+
+    aiohttp keeps the callback on the connection's protocol after the connection is
+    lost, and the response reaches the protocol again through its request and its
+    queue: a reference cycle per connection. The gateway runs with automatic garbage
+    collection off (`service/gctune.py`), so each such cycle, about 11 KB, would stay
+    until the end of day's collection.
+    """
+    ref = weakref.ref(ws)
+
+    def on_data_received() -> None:
+        alive = ref()
+        if alive is not None:
+            alive._on_data_received()
+
+    return on_data_received

@@ -903,6 +903,24 @@ def test_http_fills_refuses_with_the_reason(shared_server: ServerProcess, query:
     assert body["message"]
 
 
+@pytest.mark.parametrize(("method", "target", "status", "code", "allow"), [
+    ("GET", "/nowhere", 404, "not_found", None),
+    ("GET", "/v1/segment", 404, "not_found", None),
+    ("POST", "/health", 405, "method_not_allowed", "GET, HEAD"),
+    ("DELETE", "/v1/segments/DFM-30D/quote", 405, "method_not_allowed", "GET, HEAD"),
+])
+def test_an_unknown_path_or_method_gets_the_error_body(
+        shared_server: ServerProcess, method: str, target: str, status: int, code: str,
+        allow: str | None) -> None:
+    request = urllib.request.Request(f"{shared_server.http}{target}", method=method)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=5)
+    body = json.loads(refused.value.read())
+    assert (refused.value.code, body["type"], body["code"]) == (status, "error", code)
+    assert refused.value.headers.get("Allow") == allow
+    assert target in body["message"]
+
+
 def test_one_page_of_fills_at_a_time_per_connection(server: ServerProcess) -> None:
     """Two `fills` in one write: the second is refused `busy` (named by its ref) while
     Redis reads the first, which is answered."""
