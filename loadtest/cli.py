@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reads", type=float,
                     help="SMEs' `fills` requests/s offered besides the commands (each asks "
                          "for its 5 latest loans, as the board does)")
+    ap.add_argument("--reconnects", type=float,
+                    help="SMEs leaving and signing in again per second (connection churn: "
+                         "the server's memory must not grow with it)")
     ap.add_argument("--duration", type=float, dest="duration_s", help="seconds (per step)")
     ap.add_argument("--ramp", type=lambda s: tuple(float(x) for x in s.split(",")),
                     help="offered rates, comma-separated")
@@ -140,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.floor and not args.serve:
         ap.error("--floor: only with --serve")
     profile: Profile = PROFILES[args.profile].with_(
-        rate=args.rate, reads=args.reads, duration_s=args.duration_s, ramp=args.ramp,
+        rate=args.rate, reads=args.reads, reconnects=args.reconnects,
+        duration_s=args.duration_s, ramp=args.ramp,
         funders=args.funders,
         smes=args.smes, objective_p99_ms=args.objective_p99_ms, seed=args.seed)
     cfg = config_module.load(args.config)

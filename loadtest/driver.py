@@ -98,6 +98,8 @@ class Client:
         self.pending: dict[str | None, deque[tuple[int, bool]]] = defaultdict(deque)
         self.asks: dict[str, tuple[int, bool]] = {}        # ask client id -> (origin, measured)
         self.reads: dict[str, tuple[int, bool]] = {}       # fills request ref -> (origin, ...)
+        self.open: set[str] = set()     # own asks not yet ended (a `done` or a rejection)
+        self.away = False               # left, signing in again: sends go to another SME
         self._welcome: asyncio.Future[None] | None = None
 
     async def connect(self) -> None:
@@ -107,13 +109,36 @@ class Client:
             headers={"Authorization": f"Bearer {self.who.key}"})
         await asyncio.wait_for(welcome, 30)
 
+    def idle(self) -> bool:
+        """Nothing of this client's is under way: it may leave without missing an
+        answer, a fill or a `done` that the reconciliation counts."""
+        return not (self.away or self.pending or self.asks or self.reads or self.open)
+
+    async def reconnect(self) -> None:
+        """Leave and sign in again, as an SME closing its board and coming back. The
+        caller has set `away` already: nothing may be sent here once it chose this one."""
+        assert self.ws is not None and self.away
+        try:
+            await self.ws.close()
+            start = time.perf_counter_ns()
+            await self.connect()
+            self.run.rec.sign_in.add(max(1, (time.perf_counter_ns() - start) // 1000))
+            self.run.rec.reconnects += 1
+        except (OSError, TimeoutError, RuntimeError) as exc:
+            self.run.rec.reconnects_failed.append(f"SME {self.who.id}: {exc!r}")
+        finally:
+            self.away = False
+            self.run.away -= 1
+
     def send(self, msg: dict[str, Any], intended_ns: int, measured: bool) -> None:
         assert self.ws is not None
         now = time.perf_counter_ns()
         origin = min(intended_ns, now)     # late: from the schedule; early: the real send
         self.pending[msg.get("client_id")].append((origin, measured))
-        if msg["type"] == "ask" and msg.get("tif", "ioc") in ("ioc", "fok"):
-            self.asks[msg["client_id"]] = (origin, measured)   # answered now or never
+        if msg["type"] == "ask":
+            self.open.add(msg["client_id"])
+            if msg.get("tif", "ioc") in ("ioc", "fok"):
+                self.asks[msg["client_id"]] = (origin, measured)   # answered now or never
         self.run.rec.record_send(intended_ns, now, measured)
         self.ws.send(_encode(msg))
 
@@ -145,6 +170,8 @@ class Client:
             if not queue:                   # one entry per id ever sent would add up
                 del self.pending[event.client_id]
             code = event.code if isinstance(event, wire.Rejected) else None
+            if code is not None:
+                self.open.discard(event.client_id)
             rec.record_ack(origin, now, code, measured)
             if measured:      # the same, stamped when this callback runs (ArrivalClock)
                 rec.ack_handled.add(max(1, (time.perf_counter_ns() - origin) // 1000))
@@ -165,6 +192,7 @@ class Client:
                 self.run.market.funders[self.index].live.pop(event.client_id, None)
             else:
                 self.asks.pop(event.client_id, None)
+                self.open.discard(event.client_id)
         elif isinstance(event, wire.FillPage | wire.Error) and event.ref in self.reads:
             origin, measured = self.reads.pop(event.ref)
             if isinstance(event, wire.Error):
@@ -197,6 +225,7 @@ class Run:
         self.steps = [Step(rate) for rate in profile.steps()]
         self.offered: dict[int, int] = defaultdict(int)
         self.outstanding = 0
+        self.away = 0                   # SMEs signing in again (`offer_reconnects`)
         self.memory: list[list[float]] = []          # [s, server RSS]
         self.redis_memory: list[list[float]] = []    # [s, Redis's used_memory]
         self._measure_wall_ns = 0
@@ -291,7 +320,7 @@ class Run:
                         await asyncio.sleep(0)     # and then (each yield costs a loop turn)
                 if rng.random() < p.ask_share:
                     sme, msg = self.market.ask()
-                    self._send(self.smes[sme], msg, intended, measured)
+                    self._send(self._sme(sme), msg, intended, measured)
                 else:
                     f: FunderState = rng.choice(self.market.funders)
                     self._send(self.funders[f.index], self.market.requote(f), intended,
@@ -312,8 +341,46 @@ class Run:
             wait = intended - EARLY_NS - time.perf_counter_ns()
             if wait > 0:
                 await asyncio.sleep(wait / 1e9)
-            self.smes[rng.randrange(len(self.smes))].read(
+            self._sme(rng.randrange(len(self.smes))).read(
                 f"r{n}", intended, intended >= t0 + int(p.warmup_s * 1e9))
+
+    def _sme(self, index: int) -> Client:
+        """SME `index`, or the next one that is not away (`offer_reconnects` always
+        leaves one)."""
+        n = len(self.smes)
+        for k in range(n):
+            client = self.smes[(index + k) % n]
+            if not client.away:
+                return client
+        raise AssertionError("every SME is away")
+
+    async def offer_reconnects(self, t0: int) -> None:
+        """SMEs leaving and signing in again, open loop on a schedule of its own: each
+        time the first idle SME from a random one (an SME with an ask under way stays,
+        so every fill is still seen by the three views)."""
+        p = self.profile
+        if p.reconnects <= 0:
+            return
+        rng = random.Random(p.seed + 3)
+        total = p.warmup_s + p.duration_s * len(self.steps)
+        n = len(self.smes)
+        going: set[asyncio.Task[None]] = set()
+        for t in arrivals(p.reconnects, 0.0, total, rng):
+            wait = t0 + int(t * 1e9) - time.perf_counter_ns()
+            if wait > 0:
+                await asyncio.sleep(wait / 1e9)
+            if self.away >= n - 1:
+                continue                              # one stays to take the asks
+            first = rng.randrange(n)
+            client = next((c for k in range(n) if (c := self.smes[(first + k) % n]).idle()),
+                          None)
+            if client is not None:
+                client.away = True
+                self.away += 1
+                task = asyncio.get_running_loop().create_task(client.reconnect())
+                going.add(task)
+                task.add_done_callback(going.discard)
+        await asyncio.gather(*going)
 
     async def _await_reads(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -437,7 +504,7 @@ class Run:
             # Fills of measured commands only, as for the acks: the warm-up's are not.
             self._measure_wall_ns = time.time_ns() + 50_000_000 + int(p.warmup_s * 1e9)
             stolen = asyncio.get_running_loop().create_task(self.sample_stolen(stop))
-            await asyncio.gather(self.offer(t0), self.offer_reads(t0))
+            await asyncio.gather(self.offer(t0), self.offer_reads(t0), self.offer_reconnects(t0))
             await self._await_acks(30)
             await self._await_reads(30)
             # Let the platform reader catch up with every fill the clients saw.
@@ -494,6 +561,8 @@ class Run:
                 "platform": summary(rec.platform, "command received → fill read by the platform"),
                 **({"fills_page": summary(rec.fills_page, "SME fills sent → page received")}
                    if p.reads > 0 else {}),
+                **({"sign_in": summary(rec.sign_in, "SME back: connect → welcome")}
+                   if p.reconnects > 0 else {}),
             },
             "timeline": rec.timeline(dict(self.offered)),
             "ramp": ramp,

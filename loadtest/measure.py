@@ -185,6 +185,7 @@ class Recorder:
     ask_fill: Tally = field(default_factory=Tally)
     platform: Tally = field(default_factory=Tally)
     fills_page: Tally = field(default_factory=Tally)   # a `fills` request sent -> its page
+    sign_in: Tally = field(default_factory=Tally)      # an SME back: connect -> welcome
     lag: Tally = field(default_factory=Tally)
     seconds: dict[int, Second] = field(default_factory=lambda: defaultdict(Second))
     # CPU time the hypervisor took from this machine (all CPUs), by second of the run;
@@ -196,6 +197,8 @@ class Recorder:
     reads_sent: int = 0
     reads_answered: int = 0                     # pages received
     reads_refused: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    reconnects: int = 0                         # SMEs that left and signed in again
+    reconnects_failed: list[str] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     fills: FillLedger = field(default_factory=lambda: FillLedger(set(), set()))
     lent: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
@@ -250,6 +253,8 @@ class Recorder:
         refused = {c: n for c, n in self.reads_refused.items() if c != "busy"}
         if refused:      # busy: the same SME asked again before its page came
             problems.append(f"fills requests refused: {refused}")
+        problems += [f"an SME could not sign in again: {why}"
+                     for why in self.reconnects_failed]
         return {
             "ok": not problems, "problems": problems, "commands_sent": self.sent,
             "acks": acks, "accepted": self.accepted, "rejected": dict(self.rejected),
@@ -259,7 +264,7 @@ class Recorder:
             "amount_sme": self.fills.amount[SME], "amount_funder": self.fills.amount[FUNDER],
             "amount_platform": self.fills.amount[PLATFORM], "over_line": over,
             "reads_sent": self.reads_sent, "reads_answered": self.reads_answered,
-            "reads_refused": dict(self.reads_refused),
+            "reads_refused": dict(self.reads_refused), "reconnects": self.reconnects,
         }
 
     def timeline(self, offered: dict[int, int]) -> list[dict[str, Any]]:

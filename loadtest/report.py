@@ -25,7 +25,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 Results = Mapping[str, Any]
 
 #: Measures in the order people read them: the server's answer, the trade, the platform.
-MEASURE_ORDER = ("ack", "ack_handled", "ask_fill", "platform", "fills_page")
+MEASURE_ORDER = ("ack", "ack_handled", "ask_fill", "platform", "fills_page", "sign_in")
 #: The processes whose CPU the report shows, in this order.
 CPU_ORDER = ("server", "redis", "generator", "snapshotter", "stolen")
 #: Stolen CPU (of one core) from which a run's report says the machine was noisy: in the

@@ -36,6 +36,10 @@ def test_smoke_profile_reconciles_and_writes_its_report(
         recon["reads_sent"]
     assert 0 < results["measures"]["fills_page"]["count"] <= recon["reads_answered"]
     assert "fills requests " in proc.stdout
+    # ... and leave and sign in again, 5 times a second, each time with nothing under way
+    assert recon["reconnects"] > 5
+    assert results["measures"]["sign_in"]["count"] == recon["reconnects"]
+    assert re.search(r"^sign_in ", proc.stdout, re.M), proc.stdout
     view = results["server_view"]                  # read from the real server's /metrics
     assert view["count"] >= recon["commands_sent"] * 0.9
     assert 0 < view["within_ms"][-1][1] <= 1
