@@ -77,11 +77,21 @@ async def _traffic(port: int, round: str, n: int) -> list[Any]:
                         {"type": "amend", "client_id": f"c{i}", "rate_bps": 239}):
                 await funder.send(json.dumps(msg))
             seen += [json.loads(await funder.recv()) for _ in range(4)]   # and the line
-            seen += await _session(url, "key-s21", {
-                "type": "subscribe", "segments": ["DFM-30D"]}, {
-                "type": "quote", "segment": "DFM-30D", "amount": 10**7}, {
-                "type": "ask", "client_id": f"a{i}", "segment": "DFM-30D", "amount": 10**7},
-                until=lambda got: {"quote", "fill", "done"} <= {m["type"] for m in got})
+            async with websockets.connect(url, additional_headers={
+                    "Authorization": "Bearer key-platform"}) as platform:
+                await platform.recv()
+                await platform.send(json.dumps({"type": "subscribe", "segments": [],
+                                                "fills": True}))
+                seen += await _session(url, "key-s21", {
+                    "type": "subscribe", "segments": ["DFM-30D"]}, {
+                    "type": "quote", "segment": "DFM-30D", "amount": 10**7}, {
+                    "type": "ask", "client_id": f"a{i}", "segment": "DFM-30D",
+                    "amount": 10**7}, {"type": "fills", "limit": 5, "ref": i},
+                    {"type": "status"}, until=lambda got: {
+                        "quote", "fill", "done", "fills", "status"} <= {m["type"] for m in got})
+                while (trade := json.loads(await platform.recv()))["type"] != "trade":
+                    pass
+                seen.append(trade)
         # Bad input of each kind the connection survives, then one it does not.
         seen += await _session(url, "key-s22", "{not json", {"type": "bid"}, {
             "type": "quote", "segment": "NOPE", "amount": 1}, {
@@ -106,6 +116,8 @@ async def _traffic(port: int, round: str, n: int) -> list[Any]:
                        "/v1/segments/NOPE/quote?amount=1", "/nowhere", "/static/nowhere.js",
                        "/v1/segments/DFM-30D/quote?amount=x"):
             seen.append(await _http(port, f"GET {target} HTTP/1.1"))
+        seen.append(await _http(port, "GET /v1/fills?limit=5 HTTP/1.1\r\n"
+                                      "Authorization: Bearer key-s21"))
         seen.append(await _http(port, "POST /health HTTP/1.1"))
         seen.append(await _http(port, "NONSENSE"))      # a scanner, a TLS hello
     return seen
@@ -150,9 +162,10 @@ def test_a_days_connections_leave_no_cyclic_garbage(
     # The traffic did what it says: trades, refusals, closes, HTTP answers.
     kinds = collections.Counter(m["type"] for m in seen if isinstance(m, dict))
     assert kinds["fill"] >= 5 and kinds["error"] >= 20 and kinds["accepted"] >= 25, kinds
+    assert kinds["trade"] == kinds["fills"] == kinds["status"] == 5, kinds
     assert seen.count(1009) == 5 and seen.count(4401) == 5, seen
     statuses = collections.Counter(m for m in seen if isinstance(m, bytes))
-    assert statuses == {b"HTTP/1.1 200 OK": 30, b"HTTP/1.1 404 Not Found": 15,
+    assert statuses == {b"HTTP/1.1 200 OK": 35, b"HTTP/1.1 404 Not Found": 15,
                         b"HTTP/1.1 400 Bad Request": 5, b"HTTP/1.1 405 Method Not Allowed": 5,
                         b"HTTP/1.0 400 Bad Request": 5}     # the request line unread
     assert not found, f"cyclic garbage left by a day's connections: {found.most_common(12)}"
