@@ -114,21 +114,29 @@ class Client:
         answer, a fill or a `done` that the reconciliation counts."""
         return not (self.away or self.pending or self.asks or self.reads or self.open)
 
-    async def reconnect(self) -> None:
-        """Leave and sign in again, as an SME closing its board and coming back. The
-        caller has set `away` already: nothing may be sent here once it chose this one."""
-        assert self.ws is not None and self.away
+    async def reconnect(self, *, drop: bool) -> None:
+        """Leave and sign in again, as an SME closing its board and coming back; with
+        `drop`, without a close frame (the socket reset, as a network lost). The caller
+        has set `away` already: nothing may be sent here once it chose this one. An SME
+        that cannot sign in again stays away for the rest of the run."""
+        ws = self.ws
+        assert ws is not None and self.away
         try:
-            await self.ws.close()
+            if drop:
+                assert ws.transport is not None
+                ws.transport.abort()
+                await ws.closed
+            else:
+                await ws.close()
             start = time.perf_counter_ns()
             await self.connect()
             self.run.rec.sign_in.add(max(1, (time.perf_counter_ns() - start) // 1000))
             self.run.rec.reconnects += 1
-        except (OSError, TimeoutError, RuntimeError) as exc:
+        except Exception as exc:    # the run reports it; the SME takes nothing more
             self.run.rec.reconnects_failed.append(f"SME {self.who.id}: {exc!r}")
-        finally:
-            self.away = False
-            self.run.away -= 1
+            return
+        self.away = False
+        self.run.away -= 1
 
     def send(self, msg: dict[str, Any], intended_ns: int, measured: bool) -> None:
         assert self.ws is not None
@@ -170,8 +178,9 @@ class Client:
             if not queue:                   # one entry per id ever sent would add up
                 del self.pending[event.client_id]
             code = event.code if isinstance(event, wire.Rejected) else None
-            if code is not None:
+            if code is not None and event.client_id is not None:     # the ask ended
                 self.open.discard(event.client_id)
+                self.asks.pop(event.client_id, None)
             rec.record_ack(origin, now, code, measured)
             if measured:      # the same, stamped when this callback runs (ArrivalClock)
                 rec.ack_handled.add(max(1, (time.perf_counter_ns() - origin) // 1000))
@@ -357,7 +366,8 @@ class Run:
     async def offer_reconnects(self, t0: int) -> None:
         """SMEs leaving and signing in again, open loop on a schedule of its own: each
         time the first idle SME from a random one (an SME with an ask under way stays,
-        so every fill is still seen by the three views)."""
+        so every fill is still seen by the three views); every other one drops its
+        connection without a close frame."""
         p = self.profile
         if p.reconnects <= 0:
             return
@@ -365,7 +375,7 @@ class Run:
         total = p.warmup_s + p.duration_s * len(self.steps)
         n = len(self.smes)
         going: set[asyncio.Task[None]] = set()
-        for t in arrivals(p.reconnects, 0.0, total, rng):
+        for k, t in enumerate(arrivals(p.reconnects, 0.0, total, rng)):
             wait = t0 + int(t * 1e9) - time.perf_counter_ns()
             if wait > 0:
                 await asyncio.sleep(wait / 1e9)
@@ -377,7 +387,7 @@ class Run:
             if client is not None:
                 client.away = True
                 self.away += 1
-                task = asyncio.get_running_loop().create_task(client.reconnect())
+                task = asyncio.get_running_loop().create_task(client.reconnect(drop=k % 2 == 1))
                 going.add(task)
                 task.add_done_callback(going.discard)
         await asyncio.gather(*going)

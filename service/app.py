@@ -23,6 +23,8 @@ from zoneinfo import ZoneInfo
 import msgspec
 import redis.asyncio as aioredis
 from aiohttp import WSMsgType, web
+from aiohttp.typedefs import Handler
+from aiohttp.web_urldispatcher import MatchInfoError
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
@@ -43,7 +45,7 @@ from service.gateway import (
     fills_refused,
     system,
 )
-from service.inbox import WebSocket
+from service.inbox import WebSocket, forget_traceback
 from service.journal import Journal, Keys, check_streams_follow, journal_start
 from service.localredis import LocalRedis, free_port
 from service.metrics import Metrics
@@ -516,7 +518,7 @@ class Service:
     # --- HTTP and WebSocket ---
 
     def _app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[_refusals])
         app.add_routes([
             web.get("/ws", self._ws),
             web.get("/health", self._health),
@@ -528,8 +530,6 @@ class Service:
         if STATIC.is_dir():
             app.router.add_get("/", self._index)
             app.router.add_static("/static/", STATIC)
-        # Last: it answers only what no route above does (`_no_route`).
-        app.router.add_route("*", "/{path:.*}", _no_route)
         app.on_response_prepare.append(_not_stored)
         return app
 
@@ -772,35 +772,49 @@ class _ForgetfulLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     through this adapter, which drops the traceback once the record is written."""
 
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("stacklevel", 2)       # the record names aiohttp's caller
         try:
             super().log(level, msg, *args, **kwargs)
         finally:
             exc = kwargs.get("exc_info")
             if isinstance(exc, BaseException):
-                exc.__traceback__ = None
+                forget_traceback(exc)
 
 
 _SERVER_LOG = _ForgetfulLog(logging.getLogger("aiohttp.server"))
 
+#: The `error` code of each status aiohttp refuses a request with by itself.
+_HTTP_CODES = {403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
 
-async def _no_route(request: web.Request) -> web.Response:
-    """404 for a path no route serves, 405 (with `Allow`) for a method it does not.
 
-    aiohttp's router would answer these itself, each time building a route object that
-    refers to itself: a reference cycle per request, and with automatic collection off
-    (`service/gctune.py`) a scanner's requests would stay in memory until the end of
-    day. This route, registered last, takes them first.
+async def _refused(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPNotFound()        # never called: stands in for a route's own method
+
+
+@web.middleware
+async def _refusals(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own refusals (no route for the path or the method, a WebSocket request
+    without the upgrade, a board file that is not there) answered with the API's
+    `error` body, as a response rather than raised.
+
+    aiohttp sends a raised refusal itself as the response, and its traceback keeps the
+    frame that keeps it; the router's refusals also come with a route whose handler is
+    its own bound method. Each is a reference cycle per request, kept until the end of
+    day with automatic collection off (`service/gctune.py`).
     """
-    own = request.match_info.route.resource
-    allowed: set[str] = set()
-    for resource in request.app.router.resources():
-        if resource is not own:
-            allowed |= (await resource.resolve(request))[1]
-    if allowed:
-        methods = ", ".join(sorted(allowed))
-        return _json_error(405, "method_not_allowed", f"{request.method} {request.path}: "
-                           f"only {methods}", None, {"Allow": methods})
-    return _json_error(404, "not_found", f"{request.path}: no such endpoint", None)
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        forget_traceback(exc)
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "invalid" if exc.status < 500 else "unavailable")
+        allow = exc.headers.get("Allow")
+        return _json_error(exc.status, code, f"{request.method} {request.path}: {exc.reason}",
+                           None, None if allow is None else {"Allow": allow})
+    finally:
+        if isinstance(request.match_info, MatchInfoError):
+            request.match_info.route._handler = _refused
 
 
 def _query_refused(request: web.Request, known: tuple[str, ...]) -> web.Response | None:

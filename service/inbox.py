@@ -32,7 +32,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import WSMessage, WSMsgType, web
+from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
 from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 
@@ -90,15 +90,24 @@ class WebSocket(web.WebSocketResponse):
         request.protocol.set_parser(self._parser, data_received_cb=callback)
         request.protocol.keep_alive(False)
 
+    # aiohttp keeps the exception that ended a connection (a protocol error such as a
+    # frame over the size limit, or the failed write of the close frame to a client
+    # that dropped without one) and hands it on; its traceback keeps the frames that
+    # keep this response: a reference cycle per such connection, kept all day with
+    # collection off. The close code and the log say what the traceback would.
+
     async def receive(self, timeout: float | None = None) -> WSMessage:
         msg = await super().receive(timeout)
         if msg.type == WSMsgType.ERROR and isinstance(msg.data, BaseException):
-            # A protocol error (a frame over the size limit, a bad frame) is raised
-            # through the reader's frames, which its traceback keeps, and the queue
-            # keeps it: a reference cycle, kept all day with collection off. Its
-            # traceback says nothing the close code does not.
-            msg.data.__traceback__ = None
+            forget_traceback(msg.data)
         return msg
+
+    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"",
+                    drain: bool = True) -> bool:
+        try:
+            return await super().close(code=code, message=message, drain=drain)
+        finally:
+            forget_traceback(self._exception)
 
     def deliver(self, handler: Callable[[bytes], None] | None) -> None:
         """Hand each later text or binary message to `handler` as it is parsed (None:
@@ -113,6 +122,19 @@ class WebSocket(web.WebSocketResponse):
         inbox = self.inbox
         if inbox is not None and not inbox._buffer:
             inbox.queued = False
+
+
+def forget_traceback(exc: BaseException | None) -> None:
+    """Drop the tracebacks of `exc` and of the exceptions it was raised from or while
+    handling, which keep the frames they passed through."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is not None and id(e) not in seen:
+            seen.add(id(e))
+            e.__traceback__ = None
+            todo += (e.__cause__, e.__context__)
 
 
 def _weakly(ws: WebSocket) -> Callable[[], None]:

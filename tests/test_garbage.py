@@ -39,6 +39,25 @@ async def _http(port: int, request: str) -> bytes:
     return answer.split(b"\r\n", 1)[0]
 
 
+async def _drop(port: int, key: str | None, *, abort: bool) -> bytes:
+    """A WebSocket whose client goes without a close frame (a laptop shut, a network
+    lost): signed in by `key` and welcomed, or (None) before signing in; then the socket
+    is reset (`abort`) or just closed. What the server had sent."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    signed = "" if key is None else f"Authorization: Bearer {key}\r\n"
+    writer.write(("GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                  "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                  f"Sec-WebSocket-Version: 13\r\n{signed}\r\n").encode())
+    got = await reader.readuntil(b"\r\n\r\n")
+    while key is not None and b"welcome" not in got:
+        got += await reader.read(4096)
+    if abort:
+        writer.transport.abort()
+    else:
+        writer.close()
+    return got
+
+
 async def _session(url: str, key: str, *sends: Any,
                    until: Callable[[list[dict[str, Any]]], bool]) -> list[dict[str, Any]]:
     """Sign in, send, and read until `until(what came)` holds."""
@@ -111,6 +130,9 @@ async def _traffic(port: int, round: str, n: int) -> list[Any]:
         async with websockets.connect(url) as ws:
             await ws.send(json.dumps({"type": "auth", "key": "key-f13"}))
             seen.append(json.loads(await ws.recv())["type"])
+        # Clients gone without a close frame, signed in or not yet.
+        for key, abort in (("key-s21", True), ("key-f11", False), (None, False)):
+            seen.append((await _drop(port, key, abort=abort)).split(b"\r\n", 1)[0])
         for target in ("/health", "/metrics", "/v1/segments", "/", "/static/app.js",
                        "/v1/segments/DFM-30D/quote?amount=100",
                        "/v1/segments/NOPE/quote?amount=1", "/nowhere", "/static/nowhere.js",
@@ -119,6 +141,9 @@ async def _traffic(port: int, round: str, n: int) -> list[Any]:
         seen.append(await _http(port, "GET /v1/fills?limit=5 HTTP/1.1\r\n"
                                       "Authorization: Bearer key-s21"))
         seen.append(await _http(port, "POST /health HTTP/1.1"))
+        for request in ("GET /ws HTTP/1.1", "GET /static/ HTTP/1.1", "OPTIONS * HTTP/1.1",
+                        "CONNECT 127.0.0.1:443 HTTP/1.1", "GET /a%0Ab HTTP/1.1"):
+            seen.append(await _http(port, request))
         seen.append(await _http(port, "NONSENSE"))      # a scanner, a TLS hello
     return seen
 
@@ -165,7 +190,9 @@ def test_a_days_connections_leave_no_cyclic_garbage(
     assert kinds["trade"] == kinds["fills"] == kinds["status"] == 5, kinds
     assert seen.count(1009) == 5 and seen.count(4401) == 5, seen
     statuses = collections.Counter(m for m in seen if isinstance(m, bytes))
-    assert statuses == {b"HTTP/1.1 200 OK": 35, b"HTTP/1.1 404 Not Found": 15,
-                        b"HTTP/1.1 400 Bad Request": 5, b"HTTP/1.1 405 Method Not Allowed": 5,
+    assert statuses == {b"HTTP/1.1 200 OK": 35, b"HTTP/1.1 404 Not Found": 30,
+                        b"HTTP/1.1 400 Bad Request": 10, b"HTTP/1.1 403 Forbidden": 5,
+                        b"HTTP/1.1 405 Method Not Allowed": 5,
+                        b"HTTP/1.1 101 Switching Protocols": 15,      # then dropped
                         b"HTTP/1.0 400 Bad Request": 5}     # the request line unread
     assert not found, f"cyclic garbage left by a day's connections: {found.most_common(12)}"

@@ -21,6 +21,7 @@ import struct
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -906,8 +907,11 @@ def test_http_fills_refuses_with_the_reason(shared_server: ServerProcess, query:
 @pytest.mark.parametrize(("method", "target", "status", "code", "allow"), [
     ("GET", "/nowhere", 404, "not_found", None),
     ("GET", "/v1/segment", 404, "not_found", None),
-    ("POST", "/health", 405, "method_not_allowed", "GET, HEAD"),
-    ("DELETE", "/v1/segments/DFM-30D/quote", 405, "method_not_allowed", "GET, HEAD"),
+    ("GET", "/a%0Ab", 404, "not_found", None),
+    ("POST", "/health", 405, "method_not_allowed", "GET,HEAD"),
+    ("DELETE", "/v1/segments/DFM-30D/quote", 405, "method_not_allowed", "GET,HEAD"),
+    ("GET", "/ws", 400, "invalid", None),                  # no WebSocket upgrade
+    ("GET", "/static/", 403, "forbidden", None),
 ])
 def test_an_unknown_path_or_method_gets_the_error_body(
         shared_server: ServerProcess, method: str, target: str, status: int, code: str,
@@ -918,7 +922,7 @@ def test_an_unknown_path_or_method_gets_the_error_body(
     body = json.loads(refused.value.read())
     assert (refused.value.code, body["type"], body["code"]) == (status, "error", code)
     assert refused.value.headers.get("Allow") == allow
-    assert target in body["message"]
+    assert urllib.parse.unquote(target) in body["message"]
 
 
 def test_one_page_of_fills_at_a_time_per_connection(server: ServerProcess) -> None:
