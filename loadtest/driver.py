@@ -382,7 +382,7 @@ class Run:
             if self.away >= n - 1:
                 continue                              # one stays to take the asks
             first = rng.randrange(n)
-            client = next((c for k in range(n) if (c := self.smes[(first + k) % n]).idle()),
+            client = next((c for j in range(n) if (c := self.smes[(first + j) % n]).idle()),
                           None)
             if client is not None:
                 client.away = True
