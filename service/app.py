@@ -22,7 +22,8 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 import redis.asyncio as aioredis
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType, hdrs, web, web_urldispatcher
+from aiohttp.http import HttpVersion11
 from aiohttp.typedefs import Handler
 from aiohttp.web_urldispatcher import MatchInfoError
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -518,6 +519,9 @@ class Service:
     # --- HTTP and WebSocket ---
 
     def _app(self) -> web.Application:
+        # aiohttp has no setting for the default of every route it makes, the router's
+        # own refusals included: `_expect` takes the place of its module's.
+        web_urldispatcher._default_expect_handler = _expect  # type: ignore[assignment]
         app = web.Application(middlewares=[_refusals])
         app.add_routes([
             web.get("/ws", self._ws),
@@ -785,10 +789,19 @@ _SERVER_LOG = _ForgetfulLog(logging.getLogger("aiohttp.server"))
 
 #: The `error` code of each status aiohttp refuses a request with by itself.
 _HTTP_CODES = {403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
+#: aiohttp's own answer to `Expect` (sends 100 Continue), which `_expect` hands on to.
+_CONTINUE = web_urldispatcher._default_expect_handler
 
 
 async def _refused(request: web.Request) -> web.StreamResponse:
     raise web.HTTPNotFound()        # never called: stands in for a route's own method
+
+
+def _unlink(request: web.Request) -> None:
+    """The router's refusals (no route for the path or the method) come with a route
+    whose handler is its own bound method: a reference cycle per request."""
+    if isinstance(request.match_info, MatchInfoError):
+        request.match_info.route._handler = _refused
 
 
 @web.middleware
@@ -798,23 +811,36 @@ async def _refusals(request: web.Request, handler: Handler) -> web.StreamRespons
     `error` body, as a response rather than raised.
 
     aiohttp sends a raised refusal itself as the response, and its traceback keeps the
-    frame that keeps it; the router's refusals also come with a route whose handler is
-    its own bound method. Each is a reference cycle per request, kept until the end of
-    day with automatic collection off (`service/gctune.py`).
+    frame that keeps it; the router's refusals also refer to themselves (`_unlink`).
+    Each is a reference cycle per request, kept until the end of day with automatic
+    collection off (`service/gctune.py`).
     """
     try:
         return await handler(request)
     except web.HTTPException as exc:
         forget_traceback(exc)
         if exc.status < 400:
-            raise
+            return web.Response(status=exc.status, headers=exc.headers)
         code = _HTTP_CODES.get(exc.status, "invalid" if exc.status < 500 else "unavailable")
+        why = exc.text if exc.text and exc.text != f"{exc.status}: {exc.reason}" else exc.reason
         allow = exc.headers.get("Allow")
-        return _json_error(exc.status, code, f"{request.method} {request.path}: {exc.reason}",
-                           None, None if allow is None else {"Allow": allow})
+        return _json_error(exc.status, code, f"{request.method} {request.path}: {why}", None,
+                           None if allow is None else {"Allow": allow})
     finally:
-        if isinstance(request.match_info, MatchInfoError):
-            request.match_info.route._handler = _refused
+        _unlink(request)
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """aiohttp's answer to an `Expect` header, with the one it cannot meet answered 417
+    `expectation_failed` rather than raised: it runs before any middleware, so
+    `_refusals` would not see it, and every route (the router's refusals too) uses it."""
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if request.version != HttpVersion11 or expect.lower() == "100-continue":
+        await _CONTINUE(request)
+        return None
+    _unlink(request)
+    return _json_error(417, "expectation_failed",
+                       f"{request.method} {request.path}: Expect {expect!r} is not met", None)
 
 
 def _query_refused(request: web.Request, known: tuple[str, ...]) -> web.Response | None:

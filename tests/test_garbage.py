@@ -142,7 +142,12 @@ async def _traffic(port: int, round: str, n: int) -> list[Any]:
                                       "Authorization: Bearer key-s21"))
         seen.append(await _http(port, "POST /health HTTP/1.1"))
         for request in ("GET /ws HTTP/1.1", "GET /static/ HTTP/1.1", "OPTIONS * HTTP/1.1",
-                        "CONNECT 127.0.0.1:443 HTTP/1.1", "GET /a%0Ab HTTP/1.1"):
+                        "CONNECT 127.0.0.1:443 HTTP/1.1", "GET /a%0Ab HTTP/1.1",
+                        # an expectation aiohttp meets, and ones it cannot
+                        "GET /health HTTP/1.1\r\nExpect: 100-continue",
+                        "GET /health HTTP/1.1\r\nExpect: foo",
+                        "GET /nowhere HTTP/1.1\r\nExpect: foo",
+                        "GET /static/app.js HTTP/1.1\r\nExpect: foo"):
             seen.append(await _http(port, request))
         seen.append(await _http(port, "NONSENSE"))      # a scanner, a TLS hello
     return seen
@@ -193,6 +198,7 @@ def test_a_days_connections_leave_no_cyclic_garbage(
     assert statuses == {b"HTTP/1.1 200 OK": 35, b"HTTP/1.1 404 Not Found": 30,
                         b"HTTP/1.1 400 Bad Request": 10, b"HTTP/1.1 403 Forbidden": 5,
                         b"HTTP/1.1 405 Method Not Allowed": 5,
+                        b"HTTP/1.1 100 Continue": 5, b"HTTP/1.1 417 Expectation Failed": 15,
                         b"HTTP/1.1 101 Switching Protocols": 15,      # then dropped
                         b"HTTP/1.0 400 Bad Request": 5}     # the request line unread
     assert not found, f"cyclic garbage left by a day's connections: {found.most_common(12)}"

@@ -904,25 +904,28 @@ def test_http_fills_refuses_with_the_reason(shared_server: ServerProcess, query:
     assert body["message"]
 
 
-@pytest.mark.parametrize(("method", "target", "status", "code", "allow"), [
-    ("GET", "/nowhere", 404, "not_found", None),
-    ("GET", "/v1/segment", 404, "not_found", None),
-    ("GET", "/a%0Ab", 404, "not_found", None),
-    ("POST", "/health", 405, "method_not_allowed", "GET,HEAD"),
-    ("DELETE", "/v1/segments/DFM-30D/quote", 405, "method_not_allowed", "GET,HEAD"),
-    ("GET", "/ws", 400, "invalid", None),                  # no WebSocket upgrade
-    ("GET", "/static/", 403, "forbidden", None),
+@pytest.mark.parametrize(("method", "target", "headers", "status", "code", "says"), [
+    ("GET", "/nowhere", {}, 404, "not_found", "Not Found"),
+    ("GET", "/v1/segment", {}, 404, "not_found", "Not Found"),
+    ("GET", "/a%0Ab", {}, 404, "not_found", "Not Found"),
+    ("POST", "/health", {}, 405, "method_not_allowed", "Method Not Allowed"),
+    ("DELETE", "/v1/segments/DFM-30D/quote", {}, 405, "method_not_allowed", "Not Allowed"),
+    ("GET", "/ws", {}, 400, "invalid", "No WebSocket UPGRADE"),       # aiohttp's reason
+    ("GET", "/static/", {}, 403, "forbidden", "Forbidden"),
+    ("GET", "/health", {"Expect": "foo"}, 417, "expectation_failed", "'foo'"),
+    ("GET", "/nowhere", {"Expect": "foo"}, 417, "expectation_failed", "'foo'"),
 ])
 def test_an_unknown_path_or_method_gets_the_error_body(
-        shared_server: ServerProcess, method: str, target: str, status: int, code: str,
-        allow: str | None) -> None:
-    request = urllib.request.Request(f"{shared_server.http}{target}", method=method)
+        shared_server: ServerProcess, method: str, target: str, headers: dict[str, str],
+        status: int, code: str, says: str) -> None:
+    request = urllib.request.Request(f"{shared_server.http}{target}", method=method,
+                                     headers=headers)
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=5)
     body = json.loads(refused.value.read())
     assert (refused.value.code, body["type"], body["code"]) == (status, "error", code)
-    assert refused.value.headers.get("Allow") == allow
-    assert urllib.parse.unquote(target) in body["message"]
+    assert refused.value.headers.get("Allow") == ("GET,HEAD" if status == 405 else None)
+    assert urllib.parse.unquote(target) in body["message"] and says in body["message"]
 
 
 def test_one_page_of_fills_at_a_time_per_connection(server: ServerProcess) -> None:
