@@ -826,6 +826,14 @@ async def _refusals(request: web.Request, handler: Handler) -> web.StreamRespons
         allow = exc.headers.get("Allow")
         return _json_error(exc.status, code, f"{request.method} {request.path}: {why}", None,
                            None if allow is None else {"Allow": allow})
+    except OSError:
+        # A board file name the file system cannot take (one too long) escapes aiohttp's
+        # static files as is: a 500 and an error logged with its traceback, for any
+        # client to repeat. No such file is there.
+        if not isinstance(request.match_info.route.resource, web.StaticResource):
+            raise
+        return _json_error(404, "not_found", f"{request.method} {request.path}: Not Found",
+                           None)
     finally:
         _unlink(request)
 

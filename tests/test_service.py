@@ -912,6 +912,7 @@ def test_http_fills_refuses_with_the_reason(shared_server: ServerProcess, query:
     ("DELETE", "/v1/segments/DFM-30D/quote", {}, 405, "method_not_allowed", "Not Allowed"),
     ("GET", "/ws", {}, 400, "invalid", "No WebSocket UPGRADE"),       # aiohttp's reason
     ("GET", "/static/", {}, 403, "forbidden", "Forbidden"),
+    ("GET", "/static/" + "x" * 300, {}, 404, "not_found", "Not Found"),   # no such name
     ("GET", "/health", {"Expect": "foo"}, 417, "expectation_failed", "'foo'"),
     ("GET", "/nowhere", {"Expect": "foo"}, 417, "expectation_failed", "'foo'"),
 ])
