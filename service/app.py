@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import errno
 import logging
 import math
 import random
@@ -523,6 +524,7 @@ class Service:
         # own refusals included: `_expect` takes the place of its module's.
         web_urldispatcher._default_expect_handler = _expect  # type: ignore[assignment]
         app = web.Application(middlewares=[_refusals])
+        app[_GATEWAY] = True
         app.add_routes([
             web.get("/ws", self._ws),
             web.get("/health", self._health),
@@ -791,6 +793,8 @@ _SERVER_LOG = _ForgetfulLog(logging.getLogger("aiohttp.server"))
 _HTTP_CODES = {403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
 #: aiohttp's own answer to `Expect` (sends 100 Continue), which `_expect` hands on to.
 _CONTINUE = web_urldispatcher._default_expect_handler
+#: Marks the gateway's application: `_expect` answers for it alone.
+_GATEWAY = web.AppKey("gateway", bool)
 
 
 async def _refused(request: web.Request) -> web.StreamResponse:
@@ -826,11 +830,12 @@ async def _refusals(request: web.Request, handler: Handler) -> web.StreamRespons
         allow = exc.headers.get("Allow")
         return _json_error(exc.status, code, f"{request.method} {request.path}: {why}", None,
                            None if allow is None else {"Allow": allow})
-    except OSError:
+    except OSError as exc:
         # A board file name the file system cannot take (one too long) escapes aiohttp's
         # static files as is: a 500 and an error logged with its traceback, for any
         # client to repeat. No such file is there.
-        if not isinstance(request.match_info.route.resource, web.StaticResource):
+        if (exc.errno != errno.ENAMETOOLONG
+                or not isinstance(request.match_info.route.resource, web.StaticResource)):
             raise
         return _json_error(404, "not_found", f"{request.method} {request.path}: Not Found",
                            None)
@@ -843,7 +848,8 @@ async def _expect(request: web.Request) -> web.StreamResponse | None:
     `expectation_failed` rather than raised: it runs before any middleware, so
     `_refusals` would not see it, and every route (the router's refusals too) uses it."""
     expect = request.headers.get(hdrs.EXPECT, "")
-    if request.version != HttpVersion11 or expect.lower() == "100-continue":
+    if (request.version != HttpVersion11 or expect.lower() == "100-continue"
+            or _GATEWAY not in request.app):       # another aiohttp app in the process
         await _CONTINUE(request)
         return None
     _unlink(request)

@@ -509,3 +509,49 @@ def test_the_demo_banner_prints_the_configured_plain_keys(
     for p in config.participants:
         assert f"{p.role:<8} {p.key}   ({p.name}, id {p.id})" in out, out
     assert "demo-funder-1 .. demo-funder-67" in out
+
+
+def test_the_gateways_expect_handler_leaves_other_aiohttp_apps_as_they_were(
+        tmp_path: Path, redis_server: LocalRedis) -> None:
+    """`Service._app` replaces aiohttp's default expect handler (a refusal it raised
+    made a reference cycle per request); an aiohttp app beside it in the process keeps
+    aiohttp's own answer, and both still send 100 Continue."""
+    from aiohttp import web
+
+    from service.app import Service
+    from tests.conftest import run, write_config
+
+    async def ask(port: int, expect: str) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET /health HTTP/1.1\r\nHost: x\r\nExpect: {expect}\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        answer = await reader.read()
+        writer.close()
+        return answer
+
+    async def scenario() -> list[bytes]:
+        service = Service(load(write_config(tmp_path / "m.toml", redis_server.url, 0), {}))
+        await service.start()
+        async def health(request: web.Request) -> web.Response:
+            return web.Response(text="other")
+
+        other = web.Application()
+        other.router.add_get("/health", health)
+        runner = web.AppRunner(other)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]     # type: ignore[union-attr]
+        try:
+            assert service.port is not None
+            return [await ask(p, e) for p in (service.port, port)
+                    for e in ("foo", "100-continue")]
+        finally:
+            await runner.cleanup()
+            await service.stop()
+
+    ours_refused, ours_continued, other_refused, other_continued = run(scenario())
+    assert ours_refused.startswith(b"HTTP/1.1 417") and b'"expectation_failed"' in ours_refused
+    assert other_refused.startswith(b"HTTP/1.1 417") and b"Unknown Expect: foo" in other_refused
+    assert ours_continued.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200")
+    assert other_continued.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200")
