@@ -32,7 +32,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
 from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 
@@ -90,20 +90,14 @@ class WebSocket(web.WebSocketResponse):
         request.protocol.set_parser(self._parser, data_received_cb=callback)
         request.protocol.keep_alive(False)
 
-    # aiohttp keeps the exception that ended a connection (a protocol error such as a
-    # frame over the size limit, or the failed write of the close frame to a client
-    # that dropped without one) and hands it on; its traceback keeps the frames that
-    # keep this response: a reference cycle per such connection, kept all day with
-    # collection off. The close code and the log say what the traceback would.
-
-    async def receive(self, timeout: float | None = None) -> WSMessage:
-        msg = await super().receive(timeout)
-        if msg.type == WSMsgType.ERROR and isinstance(msg.data, BaseException):
-            forget_traceback(msg.data)
-        return msg
-
     async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"",
                     drain: bool = True) -> bool:
+        # aiohttp keeps the exception that ended a connection (a protocol error such as
+        # a frame over the size limit, or the failed write of the close frame to a
+        # client that dropped without one), and every connection ends here; its
+        # traceback keeps the frames that keep this response: a reference cycle per
+        # such connection, kept all day with collection off. The close code and the
+        # log say what the traceback would.
         try:
             return await super().close(code=code, message=message, drain=drain)
         finally:

@@ -520,34 +520,30 @@ def test_the_gateways_expect_handler_leaves_other_aiohttp_apps_as_they_were(
 
     from service.app import Service
     from tests.conftest import run, write_config
+    from tests.test_inbox import serve
 
-    async def ask(port: int, expect: str) -> bytes:
+    async def ask(port: int, path: str, expect: str) -> bytes:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(f"GET /health HTTP/1.1\r\nHost: x\r\nExpect: {expect}\r\n"
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nExpect: {expect}\r\n"
                      "Connection: close\r\n\r\n".encode())
         answer = await reader.read()
         writer.close()
         return answer
 
+    async def other(request: web.Request) -> web.Response:
+        return web.Response(text="other")
+
     async def scenario() -> list[bytes]:
         service = Service(load(write_config(tmp_path / "m.toml", redis_server.url, 0), {}))
         await service.start()
-        async def health(request: web.Request) -> web.Response:
-            return web.Response(text="other")
-
-        other = web.Application()
-        other.router.add_get("/health", health)
-        runner = web.AppRunner(other)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]     # type: ignore[union-attr]
         try:
             assert service.port is not None
-            return [await ask(p, e) for p in (service.port, port)
-                    for e in ("foo", "100-continue")]
+            async with serve(other) as url:           # a plain aiohttp app, at /ws
+                port = int(url.rsplit(":", 1)[1].split("/")[0])
+                return [await ask(p, path, e)
+                        for p, path in ((service.port, "/health"), (port, "/ws"))
+                        for e in ("foo", "100-continue")]
         finally:
-            await runner.cleanup()
             await service.stop()
 
     ours_refused, ours_continued, other_refused, other_continued = run(scenario())
