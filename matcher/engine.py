@@ -176,7 +176,7 @@ class Engine:
                                   Reject(e.reason, str(e), f"$.{e.field}"))
         if out.entry is None:             # a retry: nothing changed, nothing to journal
             return out
-        self.seq = entry.seq
+        self.seq = entry.ends_at
         self.ts = entry.ts
         if type(cmd) is wire.EndOfDay:
             self.day_started = 0
@@ -581,6 +581,16 @@ class Engine:
             for finished in self.finished.values():
                 finished.ts += gap
 
+    def _skip(self, entry: wire.JournalEntry, out: Outcome) -> None:
+        """Number on after a history Redis lost (ADR 29): `apply` moves `seq` to the
+        last number skipped."""
+        cmd = entry.command
+        assert isinstance(cmd, wire.Skip)
+        if cmd.last < entry.seq:          # the skip uses up its own number at least
+            raise Reject("invalid", f"a skip cannot end before its own seq {entry.seq}",
+                         "$.last")
+        out.accept(entry)
+
     # --- fills and ends ---
 
     def _fills(self, entry: wire.JournalEntry, segment: str, fills: list[Fill],
@@ -655,4 +665,5 @@ _HANDLERS: dict[type, Callable[[Engine, wire.JournalEntry, Outcome], None]] = {
     wire.Reinstate: Engine._reinstate,
     wire.EndOfDay: Engine._end_of_day,
     wire.Resume: Engine._resume,
+    wire.Skip: Engine._skip,
 }

@@ -27,6 +27,7 @@ from matcher.protocol import (
     Resume,
     Role,
     SetCreditLine,
+    Skip,
     StatusRequest,
     Subscribe,
     Suspend,
@@ -42,9 +43,9 @@ ALLOWED: dict[Role, frozenset[type]] = {
     "funder": frozenset({Bid, Amend, Cancel, CancelAll, SetCreditLine, *_READ}),
     "sme": frozenset({Ask, Cancel, CancelAll, *_READ}),
     "platform": frozenset({Repay, *_READ}),
-    # Resume: the gateway's own (no client sends it).
+    # Resume and Skip: the gateway's own (no client sends them).
     "admin": frozenset({AddSegment, Halt, Reopen, Suspend, Reinstate, EndOfDay, Resume,
-                        *_READ}),
+                        Skip, *_READ}),
 }
 
 

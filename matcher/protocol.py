@@ -171,8 +171,19 @@ class Resume(_Message, tag="resume"):
     no client can send it (it is not a `ClientMessage`)."""
 
 
+class Skip(_Message, tag="skip"):
+    """The sequence numbers from this one up to `last` were given to commands that Redis
+    acknowledged and then lost (the operator starts the gateway with `--lost-up-to`,
+    ADR 29): the next command is `last + 1`. Order ids and trade ids are sequence
+    numbers, and the lost ones are in the hands of funders, SMEs and the platform; none
+    is given again to another order or loan. Issued by the gateway before any other
+    command at a start, alone in its journal write; no client can send it."""
+
+    last: Annotated[int, Meta(ge=1, le=MAX_ID)]
+
+
 Command = (Bid | Ask | Cancel | CancelAll | Amend | SetCreditLine | Repay | AddSegment
-           | Halt | Reopen | Suspend | Reinstate | EndOfDay | Resume)
+           | Halt | Reopen | Suspend | Reinstate | EndOfDay | Resume | Skip)
 
 
 # --- Requests that change nothing: answered at once, never journaled ----------------
@@ -437,6 +448,14 @@ class JournalEntry(Struct, array_like=True, frozen=True, gc=False):
     ts: int                 # ns since the epoch, from the gateway's clock
     participant: int
     command: Command
+
+    @property
+    def ends_at(self) -> int:
+        """The last sequence number the entry uses up: its own, or the last one a `skip`
+        skips. The engine's `seq` once it is applied, and the journal id of a batch that
+        it ends."""
+        cmd = self.command
+        return cmd.last if type(cmd) is Skip else self.seq
 
 
 class Trade(_Event, tag="trade"):

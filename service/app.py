@@ -76,8 +76,9 @@ STATIC = Path(__file__).with_name("static")
 class Service:
     """One running gateway: the pieces `serve` wires together, also used by the tests."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, lost_up_to: int = 0) -> None:
         self.config = config
+        self.lost_up_to = lost_up_to    # `matcher serve --lost-up-to` (`_skip_lost`)
         self.directory = Directory(config.all_participants())
         self.metrics = Metrics(max_age=config.server.metrics_cache_ms / 1000)
         self.local_redis: LocalRedis | None = None
@@ -154,6 +155,7 @@ class Service:
                 fill_retention_hours=cfg.engine.fill_retention_hours)
         self._watch(self.gateway, self.snapshotter)
         zone = ZoneInfo(cfg.engine.timezone)       # an unknown zone fails here, at start
+        await self._skip_lost()
         self._resume(zone)
         await self._open_market(first_start=engine.seq == 0)
         if self.snapshotter is not None:
@@ -395,6 +397,26 @@ class Service:
             log.warning("Redis persistence is weaker than configured: appendfsync=%s, "
                         "durability=%s wants appendonly yes + appendfsync %s "
                         "(see README, Durability)", have, want, want)
+
+    async def _skip_lost(self) -> None:
+        """`--lost-up-to M`: Redis lost acknowledged commands up to M, so number on from
+        M + 1 (ADR 29). Journaled alone and first, before any other command of this
+        start. Nothing to do once the journal has reached M: the flag may stay on later
+        starts."""
+        gw = self.gateway
+        assert gw is not None
+        last, seq = self.lost_up_to, gw.engine.seq
+        if not last:
+            return
+        if last <= seq:
+            log.info("--lost-up-to %d: the journal is at seq %d already, nothing to skip",
+                     last, seq)
+            return
+        log.warning("--lost-up-to %d: commands %d to %d were acknowledged and lost with "
+                    "Redis's writes; their sequence numbers, order ids and trade ids are "
+                    "skipped, and numbering goes on from %d", last, seq + 1, last, last + 1)
+        gw.submit(system(), wire.Skip(last=last), time.perf_counter())
+        await gw.journal.flush()
 
     def _resume(self, zone: ZoneInfo) -> None:
         """Before serving again: `resume`, which keeps the downtime out of the retry
@@ -881,9 +903,10 @@ def _error_response(status: int, error: wire.Error,
                         body=wire.json_encoder.encode(error))
 
 
-async def serve(config: Config) -> int:
-    """Run until SIGTERM or SIGINT; return the exit status."""
-    service = Service(config)
+async def serve(config: Config, *, lost_up_to: int = 0) -> int:
+    """Run until SIGTERM or SIGINT; return the exit status. `lost_up_to`: see
+    `Service._skip_lost`."""
+    service = Service(config, lost_up_to=lost_up_to)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

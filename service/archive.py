@@ -216,7 +216,7 @@ class JournalArchive:
                 entries = [e for e in wire.decode_journal(batch, lax_decoded)
                            if e.seq > after and (limit is None or e.seq < limit)]
                 if entries:
-                    after = entries[-1].seq
+                    after = entries[-1].ends_at
                     yield entries
 
 
@@ -375,8 +375,8 @@ async def check(client: aioredis.Redis, keys: Keys, archive: JournalArchive) -> 
         for entry in entries:
             if entry.seq > expected:
                 missing.append((expected, entry.seq - 1))
-            expected = max(expected, entry.seq + 1)
-        span[:] = [span[0] if span else entries[0].seq, entries[-1].seq]
+            expected = max(expected, entry.ends_at + 1)     # past what a `skip` skips
+        span[:] = [span[0] if span else entries[0].seq, entries[-1].ends_at]
 
     archived: list[int] = []             # first and last seen, once something is
     for entries in archive.read():

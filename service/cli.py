@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from matcher import snapshot
 from matcher.protocol import MAX_FILLS_PAGE, TradeId
+from matcher.types import MAX_ID
 from service import config as config_module
 from service import gctune
 from service.archive import JournalArchive, JournalIdMissing
@@ -244,6 +245,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seq(text: str) -> int:
+    value = _positive(text)
+    if value > MAX_ID:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_ID}, not {value}")
+    return value
+
+
 def _positive_seconds(text: str) -> float:
     value = _not_negative(text)
     if value == 0:                    # a read loop with no pause
@@ -331,7 +339,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from service.app import serve
     cfg = config_module.load(args.config)
-    return uvloop.run(serve(cfg))
+    return uvloop.run(serve(cfg, lost_up_to=args.lost_up_to))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="TOML settings; environment MATCHER_<SECTION>_<KEY> "
                                     "overrides (default: the packaged demo)")
     p.add_argument("--demo", action="store_true", help="serve the demo marketplace (default)")
+    p.add_argument("--lost-up-to", type=_seq, default=0, metavar="SEQ",
+                   help="Redis lost acknowledged commands up to SEQ (the log's \"SEQ was "
+                        "acknowledged\"): number on from SEQ + 1, so that no order id or "
+                        "trade id of theirs is given again (docs/operations.md, \"Redis "
+                        "lost acknowledged writes\"); nothing once the journal is past it")
     p.set_defaults(run=_serve)
     for name, helptext in (("replay", "rebuild state from the journal and print its hash"),
                            ("snapshot", "rebuild state from the journal and store a snapshot")):

@@ -9,7 +9,7 @@ larger writes cost less CPU than the round trip they save), more when it is far 
 
 Each write is one atomic script call: one fill-stream entry per trade (its id is the
 trade id), the trade in its funder's and its SME's own stream, and last one journal
-entry for the whole batch (its stream id is the batch's last sequence number), the
+entry for the whole batch (its stream id is the last sequence number it uses up), the
 commit record. Atomic, so a write that succeeds lands whole; a write that fails part
 way (only when keys hold ids from another history, see WRITE_SCRIPT) journals nothing,
 and the start refuses the streams it left ahead of the journal. Explicit ids, so a
@@ -205,7 +205,9 @@ return 1
 #: one write in flight, each is sent only once the one before it succeeded on the same
 #: connection, which is the check already made.
 #: KEYS: journal, fills, then per trade its funder's and its SME's stream (`fills_of`).
-#: ARGV: journal entry id ("" for none), count, batch, the id of the entry it follows
+#: ARGV: journal entry id ("" for none: `ends_at` of the batch's last command), how many
+#: sequence numbers the batch uses up (its commands, and the numbers a `skip` skips),
+#: batch, the id of the entry it follows
 #: ("0-0" for the first; "" to skip the check), then per trade its id and the values of
 #: `trade_fields` in order (`trade_values`).
 WRITE_SCRIPT = _write_script(wire.Trade.__struct_fields__)
@@ -434,7 +436,7 @@ class Journal:
         """`timed`: the batch landed on its first send, so its time is a write's; one
         settled by `_recover` also holds the outage, which is not a write's time."""
         if batch.entries:
-            self.written_seq = batch.entries[-1].seq
+            self.written_seq = batch.entries[-1].ends_at
         self.written_at = time.monotonic()
         self.batches += 1
         if self._on_batch is not None and batch.entries:
@@ -505,7 +507,7 @@ class Journal:
                 # restarted Redis: it must hold all that was acknowledged.)
                 if not self._ready():
                     await self._connected()
-                if await self._landed(entries[-1].seq if entries else None):
+                if await self._landed(entries[-1].ends_at if entries else None):
                     break
                 await self._write(entries, trades)
                 break
@@ -532,7 +534,8 @@ class Journal:
             else [b"EVAL", WRITE_SCRIPT]
         args += (len(keys), *keys)
         if entries:
-            args += (b"%d-0" % entries[-1].seq, len(entries),
+            last = entries[-1].ends_at
+            args += (b"%d-0" % last, last - entries[0].seq + 1,
                      wire.journal_encoder.encode(entries),
                      b"%d-0" % (entries[0].seq - 1) if check else b"")
         else:
@@ -578,7 +581,8 @@ def lax_decoded(exc: Exception) -> None:
 
 async def journal_start(client: aioredis.Redis, keys: Keys) -> int | None:
     """The sequence number of the first command Redis's journal holds (its first entry
-    is a batch of `n` commands ending at its id); None when it holds none."""
+    is a batch that uses up the `n` sequence numbers ending at its id); None when it
+    holds none."""
     oldest: Any = await client.xrange(keys.journal, count=1)
     if not oldest:
         return None

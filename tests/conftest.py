@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -75,8 +75,9 @@ def write_config(path: Path, redis_url: str, port: int, extra: str = "", *,
 class ServerProcess:
     """`matcher serve` in a child process, as an operator would run it."""
 
-    def __init__(self, config: Path, port: int, log: Path) -> None:
+    def __init__(self, config: Path, port: int, log: Path, args: Sequence[str] = ()) -> None:
         self.config, self.port, self.log = config, port, log
+        self.args = list(args)          # more of `matcher serve`'s options
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -91,7 +92,8 @@ class ServerProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "serve", "--config", str(self.config)],
+                [sys.executable, "-m", "service.cli", "serve", "--config", str(self.config),
+                 *self.args],
                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

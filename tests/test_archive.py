@@ -14,6 +14,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from matcher import protocol as wire
 from matcher import snapshot
 from service.archive import JournalArchive, archive_and_trim, check, journal_id
 from service.journal import journal_start, read_journal
@@ -143,6 +144,45 @@ def test_a_long_journal_moves_in_files_of_bounded_size(
         sizes = [len(archive_module._decode(f.read_bytes())) for f in files]
         assert max(sizes) == 7 and sum(sizes) == before - 1
         assert await every_seq(client, archive) == list(range(1, driver.engine.seq + 1))
+        await journal.close()
+        await client.aclose()
+
+    run(scenario())
+
+
+def test_numbers_a_skip_skipped_are_not_missing_from_the_archive(
+        redis_server: LocalRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ADR 29: archived, a `skip` still accounts for the numbers it skipped: the archive
+    is complete, reads on past them, and recovery from it is exact."""
+    from service import archive as archive_module
+    from tests.test_journal import ADMIN
+    monkeypatch.setattr(archive_module, "FILE_ENTRIES", 5)
+
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 39)
+        for _ in range(10):
+            await play(driver, journal, 4)
+        before = driver.engine.seq
+        out = driver.submit(ADMIN, wire.Skip(last=before + 500))
+        assert out.entry is not None
+        await journal.append(out.entry, out.trades)
+        for _ in range(10):
+            await play(driver, journal, 4)
+        archive = await JournalArchive.of(tmp_path, client, KEYS)
+        assert await archive_and_trim(client, KEYS, archive, driver.engine.seq) > 5
+        numbers = [*range(1, before + 2), *range(before + 501, driver.engine.seq + 1)]
+        assert await every_seq(client, archive) == numbers
+        archived = [e.seq for batch in archive.read() for e in batch]
+        assert archived[-1] > before + 500
+        assert [e.seq for batch in archive.read(before + 500) for e in batch] == \
+            [n for n in archived if n > before + 500]
+        coverage = await check(client, KEYS, archive)
+        assert coverage.complete and coverage.archived is not None
+        assert coverage.archived[0] == 1
+        assert coverage.in_redis is not None and coverage.in_redis[1] == driver.engine.seq
+        await forget_the_snapshot(client)
+        again = await recover(client, KEYS, archive=archive)
+        assert snapshot.state_hash(again.engine) == snapshot.state_hash(driver.engine)
         await journal.close()
         await client.aclose()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,3 +281,85 @@ def test_sigkill_under_load_loses_nothing_acknowledged(tmp_path: Path,
     finally:
         if server.process is not None and server.process.poll() is None:
             server.kill()
+
+
+def test_after_redis_lost_acknowledged_writes_no_order_or_trade_id_is_given_again(
+        tmp_path: Path, redis_server: LocalRedis) -> None:
+    """The runbook's "Redis lost acknowledged writes" with no copy that holds them (ADR
+    29): Redis comes back from an older copy under a running gateway, whose log names
+    `M`, the last command it acknowledged; started with `--lost-up-to M`, the gateway
+    gives the next orders and loans numbers after M, never those of the lost ones, and a
+    later start with the flag still on skips nothing more."""
+    import shutil
+
+    from tests.test_service import F11, SME_X, ask, bid, line, session
+
+    port = free_port()
+    config = write_config(tmp_path / "matcher.toml", redis_server.url, port)
+    log = tmp_path / "server.log"
+
+    async def trade(server: ServerProcess, n: int, tag: str) -> tuple[list[int], list[str]]:
+        """n loans; the order ids and trade ids they got."""
+        orders: list[int] = []
+        trades: list[str] = []
+        async with session(server, F11) as funder, session(server, SME_X) as sme:
+            if tag == "a":
+                await funder.ok(line("DFM"))
+            for i in range(n):
+                orders.append((await funder.ok(bid(f"{tag}-b{i}", "DFM-90D", 250,
+                                                   1_000_000)))["order_id"])
+                orders.append((await sme.ok(ask(f"{tag}-a{i}", "DFM-90D", 1_000_000,
+                                                tif="ioc")))["order_id"])
+                trades.append((await sme.expect("fill"))["trade_id"])
+                await sme.expect("done")
+                assert (await funder.expect("fill"))["trade_id"] == trades[-1]
+                await funder.expect("done")
+        return orders, trades
+
+    older = tmp_path / "redis-older"
+    server = ServerProcess(config, port, log).start()
+    run(trade(server, 3, "a"))
+    assert server.terminate() == 0
+    redis_server.stop()
+    shutil.copytree(redis_server.data_dir, older)        # the copy Redis comes back from
+    redis_server.start()
+    server.start()
+    lost_orders, lost_trades = run(trade(server, 4, "b"))
+    # Redis lost what it took since the copy: it comes back from it under the gateway.
+    redis_server.kill()
+    shutil.rmtree(redis_server.data_dir)
+    shutil.copytree(older, redis_server.data_dir)
+    redis_server.start()
+
+    async def refused() -> re.Match[str]:
+        """A command's write finds the loss (the command is never answered), and the
+        gateway refuses the next."""
+        async with session(server, F11) as funder:
+            await funder.send(bid("c-b0", "DFM-90D", 250, 1_000_000))
+            pattern = re.compile(r"Redis journal ends at seq (\d+), but (\d+) was "
+                                 "acknowledged")
+            for _ in range(200):
+                if found := pattern.search(log.read_text()):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(log.read_text()[-3000:])
+            reply = await funder.command(bid("c-b1", "DFM-90D", 250, 1_000_000))
+            assert reply["type"] == "rejected" and "journal has stopped" in reply["message"]
+            return found
+    found = run(refused())
+    kept, acknowledged = int(found[1]), int(found[2])
+    assert kept < min(lost_orders) and acknowledged >= max(lost_orders)
+    server.kill()
+
+    again = ServerProcess(config, port, log, ["--lost-up-to", str(acknowledged)]).start()
+    orders, trades = run(trade(again, 2, "c"))
+    assert min(orders) > acknowledged
+    assert all(int(t.split("-")[0]) > acknowledged for t in trades)
+    assert not set(trades) & set(lost_trades)
+    assert again.terminate() == 0
+    later = ServerProcess(config, port, log, ["--lost-up-to", str(acknowledged)]).start()
+    more, _ = run(trade(later, 1, "d"))
+    assert min(more) > max(orders)
+    assert "nothing to skip" in log.read_text()
+    assert later.terminate() == 0

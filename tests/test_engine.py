@@ -660,6 +660,44 @@ def test_replay_and_snapshot_plus_replay_equal_the_live_engine() -> None:
     assert dict(resumed.clients.items()) == dict(m.engine.clients.items())
 
 
+def test_a_skip_numbers_on_after_a_lost_history_and_replays_so() -> None:
+    """ADR 29: after `skip` to `last`, the next command, order and trade are numbered
+    from `last + 1`; a skip that would go back is refused and changes nothing; replay and
+    a snapshot taken at the skip give the live state."""
+    m = Market()
+    m.line(F1, "DFM", 10_000)
+    m.bid(F1, "f1-a", 250, 600)
+    seq = m.engine.seq
+    before = state_hash(m.engine)
+    refused = rejected(m.send(ADMIN, wire.Skip(last=seq)))   # its own number is seq + 1
+    assert (refused.code, refused.path) == ("invalid", "$.last")
+    assert m.engine.seq == seq and state_hash(m.engine) == before
+    assert rejected(m.send(F1, wire.Skip(last=seq + 9))).code == "forbidden"
+    out = m.send(ADMIN, wire.Skip(last=seq + 1))               # one number lost: its own
+    assert out.accepted and m.engine.seq == seq + 1
+    skip = m.send(ADMIN, wire.Skip(last=seq + 1000))
+    assert skip.entry is not None and skip.entry.seq == seq + 2
+    assert skip.entry.ends_at == m.engine.seq == seq + 1000
+    bid = m.bid(F1, "f1-b", 240, 300)
+    assert bid.entry is not None and bid.entry.seq == seq + 1001
+    assert [e.order_id for e in events(bid, F1, wire.Accepted)] == [seq + 1001]
+    ask = m.ask(S1, "s1-a", 800, max_rate_bps=260)
+    assert [t.trade_id for t in ask.trades] == [f"{seq + 1002}-0", f"{seq + 1002}-1"]
+    live = state_hash(m.engine)
+    replayed = Engine(SEGMENTS)
+    for entry in m.journal:
+        assert replayed.apply(entry).accepted
+    assert state_hash(replayed) == live
+    at_skip = Engine(SEGMENTS)
+    for entry in m.journal[:m.journal.index(skip.entry) + 1]:
+        at_skip.apply(entry)
+    resumed = restore(decode(encode(capture(at_skip))))
+    assert resumed.seq == seq + 1000
+    for entry in m.journal[m.journal.index(skip.entry) + 1:]:
+        assert resumed.apply(entry).accepted
+    assert state_hash(resumed) == live
+
+
 def test_the_derived_client_ids_answer_retries_as_the_live_engine_does() -> None:
     """A retried order gets the same answer from a restored engine as from the live one:
     the derived map names the same orders, resting and ended alike."""

@@ -41,6 +41,7 @@ from service.journal import (
     JournalLost,
     Keys,
     decode_trade,
+    journal_start,
     read_journal,
     trade_fields,
     trade_from_row,
@@ -885,6 +886,53 @@ def _assert_journal_stopped(futures: list[asyncio.Future[int]], journal: Journal
     assert not journal.healthy
     critical = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
     assert any("journal stopped" in m and "lost writes" in m for m in critical), critical
+
+
+@WINDOWS
+def test_a_skip_is_journaled_as_the_numbers_it_uses_up_and_recovered_past(
+        redis_server: LocalRedis, window: int) -> None:
+    """ADR 29: the batch of a `skip` has the journal id of the last number skipped and
+    counts every number it uses up, so a journal restarted right after it finds all it
+    acknowledged, the next batch follows it without a gap, the journal's first command is
+    still known when it is the skip, and recovery, with or without a snapshot, numbers
+    on after it."""
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 41, max_inflight=window)
+        await play(driver, journal, 300, snapshot_every=100)
+        before = driver.engine.seq
+        last = before + 1_000
+        out = driver.submit(ADMIN, wire.Skip(last=last))
+        assert out.entry is not None and driver.engine.seq == last
+        assert await journal.append(out.entry, out.trades) == last
+        assert journal.written_seq == last
+        await journal.close()
+        newest = (await client.xrevrange(KEYS.journal, count=1))[0]
+        assert newest[0] == b"%d-0" % last and newest[1][b"n"] == b"%d" % (last - before)
+        # A restart right after the skip: Redis holds all that was acknowledged.
+        recovered = await recover(client, KEYS)
+        assert recovered.engine.seq == last
+        assert snapshot.state_hash(recovered.engine) == snapshot.state_hash(driver.engine)
+        journal = Journal(client, KEYS, written_seq=last, max_inflight=window)
+        journal.start()
+        await play(driver, journal, 300)
+        assert journal.error is None
+        after = [e.seq for e in driver.entries if e.seq > before + 1]
+        assert after[0] == last + 1 and after == list(range(last + 1, driver.engine.seq + 1))
+        assert all(t.seq > last for t in driver.trades if t.seq > before)
+        await assert_written_once(client, driver)
+        live = snapshot.state_hash(driver.engine)
+        for use_snapshot in (True, False):
+            again = await recover(client, KEYS, use_snapshot=use_snapshot)
+            assert snapshot.state_hash(again.engine) == live
+        assert await stored_seq(client, KEYS) <= before
+        assert await store(client, KEYS, driver.engine)       # past the skip: it is read
+        assert snapshot.state_hash((await recover(client, KEYS)).engine) == live
+        # Trimmed up to the skip, the journal still says where it starts.
+        await client.xtrim(KEYS.journal, minid=f"{last}-0", approximate=False)
+        assert await journal_start(client, KEYS) == before + 1
+        await journal.close()
+        await client.aclose()
+    run(scenario())
 
 
 def test_redis_back_with_less_data_stops_the_journal(
