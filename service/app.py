@@ -687,7 +687,8 @@ class Service:
             self._signing_in += 1
             self._signing_in_from[address] = self._signing_in_from.get(address, 0) + 1
         try:
-            ws = WebSocket(max_msg_size=limits.max_frame_bytes, compress=False,
+            # aiohttp refuses a message of max_msg_size bytes itself (`>=`, 3.14).
+            ws = WebSocket(max_msg_size=limits.max_frame_bytes + 1, compress=False,
                            decode_text=False, heartbeat=self.config.server.heartbeat_s)
             await ws.prepare(request)
             if who is None and key is None:

@@ -65,13 +65,15 @@ class _Named(msgspec.Struct):
 
 _read_names = msgspec.json.Decoder(_Named).decode
 
-#: What decoding a client's message may raise: msgspec's errors, and RecursionError for
-#: JSON nested about a thousand levels deep, which is not one of them (such a message
-#: ended the connection, with a traceback, instead of getting an `error`).
-DECODE_ERRORS = (msgspec.MsgspecError, RecursionError)
+#: What decoding a client's message may raise: msgspec's errors, RecursionError for JSON
+#: nested about a thousand levels deep, and UnicodeDecodeError for a string that is not
+#: UTF-8 (msgspec raises both as they are). Either ended the connection with a traceback
+#: instead of getting an `error`, and a funder's bids with it (cancel on disconnect).
+DECODE_ERRORS = (msgspec.MsgspecError, RecursionError, UnicodeDecodeError)
 
 
-def decode_error(exc: msgspec.MsgspecError | RecursionError, data: bytes | str) -> wire.Error:
+def decode_error(exc: msgspec.MsgspecError | RecursionError | UnicodeDecodeError,
+                 data: bytes | str) -> wire.Error:
     """msgspec's own message, with the JSON path split out, and the message's client id
     and ref when it has valid ones.
 
@@ -81,6 +83,9 @@ def decode_error(exc: msgspec.MsgspecError | RecursionError, data: bytes | str) 
     if isinstance(exc, RecursionError):
         return wire.Error(code="malformed", path=None,
                           message="JSON nested too deeply (at most a few hundred levels)")
+    if isinstance(exc, UnicodeDecodeError):
+        return wire.Error(code="malformed", path=None,
+                          message=f"a string that is not UTF-8: {exc.reason}")
     text = str(exc)
     if not isinstance(exc, msgspec.ValidationError):
         return wire.Error(code="malformed", message=text, path=None)
@@ -887,11 +892,13 @@ def _unnamed_answer(event: wire.Event) -> bool:
 
 
 def bearer_key(header: str | None) -> str | None:
-    """The key of an `Authorization: Bearer <key>` header (the scheme in any case)."""
+    """The key of an `Authorization: Bearer <key>` header (the scheme in any case); None
+    for no header or another scheme. An empty key is `""`: a Bearer header says the
+    client signs in with it, so an empty one is a wrong key, refused at once."""
     if header is None:
         return None
     scheme, _, key = header.strip().partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+    if scheme.lower() != "bearer":
         return None
     return key.strip()
 
