@@ -26,7 +26,14 @@ from typing import Any
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
-from redis.exceptions import BusyLoadingError, MasterDownError, ResponseError, TryAgainError
+from redis.exceptions import (
+    BusyLoadingError,
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -48,19 +55,25 @@ _CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL,
 class NotNow(RedisConnectionError):
     """An error reply that says "later", not "no": a script running past
     `busy-reply-threshold` (BUSY), a replica that lost its master (MASTERDOWN), a
-    cluster moving a slot (TRYAGAIN). The command did not run; a caller that retries
+    cluster moving a slot (TRYAGAIN); and a Redis that refuses writes until an operator
+    or time mends it: over `maxmemory` (OOM), short of `min-replicas-to-write`
+    (NOREPLICAS), a replica, as a master becomes after a failover (READONLY), or one
+    whose background save failed (MISCONF). The command did not run (a script's first
+    write is refused, and the journal's writes nothing before it); a caller that retries
     lost connections retries it (it is a `ConnectionError` for that), rather than take
     it for an answer. The journal took a BUSY for the end of its history, and stopped
-    with "Redis lost writes" (found in review)."""
+    with "Redis lost writes" (found in review); it stopped for good at an OOM or a
+    NOREPLICAS that lasted a moment (found in an operator's audit)."""
 
 
-NOT_NOW = ("BUSY", "MASTERDOWN", "TRYAGAIN")
+NOT_NOW = ("BUSY", "MASTERDOWN", "TRYAGAIN", "OOM", "NOREPLICAS", "READONLY", "MISCONF")
 
 
 def not_now(exc: ResponseError) -> bool:
     """Whether redis-py's error reply says "later" (it strips the codes it has a class
     for from the message, and keeps the others')."""
-    return isinstance(exc, MasterDownError | TryAgainError) or _code(str(exc)) in NOT_NOW
+    return isinstance(exc, MasterDownError | TryAgainError | OutOfMemoryError
+                      | ReadOnlyError) or _code(str(exc)) in NOT_NOW
 
 
 def _code(message: str) -> str:

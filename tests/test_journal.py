@@ -832,6 +832,58 @@ def test_a_redis_busy_with_a_script_holds_acks_then_writes_everything_once(
     run(scenario())
 
 
+#: Ways a Redis refuses writes for a while, each with the error code it answers and the
+#: setting that puts it back.
+REFUSING_WRITES = {
+    "over_maxmemory": ("OOM", ("maxmemory", "1"), ("maxmemory", "0")),
+    "short_of_replicas": ("NOREPLICAS", ("min-replicas-to-write", "1"),
+                          ("min-replicas-to-write", "0")),
+    "a_replica": ("READONLY", ("replicaof", f"127.0.0.1 {free_port()}"),
+                  ("replicaof", "no one")),
+}
+
+
+@pytest.mark.parametrize("window", [1, 4])
+@pytest.mark.parametrize("how", sorted(REFUSING_WRITES))
+def test_a_redis_refusing_writes_for_a_while_holds_acks_then_writes_everything_once(
+        redis_server: LocalRedis, caplog: pytest.LogCaptureFixture, how: str,
+        window: int) -> None:
+    """Over `maxmemory`, short of `min-replicas-to-write`, or turned into a replica (a
+    failover), Redis refuses the script's first write and nothing of it runs: the
+    journal held its acks and retried as for a lost connection, where it stopped for
+    good (found in an operator's audit)."""
+    caplog.set_level(logging.WARNING, logger="matcher.journal")
+    code, refuse, mend = REFUSING_WRITES[how]
+
+    async def configure(client: aioredis.Redis, setting: tuple[str, str]) -> None:
+        name, value = setting
+        if name == "replicaof":
+            await client.execute_command("REPLICAOF", *value.split())
+        else:
+            await client.config_set(name, value)
+
+    async def scenario() -> None:
+        client, journal, driver = await opened(redis_server, 23, max_retry_delay=0.1,
+                                               max_inflight=window)
+        await play(driver, journal, 100)
+        await configure(client, refuse)
+        try:
+            futures = _append(driver, journal, 20)
+            await asyncio.sleep(0.5)
+            assert not any(f.done() for f in futures)        # held while Redis refuses
+            assert journal.error is None and not journal.healthy
+        finally:
+            await configure(client, mend)
+        await asyncio.wait_for(asyncio.gather(*futures), 10)
+        assert journal.healthy and journal.error is None
+        assert journal.written_seq == driver.engine.seq
+        await assert_written_once(client, driver)
+        assert any(code in r.getMessage() for r in caplog.records)
+        await journal.close()
+        await client.aclose()
+    run(scenario())
+
+
 def test_a_batch_pipelined_behind_a_busy_one_is_written_again_after_it(
         redis_server: LocalRedis, caplog: pytest.LogCaptureFixture) -> None:
     """Several writes in flight: batch N is answered BUSY; the script ends; batch N+1,
