@@ -34,6 +34,16 @@ Handler = Callable[[Trade], Awaitable[None] | None]
 leaves the trade unacknowledged, so it is delivered again on the next start."""
 
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class _HandlerFailed(Exception):
+    """The handler's own error, carried past the retries of Redis's: a handler whose
+    database refused a connection raises an `OSError` too, and was retried as a fill
+    stream outage, forever (found in an audit)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 Entry = tuple[bytes | str, dict[bytes, bytes] | None]
 
 
@@ -96,6 +106,8 @@ class FillConsumer:
                         await self.claim_idle()
                         claimed = time.monotonic()
                 delay = 0.1
+            except _HandlerFailed as failed:
+                raise failed.error from None     # with its own traceback
             except _TRANSIENT as exc:
                 log.warning("fill stream unavailable (%s: %s); retrying in %.1fs",
                             type(exc).__name__, exc, delay)
@@ -165,9 +177,12 @@ class FillConsumer:
             if trade.trade_id != trade_id:               # nothing else writes this stream
                 raise ValueError(f"the fill stream's entry {trade_id} holds trade "
                                  f"{trade.trade_id}: written by something else")
-            result = self.handler(trade)
-            if inspect.isawaitable(result):
-                await result
+            try:
+                result = self.handler(trade)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                raise _HandlerFailed(exc) from exc
             self._seen[trade_id] = None
             if len(self._seen) > self._remember:
                 self._seen.popitem(last=False)

@@ -98,6 +98,33 @@ def test_consumed_exactly_once_across_a_consumer_restart(redis_server: LocalRedi
     run(scenario())
 
 
+def test_a_handler_that_fails_with_an_os_error_stops_the_consumer(
+        redis_server: LocalRedis) -> None:
+    """The handler's `OSError` (the platform's database down) is the handler's: the
+    consumer stops with it and leaves the trade pending, as for any other error. It was
+    taken for Redis gone and retried for ever, blaming the fill stream (found in an
+    audit)."""
+    async def scenario() -> None:
+        driver = Driver(seed=22)
+        await write_trades(redis_server, driver, 500)
+        assert driver.trades
+        reader = connect(redis_server)
+        calls: list[str] = []
+
+        def database_down(trade: wire.Trade) -> None:
+            calls.append(trade.trade_id)
+            raise ConnectionRefusedError("the platform's database is down")
+
+        consumer = FillConsumer(reader, database_down, KEYS, group=GROUP, consumer="c1",
+                                count=10, block_ms=100)
+        with pytest.raises(ConnectionRefusedError, match="database is down"):
+            await asyncio.wait_for(consumer.run(), 10)
+        assert calls == [driver.trades[0].trade_id] and consumer.handled == 0
+        assert (await pending_ids(reader))[0] == driver.trades[0].trade_id
+        await reader.aclose()
+    run(scenario())
+
+
 async def crash_after(reader: aioredis.Redis, got: list[str], handled: int, *,
                       count: int) -> None:
     """Consumer c1 handles `handled` trades into `got`, then dies on the next, holding
