@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import re
 from collections.abc import Callable
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -32,14 +33,16 @@ and none is paid for on every order and every journal replay."""
 CoreId = SegmentId
 #: Patterns end in `(?!\n)$`: Python's `$` (msgspec matches with `re`) also matches
 #: before a final newline, which JSON Schema's (ECMA) does not.
-NewId = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+(?!\n)$")]
+_NEW_ID = r"^[A-Za-z0-9_.-]+(?!\n)$"
+NewId = Annotated[str, Meta(min_length=1, max_length=32, pattern=_NEW_ID)]
 """The id of a new segment or core enterprise: letters, digits, `_`, `.`, `-` (it appears
 in URLs)."""
 Amount = Annotated[int, Meta(ge=1, le=MAX_AMOUNT)]
 Rate = Annotated[int, Meta(ge=0, le=MAX_RATE_CAP)]
 MinTicket = Annotated[int, Meta(ge=0, le=MAX_AMOUNT)]
 LineAmount = Annotated[int, Meta(ge=0, le=MAX_LINE)]
-TradeId = Annotated[str, Meta(max_length=39, pattern=r"^[0-9]{1,19}-[0-9]{1,19}(?!\n)$")]
+_TRADE_ID = r"^[0-9]{1,19}-[0-9]{1,19}(?!\n)$"
+TradeId = Annotated[str, Meta(max_length=39, pattern=_TRADE_ID)]
 """A trade id, `"<seq>-<n>"` (also its fill-stream entry id); 19 digits each at most,
 so that every one is a valid stream id and has a successor."""
 #: The most fills one `fills` request may ask for: the gateway decodes a page on its
@@ -489,6 +492,35 @@ json_decoder = msgspec.json.Decoder(ClientMessage)
 json_encoder = msgspec.json.Encoder()
 journal_encoder = msgspec.msgpack.Encoder()
 journal_decoder = msgspec.msgpack.Decoder(list[JournalEntry])
+
+
+_AT = re.compile(r" - at `(\$[^`]*)`$")
+_FIELD = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
+
+
+#: What each pattern asks for, in words: msgspec's message quotes the regex itself,
+#: which a client reads escaped once more in JSON.
+_PATTERNS = {
+    _NEW_ID: "letters, digits, `_`, `.` or `-`",
+    _TRADE_ID: 'a trade id, "<seq>-<n>" (such as "57-0"), each part at most 19 digits',
+}
+
+
+def plain_error(message: str) -> str:
+    """A msgspec `ValidationError`'s message with each pattern it quotes put in words."""
+    for pattern, words in _PATTERNS.items():
+        message = message.replace(f"`str` matching regex {pattern!r}", words)
+    return message
+
+
+def error_path(message: str) -> str:
+    """The JSON path of what a msgspec `ValidationError` refuses, down to the field:
+    msgspec gives the path of the object in which a field is unknown or missing (and
+    nothing at the top level), not the field's own."""
+    at = _AT.search(message)
+    path = at.group(1) if at else "$"
+    field = _FIELD.search(message)
+    return f"{path}.{field.group(1)}" if field is not None else path
 
 
 def decode_journal(batch: bytes, on_lax: Callable[[msgspec.ValidationError], None] | None = None

@@ -28,9 +28,12 @@ from aiohttp.http import HttpVersion11
 from aiohttp.typedefs import Handler
 from aiohttp.web_urldispatcher import MatchInfoError
 from prometheus_client import CONTENT_TYPE_LATEST
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from matcher import protocol as wire
+from matcher.engine import Segment
 from matcher.participants import Directory, Participant
 from service import demo_market, forwarded, gctune
 from service.archive import JournalArchive
@@ -272,9 +275,10 @@ class Service:
             await asyncio.wait_for(gw.journal.flush(), timeout)
         except Exception as exc:
             self.exit_code = 1
-            log.error("could not finish the journal writes (%s: %s); the commands not yet "
-                      "written are lost, and none of them was acknowledged",
-                      type(exc).__name__, exc)
+            why = (f"Redis did not take them within shutdown_timeout, {timeout:g} s"
+                   if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}")
+            log.error("could not finish the journal writes (%s); the commands not yet "
+                      "written are lost, and none of them was acknowledged", why)
         else:
             await self._snapshot_now("at shutdown", timeout)
         await gw.close_all(timeout)
@@ -387,6 +391,8 @@ class Service:
         want = self.config.redis.durability
         try:
             got = await self.client.config_get("append*")
+        except (RedisConnectionError, RedisTimeoutError):
+            raise               # Redis is not there: that, not its settings, is the news
         except Exception as exc:  # managed Redis may refuse CONFIG
             log.warning("cannot read the Redis persistence settings (%s); make sure "
                         "appendonly=yes and appendfsync=%s", exc, want)
@@ -452,7 +458,13 @@ class Service:
         admin = system()
         cores_before = {s.core for s in gw.engine.segments.values()}
         for seg in self.config.segments:
-            if seg.id not in gw.engine.segments:
+            opened = gw.engine.segments.get(seg.id)
+            if opened is not None and opened != seg.segment():
+                log.warning("segment %s is configured as %s but was opened as %s: a "
+                            "segment does not change once opened, and the opened one "
+                            "stands; to trade other terms, add a segment with a new id",
+                            seg.id, _terms(seg.segment()), _terms(opened))
+            if opened is None:
                 gw.submit(admin, wire.AddSegment(segment=seg.id, core=seg.core,
                                                  tenor_days=seg.tenor_days,
                                                  rate_cap_bps=seg.rate_cap_bps),
@@ -581,8 +593,11 @@ class Service:
         assert gw is not None
         if not self._quote_budgets.allow(forwarded.budget_key(self._client(request))):
             return self._rate_limited("this address")      # no key: the quote's budget
+        bad = _unknown_parameter(request, ())
+        if bad is not None:
+            return self._refused(400, bad)
         if gw.journal.error is not None:
-            return _error_response(503, gw.unwritten())
+            return self._refused(503, gw.unwritten())
         out = []
         for seg_id in sorted(gw.engine.segments):
             seg = gw.engine.segments[seg_id]
@@ -598,22 +613,25 @@ class Service:
         if not self._quote_budgets.allow(forwarded.budget_key(self._client(request))):
             return self._rate_limited("this address")
         if gw.journal.error is not None:
-            return _error_response(503, gw.unwritten())
+            return self._refused(503, gw.unwritten())
         segment = request.match_info["segment"]
         if segment not in gw.engine.books:
-            return _json_error(404, "unknown_segment", f"no segment {segment!r}", "$.segment")
-        bad = _query_refused(request, ("amount", "single_funder", "ref"))
+            return self._refused(404, wire.Error(code="unknown_segment", path="$.segment",
+                                                 message=f"no segment {segment!r}"))
+        bad = _unknown_parameter(request, ("amount", "single_funder", "ref"))
         if bad is not None:
-            return bad
-        amount = request.query.get("amount", "")
-        if not (amount.isascii() and amount.isdigit()):   # not "50.0" or "5e1" as 50
-            return _json_error(400, "invalid", "amount: a positive whole number of fen is "
-                               "required", "$.amount")
+            return self._refused(400, bad)
+        amount = _whole_number(request.query.get("amount", ""))
+        if amount is None:
+            return self._refused(400, wire.Error(
+                code="invalid", path="$.amount",
+                message="amount: a positive whole number of fen is required"))
         try:        # the WebSocket message's own checks; strict=False: "true" and "1" too
-            req = msgspec.convert({**request.query, "segment": segment}, wire.QuoteRequest,
-                                  strict=False)
+            req = msgspec.convert({**request.query, "segment": segment, "amount": amount},
+                                  wire.QuoteRequest, strict=False)
         except msgspec.ValidationError as exc:
-            return _error_response(400, decode_error(exc, b""))
+            return self._refused(400, decode_error(exc, b""))
+        self.metrics.quotes += 1
         return web.Response(body=wire.json_encoder.encode(gw.engine.quote(req)),
                             content_type="application/json")
 
@@ -623,9 +641,16 @@ class Service:
             request.remote, request.headers.getall("X-Forwarded-For", ()), self._proxies)
 
     def _rate_limited(self, whose: str) -> web.Response:
-        self.metrics.reject("rate_limited")
-        return _json_error(429, "rate_limited",
-                           f"over {self.config.limits.rate:g} requests/s for {whose}", None)
+        return self._refused(429, wire.Error(
+            code="rate_limited", path=None,
+            message=f"over {self.config.limits.rate:g} requests/s for {whose}"))
+
+    def _refused(self, status: int, error: wire.Error,
+                 headers: dict[str, str] | None = None) -> web.Response:
+        """An HTTP API request refused, counted by code in `matcher_rejects_total` as the
+        same refusal over the WebSocket is."""
+        self.metrics.reject(error.code)
+        return _error_response(status, error, headers)
 
     async def _rest_fills(self, request: web.Request) -> web.Response:
         """`fills` over HTTP, for an SME platform's back office: the key as a bearer token."""
@@ -633,29 +658,34 @@ class Service:
         assert gw is not None
         who = gw.authenticate(bearer_key(request.headers.get("Authorization")))
         if who is None:
-            return _json_error(401, "unauthorized", "a valid API key is required as "
-                               "'Authorization: Bearer <key>'", None,
-                               headers={"WWW-Authenticate": "Bearer"})
+            return self._refused(401, wire.Error(
+                code="unauthorized", path=None,
+                message="a valid API key is required as 'Authorization: Bearer <key>'"),
+                headers={"WWW-Authenticate": "Bearer"})
         refused = fills_refused(who)
         if refused is not None:
-            return _error_response(403, refused)
+            return self._refused(403, refused)
         if not self._fills_budgets.allow(who.id):
             return self._rate_limited("this key")
-        bad = _query_refused(request, ("after", "limit", "ref"))
+        bad = _unknown_parameter(request, ("after", "limit", "ref"))
         if bad is not None:
-            return bad
-        limit = request.query.get("limit")
-        if limit is not None and not (limit.isascii() and limit.isdigit()):
-            # strict=False below also reads "50.0" and "5e1" as 50: a count is digits
-            return _json_error(400, "invalid", "limit: a whole number from 1 to "
-                               f"{wire.MAX_FILLS_PAGE} is required", "$.limit")
-        try:        # the WebSocket message's own checks; strict=False: "50" is 50
-            req = msgspec.convert(dict(request.query), wire.FillsRequest, strict=False)
+            return self._refused(400, bad)
+        query: dict[str, str | int] = dict(request.query)
+        if "limit" in query:
+            limit = _whole_number(request.query["limit"])
+            if limit is None:
+                return self._refused(400, wire.Error(
+                    code="invalid", path="$.limit", message="limit: a whole number from 1 "
+                    f"to {wire.MAX_FILLS_PAGE} is required"))
+            query["limit"] = limit
+        try:        # the WebSocket message's own checks
+            req = msgspec.convert(query, wire.FillsRequest)
         except msgspec.ValidationError as exc:
-            return _error_response(400, decode_error(exc, b""))
+            return self._refused(400, decode_error(exc, b""))
         answer = await gw.fill_page(who, req)
-        if isinstance(answer, wire.Error):    # busy, unavailable or over the rate: again
-            return _error_response(429 if answer.code == "rate_limited" else 503, answer)
+        if isinstance(answer, wire.Error):  # refused (counted there), or not now: again
+            return _error_response({"rate_limited": 429, "invalid": 400}.get(answer.code, 503),
+                                   answer)
         return web.Response(body=wire.json_encoder.encode(answer),
                             content_type="application/json")
 
@@ -880,16 +910,33 @@ async def _expect(request: web.Request) -> web.StreamResponse | None:
                        f"{request.method} {request.path}: Expect {expect!r} is not met", None)
 
 
-def _query_refused(request: web.Request, known: tuple[str, ...]) -> web.Response | None:
-    """400 for a parameter given twice or not one of `known`, naming it: a typo must not
-    be answered as if the parameter had been left out."""
+def _whole_number(text: str) -> int | None:
+    """A parameter that must be a count or an amount: ASCII digits only (not "50.0" or
+    "5e1", which a lenient conversion reads as 50; "0100" is 100), and few enough of them
+    to be one: the bounds are the message's own, checked after."""
+    if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > 19:
+        return None
+    return int(text)
+
+
+def _unknown_parameter(request: web.Request, known: tuple[str, ...]) -> wire.Error | None:
+    """A parameter given twice or not one of `known`, named: a typo must not be answered
+    as if the parameter had been left out."""
     for name in request.query:
         if len(request.query.getall(name)) > 1:
-            return _json_error(400, "invalid", f"{name}: given more than once", f"$.{name}")
+            return wire.Error(code="invalid", path=f"$.{name}",
+                              message=f"{name}: given more than once")
         if name not in known:
-            return _json_error(400, "invalid", f"{name}: not a parameter of this request "
-                               f"({', '.join(known)})", f"$.{name}")
+            return wire.Error(code="invalid", path=f"$.{name}",
+                              message=f"{name}: not a parameter of this request"
+                                      + (f" ({', '.join(known)})" if known else
+                                         " (it takes none)"))
     return None
+
+
+def _terms(segment: Segment) -> str:
+    return (f"core {segment.core}, {segment.tenor_days} days, rate cap "
+            f"{segment.rate_cap_bps} bps")
 
 
 def _json_error(status: int, code: str, message: str, path: str | None,
@@ -900,6 +947,11 @@ def _json_error(status: int, code: str, message: str, path: str | None,
 
 def _error_response(status: int, error: wire.Error,
                     headers: dict[str, str] | None = None) -> web.Response:
+    """The API's `error` body. A 429 or a 503 says to ask again: a budget refills, a
+    page's readers free up, a stopping gateway's successor takes over, within a second
+    or so (clients and proxies that honour `Retry-After` then wait that long)."""
+    if status in (429, 503):
+        headers = {"Retry-After": "1", **(headers or {})}
     return web.Response(status=status, content_type="application/json", headers=headers,
                         body=wire.json_encoder.encode(error))
 

@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from matcher import snapshot
 from matcher.protocol import MAX_FILLS_PAGE, TradeId
@@ -22,7 +24,7 @@ from matcher.types import MAX_ID
 from service import config as config_module
 from service import gctune
 from service.archive import JournalArchive, JournalIdMissing
-from service.journal import Keys
+from service.journal import JournalLost, Keys
 from service.recovery import JournalGap, recover
 from service.snapshots import JournalDiverged, SnapshotAhead, Snapshotter, parent_alive, store
 from service.tasks import keep_cancelling
@@ -142,6 +144,8 @@ def _admin(args: argparse.Namespace) -> int:
 
     import aiohttp
 
+    from service.gateway import CLOSE_UNAUTHORIZED
+
     key = args.key or os.environ.get("MATCHER_ADMIN_KEY")
     if not key:
         print("matcher admin: set MATCHER_ADMIN_KEY (or --key)", file=sys.stderr)
@@ -164,19 +168,22 @@ def _admin(args: argparse.Namespace) -> int:
                                    timeout=aiohttp.ClientWSTimeout(ws_close=1.0)) as ws:
             welcome = await ws.receive()
             if welcome.type != aiohttp.WSMsgType.TEXT:
-                print(f"matcher admin: not signed in (close code {ws.close_code})",
-                      file=sys.stderr)
-                return 2
+                # 4401: the key is wrong; any other close (1001, the gateway stopping;
+                # 4429, the admin's connections all taken) says nothing of the key.
+                wrong_key = ws.close_code == CLOSE_UNAUTHORIZED
+                print(f"matcher admin: {'not signed in' if wrong_key else 'closed'} "
+                      f"(close code {ws.close_code})", file=sys.stderr)
+                return 2 if wrong_key else 3
             if json.loads(welcome.data).get("role") != "admin":
                 print("matcher admin: the key is not an admin's", file=sys.stderr)
                 return 2
             await ws.send_str(json.dumps(message))
             while True:                 # book updates and the like are not answers
                 msg = await ws.receive()
-                if msg.type != aiohttp.WSMsgType.TEXT:
-                    print("matcher admin: the connection closed before an answer",
-                          file=sys.stderr)
-                    return 2
+                if msg.type != aiohttp.WSMsgType.TEXT:      # the gateway stopping, say
+                    print("matcher admin: the connection closed before an answer "
+                          f"(close code {ws.close_code})", file=sys.stderr)
+                    return 3
                 answer = json.loads(msg.data)
                 if answer.get("type") in answers:
                     print(json.dumps(answer))
@@ -338,7 +345,13 @@ def _serve(args: argparse.Namespace) -> int:
     import uvloop
 
     from service.app import serve
-    cfg = config_module.load(args.config)
+    try:
+        cfg = config_module.load(args.config)
+    except (OSError, ValueError) as exc:     # no file, not TOML, a setting refused
+        # The setting and its path are the whole story: no traceback to read past.
+        print(f"matcher serve: {args.config or 'the demo configuration'}: {exc}",
+              file=sys.stderr)
+        return 2
     return uvloop.run(serve(cfg, lost_up_to=args.lost_up_to))
 
 
@@ -368,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                             "trimmed from Redis")
         p.set_defaults(run=_replay, write_snapshot=name == "snapshot",
                        full=getattr(p, "full", False))
-    p = sub.add_parser("fills", help="print a funder's or an SME's fills, as `fills` reads "
+    p = fills = sub.add_parser("fills", help="print a funder's or an SME's fills, as `fills` reads "
                                      "them: the newest, or all after a trade id")
     p.add_argument("--redis-url", required=True)
     p.add_argument("--shard", default="main")
@@ -437,10 +450,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fills" and args.limit is None:
         args.limit = 20 if args.after is None else sys.maxsize
     if args.command == "fills" and args.after is None and args.limit > MAX_FILLS_PAGE:
-        parser.error(f"--limit: the newest {MAX_FILLS_PAGE} at most; page on with --after")
+        fills.error(f"--limit: the newest {MAX_FILLS_PAGE} at most; page on with --after")
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args.run(args))
+    # What an operator can mend gets one line, not a traceback to read to the end of.
+    try:
+        return int(args.run(args))
+    except BrokenPipeError:            # `matcher fills ... | head`: the reader has enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        print(f"matcher {args.command}: Redis does not answer ({type(exc).__name__}: "
+              f"{exc})", file=sys.stderr)
+        return 3
+    except (JournalGap, JournalLost) as exc:    # what the runbook's sections name
+        print(f"matcher {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

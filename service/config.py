@@ -21,7 +21,7 @@ from msgspec import Meta, Struct
 
 from matcher.engine import Segment
 from matcher.participants import Participant, hash_key
-from matcher.protocol import NewId, Role
+from matcher.protocol import NewId, Role, error_path
 from matcher.types import MAX_RESTING
 
 Durability = Literal["always", "everysec", "no"]
@@ -198,7 +198,10 @@ _SECTIONS = ("server", "redis", "engine", "limits", "demo")
 _NOT_SETTINGS = frozenset({"MATCHER_ADMIN_KEY", "MATCHER_DEBUG", "MATCHER_ANNOTATE"})
 
 
-def _env_overrides(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
+def _env_overrides(data: dict[str, Any], environ: dict[str, str],
+                   sources: dict[str, str]) -> dict[str, Any]:
+    """The file's settings with the environment's over them; `sources` gets the JSON
+    path of each setting the environment gave, and the variable's name."""
     # A name outside the sections (a typo, or `[[segments]]`, which the environment
     # cannot give) would be ignored without a word, and the setting not be what the
     # operator thinks; a wrong key inside a section is an unknown field, reported below.
@@ -215,6 +218,7 @@ def _env_overrides(data: dict[str, Any], environ: dict[str, str]) -> dict[str, A
         for name, value in environ.items():
             if name.startswith(prefix):
                 key = name[len(prefix):].lower()
+                sources[f"$.{section}.{key}"] = name
                 data.setdefault(section, {})[key] = \
                     [v.strip() for v in value.split(",") if v.strip()] \
                     if (section, key) in _LISTS else value
@@ -229,9 +233,24 @@ def load(path: str | Path | None, environ: dict[str, str] | None = None) -> Conf
     """Read the file (or the packaged demo when `path` is None), then the environment."""
     text = (Path(path).read_text() if path is not None
             else resources.files("service").joinpath("demo.toml").read_text())
-    data = _env_overrides(tomllib.loads(text), dict(os.environ if environ is None else environ))
-    # strict=False: environment values are strings ("8081" -> 8081).
-    cfg = msgspec.convert(data, Config, strict=False)
+    sources: dict[str, str] = {}
+    data = _env_overrides(tomllib.loads(text), dict(os.environ if environ is None else environ),
+                          sources)
+    try:    # strict=False: environment values are strings ("8081" -> 8081)
+        cfg = msgspec.convert(data, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        # A setting the environment gave is not in the file the operator reads.
+        name = sources.get(error_path(str(exc)))
+        if name is None:
+            raise
+        raise msgspec.ValidationError(f"{exc} (set by the environment variable {name})"
+                                      ) from None
+    seen: set[str] = set()
+    for i, seg in enumerate(cfg.segments):
+        if seg.id in seen:
+            raise msgspec.ValidationError(f"segment {seg.id!r} is configured twice - at "
+                                          f"`$.segments[{i}].id`")
+        seen.add(seg.id)
     for i, proxy in enumerate(cfg.server.trusted_proxies):
         try:
             ipaddress.ip_network(proxy, strict=False)

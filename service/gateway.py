@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -32,7 +31,7 @@ from matcher.participants import SYSTEM, Directory, Participant
 from service import resp
 from service.config import LimitsConfig
 from service.history import FillHistory
-from service.journal import Journal
+from service.journal import Journal, stream_seq
 from service.metrics import Metrics
 
 log = logging.getLogger("matcher.gateway")
@@ -42,8 +41,6 @@ CLOSE_SLOW_CONSUMER = 4408     # outbox full: the client does not read fast enou
 CLOSE_GOING_AWAY = 1001        # shutdown
 CLOSE_TOO_MANY = 4429          # the participant has `connections_per_participant` open
 DROP_GRACE_S = 30.0            # a connection given up on is cut this long after its close
-_PATH = re.compile(r" - at `(\$[^`]*)`$")
-_FIELD = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
 _SYSTEM = Participant(id=SYSTEM, name="system", role="admin", key_sha256="")
 _Held = tuple[Outcome, float, "Connection | None"]   # an outcome waiting for its batch
 _READERS = 2                   # pages of fills read from Redis at once
@@ -89,17 +86,13 @@ def decode_error(exc: msgspec.MsgspecError | RecursionError | UnicodeDecodeError
     text = str(exc)
     if not isinstance(exc, msgspec.ValidationError):
         return wire.Error(code="malformed", message=text, path=None)
-    at = _PATH.search(text)
-    path = at.group(1) if at else "$"
-    field = _FIELD.search(text)
-    if field is not None:
-        path = f"{path}.{field.group(1)}"
+    path = wire.error_path(text)
     try:
         named = _read_names(data)
     except DECODE_ERRORS:
         named = _Named()
-    return wire.Error(code="invalid", message=text, path=path, client_id=named.client_id,
-                      ref=named.ref)
+    return wire.Error(code="invalid", message=wire.plain_error(text), path=path,
+                      client_id=named.client_id, ref=named.ref)
 
 
 def frame(payload: bytes) -> bytes:
@@ -787,13 +780,22 @@ class Gateway:
     async def fill_page(self, who: Participant,
                         req: wire.FillsRequest) -> wire.FillPage | wire.Error:
         """A page of the participant's own journaled fills (a funder or an SME only), or
-        the error that says why not now: `busy`, `rate_limited` or `unavailable`.
+        the error that says why not: `busy`, `rate_limited` or `unavailable` (now), or
+        `invalid` (an `after` past every trade).
 
         At most `_READERS` pages are read at once, whoever asks (WebSocket or HTTP), so
         a reconnection storm's catch-ups queue here instead of in Redis; beyond
         `_WAITING` waiting, `busy`. A failure is not a refused command (the alert on
         `matcher_rejects_total{code="unavailable"}` reads those): it is counted apart.
         """
+        if req.after is not None and stream_seq(req.after) > self.engine.seq:
+            # A cursor is a trade id the participant was sent, never past the engine: one
+            # that is would page nothing until the market caught up with it, silently.
+            self.metrics.reject("invalid")
+            return wire.Error(code="invalid", path="$.after", ref=req.ref,
+                              message=f"after: no trade {req.after} yet (the newest command "
+                                      f"is seq {self.engine.seq}); a cursor is the trade_id "
+                                      "of a fill you were sent")
         if self._waiting >= _WAITING:
             return _busy(f"{self._waiting} pages of fills are waiting to be read: ask again "
                          "shortly", req.ref)

@@ -30,7 +30,7 @@ import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -635,7 +635,7 @@ async def check_streams_follow(client: aioredis.Redis, keys: Keys, seq: int,
 
 async def read_journal(client: aioredis.Redis, keys: Keys, after: int = 0,
                        chunk: int = 200, on_row: Callable[[bytes, bytes], None] | None = None,
-                       ) -> AsyncIterator[list[wire.JournalEntry]]:
+                       ) -> AsyncGenerator[list[wire.JournalEntry], None]:
     """The journal's commands with sequence numbers above `after`, batch by batch;
     `on_row(entry id, encoded batch)` hears of each stream entry before its batch is
     handed out.
@@ -644,19 +644,21 @@ async def read_journal(client: aioredis.Redis, keys: Keys, after: int = 0,
     while the caller applies.
     """
     ahead = asyncio.ensure_future(client.xrange(keys.journal, min=f"{after + 1}-0", count=chunk))
-    while True:
-        rows: Any = await ahead
-        if not rows:
-            return
-        ahead = asyncio.ensure_future(
-            client.xrange(keys.journal, min=f"({rows[-1][0].decode()}", count=chunk))
-        try:
+    try:
+        while True:
+            rows: Any = await ahead
+            if not rows:
+                return
+            ahead = asyncio.ensure_future(
+                client.xrange(keys.journal, min=f"({rows[-1][0].decode()}", count=chunk))
+            # A caller that stops reading (recovery refusing a command) leaves the read
+            # ahead behind, failing once the client is closed: not an error to log.
+            ahead.add_done_callback(_consume)
             for entry_id, fields in rows:
                 if on_row is not None:
                     on_row(entry_id, fields[b"e"])
                 entries = wire.decode_journal(fields[b"e"], lax_decoded)
                 yield [e for e in entries if e.seq > after] if entries[0].seq <= after \
                     else entries
-        except BaseException:
-            ahead.cancel()
-            raise
+    finally:
+        ahead.cancel()

@@ -10,6 +10,7 @@ the move; without the archive, recovery stops and says which commands it lacks.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from collections.abc import Callable
@@ -83,9 +84,10 @@ async def catch_up(client: aioredis.Redis, keys: Keys, engine: Engine,
             if start is not None and start > engine.seq + 1:
                 for entries in archive.read(after=engine.seq):
                     replayed += _apply(engine, entries, _ARCHIVE)
-        async for entries in read_journal(client, keys, after=engine.seq, chunk=chunk,
-                                          on_row=on_row):
-            replayed += _apply(engine, entries, _REDIS)
+        async with contextlib.aclosing(read_journal(client, keys, after=engine.seq,
+                                                    chunk=chunk, on_row=on_row)) as rows:
+            async for entries in rows:
+                replayed += _apply(engine, entries, _REDIS)
     finally:
         if enabled:
             gc.enable()

@@ -48,6 +48,83 @@ def test_a_bad_setting_fails_at_load_with_its_path(tmp_path: Path) -> None:
         load(path, {})
 
 
+@pytest.mark.parametrize(("environ", "says"), [
+    ({"MATCHER_SERVER_PROT": "1"}, r"unknown field `prot` - at `\$\.server` \(set by the "
+                                   r"environment variable MATCHER_SERVER_PROT\)"),
+    ({"MATCHER_SERVER_PORT": "99999"}, r"<= 65535 - at `\$\.server\.port` \(set by the "
+                                       r"environment variable MATCHER_SERVER_PORT\)"),
+])
+def test_a_setting_the_environment_gave_is_refused_naming_the_variable(
+        tmp_path: Path, environ: dict[str, str], says: str) -> None:
+    """The operator reads the file and finds nothing wrong there (found in an audit)."""
+    path = tmp_path / "m.toml"
+    path.write_text("[server]\nport = 8080\n")
+    with pytest.raises(msgspec.ValidationError, match=says):
+        load(path, environ)
+    with pytest.raises(msgspec.ValidationError) as in_file:
+        path.write_text("[server]\nport = 99999\n")
+        load(path, {})
+    assert "environment" not in str(in_file.value)
+
+
+def test_a_segment_configured_twice_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    segment = '[[segments]]\nid = "B-60D"\ncore = "{}"\ntenor_days = 60\n'
+    path.write_text(segment.format("B") + segment.format("C"))
+    with pytest.raises(msgspec.ValidationError, match=r"'B-60D' is configured twice - at "
+                                                      r"`\$\.segments\[1\]\.id`"):
+        load(path, {})
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("[server]\nport = 99999\n", "<= 65535 - at `$.server.port`"),
+    ("[server\n", "Expected ']'"),
+    (None, "No such file"),
+])
+def test_matcher_serve_refuses_a_bad_configuration_in_one_line(
+        tmp_path: Path, text: str | None, says: str) -> None:
+    """No traceback to read past: the file, the setting and its path, exit status 2."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    path = tmp_path / "m.toml"
+    if text is not None:
+        path.write_text(text)
+    done = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--config",
+                           str(path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"matcher serve: {path}: ") and says in done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "replay", "fills", "archive"])
+def test_the_tools_say_in_one_line_that_redis_does_not_answer(
+        tmp_path: Path, command: str) -> None:
+    """Exit status 3 and one line, not a traceback whose first line warned of Redis's
+    persistence settings (found in an operator's audit)."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{closed.getsockname()[1]}/0"   # nothing listens there
+    config = tmp_path / "m.toml"
+    config.write_text(f'[server]\nport = 0\n[redis]\nurl = "{url}"\n')
+    argv = {"serve": ["--config", str(config)], "replay": ["--redis-url", url],
+            "fills": ["--redis-url", url, "--participant", "21"],
+            "archive": ["--redis-url", url, "--archive", str(tmp_path)]}[command]
+    done = subprocess.run([sys.executable, "-m", "service.cli", command, *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    said = [line for line in done.stderr.splitlines() if "matcher." not in line]   # logs
+    assert said == [said[0]] and said[0].startswith(f"matcher {command}: Redis does not "
+                                                    "answer"), done.stderr
+    assert "Traceback" not in done.stderr and "persistence" not in done.stderr
+
+
 def test_the_packaged_demo_loads_with_its_participants() -> None:
     cfg = load(None, {})
     people = cfg.all_participants()
@@ -342,6 +419,35 @@ def test_a_cut_off_that_passes_while_the_gateway_starts_is_issued(
 
     got = run(scenario())
     assert got[-2:] == ["Resume", "EndOfDay"]
+
+
+def test_a_segment_reconfigured_after_it_opened_is_warned_of_and_stays_as_opened(
+        tmp_path: Path, redis_server: LocalRedis, caplog: pytest.LogCaptureFixture) -> None:
+    """A segment's terms cannot change once journaled; a configuration that says
+    otherwise was started without a word (found in an operator's audit)."""
+    import logging
+
+    from service.app import Service
+    from tests.conftest import SEGMENTS, run, write_config
+
+    async def start(segments: list[tuple[str, str, int]]) -> tuple[str, int]:
+        path = write_config(tmp_path / "m.toml", redis_server.url, 0, segments=segments)
+        service = Service(load(path, {}))
+        await service.start()
+        try:
+            assert service.gateway is not None
+            opened = service.gateway.engine.segments["DFM-30D"]
+            return opened.core, opened.tenor_days
+        finally:
+            await service.stop()
+
+    caplog.set_level(logging.WARNING, logger="matcher.serve")
+    assert run(start(SEGMENTS)) == ("DFM", 30)
+    assert "configured as" not in caplog.text
+    changed = [("DFM-30D", "ZZZ", 365), *SEGMENTS[1:]]
+    assert run(start(changed)) == ("DFM", 30)
+    assert ("segment DFM-30D is configured as core ZZZ, 365 days, rate cap 3600 bps but "
+            "was opened as core DFM, 30 days, rate cap 3600 bps") in caplog.text
 
 
 def test_a_stopped_journal_still_lets_clients_connect(

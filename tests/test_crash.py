@@ -316,50 +316,61 @@ def test_after_redis_lost_acknowledged_writes_no_order_or_trade_id_is_given_agai
                 await funder.expect("done")
         return orders, trades
 
-    older = tmp_path / "redis-older"
-    server = ServerProcess(config, port, log).start()
-    run(trade(server, 3, "a"))
-    assert server.terminate() == 0
-    redis_server.stop()
-    shutil.copytree(redis_server.data_dir, older)        # the copy Redis comes back from
-    redis_server.start()
-    server.start()
-    lost_orders, lost_trades = run(trade(server, 4, "b"))
-    # Redis lost what it took since the copy: it comes back from it under the gateway.
-    redis_server.kill()
-    shutil.rmtree(redis_server.data_dir)
-    shutil.copytree(older, redis_server.data_dir)
-    redis_server.start()
+    servers: list[ServerProcess] = []
 
-    async def refused() -> re.Match[str]:
-        """A command's write finds the loss (the command is never answered), and the
-        gateway refuses the next."""
-        async with session(server, F11) as funder:
-            await funder.send(bid("c-b0", "DFM-90D", 250, 1_000_000))
-            pattern = re.compile(r"Redis journal ends at seq (\d+), but (\d+) was "
-                                 "acknowledged")
-            for _ in range(200):
-                if found := pattern.search(log.read_text()):
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError(log.read_text()[-3000:])
-            reply = await funder.command(bid("c-b1", "DFM-90D", 250, 1_000_000))
-            assert reply["type"] == "rejected" and "journal has stopped" in reply["message"]
-            return found
-    found = run(refused())
-    kept, acknowledged = int(found[1]), int(found[2])
-    assert kept < min(lost_orders) and acknowledged >= max(lost_orders)
-    server.kill()
+    def started(*args: str) -> ServerProcess:
+        servers.append(ServerProcess(config, port, log, args))
+        return servers[-1].start()
 
-    again = ServerProcess(config, port, log, ["--lost-up-to", str(acknowledged)]).start()
-    orders, trades = run(trade(again, 2, "c"))
-    assert min(orders) > acknowledged
-    assert all(int(t.split("-")[0]) > acknowledged for t in trades)
-    assert not set(trades) & set(lost_trades)
-    assert again.terminate() == 0
-    later = ServerProcess(config, port, log, ["--lost-up-to", str(acknowledged)]).start()
-    more, _ = run(trade(later, 1, "d"))
-    assert min(more) > max(orders)
-    assert "nothing to skip" in log.read_text()
-    assert later.terminate() == 0
+    try:
+        older = tmp_path / "redis-older"
+        server = started()
+        run(trade(server, 3, "a"))
+        assert server.terminate() == 0
+        redis_server.stop()
+        shutil.copytree(redis_server.data_dir, older)        # the copy Redis comes back from
+        redis_server.start()
+        server.start()
+        lost_orders, lost_trades = run(trade(server, 4, "b"))
+        # Redis lost what it took since the copy: it comes back from it under the gateway.
+        redis_server.kill()
+        shutil.rmtree(redis_server.data_dir)
+        shutil.copytree(older, redis_server.data_dir)
+        redis_server.start()
+
+        async def refused() -> re.Match[str]:
+            """A command's write finds the loss (the command is never answered), and the
+            gateway refuses the next."""
+            async with session(server, F11) as funder:
+                await funder.send(bid("c-b0", "DFM-90D", 250, 1_000_000))
+                pattern = re.compile(r"Redis journal ends at seq (\d+), but (\d+) was "
+                                     "acknowledged")
+                for _ in range(200):
+                    if found := pattern.search(log.read_text()):
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError(log.read_text()[-3000:])
+                reply = await funder.command(bid("c-b1", "DFM-90D", 250, 1_000_000))
+                assert reply["type"] == "rejected" and "journal has stopped" in reply["message"]
+                return found
+        found = run(refused())
+        kept, acknowledged = int(found[1]), int(found[2])
+        assert kept < min(lost_orders) and acknowledged >= max(lost_orders)
+        server.kill()
+
+        again = started("--lost-up-to", str(acknowledged))
+        orders, trades = run(trade(again, 2, "c"))
+        assert min(orders) > acknowledged
+        assert all(int(t.split("-")[0]) > acknowledged for t in trades)
+        assert not set(trades) & set(lost_trades)
+        assert again.terminate() == 0
+        later = started("--lost-up-to", str(acknowledged))
+        more, _ = run(trade(later, 1, "d"))
+        assert min(more) > max(orders)
+        assert "nothing to skip" in log.read_text()
+        assert later.terminate() == 0
+    finally:
+        for proc in servers:
+            if proc.process is not None and proc.process.poll() is None:
+                proc.kill()

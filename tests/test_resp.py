@@ -14,7 +14,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.localredis import LocalRedis
-from service.resp import Connection, pack
+from service.resp import Connection, NotNow, pack
 from tests.conftest import run
 
 
@@ -127,9 +127,18 @@ def test_error_replies_that_mean_try_later_are_connection_errors() -> None:
     assert isinstance(reply_error("LOADING Redis is loading the dataset in memory"),
                       BusyLoadingError)
     assert isinstance(reply_error("ERR max number of clients reached"), RedisConnectionError)
-    for message in ("ERR unknown command", "NOSCRIPT No matching script", "OOM command"):
+    for message in ("ERR unknown command", "NOSCRIPT No matching script",
+                    "BUSYGROUP Consumer Group name already exists"):
         got = reply_error(message)
         assert type(got) is ResponseError and str(got) == message
+    # Refusals of writes that last until Redis is mended: "later" too (NotNow).
+    for message in ("OOM command not allowed when used memory > 'maxmemory'.",
+                    "NOREPLICAS Not enough good replicas to write.",
+                    "READONLY You can't write against a read only replica.",
+                    "MISCONF Redis is configured to save RDB snapshots, but it's currently "
+                    "unable to persist to disk.", "BUSY Redis is busy running a script."):
+        got = reply_error(message)
+        assert isinstance(got, NotNow) and str(got) == message
 
 
 def test_a_redis_at_its_client_limit_is_a_connection_error(redis_server: LocalRedis) -> None:

@@ -19,6 +19,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -459,7 +460,8 @@ BAD_INPUTS: list[tuple[str, int, str | bytes, dict[str, Any]]] = [
     ("new_segment_id_with_space", ADMIN,
      json.dumps({"type": "add_segment", "segment": "DFM 60D", "core": "DFM",
                  "tenor_days": 60}),
-     {"type": "error", "code": "invalid", "message": "regex", "path": "$.segment",
+     {"type": "error", "code": "invalid", "message": "Expected letters, digits, `_`, `.` or `-`",
+      "path": "$.segment",
       "client_id": None}),
     ("client_id_too_long", F11, json.dumps({**VALID_BID, "client_id": "b" * 65}),
      {"type": "error", "code": "invalid", "message": "length <= 64", "path": "$.client_id",
@@ -518,15 +520,21 @@ BAD_INPUTS: list[tuple[str, int, str | bytes, dict[str, Any]]] = [
      {"type": "error", "code": "unknown_segment", "message": "no segment 'ACME-30D'",
       "path": "$.segments[1]", "client_id": None}),
     ("fills_after_not_a_trade_id", SME_X, json.dumps({"type": "fills", "after": "abc"}),
-     {"type": "error", "code": "invalid", "message": "regex", "path": "$.after",
+     {"type": "error", "code": "invalid", "message": 'a trade id, "<seq>-<n>"', "path": "$.after",
       "client_id": None}),
     ("fills_after_past_any_stream_id", SME_X,
      json.dumps({"type": "fills", "after": "1" * 20 + "-0"}),
-     {"type": "error", "code": "invalid", "message": "regex", "path": "$.after",
+     {"type": "error", "code": "invalid", "message": 'a trade id, "<seq>-<n>"', "path": "$.after",
       "client_id": None}),
     ("fills_after_with_a_newline", SME_X, json.dumps({"type": "fills", "after": "1-0\n"}),
-     {"type": "error", "code": "invalid", "message": "regex", "path": "$.after",
+     {"type": "error", "code": "invalid", "message": 'a trade id, "<seq>-<n>"', "path": "$.after",
       "client_id": None}),
+    # A cursor no fill was ever sent with paged nothing until the market caught up with
+    # it, without a word (found in an audit).
+    ("fills_after_past_every_trade", SME_X,
+     json.dumps({"type": "fills", "after": "999999999-0"}),
+     {"type": "error", "code": "invalid", "message": "no trade 999999999-0 yet",
+      "path": "$.after", "client_id": None}),
     ("fills_limit_zero", SME_X, json.dumps({"type": "fills", "limit": 0, "ref": "z"}),
      {"type": "error", "code": "invalid", "message": ">= 1", "path": "$.limit",
       "client_id": None, "ref": "z"}),
@@ -2057,6 +2065,39 @@ def test_matcher_admin_says_in_one_line_when_the_gateway_cannot_be_reached(
     assert lines[1] == f"matcher admin: no answer from ws://127.0.0.1:{mute}/ws within 1 s"
 
 
+@pytest.mark.parametrize(("welcomes", "close", "code", "says"), [
+    (False, 4401, 2, "not signed in (close code 4401)"),
+    (False, 4429, 3, "closed (close code 4429)"),
+    (True, 1001, 3, "the connection closed before an answer (close code 1001)"),
+])
+def test_matcher_admin_tells_a_wrong_key_from_a_gateway_that_closes(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        welcomes: bool, close: int, code: int, says: str) -> None:
+    """Only a 4401 says the key is wrong (2); a gateway stopping (1001) or out of
+    connections for the key (4429) is one that did not answer (3; found in an
+    operator's audit: both exited 2, "not signed in")."""
+    from websockets.sync.server import ServerConnection, serve
+
+    from service.cli import main
+
+    def gateway(ws: ServerConnection) -> None:
+        if welcomes:
+            ws.send(json.dumps({"type": "welcome", "participant": ADMIN, "role": "admin"}))
+            ws.recv()
+        ws.close(close)
+
+    monkeypatch.setenv("MATCHER_ADMIN_KEY", key(ADMIN))
+    with serve(gateway, "127.0.0.1", 0) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        port = server.socket.getsockname()[1]
+        got = main(["admin", "--url", f"ws://127.0.0.1:{port}/ws", "--timeout", "5",
+                    "halt", "DFM-30D"])
+        server.shutdown()
+    out, err = capsys.readouterr()
+    assert (got, out) == (code, "") and err == f"matcher admin: {says}\n"
+
+
 def test_after_a_restart_funders_that_do_not_come_back_lose_their_bids(
         server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stop closes every connection without cancelling (it is not a disconnect), and a
@@ -2513,7 +2554,7 @@ def test_http_quote_reads_single_funder_as_the_websocket_does(shared_server: Ser
     assert status == 200 and json.loads(body)["single_funder"] is True
 
 
-@pytest.mark.parametrize("amount", ["", "abc", "0", "-5", "1.5", str(10**12 + 1)])
+@pytest.mark.parametrize("amount", ["", "abc", "0", "-5", "1.5", str(10**12 + 1), "9" * 5000])
 def test_http_quote_with_a_bad_amount_is_400(shared_server: ServerProcess,
                                             amount: str) -> None:
     status, body = shared_server.get(f"/v1/segments/DFM-30D/quote?amount={amount}")
@@ -2521,6 +2562,40 @@ def test_http_quote_with_a_bad_amount_is_400(shared_server: ServerProcess,
     error = json.loads(body)
     assert (error["type"], error["code"], error["path"]) == ("error", "invalid", "$.amount")
     assert error["message"]
+
+
+def test_the_http_api_reads_leading_zeros_and_refuses_parameters_it_does_not_take(
+        shared_server: ServerProcess) -> None:
+    """`amount=0100` is 100, as the digits say (it was "Expected `int`, got `str`"), and
+    `GET /v1/segments` takes no parameter, as the quote and the fills refuse theirs
+    (found in an audit)."""
+    status, body = shared_server.get("/v1/segments/DFM-30D/quote?amount=0100")
+    assert status == 200 and json.loads(body)["amount"] == 100
+    status, body = shared_server.get("/v1/segments?x=1")
+    assert status == 400 and json.loads(body) == {
+        "type": "error", "code": "invalid", "path": "$.x", "client_id": None, "ref": None,
+        "message": "x: not a parameter of this request (it takes none)"}
+    assert get_fills(shared_server, "limit=05", key(SME_X))[0] == 200
+    status, refused = get_fills(shared_server, "after=999999999-0", key(SME_X))
+    assert (status, refused["code"], refused["path"]) == (400, "invalid", "$.after")
+
+
+def test_the_http_api_counts_its_quotes_and_refusals(server: ServerProcess) -> None:
+    """`matcher_quotes_total` and `matcher_rejects_total` counted the WebSocket's alone:
+    quotes and refusals over HTTP went unseen (found in an audit)."""
+    def counts() -> tuple[float, float, float, float]:
+        return (metric(server, "matcher_quotes_total"),
+                metric(server, 'matcher_rejects_total{code="invalid"}'),
+                metric(server, 'matcher_rejects_total{code="unknown_segment"}'),
+                metric(server, 'matcher_rejects_total{code="unauthorized"}'))
+
+    before = counts()
+    for _ in range(3):
+        assert server.get("/v1/segments/DFM-30D/quote?amount=5")[0] == 200
+    assert server.get("/v1/segments/DFM-30D/quote?amount=x")[0] == 400
+    assert server.get("/v1/segments/NOPE/quote?amount=5")[0] == 404
+    assert get_fills(server, "", None)[0] == 401
+    assert [a - b for a, b in zip(counts(), before, strict=True)] == [3, 1, 1, 1]
 
 
 def test_health_tells_that_redis_is_away_in_a_quiet_market(
@@ -2581,6 +2656,11 @@ def test_the_segment_list_shares_the_quotes_budget_per_address(
     server = start_server(rate=0.5, burst=2)
     assert [server.get("/v1/segments")[0] for _ in range(3)] == [200, 200, 429]
     assert server.get("/v1/segments/DFM-90D/quote?amount=500000")[0] == 429   # shared
+    try:                     # and says when to ask again (found in an audit)
+        urllib.request.urlopen(f"{server.http}/v1/segments", timeout=5)
+        raise AssertionError("not refused")
+    except urllib.error.HTTPError as e:
+        assert (e.code, e.headers.get("Retry-After")) == (429, "1")
 
 
 def test_connections_waiting_to_sign_in_are_bounded(
