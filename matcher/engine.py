@@ -176,7 +176,14 @@ class Engine:
                                   Reject(e.reason, str(e), f"$.{e.field}"))
         if out.entry is None:             # a retry: nothing changed, nothing to journal
             return out
-        self.seq = entry.ends_at
+        if type(cmd) is wire.Skip:
+            # Numbering only. Its time is the start's, after the downtime, which the
+            # `resume` after it leaves out of the retry window: taken here, it would end
+            # the window of every order that ended before the stop (a retried ask made
+            # a second loan; found in review).
+            self.seq = cmd.last
+            return out
+        self.seq = entry.seq
         self.ts = entry.ts
         if type(cmd) is wire.EndOfDay:
             self.day_started = 0
@@ -583,7 +590,7 @@ class Engine:
 
     def _skip(self, entry: wire.JournalEntry, out: Outcome) -> None:
         """Number on after a history Redis lost (ADR 29): `apply` moves `seq` to the
-        last number skipped."""
+        last number skipped, and nothing else (no time passes)."""
         cmd = entry.command
         assert isinstance(cmd, wire.Skip)
         if cmd.last < entry.seq:          # the skip uses up its own number at least

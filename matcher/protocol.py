@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import msgspec
 from msgspec import Meta, Struct
 
-from matcher.types import MAX_AMOUNT, MAX_ID, MAX_LINE, MAX_REPAID
+from matcher.types import MAX_AMOUNT, MAX_ID, MAX_LINE, MAX_REPAID, MAX_SEQ
 
 #: The highest rate cap a segment may have (bps): 100% a year.
 MAX_RATE_CAP = 10_000
@@ -182,7 +182,7 @@ class Skip(_Message, tag="skip"):
     is given again to another order or loan. Issued by the gateway before any other
     command at a start, alone in its journal write; no client can send it."""
 
-    last: Annotated[int, Meta(ge=1, le=MAX_ID)]
+    last: Annotated[int, Meta(ge=1, le=MAX_SEQ)]
 
 
 Command = (Bid | Ask | Cancel | CancelAll | Amend | SetCreditLine | Repay | AddSegment

@@ -20,6 +20,9 @@ MAX_AMOUNT = 10**12
 MAX_RESTING = (2**63 - 1) // MAX_AMOUNT
 #: Ids and owners are non-negative int64.
 MAX_ID = 2**63 - 1
+#: The highest sequence number: the journal's scripts compare stream ids as Lua numbers,
+#: doubles, exact only up to 2**53 (a `skip` is the only way to come near it).
+MAX_SEQ = 2**53 - 1
 #: The highest `rate_cap_bps` a book takes (bps; the service's segments stop at 10,000).
 MAX_BOOK_RATE_CAP = 1_000_000
 #: The largest credit line (fen) a funder may set against one core enterprise.

@@ -158,9 +158,10 @@ class Service:
                 fill_retention_hours=cfg.engine.fill_retention_hours)
         self._watch(self.gateway, self.snapshotter)
         zone = ZoneInfo(cfg.engine.timezone)       # an unknown zone fails here, at start
+        first_start = engine.seq == 0               # (a skip moves it)
         await self._skip_lost()
         self._resume(zone)
-        await self._open_market(first_start=engine.seq == 0)
+        await self._open_market(first_start=first_start)
         if self.snapshotter is not None:
             self.snapshotter.start()
         app = self._app()
@@ -415,8 +416,10 @@ class Service:
         if not last:
             return
         if last <= seq:
-            log.info("--lost-up-to %d: the journal is at seq %d already, nothing to skip",
-                     last, seq)
+            # Harmless, but a flag left on through a second loss would skip to the first
+            # loss's M: say so where it is seen.
+            log.warning("--lost-up-to %d: the journal is at seq %d already, nothing to "
+                        "skip; remove the flag", last, seq)
             return
         log.warning("--lost-up-to %d: commands %d to %d were acknowledged and lost with "
                     "Redis's writes; their sequence numbers, order ids and trade ids are "
@@ -914,9 +917,10 @@ def _whole_number(text: str) -> int | None:
     """A parameter that must be a count or an amount: ASCII digits only (not "50.0" or
     "5e1", which a lenient conversion reads as 50; "0100" is 100), and few enough of them
     to be one: the bounds are the message's own, checked after."""
-    if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > 19:
+    digits = text.lstrip("0")        # int() refuses more than 4,300 digits, zeros too
+    if not (text.isascii() and text.isdigit()) or len(digits) > 19:
         return None
-    return int(text)
+    return int(digits or "0")
 
 
 def _unknown_parameter(request: web.Request, known: tuple[str, ...]) -> wire.Error | None:

@@ -20,7 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from matcher import snapshot
 from matcher.protocol import MAX_FILLS_PAGE, TradeId
-from matcher.types import MAX_ID
+from matcher.types import MAX_SEQ
 from service import config as config_module
 from service import gctune
 from service.archive import JournalArchive, JournalIdMissing
@@ -254,8 +254,8 @@ def _positive(text: str) -> int:
 
 def _seq(text: str) -> int:
     value = _positive(text)
-    if value > MAX_ID:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_ID}, not {value}")
+    if value > MAX_SEQ:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SEQ}, not {value}")
     return value
 
 
@@ -456,7 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     # What an operator can mend gets one line, not a traceback to read to the end of.
     try:
         return int(args.run(args))
-    except BrokenPipeError:            # `matcher fills ... | head`: the reader has enough
+    except BrokenPipeError:
+        if args.command == "serve":
+            raise
+        # `matcher fills ... | head`: the reader has had enough.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (RedisConnectionError, RedisTimeoutError) as exc:

@@ -236,15 +236,23 @@ def load(path: str | Path | None, environ: dict[str, str] | None = None) -> Conf
     sources: dict[str, str] = {}
     data = _env_overrides(tomllib.loads(text), dict(os.environ if environ is None else environ),
                           sources)
-    try:    # strict=False: environment values are strings ("8081" -> 8081)
-        cfg = msgspec.convert(data, Config, strict=False)
+    try:
+        return _checked(data)
     except msgspec.ValidationError as exc:
         # A setting the environment gave is not in the file the operator reads.
-        name = sources.get(error_path(str(exc)))
+        path = error_path(str(exc))
+        name = next((sources[p] for p in (path, path.partition("[")[0]) if p in sources),
+                    None)
         if name is None:
             raise
         raise msgspec.ValidationError(f"{exc} (set by the environment variable {name})"
                                       ) from None
+
+
+def _checked(data: dict[str, Any]) -> Config:
+    """The settings as a Config, each checked: raises ValidationError naming the path."""
+    # strict=False: environment values are strings ("8081" -> 8081).
+    cfg = msgspec.convert(data, Config, strict=False)
     seen: set[str] = set()
     for i, seg in enumerate(cfg.segments):
         if seg.id in seen:

@@ -794,8 +794,9 @@ class Gateway:
             self.metrics.reject("invalid")
             return wire.Error(code="invalid", path="$.after", ref=req.ref,
                               message=f"after: no trade {req.after} yet (the newest command "
-                                      f"is seq {self.engine.seq}); a cursor is the trade_id "
-                                      "of a fill you were sent")
+                                      f"is seq {self.engine.seq}): a cursor is the trade_id "
+                                      "of a fill; if Redis lost that fill, ask without "
+                                      "`after`")
         if self._waiting >= _WAITING:
             return _busy(f"{self._waiting} pages of fills are waiting to be read: ask again "
                          "shortly", req.ref)

@@ -375,14 +375,16 @@ class Journal:
                 self._stop(exc)
                 return
 
-    async def _connected(self) -> None:
+    async def _connected(self, *, healthy: bool = True) -> None:
         """Open a new connection: check that Redis holds everything acknowledged (it may
-        have been restarted or replaced) and that it knows the script."""
+        have been restarted or replaced) and that it knows the script. `healthy`: the
+        journal is then healthy (not while a write that failed waits to be retried: a
+        replica takes a connection, and refuses the write again)."""
         await self._conn.ensure()
         await self._landed(None)
         await self._conn.call(resp.pack(b"SCRIPT", b"LOAD", WRITE_SCRIPT))
         self._checked = self._conn.generation
-        self.healthy = True
+        self.healthy = healthy
 
     def _ready(self) -> bool:
         """Connected, and this connection was checked by `_connected`."""
@@ -497,6 +499,8 @@ class Journal:
         while True:
             if failed is not None:
                 attempt += 1
+                if resp.wrong_node(failed):
+                    self._conn.close()           # reconnect: to the new master, maybe
                 log.warning("journal write of %d commands failed (%s: %s); none of them is "
                             "acknowledged; retrying in %.2fs", len(entries),
                             type(failed).__name__, failed, delay)
@@ -506,7 +510,7 @@ class Journal:
                 # Did the failed write land anyway? (A new connection may also reach a
                 # restarted Redis: it must hold all that was acknowledged.)
                 if not self._ready():
-                    await self._connected()
+                    await self._connected(healthy=False)
                 if await self._landed(entries[-1].ends_at if entries else None):
                     break
                 await self._write(entries, trades)

@@ -92,7 +92,8 @@ class FillConsumer:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Consume until `stop` is set; survive Redis restarts; a handler error stops it."""
         delay = 0.1
-        while stop is None or not stop.is_set():
+        failed: Exception | None = None
+        while failed is None and (stop is None or not stop.is_set()):
             try:
                 await self.ensure_group()
                 await self.recover()
@@ -106,8 +107,8 @@ class FillConsumer:
                         await self.claim_idle()
                         claimed = time.monotonic()
                 delay = 0.1
-            except _HandlerFailed as failed:
-                raise failed.error from None     # with its own traceback
+            except _HandlerFailed as handler:
+                failed = handler.error
             except _TRANSIENT as exc:
                 log.warning("fill stream unavailable (%s: %s); retrying in %.1fs",
                             type(exc).__name__, exc, delay)
@@ -118,6 +119,8 @@ class FillConsumer:
                     raise
                 log.warning("consumer group %r is gone (Redis lost data?); recreating it: "
                             "trades are delivered again and dropped by trade_id", self.group)
+        if failed is not None:
+            raise failed          # as the handler raised it, its own cause and traceback
 
     async def recover(self) -> int:
         """Deliver again what this consumer read and did not acknowledge, then claim what

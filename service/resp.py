@@ -69,6 +69,15 @@ class NotNow(RedisConnectionError):
 NOT_NOW = ("BUSY", "MASTERDOWN", "TRYAGAIN", "OOM", "NOREPLICAS", "READONLY", "MISCONF")
 
 
+def wrong_node(exc: BaseException | None) -> bool:
+    """A reply of a node that is not the master (READONLY: a replica now, as the old
+    master is after a failover; MASTERDOWN: a replica without one). The address may
+    reach the new master on a new connection (a DNS name, a proxy): retrying on this one
+    never would."""
+    return isinstance(exc, ReadOnlyError | MasterDownError) or (
+        isinstance(exc, NotNow) and _code(str(exc)) in ("READONLY", "MASTERDOWN"))
+
+
 def not_now(exc: ResponseError) -> bool:
     """Whether redis-py's error reply says "later" (it strips the codes it has a class
     for from the message, and keeps the others')."""

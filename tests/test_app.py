@@ -53,6 +53,12 @@ def test_a_bad_setting_fails_at_load_with_its_path(tmp_path: Path) -> None:
                                    r"environment variable MATCHER_SERVER_PROT\)"),
     ({"MATCHER_SERVER_PORT": "99999"}, r"<= 65535 - at `\$\.server\.port` \(set by the "
                                        r"environment variable MATCHER_SERVER_PORT\)"),
+    # The checks after the types' own (found in review).
+    ({"MATCHER_SERVER_TRUSTED_PROXIES": "10.0.0.1,nope"},
+     r"`\$\.server\.trusted_proxies\[1\]` \(set by the environment variable "
+     r"MATCHER_SERVER_TRUSTED_PROXIES\)"),
+    ({"MATCHER_ENGINE_TIMEZONE": "Mars/Base"},
+     r"`\$\.engine\.timezone` \(set by the environment variable MATCHER_ENGINE_TIMEZONE\)"),
 ])
 def test_a_setting_the_environment_gave_is_refused_naming_the_variable(
         tmp_path: Path, environ: dict[str, str], says: str) -> None:

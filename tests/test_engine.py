@@ -698,6 +698,26 @@ def test_a_skip_numbers_on_after_a_lost_history_and_replays_so() -> None:
     assert state_hash(resumed) == live
 
 
+def test_a_skip_at_a_start_leaves_the_downtime_out_of_the_retry_window() -> None:
+    """The gateway journals `skip` and then `resume` at a start, both stamped after the
+    downtime. The skip took that time as trading time, and ended the retry window of
+    every order that had ended before the stop: an SME's retried ask was a second loan
+    (found in review)."""
+    m = Market()
+    m.line(F1, "DFM", 10**6)
+    m.bid(F1, "f1-a", 250, 1_000)
+    m.ask(S1, "s1-a", 1_000)                               # filled, ended: remembered
+    ended = m.engine.ts
+    start = ended + 10 * 60 * 10**9                        # ten minutes down
+    for cmd in (wire.Skip(last=m.engine.seq + 50), wire.Resume()):
+        assert m.engine.submit(ADMIN, "admin", cmd, start).accepted
+    retry = m.engine.submit(S1, "sme", wire.Ask(client_id="s1-a", segment="DFM-90D",
+                                                 amount=1_000), start + 1)
+    assert retry.entry is None and retry.trades == []
+    assert [(type(e).__name__, getattr(e, "duplicate", None)) for _, e in retry.replies] \
+        == [("Accepted", True), ("Done", None)]
+
+
 def test_the_derived_client_ids_answer_retries_as_the_live_engine_does() -> None:
     """A retried order gets the same answer from a restored engine as from the live one:
     the derived map names the same orders, resting and ended alike."""

@@ -867,11 +867,15 @@ def test_a_redis_refusing_writes_for_a_while_holds_acks_then_writes_everything_o
                                                max_inflight=window)
         await play(driver, journal, 100)
         await configure(client, refuse)
+        connection = journal._conn.generation
         try:
             futures = _append(driver, journal, 20)
             await asyncio.sleep(0.5)
             assert not any(f.done() for f in futures)        # held while Redis refuses
             assert journal.error is None and not journal.healthy
+            # A replica: the retries connect again, which may reach the new master
+            # (a DNS name, a proxy); the same connection never would (found in review).
+            assert (journal._conn.generation > connection) == (code == "READONLY")
         finally:
             await configure(client, mend)
         await asyncio.wait_for(asyncio.gather(*futures), 10)

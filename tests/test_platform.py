@@ -113,12 +113,16 @@ def test_a_handler_that_fails_with_an_os_error_stops_the_consumer(
 
         def database_down(trade: wire.Trade) -> None:
             calls.append(trade.trade_id)
-            raise ConnectionRefusedError("the platform's database is down")
+            try:
+                raise TimeoutError("no answer on 5432")
+            except TimeoutError as cause:
+                raise ConnectionRefusedError("the platform's database is down") from cause
 
         consumer = FillConsumer(reader, database_down, KEYS, group=GROUP, consumer="c1",
                                 count=10, block_ms=100)
-        with pytest.raises(ConnectionRefusedError, match="database is down"):
+        with pytest.raises(ConnectionRefusedError, match="database is down") as stopped:
             await asyncio.wait_for(consumer.run(), 10)
+        assert isinstance(stopped.value.__cause__, TimeoutError)      # its own, kept
         assert calls == [driver.trades[0].trade_id] and consumer.handled == 0
         assert (await pending_ids(reader))[0] == driver.trades[0].trade_id
         await reader.aclose()
