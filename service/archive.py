@@ -234,7 +234,13 @@ async def archive_and_trim(client: aioredis.Redis, keys: Keys, archive: JournalA
     `MINID <seq>-1` removes the entry at seq and all before it."""
     token = uuid.uuid4().hex
     if not await client.set(keys.archive_lock, token, nx=True, px=LOCK_MS):
-        log.info("another process is archiving the journal; this one does not")
+        # Most often another snapshotter's move. A mover killed mid-move (the OOM killer)
+        # holds it until it expires, and nothing else says so (found in an audit).
+        left: Any = await client.pttl(keys.archive_lock)
+        log.warning("another process holds the journal archive's lock (for %.0f s more): "
+                    "this snapshotter does not move the journal now. If no other one "
+                    "runs, a mover died mid-move and the next move after the lock "
+                    "expires goes on", max(int(left or 0), 0) / 1000)
         return 0
     try:
         if n := archive.discard_stale():      # movers killed mid-write left them

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -103,10 +104,13 @@ def test_the_trim_removes_exactly_what_was_archived_however_many(
 
 
 def test_one_process_moves_the_journal_at_a_time(
-        redis_server: LocalRedis, tmp_path: Path) -> None:
+        redis_server: LocalRedis, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Two movers reading the same entries at different moments could write the same
     file, the later with fewer entries than the other trimmed: a lock in Redis lets one
-    move at a time, and lets go when it is done."""
+    move at a time, and lets go when it is done. A lock held is a warning with how long
+    it lasts: a mover killed mid-move holds it for minutes (found in an audit)."""
+    caplog.set_level(logging.WARNING, logger="matcher.archive")
+
     async def scenario() -> None:
         client, journal, driver = await opened(redis_server, 39)
         for _ in range(20):
@@ -115,6 +119,8 @@ def test_one_process_moves_the_journal_at_a_time(
         await client.set(KEYS.archive_lock, "another mover", px=60_000)
         assert await archive_and_trim(client, KEYS, archive, driver.engine.seq) == 0
         assert await journal_start(client, KEYS) == 1 and not archive.files()
+        assert re.search(r"holds the journal archive's lock \(for (59|60) s more\)",
+                         caplog.text), caplog.text
         await client.delete(KEYS.archive_lock)
         assert await archive_and_trim(client, KEYS, archive, driver.engine.seq) > 0
         assert await client.exists(KEYS.archive_lock) == 0          # released
