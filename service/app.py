@@ -35,7 +35,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from matcher import protocol as wire
 from matcher.engine import Segment
 from matcher.participants import Directory, Participant
-from service import demo_market, forwarded, gctune
+from service import demo_market, forwarded, gctune, resp
 from service.archive import JournalArchive
 from service.config import DEMO_FUNDER_BASE, DEMO_SME_BASE, Config, demo_key
 from service.gateway import (
@@ -364,6 +364,8 @@ class Service:
                     failure = exc
             if failure is not None:
                 misses += 1
+                if resp.wrong_node(failure):    # a failover: connect afresh (as the journal)
+                    await self.client.connection_pool.disconnect()
                 if misses == REDIS_PROBE_MISSES:
                     log.warning("Redis does not answer or take writes (%s: %s): /health "
                                 "says unavailable until it does",

@@ -236,11 +236,13 @@ async def archive_and_trim(client: aioredis.Redis, keys: Keys, archive: JournalA
     if not await client.set(keys.archive_lock, token, nx=True, px=LOCK_MS):
         # Most often another snapshotter's move. A mover killed mid-move (the OOM killer)
         # holds it until it expires, and nothing else says so (found in an audit).
-        left: Any = await client.pttl(keys.archive_lock)
-        log.warning("another process holds the journal archive's lock (for %.0f s more): "
-                    "this snapshotter does not move the journal now. If no other one "
-                    "runs, a mover died mid-move and the next move after the lock "
-                    "expires goes on", max(int(left or 0), 0) / 1000)
+        left: Any = await client.pttl(keys.archive_lock)      # -1: no expiry; -2: gone
+        lasts = ("with no expiry: set by hand? delete it if no mover runs" if left == -1
+                 else f"for {max(int(left or 0), 0) / 1000:.0f} s more")
+        log.warning("another process holds the journal archive's lock (%s): this "
+                    "snapshotter does not move the journal now. If no other one runs, a "
+                    "mover died mid-move and the next move after the lock expires goes "
+                    "on", lasts)
         return 0
     try:
         if n := archive.discard_stale():      # movers killed mid-write left them

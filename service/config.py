@@ -270,7 +270,7 @@ def _checked(data: dict[str, Any]) -> Config:
                                       "out to start a local Redis - at `$.redis.url`")
     try:                    # here, not at the end of a start that recovered and snapshot
         ZoneInfo(cfg.engine.timezone)
-    except (ValueError, ZoneInfoNotFoundError):
+    except (ValueError, OSError, ZoneInfoNotFoundError):    # OSError: "America", a dir
         raise msgspec.ValidationError(f"unknown time zone {cfg.engine.timezone!r} - at "
                                       "`$.engine.timezone`") from None
     return cfg

@@ -364,6 +364,8 @@ class Journal:
                 unreachable, retries = 0.0, 0
             except _TRANSIENT as exc:       # could not (re)connect: retry like a write
                 self.healthy = False
+                if resp.wrong_node(exc):
+                    await self._forget_node()
                 unreachable = min(max(unreachable * 2, 0.05), self.max_retry_delay)
                 retries += 1
                 log.warning("journal cannot reach Redis (%s: %s); none of the %d commands "
@@ -374,6 +376,14 @@ class Journal:
             except Exception as exc:   # a bug or lost data: nothing more can be acknowledged
                 self._stop(exc)
                 return
+
+    async def _forget_node(self) -> None:
+        """After a reply of a node that is not the master (a failover): drop the write
+        connection and the client's pooled ones (the loss check reads through those), so
+        that the next attempt connects afresh, to the new master when a DNS name or a
+        proxy moved with it. The same connections would ask the old node for ever."""
+        self._conn.close()
+        await self.client.connection_pool.disconnect()
 
     async def _connected(self, *, healthy: bool = True) -> None:
         """Open a new connection: check that Redis holds everything acknowledged (it may
@@ -500,7 +510,7 @@ class Journal:
             if failed is not None:
                 attempt += 1
                 if resp.wrong_node(failed):
-                    self._conn.close()           # reconnect: to the new master, maybe
+                    await self._forget_node()
                 log.warning("journal write of %d commands failed (%s: %s); none of them is "
                             "acknowledged; retrying in %.2fs", len(entries),
                             type(failed).__name__, failed, delay)

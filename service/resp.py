@@ -74,8 +74,13 @@ def wrong_node(exc: BaseException | None) -> bool:
     master is after a failover; MASTERDOWN: a replica without one). The address may
     reach the new master on a new connection (a DNS name, a proxy): retrying on this one
     never would."""
-    return isinstance(exc, ReadOnlyError | MasterDownError) or (
-        isinstance(exc, NotNow) and _code(str(exc)) in ("READONLY", "MASTERDOWN"))
+    # redis-py strips the code from the errors it has a class for; `last_seq` raises
+    # those again as NotNow, from the original.
+    for error in (exc, exc.__cause__ if exc is not None else None):
+        if isinstance(error, ReadOnlyError | MasterDownError) or (
+                isinstance(error, NotNow) and _code(str(error)) in ("READONLY", "MASTERDOWN")):
+            return True
+    return False
 
 
 def not_now(exc: ResponseError) -> bool:

@@ -59,6 +59,8 @@ def test_a_bad_setting_fails_at_load_with_its_path(tmp_path: Path) -> None:
      r"MATCHER_SERVER_TRUSTED_PROXIES\)"),
     ({"MATCHER_ENGINE_TIMEZONE": "Mars/Base"},
      r"`\$\.engine\.timezone` \(set by the environment variable MATCHER_ENGINE_TIMEZONE\)"),
+    ({"MATCHER_ENGINE_TIMEZONE": "America"},            # a directory of zones: OSError
+     r"unknown time zone 'America' - at `\$\.engine\.timezone`"),
 ])
 def test_a_setting_the_environment_gave_is_refused_naming_the_variable(
         tmp_path: Path, environ: dict[str, str], says: str) -> None:

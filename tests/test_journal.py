@@ -50,6 +50,7 @@ from service.localredis import LocalRedis, free_port
 from service.platform import describe
 from service.recovery import recover
 from service.snapshots import store, stored_seq
+from service.tasks import cancel_all
 from tests.conftest import ROOT, ServerProcess, run, write_config
 
 KEYS = Keys("main")
@@ -886,6 +887,96 @@ def test_a_redis_refusing_writes_for_a_while_holds_acks_then_writes_everything_o
         await journal.close()
         await client.aclose()
     run(scenario())
+
+
+class SwitchingProxy:
+    """A TCP proxy on 127.0.0.1 in front of one Redis, then another: one address over a
+    failover, as a DNS name or a managed Redis's endpoint is. Connections already made
+    stay with the node they reached; new ones go to `port`."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._connect, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _connect(self, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        except OSError:
+            writer.close()
+            return
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(source, sink))
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+    @staticmethod
+    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        except OSError:
+            pass
+        finally:
+            sink.close()
+
+    async def close(self) -> None:
+        self.server.close()
+        await cancel_all(list(self._pipes))
+
+
+@pytest.mark.parametrize("window", [1, 4])
+@pytest.mark.parametrize("old_master", ["a_replica", "a_replica_serving_nothing"])
+def test_after_a_failover_behind_one_address_the_journal_writes_to_the_new_master(
+        redis_server: LocalRedis, tmp_path: Path, old_master: str, window: int) -> None:
+    """The replica is promoted, the address moves to it, and the old master becomes a
+    replica: of the new one (READONLY to writes), or of one it cannot reach, serving
+    nothing (MASTERDOWN to reads too). The journal's connections, its own and the
+    client's pool that its loss check reads through, kept asking the old node for ever;
+    they are dropped, and the retries reach the new master (found in review)."""
+    new = LocalRedis(tmp_path / "new", durability="always")
+    new.start()
+
+    async def scenario() -> None:
+        proxy = SwitchingProxy(redis_server.port)
+        client = aioredis.Redis(host="127.0.0.1", port=await proxy.start(), socket_timeout=5)
+        old, promoted = connect(redis_server), connect(new)
+        try:
+            await promoted.execute_command("REPLICAOF", "127.0.0.1", str(redis_server.port))
+            journal = Journal(client, KEYS, max_retry_delay=0.1, max_inflight=window)
+            journal.start()
+            driver = Driver(seed=24)
+            await open_market(driver, journal)
+            await play(driver, journal, 100)
+            assert await old.execute_command("WAIT", 1, 5000) == 1     # the replica has all
+            await promoted.execute_command("REPLICAOF", "NO", "ONE")
+            proxy.port = new.port
+            if old_master == "a_replica":
+                await old.execute_command("REPLICAOF", "127.0.0.1", str(new.port))
+            else:
+                await old.config_set("replica-serve-stale-data", "no")
+                await old.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+            futures = _append(driver, journal, 20)
+            await asyncio.wait_for(asyncio.gather(*futures), 10)
+            assert journal.error is None and journal.healthy
+            await assert_written_once(promoted, driver)
+            await journal.close()
+        finally:
+            await old.execute_command("REPLICAOF", "NO", "ONE")
+            await old.config_set("replica-serve-stale-data", "yes")
+            for c in (client, old, promoted):
+                await c.aclose()
+            await proxy.close()
+
+    try:
+        run(scenario())
+    finally:
+        new.stop()
 
 
 def test_a_batch_pipelined_behind_a_busy_one_is_written_again_after_it(
