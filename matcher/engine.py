@@ -10,6 +10,7 @@ no randomness here.
 
 from __future__ import annotations
 
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Literal, cast
@@ -48,6 +49,7 @@ class Finished(Struct, array_like=True, gc=False):
     ts: int
     owner: int
     done: wire.Done
+    body: int = 0                  # the order's `OrderInfo.body`
 
 
 class OrderInfo(Struct, kw_only=True, gc=False):
@@ -60,6 +62,16 @@ class OrderInfo(Struct, kw_only=True, gc=False):
     side: Literal["bid", "ask"]
     filled: int
     remaining: int
+    # A fingerprint of the command that placed it (`body_of`): a retry sends the same
+    # command; another under the same client id is refused. 0: unknown (a snapshot from
+    # before it was kept), which any retry matches.
+    body: int = 0
+
+
+def body_of(cmd: wire.Bid | wire.Ask) -> int:
+    """The fingerprint of an order's command (`OrderInfo.body`): its MessagePack bytes'
+    CRC-32, the same in every process (unlike `hash`), in 30 bits (a small int), never 0."""
+    return zlib.crc32(wire.journal_encoder.encode(cmd)) & 0x3FFF_FFFF or 1
 
 
 class Outcome:
@@ -317,14 +329,23 @@ class Engine:
             return None       # its window has passed (it is forgotten once time moves on)
         return order_id
 
-    def _retry(self, entry: wire.JournalEntry, client_id: str, out: Outcome) -> bool:
-        """A new order under a client id already used: answer as the first time did."""
+    def _retry(self, entry: wire.JournalEntry, client_id: str, body: int,
+               out: Outcome) -> bool:
+        """A new order under a client id already used: answer as the first time did, if
+        it is the same order sent again (`body`). Under another one's name it is refused
+        (ADR 8, addendum): answered as a retry, a funder that reused a name for a new
+        rate believed it had re-quoted."""
         order_id = self.retried(entry.participant, client_id, entry.ts)
         if order_id is None:
             return False
+        ended = self.finished.get(order_id)
+        placed = ended.body if ended is not None else self.orders[order_id].body
+        if placed and placed != body:
+            raise Reject("client_id_in_use", f"client id {client_id!r} names order "
+                         f"{order_id}, placed with other terms: a retry sends the same "
+                         "message, and a new order takes a new client id", "$.client_id")
         out.replies.append((entry.participant, wire.Accepted(
             client_id=client_id, seq=order_id, order_id=order_id, duplicate=True)))
-        ended = self.finished.get(order_id)
         if ended is not None:
             out.replies.append((entry.participant, ended.done))
         return True
@@ -333,7 +354,8 @@ class Engine:
         cmd = entry.command
         assert isinstance(cmd, wire.Bid)
         book = self._book(cmd.segment)
-        if self._retry(entry, cmd.client_id, out):
+        body = body_of(cmd)
+        if self._retry(entry, cmd.client_id, body, out):
             return
         self._check_open(cmd.segment, entry.participant)
         core = self.segments[cmd.segment].core
@@ -345,20 +367,21 @@ class Engine:
                          "$.segment")
         fills = book.bid(entry.seq, entry.participant, cmd.rate_bps, cmd.amount,
                          min_ticket=cmd.min_ticket, tif=cmd.tif)
-        self._new_order(entry, cmd.client_id, cmd.segment, "bid", cmd.amount, cmd.tif, fills,
-                        out)
+        self._new_order(entry, cmd.client_id, cmd.segment, "bid", cmd.amount, cmd.tif, body,
+                        fills, out)
 
     def _ask(self, entry: wire.JournalEntry, out: Outcome) -> None:
         cmd = entry.command
         assert isinstance(cmd, wire.Ask)
         book = self._book(cmd.segment)
-        if self._retry(entry, cmd.client_id, out):
+        body = body_of(cmd)
+        if self._retry(entry, cmd.client_id, body, out):
             return
         self._check_open(cmd.segment, entry.participant)
         fills = book.ask(entry.seq, entry.participant, cmd.max_rate_bps, cmd.amount,
                          tif=cmd.tif, single_funder=cmd.single_funder)
-        self._new_order(entry, cmd.client_id, cmd.segment, "ask", cmd.amount, cmd.tif, fills,
-                        out)
+        self._new_order(entry, cmd.client_id, cmd.segment, "ask", cmd.amount, cmd.tif, body,
+                        fills, out)
 
     def _check_open(self, segment: str, participant: int) -> None:
         """A new order in a halted segment, or from a suspended participant, is refused;
@@ -371,11 +394,12 @@ class Engine:
                          "admin reopens it", "$.segment")
 
     def _new_order(self, entry: wire.JournalEntry, client_id: str, segment: str,
-                   side: Literal["bid", "ask"], amount: int, tif: wire.Tif, fills: list[Fill],
-                   out: Outcome) -> None:
+                   side: Literal["bid", "ask"], amount: int, tif: wire.Tif, body: int,
+                   fills: list[Fill], out: Outcome) -> None:
         """Record a just-placed order; the book has already matched it."""
         order = OrderInfo(order_id=entry.seq, segment=segment, owner=entry.participant,
-                          client_id=client_id, side=side, filled=0, remaining=amount)
+                          client_id=client_id, side=side, filled=0, remaining=amount,
+                          body=body)
         self.orders[order.order_id] = order
         self.owned.setdefault(order.owner, {})[order.order_id] = order
         self.clients[(entry.participant, client_id)] = order.order_id
@@ -651,7 +675,7 @@ class Engine:
         if not mine:
             del self.owned[order.owner]
         assert out.entry is not None             # every handler accepts before ending
-        self.finished[order.order_id] = Finished(out.entry.ts, order.owner, done)
+        self.finished[order.order_id] = Finished(out.entry.ts, order.owner, done, order.body)
         self._expiry.append((out.entry.ts, order.order_id))
         if not out.quiet:
             out.replies.append((order.owner, done))

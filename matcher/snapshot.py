@@ -21,10 +21,11 @@ from matcher.engine import Engine, Finished, OrderInfo, Segment
 from matcher.types import Order
 
 #: 2: without the client-id map, which restore derives; 3: with `day_started`; 4: with
-#: `repaid` (ADR 24); 5: with `halted` (ADR 25); 6: with `suspended` (ADR 26). 1 to 5
-#: still load.
-VERSION = 6
-READS = (1, 2, 3, 4, 5, 6)
+#: `repaid` (ADR 24); 5: with `halted` (ADR 25); 6: with `suspended` (ADR 26); 7: with
+#: each order's `body` (ADR 8, addendum). 1 to 6 still load (their orders' bodies are
+#: unknown: any retry matches them).
+VERSION = 7
+READS = (1, 2, 3, 4, 5, 6, 7)
 
 
 class BookState(Struct, array_like=True):

@@ -184,11 +184,38 @@ def test_a_retried_bid_returns_the_original_acceptance_and_places_nothing() -> N
     m = Market()
     m.line(F1, "DFM", 10_000)
     first = m.bid(F1, "dup", 250, 1_000)
-    again = m.bid(F1, "dup", 260, 9_999)          # a retry names the same order
+    again = m.bid(F1, "dup", 250, 1_000)          # the same message, sent again
     [a1], [a2] = events(first, F1, wire.Accepted), events(again, F1, wire.Accepted)
     assert (a2.order_id, a2.seq, a2.duplicate) == (a1.order_id, a1.seq, True)
     assert again.entry is None and not again.trades
     assert m.engine.books["DFM-90D"].depth() == [(250, 1_000, 1)]
+
+
+def test_a_client_id_reused_for_other_terms_is_refused_and_changes_nothing() -> None:
+    """A retry is the same message sent again. Another order under a name in use was
+    answered as a retry: a funder that reused a name for a new rate believed it had
+    re-quoted, and an SME that asked for more believed it had asked (found in an audit;
+    ADR 8, addendum). Resting or ended, amended or not, the name answers only its own
+    order; one forgotten after the retry window is free again."""
+    m = Market()
+    m.line(F1, "DFM", 10_000)
+    m.bid(F1, "b", 250, 1_000)
+    before = state_hash(m.engine)
+    for other in (wire.Bid(client_id="b", segment="DFM-90D", rate_bps=240, amount=1_000),
+                  wire.Bid(client_id="b", segment="DFM-30D", rate_bps=250, amount=1_000),
+                  wire.Bid(client_id="b", segment="DFM-90D", rate_bps=250, amount=1_000,
+                           tif="day")):
+        refused = rejected(m.send(F1, other))
+        assert (refused.code, refused.path, refused.client_id) == \
+            ("client_id_in_use", "$.client_id", "b")
+    assert state_hash(m.engine) == before
+    assert m.send(F1, wire.Amend(client_id="b", rate_bps=245)).accepted
+    assert events(m.bid(F1, "b", 250, 1_000), F1, wire.Accepted)[0].duplicate  # its own
+    m.ask(S1, "a", 400, tif="ioc")                              # filled, ended
+    assert events(m.ask(S1, "a", 400, tif="ioc"), S1, wire.Accepted)[0].duplicate
+    assert rejected(m.ask(S1, "a", 500, tif="ioc")).code == "client_id_in_use"
+    m.ts += RETRY_WINDOW_NS + 1
+    assert not events(m.ask(S1, "a", 500, tif="ioc"), S1, wire.Accepted)[0].duplicate
 
 
 def test_a_retried_ask_returns_its_done_and_makes_no_second_fill() -> None:
@@ -229,7 +256,7 @@ def test_end_of_day_keeps_an_ended_order_for_retries_within_its_window() -> None
     assert events(retry, S1, wire.Accepted)[0].duplicate and retry.trades == []
     assert events(retry, S1, wire.Done)[0].reason == "filled"
     assert not events(m.ask(S1, "old", 10), S1, wire.Accepted)[0].duplicate
-    assert events(m.bid(F1, "gtc", 250, 100), F1, wire.Accepted)[0].duplicate
+    assert events(m.bid(F1, "gtc", 250, 1_000), F1, wire.Accepted)[0].duplicate
 
 
 def test_a_restart_after_the_cut_off_keeps_an_ask_that_ended_before_it() -> None:
@@ -264,7 +291,7 @@ def test_an_end_of_day_journaled_before_keep_retries_replays_as_it_was_written()
     again = m.ask(S1, "gone", 50)
     assert not events(again, S1, wire.Accepted)[0].duplicate
     assert [t.amount for t in again.trades] == [50]
-    assert events(m.bid(F1, "gtc", 250, 100), F1, wire.Accepted)[0].duplicate
+    assert events(m.bid(F1, "gtc", 250, 1_000), F1, wire.Accepted)[0].duplicate
 
 
 # --- amend and cancel ----------------------------------------------------------------
@@ -738,14 +765,19 @@ def test_the_derived_client_ids_answer_retries_as_the_live_engine_does() -> None
     restored = restore(decode(encode(capture(m.engine))))
     names = list(m.engine.clients.items())
     assert len(names) > 1_000 and dict(restored.clients.items()) == dict(names)
+    placed = {(e.participant, e.command.client_id): e.command for e in m.journal
+              if isinstance(e.command, wire.Bid | wire.Ask)}
     for (who, client_id), _order_id in names[::7]:
         role = "sme" if who in (S1, S2) else "funder"
-        cmd: wire.Command = (
-            wire.Ask(client_id=client_id, segment="DFM-30D", amount=1) if role == "sme"
+        other: wire.Command = (
+            wire.Ask(client_id=client_id, segment="DFM-30D", amount=10**6 + 7)
+            if role == "sme"          # an amount the session never asked for
             else wire.Bid(client_id=client_id, segment="DFM-30D", rate_bps=250, amount=1))
-        live = m.engine.submit(who, role, cmd, m.engine.ts + 1).replies   # type: ignore[arg-type]
-        again = restored.submit(who, role, cmd, restored.ts + 1).replies  # type: ignore[arg-type]
-        assert live == again and live[0][1].duplicate, (client_id, live)
+        for cmd, answer in ((placed[(who, client_id)], wire.Accepted),
+                            (other, wire.Rejected)):
+            live = m.engine.submit(who, role, cmd, m.engine.ts + 1).replies  # type: ignore[arg-type]
+            again = restored.submit(who, role, cmd, restored.ts + 1).replies  # type: ignore[arg-type]
+            assert live == again and type(live[0][1]) is answer, (client_id, live)
 
 
 def test_a_stored_snapshot_is_compressed_and_older_ones_still_load() -> None:

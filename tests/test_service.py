@@ -504,6 +504,11 @@ BAD_INPUTS: list[tuple[str, int, str | bytes, dict[str, Any]]] = [
     ("cancel_another_smes_ask", SME_Y, json.dumps({"type": "cancel", "client_id": "a1"}),
      {"type": "rejected", "client_id": "a1", "code": "unknown_order",
       "message": "no resting order 'a1' of yours", "path": "$.client_id"}),
+    # Answered as a retry, a name reused for other terms made a funder believe it had
+    # re-quoted (found in an audit). Bank D's resting "b1" is at 250 for 500,000.
+    ("client_id_in_use", F14, json.dumps(bid("b1", "DFM-30D", 240, 500_000)),
+     {"type": "rejected", "client_id": "b1", "code": "client_id_in_use",
+      "message": "client id 'b1' names order", "path": "$.client_id"}),
     ("amend_without_changes", F14, json.dumps({"type": "amend", "client_id": "b1"}),
      {"type": "rejected", "client_id": "b1", "code": "missing",
       "message": "give rate_bps or amount to amend", "path": "$.amount"}),
