@@ -365,7 +365,7 @@ class Service:
             if failure is not None:
                 misses += 1
                 if resp.wrong_node(failure):    # a failover: connect afresh (as the journal)
-                    await self.client.connection_pool.disconnect()
+                    await resp.reconnect_idle(self.client)
                 if misses == REDIS_PROBE_MISSES:
                     log.warning("Redis does not answer or take writes (%s: %s): /health "
                                 "says unavailable until it does",

@@ -815,6 +815,8 @@ class Gateway:
             async with self._readers:
                 page = await self.history.page(who.id, req.after, req.limit)
         except (RedisError, OSError, ValueError) as exc:     # ValueError: a bad row
+            if resp.wrong_node(exc):     # a failover: the next page connects afresh
+                self.history.close()
             self.metrics.fill_page_failures += 1
             log.warning("fills of participant %d could not be read: %s", who.id, exc)
             return wire.Error(code="unavailable", path=None, ref=req.ref,

@@ -383,7 +383,7 @@ class Journal:
         that the next attempt connects afresh, to the new master when a DNS name or a
         proxy moved with it. The same connections would ask the old node for ever."""
         self._conn.close()
-        await self.client.connection_pool.disconnect()
+        await resp.reconnect_idle(self.client)
 
     async def _connected(self, *, healthy: bool = True) -> None:
         """Open a new connection: check that Redis holds everything acknowledged (it may

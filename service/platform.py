@@ -25,6 +25,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from matcher.protocol import Trade
+from service import resp
 from service.journal import Keys, decode_trade
 
 log = logging.getLogger("matcher.platform")
@@ -115,6 +116,13 @@ class FillConsumer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_retry_delay)
             except ResponseError as exc:
+                if resp.wrong_node(exc):     # a failover: connect afresh and go on
+                    log.warning("fill stream on a replica (%s); connecting again in %.1fs",
+                                exc, delay)
+                    await resp.reconnect_idle(self.client)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.max_retry_delay)
+                    continue
                 if "NOGROUP" not in str(exc):
                     raise
                 log.warning("consumer group %r is gone (Redis lost data?); recreating it: "

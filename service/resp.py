@@ -31,6 +31,7 @@ from redis.exceptions import (
     MasterDownError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisError,
     ResponseError,
     TryAgainError,
 )
@@ -81,6 +82,18 @@ def wrong_node(exc: BaseException | None) -> bool:
                 isinstance(error, NotNow) and _code(str(error)) in ("READONLY", "MASTERDOWN")):
             return True
     return False
+
+
+async def reconnect_idle(client: aioredis.Redis) -> None:
+    """After a reply of a node that is not the master (`wrong_node`): close the redis-py
+    client's idle pooled connections, so that its next command connects afresh, through
+    an address that may have moved to the new master. Not the ones in use: closed under
+    another task's command, they broke it (redis-py raised AttributeError half-way
+    through connecting, which stopped the journal for good) or had redis-py send it
+    again (found in review). Best effort: a connection that fails to close is dropped
+    all the same."""
+    with contextlib.suppress(RedisError, OSError):
+        await client.connection_pool.disconnect(inuse_connections=False)
 
 
 def not_now(exc: ResponseError) -> bool:

@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 
 from matcher import snapshot
 from matcher.engine import Engine
-from service import gctune
+from service import gctune, resp
 from service.archive import ArchiveWriteFailed, JournalArchive, archive_and_trim
 from service.children import Supervised
 from service.journal import Keys, stream_seq
@@ -316,6 +316,8 @@ class Snapshotter:
                     log.warning("snapshotter cannot reach Redis (%s: %s); retrying",
                                 type(exc).__name__, exc)
                 failing = True
+                if resp.wrong_node(exc):     # a failover: connect afresh (as the journal)
+                    await resp.reconnect_idle(self.client)
             await asyncio.sleep(self.poll_s)
 
 

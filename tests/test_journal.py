@@ -87,6 +87,7 @@ class Driver:
         self.kinds: Counter[str] = Counter()      # accepted commands by type
         self.rejected = 0
         self.retries = 0
+        self.placed: list[tuple[int, wire.Bid | wire.Ask]] = []   # orders placed, to retry
 
     def submit(self, participant: int, cmd: wire.Command) -> Outcome:
         self.ts += self.rng.randrange(1, 5_000_000)
@@ -112,12 +113,18 @@ class Driver:
         return outs
 
     def step(self) -> Outcome:
+        if self.placed and self.rng.random() < 0.03:      # an order sent again: a retry
+            participant, cmd = self.rng.choice(self.placed)
+            return self.submit(participant, cmd)
         participant, cmd = self.command()
-        return self.submit(participant, cmd)
+        out = self.submit(participant, cmd)
+        if out.entry is not None and isinstance(cmd, wire.Bid | wire.Ask):
+            self.placed.append((participant, cmd))
+        return out
 
     def _client_id(self, participant: int) -> str:
         rng = self.rng
-        if self.used[participant] and rng.random() < 0.04:       # a retry, or a reuse
+        if self.used[participant] and rng.random() < 0.04:   # a reuse: mostly refused
             return rng.choice(self.used[participant])
         self.counter += 1
         cid = f"{participant}-{self.counter}"
@@ -519,6 +526,9 @@ def test_writes_are_checked_where_one_can_follow_a_failure_or_another_redis(
     the first write of each connection (the one `_connected` checked may have been
     replaced before it) and on writes sent again; with several in flight, on every one."""
     async def scenario(window: int) -> tuple[list[bool], int]:
+        fresh = connect(redis_server)
+        await fresh.flushall()              # each run its own journal from seq 1
+        await fresh.aclose()
         client, journal, driver = await opened(redis_server, 14 + window,
                                                max_inflight=window)
         checks: list[bool] = []
