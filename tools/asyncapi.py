@@ -38,7 +38,8 @@ DESCRIPTION = """\
 The WebSocket API of the matcher gateway: funders bid annual rates (basis points) for
 SMEs' financing asks (integer fen); the lowest rate wins and every loan is made at the
 winning funder's own rate. One connection carries commands, quotes and subscriptions;
-every message is one JSON text frame, an object tagged by `type`.
+every message is one JSON object tagged by `type`, in a text frame (the server reads a
+binary frame the same way). The server writes every field of what it sends.
 
 Authenticate with `Authorization: Bearer <key>` on the upgrade request, or with an `auth`
 message as the first frame. Unauthenticated connections are closed with 4401. Close
@@ -75,6 +76,39 @@ def version() -> str:
         return str(tomllib.load(f)["project"]["version"])
 
 
+def reachable(schemas: dict[str, Any], roots: list[str]) -> set[str]:
+    """The components `roots` are made of, themselves included."""
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += _refs(schemas[name])
+    return seen
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        return [r for k, v in node.items()
+                for r in ([v.rsplit("/", 1)[1]] if k == "$ref" else _refs(v))]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
+
+
+def as_sent(schema: dict[str, Any]) -> dict[str, Any]:
+    """A schema of what the server sends: msgspec's describe what a decoder takes, where a
+    field with a default may be left out, but the gateway's encoder writes every field,
+    so each is required (a client generated from the document need not test for one)."""
+    out = dict(schema)
+    if "properties" in out:
+        out["required"] = list(out["properties"])
+    if "prefixItems" in out:                    # an array-like struct: every item
+        out["minItems"] = len(out["prefixItems"])
+    return out
+
+
 def build() -> dict[str, Any]:
     """The AsyncAPI document as a dict, in a fixed order."""
     received = members(wire.ClientMessage)      # client -> server
@@ -82,6 +116,11 @@ def build() -> dict[str, Any]:
     names = [cls.__name__ for cls in received + sent]
     assert len(set(names)) == len(names), "two message Structs share a name"
     _, schemas = msgspec.json.schema_components(received + sent, ref_template=SCHEMAS)
+    server = reachable(schemas, [cls.__name__ for cls in sent])
+    assert not server & reachable(schemas, [cls.__name__ for cls in received]), \
+        "a component both sides use would need two schemas"
+    schemas = {name: as_sent(schema) if name in server else schema
+               for name, schema in schemas.items()}
 
     def message(cls: type[msgspec.Struct], direction: str) -> dict[str, Any]:
         return {
