@@ -283,6 +283,7 @@ class Gateway:
         self._book_writes: dict[asyncio.Future[int], set[tuple[Connection | None, str]]] = {}
         self._encode = wire.json_encoder.encode
         self.history = FillHistory(resp.Connection.like(journal.client), journal.keys)
+        journal.on_wrong_node = self.history.close     # a failover: pages connect afresh
         self._readers = asyncio.Semaphore(_READERS)
         self._waiting = 0                                  # pages asked for, not yet read
         self._waiting_of: dict[int, int] = {}              # ... by participant

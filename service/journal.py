@@ -292,6 +292,7 @@ class Journal:
         self._own_keys: dict[int, bytes] = {}
         self._conn = resp.Connection.like(client)     # the writes' own connection
         self._conn.on_settled = self._settle
+        self.on_wrong_node: Callable[[], None] | None = None     # see `_forget_node`
 
     # --- the write side ---
 
@@ -378,11 +379,14 @@ class Journal:
                 return
 
     async def _forget_node(self) -> None:
-        """After a reply of a node that is not the master (a failover): drop the write
-        connection and the client's pooled ones (the loss check reads through those), so
-        that the next attempt connects afresh, to the new master when a DNS name or a
-        proxy moved with it. The same connections would ask the old node for ever."""
+        """After a reply of a node that is not the master (a failover): drop the
+        journal's connection, so that the next attempt connects afresh, to the new master
+        when a DNS name or a proxy moved with it (the same connection would ask the old
+        node for ever); and tell the readers on other connections (`on_wrong_node`: fill
+        pages) and the client's idle pooled connections to do the same."""
         self._conn.close()
+        if self.on_wrong_node is not None:
+            self.on_wrong_node()
         await resp.reconnect_idle(self.client)
 
     async def _connected(self, *, healthy: bool = True) -> None:
@@ -575,8 +579,17 @@ class Journal:
             await self._conn.call(self._pack(entries, trades, None))
 
     async def _landed(self, seq: int | None) -> bool:
-        """Does Redis hold everything acknowledged, and the batch up to `seq` too?"""
-        last = await last_seq(self.client, self.keys)
+        """Does Redis hold everything acknowledged, and the batch up to `seq` too?
+
+        Asked on the journal's own connection: of the node the writes go to. Through the
+        client's pool it could ask another, a connection left on the old master after a
+        failover behind one address, still serving what it had, and take its shorter
+        journal for lost writes (found in review). An error reply that says "later" is
+        raised as `resp.NotNow` (a BUSY once read as an empty journal, "Redis lost
+        writes")."""
+        newest: Any = await self._conn.call(resp.pack(
+            b"XREVRANGE", self._journal_key, b"+", b"-", b"COUNT", b"1"))
+        last = stream_seq(newest[0][0]) if newest else 0
         if last < self.written_seq:
             raise JournalLost(f"Redis journal ends at seq {last}, but {self.written_seq} "
                               "was acknowledged: Redis lost writes")
@@ -602,20 +615,6 @@ async def journal_start(client: aioredis.Redis, keys: Keys) -> int | None:
         return None
     entry_id, fields = oldest[0]
     return stream_seq(entry_id) - int(fields[b"n"]) + 1
-
-
-async def last_seq(client: aioredis.Redis, keys: Keys) -> int:
-    """The last sequence number in the journal, 0 when empty (no such key). An error
-    reply is no answer: one that says "later" is raised as `resp.NotNow`, to be retried
-    as a lost connection is; others as they are. (Read as 0, either stopped the journal
-    with "Redis lost writes".)"""
-    try:
-        newest: Any = await client.xrevrange(keys.journal, count=1)
-    except ResponseError as exc:
-        if resp.not_now(exc):
-            raise resp.NotNow(str(exc)) from exc
-        raise
-    return stream_seq(newest[0][0]) if newest else 0
 
 
 async def check_streams_follow(client: aioredis.Redis, keys: Keys, seq: int,

@@ -98,6 +98,7 @@ class FillConsumer:
             try:
                 await self.ensure_group()
                 await self.recover()
+                delay = 0.1                      # Redis answers: a later outage starts afresh
                 claimed = time.monotonic()
                 while stop is None or not stop.is_set():
                     # Take over what a dead consumer left (or a read whose reply was
@@ -107,7 +108,6 @@ class FillConsumer:
                             or time.monotonic() - claimed >= self.claim_idle_ms / 2000):
                         await self.claim_idle()
                         claimed = time.monotonic()
-                delay = 0.1
             except _HandlerFailed as handler:
                 failed = handler.error
             except _TRANSIENT as exc:
@@ -116,10 +116,14 @@ class FillConsumer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_retry_delay)
             except ResponseError as exc:
-                if resp.wrong_node(exc):     # a failover: connect afresh and go on
-                    log.warning("fill stream on a replica (%s); connecting again in %.1fs",
+                # A failover (the blocking read cut short, a replica's refusal), or a Redis
+                # that says "later" (OOM, NOREPLICAS, BUSY, ...): the journal waits such
+                # answers out; so does the consumer, which stopped on them (found in review).
+                if resp.wrong_node(exc) or resp.not_now(exc):
+                    log.warning("fill stream not available now (%s); trying again in %.1fs",
                                 exc, delay)
-                    await resp.reconnect_idle(self.client)
+                    if resp.wrong_node(exc):
+                        await resp.reconnect_idle(self.client)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.max_retry_delay)
                     continue

@@ -72,14 +72,15 @@ NOT_NOW = ("BUSY", "MASTERDOWN", "TRYAGAIN", "OOM", "NOREPLICAS", "READONLY", "M
 
 def wrong_node(exc: BaseException | None) -> bool:
     """A reply of a node that is not the master (READONLY: a replica now, as the old
-    master is after a failover; MASTERDOWN: a replica without one). The address may
-    reach the new master on a new connection (a DNS name, a proxy): retrying on this one
-    never would."""
+    master is after a failover; MASTERDOWN: a replica without one; UNBLOCKED: a blocking
+    read cut short as its master became a replica). The address may reach the new master
+    on a new connection (a DNS name, a proxy): retrying on this one never would."""
     # redis-py strips the code from the errors it has a class for; `last_seq` raises
     # those again as NotNow, from the original.
     for error in (exc, exc.__cause__ if exc is not None else None):
         if isinstance(error, ReadOnlyError | MasterDownError) or (
-                isinstance(error, NotNow) and _code(str(error)) in ("READONLY", "MASTERDOWN")):
+                isinstance(error, NotNow | ResponseError)
+                and _code(str(error)) in ("READONLY", "MASTERDOWN", "UNBLOCKED")):
             return True
     return False
 
@@ -90,8 +91,9 @@ async def reconnect_idle(client: aioredis.Redis) -> None:
     an address that may have moved to the new master. Not the ones in use: closed under
     another task's command, they broke it (redis-py raised AttributeError half-way
     through connecting, which stopped the journal for good) or had redis-py send it
-    again (found in review). Best effort: a connection that fails to close is dropped
-    all the same."""
+    again (found in review). One taken by another task while this runs may still see
+    its command cut (redis-py retries it); one in use stays on its node until it
+    fails there. Best effort: what fails to close is left."""
     with contextlib.suppress(RedisError, OSError):
         await client.connection_pool.disconnect(inuse_connections=False)
 

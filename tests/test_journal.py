@@ -71,8 +71,9 @@ class Driver:
     """A seeded random market session that submits to an `Engine` as the gateway does.
 
     Bids, asks (every tif, market asks, single_funder), cancels, amends, credit-line
-    changes, retries of used client ids, end of day, and a few commands the engine
-    rejects. Keeps every accepted entry, outcome and trade in order.
+    changes, retries of orders as they were sent, client ids reused for other orders
+    (refused), end of day, and a few commands the engine rejects. Keeps every accepted
+    entry, outcome and trade in order.
     """
 
     def __init__(self, seed: int) -> None:
@@ -957,13 +958,21 @@ def test_after_a_failover_behind_one_address_the_journal_writes_to_the_new_maste
         client = aioredis.Redis(host="127.0.0.1", port=await proxy.start(), socket_timeout=5)
         old, promoted = connect(redis_server), connect(new)
         try:
+            # Redis waits repl-diskless-sync-delay (5 s) before a first sync: not here.
+            await old.config_set("repl-diskless-sync-delay", 0)
             await promoted.execute_command("REPLICAOF", "127.0.0.1", str(redis_server.port))
             journal = Journal(client, KEYS, max_retry_delay=0.1, max_inflight=window)
             journal.start()
             driver = Driver(seed=24)
             await open_market(driver, journal)
             await play(driver, journal, 100)
-            assert await old.execute_command("WAIT", 1, 5000) == 1     # the replica has all
+            # The replica has all of it (WAIT on this connection, which wrote nothing,
+            # would not wait for the journal's writes: a flaky test promoted an empty one).
+            newest = await old.xrevrange(KEYS.journal, count=1)
+            deadline = time.monotonic() + 5
+            while await promoted.xrevrange(KEYS.journal, count=1) != newest:
+                assert time.monotonic() < deadline, "the replica did not catch up"
+                await asyncio.sleep(0.02)
             await promoted.execute_command("REPLICAOF", "NO", "ONE")
             proxy.port = new.port
             if old_master == "a_replica":
@@ -979,6 +988,7 @@ def test_after_a_failover_behind_one_address_the_journal_writes_to_the_new_maste
         finally:
             await old.execute_command("REPLICAOF", "NO", "ONE")
             await old.config_set("replica-serve-stale-data", "yes")
+            await old.config_set("repl-diskless-sync-delay", 5)
             for c in (client, old, promoted):
                 await c.aclose()
             await proxy.close()
@@ -986,7 +996,8 @@ def test_after_a_failover_behind_one_address_the_journal_writes_to_the_new_maste
     try:
         run(scenario())
     finally:
-        new.stop()
+        new.kill()      # its data is not needed, and a Redis asked to stop with a replica
+        #                 syncing from it waits for that replica (30 s here)
 
 
 def test_a_batch_pipelined_behind_a_busy_one_is_written_again_after_it(

@@ -7,6 +7,7 @@ take-over by another consumer, and when the group re-delivers what was handled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import signal
@@ -22,7 +23,7 @@ import redis.asyncio as aioredis
 
 from matcher import protocol as wire
 from service.journal import trade_fields
-from service.localredis import LocalRedis
+from service.localredis import LocalRedis, free_port
 from service.platform import FillConsumer, describe
 from tests.conftest import ROOT, run
 from tests.test_journal import KEYS, Driver, connect, write_trades
@@ -126,6 +127,47 @@ def test_a_handler_that_fails_with_an_os_error_stops_the_consumer(
         assert calls == [driver.trades[0].trade_id] and consumer.handled == 0
         assert (await pending_ids(reader))[0] == driver.trades[0].trade_id
         await reader.aclose()
+    run(scenario())
+
+
+def test_the_consumer_waits_out_a_failover_and_a_redis_that_refuses_for_a_while(
+        redis_server: LocalRedis) -> None:
+    """Waiting in its blocking read when its Redis becomes a replica, the consumer is
+    answered UNBLOCKED, then READONLY; over `maxmemory`, OOM. It stopped on each (found
+    in review); it now waits them out as the journal does, and takes the fills written
+    once Redis is a master again."""
+    async def scenario() -> None:
+        driver = Driver(seed=25)
+        await write_trades(redis_server, driver, 400)
+        reader = connect(redis_server)
+        admin = connect(redis_server)
+        got: list[str] = []
+        consumer = FillConsumer(reader, lambda t: got.append(t.trade_id), KEYS,
+                                group=GROUP, consumer="c1", count=50, block_ms=2000,
+                                max_retry_delay=0.2)
+        task = asyncio.create_task(consumer.run())
+        try:
+            await wait_until(lambda: len(got) == len(driver.trades))
+            await asyncio.sleep(0.3)                      # in its blocking read
+            nowhere = str(free_port())
+            await admin.execute_command("REPLICAOF", "127.0.0.1", nowhere)
+            await asyncio.sleep(1.0)
+            await admin.execute_command("REPLICAOF", "NO", "ONE")
+            await admin.config_set("maxmemory", "1")
+            await asyncio.sleep(1.0)
+            await admin.config_set("maxmemory", "0")
+            assert not task.done(), task
+            before = len(driver.trades)
+            await write_trades(redis_server, driver, 400)
+            assert len(driver.trades) > before
+            await wait_until(lambda: len(got) == len(driver.trades) or task.done())
+            assert got == [t.trade_id for t in driver.trades] and not task.done()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await reader.aclose()
+            await admin.aclose()
     run(scenario())
 
 
