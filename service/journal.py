@@ -14,8 +14,9 @@ commit record. Atomic, so a write that succeeds lands whole; a write that fails 
 way (only when keys hold ids from another history, see WRITE_SCRIPT) journals nothing,
 and the start refuses the streams it left ahead of the journal. Explicit ids, so a
 write that may or may not have landed is checked, not repeated. A command's replies are
-released only when its write has returned. The writes go over the journal's own
-connection (`service.resp`), by the script's digest; reads for recovery use redis-py.
+released only when its write has returned. The writes, and the checks of what Redis
+holds before writing again, go over the journal's own connection (`service.resp`), the
+script by its digest; reads for recovery use redis-py.
 
 Keys share the hash tag of the engine shard (`{main}` by default), so one shard's keys
 live in one Redis Cluster slot and the script stays legal when segments are sharded
@@ -339,7 +340,7 @@ class Journal:
             raise self.error
 
     async def close(self) -> None:
-        if self._task is not None:     # it may be in a redis-py call (`_landed`)
+        if self._task is not None:     # it may be waiting for Redis (`_landed`)
             await cancel_all([self._task])
         self._conn.close()
 

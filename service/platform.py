@@ -77,18 +77,32 @@ class FillConsumer:
         self.vanished = 0                         # pending entries found trimmed away
         self._remember = remember
         self._seen: OrderedDict[str, None] = OrderedDict()   # recent trade ids, bounded
+        self._grouped = False                     # the group is known to exist
 
     @property
     def stream(self) -> str:
         return self.keys.fills
 
     async def ensure_group(self) -> None:
-        """Create the group at the start of the stream (and the stream) if missing."""
+        """Create the group at the start of the stream (and the stream) if missing: once
+        per consumer, and again only after NOGROUP (a Redis over `maxmemory` refuses the
+        create, a write, where reading and acknowledging go on; found in review)."""
+        if self._grouped:
+            return
         try:
             await self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
+            if "BUSYGROUP" not in str(exc) and not (resp.not_now(exc)
+                                                    and await self._group_exists()):
                 raise
+        self._grouped = True
+
+    async def _group_exists(self) -> bool:
+        try:
+            groups: Any = await self.client.xinfo_groups(self.stream)
+        except ResponseError:                                  # no such stream
+            return False
+        return any(g["name"] in (self.group, self.group.encode()) for g in groups)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Consume until `stop` is set; survive Redis restarts; a handler error stops it."""
@@ -129,6 +143,7 @@ class FillConsumer:
                     continue
                 if "NOGROUP" not in str(exc):
                     raise
+                self._grouped = False
                 log.warning("consumer group %r is gone (Redis lost data?); recreating it: "
                             "trades are delivered again and dropped by trade_id", self.group)
         if failed is not None:

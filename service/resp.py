@@ -7,8 +7,9 @@ idle on this VM, a journal write took 163 us that way against ~90 us for the bar
 trip. The journal makes one kind of call and owns one connection, so it speaks the
 protocol itself: a request is one `transport.write`, replies resolve futures in order
 (several requests may be in flight: Redis answers a connection in order), and a
-missing reply closes the connection after a timeout. Everything else (recovery reads,
-snapshots, the platform's consumer) stays on redis-py.
+missing reply closes the connection after a timeout. Fill pages use one of these too
+(service/history.py). Everything else (recovery reads, snapshots, the platform's
+consumer) stays on redis-py.
 
 Errors are redis-py's exception types, so callers tell transient failures (connection,
 timeout: retry) from error replies (a bug: stop) the same way everywhere.
@@ -27,6 +28,7 @@ import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 from redis.exceptions import (
+    AuthenticationError,
     BusyLoadingError,
     MasterDownError,
     OutOfMemoryError,
@@ -75,8 +77,8 @@ def wrong_node(exc: BaseException | None) -> bool:
     master is after a failover; MASTERDOWN: a replica without one; UNBLOCKED: a blocking
     read cut short as its master became a replica). The address may reach the new master
     on a new connection (a DNS name, a proxy): retrying on this one never would."""
-    # redis-py strips the code from the errors it has a class for; `last_seq` raises
-    # those again as NotNow, from the original.
+    # redis-py strips the code from the errors it has a class for (ReadOnlyError,
+    # MasterDownError); one raised again from it keeps it as its cause.
     for error in (exc, exc.__cause__ if exc is not None else None):
         if isinstance(error, ReadOnlyError | MasterDownError) or (
                 isinstance(error, NotNow | ResponseError)
@@ -119,6 +121,8 @@ def reply_error(message: str) -> Exception:
         return BusyLoadingError(message)
     if message.startswith("ERR max number of clients reached"):
         return RedisConnectionError(message)
+    if _code(message) in ("NOAUTH", "WRONGPASS"):     # redis-py: a connection that fails
+        return AuthenticationError(message)
     if _code(message) in NOT_NOW:
         return NotNow(message)
     return ResponseError(message)

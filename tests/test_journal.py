@@ -947,9 +947,9 @@ def test_after_a_failover_behind_one_address_the_journal_writes_to_the_new_maste
         redis_server: LocalRedis, tmp_path: Path, old_master: str, window: int) -> None:
     """The replica is promoted, the address moves to it, and the old master becomes a
     replica: of the new one (READONLY to writes), or of one it cannot reach, serving
-    nothing (MASTERDOWN to reads too). The journal's connections, its own and the
-    client's pool that its loss check reads through, kept asking the old node for ever;
-    they are dropped, and the retries reach the new master (found in review)."""
+    nothing (MASTERDOWN to reads too). The journal's connection, which its loss check
+    also reads through, kept asking the old node for ever; it is dropped, and the
+    retries reach the new master (found in review)."""
     new = LocalRedis(tmp_path / "new", durability="always")
     new.start()
 

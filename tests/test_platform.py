@@ -162,7 +162,24 @@ def test_the_consumer_waits_out_a_failover_and_a_redis_that_refuses_for_a_while(
             assert len(driver.trades) > before
             await wait_until(lambda: len(got) == len(driver.trades) or task.done())
             assert got == [t.trade_id for t in driver.trades] and not task.done()
+            # A consumer started while Redis is over `maxmemory` still drains the stream:
+            # creating the group is a write Redis refuses, reading and acknowledging are
+            # not (found in review).
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            before = len(driver.trades)
+            await write_trades(redis_server, driver, 400)
+            await admin.config_set("maxmemory", "1")
+            late = FillConsumer(reader, lambda t: got.append(t.trade_id), KEYS,
+                                group=GROUP, consumer="c2", count=50, block_ms=200,
+                                max_retry_delay=0.2)
+            task = asyncio.create_task(late.run())
+            await wait_until(lambda: len(got) == len(driver.trades) or task.done())
+            assert got == [t.trade_id for t in driver.trades] and len(got) > before
+            assert not task.done(), task
         finally:
+            await admin.config_set("maxmemory", "0")
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
