@@ -962,6 +962,8 @@ def test_after_a_failover_behind_one_address_the_journal_writes_to_the_new_maste
             await old.config_set("repl-diskless-sync-delay", 0)
             await promoted.execute_command("REPLICAOF", "127.0.0.1", str(redis_server.port))
             journal = Journal(client, KEYS, max_retry_delay=0.1, max_inflight=window)
+            told: list[int] = []          # the readers on other connections (fill pages)
+            journal.on_wrong_node = lambda: told.append(journal._conn.generation)
             journal.start()
             driver = Driver(seed=24)
             await open_market(driver, journal)
@@ -980,9 +982,11 @@ def test_after_a_failover_behind_one_address_the_journal_writes_to_the_new_maste
             else:
                 await old.config_set("replica-serve-stale-data", "no")
                 await old.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+            assert told == []
             futures = _append(driver, journal, 20)
             await asyncio.wait_for(asyncio.gather(*futures), 10)
             assert journal.error is None and journal.healthy
+            assert told, "the readers on other connections were not told"
             await assert_written_once(promoted, driver)
             await journal.close()
         finally:
