@@ -381,7 +381,28 @@ class Gateway:
                                      path="$.participant",
                                      message=f"{named.name} is the {named.role}: only "
                                              "funders and SMEs place orders")
+        if kind is wire.Repay and who.may(cmd):
+            return self._not_a_lender(cast("wire.Repay", cmd))
         return self._over_resting_cap(who, cmd, now)
+
+    def _not_a_lender(self, cmd: wire.Repay) -> wire.Rejected | None:
+        """A `repay` naming an id that is no funder's and never lent against the core: a
+        mistyped id, which the engine answered `exceeds_used` ("has 0 lent"), or, for a
+        total of 0, `duplicate` (found in an audit). What has lent is let through, a
+        funder removed from the directory with loans still out too: the engine judges."""
+        named = self.directory.get(cmd.funder)
+        if named is not None and named.role == "funder":
+            return None
+        if cmd.core in self.engine.lines and (
+                self.engine.credit(cmd.core, cmd.funder) != (0, 0)
+                or cmd.funder in self.engine.repaid.get(cmd.core, {})):
+            return None
+        if named is None:
+            return wire.Rejected(client_id=None, code="unknown_participant",
+                                 path="$.funder", message=f"no participant {cmd.funder}")
+        return wire.Rejected(client_id=None, code="not_a_funder", path="$.funder",
+                             message=f"{named.name} is the {named.role}: only funders "
+                                     "lend, and are repaid")
 
     def _over_resting_cap(self, who: Participant, cmd: wire.Command,
                           now: int) -> wire.Rejected | None:

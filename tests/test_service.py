@@ -486,6 +486,16 @@ BAD_INPUTS: list[tuple[str, int, str | bytes, dict[str, Any]]] = [
      {"type": "rejected", "client_id": None, "code": "exceeds_used",
       "message": "repaid_total 1 would free 1 fen, but funder 12 has 0 lent and unrepaid "
                  "against DFM (repaid_total so far: 0)", "path": "$.repaid_total"}),
+    # A mistyped id was answered as if a funder had lent nothing (found in an audit).
+    ("repay_of_no_participant", PLATFORM, json.dumps(repay(99_999, "DFM", 1)),
+     {"type": "rejected", "client_id": None, "code": "unknown_participant",
+      "message": "no participant 99999", "path": "$.funder"}),
+    ("repay_of_no_participant_total_zero", PLATFORM, json.dumps(repay(99_999, "DFM", 0)),
+     {"type": "rejected", "client_id": None, "code": "unknown_participant",
+      "message": "no participant 99999", "path": "$.funder"}),
+    ("repay_of_an_sme", PLATFORM, json.dumps(repay(SME_X, "DFM", 1)),
+     {"type": "rejected", "client_id": None, "code": "not_a_funder",
+      "message": "SME X is the sme: only funders lend", "path": "$.funder"}),
     ("repay_funder_zero", PLATFORM, json.dumps(repay(0, "DFM", 1)),
      {"type": "error", "code": "invalid", "message": ">= 1", "path": "$.funder",
       "client_id": None}),
