@@ -124,28 +124,26 @@ class FillConsumer:
                         claimed = time.monotonic()
             except _HandlerFailed as handler:
                 failed = handler.error
-            except _TRANSIENT as exc:
+            except (*_TRANSIENT, ResponseError) as exc:
+                # Redis away; or a failover (the blocking read cut short, a replica's
+                # refusal), or a Redis that says "later" (OOM, NOREPLICAS, BUSY, ...),
+                # which the journal waits out too, and the consumer stopped on (found in
+                # review); or the group gone.
+                if isinstance(exc, ResponseError) and not (resp.wrong_node(exc)
+                                                           or resp.not_now(exc)):
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    self._grouped = False
+                    log.warning("consumer group %r is gone (Redis lost data?); recreating "
+                                "it: trades are delivered again and dropped by trade_id",
+                                self.group)
+                    continue
                 log.warning("fill stream unavailable (%s: %s); retrying in %.1fs",
                             type(exc).__name__, exc, delay)
+                if resp.wrong_node(exc):
+                    await resp.reconnect_idle(self.client)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_retry_delay)
-            except ResponseError as exc:
-                # A failover (the blocking read cut short, a replica's refusal), or a Redis
-                # that says "later" (OOM, NOREPLICAS, BUSY, ...): the journal waits such
-                # answers out; so does the consumer, which stopped on them (found in review).
-                if resp.wrong_node(exc) or resp.not_now(exc):
-                    log.warning("fill stream not available now (%s); trying again in %.1fs",
-                                exc, delay)
-                    if resp.wrong_node(exc):
-                        await resp.reconnect_idle(self.client)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self.max_retry_delay)
-                    continue
-                if "NOGROUP" not in str(exc):
-                    raise
-                self._grouped = False
-                log.warning("consumer group %r is gone (Redis lost data?); recreating it: "
-                            "trades are delivered again and dropped by trade_id", self.group)
         if failed is not None:
             raise failed          # as the handler raised it, its own cause and traceback
 
