@@ -238,7 +238,10 @@ class Subscribe(_Message, tag="subscribe"):
 
 
 class Unsubscribe(_Message, tag="unsubscribe"):
-    segments: Annotated[list[SegmentId], Meta(max_length=1000)]
+    """Stop `book` updates for these segments (and, with `fills`, the platform's trades)."""
+
+    segments: Annotated[list[SegmentId], Meta(max_length=1000)] = []
+    fills: bool = False
 
 
 ClientMessage = (
@@ -429,6 +432,16 @@ class Error(_Event, tag="error"):
     ref: str | None = None
 
 
+class Subscribed(_Event, tag="subscribed"):
+    """The answer to `subscribe` with `fills`: the trade of every command after `seq`
+    comes on this connection, and of none before. Without it a platform could not tell
+    where its live feed begins, so which trades to read back from the fill stream after
+    a reconnect."""
+
+    fills: bool
+    seq: int
+
+
 class Welcome(_Event, tag="welcome"):
     """Sent once authenticated: who the connection is and what it may do."""
 
@@ -486,7 +499,7 @@ class Trade(_Event, tag="trade"):
 
 
 Event = (Accepted | Rejected | Fill | Done | Quote | BookUpdate | Status | LineUpdate
-         | SuspensionUpdate | FillPage | Error | Welcome | Trade)
+         | SuspensionUpdate | FillPage | Error | Subscribed | Welcome | Trade)
 
 json_decoder = msgspec.json.Decoder(ClientMessage)
 json_encoder = msgspec.json.Encoder()

@@ -186,7 +186,6 @@ class Connection:
         self.limits = limits
         self.segments: set[str] = set()
         self.book_seq: dict[str, int] = {}       # segment -> seq of the last book sent
-        self.fills = False
         self.closed = False
         self.dropped = False                     # as a slow consumer
         self.unsent = 0                          # bytes unsent when it was found too slow
@@ -271,6 +270,9 @@ class Gateway:
         self.connections: dict[int, set[Connection]] = {}
         self.subscribers: dict[str, set[Connection]] = {}
         self.fill_subscribers: set[Connection] = set()
+        # The last sequence number whose trades went out: a new follower of the trades
+        # gets those of every command after it.
+        self._delivered_seq = engine.seq
         self._held_batch: asyncio.Future[int] | None = None
         self._held: list[_Held] = []
         self._held_from: dict[int, int] = {}    # of `_held`, by the participant who sent it
@@ -457,6 +459,7 @@ class Gateway:
         if batch.cancelled() or batch.exception() is not None:
             self.accepting = False        # the journal is gone: acknowledge nothing more
             return
+        self._delivered_seq = batch.result()
         now = time.perf_counter()
         segments: set[str] = set()
         trades = 0
@@ -867,14 +870,16 @@ class Gateway:
                 conn.segments.discard(segment)
                 self.subscribers.get(segment, set()).discard(conn)
                 self._book_waiting.pop((conn, segment), None)
+            if msg.fills:
+                self.fill_subscribers.discard(conn)
             return
         if msg.fills:
             if conn.participant.role not in ("platform", "admin"):
                 self._error(conn, wire.Error(code="forbidden", path="$.fills",
                                              message="only the platform may follow all fills"))
                 return
-            conn.fills = True
             self.fill_subscribers.add(conn)
+            conn.send(self._encode(wire.Subscribed(fills=True, seq=self._delivered_seq)))
         # Each segment once, and not one already followed: its updates come anyway, and
         # a book built per repeat (1,000 in one message) made one message cost a
         # thousand (found in review: a few such messages stalled every client).

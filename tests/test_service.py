@@ -860,26 +860,42 @@ def test_admin_adds_a_segment_that_is_usable_at_once(server: ServerProcess) -> N
 
 
 def test_only_platform_and_admin_may_subscribe_to_fills(server: ServerProcess) -> None:
+    """The answer to a subscription says from which command on the trades come live;
+    `unsubscribe` with `fills` stops them."""
     async def scenario() -> tuple[Any, ...]:
         async with sessions(server, PLATFORM, ADMIN, F11, SME_X) as clients:
             platform, admin, f11, sme = clients
             refused_funder = await f11.command({"type": "subscribe", "fills": True})
             refused_sme = await sme.command({"type": "subscribe", "fills": True})
-            await platform.send({"type": "subscribe", "fills": True})
-            await admin.send({"type": "subscribe", "fills": True})
             await f11.ok(line("DFM"))
+            before = await f11.ok(bid("b0", "DFM-30D", 250, 100_000))
+            await sme.ok(ask("a0", "DFM-30D", 100_000))        # a trade before it
+            for client in (f11, sme):
+                await client.expect("fill")
+                await client.expect("done")
+            following = [await platform.command({"type": "subscribe", "fills": True}),
+                         await admin.command({"type": "subscribe", "fills": True})]
             await f11.ok(bid("b1", "DFM-30D", 250, 1_000_000))
             await sme.ok(ask("a1", "DFM-30D", 400_000))
             f11_got = [await f11.recv()]
             trades = [await platform.recv(), await admin.recv()]
+            await sme.expect("fill")
+            await sme.expect("done")
+            await admin.send({"type": "unsubscribe", "fills": True})
+            await sme.ok(ask("a2", "DFM-30D", 1_000))
+            after = await platform.recv()
             extra = await f11.quiet() + await platform.quiet() + await admin.quiet()
-            return refused_funder, refused_sme, f11_got, trades, extra
+            return (refused_funder, refused_sme, before, following, f11_got, trades, after,
+                    extra)
 
-    refused_funder, refused_sme, f11_got, trades, extra = run(scenario())
+    refused_funder, refused_sme, before, following, f11_got, trades, after, extra = run(
+        scenario())
     forbidden = {"type": "error", "code": "forbidden",
                  "message": "only the platform may follow all fills", "path": "$.fills",
                  "client_id": None, "ref": None}
     assert refused_funder == forbidden and refused_sme == forbidden
+    # The ask a0 (the command after the bid b0) and its trade came before: seq says so.
+    assert following == [{"type": "subscribed", "fills": True, "seq": before["seq"] + 1}] * 2
     fill = f11_got[0]
     trade = {"type": "trade", "trade_id": fill["trade_id"], "seq": fill["seq"],
              "ts": fill["ts"], "segment": "DFM-30D", "core": "DFM", "tenor_days": 30,
@@ -887,7 +903,8 @@ def test_only_platform_and_admin_may_subscribe_to_fills(server: ServerProcess) -
              "ask_order_id": fill["seq"], "bid_client_id": "b1", "ask_client_id": "a1",
              "rate_bps": 250, "amount": 400_000}
     assert trades == [trade, trade]
-    assert extra == []
+    assert (after["type"], after["ask_client_id"]) == ("trade", "a2")
+    assert [(m["type"], m.get("ask_client_id")) for m in extra] == [("fill", None)]
 
 
 def get_fills(server: ServerProcess, query: str, bearer: str | None) -> tuple[int, Any]:
