@@ -432,6 +432,18 @@ class Error(_Event, tag="error"):
     ref: str | None = None
 
 
+class Unconfirmed(_Event, tag="unconfirmed"):
+    """In place of the `accepted` or `rejected` of a command when the journal stopped
+    before the write holding it (or one before it) returned: it may or may not survive
+    the restart. The sender sends it again with the same `client_id` once the gateway is
+    back and gets the original answer, or a fresh one. A type of its own, not an
+    `error`: an `error` says nothing changed, and a client that takes this one for a
+    refusal and sends the order afresh, under a new client id, could borrow twice."""
+
+    client_id: str | None
+    message: str
+
+
 class Subscribed(_Event, tag="subscribed"):
     """The answer to `subscribe` with `fills`: the trade of every command after `seq`
     comes on this connection, and of none before. Without it a platform could not tell
@@ -499,7 +511,8 @@ class Trade(_Event, tag="trade"):
 
 
 Event = (Accepted | Rejected | Fill | Done | Quote | BookUpdate | Status | LineUpdate
-         | SuspensionUpdate | FillPage | Error | Subscribed | Welcome | Trade)
+         | SuspensionUpdate | FillPage | Error | Unconfirmed | Subscribed | Welcome
+         | Trade)
 
 json_decoder = msgspec.json.Decoder(ClientMessage)
 json_encoder = msgspec.json.Encoder()

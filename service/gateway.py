@@ -458,6 +458,7 @@ class Gateway:
             self._held_batch = None
         if batch.cancelled() or batch.exception() is not None:
             self.accepting = False        # the journal is gone: acknowledge nothing more
+            self._unconfirmed(held)
             return
         self._delivered_seq = batch.result()
         now = time.perf_counter()
@@ -485,16 +486,31 @@ class Gateway:
         for participant, event in out.replies:
             if type(event) is wire.Rejected:   # not isinstance: 150 ns on msgspec's types
                 self.metrics.reject(event.code)
-            if _unnamed_answer(event):
-                if conn is not None and participant == conn.participant.id:
-                    conn.send(self._encode(event))
-            else:
-                self._reply_now(participant, event, conn)
+            self._route(participant, event, conn)
         if out.trades and self.fill_subscribers:
             for trade in out.trades:
                 data = self._encode(trade)
                 for c in self.fill_subscribers:
                     c.send(data)
+
+    def _route(self, participant: int, event: wire.Event, conn: Connection | None) -> None:
+        if _unnamed_answer(event):
+            if conn is not None and participant == conn.participant.id:
+                conn.send(self._encode(event))
+        else:
+            self._reply_now(participant, event, conn)
+
+    def _unconfirmed(self, held: list[_Held]) -> None:
+        """The journal stopped before these commands' write returned: whether they
+        survive a restart is unknown, so each answer becomes an `unconfirmed`, sent
+        where the answer would have gone. Silence left a client waiting on a command
+        it could only give up on (ADR 6)."""
+        for out, _received, conn in held:
+            for participant, event in out.replies:
+                if type(event) in _ANSWERS:
+                    self._route(participant, wire.Unconfirmed(
+                        client_id=event.client_id,    # type: ignore[union-attr]
+                        message=_UNCONFIRMED), conn)
 
     def _reply_now(self, participant: int, event: wire.Event, conn: Connection | None) -> None:
         """To every connection of the participant (a system command has none)."""
@@ -907,7 +923,10 @@ class Gateway:
                 await task
 
 
-_ANSWERS = (wire.Accepted, wire.Rejected)
+#: A command's answers: each goes where its client id says (ADR 27).
+_ANSWERS = (wire.Accepted, wire.Rejected, wire.Unconfirmed)
+_UNCONFIRMED = ("the journal stopped before this command was known to be written: send "
+                "it again with the same client_id once the gateway is back")
 _ORDERS = (wire.Bid, wire.Ask)
 #: The messages answered at once, by their handler; every other is a command.
 _READS: dict[type, Callable[[Gateway, Connection, Any], None]] = {

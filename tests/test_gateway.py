@@ -295,6 +295,36 @@ def test_no_book_is_sent_once_the_journal_has_stopped() -> None:
     assert run(scenario()) == []
 
 
+def test_commands_in_flight_when_the_journal_stops_are_answered_unconfirmed() -> None:
+    """The write holding them failed and the journal stopped: whether they survive a
+    restart is unknown. Each answer becomes an `unconfirmed`, sent where it would have
+    gone (one naming a client id to every connection of its sender, one without only
+    to the connection that sent it); nothing is `accepted`. A rejection read from the
+    state that was not written is unconfirmed too."""
+    async def scenario() -> tuple[list[wire.Event], list[wire.Event], list[wire.Event]]:
+        gateway, journal, f, s = await _funder_and_sme()
+        segment = SEGMENTS[0]
+        f2 = gateway.attach(None, _Transport(), PEOPLE[0])   # the funder's second
+        await _turns()
+        seen, seen2, sme = _watch(f), _watch(f2), _watch(s)
+        gateway.handle(f, _line(segment.core), 0.0)
+        gateway.handle(f, _bid(segment.id, 1), 0.0)
+        gateway.handle(f, _bid(segment.id, 1), 0.0)    # a retry, answered from that state
+        journal._window.append(journal._take())
+        journal._stop(RuntimeError("GAP: the journal does not end where it follows"))
+        await _turns()
+        return _events(seen), _events(seen2), _events(sme)
+
+    first, second, sme = run(scenario())
+    unconfirmed = [(type(e).__name__, getattr(e, "client_id", None)) for e in first]
+    assert unconfirmed == [("Unconfirmed", None), ("Unconfirmed", "b1"),
+                           ("Unconfirmed", "b1")]
+    assert [(type(e).__name__, getattr(e, "client_id", None)) for e in second] == [
+        ("Unconfirmed", "b1"), ("Unconfirmed", "b1")]
+    assert "same client_id" in first[0].message    # type: ignore[union-attr]
+    assert sme == []
+
+
 def test_books_held_for_the_journal_stay_bounded() -> None:
     """While a write is out, each `subscribe` builds a book per segment that waits for
     it. A client repeating it must not grow what is held: one waits per connection and
