@@ -113,6 +113,7 @@ class Service:
         self._fills_budgets = Budgets(limits.rate, limits.burst)    # per key
         self._quote_budgets = Budgets(limits.rate, limits.burst)    # per address
         self._proxies = forwarded.networks(config.server.trusted_proxies)
+        self._forwarded_header = config.server.forwarded_header    # the header they append to
 
     # --- lifecycle ---
 
@@ -596,13 +597,15 @@ class Service:
     async def _segments(self, request: web.Request) -> web.Response:
         gw = self.gateway
         assert gw is not None
-        if not self._quote_budgets.allow(forwarded.budget_key(self._client(request))):
+        address = forwarded.budget_key(self._client(request))
+        if not self._quote_budgets.allow(address):
             return self._rate_limited("this address")      # no key: the quote's budget
         bad = _unknown_parameter(request, ())
         if bad is not None:
             return self._refused(400, bad)
         if gw.journal.error is not None:
             return self._refused(503, gw.unwritten())
+        self._quote_budgets.owe(address, gw.book_cost(gw.engine.segments))
         out = []
         for seg_id in sorted(gw.engine.segments):
             seg = gw.engine.segments[seg_id]
@@ -615,7 +618,8 @@ class Service:
     async def _rest_quote(self, request: web.Request) -> web.Response:
         gw = self.gateway
         assert gw is not None
-        if not self._quote_budgets.allow(forwarded.budget_key(self._client(request))):
+        address = forwarded.budget_key(self._client(request))
+        if not self._quote_budgets.allow(address):
             return self._rate_limited("this address")
         if gw.journal.error is not None:
             return self._refused(503, gw.unwritten())
@@ -637,13 +641,15 @@ class Service:
         except msgspec.ValidationError as exc:
             return self._refused(400, decode_error(exc, b""))
         self.metrics.quotes += 1
+        self._quote_budgets.owe(address, gw.book_cost((segment,)))
         return web.Response(body=wire.json_encoder.encode(gw.engine.quote(req)),
                             content_type="application/json")
 
     def _client(self, request: web.Request) -> str | None:
         """The client's address, behind the proxies we trust (ADR 22)."""
+        header = self._forwarded_header        # header names are case-insensitive
         return forwarded.client_address(
-            request.remote, request.headers.getall("X-Forwarded-For", ()), self._proxies)
+            request.remote, request.headers.getall(header, ()), self._proxies, header)
 
     def _rate_limited(self, whose: str) -> web.Response:
         return self._refused(429, wire.Error(

@@ -23,6 +23,7 @@ from matcher.engine import Segment
 from matcher.participants import Participant, hash_key
 from matcher.protocol import NewId, Role, error_path
 from matcher.types import MAX_RESTING
+from service.forwarded import Header as ForwardedHeader
 
 Durability = Literal["always", "everysec", "no"]
 
@@ -44,12 +45,17 @@ class ServerConfig(_Section):
     # A WebSocket ping after this long without a message; no pong within half of it and
     # the connection is closed (and a funder's bids cancelled): how soon a dead peer shows.
     heartbeat_s: Annotated[float, Meta(gt=0)] = 30.0
-    # Reverse proxies whose X-Forwarded-For is believed: their own addresses (or a
+    # Reverse proxies whose `forwarded_header` is believed: their own addresses (or a
     # network only they use, not one their clients are in, who could forge the header).
     # Behind them the client's address is the last one they did not add, so that
     # per-address limits are per client, not per proxy (service/forwarded.py).
     # In the environment: comma-separated.
     trusted_proxies: list[str] = []
+    # The header those proxies append the client's address to: "x-forwarded-for" or
+    # "forwarded" (RFC 7239's `for=`). One, never both: a proxy that appends to one passes
+    # the other on as the client wrote it, and reading it would let the client choose
+    # its address (ADR 22, addendum).
+    forwarded_header: ForwardedHeader = "x-forwarded-for"
     # A scrape of /metrics within this long of the one before gets the same text: making
     # it takes the event loop a few ms with thousands of connections, and /metrics takes
     # no key. 0: every scrape reads afresh.

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, cast
@@ -107,6 +107,10 @@ def frame(payload: bytes) -> bytes:
 
 #: A `status` costs a message of the rate limit more for every this many orders it lists.
 STATUS_ORDERS_PER_TOKEN = 25
+#: A read of a segment's book (a quote, a book sent on `subscribe`, the segment list)
+#: costs a message more for every this many orders resting in it: the most it can walk,
+#: about 40 ns an order, so a token pays for about what a command costs.
+BOOK_ORDERS_PER_TOKEN = 500
 
 
 class TokenBucket:
@@ -162,6 +166,12 @@ class Budgets:
                 self.buckets = dict(kept[newest:])
             bucket = self.buckets[key] = TokenBucket(self.rate, self.burst)
         return bucket(cost)
+
+    def owe(self, key: Hashable, cost: float) -> None:
+        """`TokenBucket.owe` for the key `allow` has just let through."""
+        bucket = self.buckets.get(key)
+        if bucket is not None:
+            bucket.owe(cost)
 
 
 class Connection:
@@ -795,7 +805,19 @@ class Gateway:
                                          message=f"no segment {req.segment!r}", path="$.segment"))
             return
         self.metrics.quotes += 1
+        conn.allow.owe(self.book_cost((req.segment,)))
         conn.send(self._encode(self.engine.quote(req)))
+
+    def book_cost(self, segments: Iterable[str]) -> float:
+        """What reading these books costs beyond the message's own token: a quote (or a
+        book's depth) walks the bids until it has the amount, past those whose funder's
+        line is used up, so one of a segment with 100,000 orders resting took 5 ms;
+        at one token each, a burst of them (over HTTP, anyone's) stalled every client
+        for seconds (found in an audit). Bounded by the orders resting, known before the
+        walk and the same whatever the client asks: a token more for every
+        `BOOK_ORDERS_PER_TOKEN`, owed like a `status`'s."""
+        books = self.engine.books
+        return sum(len(books[s]) for s in segments) / BOOK_ORDERS_PER_TOKEN
 
     def _fills(self, conn: Connection, req: wire.FillsRequest) -> None:
         """Answered when Redis has read the page: the connection's later messages need
@@ -898,10 +920,13 @@ class Gateway:
             conn.send(self._encode(wire.Subscribed(fills=True, seq=self._delivered_seq)))
         # Each segment once, and not one already followed: its updates come anyway, and
         # a book built per repeat (1,000 in one message) made one message cost a
-        # thousand (found in review: a few such messages stalled every client).
-        for segment in dict.fromkeys(msg.segments):
-            if segment in conn.segments:
-                continue
+        # thousand (found in review: a few such messages stalled every client). Each
+        # book built costs a message, and its walk (`book_cost`): else a `subscribe` to
+        # every segment and an `unsubscribe`, over and over, built them all for two.
+        new = [s for s in dict.fromkeys(msg.segments) if s not in conn.segments]
+        if new:
+            conn.allow.owe(len(new) - 1 + self.book_cost(new))
+        for segment in new:
             conn.segments.add(segment)
             self.subscribers.setdefault(segment, set()).add(conn)
             self._send_book(segment, conn)

@@ -878,6 +878,55 @@ def test_a_status_costs_a_message_more_for_every_25_orders_it_lists() -> None:
     assert [e.code for e in errors] == ["rate_limited"] * 4
 
 
+def _reads(resting: int, burst: int, *messages: bytes) -> list[wire.Event]:
+    """What an SME hears for `messages` sent at once, with `resting` bids of a funder in
+    the first segment, a burst of `burst` and next to no refill."""
+    async def scenario() -> list[wire.Event]:
+        funder, sme = PEOPLE[0], PEOPLE[-1]
+        gateway, journal, [conn] = _gateway_with(sme, burst=burst, rate=0.001)
+        _resting(gateway, journal, funder, resting)
+        await _turns()
+        sent = _watch(conn)
+        for message in messages:
+            gateway.handle(conn, message, 0.0)
+        await _turns()
+        return _events(sent)
+    return run(scenario())
+
+
+def test_a_quote_costs_a_message_more_for_every_500_orders_resting_in_its_segment() -> None:
+    """A quote for all a book can lend walks every bid: 5 ms with 100,000 resting, and at
+    one token each a burst of them (over HTTP, anyone's) stalled every client for
+    seconds (found in an audit)."""
+    segment = sorted(SEGMENTS, key=lambda s: s.id)[0].id
+    quote = b'{"type":"quote","segment":"%s","amount":1000000000000}' % segment.encode()
+    # 1,000 resting: 3 tokens each; with 10, four pass (the fourth into debt).
+    events = _reads(1_000, 10, *[quote] * 6)
+    assert [type(e).__name__ for e in events] == ["Quote"] * 4 + ["Error"] * 2
+    assert events[0].fillable == 1_000_000 and events[-1].code == "rate_limited"
+    # An empty book costs the message alone.
+    other = sorted(SEGMENTS, key=lambda s: s.id)[1].id
+    empty = b'{"type":"quote","segment":"%s","amount":1000000000000}' % other.encode()
+    assert [type(e).__name__ for e in _reads(1_000, 10, *[empty] * 6)] == (
+        ["Quote"] * 6)
+
+
+def test_each_book_a_subscribe_builds_costs_a_message_and_its_walk() -> None:
+    """Subscribing to every segment and unsubscribing, over and over, built every book
+    for two messages."""
+    ids = sorted(s.id for s in SEGMENTS)
+    subscribe = _subscribe(*ids)
+    unsubscribe = b'{"type":"unsubscribe","segments":[%s]}' % b",".join(
+        b'"%s"' % s.encode() for s in ids)
+    # 1 + (segments - 1) + 1,000 / 500 for the subscribe, 1 for the unsubscribe.
+    cost = len(ids) + 2 + 1
+    burst = 3 * cost
+    events = _reads(1_000, burst, *[subscribe, unsubscribe] * 4)
+    books = [e for e in events if isinstance(e, wire.BookUpdate)]
+    assert len(books) == 3 * len(ids)
+    assert [e.code for e in events if isinstance(e, wire.Error)] == ["rate_limited"] * 2
+
+
 class _ClosingSocket:
     """Stands in for aiohttp's WebSocketResponse where only its close is used."""
 

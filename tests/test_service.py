@@ -2682,6 +2682,32 @@ def test_one_key_has_at_most_connections_per_participant_open(
     assert run(scenario()) == (4429, "welcome")
 
 
+def test_http_book_reads_cost_a_token_more_for_every_500_orders_resting(
+        start_server: Callable[..., ServerProcess]) -> None:
+    """A quote walks the bids (5 ms with 100,000 resting), and needs no key: at one
+    token each, one address's burst stalled every client for seconds (found in an
+    audit). With 1,000 bids resting a quote costs 3 tokens, and so does the segment
+    list (every segment's orders): a budget of 60 pays for 20 reads, not 60."""
+    server = start_server(rate=0.001, burst=1_100)
+
+    async def scenario() -> list[int]:
+        async with session(server, F11) as f11:      # open: its bids stay
+            await f11.ok(line("DFM", 10**12))
+            for i in range(1_000):
+                await f11.send(bid(f"r{i}", "DFM-90D", 250, 1_000, tif="gtc"))
+            for _ in range(1_000):
+                assert (await f11.recv())["type"] == "accepted"
+            path = "/v1/segments/DFM-90D/quote?amount=1000000000000"
+            return await asyncio.to_thread(lambda: [
+                server.get(path)[0] for _ in range(366)] + [
+                server.get("/v1/segments")[0] for _ in range(3)] + [
+                server.get("/v1/segments/DFM-30D/quote?amount=1")[0]])
+
+    # 1,100 tokens: 366 quotes leave 2, the segment list takes 3 (into debt), then 429,
+    # also for a quote of an empty book.
+    assert run(scenario()) == [200] * 367 + [429] * 3
+
+
 def test_the_segment_list_shares_the_quotes_budget_per_address(
         start_server: Callable[..., ServerProcess]) -> None:
     """`GET /v1/segments` needs no key and had no budget at all (found in review: 4,874
