@@ -23,9 +23,10 @@ from cpython cimport array
 from libc.stdint cimport INT64_MAX, int32_t, int64_t, uint8_t
 from libc.string cimport memcpy, memmove
 
-from matcher._idmap cimport IdMap, idmap_del, idmap_free, idmap_get, idmap_put
+from matcher._idmap cimport IdMap, idmap_alloc, idmap_del, idmap_free, idmap_get, idmap_put
 
 import array as _array_module
+from operator import length_hint
 
 from matcher.types import MAX_AMOUNT, MAX_LINE, BatchError, Fill, Order, OrderError, Quote
 
@@ -116,6 +117,14 @@ cdef int _grow(void** p, Py_ssize_t* cap, Py_ssize_t need, size_t item) except -
     p[0] = q
     cap[0] = new_cap
     return 0
+
+
+cdef inline Py_ssize_t _map_cap(Py_ssize_t n) noexcept:
+    """The capacity at which an IdMap holds `n` keys without growing (it grows at half)."""
+    cdef Py_ssize_t cap = 8
+    while cap < 2 * n + 2:
+        cap *= 2
+    return cap
 
 
 cdef inline int _plan_push(int32_t slot, int64_t qty) except -1:
@@ -979,18 +988,58 @@ cdef class Book:
         return out
 
     def restore(self, orders) -> None:
-        """Append resting orders (as from `orders()`) at the back of their levels, unmatched."""
+        """Append resting orders (as from `orders()`) at the back of their levels, unmatched,
+        all or none: every order is checked (fields, an id already resting or given twice)
+        and staged before the first goes in, so a refusal leaves the book as it was."""
+        cdef COrder* staged = NULL
+        cdef Py_ssize_t hint, cap = 0, n = 0, done = 0
+        cdef IdMap given            # the ids staged so far, used as a set
+        cdef COrder* o
         cdef int64_t oid
-        for order in orders:
-            oid = _int_in(order.order_id, 0, INT64_MAX, "order_id")
-            if idmap_get(&self.ids, oid) >= 0:
-                raise OrderError("order_id", "duplicate", f"{oid} is already resting")
-            self._rest(oid, BID if order.side == "bid" else ASK,
-                       _int_in(order.owner, 0, INT64_MAX, "owner"),
-                       <int32_t>_int_in(order.rate_bps, 0, self.cap, "rate_bps"),
-                       _int_in(order.remaining, 1, C_MAX_AMOUNT, "remaining"),
-                       _int_in(order.min_ticket, 0, C_MAX_AMOUNT, "min_ticket"),
-                       _tif_code(order.tif), bool(order.single_funder))
+        given.cells = NULL
+        given.cap = 0
+        given.size = 0
+        try:
+            # One pass of checks, reading each order once (`orders` may be a generator).
+            hint = length_hint(orders)
+            if hint:
+                _grow(<void**>&staged, &cap, hint, sizeof(COrder))
+                idmap_alloc(&given, _map_cap(hint))
+            for order in orders:
+                oid = _int_in(order.order_id, 0, INT64_MAX, "order_id")
+                if idmap_get(&self.ids, oid) >= 0:
+                    raise OrderError("order_id", "duplicate", f"{oid} is already resting")
+                if idmap_get(&given, oid) >= 0:
+                    raise OrderError("order_id", "duplicate", f"{oid} is given twice")
+                idmap_put(&given, oid, 0)
+                if n == cap:
+                    _grow(<void**>&staged, &cap, n + 1, sizeof(COrder))
+                o = &staged[n]
+                o.id = oid
+                o.side = BID if order.side == "bid" else ASK
+                o.owner = _int_in(order.owner, 0, INT64_MAX, "owner")
+                o.rate = <int32_t>_int_in(order.rate_bps, 0, self.cap, "rate_bps")
+                o.remaining = _int_in(order.remaining, 1, C_MAX_AMOUNT, "remaining")
+                o.min_ticket = _int_in(order.min_ticket, 0, C_MAX_AMOUNT, "min_ticket")
+                o.tif = <uint8_t>_tif_code(order.tif)
+                o.single = bool(order.single_funder)
+                n += 1
+            # One pass of inserts; only memory can run out here, and then the orders
+            # already in are taken out again.
+            try:
+                while done < n:
+                    o = &staged[done]
+                    self._rest(o.id, o.side, o.owner, o.rate, o.remaining, o.min_ticket,
+                               o.tif, o.single)
+                    done += 1
+            except MemoryError:
+                while done > 0:
+                    done -= 1
+                    self._cancel(staged[done].id)
+                raise
+        finally:
+            PyMem_RawFree(staged)
+            idmap_free(&given)
 
     def __len__(self) -> int:
         return self.resting

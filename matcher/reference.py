@@ -433,17 +433,24 @@ class Book:
         return out
 
     def restore(self, orders: Iterable[Order]) -> None:
-        """Append resting orders (as from ``orders()``) at the back of their levels,
-        checked as the compiled book checks them (one with nothing remaining, or over
-        the cap, is refused)."""
+        """Append resting orders (as from ``orders()``) at the back of their levels, all
+        or none: every order is checked as the compiled book checks it (one with nothing
+        remaining, over the cap, or with an id already resting or given twice is
+        refused) before the first goes in, so a refusal changes nothing."""
+        staged: dict[int, _Rec] = {}  # order_id -> record; keeps the given order
         for o in orders:
-            self._check_new_id(self._check_id(o.order_id))
-            self._insert(_Rec(o.order_id, "bid" if o.side == "bid" else "ask",
-                              _check_int("owner", o.owner, 0, MAX_ID),
-                              _check_int("rate_bps", o.rate_bps, 0, self.rate_cap_bps),
-                              _check_int("remaining", o.remaining, 1, MAX_AMOUNT),
-                              _check_int("min_ticket", o.min_ticket, 0, MAX_AMOUNT),
-                              _check_tif(o.tif), bool(o.single_funder)))
+            oid = self._check_id(o.order_id)
+            self._check_new_id(oid)
+            if oid in staged:
+                raise OrderError("order_id", "duplicate", f"{oid} is given twice")
+            staged[oid] = _Rec(oid, "bid" if o.side == "bid" else "ask",
+                               _check_int("owner", o.owner, 0, MAX_ID),
+                               _check_int("rate_bps", o.rate_bps, 0, self.rate_cap_bps),
+                               _check_int("remaining", o.remaining, 1, MAX_AMOUNT),
+                               _check_int("min_ticket", o.min_ticket, 0, MAX_AMOUNT),
+                               _check_tif(o.tif), bool(o.single_funder))
+        for rec in staged.values():
+            self._insert(rec)
 
     def expire_day(self) -> list[int]:
         """End of day: ``day`` orders lapse; sorted ids make the result deterministic."""

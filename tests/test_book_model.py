@@ -331,3 +331,116 @@ def test_both_books_refuse_the_same_calls_outside_the_engines_inputs(name: str,
     never calls (it took a cap of 2,000,000, restored an order with nothing remaining,
     and answered None to a string id; found in review)."""
     assert _outcome(lambda: call(reference.Book)) == _outcome(lambda: call(matcher.Book))
+
+
+# --- restore: all or none ------------------------------------------------------------
+
+BOOKS = pytest.mark.parametrize("book_type", [matcher.Book, reference.Book],
+                                ids=["core", "reference"])
+
+
+def _order(order_id: int, **kw: Any) -> Order:
+    fields = dict(order_id=order_id, side="bid", owner=7, rate_bps=255, remaining=20,
+                  min_ticket=0, tif="gtc", single_funder=False)
+    return Order(**{**fields, **kw})
+
+
+def _market(book_type: Any) -> Any:
+    """A book with two bid levels and an ask resting below them."""
+    book = book_type(rate_cap_bps=CAP)
+    book.bid(1, 5, 250, 100)
+    book.bid(2, 6, 260, 50, min_ticket=10, tif="day")
+    book.ask(3, 11, 240, 30, tif="gtc")
+    return book
+
+
+def _state(book: Any) -> tuple[Any, ...]:
+    return book.orders(), len(book), book.depth(100), book.demand()
+
+
+#: Good orders, then the one that is refused; the error names the same field in both books.
+REFUSED_RESTORES = {
+    "nothing remaining": (_order(12, remaining=0), ("remaining", "out_of_range")),
+    "over the cap": (_order(12, rate_bps=CAP + 1), ("rate_bps", "out_of_range")),
+    "an unknown tif": (_order(12, tif="gfd"), ("tif", "bad_tif")),
+    "an id already resting": (_order(2, rate_bps=245), ("order_id", "duplicate")),
+    "an id given twice": (_order(10, rate_bps=245), ("order_id", "duplicate")),
+}
+
+
+@BOOKS
+@pytest.mark.parametrize("last", list(REFUSED_RESTORES), ids=list(REFUSED_RESTORES))
+def test_a_restore_refused_at_its_last_order_changes_nothing(book_type: Any, last: str) -> None:
+    bad, error = REFUSED_RESTORES[last]
+    book = _market(book_type)
+    before = _state(book)
+    good = [_order(10), _order(11, side="ask", owner=12, rate_bps=230)]
+    with pytest.raises(OrderError) as refused:
+        book.restore([*good, bad])
+    assert (refused.value.field, refused.value.reason) == error
+    assert _state(book) == before
+
+
+@BOOKS
+def test_a_restore_from_a_generator_is_checked_whole_before_anything_goes_in(
+        book_type: Any) -> None:
+    book = _market(book_type)
+    before = _state(book)
+    with pytest.raises(OrderError, match="remaining"):
+        book.restore(o for o in [_order(10), _order(11), _order(12, remaining=0)])
+    assert _state(book) == before
+    book.restore(o for o in [_order(10), _order(11)])
+    assert [o.order_id for o in book.orders()] == [1, 10, 11, 2, 3]   # lowest rate first
+
+
+@BOOKS
+def test_a_refused_credit_restore_leaves_the_line_as_it_was(book_type: Any) -> None:
+    lines = matcher.CreditLines() if book_type is matcher.Book else reference.CreditLines()
+    lines.set(7, 1_000)
+    with pytest.raises(OrderError, match="used"):
+        lines.restore(7, 5_000, -1)
+    assert lines.get(7) == (1_000, 0)
+
+
+@st.composite
+def restores(draw: st.DrawFn) -> list[Order]:
+    """Orders to restore over a book built by `commands`: mostly fresh ids (from a few, so
+    some repeat), now and then one already resting, now and then a bad field."""
+    out: list[Order] = []
+    for _ in range(draw(st.integers(min_value=0, max_value=8))):
+        order_id = draw(st.one_of(st.integers(100, 112), st.integers(100, 112),
+                                  st.integers(0, 59)))
+        order = _order(order_id, side=draw(st.sampled_from(["bid", "ask"])),
+                       owner=draw(st.integers(0, 13)), rate_bps=draw(RATES),
+                       remaining=draw(AMOUNTS), tif=draw(st.sampled_from(["gtc", "day"])))
+        flaw = draw(st.sampled_from([None] * 12 + ["remaining", "rate", "tif", "owner"]))
+        if flaw == "remaining":
+            order = order._replace(remaining=0)
+        elif flaw == "rate":
+            order = order._replace(rate_bps=CAP + 1)
+        elif flaw == "tif":
+            order = order._replace(tif="gtd")
+        elif flaw == "owner":
+            order = order._replace(owner=-1)
+        out.append(order)
+    return out
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(commands(), restores())
+def test_restore_is_all_or_none_and_both_books_agree(cmds: list[tuple[Any, ...]],
+                                                     orders: list[Order]) -> None:
+    core = matcher.Book(rate_cap_bps=CAP)
+    ref = reference.Book(rate_cap_bps=CAP)
+    for cmd in cmds:
+        run(core, cmd)
+        run(ref, cmd)
+    before = _state(ref)
+    got = _outcome(lambda: core.restore(iter(orders)))
+    want = _outcome(lambda: ref.restore(orders))
+    assert got == want
+    assert _state(core) == _state(ref)
+    if want[0] == "refused":
+        assert _state(ref) == before
+    else:
+        assert len(ref) == before[1] + len(orders)
