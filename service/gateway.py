@@ -316,16 +316,18 @@ class Gateway:
         keeps sending them would otherwise grow that list without bound.
         """
         limit = self.limits.journal_backlog
-        if not self.accepting or (conn is not None and (
+        # The journal's own error too: it stops a loop turn before `accepting` learns
+        # of it, and commands taken meanwhile could never be written (found in review).
+        if not self.accepting or self.journal.error is not None or (conn is not None and (
                 self.journal.backlog >= limit
                 or (self._held_batch is not None and (
                     len(self._held) >= limit
                     # A tenth each (100 at least): one client's answers cannot fill
                     # it for everyone.
                     or self._held_from.get(who.id, 0) >= max(100, limit // 10))))):
-            why = ("journal backlog is full" if self.accepting
-                   else "the journal has stopped (see the server's log)"
-                   if self.journal.error is not None else "shutting down")
+            why = ("the journal has stopped (see the server's log)"
+                   if self.journal.error is not None
+                   else "journal backlog is full" if self.accepting else "shutting down")
             self._refuse(who, conn, wire.Rejected(
                 client_id=getattr(cmd, "client_id", None), code="unavailable",
                 message=f"not accepting commands: {why}"))
@@ -916,6 +918,9 @@ class Gateway:
                 self._error(conn, wire.Error(code="forbidden", path="$.fills",
                                              message="only the platform may follow all fills"))
                 return
+            if self.journal.error is not None:      # no trade will come: say so
+                self._error(conn, self.unwritten())
+                return
             self.fill_subscribers.add(conn)
             conn.send(self._encode(wire.Subscribed(fills=True, seq=self._delivered_seq)))
         # Each segment once, and not one already followed: its updates come anyway, and
@@ -950,8 +955,9 @@ class Gateway:
 
 #: A command's answers: each goes where its client id says (ADR 27).
 _ANSWERS = (wire.Accepted, wire.Rejected, wire.Unconfirmed)
-_UNCONFIRMED = ("the journal stopped before this command was known to be written: send "
-                "it again with the same client_id once the gateway is back")
+_UNCONFIRMED = ("the journal stopped before this command was known to be written: once "
+                "the gateway is back, read status and fills to see whether it took effect "
+                "before sending it again")
 _ORDERS = (wire.Bid, wire.Ask)
 #: The messages answered at once, by their handler; every other is a command.
 _READS: dict[type, Callable[[Gateway, Connection, Any], None]] = {

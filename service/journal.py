@@ -417,9 +417,11 @@ class Journal:
         while (self._durable is not None and len(self._window) < self.max_inflight
                and not self._recovering and self.error is None and self._ready()):
             batch = self._take()
+            # In the window before it is sent: if the send raises (a bug), `_stop` fails
+            # it with the rest, and its commands are answered (`unconfirmed`).
+            self._window.append(batch)
             batch.sent = time.perf_counter()
             batch.reply = self._send(batch)
-            self._window.append(batch)
 
     def _settle(self) -> None:
         """Replies come in order; each settles the oldest batch in the window. Called by

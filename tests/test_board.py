@@ -1198,3 +1198,45 @@ def test_a_refusal_ahead_of_an_earlier_answer_is_pinned_on_the_latest_command(
     page.click("#cancel-all")
     expect(page.locator("#orders-msg")).to_contain_text("Rejected (rate_limited)")
     expect(page.locator("#line-msg")).to_have_text("Line against DFM set to 2,000,000.00 CNY.")
+
+
+def test_a_command_left_unconfirmed_by_a_stopped_journal_says_so(
+        new_page: Callable[..., Page], server: ServerProcess,
+        clients: Callable[[int], WsClient]) -> None:
+    """When the journal stops for good, the commands it had not written are answered
+    `unconfirmed`: the page's note says so instead of waiting for ever, a named one
+    (a bid) and one without a client id (a line) alike, and nothing is sent again."""
+    sent: list[str] = []
+
+    def route(ws: WebSocketRoute) -> None:
+        server_ws = ws.connect_to_server()
+
+        def outgoing(message: str | bytes) -> None:
+            msg = json.loads(message)
+            sent.append(msg["type"])
+            if msg["type"] in ("bid", "set_credit_line") and msg.get("amount") != 1_000_000_00:
+                ws.send(json.dumps({"type": "unconfirmed", "client_id": msg.get("client_id"),
+                                    "message": "the journal stopped"}))
+            else:
+                server_ws.send(message)
+        ws.on_message(outgoing)
+        server_ws.on_message(ws.send)
+
+    page = new_page("funder-unconfirmed")
+    page.route_web_socket(re.compile(r".*/ws$"), route)
+    sign_in(page, server, F13)
+    page.select_option("#line-core", "DFM")
+    page.fill("#line-amount", "1000000")
+    page.click("#line-form button[type=submit]")
+    expect(page.locator("#line-msg")).to_have_text("Line against DFM set to 1,000,000.00 CNY.")
+    page.fill("#line-amount", "2000000")
+    page.click("#line-form button[type=submit]")
+    unconfirmed = "Not confirmed: the service stopped before this was recorded."
+    expect(page.locator("#line-msg")).to_contain_text(unconfirmed)
+    page.select_option("#bid-segment", SEG)
+    page.fill("#bid-rate", "2.50")
+    page.fill("#bid-amount", "1000")
+    page.click("#bid-button")
+    expect(page.locator("#bid-msg")).to_contain_text(unconfirmed)
+    page.wait_for_timeout(500)
+    assert sent.count("bid") == 1 and sent.count("set_credit_line") == 2, sent

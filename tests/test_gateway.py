@@ -301,6 +301,8 @@ def test_commands_in_flight_when_the_journal_stops_are_answered_unconfirmed() ->
     gone (one naming a client id to every connection of its sender, one without only
     to the connection that sent it); nothing is `accepted`. A rejection read from the
     state that was not written is unconfirmed too."""
+    from matcher.participants import Participant
+
     async def scenario() -> tuple[list[wire.Event], list[wire.Event], list[wire.Event]]:
         gateway, journal, f, s = await _funder_and_sme()
         segment = SEGMENTS[0]
@@ -312,16 +314,30 @@ def test_commands_in_flight_when_the_journal_stops_are_answered_unconfirmed() ->
         gateway.handle(f, _bid(segment.id, 1), 0.0)    # a retry, answered from that state
         journal._window.append(journal._take())
         journal._stop(RuntimeError("GAP: the journal does not end where it follows"))
+        # In the same turn, before the failed batches' callbacks: refused, not applied
+        # (it was applied, and answered `unconfirmed` though it could never be written).
+        seq = gateway.engine.seq
+        gateway.handle(f, _bid(segment.id, 2), 0.0)
+        assert gateway.engine.seq == seq
+        # A platform following the trades from now on would wait for ever: refused.
+        platform = gateway.attach(None, _Transport(), Participant(  # type: ignore[arg-type]
+            id=7, name="Platform", role="platform", key_sha256="p"))
         await _turns()
+        heard = _watch(platform)
+        gateway.handle(platform, b'{"type":"subscribe","fills":true}', 0.0)
+        await _turns()
+        assert [(type(e).__name__, e.code) for e in _events(heard)] == [   # type: ignore
+            ("Error", "unavailable")]
         return _events(seen), _events(seen2), _events(sme)
 
     first, second, sme = run(scenario())
     unconfirmed = [(type(e).__name__, getattr(e, "client_id", None)) for e in first]
-    assert unconfirmed == [("Unconfirmed", None), ("Unconfirmed", "b1"),
-                           ("Unconfirmed", "b1")]
+    assert unconfirmed == [("Rejected", "b2"), ("Unconfirmed", None),
+                           ("Unconfirmed", "b1"), ("Unconfirmed", "b1")]
+    assert "the journal has stopped" in first[0].message    # type: ignore[union-attr]
     assert [(type(e).__name__, getattr(e, "client_id", None)) for e in second] == [
         ("Unconfirmed", "b1"), ("Unconfirmed", "b1")]
-    assert "same client_id" in first[0].message    # type: ignore[union-attr]
+    assert "read status and fills" in first[1].message    # type: ignore[union-attr]
     assert sme == []
 
 

@@ -1039,10 +1039,20 @@ function addActivity(text) {
 
 // ---- Wiring -----------------------------------------------------------------------
 
+// The service stopped before it knew the command to be recorded, and refuses everything
+// until it restarts. As for a lost connection, the note says so and the truth comes after
+// the reconnect (an SME's ask is read back then, never sent again: it may have lent).
+function onUnconfirmed(msg) {
+  const text = 'Not confirmed: the service stopped before this was recorded. See the list once it is back.';
+  const p = msg.client_id === null ? state.unnamed.shift() : takePending(msg.client_id);
+  if (!p) return notify(text);
+  showMsg(p.msg ?? $(p.kind === 'line' ? 'line-msg' : 'orders-msg'), text, 'info');
+}
+
 const handlers = {
   welcome: onWelcome, book: onBook, quote: onQuote, accepted: onAccepted, rejected: onRejected,
   fill: onFill, fills: onFills, done: onDone, status: onStatus, error: onError, line: onLine,
-  suspension: onSuspension,
+  suspension: onSuspension, unconfirmed: onUnconfirmed,
 };
 
 function init() {
