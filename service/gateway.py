@@ -498,19 +498,16 @@ class Gateway:
         for participant, event in out.replies:
             if type(event) is wire.Rejected:   # not isinstance: 150 ns on msgspec's types
                 self.metrics.reject(event.code)
-            self._route(participant, event, conn)
+            if _unnamed_answer(event):
+                if conn is not None and participant == conn.participant.id:
+                    conn.send(self._encode(event))
+            else:
+                self._reply_now(participant, event, conn)
         if out.trades and self.fill_subscribers:
             for trade in out.trades:
                 data = self._encode(trade)
                 for c in self.fill_subscribers:
                     c.send(data)
-
-    def _route(self, participant: int, event: wire.Event, conn: Connection | None) -> None:
-        if _unnamed_answer(event):
-            if conn is not None and participant == conn.participant.id:
-                conn.send(self._encode(event))
-        else:
-            self._reply_now(participant, event, conn)
 
     def _unconfirmed(self, held: list[_Held]) -> None:
         """The journal stopped before these commands' write returned: whether they
@@ -518,11 +515,10 @@ class Gateway:
         where the answer would have gone. Silence left a client waiting on a command
         it could only give up on (ADR 6)."""
         for out, _received, conn in held:
-            for participant, event in out.replies:
-                if type(event) in _ANSWERS:
-                    self._route(participant, wire.Unconfirmed(
-                        client_id=event.client_id,    # type: ignore[union-attr]
-                        message=_UNCONFIRMED), conn)
+            self._deliver(Outcome(replies=[
+                (participant, wire.Unconfirmed(client_id=event.client_id,  # type: ignore[union-attr]
+                                               message=_UNCONFIRMED))
+                for participant, event in out.replies if type(event) in _ANSWERS]), conn)
 
     def _reply_now(self, participant: int, event: wire.Event, conn: Connection | None) -> None:
         """To every connection of the participant (a system command has none)."""
