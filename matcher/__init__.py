@@ -5,7 +5,7 @@
 """
 
 try:
-    from matcher._core import Book, CreditLines
+    from matcher._core import Book, CreditLines, walked
 except ImportError as exc:  # pragma: no cover - exercised only on a broken install
     raise ImportError(
         "matcher._core is not built: run `pip install -e .` (needs Cython and a C compiler)"
@@ -22,4 +22,5 @@ __all__ = [
     "Order",
     "OrderError",
     "Quote",
+    "walked",
 ]

@@ -100,8 +100,17 @@ cdef struct Scratch:
     int64_t* fills         # FILL_WORDS per fill
     Py_ssize_t fills_n
     Py_ssize_t fills_cap
+    int64_t walked         # resting orders visited by matching, quotes and depth: `walked()`
 
 cdef Scratch S
+
+
+def walked() -> int:
+    """How many resting orders the books have visited so far, all books together: what a
+    command cost beyond its own, read before and after it. A walk visits orders that
+    cannot trade too (their funder's line used up, a `min_ticket` above what is asked),
+    so its length is not bounded by what the command does (docs/book.md)."""
+    return S.walked
 
 
 cdef int _grow(void** p, Py_ssize_t* cap, Py_ssize_t need, size_t item) except -1:
@@ -487,6 +496,7 @@ cdef class Book:
                 s = lv[li].head
                 while s >= 0:
                     o = &self.pool[s]
+                    S.walked += 1
                     q = fill_qty(o.remaining, o.min_ticket, self._left(o.credit), rem, single)
                     if q > 0:
                         _plan_push(s, q)
@@ -517,6 +527,7 @@ cdef class Book:
             s = lv[li].head
             while s >= 0:
                 o = &self.pool[s]
+                S.walked += 1
                 if not o.mark:
                     q = fill_qty(rem[0], min_ticket, left[0], o.remaining, o.single)
                     if q == 0:
@@ -539,7 +550,13 @@ cdef class Book:
         """The fills a bid aggressor would take, best ask first; changes nothing."""
         cdef int64_t rem = amount
         cdef Py_ssize_t i
+        cdef int64_t floor = min_ticket if min_ticket < amount else amount
         S.plan_n = 0
+        if left < floor or left < 1:
+            # No ask can take less than the floor, and the line cannot lend it: nothing
+            # to walk (a funder with 10,000 such bids walked every ask for each one of
+            # them on every line it set; found in an audit).
+            return 0
         try:
             while self._scan_asks(rate, &rem, min_ticket, &left):
                 pass
@@ -791,6 +808,7 @@ cdef class Book:
         while li >= 0 and self._crosses_asks(self.lv[BID][li].rate):
             s = self.lv[BID][li].head
             while s >= 0:
+                S.walked += 1
                 if self.pool[s].owner == f:
                     ids.append(self.pool[s].id)
                 s = self.pool[s].next
@@ -902,6 +920,7 @@ cdef class Book:
                 s = lv[li].head
                 while s >= 0:
                     o = &self.pool[s]
+                    S.walked += 1
                     q = fill_qty(o.remaining, o.min_ticket, self._left(o.credit),
                                  INT64_MAX, False)
                     if q > 0:

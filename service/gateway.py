@@ -26,6 +26,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from matcher import protocol as wire
+from matcher import walked
 from matcher.engine import Engine, Outcome
 from matcher.participants import SYSTEM, Directory, Participant
 from service import resp
@@ -111,6 +112,11 @@ STATUS_ORDERS_PER_TOKEN = 25
 #: costs a message more for every this many orders resting in it: the most it can walk,
 #: about 40 ns an order, so a token pays for about what a command costs.
 BOOK_ORDERS_PER_TOKEN = 500
+#: A command costs a message more for every this many resting orders its matching
+#: visited (`matcher.walked`; 4 to 40 ns each): an ask walks the bids that cannot lend
+#: (their funder's line used up), and a line set walks the funder's bids and the asks
+#: they cannot fill, so one message could cost 10,000 commands' time (found in an audit).
+WALK_ORDERS_PER_TOKEN = 2000
 
 
 class TokenBucket:
@@ -337,7 +343,10 @@ class Gateway:
         if refused is not None:
             out = Outcome(replies=[(who.id, refused)])
         else:
+            before = walked()
             out = self.engine.submit(who.id, who.role, cmd, now)
+            if conn is not None and (visited := walked() - before) > WALK_ORDERS_PER_TOKEN:
+                conn.allow.owe(visited / WALK_ORDERS_PER_TOKEN)
         if out.entry is None:
             # A rejection or a retry's answer is read from state that may not be written
             # yet (the original of a retry can still be in the batch being written), so

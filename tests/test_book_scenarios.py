@@ -925,3 +925,32 @@ def test_batch_error_carries_the_order_error_the_call_api_would_raise(
     assert book.order(2) is not None
     book.cancel(2)
     assert snapshot(book) == before
+
+
+def test_the_compiled_books_count_the_orders_they_visit() -> None:
+    """`walked()` counts the resting orders matching visits, all books together: the
+    gateway charges a command for it. A bid whose line cannot lend its floor visits no
+    ask at all (a funder's 1,000 such bids walked 1,000 asks each, and again on every
+    line it set; found in an audit), with the same outcome as walking them."""
+    from matcher._core import Book, CreditLines, walked
+
+    lines = CreditLines()
+    book = Book(rate_cap_bps=CAP, credit=lines)
+    for i in range(1_000):                                # asks of 1 fen, resting
+        book.ask(10_000 + i, 7, 400, 1, tif="gtc")
+    lines.set(F1, 1)                                      # less than any bid's floor
+    before = walked()
+    for i in range(1_000):
+        assert book.bid(1 + i, F1, 300, 100, min_ticket=2) == []
+    assert walked() - before == 0
+    before = walked()
+    assert book.rematch(F1) == []
+    assert walked() - before == 1_000                      # its bids, not the asks
+    lines.set(F2, 10**9)                                  # a line that lends: it walks
+    before = walked()
+    assert len(book.bid(5_000, F2, 300, 10)) == 10
+    assert walked() - before == 10
+    # An ask visits every bid that cannot lend, for nothing.
+    before = walked()
+    assert book.ask(20_000, 8, 400, 5) == []
+    assert walked() - before == 1_000

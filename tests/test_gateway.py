@@ -927,6 +927,37 @@ def test_a_quote_costs_a_message_more_for_every_500_orders_resting_in_its_segmen
         ["Quote"] * 6)
 
 
+def test_a_command_costs_a_message_more_for_every_2000_orders_its_matching_visits() -> None:
+    """An ask walks the bids that cannot lend (their funder's line used up): with 10,000
+    of them, each of an SME's IOC asks visited them all for one token (found in an
+    audit). Each costs 5 tokens more now; with a burst of 10, two pass, then
+    `rate_limited`. An ask that finds a bid at once costs its token alone."""
+    async def scenario(line: int) -> list[wire.Event]:
+        funder, sme = PEOPLE[0], PEOPLE[-1]
+        gateway, journal, [conn] = _gateway_with(sme, burst=10, rate=0.001)
+        segment = _resting(gateway, journal, funder, 10_000)
+        core = gateway.engine.segments[segment].core
+        gateway.submit(funder, wire.SetCreditLine(core=core, amount=line), 0.0)
+        journal.land()
+        await _turns()
+        sent = _watch(conn)
+        for i in range(4):
+            gateway.handle(conn, b'{"type":"ask","client_id":"a%d","segment":"%s",'
+                           b'"amount":1,"tif":"ioc"}' % (i, segment.encode()), 0.0)
+            journal.land()
+        await _turns()
+        return [e for e in _events(sent) if type(e) in (wire.Accepted, wire.Rejected)]
+
+    def answers(events: list[wire.Event]) -> dict[str, str]:
+        return {e.client_id: getattr(e, "code", "accepted")     # type: ignore[union-attr]
+                for e in events}
+
+    assert answers(run(scenario(0))) == {"a0": "accepted", "a1": "accepted",
+                                         "a2": "rate_limited", "a3": "rate_limited"}
+    assert answers(run(scenario(10**12))) == dict.fromkeys(("a0", "a1", "a2", "a3"),
+                                                           "accepted")
+
+
 def test_each_book_a_subscribe_builds_costs_a_message_and_its_walk() -> None:
     """Subscribing to every segment and unsubscribing, over and over, built every book
     for two messages."""
