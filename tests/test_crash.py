@@ -339,8 +339,8 @@ def test_after_redis_lost_acknowledged_writes_no_order_or_trade_id_is_given_agai
         redis_server.start()
 
         async def refused() -> re.Match[str]:
-            """A command's write finds the loss (the command is never answered), and the
-            gateway refuses the next."""
+            """A command's write finds the loss (the command is answered `unconfirmed`),
+            and the gateway refuses the next."""
             async with session(server, F11) as funder:
                 await funder.send(bid("c-b0", "DFM-90D", 250, 1_000_000))
                 pattern = re.compile(r"Redis journal ends at seq (\d+), but (\d+) was "
@@ -352,6 +352,8 @@ def test_after_redis_lost_acknowledged_writes_no_order_or_trade_id_is_given_agai
                 else:
                     raise AssertionError(log.read_text()[-3000:])
                 reply = await funder.command(bid("c-b1", "DFM-90D", 250, 1_000_000))
+                assert (reply["type"], reply["client_id"]) == ("unconfirmed", "c-b0"), reply
+                reply = await funder.recv()
                 assert reply["type"] == "rejected" and "journal has stopped" in reply["message"]
                 return found
         found = run(refused())
