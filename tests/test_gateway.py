@@ -240,6 +240,68 @@ def test_book_updates_show_only_what_the_journal_has() -> None:
     run(scenario())
 
 
+def test_books_of_segments_that_changed_between_ticks_go_out_in_one_write() -> None:
+    """Each segment had its own timer, so a connection following several got a write
+    for each, each at its own time: with thousands of followers that fan-out filled the
+    loop (found in an audit). Books now go out on one tick for every segment that
+    changed since the last: here two changes within the interval, one write."""
+    async def scenario() -> list[list[int]]:
+        gateway, journal, f, s = await _funder_and_sme()
+        a, b, c = SEGMENTS[0], SEGMENTS[1], SEGMENTS[2]
+        gateway.handle(f, _line(a.core), 0.0)
+        gateway.handle(f, _line(b.core), 0.0)
+        gateway.handle(f, _line(c.core), 0.0)
+        journal.land()
+        gateway.handle(s, _subscribe(a.id, b.id, c.id), 0.0)
+        await asyncio.sleep(0.1)
+        seen = _watch(s)
+        for n, segment in enumerate((a, b, c)):        # A at once, B and C within 50 ms
+            gateway.handle(f, _bid(segment.id, n), 0.0)
+            journal.land()
+            await _turns()
+        await asyncio.sleep(0.1)
+        return [[b.seq for b in _books([write])] for write in seen]
+
+    writes = [w for w in run(scenario()) if w]
+    assert len(writes) == 2 and len(writes[1]) == 2, writes
+
+
+def test_the_ticks_space_out_as_more_connections_follow_books(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One write per following connection a tick: the spacing keeps them to
+    `BOOK_WRITES_PER_S` (here 100: 10 connections, a tick every 100 ms)."""
+    from service import gateway as gateway_module
+
+    monkeypatch.setattr(gateway_module, "BOOK_WRITES_PER_S", 100)
+
+    async def scenario() -> tuple[float, float, float]:
+        gateway, journal, f, _s = await _funder_and_sme()
+        segment = SEGMENTS[0]
+        followers = [gateway.attach(None, _Transport(), p) for p in PEOPLE[-10:]]
+        for conn in followers:
+            gateway.handle(conn, _subscribe(segment.id), 0.0)
+        gateway.handle(f, _line(segment.core), 0.0)
+        journal.land()
+        await asyncio.sleep(0.02)                       # a tick reached the 10
+        spacing = gateway.book_spacing
+        gateway.handle(f, _bid(segment.id, 1), 0.0)
+        journal.land()
+        await _turns()
+        tick = gateway._book_tick
+        assert tick is not None and isinstance(tick, asyncio.TimerHandle)
+        loop = asyncio.get_running_loop()
+        due = tick.when() - loop.time()
+        for conn in followers:
+            gateway.handle(conn, b'{"type":"unsubscribe","segments":["%s"]}'
+                           % segment.id.encode(), 0.0)
+        await asyncio.sleep(0.2)                        # the tick reached none
+        return spacing, due, gateway.book_spacing
+
+    spacing, due, later = run(scenario())
+    assert spacing == 0.1 and 0 < due <= 0.081, (spacing, due)
+    assert later == 0.05                                # back to book_interval_ms
+
+
 def test_a_subscriber_never_gets_an_older_book_and_the_last_is_the_final_state() -> None:
     """An update built while its barrier is the batch still being filled waits for it;
     commands that join that batch later make the batch's own acks publish a newer book.
