@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reconnects", type=float,
                     help="SMEs leaving and signing in again per second (connection churn: "
                          "the server's memory must not grow with it)")
+    ap.add_argument("--watchers", type=int,
+                    help="SMEs that follow every segment's book, as the quote board does (the "
+                         "books' fan-out is the gateway's; an SME that leaves stops following)")
     ap.add_argument("--duration", type=float, dest="duration_s", help="seconds (per step)")
     ap.add_argument("--ramp", type=lambda s: tuple(float(x) for x in s.split(",")),
                     help="offered rates, comma-separated")
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.floor and not args.serve:
         ap.error("--floor: only with --serve")
     profile: Profile = PROFILES[args.profile].with_(
-        rate=args.rate, reads=args.reads, reconnects=args.reconnects,
+        rate=args.rate, reads=args.reads, reconnects=args.reconnects, watchers=args.watchers,
         duration_s=args.duration_s, ramp=args.ramp,
         funders=args.funders,
         smes=args.smes, objective_p99_ms=args.objective_p99_ms, seed=args.seed)

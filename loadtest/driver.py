@@ -168,6 +168,9 @@ class Client:
                     f"participant {self.who.id} was not welcomed: {data!r}"))
             return
         rec = self.run.rec
+        if data.startswith(b'{"type":"book"'):       # a watcher's: counted, not read
+            rec.books += 1
+            return
         event = _decode(data)
         if isinstance(event, wire.Accepted | wire.Rejected):
             queue = self.pending.get(event.client_id)
@@ -503,6 +506,11 @@ class Run:
             for i in range(0, len(clients), 200):    # connect in waves, not all at once
                 await asyncio.gather(*(c.connect() for c in clients[i:i + 200]))
             gctune.tune()           # the generator must not stall either
+            following = _encode({"type": "subscribe",
+                                 "segments": [s.id for s in self.segments]})
+            for watcher in self.smes[:p.watchers]:
+                assert watcher.ws is not None
+                watcher.ws.send(following)
             reader = asyncio.get_running_loop().create_task(self.platform_reader(stop, start_id))
             memory = asyncio.get_running_loop().create_task(self.sample_memory(stop))
             await self.open_market()
@@ -575,6 +583,7 @@ class Run:
                    if p.reconnects > 0 else {}),
             },
             "timeline": rec.timeline(dict(self.offered)),
+            "watchers": {"connections": min(p.watchers, len(self.smes)), "books": rec.books},
             "ramp": ramp,
             "capacity": capacity,
             "sustained": sustained,

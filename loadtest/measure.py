@@ -198,6 +198,7 @@ class Recorder:
     reads_answered: int = 0                     # pages received
     reads_refused: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     reconnects: int = 0                         # SMEs that left and signed in again
+    books: int = 0                              # book updates the watchers received
     reconnects_failed: list[str] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     fills: FillLedger = field(default_factory=lambda: FillLedger(set(), set()))

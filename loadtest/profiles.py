@@ -22,6 +22,7 @@ class Profile:
     ask_share: float = 0.3              # of commands: SME asks; the rest are funders' quotes
     reads: float = 0.0                  # SMEs' `fills` requests/s, besides the commands
     reconnects: float = 0.0             # SMEs leaving and signing in again, per second
+    watchers: int = 0                   # SMEs following every segment's book, as boards do
     bids_per_funder: int = 12           # resting bids a funder keeps (it re-quotes them)
     credit_line: int = 2 * 10**12       # fen per funder and core enterprise
     objective_p99_ms: float = 2.0       # send -> accepted, for the ramp's capacity
@@ -39,7 +40,7 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     # Seconds, for CI: proves the whole chain and the reconciliation, not the speed.
     "smoke": Profile("smoke", rate=300, duration_s=4, warmup_s=0.5, funders=6, smes=20,
-                     bids_per_funder=6, reads=20, reconnects=5),
+                     bids_per_funder=6, reads=20, reconnects=5, watchers=5),
     # The morning rush: all funders quoting, SMEs asking, at one rate.
     "same-day": Profile("same-day", rate=5_000, duration_s=60),
     # Raise the rate step by step; the capacity is the highest step within the objective.

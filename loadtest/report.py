@@ -306,6 +306,10 @@ def _facts(results: Results, problems: bool = False) -> list[tuple[str, str]]:
     reads = _reads_line(results)
     if reads is not None:
         facts.append(("", reads))
+    watchers = results.get("watchers") or {}
+    if watchers.get("connections"):
+        facts.append(("watchers", f"{watchers['connections']} SMEs following every book: "
+                                  f"{watchers['books']} book updates received"))
     if problems:
         over_line = (results.get("reconciliation") or {}).get("over_line") or []
         facts += [("", f"  - {p}") for p in reconciliation_problems(results)]

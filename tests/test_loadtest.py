@@ -40,6 +40,10 @@ def test_smoke_profile_reconciles_and_writes_its_report(
     assert recon["reconnects"] > 5
     assert results["measures"]["sign_in"]["count"] == recon["reconnects"]
     assert re.search(r"^sign_in ", proc.stdout, re.M), proc.stdout
+    # ... and 5 of its SMEs follow every segment's book (the smoke test has 2 SMEs)
+    assert results["watchers"]["connections"] == 2
+    assert results["watchers"]["books"] > 2 * 4, results["watchers"]   # more than the first
+    assert re.search(r"^watchers +2 SMEs following every book", proc.stdout, re.M)
     view = results["server_view"]                  # read from the real server's /metrics
     assert view["count"] >= recon["commands_sent"] * 0.9
     assert 0 < view["within_ms"][-1][1] <= 1
