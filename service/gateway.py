@@ -545,8 +545,8 @@ class Gateway:
     # --- book updates, coalesced ---
 
     def book_changed(self, segment: str) -> None:
-        """Send the segment's book at the next tick: at once (in this loop turn's
-        callbacks, with every other segment the same batch moved) if the last tick is
+        """Send the segment's book at the next tick: at once (in the next loop turn,
+        with every other segment the same batch moved) if the last tick is
         `book_spacing` ago, else when it is."""
         self._book_dirty.add(segment)
         if self._book_tick is None:

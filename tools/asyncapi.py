@@ -51,8 +51,8 @@ the fill that ends it) are released only after the journal write that holds the
 command. A `rejected` waits for the commands accepted before it, except flow control
 (`rate_limited`, `unavailable`), which is immediate; errors, quotes and status answers
 are immediate and may overtake pending acknowledgements. `book` updates are coalesced
-per segment and show only journaled commands. docs/protocol.md is the prose
-reference."""
+(every changed segment's on one tick, at least 50 ms apart) and show only journaled
+commands. docs/protocol.md is the prose reference."""
 
 
 def tag(cls: type[msgspec.Struct]) -> str:
