@@ -269,11 +269,11 @@ def test_books_of_segments_that_changed_between_ticks_go_out_in_one_write() -> N
 
 def test_the_ticks_space_out_as_more_connections_follow_books(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """One write per following connection a tick: the spacing keeps them to
-    `BOOK_WRITES_PER_S` (here 100: 10 connections, a tick every 100 ms)."""
+    """A book to each following connection a tick: the spacing keeps them to
+    `BOOK_SENDS_PER_S` (here 100: 10 connections, a tick every 100 ms)."""
     from service import gateway as gateway_module
 
-    monkeypatch.setattr(gateway_module, "BOOK_WRITES_PER_S", 100)
+    monkeypatch.setattr(gateway_module, "BOOK_SENDS_PER_S", 100)
 
     async def scenario() -> tuple[float, float, float]:
         gateway, journal, f, _s = await _funder_and_sme()
