@@ -63,6 +63,8 @@ def local_server(config_path: str | None, out: Path, durability: str,
                MATCHER_SERVER_REALTIME_PRIORITY=str(realtime),
                MATCHER_SERVER_METRICS_CACHE_MS="0",    # the report reads at its own times
                MATCHER_DEMO_ACTIVITY="0",         # the demo's own market would be load too
+               # Every client of the run connects from 127.0.0.1, all at once.
+               MATCHER_LIMITS_CONNECT_BURST="1000000",
                # The journal's archive goes with the throwaway Redis whose journal it is.
                MATCHER_ENGINE_JOURNAL_ARCHIVE=str(data / "journal-archive"))
     cmd = [sys.executable, "-m", "service.cli", "serve"]

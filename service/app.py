@@ -112,6 +112,7 @@ class Service:
         limits = config.limits     # each HTTP client has the budget of one connection
         self._fills_budgets = Budgets(limits.rate, limits.burst)    # per key
         self._quote_budgets = Budgets(limits.rate, limits.burst)    # per address
+        self._connect_budgets = Budgets(limits.connect_rate, limits.connect_burst)
         self._proxies = forwarded.networks(config.server.trusted_proxies)
         self._forwarded_header = config.server.forwarded_header    # the header they append to
 
@@ -712,11 +713,16 @@ class Service:
         # header does. Any connection not signed in yet costs a socket and a handler
         # until it signs in or is closed, for anyone who can connect: those are counted,
         # and bounded, so that they cannot use up the process's files.
+        address = forwarded.budget_key(self._client(request))
+        if not self._connect_budgets.allow(address):
+            return self._refused(429, wire.Error(
+                code="rate_limited", path=None,
+                message=f"over {limits.connect_rate:g} connections/s from this address: "
+                        "connect again shortly"))
         key = bearer_key(request.headers.get("Authorization"))
         who = gw.authenticate(key) if key is not None else None
         # One address may hold a tenth of them: a single client cannot take the pool
         # and leave every browser (they sign in with a message) a 503.
-        address = forwarded.budget_key(self._client(request))
         if who is None and (
                 self._signing_in >= limits.unauthenticated_connections
                 or self._signing_in_from.get(address, 0)

@@ -106,6 +106,13 @@ class LimitsConfig(_Section):
     auth_timeout: Annotated[float, Meta(gt=0)] = 10.0
     # WebSocket connections waiting for their `auth` message, all clients together.
     unauthenticated_connections: Annotated[int, Meta(ge=1)] = 1_000
+    # WebSocket upgrades a second from one address (IPv6: one /64; behind
+    # `trusted_proxies`, the client's), and their burst. Each costs the loop about half a
+    # millisecond, signed in or refused, so one client connecting again and again could
+    # stall it (found in an audit). A reconnect storm from behind one NAT (every board
+    # after a restart) passes its first `connect_burst` at once, the rest at the rate.
+    connect_rate: Annotated[float, Meta(gt=0)] = 200.0
+    connect_burst: Annotated[int, Meta(ge=1)] = 2_000
     # Open at once with one key: each has its own rate budget, so without a cap one
     # participant could open thousands and multiply its rate by as many.
     connections_per_participant: Annotated[int, Meta(ge=1)] = 32

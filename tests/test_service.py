@@ -2725,6 +2725,38 @@ def test_the_segment_list_shares_the_quotes_budget_per_address(
         assert (e.code, e.headers.get("Retry-After")) == (429, "1")
 
 
+def test_connections_from_one_address_are_rate_limited(
+        start_server: Callable[..., ServerProcess], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Signing in costs the loop about half a millisecond, refused or not, and nothing
+    bounded how often one client did it (found in an audit). Beyond `connect_burst` an
+    address's upgrades are refused 429 until `connect_rate` has made up for them, a
+    valid key too; another address still gets in."""
+    monkeypatch.setenv("MATCHER_SERVER_TRUSTED_PROXIES", "127.0.0.1")
+    server = start_server(connect_rate=0.001, connect_burst=3)
+    bearer = {"Authorization": f"Bearer {key(F11)}"}
+
+    def from_(address: str) -> Any:      # a client behind the (trusted) local proxy
+        return connect(server.ws_url, additional_headers={"X-Forwarded-For": address,
+                                                          **bearer})
+
+    async def scenario() -> tuple[list[str], int, str | None, str]:
+        welcomed = []
+        for _ in range(3):
+            async with from_("198.51.100.1") as ws:
+                welcomed.append(json.loads(await ws.recv())["type"])
+        with pytest.raises(InvalidStatus) as refused:
+            async with from_("198.51.100.1"):
+                pass
+        response = refused.value.response
+        async with from_("198.51.100.2") as other:
+            elsewhere = json.loads(await other.recv())["type"]
+        return welcomed, response.status_code, response.headers.get("Retry-After"), \
+            elsewhere
+
+    assert run(scenario()) == (["welcome"] * 3, 429, "1", "welcome")
+    assert metric(server, 'matcher_rejects_total{code="rate_limited"}') == 1
+
+
 def test_connections_waiting_to_sign_in_are_bounded(
         start_server: Callable[..., ServerProcess], monkeypatch: pytest.MonkeyPatch) -> None:
     """A connection without a key in the header waits up to `auth_timeout` for its
