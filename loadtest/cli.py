@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not 0 <= args.realtime <= 99:
         ap.error("--realtime: must be in [0, 99]")
+    if args.watchers is not None and args.watchers < 0:
+        ap.error("--watchers: must be 0 or more")
     if args.floor and not args.serve:
         ap.error("--floor: only with --serve")
     profile: Profile = PROFILES[args.profile].with_(

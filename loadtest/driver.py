@@ -100,6 +100,7 @@ class Client:
         self.reads: dict[str, tuple[int, bool]] = {}       # fills request ref -> (origin, ...)
         self.open: set[str] = set()     # own asks not yet ended (a `done` or a rejection)
         self.away = False               # left, signing in again: sends go to another SME
+        self.watching = False           # follows every segment's book, again at each sign-in
         self._welcome: asyncio.Future[None] | None = None
 
     async def connect(self) -> None:
@@ -108,6 +109,8 @@ class Client:
             self.run.url, self._on_message, clock=self.run.arrivals,
             headers={"Authorization": f"Bearer {self.who.key}"})
         await asyncio.wait_for(welcome, 30)
+        if self.watching:               # as the board does at every welcome
+            self.ws.send(self.run.following)
 
     def idle(self) -> bool:
         """Nothing of this client's is under way: it may leave without missing an
@@ -231,6 +234,10 @@ class Run:
         self.funders = [Client(self, p, "funder", i) for i, p in enumerate(funders)]
         self.smes = [Client(self, p, "sme", i) for i, p in enumerate(smes)]
         self.segments = self._segments()
+        self.following = _encode({"type": "subscribe",
+                                  "segments": [s.id for s in self.segments]})
+        for watcher in self.smes[:profile.watchers]:
+            watcher.watching = True
         self.market = Market(self.segments, len(funders), len(smes), profile.seed,
                              profile.bids_per_funder, self.run_id)
         self.lines: dict[tuple[int, str], int] = {}
@@ -506,11 +513,6 @@ class Run:
             for i in range(0, len(clients), 200):    # connect in waves, not all at once
                 await asyncio.gather(*(c.connect() for c in clients[i:i + 200]))
             gctune.tune()           # the generator must not stall either
-            following = _encode({"type": "subscribe",
-                                 "segments": [s.id for s in self.segments]})
-            for watcher in self.smes[:p.watchers]:
-                assert watcher.ws is not None
-                watcher.ws.send(following)
             reader = asyncio.get_running_loop().create_task(self.platform_reader(stop, start_id))
             memory = asyncio.get_running_loop().create_task(self.sample_memory(stop))
             await self.open_market()
