@@ -41,6 +41,9 @@ _decode = msgspec.json.Decoder(wire.Event).decode
 #: sent early is timed from its real send, one sent late from its intended time, so with
 #: less slack the timer's own error was counted as server latency (ADR 12, addendum).
 EARLY_NS = 1_000_000
+#: The `ref` of the watchers' `subscribe`: a refusal of it names it (else a watcher that
+#: follows nothing would go unseen, and the run would measure no fan-out).
+FOLLOW = "follow"
 
 
 @dataclass
@@ -216,6 +219,11 @@ class Client:
             rec.reads_answered += 1
             if measured:
                 rec.fills_page.add(max(1, (now - origin) // 1000))
+        elif isinstance(event, wire.Error):
+            if event.ref == FOLLOW:
+                rec.follows_refused[event.code] += 1
+            else:
+                rec.errors[event.code] += 1
 
 
 class Run:
@@ -234,7 +242,7 @@ class Run:
         self.funders = [Client(self, p, "funder", i) for i, p in enumerate(funders)]
         self.smes = [Client(self, p, "sme", i) for i, p in enumerate(smes)]
         self.segments = self._segments()
-        self.following = _encode({"type": "subscribe",
+        self.following = _encode({"type": "subscribe", "ref": FOLLOW,
                                   "segments": [s.id for s in self.segments]})
         for watcher in self.smes[:profile.watchers]:
             watcher.watching = True

@@ -199,6 +199,8 @@ class Recorder:
     reads_refused: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     reconnects: int = 0                         # SMEs that left and signed in again
     books: int = 0                              # book updates the watchers received
+    follows_refused: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # to nothing sent
     reconnects_failed: list[str] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     fills: FillLedger = field(default_factory=lambda: FillLedger(set(), set()))
@@ -254,6 +256,10 @@ class Recorder:
         refused = {c: n for c, n in self.reads_refused.items() if c != "busy"}
         if refused:      # busy: the same SME asked again before its page came
             problems.append(f"fills requests refused: {refused}")
+        if self.follows_refused:     # a watcher that follows nothing measures nothing
+            problems.append(f"watchers' subscribes refused: {dict(self.follows_refused)}")
+        if self.errors:
+            problems.append(f"errors answering nothing sent: {dict(self.errors)}")
         problems += [f"an SME could not sign in again: {why}"
                      for why in self.reconnects_failed]
         return {
@@ -266,6 +272,7 @@ class Recorder:
             "amount_platform": self.fills.amount[PLATFORM], "over_line": over,
             "reads_sent": self.reads_sent, "reads_answered": self.reads_answered,
             "reads_refused": dict(self.reads_refused), "reconnects": self.reconnects,
+            "follows_refused": dict(self.follows_refused), "errors": dict(self.errors),
         }
 
     def timeline(self, offered: dict[int, int]) -> list[dict[str, Any]]:

@@ -231,17 +231,22 @@ class Auth(_Message, tag="auth"):
 
 
 class Subscribe(_Message, tag="subscribe"):
-    """Receive `book` updates for these segments (and `fills` for the platform role)."""
+    """Receive `book` updates for these segments (and `fills` for the platform role).
+    `ref` is echoed in its `subscribed` and its `error`s: a client that sent several
+    can tell which one a refusal answers."""
 
     segments: Annotated[list[SegmentId], Meta(max_length=1000)] = []
     fills: bool = False
+    ref: Name | None = None
 
 
 class Unsubscribe(_Message, tag="unsubscribe"):
-    """Stop `book` updates for these segments (and, with `fills`, the platform's trades)."""
+    """Stop `book` updates for these segments (and, with `fills`, the platform's trades).
+    `ref` is echoed in its `error`s."""
 
     segments: Annotated[list[SegmentId], Meta(max_length=1000)] = []
     fills: bool = False
+    ref: Name | None = None
 
 
 ClientMessage = (
@@ -452,6 +457,7 @@ class Subscribed(_Event, tag="subscribed"):
 
     fills: bool
     seq: int
+    ref: str | None = None
 
 
 class Welcome(_Event, tag="welcome"):

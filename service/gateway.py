@@ -930,7 +930,7 @@ class Gateway:
             if segment not in self.engine.books:
                 self._error(conn, wire.Error(code="unknown_segment",
                                              message=f"no segment {segment!r}",
-                                             path=f"$.segments[{i}]"))
+                                             path=f"$.segments[{i}]", ref=msg.ref))
                 return
         if isinstance(msg, wire.Unsubscribe):
             for segment in msg.segments:
@@ -942,14 +942,15 @@ class Gateway:
             return
         if msg.fills:
             if conn.participant.role not in ("platform", "admin"):
-                self._error(conn, wire.Error(code="forbidden", path="$.fills",
+                self._error(conn, wire.Error(code="forbidden", path="$.fills", ref=msg.ref,
                                              message="only the platform may follow all fills"))
                 return
             if self.journal.error is not None:      # no trade will come: say so
-                self._error(conn, self.unwritten())
+                self._error(conn, self.unwritten(msg.ref))
                 return
             self.fill_subscribers.add(conn)
-            conn.send(self._encode(wire.Subscribed(fills=True, seq=self._delivered_seq)))
+            conn.send(self._encode(wire.Subscribed(fills=True, seq=self._delivered_seq,
+                                                   ref=msg.ref)))
         # Each segment once, and not one already followed: its updates come anyway, and
         # a book built per repeat (1,000 in one message) made one message cost a
         # thousand (found in review: a few such messages stalled every client). Each

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -179,3 +180,24 @@ def test_arrival_times_are_drawn_as_they_are_needed() -> None:
     assert first == one.expovariate(30_000) and rng.getstate() == one.getstate()
     again = list(arrivals(1_000, 0.0, 2.0, random.Random(6)))
     assert 1_800 < len(again) < 2_200 and again == sorted(again) and again[-1] < 2.0
+
+
+def test_a_refused_subscribe_of_the_watchers_fails_the_reconciliation() -> None:
+    """A watcher whose `subscribe` was refused follows nothing, and the run would have
+    measured no fan-out without a word; an `error` that answers nothing sent shows too."""
+    from loadtest.driver import FOLLOW, Client, Participant, Run
+
+    run = Run.__new__(Run)
+    run.rec = Recorder()
+    client = Client(run, Participant(id=7, key="k"), "sme", 0)
+    client._on_message(b'{"type":"book","segment":"S"}', 1)
+    assert run.rec.reconcile({})["ok"]
+    client._on_message(json.dumps({"type": "error", "code": "rate_limited", "message": "m",
+                                   "path": None, "ref": FOLLOW}).encode(), 2)
+    client._on_message(json.dumps({"type": "error", "code": "invalid", "message": "m",
+                                   "path": "$.x"}).encode(), 3)
+    out = run.rec.reconcile({})
+    assert (out["follows_refused"], out["errors"]) == ({"rate_limited": 1}, {"invalid": 1})
+    assert not out["ok"]
+    assert "watchers' subscribes refused: {'rate_limited': 1}" in out["problems"]
+    assert "errors answering nothing sent: {'invalid': 1}" in out["problems"]

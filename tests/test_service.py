@@ -531,9 +531,17 @@ BAD_INPUTS: list[tuple[str, int, str | bytes, dict[str, Any]]] = [
      {"type": "error", "code": "unknown_segment", "message": "no segment 'ACME-30D'",
       "path": "$.segment", "client_id": None, "ref": "q1"}),
     ("subscribe_unknown_segment", F11,
-     json.dumps({"type": "subscribe", "segments": ["DFM-30D", "ACME-30D"]}),
+     json.dumps({"type": "subscribe", "segments": ["DFM-30D", "ACME-30D"], "ref": "s2"}),
      {"type": "error", "code": "unknown_segment", "message": "no segment 'ACME-30D'",
-      "path": "$.segments[1]", "client_id": None}),
+      "path": "$.segments[1]", "client_id": None, "ref": "s2"}),
+    ("unsubscribe_unknown_segment", F11,
+     json.dumps({"type": "unsubscribe", "segments": ["ACME-30D"], "ref": "u1"}),
+     {"type": "error", "code": "unknown_segment", "message": "no segment 'ACME-30D'",
+      "path": "$.segments[0]", "client_id": None, "ref": "u1"}),
+    ("subscribe_ref_too_long", F11,
+     json.dumps({"type": "subscribe", "segments": ["DFM-30D"], "ref": "r" * 65}),
+     {"type": "error", "code": "invalid", "message": "length <= 64", "path": "$.ref",
+      "client_id": None}),
     ("fills_after_not_a_trade_id", SME_X, json.dumps({"type": "fills", "after": "abc"}),
      {"type": "error", "code": "invalid", "message": 'a trade id, "<seq>-<n>"', "path": "$.after",
       "client_id": None}),
@@ -865,7 +873,8 @@ def test_only_platform_and_admin_may_subscribe_to_fills(server: ServerProcess) -
     async def scenario() -> tuple[Any, ...]:
         async with sessions(server, PLATFORM, ADMIN, F11, SME_X) as clients:
             platform, admin, f11, sme = clients
-            refused_funder = await f11.command({"type": "subscribe", "fills": True})
+            refused_funder = await f11.command({"type": "subscribe", "fills": True,
+                                                "ref": "s1"})
             refused_sme = await sme.command({"type": "subscribe", "fills": True})
             await f11.ok(line("DFM"))
             before = await f11.ok(bid("b0", "DFM-30D", 250, 100_000))
@@ -873,7 +882,8 @@ def test_only_platform_and_admin_may_subscribe_to_fills(server: ServerProcess) -
             for client in (f11, sme):
                 await client.expect("fill")
                 await client.expect("done")
-            following = [await platform.command({"type": "subscribe", "fills": True}),
+            following = [await platform.command({"type": "subscribe", "fills": True,
+                                                 "ref": "p1"}),
                          await admin.command({"type": "subscribe", "fills": True})]
             await f11.ok(bid("b1", "DFM-30D", 250, 1_000_000))
             await sme.ok(ask("a1", "DFM-30D", 400_000))
@@ -893,9 +903,11 @@ def test_only_platform_and_admin_may_subscribe_to_fills(server: ServerProcess) -
     forbidden = {"type": "error", "code": "forbidden",
                  "message": "only the platform may follow all fills", "path": "$.fills",
                  "client_id": None, "ref": None}
-    assert refused_funder == forbidden and refused_sme == forbidden
+    # A `ref` is echoed, so a client that sent several knows which one was refused.
+    assert refused_funder == {**forbidden, "ref": "s1"} and refused_sme == forbidden
     # The ask a0 (the command after the bid b0) and its trade came before: seq says so.
-    assert following == [{"type": "subscribed", "fills": True, "seq": before["seq"] + 1}] * 2
+    subscribed = {"type": "subscribed", "fills": True, "seq": before["seq"] + 1}
+    assert following == [{**subscribed, "ref": "p1"}, {**subscribed, "ref": None}]
     fill = f11_got[0]
     trade = {"type": "trade", "trade_id": fill["trade_id"], "seq": fill["seq"],
              "ts": fill["ts"], "segment": "DFM-30D", "core": "DFM", "tenor_days": 30,
