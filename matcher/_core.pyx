@@ -516,7 +516,13 @@ cdef class Book:
 
     cdef int _scan_asks(self, int32_t rate, int64_t* rem, int64_t min_ticket,
                         int64_t* left) except -1:
-        """One pass of a bid aggressor over the asks. 1: rescan (a fill followed a skip)."""
+        """One pass of a bid aggressor over the asks. 1: rescan, when a fill after a skip
+        left the bid below its min_ticket. Only that lowers the floor `max(1, min(m, r))`
+        and can make a skipped ask fillable (a fill only shrinks `r` and the line), so
+        only then is a skipped ask worth another look; and from there each fill takes
+        all the bid has left, so there is at most one rescan. A rescan after every fill
+        walked the skipped asks once per fill: a bid of min_ticket 1,000,000 behind
+        1,000 smaller asks walked them again for each larger ask it filled."""
         cdef Level* lv = self.lv[ASK]
         cdef Py_ssize_t li = self.lv_n[ASK] - 1
         cdef int32_t s
@@ -539,7 +545,7 @@ cdef class Book:
                         left[0] -= q
                         if rem[0] == 0 or left[0] == 0:
                             return 0
-                        if skipped:
+                        if skipped and rem[0] < min_ticket:
                             return 1
                 s = o.next
             li -= 1

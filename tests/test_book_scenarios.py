@@ -954,3 +954,39 @@ def test_the_compiled_books_count_the_orders_they_visit() -> None:
     before = walked()
     assert book.ask(20_000, 8, 400, 5) == []
     assert walked() - before == 1_000
+
+
+def test_a_bid_with_a_min_ticket_walks_the_asks_it_skips_once_not_once_per_fill() -> None:
+    """Only a fill that leaves a bid below its min_ticket can make an ask it skipped
+    fillable, so only then does it look at them again (once: from there a fill takes all
+    it has left). It walked them again after every fill: 1,000 skipped asks and 10 fills
+    visited 10,000 asks. The fills are the reference's, the rescan included."""
+    from matcher import reference
+    from matcher._core import Book, walked
+
+    def market(book: Any) -> None:
+        for i in range(1_000):                            # too small for its min_ticket
+            book.ask(10_000 + i, S1, 400, 1, tif="gtc")
+        book.ask(11_000, S2, 400, 600, tif="gtc")          # fillable once it is below
+        for i in range(10):
+            book.ask(12_000 + i, S3, 350, 1_000, tif="gtc")
+
+    core, ref = Book(rate_cap_bps=CAP), reference.Book(rate_cap_bps=CAP)
+    market(core)
+    market(ref)
+    before = walked()
+    fills = core.bid(1, F1, 300, 10_000, min_ticket=1_000)
+    assert walked() - before == 1_000 + 1 + 10             # each ask once
+    assert fills == ref.bid(1, F1, 300, 10_000, min_ticket=1_000)
+    assert [f.ask_id for f in fills] == [12_000 + i for i in range(10)]
+    # 500 left, below its min_ticket of 1,000: one rescan, and the 600 takes it all.
+    fills = core.bid(2, F1, 300, 10_500, min_ticket=1_000, tif="ioc")
+    assert fills == ref.bid(2, F1, 300, 10_500, min_ticket=1_000, tif="ioc")
+    assert fills == []                                     # nothing left of 1,000 each
+    core.ask(13_000, S3, 350, 10_000, tif="gtc")
+    ref.ask(13_000, S3, 350, 10_000, tif="gtc")
+    before = walked()
+    fills = core.bid(3, F1, 300, 10_500, min_ticket=1_000, tif="ioc")
+    assert walked() - before == 1_001 + 1_000 + 2          # skips, fill, rescan to the 600
+    assert fills == ref.bid(3, F1, 300, 10_500, min_ticket=1_000, tif="ioc")
+    assert [(f.ask_id, f.amount) for f in fills] == [(13_000, 10_000), (11_000, 500)]
