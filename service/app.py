@@ -16,6 +16,7 @@ import logging
 import math
 import random
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,8 @@ from service.gateway import (
     system,
 )
 from service.inbox import WebSocket, forget_traceback
-from service.journal import Journal, Keys, check_streams_follow, journal_start
+from service.journal import Journal, Keys, WriterReplaced, check_streams_follow, journal_start
+from service.lease import Lease, new_token
 from service.localredis import LocalRedis, free_port
 from service.metrics import Metrics
 from service.realtime import make_realtime
@@ -89,6 +91,7 @@ class Service:
         self.gateway: Gateway | None = None
         self.keys = Keys(config.redis.shard)
         self.snapshotter: SnapshotterProcess | None = None
+        self.lease: Lease | None = None
         self.demo_market: demo_market.DemoMarketProcess | None = None
         self.snapshot_seq = 0       # what the stored snapshot covers, read every second
         self.journal_start = 0      # the first command in Redis's journal, likewise
@@ -120,6 +123,7 @@ class Service:
 
     async def start(self) -> None:
         cfg = self.config
+        check_listen(cfg.server.host, cfg.server.port)      # before anything is read
         url = cfg.redis.url
         realtime = cfg.server.realtime_priority
         if realtime and make_realtime(realtime):
@@ -136,6 +140,11 @@ class Service:
                                               health_check_interval=0)
         await self._check_durability()
         keys = self.keys
+        # Before anything is read or written: one gateway a shard (ADR 31).
+        lease = self.lease = Lease(self.client, keys.writer, new_token(),
+                                   ttl_s=cfg.redis.writer_lease_s)
+        await lease.acquire(wait_s=lease.ttl_s + lease.renew_s)
+        self._tasks.append(asyncio.get_running_loop().create_task(self._keep_lease()))
         root = cfg.engine.journal_archive
         archive = await JournalArchive.of(root, self.client, keys) if root else None
         recovered = await recover(self.client, keys, self.directory.name, archive=archive)
@@ -146,7 +155,7 @@ class Service:
                  engine.seq, recovered.snapshot_seq, recovered.replayed, recovered.seconds)
         journal = Journal(self.client, keys, max_retry_delay=cfg.redis.max_retry_delay,
                           written_seq=engine.seq, on_batch=self.metrics.journal_batch,
-                          max_inflight=cfg.redis.writes_in_flight)
+                          max_inflight=cfg.redis.writes_in_flight, writer=lease.token)
         journal.start()
         self.gateway = Gateway(engine, journal, self.directory, cfg.limits, self.metrics)
         await adopt(self.client, keys, recovered.snapshot_seq)
@@ -257,6 +266,8 @@ class Service:
     async def stop(self) -> None:
         """Finish in-flight writes, snapshot, close connections with 1001."""
         if self.gateway is None:          # the start failed before it served
+            await cancel_all(self._tasks)
+            await self._release_lease()
             if self.local_redis is not None:
                 await asyncio.to_thread(self.local_redis.stop)
             return
@@ -292,6 +303,8 @@ class Service:
                                for ws, request in list(self._unsigned.items())))
         gw.history.close()
         await gw.journal.close()
+        if not isinstance(gw.journal.error, WriterReplaced):    # then it is another's
+            await self._release_lease()
         if self.runner is not None:
             await self.runner.cleanup()
         if self.client is not None:
@@ -299,6 +312,38 @@ class Service:
         if self.local_redis is not None:
             await asyncio.to_thread(self.local_redis.stop)
         self.stopped.set()
+
+    async def _keep_lease(self) -> None:
+        """Renew the writer lease; if another gateway holds it now (this one stalled
+        past its expiry, and another started), stop writing at once, also in a quiet
+        market: its write script would refuse the next write anyway (ADR 31). A Redis
+        that does not answer is the probe's to report."""
+        assert self.lease is not None
+        while True:
+            await asyncio.sleep(self.lease.renew_s)
+            try:
+                async with asyncio.timeout(REDIS_PROBE_TIMEOUT_S):
+                    holder = await self.lease.renew()
+            except (RedisError, OSError, TimeoutError):
+                continue
+            if holder is not None:
+                if self.gateway is not None:
+                    self.gateway.journal.replaced(holder)
+                else:
+                    log.critical("another gateway (%s) took the journal's writer lease "
+                                 "while this one recovered", holder)
+                return
+
+    async def _release_lease(self) -> None:
+        if self.lease is None or self.client is None:
+            return
+        try:
+            async with asyncio.timeout(REDIS_PROBE_TIMEOUT_S):
+                await self.lease.release()
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("could not release the journal's writer lease (%s: %s): the next "
+                        "start waits up to %g s for it to lapse", type(exc).__name__, exc,
+                        self.lease.ttl_s)
 
     async def _snapshot_now(self, when: str, timeout: float) -> None:
         """Store the state in this process, at the two moments a stall harms no one:
@@ -876,6 +921,36 @@ def _unlink(request: web.Request) -> None:
     whose handler is its own bound method: a reference cycle per request."""
     if isinstance(request.match_info, MatchInfoError):
         request.match_info.route._handler = _refused
+
+
+class ListenRefused(Exception):
+    """`[server] host` and `port` cannot be listened on."""
+
+
+def check_listen(host: str, port: int) -> None:
+    """Bind the address the gateway will listen on, and let it go: a port in use (a
+    gateway already running) or a host that does not resolve is refused before the
+    start reads or writes anything. Found in an audit: refused by the bind at the end
+    of a start that had journaled and stored a snapshot, with a traceback."""
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ListenRefused(f"server.host: {host!r} does not resolve ({exc.strerror})"
+                            ) from None
+    for family, kind, proto, _name, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)    # as aiohttp
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise ListenRefused(f"server.port: cannot listen on {address[0]} port "
+                                    f"{port} ({exc.strerror}): is a gateway running "
+                                    "there already?") from None
 
 
 @web.middleware

@@ -25,6 +25,7 @@ from service import config as config_module
 from service import gctune
 from service.archive import JournalArchive, JournalIdMissing
 from service.journal import JournalLost, Keys
+from service.lease import ShardTaken
 from service.recovery import JournalGap, recover
 from service.snapshots import JournalDiverged, SnapshotAhead, Snapshotter, parent_alive, store
 from service.tasks import keep_cancelling
@@ -344,7 +345,7 @@ def die_with_parent() -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvloop
 
-    from service.app import serve
+    from service.app import ListenRefused, serve
     try:
         cfg = config_module.load(args.config)
     except (OSError, ValueError) as exc:     # no file, not TOML, a setting refused
@@ -352,7 +353,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"matcher serve: {args.config or 'the demo configuration'}: {exc}",
               file=sys.stderr)
         return 2
-    return uvloop.run(serve(cfg, lost_up_to=args.lost_up_to))
+    try:
+        return uvloop.run(serve(cfg, lost_up_to=args.lost_up_to))
+    except ListenRefused as exc:
+        print(f"matcher serve: {exc}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -466,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"matcher {args.command}: Redis does not answer ({type(exc).__name__}: "
               f"{exc})", file=sys.stderr)
         return 3
-    except (JournalGap, JournalLost) as exc:    # what the runbook's sections name
+    except (JournalGap, JournalLost, ShardTaken) as exc:    # the runbook's sections name them
         print(f"matcher {args.command}: {exc}", file=sys.stderr)
         return 1
 

@@ -20,7 +20,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from matcher.engine import Segment
-from matcher.participants import Participant, hash_key
+from matcher.participants import Directory, Participant, hash_key
 from matcher.protocol import NewId, Role, error_path
 from matcher.types import MAX_RESTING
 from service.forwarded import Header as ForwardedHeader
@@ -35,16 +35,18 @@ class _Section(Struct, forbid_unknown_fields=True, kw_only=True):
 class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 8080
-    shutdown_timeout: Annotated[float, Meta(gt=0)] = 10.0   # for in-flight journal writes
+    # Seconds for in-flight journal writes. Every duration has a finite bound: TOML has
+    # `inf`, and a shutdown that waited for ever for a Redis that is down never exited.
+    shutdown_timeout: Annotated[float, Meta(gt=0, le=3600)] = 10.0
     # SCHED_RR at this priority (1-99) for the gateway and the local Redis it starts; 0:
     # the normal policy. Halves the p99 on a busy 2-core machine (README, ADR 14).
     realtime_priority: Annotated[int, Meta(ge=0, le=99)] = 0
     # After a start, funders with cancel on disconnect have this long to reconnect; then
     # the resting orders of those still away are cancelled (their quotes would be stale).
-    reconnect_grace_s: Annotated[float, Meta(ge=0)] = 30.0
+    reconnect_grace_s: Annotated[float, Meta(ge=0, le=86_400)] = 30.0
     # A WebSocket ping after this long without a message; no pong within half of it and
     # the connection is closed (and a funder's bids cancelled): how soon a dead peer shows.
-    heartbeat_s: Annotated[float, Meta(gt=0)] = 30.0
+    heartbeat_s: Annotated[float, Meta(gt=0, le=3600)] = 30.0
     # Reverse proxies whose `forwarded_header` is believed: their own addresses (or a
     # network only they use, not one their clients are in, who could forge the header).
     # Behind them the client's address is the last one they did not add, so that
@@ -68,7 +70,7 @@ class RedisConfig(_Section):
     local_port: Annotated[int, Meta(ge=0, le=65535)] = 6379   # for that one; if busy: any
     shard: NewId = "main"
     durability: Durability = "always"
-    max_retry_delay: Annotated[float, Meta(gt=0)] = 1.0
+    max_retry_delay: Annotated[float, Meta(gt=0, le=60)] = 1.0
     # Journal writes sent before the previous one returned. 1 suits a Redis on the same
     # few cores (each write costs CPU there); more helps when Redis is a network hop away.
     writes_in_flight: Annotated[int, Meta(ge=1, le=64)] = 1
@@ -76,6 +78,11 @@ class RedisConfig(_Section):
     # that its own automatic rewrites (a fork and a full write) do not fall in trading
     # hours; give a remote Redis a large auto-aof-rewrite-min-size too (README).
     rewrite_at_end_of_day: bool = True
+    # The writer lease (ADR 31): how long it lasts unrenewed (renewed every fifth of it).
+    # A start waits this long, and a little more, for the lease of a gateway of another
+    # host killed without its shutdown; the holder's loop may stall this long before
+    # another start may take the shard over from it.
+    writer_lease_s: Annotated[float, Meta(ge=1, le=300)] = 10.0
 
 
 class EngineConfig(_Section):
@@ -99,11 +106,11 @@ class EngineConfig(_Section):
 class LimitsConfig(_Section):
     max_frame_bytes: Annotated[int, Meta(ge=256)] = 64 * 1024
     outbox_bytes: Annotated[int, Meta(ge=1)] = 4 * 2**20  # unsent, per connection
-    rate: Annotated[float, Meta(gt=0)] = 5_000.0       # messages per second per connection
+    rate: Annotated[float, Meta(gt=0, le=1e9)] = 5_000.0       # messages per second per connection
     burst: Annotated[int, Meta(ge=1)] = 10_000
     book_interval_ms: Annotated[int, Meta(ge=0)] = 50
     journal_backlog: Annotated[int, Meta(ge=1)] = 200_000
-    auth_timeout: Annotated[float, Meta(gt=0)] = 10.0
+    auth_timeout: Annotated[float, Meta(gt=0, le=3600)] = 10.0
     # WebSocket connections waiting for their `auth` message, all clients together.
     unauthenticated_connections: Annotated[int, Meta(ge=1)] = 1_000
     # WebSocket upgrades a second from one address (IPv6: one /64; behind
@@ -111,7 +118,7 @@ class LimitsConfig(_Section):
     # millisecond, signed in or refused, so one client connecting again and again could
     # stall it (found in an audit). A reconnect storm from behind one NAT (every board
     # after a restart) passes its first `connect_burst` at once, the rest at the rate.
-    connect_rate: Annotated[float, Meta(gt=0)] = 200.0
+    connect_rate: Annotated[float, Meta(gt=0, le=1e9)] = 200.0
     connect_burst: Annotated[int, Meta(ge=1)] = 2_000
     # Open at once with one key: each has its own rate budget, so without a cap one
     # participant could open thousands and multiply its rate by as many.
@@ -140,7 +147,7 @@ class ParticipantConfig(_Section):
     id: Annotated[int, Meta(ge=1)]
     name: Annotated[str, Meta(min_length=1, max_length=64)]
     role: Role
-    key: str | None = None
+    key: Annotated[str, Meta(min_length=1)] | None = None
     # What `sha256sum` prints: 64 lower-case hex digits (a key pasted here instead, or
     # an upper-case digest, would load and never sign anyone in).
     key_sha256: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")] | None = None
@@ -163,7 +170,7 @@ class DemoConfig(_Section):
     # `repay_after_s` later (service/demo_market.py). 0: the market moves only when
     # someone acts.
     activity: Annotated[float, Meta(ge=0, le=1000)] = 0.0
-    repay_after_s: Annotated[float, Meta(gt=0)] = 60.0
+    repay_after_s: Annotated[float, Meta(gt=0, le=31_536_000)] = 60.0
 
 
 class Config(_Section):
@@ -262,6 +269,29 @@ def load(path: str | Path | None, environ: dict[str, str] | None = None) -> Conf
                                       ) from None
 
 
+#: What redis-py connects to (a URL of another scheme raised from inside the start).
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def _check_participants(cfg: Config) -> None:
+    """Each participant's key and id, by its path, and then the directory the gateway
+    builds from them with the demo's: these were checked only once the start had begun,
+    and refused with a traceback (found in an audit)."""
+    ids: set[int] = set()
+    for i, p in enumerate(cfg.participants):
+        if (p.key is None) == (p.key_sha256 is None):
+            raise msgspec.ValidationError(f"participant {p.name!r} needs exactly one of key, "
+                                          f"key_sha256 - at `$.participants[{i}]`")
+        if p.id in ids:
+            raise msgspec.ValidationError(f"id {p.id} is given twice - at "
+                                          f"`$.participants[{i}].id`")
+        ids.add(p.id)
+    try:
+        Directory(cfg.all_participants())
+    except ValueError as exc:
+        raise msgspec.ValidationError(f"{exc} - at `$.participants`") from None
+
+
 def _checked(data: dict[str, Any]) -> Config:
     """The settings as a Config, each checked: raises ValidationError naming the path."""
     # strict=False: environment values are strings ("8081" -> 8081).
@@ -281,6 +311,11 @@ def _checked(data: dict[str, Any]) -> Config:
     if cfg.redis.url is not None and not cfg.redis.url.strip():
         raise msgspec.ValidationError("empty: give a redis:// URL, or leave the setting "
                                       "out to start a local Redis - at `$.redis.url`")
+    if cfg.redis.url is not None and not cfg.redis.url.startswith(REDIS_SCHEMES):
+        raise msgspec.ValidationError(
+            f"{cfg.redis.url.partition('://')[0]!r} is not a Redis URL: it starts with "
+            f"{', '.join(REDIS_SCHEMES)} - at `$.redis.url`")
+    _check_participants(cfg)
     try:                    # here, not at the end of a start that recovered and snapshot
         ZoneInfo(cfg.engine.timezone)
     except (ValueError, OSError, ZoneInfoNotFoundError):    # OSError: "America", a dir

@@ -85,6 +85,11 @@ class Keys:
         return f"matcher:{{{self.shard}}}:journal-archive-failures"
 
     @property
+    def writer(self) -> str:
+        """The gateway that writes the journal: its token, while it renews it (ADR 31)."""
+        return f"matcher:{{{self.shard}}}:writer"
+
+    @property
     def probe(self) -> str:
         """Written by the gateway every second with a short expiry: whether Redis takes
         writes, also in a quiet market."""
@@ -158,6 +163,12 @@ def _write_script(fields: tuple[str, ...]) -> bytes:
     pairs = ", ".join(f"'{name}', ARGV[i + {j}]" for j, name in enumerate(fields, 1))
     values = ", ".join(f"ARGV[i + {j}]" for j in range(1, len(fields) + 1))
     return f"""
+if ARGV[5] ~= '' then
+  local writer = redis.call('GET', KEYS[3])
+  if writer and writer ~= ARGV[5] then
+    return redis.error_reply('FENCED ' .. writer)
+  end
+end
 if ARGV[4] ~= '' then
   local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
   local have = last[1] and last[1][1] or '0-0'
@@ -169,8 +180,8 @@ if ARGV[4] ~= '' then
                              ', this write follows ' .. ARGV[4])
   end
 end
-local k = 3
-local i = 5
+local k = 4
+local i = 6
 local n = #ARGV
 while i <= n do
   redis.call('XADD', KEYS[2], ARGV[i], {pairs})
@@ -205,11 +216,15 @@ return 1
 #: after a failure, and the first write on each new connection (`Journal._send`). With
 #: one write in flight, each is sent only once the one before it succeeded on the same
 #: connection, which is the check already made.
-#: KEYS: journal, fills, then per trade its funder's and its SME's stream (`fills_of`).
+#: Given the writer's token, the script writes nothing while another gateway holds the
+#: shard's writer lease (`FENCED <holder>`, and the journal stops; ADR 31). A lapsed
+#: lease does not stop it: the holder renews it, and no other took it meanwhile.
+#: KEYS: journal, fills, writer lease, then per trade its funder's and its SME's stream
+#: (`fills_of`).
 #: ARGV: journal entry id ("" for none: `ends_at` of the batch's last command), how many
 #: sequence numbers the batch uses up (its commands, and the numbers a `skip` skips),
-#: batch, the id of the entry it follows
-#: ("0-0" for the first; "" to skip the check), then per trade its id and the values of
+#: batch, the id of the entry it follows ("0-0" for the first; "" to skip the check),
+#: the writer's token ("": no lease), then per trade its id and the values of
 #: `trade_fields` in order (`trade_values`).
 WRITE_SCRIPT = _write_script(wire.Trade.__struct_fields__)
 _SCRIPT_SHA = hashlib.sha1(WRITE_SCRIPT).hexdigest().encode()
@@ -241,6 +256,10 @@ def _gap(exc: BaseException | None) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("GAP ")
 
 
+def _fenced(exc: BaseException) -> bool:
+    return isinstance(exc, ResponseError) and str(exc).startswith("FENCED ")
+
+
 @dataclass(slots=True)
 class _Batch:
     """Commands written together, and the future their replies wait for."""
@@ -256,6 +275,10 @@ class JournalLost(RuntimeError):
     """Redis holds less than was acknowledged: it lost writes (see README, durability)."""
 
 
+class WriterReplaced(RuntimeError):
+    """Another gateway holds the shard's writer lease: this one must not write (ADR 31)."""
+
+
 class Journal:
     """Writes accepted commands in groups and says when each is durable.
 
@@ -268,8 +291,9 @@ class Journal:
     def __init__(self, client: aioredis.Redis, keys: Keys, *, max_retry_delay: float = 1.0,
                  written_seq: int = 0,
                  on_batch: Callable[[int, float | None], None] | None = None,
-                 max_inflight: int = 1) -> None:
+                 max_inflight: int = 1, writer: str = "") -> None:
         self.client = client
+        self.writer = writer                # the lease token the script checks ("": none)
         self.keys = keys
         self.max_retry_delay = max_retry_delay
         self.written_seq = written_seq            # everything up to here is in Redis
@@ -290,6 +314,7 @@ class Journal:
         self._on_batch = on_batch
         self._journal_key = keys.journal.encode()
         self._fills_key = keys.fills.encode()
+        self._writer_key = keys.writer.encode()
         self._own_keys: dict[int, bytes] = {}
         self._conn = resp.Connection.like(client)     # the writes' own connection
         self._conn.on_settled = self._settle
@@ -493,7 +518,18 @@ class Journal:
         self._recovering = False
         self.healthy = True
 
+    def replaced(self, holder: str) -> None:
+        """Another gateway took the writer lease: stop before writing after it."""
+        if self.error is None:
+            self._stop(WriterReplaced(f"FENCED {holder}"))
+
     def _stop(self, exc: BaseException) -> None:
+        if _fenced(exc) or isinstance(exc, WriterReplaced):
+            holder = str(exc).removeprefix("FENCED ")
+            exc = WriterReplaced(
+                f"another gateway ({holder}) holds this shard's writer lease and writes "
+                "its journal: this one stops (docs/operations.md, \"Another gateway "
+                "writes the journal\")")
         log.critical("journal stopped, nothing more will be acknowledged: %s", exc)
         self.healthy = False
         self.error = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
@@ -548,7 +584,7 @@ class Journal:
               sha: bytes | None, *, check: bool = True) -> bytes:
         """One WRITE_SCRIPT call: by its digest, or with its text when `sha` is None;
         `check`: only right after the entry before it (see WRITE_SCRIPT)."""
-        keys = [self._journal_key, self._fills_key]
+        keys = [self._journal_key, self._fills_key, self._writer_key]
         for trade in trades:
             keys += (self._own_key(trade.funder), self._own_key(trade.sme))
         args: list[bytes | str | int] = [b"EVALSHA", sha] if sha is not None \
@@ -558,9 +594,9 @@ class Journal:
             last = entries[-1].ends_at
             args += (b"%d-0" % last, last - entries[0].seq + 1,
                      wire.journal_encoder.encode(entries),
-                     b"%d-0" % (entries[0].seq - 1) if check else b"")
+                     b"%d-0" % (entries[0].seq - 1) if check else b"", self.writer)
         else:
-            args += (b"", 0, b"", b"")
+            args += (b"", 0, b"", b"", self.writer)
         for trade in trades:
             args += trade_values(trade)
         return resp.pack(*args)

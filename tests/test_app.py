@@ -88,6 +88,22 @@ def test_a_segment_configured_twice_is_refused(tmp_path: Path) -> None:
     ("[server]\nport = 99999\n", "<= 65535 - at `$.server.port`"),
     ("[server\n", "Expected ']'"),
     (None, "No such file"),
+    # These ended the start with a traceback (found in an operator's audit).
+    ('[redis]\nurl = "http://127.0.0.1:6379"\n', "'http' is not a Redis URL: it starts "
+     "with redis://, rediss://, unix:// - at `$.redis.url`"),
+    ('[[participants]]\nid = 5\nname = "a"\nrole = "funder"\n',
+     "participant 'a' needs exactly one of key, key_sha256 - at `$.participants[0]`"),
+    ('[[participants]]\nid = 5\nname = "a"\nrole = "funder"\nkey = "k1"\n'
+     '[[participants]]\nid = 5\nname = "b"\nrole = "sme"\nkey = "k2"\n',
+     "id 5 is given twice - at `$.participants[1].id`"),
+    ('[[participants]]\nid = 5\nname = "a"\nrole = "funder"\nkey = "k"\n'
+     '[[participants]]\nid = 6\nname = "b"\nrole = "sme"\nkey = "k"\n',
+     "b shares an API key with another - at `$.participants`"),
+    ('[[participants]]\nid = 5\nname = "a"\nrole = "funder"\nkey = ""\n',
+     "length >= 1 - at `$.participants[0].key`"),
+    # TOML has inf: a shutdown that waits for ever never exits while Redis is down.
+    ("[server]\nshutdown_timeout = inf\n", "<= 3600.0 - at `$.server.shutdown_timeout`"),
+    ("[limits]\nrate = inf\n", "- at `$.limits.rate`"),
 ])
 def test_matcher_serve_refuses_a_bad_configuration_in_one_line(
         tmp_path: Path, text: str | None, says: str) -> None:
