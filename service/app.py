@@ -409,6 +409,8 @@ class Service:
                         await self.client.set(self.keys.probe, time.time_ns(), px=5000)
                 except (RedisError, OSError, TimeoutError) as exc:
                     failure = exc
+                if failure is None:     # and it still holds the journal (restarted empty?)
+                    journal.verify()
             if failure is not None:
                 misses += 1
                 if resp.wrong_node(failure):    # a failover: connect afresh (as the journal)

@@ -20,7 +20,7 @@ from service.journal import Journal, Keys, WriterReplaced
 from service.lease import Lease, ShardTaken, holder_gone
 from service.localredis import LocalRedis, free_port
 from tests.conftest import ROOT, ServerProcess, run, write_config
-from tests.test_service import F11, bid, line, session
+from tests.test_service import F11, bid, bid_answer, line, session
 
 KEYS = Keys("main")
 OTHER_HOST = "another-host.example:4242:0badcafe"     # a live gateway elsewhere
@@ -46,11 +46,6 @@ def serve(config: Path, env: dict[str, str],
 async def bid_accepted(server: ServerProcess, client_id: str) -> dict[str, Any]:
     async with session(server, F11) as funder:
         await funder.ok(line("DFM"))
-        return await funder.command(bid(client_id, "DFM-30D", 250, 1_000))
-
-
-async def bid_answer(server: ServerProcess, client_id: str) -> dict[str, Any]:
-    async with session(server, F11) as funder:
         return await funder.command(bid(client_id, "DFM-30D", 250, 1_000))
 
 

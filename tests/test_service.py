@@ -2671,6 +2671,44 @@ def test_health_tells_that_redis_is_away_in_a_quiet_market(
     assert "Redis does not answer" in server.log.read_text()
 
 
+def test_health_tells_that_redis_came_back_empty_in_a_quiet_market(
+        start_server: Callable[..., ServerProcess], redis_server: LocalRedis,
+        tmp_path: Path) -> None:
+    """An empty Redis takes the probe's write, so `/health` said ready for good and the
+    first command of the day was answered `unconfirmed` (found in an operator's audit):
+    each quiet second the journal checks that Redis still holds what was acknowledged,
+    and stops at once when it does not."""
+    server = start_server()
+    assert run(bid_answer(server, "b1"))["type"] == "accepted"
+    redis_server.stop()
+    fresh = LocalRedis(tmp_path / "empty", port=redis_server.port, durability="always")
+    fresh.start()
+    try:
+        deadline = time.monotonic() + 10
+        while server.get("/health")[0] == 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.get("/health")[0] == 503
+        assert metric(server, "matcher_journal_up") == 0
+        log = server.log.read_text()
+        assert "journal stopped, nothing more will be acknowledged: Redis journal ends at " \
+               "seq 0, but" in log
+        answer = run(bid_answer(server, "b2"))
+        assert (answer["type"], answer["code"]) == ("rejected", "unavailable")
+        client = redis.Redis.from_url(fresh.url)
+        assert client.xlen("matcher:{main}:journal") == 0     # nothing over the hole
+        client.close()
+    finally:
+        server.kill()
+        fresh.stop()
+
+
+async def bid_answer(server: ServerProcess, client_id: str) -> dict[str, Any]:
+    async with session(server, F11) as funder:
+        if (await funder.command(line("DFM")))["type"] == "accepted":
+            await funder.expect("line")
+        return await funder.command(bid(client_id, "DFM-30D", 250, 1_000))
+
+
 def test_one_key_has_at_most_connections_per_participant_open(
         start_server: Callable[..., ServerProcess]) -> None:
     """Each connection has its own rate budget, so one key opening thousands multiplied
