@@ -54,7 +54,7 @@ from service.gateway import (
 from service.inbox import WebSocket, forget_traceback
 from service.journal import Journal, Keys, WriterReplaced, check_streams_follow, journal_start
 from service.lease import Lease, new_token
-from service.localredis import LocalRedis, free_port
+from service.localredis import LocalRedis
 from service.metrics import Metrics
 from service.realtime import make_realtime
 from service.recovery import recover
@@ -130,7 +130,7 @@ class Service:
             log.info("running under SCHED_RR at priority %d", realtime)
         if url is None:
             self.local_redis = LocalRedis(cfg.redis.data_dir, durability=cfg.redis.durability,
-                                          port=free_port(cfg.redis.local_port))
+                                          prefer_port=cfg.redis.local_port)
             url = await asyncio.to_thread(self.local_redis.start)
             log.info("started a local redis-server at %s, data in %s", url, cfg.redis.data_dir)
             if realtime and self.local_redis.process is not None:

@@ -559,7 +559,8 @@ def test_a_start_that_fails_stops_its_local_redis_and_a_left_one_is_stopped_firs
     assert os.getpgid(left) != os.getpgid(0)
 
     async def scenario() -> LocalRedis | None:
-        cfg = load(None, {"MATCHER_REDIS_DATA_DIR": str(data), "MATCHER_SERVER_PORT": "0"})
+        cfg = load(None, {"MATCHER_REDIS_DATA_DIR": str(data), "MATCHER_SERVER_PORT": "0",
+                          "MATCHER_REDIS_LOCAL_PORT": str(orphan.port)})
         service = Service(cfg)
         try:
             with pytest.raises(JournalLost):
@@ -571,6 +572,7 @@ def test_a_start_that_fails_stops_its_local_redis_and_a_left_one_is_stopped_firs
     mine = run(scenario())
     assert orphan.process.poll() is not None             # stopped before ours started
     assert mine is not None and mine.process is None     # and ours after the failure
+    assert mine.port == orphan.port      # on the port it held, the one configured
     assert free_port(orphan.port) == orphan.port         # its port is free again at once
 
 
