@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--watchers: must be 0 or more")
     if args.floor and not args.serve:
         ap.error("--floor: only with --serve")
+    if args.floor and args.watchers:
+        ap.error("--watchers: the floor sends no books")
+    if args.floor:          # the profile's own watchers too: it answers `unsupported`
+        args.watchers = 0
     profile: Profile = PROFILES[args.profile].with_(
         rate=args.rate, reads=args.reads, reconnects=args.reconnects, watchers=args.watchers,
         duration_s=args.duration_s, ramp=args.ramp,
