@@ -121,7 +121,17 @@ STORED = b"MZ1\x00"
 def dump(state: State) -> bytes:
     """`state` as stored in Redis. `encode` stays the canonical form `state_hash` uses:
     compressed bytes could differ between zlib versions."""
-    return STORED + zlib.compress(encode(state), 1)
+    return pack(encode(state))
+
+
+def pack(encoded: bytes) -> bytes:
+    """An encoded state as stored in Redis (`dump`)."""
+    return STORED + zlib.compress(encoded, 1)
+
+
+def digest(encoded: bytes) -> str:
+    """The hash of an encoded state: `state_hash`, for one encoded already."""
+    return hashlib.sha256(encoded).hexdigest()
 
 
 def load(blob: bytes) -> State:
@@ -132,4 +142,4 @@ def load(blob: bytes) -> State:
 
 
 def state_hash(engine: Engine) -> str:
-    return hashlib.sha256(encode(capture(engine))).hexdigest()
+    return digest(encode(capture(engine)))

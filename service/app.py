@@ -14,6 +14,7 @@ import datetime as dt
 import errno
 import logging
 import math
+import os
 import random
 import signal
 import socket
@@ -124,6 +125,8 @@ class Service:
     async def start(self) -> None:
         cfg = self.config
         check_listen(cfg.server.host, cfg.server.port)      # before anything is read
+        if cfg.engine.journal_archive and cfg.engine.start_snapshotter:
+            check_archive(cfg.engine.journal_archive)
         url = cfg.redis.url
         realtime = cfg.server.realtime_priority
         if realtime and make_realtime(realtime):
@@ -171,8 +174,10 @@ class Service:
         zone = ZoneInfo(cfg.engine.timezone)       # an unknown zone fails here, at start
         first_start = engine.seq == 0               # (a skip moves it)
         await self._skip_lost()
-        self._resume(zone)
+        day_ended = self._resume(zone)
         await self._open_market(first_start=first_start)
+        if day_ended:                               # before serving, as at the cut-off
+            await self._day_upkeep()
         if self.snapshotter is not None:
             self.snapshotter.start()
         app = self._app()
@@ -354,10 +359,12 @@ class Service:
         assert self.gateway is not None and self.client is not None
         seq = self.gateway.engine.seq
         try:
-            if await asyncio.wait_for(store(self.client, self.keys, self.gateway.engine),
-                                      timeout):
+            digest = await asyncio.wait_for(store(self.client, self.keys,
+                                                  self.gateway.engine), timeout)
+            if digest is not None:
                 self.snapshot_seq = seq
-                log.info("snapshot written at seq %d (%s)", seq, when)
+                log.info("snapshot written at seq %d (%s), state hash %s", seq, when,
+                         digest)
             else:
                 log.info("the stored snapshot already covers seq %d", seq)
         except Exception as exc:        # the connections and the local Redis still close
@@ -449,12 +456,13 @@ class Service:
             log.warning("cannot read the Redis persistence settings (%s); make sure "
                         "appendonly=yes and appendfsync=%s", exc, want)
             return
-        have = got.get("appendfsync") if got.get("appendonly") == "yes" else "no"
+        aof = got.get("appendonly") == "yes"
+        have = got.get("appendfsync") if aof else "no"
         order = {"no": 0, "everysec": 1, "always": 2}
         if order.get(str(have), 0) < order[want]:
-            log.warning("Redis persistence is weaker than configured: appendfsync=%s, "
-                        "durability=%s wants appendonly yes + appendfsync %s "
-                        "(see README, Durability)", have, want, want)
+            log.warning("Redis persistence is weaker than configured: %s, durability=%s "
+                        "wants appendonly yes + appendfsync %s (see README, Durability)",
+                        f"appendfsync {have}" if aof else "appendonly no", want, want)
 
     async def _skip_lost(self) -> None:
         """`--lost-up-to M`: Redis lost acknowledged commands up to M, so number on from
@@ -478,7 +486,7 @@ class Service:
         gw.submit(system(), wire.Skip(last=last), time.perf_counter())
         await gw.journal.flush()
 
-    def _resume(self, zone: ZoneInfo) -> None:
+    def _resume(self, zone: ZoneInfo) -> bool:
         """Before serving again: `resume`, which keeps the downtime out of the retry
         window (ADR 8 addendum), then the end of day that fell due while the gateway was
         down (or whose `end_of_day` a crash kept out of the journal). In that order: an
@@ -488,11 +496,12 @@ class Service:
         gw = self.gateway
         assert gw is not None
         if gw.engine.seq == 0:               # a new journal: nothing to resume
-            return
+            return False
         missed = self._day_missed(zone)      # before `resume` starts a day
         gw.submit(system(), wire.Resume(), time.perf_counter())
         if missed:
             gw.submit(system(), wire.EndOfDay(), time.perf_counter())
+        return missed
 
     def _day_missed(self, zone: ZoneInfo) -> bool:
         """Whether the latest cut-off passed with no `end_of_day` journaled after the day's
@@ -589,8 +598,16 @@ class Service:
         collection and, when Redis keeps an append-only file, its rewrite (a fork and a
         full write of the data set: a latency spike mid-morning, harmless now)."""
         gw = self.gateway
-        assert gw is not None and self.client is not None
+        assert gw is not None
         gw.submit(system(), wire.EndOfDay(), time.perf_counter())
+        await self._day_upkeep()
+
+    async def _day_upkeep(self) -> None:
+        """Once the end of day is journaled: also after one issued at a start (it was
+        missed), which skipped it, and left Redis's own rewrite to fall in the morning
+        (found in an operator's audit)."""
+        gw = self.gateway
+        assert gw is not None and self.client is not None
         try:
             await gw.journal.flush()
         except Exception as exc:     # the journal stopped: it said why; nothing to upkeep
@@ -925,8 +942,24 @@ def _unlink(request: web.Request) -> None:
         request.match_info.route._handler = _refused
 
 
-class ListenRefused(Exception):
-    """`[server] host` and `port` cannot be listened on."""
+class StartRefused(Exception):
+    """A setting the start cannot work with, found before it reads or writes anything:
+    `matcher serve` says which in one line and exits with status 2."""
+
+
+def check_archive(root: str) -> None:
+    """The journal's archive directory can be written (the snapshotter beside the
+    gateway writes it): a path that is a file, or one the process may not write,
+    started cleanly and failed only at the first archive, mid-morning (found in an
+    operator's audit)."""
+    probe = Path(root) / f".matcher-probe-{os.getpid()}"
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StartRefused(f"engine.journal_archive: cannot write to {root!r} "
+                           f"({exc.strerror})") from None
 
 
 def check_listen(host: str, port: int) -> None:
@@ -940,7 +973,7 @@ def check_listen(host: str, port: int) -> None:
         addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ListenRefused(f"server.host: {host!r} does not resolve ({exc.strerror})"
+        raise StartRefused(f"server.host: {host!r} does not resolve ({exc.strerror})"
                             ) from None
     for family, kind, proto, _name, address in addresses:
         with socket.socket(family, kind, proto) as sock:
@@ -950,7 +983,7 @@ def check_listen(host: str, port: int) -> None:
             try:
                 sock.bind(address)
             except OSError as exc:
-                raise ListenRefused(f"server.port: cannot listen on {address[0]} port "
+                raise StartRefused(f"server.port: cannot listen on {address[0]} port "
                                     f"{port} ({exc.strerror}): is a gateway running "
                                     "there already?") from None
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -345,7 +346,7 @@ def die_with_parent() -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvloop
 
-    from service.app import ListenRefused, serve
+    from service.app import StartRefused, serve
     try:
         cfg = config_module.load(args.config)
     except (OSError, ValueError) as exc:     # no file, not TOML, a setting refused
@@ -355,8 +356,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     try:
         return uvloop.run(serve(cfg, lost_up_to=args.lost_up_to))
-    except ListenRefused as exc:
-        print(f"matcher serve: {exc}", file=sys.stderr)
+    except StartRefused as exc:
+        print(f"matcher serve: {args.config or 'the demo configuration'}: {exc}",
+              file=sys.stderr)
         return 2
 
 
@@ -467,6 +469,10 @@ def main(argv: list[str] | None = None) -> int:
         # `matcher fills ... | head`: the reader has had enough.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except AuthenticationError as exc:      # a ConnectionError to redis-py, but it answered
+        print(f"matcher {args.command}: Redis refused the credentials of the URL "
+              f"({exc})", file=sys.stderr)
+        return 3
     except (RedisConnectionError, RedisTimeoutError) as exc:
         print(f"matcher {args.command}: Redis does not answer ({type(exc).__name__}: "
               f"{exc})", file=sys.stderr)

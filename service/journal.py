@@ -652,7 +652,9 @@ class Journal:
         last = stream_seq(newest[0][0]) if newest else 0
         if last < acknowledged:
             raise JournalLost(f"Redis journal ends at seq {last}, but {acknowledged} "
-                              "was acknowledged: Redis lost writes")
+                              "was acknowledged: Redis lost writes (docs/operations.md, "
+                              "\"Redis lost acknowledged writes\": restore them from a "
+                              f"copy, or start with --lost-up-to {acknowledged})")
         return seq is not None and last >= seq
 
 

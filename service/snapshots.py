@@ -106,17 +106,20 @@ Row = tuple[bytes, str]         # a journal entry's id and the SHA-1 of its batc
 
 async def store(client: aioredis.Redis, keys: Keys, engine: Engine, *,
                 applied: Row | None = None, part_bytes: int = PART_BYTES,
-                pause_s: float = PART_PAUSE_S) -> bool:
-    """Store the engine's state if it is newer than the stored snapshot; False if not.
-    `applied`: the last journal entry the state applied, checked to be still there.
+                pause_s: float = PART_PAUSE_S) -> str | None:
+    """Store the engine's state if it is newer than the stored snapshot: its hash
+    (`snapshot.state_hash`, logged, for an operator to compare with a replay's), None
+    if not. `applied`: the last journal entry the state applied, checked to be still
+    there.
 
     The parts go to a key of this writer's own, which one script then renames over the
     snapshot: readers see the old snapshot or the new one, never a part of it.
     """
     seq = engine.seq
     if await stored_seq(client, keys) >= seq:
-        return False
-    data = snapshot.dump(snapshot.capture(engine))
+        return None
+    encoded = snapshot.encode(snapshot.capture(engine))
+    data = snapshot.pack(encoded)
     staging = keys.snapshot_staging(uuid.uuid4().hex)
     try:
         for offset in range(0, len(data), part_bytes):
@@ -143,7 +146,7 @@ async def store(client: aioredis.Redis, keys: Keys, engine: Engine, *,
     if done == -3:
         raise JournalDiverged(f"the journal no longer holds entry {row_id.decode()} as the "
                               f"snapshot at seq {seq} applied it")
-    return bool(done)
+    return snapshot.digest(encoded) if done else None
 
 
 async def stored_seq(client: aioredis.Redis, keys: Keys) -> int:
@@ -261,12 +264,12 @@ class Snapshotter:
         # Not written: another writer stored a newer one (the gateway at shutdown).
         self.stored = self.engine.seq if written else await stored_seq(self.client, self.keys)
         if written:
-            log.info("snapshot written at seq %d", self.engine.seq)
+            log.info("snapshot written at seq %d, state hash %s", self.engine.seq, written)
             await self._trim()
             # Automatic collection is off here as in the gateway (`gctune`); between
             # snapshots is this process's quiet moment to reclaim any cycles.
             gctune.full_collect()
-        return written
+        return written is not None
 
     async def _trim(self) -> None:
         """Move what the new snapshot covers to the archive, then out of Redis. A failed

@@ -104,6 +104,9 @@ def test_a_segment_configured_twice_is_refused(tmp_path: Path) -> None:
     # TOML has inf: a shutdown that waits for ever never exits while Redis is down.
     ("[server]\nshutdown_timeout = inf\n", "<= 3600.0 - at `$.server.shutdown_timeout`"),
     ("[limits]\nrate = inf\n", "- at `$.limits.rate`"),
+    # Refused at the start, before it reads anything (it failed at the first archive).
+    ('[engine]\njournal_archive = "/proc/nope/archive"\n',
+     "engine.journal_archive: cannot write to '/proc/nope/archive'"),
 ])
 def test_matcher_serve_refuses_a_bad_configuration_in_one_line(
         tmp_path: Path, text: str | None, says: str) -> None:

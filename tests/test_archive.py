@@ -316,8 +316,11 @@ def test_the_server_alerts_on_an_archive_it_cannot_write(
         tmp_path: Path, redis_server: LocalRedis) -> None:
     from tests.test_service import metric
     blocked = tmp_path / "not-a-directory"
-    blocked.write_text("")
     server = archiving_server(tmp_path, redis_server, blocked)
+    # Writable at the start (which refuses one that is not), a file once it serves: as
+    # a disk that fills up or a mount that goes away.
+    blocked.rmdir()
+    blocked.write_text("")
     try:
         assert metric(server, "matcher_journal_archive_failures_total", required=True) == 0
         run(sixty_bids(server))

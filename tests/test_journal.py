@@ -1177,6 +1177,22 @@ def parse_replay(out: str) -> tuple[int, int, int, str]:
     return int(m[1]), int(m[2]), int(m[3]), h[1]
 
 
+def test_the_gateway_logs_the_state_hash_a_replay_prints(
+        server: ServerProcess, redis_server: LocalRedis) -> None:
+    """The runbook's check compares a replay's hash with the gateway's own state at the
+    same sequence number, which nothing showed (found in an operator's audit): each
+    snapshot it stores is logged with the state's hash."""
+    from tests.test_service import bid_answer
+    assert run(bid_answer(server, "b1"))["type"] == "accepted"
+    assert server.terminate() == 0
+    logged = re.search(r"snapshot written at seq (\d+) \(at shutdown\), state hash "
+                       r"([0-9a-f]{64})", server.log.read_text())
+    assert logged, server.log.read_text()[-2000:]
+    seq, _snapshot, _replayed, replayed = parse_replay(
+        matcher_cli("replay", "--redis-url", redis_server.url, "--full"))
+    assert (seq, replayed) == (int(logged[1]), logged[2])
+
+
 def test_cli_replay_and_snapshot(redis_server: LocalRedis) -> None:
     driver = Driver(seed=9)
 

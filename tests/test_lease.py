@@ -67,8 +67,8 @@ def test_a_second_gateway_on_the_shard_writes_nothing_and_the_first_goes_on(
     # The first's port: refused at once, in one line, before anything is read.
     done = serve(server.config, {})
     assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith(f"matcher serve: server.port: cannot listen on 127.0.0.1 "
-                                  f"port {server.port}")
+    assert done.stderr.startswith(f"matcher serve: {server.config}: server.port: cannot "
+                                  f"listen on 127.0.0.1 port {server.port}")
     assert "Traceback" not in done.stderr
     assert journal_state(redis_server.url) == before
     assert run(bid_accepted(server, "b2"))["type"] == "accepted"
