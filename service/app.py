@@ -395,8 +395,10 @@ class Service:
         assert self.gateway is not None
         journal = self.gateway.journal
         misses = 0
+        pause = 0.0             # the first reads at once: metrics read 0 for a second
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(pause)
+            pause = 1.0
             failure: BaseException | None = None
             try:
                 async with asyncio.timeout(REDIS_PROBE_TIMEOUT_S):
@@ -1103,6 +1105,8 @@ async def serve(config: Config, *, lost_up_to: int = 0) -> int:
     await stop.wait()
     log.info("stopping: no new commands; flushing the journal and writing a snapshot")
     await service.stop()
+    log.info("stopped at seq %d, exit status %d", service.gateway.engine.seq
+             if service.gateway else 0, service.exit_code)
     return service.exit_code
 
 

@@ -1191,6 +1191,7 @@ def test_the_gateway_logs_the_state_hash_a_replay_prints(
     seq, _snapshot, _replayed, replayed = parse_replay(
         matcher_cli("replay", "--redis-url", redis_server.url, "--full"))
     assert (seq, replayed) == (int(logged[1]), logged[2])
+    assert f"stopped at seq {seq}, exit status 0" in server.log.read_text()   # the last word
 
 
 def test_cli_replay_and_snapshot(redis_server: LocalRedis) -> None:
