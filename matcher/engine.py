@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Literal, cast
 
+import msgspec
 from msgspec import Struct
 
 from matcher import Book, CreditLines, OrderError
@@ -40,7 +41,6 @@ class Segment(Struct, frozen=True, kw_only=True):
 #: order's client id answers retries for as long as the order rests.
 RETRY_WINDOW_NS = 120 * 10**9
 _EndOfDay = wire.EndOfDay
-_END_OF_DAY = _EndOfDay(keep_retries=True)
 
 
 class Finished(Struct, array_like=True, gc=False):
@@ -149,6 +149,8 @@ class Engine:
         # that began before the latest cut-off and was never closed missed its end of
         # day, which the gateway issues when it starts (`day_missed`).
         self.day_started = 0
+        # The client id of the last end of day that had one: the same again is a repeat.
+        self.day_closed_by: str | None = None
         self._names = names
         for segment in segments:
             self._open(segment)
@@ -165,7 +167,7 @@ class Engine:
             return self._rejected(participant, cmd, Reject(
                 "forbidden", f"a {role} may not send {cmd.__struct_config__.tag}", "$.type"))
         if type(cmd) is _EndOfDay and not cmd.keep_retries:
-            cmd = _END_OF_DAY            # this version's rule, journaled as such
+            cmd = msgspec.structs.replace(cmd, keep_retries=True)   # this version's rule
         return self.apply(wire.JournalEntry(self.seq + 1, max(ts, self.ts), participant, cmd))
 
     def apply(self, entry: wire.JournalEntry, *, quiet: bool = False) -> Outcome:
@@ -583,7 +585,14 @@ class Engine:
             client_id=None, seq=self.seq, duplicate=True)))
 
     def _end_of_day(self, entry: wire.JournalEntry, out: Outcome) -> None:
-        out.accept(entry)
+        cmd = cast(wire.EndOfDay, entry.command)
+        if cmd.client_id is not None and cmd.client_id == self.day_closed_by:
+            out.replies.append((entry.participant, wire.Accepted(
+                client_id=cmd.client_id, seq=self.seq, duplicate=True)))
+            return
+        if cmd.client_id is not None:
+            self.day_closed_by = cmd.client_id
+        out.accept(entry, client_id=cmd.client_id)
         for segment in sorted(self.books):
             expired = self.books[segment].expire_day()
             for order_id in expired:
@@ -595,7 +604,7 @@ class Engine:
         # journals the missed end of day), made an SME's retried ask a second loan
         # (found in review). Journals from before `keep_retries` forgot every ended
         # order, and so their names, here: they replay so.
-        if not cast(wire.EndOfDay, entry.command).keep_retries:
+        if not cmd.keep_retries:
             self.finished.clear()
             self._expiry.clear()
             self.rebuild_clients()

@@ -22,10 +22,10 @@ from matcher.types import Order
 
 #: 2: without the client-id map, which restore derives; 3: with `day_started`; 4: with
 #: `repaid` (ADR 24); 5: with `halted` (ADR 25); 6: with `suspended` (ADR 26); 7: with
-#: each order's `body` (ADR 8, addendum). 1 to 6 still load (their orders' bodies are
-#: unknown: any retry matches them).
-VERSION = 7
-READS = (1, 2, 3, 4, 5, 6, 7)
+#: each order's `body` (ADR 8, addendum); 8: with `day_closed_by`. 1 to 7 still load
+#: (before 7 their orders' bodies are unknown: any retry matches them).
+VERSION = 8
+READS = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 class BookState(Struct, array_like=True):
@@ -45,6 +45,7 @@ class State(Struct, kw_only=True):
     repaid: dict[str, list[tuple[int, int]]] = {}  # core -> [(funder, repaid_total)] (4)
     halted: list[str] = []                      # segments halted, sorted (version 5)
     suspended: list[int] = []                   # participants suspended, sorted (6)
+    day_closed_by: str | None = None            # Engine.day_closed_by (version 8)
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -74,6 +75,7 @@ def capture(engine: Engine) -> State:
                 for core, totals in sorted(engine.repaid.items())},
         halted=sorted(engine.halted),
         suspended=sorted(engine.suspended),
+        day_closed_by=engine.day_closed_by,
     )
 
 
@@ -91,6 +93,7 @@ def restore(state: State, names: Callable[[int], str] = str) -> Engine:
         engine.repaid[core] = dict(totals)
     engine.halted = set(state.halted)
     engine.suspended = set(state.suspended)
+    engine.day_closed_by = state.day_closed_by
     for b in state.books:
         engine.books[b.segment.id].restore(b.orders)
     engine.orders = {o.order_id: o for o in state.orders}

@@ -135,6 +135,8 @@ ADMIN_ACTIONS: dict[str, Callable[[argparse.Namespace], dict[str, object]]] = {
     "reinstate": lambda args: {"type": "reinstate", "participant": _participant(args)},
     "status": lambda args: {"type": "status", "participant": _participant(args)},
     "add-segment": _add_segment,
+    # Its name makes it safe to send again: the same name is answered as a repeat.
+    "end-of-day": lambda args: {"type": "end_of_day", "client_id": args.target},
 }
 
 
@@ -415,7 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=_positive_seconds, default=10.0)
     p.add_argument("action", choices=sorted(ADMIN_ACTIONS),
                    help="halt/reopen SEGMENT, suspend/reinstate/status PARTICIPANT, "
-                        "add-segment SEGMENT --core CORE --tenor-days N")
+                        "add-segment SEGMENT --core CORE --tenor-days N, end-of-day NAME "
+                        "(a name for this cut-off, eod-2026-11-23 say: sent again under "
+                        "it, nothing more expires)")
     p.add_argument("target", nargs="?", help="a segment id, or a participant id")
     p.add_argument("--core", help="add-segment: its core enterprise (new or known)")
     p.add_argument("--tenor-days", type=int, help="add-segment: the receivables' tenor")

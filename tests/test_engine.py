@@ -1005,3 +1005,33 @@ def test_a_cancel_names_an_ended_order_not_resting_within_its_window_then_unknow
     m.ts += RETRY_WINDOW_NS
     assert rejected(m.send(F1, wire.Cancel(client_id="b"))).code == "unknown_order"
     assert rejected(m.send(F1, wire.Amend(client_id="b", amount=5))).code == "unknown_order"
+
+
+def test_an_end_of_day_sent_again_under_its_client_id_is_a_repeat() -> None:
+    """An admin who resent an `end_of_day` after a lost answer expired the DAY orders
+    placed since the first (found in an audit): with a client id, the same one again is
+    answered as a repeat and expires nothing, also after a snapshot; another id, or none,
+    is a new cut-off."""
+    from matcher.snapshot import capture, restore
+
+    m = Market()
+    m.line(F1, "DFM", 10_000)
+    m.bid(F1, "day1", 250, 100, tif="day")
+    first = m.send(ADMIN, wire.EndOfDay(client_id="eod-2026-11-23"))
+    assert events(first, ADMIN, wire.Accepted)[0].client_id == "eod-2026-11-23"
+    assert [d.client_id for d in events(first, F1, wire.Done)] == ["day1"]
+    m.bid(F1, "day2", 250, 100, tif="day")
+    journaled = len(m.journal)
+    for engine in (m.engine, restore(capture(m.engine))):
+        again = engine.submit(ADMIN, "admin", wire.EndOfDay(client_id="eod-2026-11-23"),
+                              m.ts + 1)
+        [answer] = events(again, ADMIN, wire.Accepted)
+        assert answer.duplicate and answer.client_id == "eod-2026-11-23"
+        assert again.entry is None and events(again, F1, wire.Done) == []
+        assert [o.client_id for o in engine.status(F1).orders] == ["day2"]
+    assert len(m.journal) == journaled
+    assert [d.client_id for d in events(m.send(ADMIN, wire.EndOfDay(client_id="eod-2026-11-24")),
+                                        F1, wire.Done)] == ["day2"]
+    m.bid(F1, "day3", 250, 100, tif="day")
+    assert [d.client_id for d in events(m.send(ADMIN, wire.EndOfDay()), F1, wire.Done)] == \
+        ["day3"]                                       # none: every one is a cut-off

@@ -2084,6 +2084,11 @@ def test_matcher_admin_halts_suspends_and_reads_from_the_command_line(
     code, again = admin("add-segment", "CRRC-60D", "--core", "CRRC", "--tenor-days", "60")
     assert code == 1 and again["code"] == "duplicate_segment"
     assert admin("halt") == (2, None) and "halt takes a target" in said[-1]
+    # A cut-off by hand, under a name: the same name again is a repeat.
+    code, closed = admin("end-of-day", "eod-2026-11-23")
+    assert code == 0 and (closed["client_id"], closed["duplicate"]) == ("eod-2026-11-23", False)
+    code, again = admin("end-of-day", "eod-2026-11-23")
+    assert code == 0 and again["duplicate"] is True and again["seq"] == closed["seq"]
 
 
 def test_matcher_admin_says_in_one_line_when_the_gateway_cannot_be_reached(
