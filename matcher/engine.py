@@ -41,6 +41,7 @@ class Segment(Struct, frozen=True, kw_only=True):
 #: order's client id answers retries for as long as the order rests.
 RETRY_WINDOW_NS = 120 * 10**9
 _EndOfDay = wire.EndOfDay
+_VOWEL_ROLES = ("admin", "sme")     # "an SME" as it is read aloud: "an ess-em-ee"
 
 
 class Finished(Struct, array_like=True, gc=False):
@@ -165,7 +166,8 @@ class Engine:
         """
         if type(cmd) not in ALLOWED[role]:
             return self._rejected(participant, cmd, Reject(
-                "forbidden", f"a {role} may not send {cmd.__struct_config__.tag}", "$.type"))
+                "forbidden", f"{'an' if role in _VOWEL_ROLES else 'a'} {role} may not send "
+                f"{cmd.__struct_config__.tag}", "$.type"))
         if type(cmd) is _EndOfDay and not cmd.keep_retries:
             cmd = msgspec.structs.replace(cmd, keep_retries=True)   # this version's rule
         return self.apply(wire.JournalEntry(self.seq + 1, max(ts, self.ts), participant, cmd))

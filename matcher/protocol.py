@@ -434,8 +434,8 @@ class Error(_Event, tag="error"):
 
     `client_id` is the message's own, when it could be read (an order with one wrong
     field still says which order it was), so a client with several orders in flight
-    knows which one was refused; `ref` is the `ref` of the `quote` or `fills` request
-    it answers."""
+    knows which one was refused; `ref` is the `ref` of the read it answers (`quote`,
+    `fills`, `subscribe`, `unsubscribe`)."""
 
     code: str
     message: str

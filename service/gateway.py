@@ -943,7 +943,8 @@ class Gateway:
         if msg.fills:
             if conn.participant.role not in ("platform", "admin"):
                 self._error(conn, wire.Error(code="forbidden", path="$.fills", ref=msg.ref,
-                                             message="only the platform may follow all fills"))
+                                             message="only the platform and admins may "
+                                                     "follow all fills"))
                 return
             if self.journal.error is not None:      # no trade will come: say so
                 self._error(conn, self.unwritten(msg.ref))

@@ -504,7 +504,7 @@ BAD_INPUTS: list[tuple[str, int, str | bytes, dict[str, Any]]] = [
       "message": "a funder may not send repay", "path": "$.type"}),
     ("sme_sends_bid", SME_X, json.dumps(VALID_BID),
      {"type": "rejected", "client_id": "b9", "code": "forbidden",
-      "message": "a sme may not send bid", "path": "$.type"}),
+      "message": "an sme may not send bid", "path": "$.type"}),
     ("cancel_unknown_order", F11, json.dumps({"type": "cancel", "client_id": "nope"}),
      {"type": "rejected", "client_id": "nope", "code": "unknown_order",
       "message": "no resting order 'nope' of yours", "path": "$.client_id"}),
@@ -699,6 +699,31 @@ def test_no_key_gets_nothing_but_a_close_4401(server: ServerProcess) -> None:
     assert run(scenario()) == ([], 4401)
 
 
+@pytest.mark.parametrize(("header", "first", "reason"), [
+    (None, {"type": "quote", "segment": "DFM-30D", "amount": 1_000},
+     "the first message must be auth"),
+    (None, b'{"type":"auth","key":"\xff"}', "the first message must be a valid auth"),
+    (None, {"type": "auth", "key": "key-nobody"}, "wrong API key"),
+    ("Bearer key-nobody", None, "wrong API key"),
+    (None, None, "no auth message within auth_timeout"),
+])
+def test_the_4401_close_says_why(start_server: Callable[..., ServerProcess],
+                                 header: str | None, first: Any, reason: str) -> None:
+    """"unauthorized" for every case left an integrator guessing (found in an audit)."""
+    server = start_server(auth_timeout=0.5)
+
+    async def scenario() -> tuple[int | None, str | None]:
+        async with ws_connect(server.ws_url, {"Authorization": header} if header else None
+                              ) as ws:
+            if first is not None:
+                await ws.send(first if isinstance(first, bytes) else json.dumps(first))
+            with contextlib.suppress(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), WAIT)
+            return ws.close_code, ws.close_reason
+
+    assert run(scenario()) == (4401, reason)
+
+
 def test_silent_client_without_key_is_closed_4401_after_the_auth_timeout(
         start_server: Callable[..., ServerProcess]) -> None:
     server = start_server(auth_timeout=0.5)
@@ -807,11 +832,11 @@ ROLE_REFUSALS = [
     ("funder_asks", F11, ask("a1", "DFM-30D", 1_000), "a funder may not send ask"),
     ("funder_ends_the_day", F11, {"type": "end_of_day"}, "a funder may not send end_of_day"),
     ("sme_amends", SME_X, {"type": "amend", "client_id": "a1", "rate_bps": 200},
-     "a sme may not send amend"),
-    ("sme_sets_credit_line", SME_X, line("DFM"), "a sme may not send set_credit_line"),
+     "an sme may not send amend"),
+    ("sme_sets_credit_line", SME_X, line("DFM"), "an sme may not send set_credit_line"),
     ("platform_bids", PLATFORM, bid("p1", "DFM-30D", 250, 1_000), "a platform may not send bid"),
     ("platform_asks", PLATFORM, ask("p1", "DFM-30D", 1_000), "a platform may not send ask"),
-    ("admin_bids", ADMIN, bid("x1", "DFM-30D", 250, 1_000), "a admin may not send bid"),
+    ("admin_bids", ADMIN, bid("x1", "DFM-30D", 250, 1_000), "an admin may not send bid"),
     ("funder_adds_segment", F11,
      {"type": "add_segment", "segment": "X-1D", "core": "X", "tenor_days": 1},
      "a funder may not send add_segment"),
@@ -901,7 +926,7 @@ def test_only_platform_and_admin_may_subscribe_to_fills(server: ServerProcess) -
     refused_funder, refused_sme, before, following, f11_got, trades, after, extra = run(
         scenario())
     forbidden = {"type": "error", "code": "forbidden",
-                 "message": "only the platform may follow all fills", "path": "$.fills",
+                 "message": "only the platform and admins may follow all fills", "path": "$.fills",
                  "client_id": None, "ref": None}
     # A `ref` is echoed, so a client that sent several knows which one was refused.
     assert refused_funder == {**forbidden, "ref": "s1"} and refused_sme == forbidden
@@ -2587,6 +2612,24 @@ def test_http_quote_of_an_unknown_segment_is_404(server: ServerProcess) -> None:
                                 "client_id": None, "ref": None}
 
 
+@pytest.mark.parametrize(("query", "path", "message"), [
+    ("amount=1", "$.segment", "no segment 'ACME-30D'"),
+    ("amount=0", "$.amount", "amount: a positive whole number of fen is required"),
+    ("amount=1&single_funder=yes", "$.single_funder", "single_funder: true, false, 1 or 0"),
+    ("amount=1&x=1", "$.x", "x: not a parameter of this request"),
+])
+def test_http_quote_errors_name_its_ref_as_over_the_websocket(
+        shared_server: ServerProcess, query: str, path: str, message: str) -> None:
+    """The same `error` body as over the WebSocket, `ref` included (it was null; found in
+    an integrator's audit), and one message for each field's refusals."""
+    segment = "ACME-30D" if path == "$.segment" else "DFM-30D"
+    status, body = shared_server.get(f"/v1/segments/{segment}/quote?{query}&ref=q-7")
+    error = json.loads(body)
+    assert status in (400, 404)
+    assert (error["path"], error["ref"]) == (path, "q-7")
+    assert error["message"].startswith(message)
+
+
 @pytest.mark.parametrize(("query", "path"), [
     ("amount=5&single_funder=yes", "$.single_funder"),
     ("amount=5&single_funder=true&single_funder=false", "$.single_funder"),
@@ -2828,10 +2871,16 @@ def test_connections_waiting_to_sign_in_are_bounded(
     def from_(address: str) -> Any:      # a client behind the (trusted) local proxy
         return connect(server.ws_url, additional_headers={"X-Forwarded-For": address})
 
-    async def scenario() -> tuple[int, str, str]:
+    async def scenario() -> tuple[int, int, str, str]:
         async with from_("198.51.100.1") as a, from_("198.51.100.2"):
             with pytest.raises(InvalidStatus) as refused:
                 async with from_("198.51.100.3"):
+                    pass
+            # A wrong key in the header then: 401, not a 503 that says to come again
+            # (a revoked key retried every second for ever; found in an audit).
+            with pytest.raises(InvalidStatus) as wrong:
+                async with connect(server.ws_url, additional_headers={
+                        "Authorization": "Bearer nope"}):
                     pass
             async with session(server, F11) as f11:              # the header: let in
                 header_ok = f11.welcome["type"]
@@ -2840,9 +2889,10 @@ def test_connections_waiting_to_sign_in_are_bounded(
             async with from_("198.51.100.3") as c:
                 await c.send(json.dumps({"type": "auth", "key": key(SME_Y)}))
                 later = json.loads(await c.recv())["type"]
-        return refused.value.response.status_code, header_ok, later
+        return (refused.value.response.status_code, wrong.value.response.status_code,
+                header_ok, later)
 
-    assert run(scenario()) == (503, "welcome", "welcome")
+    assert run(scenario()) == (503, 401, "welcome", "welcome")
 
 
 def test_one_address_holds_at_most_a_tenth_of_the_connections_signing_in(
