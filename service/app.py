@@ -54,7 +54,7 @@ from service.gateway import (
 )
 from service.inbox import WebSocket, forget_traceback
 from service.journal import Journal, Keys, WriterReplaced, check_streams_follow, journal_start
-from service.lease import Lease, new_token
+from service.lease import Lease, ShardTaken, new_token
 from service.localredis import LocalRedis
 from service.metrics import Metrics
 from service.realtime import make_realtime
@@ -144,7 +144,7 @@ class Service:
         await self._check_durability()
         keys = self.keys
         # Before anything is read or written: one gateway a shard (ADR 31).
-        lease = self.lease = Lease(self.client, keys.writer, new_token(),
+        lease = self.lease = Lease(self.client, keys.writer, keys.journal, new_token(),
                                    ttl_s=cfg.redis.writer_lease_s)
         await lease.acquire(wait_s=lease.ttl_s + lease.renew_s)
         self._tasks.append(asyncio.get_running_loop().create_task(self._keep_lease()))
@@ -156,9 +156,15 @@ class Service:
                                    (p.id for p in self.directory if p.role in ("funder", "sme")))
         log.info("recovered seq %d: snapshot at %d + %d journaled commands in %.2fs",
                  engine.seq, recovered.snapshot_seq, recovered.replayed, recovered.seconds)
+        # Still ours after the recovery, which may have taken longer than the lease.
+        lost = await lease.renew(b"%d-0" % engine.seq)
+        if lost is not None:
+            raise ShardTaken(f"the journal's writer lease was taken while this gateway "
+                             f"recovered ({lost}): another gateway writes this shard")
         journal = Journal(self.client, keys, max_retry_delay=cfg.redis.max_retry_delay,
                           written_seq=engine.seq, on_batch=self.metrics.journal_batch,
-                          max_inflight=cfg.redis.writes_in_flight, writer=lease.token)
+                          max_inflight=cfg.redis.writes_in_flight, writer=lease.token,
+                          writer_ttl_ms=lease.ttl_ms)
         journal.start()
         self.gateway = Gateway(engine, journal, self.directory, cfg.limits, self.metrics)
         await adopt(self.client, keys, recovered.snapshot_seq)
@@ -298,6 +304,10 @@ class Service:
                    if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}")
             log.error("could not finish the journal writes (%s); the commands not yet "
                       "written are lost, and none of them was acknowledged", why)
+            # Their senders are told so before the connections close (found in review).
+            gw.journal.abandon(f"the gateway stopped before Redis took these writes ({why})")
+            for _ in range(3):          # the batches' callbacks, then the sends they queue
+                await asyncio.sleep(0)
         else:
             await self._snapshot_now("at shutdown", timeout)
         await gw.close_all(timeout)
@@ -326,17 +336,18 @@ class Service:
         assert self.lease is not None
         while True:
             await asyncio.sleep(self.lease.renew_s)
+            gw = self.gateway
+            if gw is None:          # recovering: the start checks the lease after it
+                tail = None
+            else:
+                tail = gw.journal.quiet_tail()
             try:
                 async with asyncio.timeout(REDIS_PROBE_TIMEOUT_S):
-                    holder = await self.lease.renew()
+                    lost = await self.lease.renew(tail)
             except (RedisError, OSError, TimeoutError):
                 continue
-            if holder is not None:
-                if self.gateway is not None:
-                    self.gateway.journal.replaced(holder)
-                else:
-                    log.critical("another gateway (%s) took the journal's writer lease "
-                                 "while this one recovered", holder)
+            if lost is not None and gw is not None:
+                gw.journal.replaced(lost)
                 return
 
     async def _release_lease(self) -> None:

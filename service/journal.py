@@ -165,7 +165,14 @@ def _write_script(fields: tuple[str, ...]) -> bytes:
     return f"""
 if ARGV[5] ~= '' then
   local writer = redis.call('GET', KEYS[3])
-  if writer and writer ~= ARGV[5] then
+  if not writer then
+    local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+    local have = last[1] and last[1][1] or '0-0'
+    if have ~= ARGV[6] then
+      return redis.error_reply('LAPSED ' .. have)
+    end
+    redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[7])
+  elseif writer ~= ARGV[5] then
     return redis.error_reply('FENCED ' .. writer)
   end
 end
@@ -181,7 +188,7 @@ if ARGV[4] ~= '' then
   end
 end
 local k = 4
-local i = 6
+local i = 8
 local n = #ARGV
 while i <= n do
   redis.call('XADD', KEYS[2], ARGV[i], {pairs})
@@ -216,16 +223,20 @@ return 1
 #: after a failure, and the first write on each new connection (`Journal._send`). With
 #: one write in flight, each is sent only once the one before it succeeded on the same
 #: connection, which is the check already made.
-#: Given the writer's token, the script writes nothing while another gateway holds the
-#: shard's writer lease (`FENCED <holder>`, and the journal stops; ADR 31). A lapsed
-#: lease does not stop it: the holder renews it, and no other took it meanwhile.
+#: Given the writer's token, the script writes nothing unless this gateway holds the
+#: shard's writer lease (`FENCED <holder>`, and the journal stops; ADR 31). A lease that
+#: lapsed (a stall longer than it) is taken again only if the journal still ends where
+#: this batch follows (else `LAPSED <last id>`: another gateway wrote meanwhile, and the
+#: journal stops). Checked before anything is written: a write that went on to fail
+#: left its trades on the fill streams (found in review).
 #: KEYS: journal, fills, writer lease, then per trade its funder's and its SME's stream
 #: (`fills_of`).
 #: ARGV: journal entry id ("" for none: `ends_at` of the batch's last command), how many
 #: sequence numbers the batch uses up (its commands, and the numbers a `skip` skips),
 #: batch, the id of the entry it follows ("0-0" for the first; "" to skip the check),
-#: the writer's token ("": no lease), then per trade its id and the values of
-#: `trade_fields` in order (`trade_values`).
+#: the writer's token ("": no lease), the id of the entry it follows again (for the
+#: lease's check, always given), the lease's time to live in ms, then per trade its id
+#: and the values of `trade_fields` in order (`trade_values`).
 WRITE_SCRIPT = _write_script(wire.Trade.__struct_fields__)
 _SCRIPT_SHA = hashlib.sha1(WRITE_SCRIPT).hexdigest().encode()
 
@@ -257,7 +268,7 @@ def _gap(exc: BaseException | None) -> bool:
 
 
 def _fenced(exc: BaseException) -> bool:
-    return isinstance(exc, ResponseError) and str(exc).startswith("FENCED ")
+    return isinstance(exc, ResponseError) and str(exc).startswith(("FENCED ", "LAPSED "))
 
 
 @dataclass(slots=True)
@@ -291,9 +302,10 @@ class Journal:
     def __init__(self, client: aioredis.Redis, keys: Keys, *, max_retry_delay: float = 1.0,
                  written_seq: int = 0,
                  on_batch: Callable[[int, float | None], None] | None = None,
-                 max_inflight: int = 1, writer: str = "") -> None:
+                 max_inflight: int = 1, writer: str = "", writer_ttl_ms: int = 10_000) -> None:
         self.client = client
         self.writer = writer                # the lease token the script checks ("": none)
+        self.writer_ttl_ms = writer_ttl_ms
         self.keys = keys
         self.max_retry_delay = max_retry_delay
         self.written_seq = written_seq            # everything up to here is in Redis
@@ -536,18 +548,36 @@ class Journal:
         self._recovering = False
         self.healthy = True
 
-    def replaced(self, holder: str) -> None:
-        """Another gateway took the writer lease: stop before writing after it."""
+    def abandon(self, why: str) -> None:
+        """Give up the writes not yet returned (a shutdown that could not wait longer for
+        Redis): their commands are answered `unconfirmed`, as when the journal stops,
+        rather than left without an answer while a write still on its way may land."""
         if self.error is None:
-            self._stop(WriterReplaced(f"FENCED {holder}"))
+            self._stop(RuntimeError(why))
+
+    def replaced(self, why: str) -> None:
+        """Another gateway took the writer lease (`FENCED <holder>`), or wrote while it
+        had lapsed (`LAPSED <where the journal ends>`): stop before writing after it."""
+        if self.error is None:
+            self._stop(WriterReplaced(why))
+
+    def quiet_tail(self) -> bytes | None:
+        """The id the journal ends at, if nothing of ours is on its way to it: what the
+        lease's renewal may check before taking a lapsed lease again."""
+        if self._window or self._durable is not None or self.error is not None:
+            return None
+        return b"%d-0" % self.written_seq
 
     def _stop(self, exc: BaseException) -> None:
         if _fenced(exc) or isinstance(exc, WriterReplaced):
-            holder = str(exc).removeprefix("FENCED ")
+            text = str(exc)
+            who = (f"another gateway ({text.removeprefix('FENCED ')}) holds"
+                   if not text.startswith("LAPSED ") else
+                   f"this gateway's lease lapsed and another wrote the journal meanwhile "
+                   f"(it ends at {text.removeprefix('LAPSED ')}); another may hold")
             exc = WriterReplaced(
-                f"another gateway ({holder}) holds this shard's writer lease and writes "
-                "its journal: this one stops (docs/operations.md, \"Another gateway "
-                "writes the journal\")")
+                f"{who} this shard's writer lease and writes its journal: this one stops "
+                "(docs/operations.md, \"Another gateway writes the journal\")")
         log.critical("journal stopped, nothing more will be acknowledged: %s", exc)
         self.healthy = False
         self.error = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
@@ -610,11 +640,13 @@ class Journal:
         args += (len(keys), *keys)
         if entries:
             last = entries[-1].ends_at
+            follows = b"%d-0" % (entries[0].seq - 1)
             args += (b"%d-0" % last, last - entries[0].seq + 1,
-                     wire.journal_encoder.encode(entries),
-                     b"%d-0" % (entries[0].seq - 1) if check else b"", self.writer)
+                     wire.journal_encoder.encode(entries), follows if check else b"",
+                     self.writer, follows, self.writer_ttl_ms)
         else:
-            args += (b"", 0, b"", b"", self.writer)
+            args += (b"", 0, b"", b"", self.writer, b"%d-0" % self.written_seq,
+                     self.writer_ttl_ms)
         for trade in trades:
             args += trade_values(trade)
         return resp.pack(*args)

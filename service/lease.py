@@ -16,22 +16,35 @@ commands are durable is still the journal's to say.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import secrets
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 
 log = logging.getLogger("matcher.lease")
 
-#: Renew one's own lease, or take it if it lapsed (Redis restarted empty, say): "" then,
-#: else the holder's token.
+#: Renew one's own lease: "" then. Another's: "FENCED <holder>". One that lapsed (a
+#: stall longer than it) is taken again only if the journal still ends at ARGV[3], where
+#: this gateway left it: "" then, "LAPSED <where it ends>" if another wrote meanwhile;
+#: without ARGV[3] (writes of ours on their way) "-", left for the next write's script,
+#: which makes the same check.
 _RENEW = """
 local held = redis.call('GET', KEYS[1])
-if held and held ~= ARGV[1] then return held end
+if held == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return ''
+end
+if held then return 'FENCED ' .. held end
+if ARGV[3] == '' then return '-' end
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+local have = last[1] and last[1][1] or '0-0'
+if have ~= ARGV[3] then return 'LAPSED ' .. have end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return ''
 """
@@ -51,22 +64,36 @@ class ShardTaken(RuntimeError):
     """Another gateway writes this shard's journal."""
 
 
+def _pid_space() -> str:
+    """Which pids a pid names here: this boot of this machine, and this process's pid
+    namespace. Hostnames repeat (containers on the host's network have the host's,
+    cloned machines their template's), and pids repeat across namespaces: a pid
+    checked elsewhere said nothing of the holder, and a live gateway's lease was taken
+    over at once (found in review)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        space = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return "unknown"
+    return hashlib.sha256(f"{boot} {space}".encode()).hexdigest()[:12]
+
+
 def new_token() -> str:
-    """`<host>:<pid>:<random>`: who holds a lease, for the log and for taking over a
-    lease of a process of this host that is gone; the random part tells apart two
-    processes that had the same pid."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    """`<host>:<pid>:<pid space>:<random>`: who holds a lease, for the log, and for
+    taking over at once a lease of a process of this host that is gone; the random
+    part tells apart two processes that had the same pid."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_pid_space()}:{secrets.token_hex(4)}"
 
 
 def holder_gone(holder: str) -> bool:
-    """The holder was a process of this host that no longer runs (or this process's pid
-    from an earlier life: a restarted container's gateway has the same one)."""
+    """The holder was a process of this machine and pid namespace that no longer runs
+    (or had this process's pid in an earlier life: a restarted container's gateway has
+    the same one)."""
     parts = holder.split(":")
-    if len(parts) < 3 or not parts[-2].isdigit():
+    if len(parts) != 4 or not parts[1].isdigit():
         return False
-    host = ":".join(parts[:-2])
-    pid = int(parts[-2])
-    if host != socket.gethostname():
+    host, pid, space = parts[0], int(parts[1]), parts[2]
+    if host != socket.gethostname() or space != _pid_space() or space == "unknown":
         return False
     if pid == os.getpid():
         return True
@@ -86,12 +113,14 @@ def _text(value: Any) -> str:
 class Lease:
     """One gateway's hold on its shard."""
 
-    def __init__(self, client: aioredis.Redis, key: str, token: str, *, ttl_s: float) -> None:
+    def __init__(self, client: aioredis.Redis, key: str, journal_key: str, token: str, *,
+                 ttl_s: float) -> None:
         """`ttl_s` (`[redis] writer_lease_s`): how long it lasts unrenewed: what a start
         waits after a gateway of another host was killed (one of this host that is gone
         is taken over at once), and how long the holder's event loop may stall before
         another start may take the shard. Renewed every fifth of it."""
         self.client, self.key, self.token = client, key, token
+        self.journal_key = journal_key
         self.ttl_s = ttl_s
         self.renew_s = ttl_s / 5
         self.ttl_ms = int(ttl_s * 1000)
@@ -128,11 +157,14 @@ class Lease:
                 told = True
             await asyncio.sleep(min(0.5, left))
 
-    async def renew(self) -> str | None:
-        """Renew it (or take it again if it lapsed); the holder's token if another holds
-        it now."""
-        held = _text(await self.client.eval(_RENEW, 1, self.key, self.token, self.ttl_ms))
-        return held or None
+    async def renew(self, tail: bytes | None) -> str | None:
+        """Renew it; None if it is ours (still, or again: it had lapsed, and the journal
+        still ends at `tail`, where this gateway left it; no `tail`, writes of ours on
+        their way: left lapsed, for the next write to take). Else why not:
+        `FENCED <holder>`, or `LAPSED <where the journal ends>`."""
+        said = _text(await self.client.eval(_RENEW, 2, self.key, self.journal_key,
+                                            self.token, self.ttl_ms, tail or b""))
+        return None if said in ("", "-") else said
 
     async def release(self) -> None:
         """Let it go, if it is still ours: the next start need not wait."""

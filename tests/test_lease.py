@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +17,16 @@ import redis
 import redis.asyncio as aioredis
 
 from matcher import protocol as wire
+from matcher.engine import Engine
 from service.journal import Journal, Keys, WriterReplaced
-from service.lease import Lease, ShardTaken, holder_gone
+from service.lease import Lease, ShardTaken, _pid_space, holder_gone
 from service.localredis import LocalRedis, free_port
 from tests.conftest import ROOT, ServerProcess, run, write_config
 from tests.test_service import F11, bid, bid_answer, line, session
 
 KEYS = Keys("main")
-OTHER_HOST = "another-host.example:4242:0badcafe"     # a live gateway elsewhere
+OTHER_HOST = "another-host.example:4242:0123456789ab:0badcafe"   # live, elsewhere
+ADMIN, SME = 1, 21
 
 
 def journal_state(url: str) -> tuple[int, Any, Any]:
@@ -130,32 +133,101 @@ def test_a_killed_gateway_of_this_host_is_taken_over_at_once(
         client.close()
 
 
-def test_the_write_script_refuses_a_writer_another_holds_the_lease_for(
+async def _market(url: str) -> tuple[aioredis.Redis, Engine, Callable[..., Any]]:
+    """A client, an engine and `submit(participant, role, command)` stamping times."""
+    client = aioredis.Redis.from_url(url)
+    engine = Engine()
+    clock = [time.time_ns()]
+
+    def submit(participant: int, role: str, cmd: Any) -> Any:
+        clock[0] += 1000
+        out = engine.submit(participant, role, cmd, clock[0])     # type: ignore[arg-type]
+        assert out.entry is not None, out.replies
+        return out
+    return client, engine, submit
+
+
+def _journal(client: aioredis.Redis, token: str, seq: int = 0) -> Journal:
+    journal = Journal(client, KEYS, writer=token, writer_ttl_ms=60_000, written_seq=seq)
+    journal.start()
+    return journal
+
+
+def test_a_writer_whose_lease_lapsed_writes_nothing_after_another_wrote(
         redis_server: LocalRedis) -> None:
-    """Fencing: the check is in the script, so a gateway that stalled past its lease
-    cannot write after the one that took it. A lapsed lease (no key) does not refuse."""
-    async def scenario() -> tuple[int, BaseException | None, int]:
-        client = aioredis.Redis.from_url(redis_server.url)
-        journal = Journal(client, KEYS, writer="me:1:aa")
-        journal.start()
-        entry = wire.JournalEntry(seq=1, ts=1, participant=0, command=wire.Resume())
-        await journal.append(entry, [])                          # no lease: written
-        written = await client.xlen(KEYS.journal)
+    """Fencing in the write script. Gateway A stalls past its lease; B takes it, journals
+    and releases it; A's next write, with a trade in it, must write nothing at all: it
+    went through when the key was absent, its trade on the fill streams under a number
+    B had used and its journal entry refused, a loan the journal never made (found in
+    review)."""
+    async def scenario() -> tuple[Any, ...]:
+        client, engine, submit = await _market(redis_server.url)
+        a = _journal(client, "A")
+        await client.set(KEYS.writer, "A")
+        for cmd, who, role in ((wire.AddSegment(segment="X-30", core="X", tenor_days=30),
+                                ADMIN, "admin"),
+                               (wire.SetCreditLine(core="X", amount=10**9), F11, "funder"),
+                               (wire.Bid(client_id="b1", segment="X-30", rate_bps=300,
+                                         amount=10**6), F11, "funder")):
+            out = submit(who, role, cmd)
+            await a.append(out.entry, out.trades)
+        ask = submit(SME, "sme", wire.Ask(client_id="a1", segment="X-30", amount=10**6))
+        assert ask.trades                                   # A's engine lent
+        await client.delete(KEYS.writer)                    # A's lease lapsed; B's turn
+        b = _journal(client, "B", seq=engine.seq - 1)
+        resume = wire.JournalEntry(engine.seq, time.time_ns(), 0, wire.Resume())
+        await b.append(resume, [])                          # B takes the lapsed lease
+        b_held = await client.get(KEYS.writer)
+        await b.close()
+        await client.delete(KEYS.writer)                    # B's shutdown releases it
+        refused: BaseException | None = None
+        try:
+            await a.append(ask.entry, ask.trades)
+        except WriterReplaced as exc:
+            refused = exc
+        streams = [await client.xlen(k) for k in (KEYS.fills, KEYS.fills_of(SME))]
+        journal = [i for i, _ in await client.xrange(KEYS.journal)]
+        await a.close()
+        await client.aclose()
+        return b_held, refused, streams, journal, engine.seq
+
+    b_held, refused, streams, journal, seq = run(scenario())
+    assert b_held == b"B"
+    assert refused is not None and "lapsed and another wrote the journal" in str(refused)
+    assert streams == [0, 0]                               # no trade left behind
+    assert journal[-1] == f"{seq}-0".encode()              # B's resume, A's nothing
+
+
+def test_a_writer_whose_lease_lapsed_takes_it_again_if_no_one_wrote(
+        redis_server: LocalRedis) -> None:
+    """A stall longer than the lease with no other gateway about: the next write takes
+    the lease again (the journal ends where it left it) and goes on; another's lease
+    refuses it."""
+    async def scenario() -> tuple[Any, ...]:
+        client, _engine, submit = await _market(redis_server.url)
+        a = _journal(client, "A")
+        out = submit(ADMIN, "admin", wire.AddSegment(segment="X-30", core="X", tenor_days=30))
+        await a.append(out.entry, out.trades)              # no key yet: taken
+        taken = await client.get(KEYS.writer)
+        await client.delete(KEYS.writer)
+        out = submit(F11, "funder", wire.SetCreditLine(core="X", amount=10**9))
+        await a.append(out.entry, out.trades)              # lapsed, nobody wrote: again
+        again = await client.get(KEYS.writer)
         await client.set(KEYS.writer, OTHER_HOST)
         refused: BaseException | None = None
         try:
-            await journal.append(wire.JournalEntry(seq=2, ts=2, participant=0,
-                                                   command=wire.Resume()), [])
+            out = submit(F11, "funder", wire.SetCreditLine(core="X", amount=1))
+            await a.append(out.entry, out.trades)
         except WriterReplaced as exc:
             refused = exc
-        after = await client.xlen(KEYS.journal)
-        await journal.close()
+        written = await client.xlen(KEYS.journal)
+        await a.close()
         await client.aclose()
-        return written, refused, after
+        return taken, again, refused, written
 
-    written, refused, after = run(scenario())
-    assert written == 1 and after == 1
-    assert refused is not None and OTHER_HOST in str(refused)
+    taken, again, refused, written = run(scenario())
+    assert taken == again == b"A" and written == 2
+    assert refused is not None and f"another gateway ({OTHER_HOST})" in str(refused)
 
 
 def test_the_lease_is_taken_renewed_and_released_only_by_its_holder(
@@ -163,34 +235,48 @@ def test_the_lease_is_taken_renewed_and_released_only_by_its_holder(
     async def scenario() -> list[Any]:
         client = aioredis.Redis.from_url(redis_server.url)
         # Another live process of this host (this one's own pid would count as gone).
-        mine = Lease(client, KEYS.writer, f"{socket.gethostname()}:{os.getppid()}:aa",
-                     ttl_s=5)
-        theirs = Lease(client, KEYS.writer, OTHER_HOST, ttl_s=5)
+        mine = Lease(client, KEYS.writer, KEYS.journal,
+                     f"{socket.gethostname()}:{os.getppid()}:{_pid_space()}:aa", ttl_s=5)
+        theirs = Lease(client, KEYS.writer, KEYS.journal, OTHER_HOST, ttl_s=5)
         await mine.acquire(wait_s=0)
-        seen: list[Any] = [await theirs.renew(), await mine.renew()]
+        seen: list[Any] = [await theirs.renew(None), await mine.renew(None)]
         try:
             await theirs.acquire(wait_s=0.3)
         except ShardTaken as exc:
             seen.append(str(exc))
         await theirs.release()                      # not its own: nothing happens
         seen.append(await client.get(KEYS.writer) == mine.token.encode())
+        # Lapsed: taken again only where the journal still ends where it was left.
+        await client.delete(KEYS.writer)
+        seen.append(await mine.renew(None))                      # writes on their way
+        seen.append(await client.get(KEYS.writer))
+        seen.append(await mine.renew(b"7-0"))                    # it ends at 0-0
+        seen.append(await mine.renew(b"0-0"))
+        seen.append(await client.get(KEYS.writer) == mine.token.encode())
         await mine.release()
         seen.append(await client.get(KEYS.writer))
         await client.aclose()
         return seen
 
-    taken_by_mine, renewed, refused, still_mine, released = run(scenario())
-    assert taken_by_mine is not None and renewed is None
-    assert f"held by {socket.gethostname()}:{os.getppid()}:aa" in refused
-    assert still_mine and released is None
+    (fenced, renewed, refused, still_mine, lapsed, left, moved, retaken, again,
+     released) = run(scenario())
+    assert fenced.startswith(f"FENCED {socket.gethostname()}:{os.getppid()}:")
+    assert renewed is None
+    assert f"held by {socket.gethostname()}:{os.getppid()}:" in refused
+    assert still_mine and lapsed is None and left is None
+    assert moved == "LAPSED 0-0" and retaken is None and again
+    assert released is None
 
 
 def test_a_holder_is_gone_only_if_it_was_a_process_of_this_host_that_ended() -> None:
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
-    host = socket.gethostname()
-    assert holder_gone(f"{host}:{done.stdout.strip()}:00")        # ended
-    assert holder_gone(f"{host}:{os.getpid()}:00")               # this pid, an earlier life
-    assert not holder_gone(f"{host}:{os.getppid()}:00")          # running
-    assert not holder_gone(f"another-{host}:{done.stdout.strip()}:00")
+    host, space, ended = socket.gethostname(), _pid_space(), done.stdout.strip()
+    assert holder_gone(f"{host}:{ended}:{space}:00")               # ended
+    assert holder_gone(f"{host}:{os.getpid()}:{space}:00")      # this pid, an earlier life
+    assert not holder_gone(f"{host}:{os.getppid()}:{space}:00")    # running
+    assert not holder_gone(f"another-{host}:{ended}:{space}:00")
+    # The same host name and pid in another boot or pid namespace (a container on the
+    # host's network, a cloned machine) says nothing of the holder.
+    assert not holder_gone(f"{host}:{ended}:0123456789ab:00")
     assert not holder_gone("garbage")

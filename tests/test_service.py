@@ -1767,6 +1767,34 @@ def test_sigterm_closes_clients_1001_and_exits_0(server: ServerProcess) -> None:
     assert (sme_got, sme_code) == ([], 1001)
 
 
+def test_sigterm_while_redis_does_not_answer_tells_the_held_commands_unconfirmed(
+        start_server: Callable[..., ServerProcess], redis_server: LocalRedis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shutdown that cannot wait longer for Redis (its `shutdown_timeout`) left the
+    commands it held without an answer, while their write could still land (found in
+    review): they are answered `unconfirmed` before the 1001, and the exit is 1."""
+    monkeypatch.setenv("MATCHER_SERVER_SHUTDOWN_TIMEOUT", "1")
+    server = start_server()
+
+    async def scenario() -> tuple[Any, ...]:
+        async with session(server, F11) as f11:
+            await f11.ok(line("DFM"))
+            assert redis_server.process is not None
+            os.kill(redis_server.process.pid, signal.SIGSTOP)     # Redis stalls
+            try:
+                await f11.send(bid("b1", "DFM-30D", 250, 1_000))
+                await asyncio.sleep(0.3)                          # applied, held
+                status = await asyncio.to_thread(server.terminate)
+                got, code = await f11.closed()
+            finally:
+                os.kill(redis_server.process.pid, signal.SIGCONT)
+            return status, got, code
+
+    status, got, code = run(scenario())
+    assert status == 1 and code == 1001
+    assert [(m["type"], m["client_id"]) for m in got] == [("unconfirmed", "b1")]
+
+
 def test_a_client_reconnecting_during_the_shutdown_is_refused_or_closed_1001(
         server: ServerProcess) -> None:
     """Clients closed with 1001 reconnect at once. One that gets in while the server
