@@ -283,7 +283,8 @@ class Engine:
             orders.append(wire.OrderStatus(
                 client_id=o.client_id, order_id=o.order_id, segment=o.segment,
                 side=o.side, rate_bps=resting.rate_bps, remaining=o.remaining,
-                filled=o.filled, tif=resting.tif, min_ticket=resting.min_ticket))
+                filled=o.filled, tif=resting.tif, min_ticket=resting.min_ticket,
+                single_funder=resting.single_funder))
         lines = [wire.LineStatus(core=core, line=line, used=used, repaid=repaid)
                  for core in sorted(self.lines)
                  for line, used in [self.lines[core].get(participant)]

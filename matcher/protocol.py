@@ -373,6 +373,7 @@ class OrderStatus(Struct, frozen=True, kw_only=True):
     filled: int
     tif: Tif
     min_ticket: int
+    single_funder: bool = False       # an ask's: a retry rebuilt from here sends it too
 
 
 class LineStatus(Struct, frozen=True, kw_only=True):

@@ -1148,23 +1148,31 @@ def test_status_lists_own_resting_orders_and_lines(server: ServerProcess) -> Non
             b2 = await f11.ok(bid("b2", "DFM-90D", 300, 500_000, tif="day"))
             await f12.ok(bid("b1", "DFM-30D", 260, 1_000))
             await sme.ok(ask("a1", "DFM-30D", 400_000))
+            await sme.quiet()                                   # a1's fills and done
+            # Resting, and single-funder: a retry rebuilt from the status sends it again.
+            a2 = await sme.ok(ask("a2", "DFM-30D", 5_000_000, tif="gtc", max_rate_bps=100,
+                                  single_funder=True))
             await f11.quiet()
             await f11.send({"type": "status"})
             mine = await f11.expect("status")
             await sme.quiet()
             await sme.send({"type": "status"})
-            return b1, b2, mine, await sme.expect("status")
+            return b1, b2, a2, mine, await sme.expect("status")
 
-    b1, b2, mine, sme_status = run(scenario())
+    b1, b2, a2, mine, sme_status = run(scenario())
     assert mine == {"type": "status", "orders": [
         {"client_id": "b1", "order_id": b1["order_id"], "segment": "DFM-30D", "side": "bid",
          "rate_bps": 250, "remaining": 600_000, "filled": 400_000, "tif": "gtc",
-         "min_ticket": 0},
+         "min_ticket": 0, "single_funder": False},
         {"client_id": "b2", "order_id": b2["order_id"], "segment": "DFM-90D", "side": "bid",
-         "rate_bps": 300, "remaining": 500_000, "filled": 0, "tif": "day", "min_ticket": 0}],
+         "rate_bps": 300, "remaining": 500_000, "filled": 0, "tif": "day", "min_ticket": 0,
+         "single_funder": False}],
         "lines": [{"core": "DFM", "line": 2_000_000, "used": 400_000, "repaid": 0}],
         "suspended": False}
-    assert sme_status == {"type": "status", "orders": [], "lines": [], "suspended": False}
+    assert sme_status == {"type": "status", "orders": [
+        {"client_id": "a2", "order_id": a2["order_id"], "segment": "DFM-30D", "side": "ask",
+         "rate_bps": 100, "remaining": 5_000_000, "filled": 0, "tif": "gtc", "min_ticket": 0,
+         "single_funder": True}], "lines": [], "suspended": False}
 
 
 def test_book_update_shows_last_fills_without_funders(server: ServerProcess) -> None:
