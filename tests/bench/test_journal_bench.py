@@ -54,7 +54,8 @@ def commands(n: int, seed: int = 3) -> Iterator[tuple[int, str, Any]]:
 async def journal_all(client: aioredis.Redis, keys: Keys, n: int, group: bool) -> Engine:
     """Submit `n` commands; with `group`, through the group-commit journal."""
     engine = Engine()
-    journal = Journal(client, keys)
+    # As the gateway writes: each write's script checks the writer lease (ADR 31).
+    journal = Journal(client, keys, writer="bench", writer_ttl_ms=600_000)
     journal.start()
     last: asyncio.Future[int] | None = None
     for ts, (who, role, cmd) in enumerate(commands(n)):
