@@ -286,6 +286,13 @@ class JournalLost(RuntimeError):
     """Redis holds less than was acknowledged: it lost writes (see README, durability)."""
 
 
+def _lost(last: int, acknowledged: int) -> JournalLost:
+    return JournalLost(f"Redis journal ends at seq {last}, but {acknowledged} was "
+                       "acknowledged: Redis lost writes (docs/operations.md, \"Redis lost "
+                       "acknowledged writes\": restore them from a copy, or start with "
+                       f"--lost-up-to {acknowledged})")
+
+
 class WriterReplaced(RuntimeError):
     """Another gateway holds the shard's writer lease: this one must not write (ADR 31)."""
 
@@ -569,8 +576,12 @@ class Journal:
         return b"%d-0" % self.written_seq
 
     def _stop(self, exc: BaseException) -> None:
-        if _fenced(exc) or isinstance(exc, WriterReplaced):
-            text = str(exc)
+        text = str(exc)
+        if text.startswith("LAPSED ") and stream_seq(text.split()[1]) < self.written_seq:
+            # The lease's key went with what the journal held: a Redis restarted empty,
+            # or a failover to a replica that was behind, not another gateway.
+            exc = _lost(stream_seq(text.split()[1]), self.written_seq)
+        elif _fenced(exc) or isinstance(exc, WriterReplaced):
             who = (f"another gateway ({text.removeprefix('FENCED ')}) holds"
                    if not text.startswith("LAPSED ") else
                    f"this gateway's lease lapsed and another wrote the journal meanwhile "
@@ -683,10 +694,7 @@ class Journal:
             b"XREVRANGE", self._journal_key, b"+", b"-", b"COUNT", b"1"))
         last = stream_seq(newest[0][0]) if newest else 0
         if last < acknowledged:
-            raise JournalLost(f"Redis journal ends at seq {last}, but {acknowledged} "
-                              "was acknowledged: Redis lost writes (docs/operations.md, "
-                              "\"Redis lost acknowledged writes\": restore them from a "
-                              f"copy, or start with --lost-up-to {acknowledged})")
+            raise _lost(last, acknowledged)
         return seq is not None and last >= seq
 
 

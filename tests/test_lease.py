@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 
 from matcher import protocol as wire
 from matcher.engine import Engine
-from service.journal import Journal, Keys, WriterReplaced
+from service.journal import Journal, JournalLost, Keys, WriterReplaced
 from service.lease import Lease, ShardTaken, _pid_space, holder_gone
 from service.localredis import LocalRedis, free_port
 from tests.conftest import ROOT, ServerProcess, run, write_config
@@ -280,3 +280,22 @@ def test_a_holder_is_gone_only_if_it_was_a_process_of_this_host_that_ended() -> 
     # host's network, a cloned machine) says nothing of the holder.
     assert not holder_gone(f"{host}:{ended}:0123456789ab:00")
     assert not holder_gone("garbage")
+
+
+def test_a_lapsed_lease_over_a_journal_that_lost_writes_says_redis_lost_them(
+        redis_server: LocalRedis) -> None:
+    """A Redis restarted empty takes the lease's key with the journal: the renewal finds
+    the journal behind what was acknowledged, which is lost writes (the runbook's
+    section for it), not another gateway (the first words once said so)."""
+    async def scenario() -> BaseException | None:
+        client = aioredis.Redis.from_url(redis_server.url)
+        journal = _journal(client, "A", seq=5)              # acknowledged up to 5
+        lease = Lease(client, KEYS.writer, KEYS.journal, "A", ttl_s=5)
+        journal.replaced(await lease.renew(journal.quiet_tail()) or "")
+        await journal.close()
+        await client.aclose()
+        return journal.error
+
+    error = run(scenario())
+    assert isinstance(error, JournalLost)
+    assert str(error).startswith("Redis journal ends at seq 0, but 5 was acknowledged")
