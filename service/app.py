@@ -93,6 +93,7 @@ class Service:
         self.keys = Keys(config.redis.shard)
         self.snapshotter: SnapshotterProcess | None = None
         self.lease: Lease | None = None
+        self._lease_task: asyncio.Task[None] | None = None
         self.demo_market: demo_market.DemoMarketProcess | None = None
         self.snapshot_seq = 0       # what the stored snapshot covers, read every second
         self.journal_start = 0      # the first command in Redis's journal, likewise
@@ -147,7 +148,8 @@ class Service:
         lease = self.lease = Lease(self.client, keys.writer, keys.journal, new_token(),
                                    ttl_s=cfg.redis.writer_lease_s)
         await lease.acquire(wait_s=lease.ttl_s + lease.renew_s)
-        self._tasks.append(asyncio.get_running_loop().create_task(self._keep_lease()))
+        # Its own task, stopped last: the shutdown's writes and snapshot are under it.
+        self._lease_task = asyncio.get_running_loop().create_task(self._keep_lease())
         root = cfg.engine.journal_archive
         archive = await JournalArchive.of(root, self.client, keys) if root else None
         recovered = await recover(self.client, keys, self.directory.name, archive=archive)
@@ -320,6 +322,8 @@ class Service:
         await gw.journal.close()
         if not isinstance(gw.journal.error, WriterReplaced):    # then it is another's
             await self._release_lease()
+        elif self._lease_task is not None:
+            await cancel_all([self._lease_task])
         if self.runner is not None:
             await self.runner.cleanup()
         if self.client is not None:
@@ -351,6 +355,8 @@ class Service:
                 return
 
     async def _release_lease(self) -> None:
+        if self._lease_task is not None:
+            await cancel_all([self._lease_task])
         if self.lease is None or self.client is None:
             return
         try:

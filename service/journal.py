@@ -169,6 +169,10 @@ if ARGV[5] ~= '' then
     local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
     local have = last[1] and last[1][1] or '0-0'
     if have ~= ARGV[6] then
+      if tonumber(string.match(have, '^%d+')) < tonumber(string.match(ARGV[6], '^%d+')) then
+        return redis.error_reply('GAP the journal ends at ' .. have ..
+                                 ', this write follows ' .. ARGV[6])
+      end
       return redis.error_reply('LAPSED ' .. have)
     end
     redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[7])
@@ -267,8 +271,6 @@ def _gap(exc: BaseException | None) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("GAP ")
 
 
-def _fenced(exc: BaseException) -> bool:
-    return isinstance(exc, ResponseError) and str(exc).startswith(("FENCED ", "LAPSED "))
 
 
 @dataclass(slots=True)
@@ -413,11 +415,16 @@ class Journal:
                 if self._recovering:
                     await self._recover()
                 if self._verify and not self._window and self._durable is None:
-                    self._verify = False
                     if self._ready():
                         await self._landed(None)
                     else:
                         await self._connected()
+                    # Asked again, after the retry's pause, until Redis answers it: one
+                    # that answered "later" (BUSY) left the journal unhealthy on a
+                    # connection that stayed checked, /health 503 for good while writes
+                    # landed (found in review).
+                    self._verify = False
+                    self.healthy = True
                 if self._durable is not None and not self._window and not self._ready():
                     # A new connection may reach a restarted or replaced Redis: it must
                     # hold everything acknowledged before we write after it.
@@ -530,6 +537,8 @@ class Journal:
         (checked, not repeated), one that did not is written again."""
         rewritten = False
         while self._window:
+            if self.error is not None:      # abandoned meanwhile: nothing more to settle
+                return
             batch = self._window[0]
             assert batch.reply is not None
             with contextlib.suppress(Exception):
@@ -576,12 +585,14 @@ class Journal:
         return b"%d-0" % self.written_seq
 
     def _stop(self, exc: BaseException) -> None:
+        if self.error is not None:          # once: `abandon` may come first
+            return
         text = str(exc)
         if text.startswith("LAPSED ") and stream_seq(text.split()[1]) < self.written_seq:
             # The lease's key went with what the journal held: a Redis restarted empty,
             # or a failover to a replica that was behind, not another gateway.
             exc = _lost(stream_seq(text.split()[1]), self.written_seq)
-        elif _fenced(exc) or isinstance(exc, WriterReplaced):
+        elif text.startswith(("FENCED ", "LAPSED ")):
             who = (f"another gateway ({text.removeprefix('FENCED ')}) holds"
                    if not text.startswith("LAPSED ") else
                    f"this gateway's lease lapsed and another wrote the journal meanwhile "
@@ -618,12 +629,15 @@ class Journal:
                             type(failed).__name__, failed, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_retry_delay)
+            if self.error is not None:      # abandoned (a shutdown): write nothing more
+                raise self.error
             try:
                 # Did the failed write land anyway? (A new connection may also reach a
                 # restarted Redis: it must hold all that was acknowledged.)
                 if not self._ready():
                     await self._connected(healthy=False)
                 if await self._landed(entries[-1].ends_at if entries else None):
+                    await self._check_ours(entries)
                     break
                 await self._write(entries, trades)
                 break
@@ -631,6 +645,23 @@ class Journal:
                 failed = exc
         if attempt:
             log.warning("journal write succeeded after %d retries", attempt)
+
+    async def _check_ours(self, entries: list[wire.JournalEntry]) -> None:
+        """The journal's entry under this batch's id is this batch: a number says only
+        that something was written there. After a partition another gateway may have
+        taken the lapsed lease and journaled under it; taken for ours, it was
+        acknowledged as ours (found in review)."""
+        if not entries:
+            return
+        entry_id = b"%d-0" % entries[-1].ends_at
+        rows: Any = await self._conn.call(resp.pack(b"XRANGE", self._journal_key,
+                                                    entry_id, entry_id))
+        fields = dict(zip(rows[0][1][::2], rows[0][1][1::2], strict=True)) if rows else {}
+        if fields.get(b"e") != wire.journal_encoder.encode(entries):
+            raise WriterReplaced(
+                f"the journal's entry {entry_id.decode()} is not the batch this gateway "
+                "wrote there: another gateway journaled meanwhile, and this one stops "
+                "(docs/operations.md, \"Another gateway writes the journal\")")
 
     def _send(self, batch: _Batch) -> asyncio.Future[Any]:
         """Send one batch without waiting; its reply settles it (`_settle`)."""

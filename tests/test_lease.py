@@ -3,6 +3,7 @@ fencing, against a real Redis and real `matcher serve` processes."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -299,3 +300,131 @@ def test_a_lapsed_lease_over_a_journal_that_lost_writes_says_redis_lost_them(
     error = run(scenario())
     assert isinstance(error, JournalLost)
     assert str(error).startswith("Redis journal ends at seq 0, but 5 was acknowledged")
+
+
+def test_pipelined_writes_after_a_lapse_behind_a_refused_one_are_written_again(
+        redis_server: LocalRedis) -> None:
+    """`writes_in_flight` 2, Redis refusing writes past the lease (NOREPLICAS): the
+    first write is refused, the one behind it finds the journal short of where it
+    follows. That is a gap, rewritten in order, not another gateway's journal: the only
+    gateway was stopped for good (found in review)."""
+    async def scenario() -> tuple[Any, ...]:
+        client, _engine, submit = await _market(redis_server.url)
+        journal = Journal(client, KEYS, writer="A", writer_ttl_ms=300, max_inflight=2,
+                          max_retry_delay=0.1)
+        journal.start()
+        out = submit(ADMIN, "admin", wire.AddSegment(segment="X-30", core="X", tenor_days=30))
+        await journal.append(out.entry, out.trades)
+        await client.config_set("min-replicas-to-write", 1)    # refuses writes
+        await asyncio.sleep(0.5)                                # the lease lapses
+        futures = []
+        for amount in (10**9, 10**8):
+            out = submit(F11, "funder", wire.SetCreditLine(core="X", amount=amount))
+            futures.append(journal.append(out.entry, out.trades))
+            journal._pump()                    # sent at once, the second behind the first
+        await asyncio.sleep(0.3)
+        await client.config_set("min-replicas-to-write", 0)
+        done = [await asyncio.wait_for(asyncio.shield(f), 10) for f in futures]
+        entries = [i for i, _ in await client.xrange(KEYS.journal)]
+        error = journal.error
+        await journal.close()
+        await client.aclose()
+        return done, entries, error
+
+    done, entries, error = run(scenario())
+    assert error is None and done == [2, 3]
+    assert entries == [b"1-0", b"2-0", b"3-0"]
+
+
+def test_a_retried_write_found_under_its_number_must_be_its_own(
+        redis_server: LocalRedis) -> None:
+    """A write whose reply was lost is checked before it is sent again: something under
+    its number was taken for it. Another gateway that took the lapsed lease and
+    journaled there meanwhile had its entry acknowledged as this one's (found in
+    review)."""
+    async def scenario() -> tuple[Any, ...]:
+        client, engine, submit = await _market(redis_server.url)
+        journal = _journal(client, "A")
+        out = submit(ADMIN, "admin", wire.AddSegment(segment="X-30", core="X", tenor_days=30))
+        await journal.append(out.entry, out.trades)
+        mine = submit(F11, "funder", wire.SetCreditLine(core="X", amount=10**9))
+        theirs = wire.JournalEntry(mine.entry.seq, time.time_ns(), 0, wire.Resume())
+        await client.xadd(KEYS.journal, {"n": 1, "e": wire.journal_encoder.encode([theirs])},
+                          id=f"{theirs.seq}-0")           # B's, under the number
+        refused: BaseException | None = None
+        try:
+            await journal._check_ours([mine.entry])
+        except WriterReplaced as exc:
+            refused = exc
+        await journal._check_ours([theirs])              # its own: nothing to say
+        await journal.close()
+        await client.aclose()
+        return refused, engine.seq
+
+    refused, seq = run(scenario())
+    assert refused is not None and f"entry {seq}-0 is not the batch" in str(refused)
+
+
+def test_the_journal_is_healthy_again_once_a_check_that_met_busy_passes(
+        redis_server: LocalRedis) -> None:
+    """A check between writes that Redis answered BUSY (a long script elsewhere) left the
+    journal unhealthy on a connection that stayed good: /health 503 for good while
+    writes landed (found in review)."""
+    async def scenario() -> tuple[bool, bool]:
+        client, _engine, submit = await _market(redis_server.url)
+        await client.config_set("busy-reply-threshold", 50)
+        journal = _journal(client, "A")
+        out = submit(ADMIN, "admin", wire.AddSegment(segment="X-30", core="X", tenor_days=30))
+        await journal.append(out.entry, out.trades)
+        busy = await asyncio.create_subprocess_exec(
+            "redis-cli", "-p", str(redis_server.port), "eval",
+            "local i = 0 while i < 1e10 do i = i + 1 end return i", "0",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        await asyncio.sleep(0.4)                  # past the threshold: BUSY
+        journal.verify()
+        await asyncio.sleep(0.2)
+        during = journal.healthy
+        await client.script_kill()                # what an operator does about it
+        await busy.wait()
+        journal.verify()
+        deadline = time.monotonic() + 5
+        while not journal.healthy and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            journal.verify()
+        after = journal.healthy
+        await journal.close()
+        await client.aclose()
+        return during, after
+
+    during, after = run(scenario())
+    assert not during and after
+
+
+def test_an_abandoned_write_is_not_written_once_redis_takes_writes_again(
+        redis_server: LocalRedis) -> None:
+    """A shutdown that could wait no longer answered it `unconfirmed`; it was still
+    retried, and written, after (found in review)."""
+    async def scenario() -> tuple[Any, ...]:
+        client, _engine, submit = await _market(redis_server.url)
+        journal = Journal(client, KEYS, writer="A", writer_ttl_ms=60_000,
+                          max_retry_delay=0.1)
+        journal.start()
+        out = submit(ADMIN, "admin", wire.AddSegment(segment="X-30", core="X", tenor_days=30))
+        await journal.append(out.entry, out.trades)
+        await client.config_set("min-replicas-to-write", 1)
+        out = submit(F11, "funder", wire.SetCreditLine(core="X", amount=10**9))
+        held = journal.append(out.entry, out.trades)
+        await asyncio.sleep(0.4)                              # refused, retrying
+        journal.abandon("stopped")
+        answer = await asyncio.gather(held, return_exceptions=True)
+        await client.config_set("min-replicas-to-write", 0)
+        await asyncio.sleep(0.5)
+        entries = await client.xlen(KEYS.journal)
+        error = journal.error
+        await journal.close()
+        await client.aclose()
+        return answer, entries, error
+
+    [answer], entries, error = run(scenario())
+    assert isinstance(answer, RuntimeError) and str(error) == "stopped"
+    assert entries == 1
