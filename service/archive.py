@@ -334,9 +334,9 @@ async def _move(client: aioredis.Redis, keys: Keys, archive: JournalArchive,
         if removed != len(rows):    # nothing else trims the journal: worth a look
             log.warning("journal trim removed %d entries, %d were archived", removed,
                         len(rows))
-        log.info("journal: archived %d entries, seq %s to %s, in %s; trimmed from Redis "
-                 "(%.2f s)", len(rows), rows[0][0], rows[-1][0], path,
-                 time.monotonic() - began)
+        log.info("journal: archived %d entries, seq %d to %d, in %s; trimmed from Redis "
+                 "(%.2f s)", len(rows), stream_seq(rows[0][0]), stream_seq(rows[-1][0]),
+                 path, time.monotonic() - began)
         moved += len(rows)
         if len(rows) < FILE_ENTRIES:
             return moved

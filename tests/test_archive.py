@@ -40,7 +40,9 @@ async def forget_the_snapshot(client: aioredis.Redis) -> None:
 
 
 def test_after_a_snapshot_the_journal_before_it_moves_to_the_archive(
-        redis_server: LocalRedis, tmp_path: Path) -> None:
+        redis_server: LocalRedis, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="matcher.archive")
+
     async def scenario() -> None:
         client, journal, driver = await opened(redis_server, 31)
         await play(driver, journal, 2500)
@@ -55,6 +57,8 @@ def test_after_a_snapshot_the_journal_before_it_moves_to_the_archive(
         oldest = await client.xrange(KEYS.journal, count=1)
         assert oldest[0][0] == b"%d-0" % first
         assert await every_seq(client, archive) == list(range(1, driver.engine.seq + 1))
+        # In sequence numbers, as the runbook reads it (it logged entry ids).
+        assert re.search(r"journal: archived \d+ entries, seq \d+ to \d+, in ", caplog.text)
 
         await play(driver, journal, 1500)
         assert await follower.step()
