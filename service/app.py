@@ -647,7 +647,7 @@ class Service:
         # aiohttp has no setting for the default of every route it makes, the router's
         # own refusals included: `_expect` takes the place of its module's.
         web_urldispatcher._default_expect_handler = _expect  # type: ignore[assignment]
-        app = web.Application(middlewares=[_refusals])
+        app = web.Application(middlewares=[_refusals, self._unkeyed_budget])
         app[_GATEWAY] = True
         app.add_routes([
             web.get("/ws", self._ws),
@@ -662,6 +662,19 @@ class Service:
             app.router.add_static("/static/", STATIC)
         app.on_response_prepare.append(_not_stored)
         return app
+
+    @web.middleware
+    async def _unkeyed_budget(self, request: web.Request,
+                              handler: Handler) -> web.StreamResponse:
+        """The board's files take no key: they cost the address's budget, as the quote
+        and the segment list do (a file was answered for nothing, as often as anyone
+        asked). `/health` and `/metrics` do not: load balancers and Prometheus poll them,
+        and a probe refused would say the gateway is down."""
+        path = request.path
+        if (path == "/" or path.startswith("/static/")) \
+                and not self._quote_budgets.allow(forwarded.budget_key(self._client(request))):
+            return self._rate_limited("this address")
+        return await handler(request)
 
     async def _index(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC / "index.html")

@@ -2848,6 +2848,19 @@ def test_http_book_reads_cost_a_token_more_for_every_500_orders_resting(
     assert run(scenario()) == [200] * 367 + [429] * 3
 
 
+def test_the_boards_files_cost_the_addresss_budget_and_health_does_not(
+        start_server: Callable[..., ServerProcess]) -> None:
+    """The board's page and files take no key, and had no budget: each was answered as
+    often as anyone asked (noticed in an audit). `/health` and `/metrics` stay free, for
+    the load balancer and Prometheus."""
+    server = start_server(rate=0.5, burst=2)
+    assert [server.get(path)[0] for path in ("/", "/static/app.js", "/static/app.js")] == \
+        [200, 200, 429]
+    assert server.get("/v1/segments")[0] == 429                      # the same budget
+    assert [server.get("/health")[0] for _ in range(5)] == [200] * 5
+    assert server.get("/metrics")[0] == 200
+
+
 def test_the_segment_list_shares_the_quotes_budget_per_address(
         start_server: Callable[..., ServerProcess]) -> None:
     """`GET /v1/segments` needs no key and had no budget at all (found in review: 4,874
