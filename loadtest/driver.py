@@ -223,7 +223,7 @@ class Client:
             if event.ref == FOLLOW:
                 rec.follows_refused[event.code] += 1
             else:
-                rec.errors[event.code] += 1
+                rec.errors_unmatched[event.code] += 1
 
 
 class Run:

@@ -200,7 +200,7 @@ class Recorder:
     reconnects: int = 0                         # SMEs that left and signed in again
     books: int = 0                              # book updates the watchers received
     follows_refused: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # to nothing sent
+    errors_unmatched: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     reconnects_failed: list[str] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     fills: FillLedger = field(default_factory=lambda: FillLedger(set(), set()))
@@ -258,8 +258,8 @@ class Recorder:
             problems.append(f"fills requests refused: {refused}")
         if self.follows_refused:     # a watcher that follows nothing measures nothing
             problems.append(f"watchers' subscribes refused: {dict(self.follows_refused)}")
-        if self.errors:
-            problems.append(f"errors answering nothing sent: {dict(self.errors)}")
+        if self.errors_unmatched:        # an `error` that answers nothing sent
+            problems.append(f"errors answering nothing sent: {dict(self.errors_unmatched)}")
         problems += [f"an SME could not sign in again: {why}"
                      for why in self.reconnects_failed]
         return {
@@ -272,7 +272,8 @@ class Recorder:
             "amount_platform": self.fills.amount[PLATFORM], "over_line": over,
             "reads_sent": self.reads_sent, "reads_answered": self.reads_answered,
             "reads_refused": dict(self.reads_refused), "reconnects": self.reconnects,
-            "follows_refused": dict(self.follows_refused), "errors": dict(self.errors),
+            "follows_refused": dict(self.follows_refused),
+            "errors_unmatched": dict(self.errors_unmatched),
         }
 
     def timeline(self, offered: dict[int, int]) -> list[dict[str, Any]]:

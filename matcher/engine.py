@@ -580,18 +580,18 @@ class Engine:
         if not out.quiet:
             out.replies.append((cmd.participant, wire.SuspensionUpdate(suspended=False)))
 
-    def _unchanged(self, entry: wire.JournalEntry, out: Outcome) -> None:
+    def _unchanged(self, entry: wire.JournalEntry, out: Outcome,
+                   client_id: str | None = None) -> None:
         """A command whose effect is already there (a retry, or a report overtaken by a
         later one): `accepted` with `duplicate`, nothing journaled; `seq` is the latest
         command's, which reflects it."""
         out.replies.append((entry.participant, wire.Accepted(
-            client_id=None, seq=self.seq, duplicate=True)))
+            client_id=client_id, seq=self.seq, duplicate=True)))
 
     def _end_of_day(self, entry: wire.JournalEntry, out: Outcome) -> None:
         cmd = cast(wire.EndOfDay, entry.command)
         if cmd.client_id is not None and cmd.client_id == self.day_closed_by:
-            out.replies.append((entry.participant, wire.Accepted(
-                client_id=cmd.client_id, seq=self.seq, duplicate=True)))
+            self._unchanged(entry, out, cmd.client_id)
             return
         if cmd.client_id is not None:
             self.day_closed_by = cmd.client_id

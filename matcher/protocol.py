@@ -161,10 +161,11 @@ class Reinstate(_Message, tag="reinstate"):
 class EndOfDay(_Message, tag="end_of_day"):
     """The same-day disbursement cut-off: DAY orders expire, GTC orders stay.
 
-    `client_id` makes an admin's safe to send again: one that names the last end of
-    day's id is answered as a repeat and expires nothing. Without it, each one sent
-    expires what rests as DAY by then, DAY orders placed since the one before too (an
-    admin resending one after a lost answer expired them; found in an audit)."""
+    `client_id` makes an admin's safe to send again: one that names the client id of
+    the last end of day that had one is answered as a repeat and expires nothing.
+    Without it, each one sent expires what rests as DAY by then, DAY orders placed since
+    the one before too (an admin resending one after a lost answer expired them; found
+    in an audit)."""
 
     client_id: Name | None = None
 

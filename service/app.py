@@ -53,7 +53,7 @@ from service.gateway import (
     system,
 )
 from service.inbox import WebSocket, forget_traceback
-from service.journal import Journal, Keys, WriterReplaced, check_streams_follow, journal_start
+from service.journal import Journal, Keys, check_streams_follow, journal_start
 from service.lease import Lease, ShardTaken, new_token
 from service.localredis import LocalRedis
 from service.metrics import Metrics
@@ -320,10 +320,7 @@ class Service:
                                for ws, request in list(self._unsigned.items())))
         gw.history.close()
         await gw.journal.close()
-        if not isinstance(gw.journal.error, WriterReplaced):    # then it is another's
-            await self._release_lease()
-        elif self._lease_task is not None:
-            await cancel_all([self._lease_task])
+        await self._release_lease()         # only if it is still ours (`_RELEASE`)
         if self.runner is not None:
             await self.runner.cleanup()
         if self.client is not None:
@@ -719,8 +716,7 @@ class Service:
         if not self._quote_budgets.allow(address):
             return self._rate_limited("this address")
         # Its errors name its `ref`, as over the WebSocket (when it is a valid one).
-        ref = request.query.get("ref")
-        ref = ref if ref is not None and 1 <= len(ref) <= 64 else None
+        ref = _valid_ref(request.query.get("ref"))
         if gw.journal.error is not None:
             return self._refused(503, gw.unwritten(ref))
         segment = request.match_info["segment"]
@@ -1085,6 +1081,14 @@ async def _expect(request: web.Request) -> web.StreamResponse | None:
     _unlink(request)
     return _json_error(417, "expectation_failed",
                        f"{request.method} {request.path}: Expect {expect!r} is not met", None)
+
+
+def _valid_ref(text: str | None) -> str | None:
+    """`text` if it is what a message's `ref` may be (`wire.Name`), else None."""
+    try:
+        return msgspec.convert(text, wire.Name | None)
+    except msgspec.ValidationError:
+        return None
 
 
 def _whole_number(text: str) -> int | None:

@@ -61,11 +61,11 @@ def _replay(args: argparse.Namespace) -> int:
                     print("the journal is empty; no snapshot written", file=sys.stderr)
                     return 1
                 try:
-                    written = await store(client, keys, engine)
+                    digest = await store(client, keys, engine)
                 except SnapshotAhead as exc:     # the journal was cut while we read it
                     print(f"{exc}; snapshot not written", file=sys.stderr)
                     return 1
-                if not written:
+                if digest is None:
                     print("the stored snapshot is as new or newer; snapshot not written",
                           file=sys.stderr)
                     return 1

@@ -153,6 +153,12 @@ class ParticipantConfig(_Section):
     key_sha256: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")] | None = None
     cancel_on_disconnect: bool = True
 
+    def __post_init__(self) -> None:
+        # At load, with the participant's path (msgspec adds it).
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError(f"participant {self.name!r} needs exactly one of key, "
+                             "key_sha256")
+
 
 class DemoConfig(_Section):
     """Generated participants with predictable keys, and opening credit lines and bids."""
@@ -185,8 +191,6 @@ class Config(_Section):
     def all_participants(self) -> list[Participant]:
         out = []
         for p in self.participants + demo_participants(self.demo):
-            if (p.key is None) == (p.key_sha256 is None):
-                raise ValueError(f"participants: {p.name} needs exactly one of key, key_sha256")
             digest = p.key_sha256 or hash_key(p.key or "")
             out.append(Participant(id=p.id, name=p.name, role=p.role, key_sha256=digest,
                                    cancel_on_disconnect=p.cancel_on_disconnect))
@@ -274,14 +278,11 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def _check_participants(cfg: Config) -> None:
-    """Each participant's key and id, by its path, and then the directory the gateway
-    builds from them with the demo's: these were checked only once the start had begun,
-    and refused with a traceback (found in an audit)."""
+    """Each participant's id, by its path, and then the directory the gateway builds
+    from them with the demo's (ids of the demo's, keys shared): these were checked only
+    once the start had begun, and refused with a traceback (found in an audit)."""
     ids: set[int] = set()
     for i, p in enumerate(cfg.participants):
-        if (p.key is None) == (p.key_sha256 is None):
-            raise msgspec.ValidationError(f"participant {p.name!r} needs exactly one of key, "
-                                          f"key_sha256 - at `$.participants[{i}]`")
         if p.id in ids:
             raise msgspec.ValidationError(f"id {p.id} is given twice - at "
                                           f"`$.participants[{i}].id`")

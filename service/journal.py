@@ -271,8 +271,6 @@ def _gap(exc: BaseException | None) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("GAP ")
 
 
-
-
 @dataclass(slots=True)
 class _Batch:
     """Commands written together, and the future their replies wait for."""
@@ -297,6 +295,26 @@ def _lost(last: int, acknowledged: int) -> JournalLost:
 
 class WriterReplaced(RuntimeError):
     """Another gateway holds the shard's writer lease: this one must not write (ADR 31)."""
+
+
+def writer_refusal(reply: str, acknowledged: int) -> Exception | None:
+    """What a lease's refusal means, from the write script's or the renewal's reply
+    (`FENCED <holder>`, `LAPSED <where the journal ends>`); None for any other reply.
+    A journal that ends short of what was acknowledged lost writes (a Redis restarted
+    empty takes the lease's key with it), which is not another gateway."""
+    kind, _, what = reply.partition(" ")
+    if kind == "LAPSED" and stream_seq(what) < acknowledged:
+        return _lost(stream_seq(what), acknowledged)
+    if kind == "LAPSED":
+        who = (f"this gateway's lease lapsed and another wrote the journal meanwhile (it "
+               f"ends at {what}); another may hold")
+    elif kind == "FENCED":
+        who = f"another gateway ({what}) holds"
+    else:
+        return None
+    return WriterReplaced(f"{who} this shard's writer lease and writes its journal: this "
+                          "one stops (docs/operations.md, \"Another gateway writes the "
+                          "journal\")")
 
 
 class Journal:
@@ -385,7 +403,7 @@ class Journal:
         empty in a quiet market took writes, so `/health` said ready and the 9:00
         checks passed, and the first command of the day was answered `unconfirmed`
         (found in an operator's audit). The app's probe asks once a quiet second."""
-        if self.error is None and not self._window and self._durable is None:
+        if self._idle():
             self._verify = True
             self._wake.set()
 
@@ -414,7 +432,7 @@ class Journal:
             try:
                 if self._recovering:
                     await self._recover()
-                if self._verify and not self._window and self._durable is None:
+                if self._verify and self._idle():
                     if self._ready():
                         await self._landed(None)
                     else:
@@ -445,7 +463,7 @@ class Journal:
                 await asyncio.sleep(unreachable)
                 self._wake.set()
             except Exception as exc:   # a bug or lost data: nothing more can be acknowledged
-                self._stop(exc)
+                self._stop(self._as_refusal(exc))
                 return
 
     async def _forget_node(self) -> None:
@@ -515,7 +533,7 @@ class Journal:
                 self._wake.set()
                 return
             if exc is not None:
-                self._stop(exc)
+                self._stop(self._as_refusal(exc))
                 return
             self._window.popleft()
             self._durable_batch(batch)
@@ -572,34 +590,29 @@ class Journal:
             self._stop(RuntimeError(why))
 
     def replaced(self, why: str) -> None:
-        """Another gateway took the writer lease (`FENCED <holder>`), or wrote while it
-        had lapsed (`LAPSED <where the journal ends>`): stop before writing after it."""
-        if self.error is None:
-            self._stop(WriterReplaced(why))
+        """The renewal's refusal (`writer_refusal`): another gateway took the writer
+        lease, or wrote while it had lapsed (`WriterReplaced`), or Redis lost what was
+        acknowledged (`JournalLost`). Stop before writing after it."""
+        self._stop(writer_refusal(why, self.written_seq) or WriterReplaced(why))
+
+    def _as_refusal(self, exc: BaseException) -> BaseException:
+        """A write script's error reply, as what it means when it is the lease's."""
+        if isinstance(exc, ResponseError):
+            return writer_refusal(str(exc), self.written_seq) or exc
+        return exc
+
+    def _idle(self) -> bool:
+        """Nothing of ours on its way to Redis, and the journal not stopped."""
+        return not self._window and self._durable is None and self.error is None
 
     def quiet_tail(self) -> bytes | None:
         """The id the journal ends at, if nothing of ours is on its way to it: what the
         lease's renewal may check before taking a lapsed lease again."""
-        if self._window or self._durable is not None or self.error is not None:
-            return None
-        return b"%d-0" % self.written_seq
+        return b"%d-0" % self.written_seq if self._idle() else None
 
     def _stop(self, exc: BaseException) -> None:
         if self.error is not None:          # once: `abandon` may come first
             return
-        text = str(exc)
-        if text.startswith("LAPSED ") and stream_seq(text.split()[1]) < self.written_seq:
-            # The lease's key went with what the journal held: a Redis restarted empty,
-            # or a failover to a replica that was behind, not another gateway.
-            exc = _lost(stream_seq(text.split()[1]), self.written_seq)
-        elif text.startswith(("FENCED ", "LAPSED ")):
-            who = (f"another gateway ({text.removeprefix('FENCED ')}) holds"
-                   if not text.startswith("LAPSED ") else
-                   f"this gateway's lease lapsed and another wrote the journal meanwhile "
-                   f"(it ends at {text.removeprefix('LAPSED ')}); another may hold")
-            exc = WriterReplaced(
-                f"{who} this shard's writer lease and writes its journal: this one stops "
-                "(docs/operations.md, \"Another gateway writes the journal\")")
         log.critical("journal stopped, nothing more will be acknowledged: %s", exc)
         self.healthy = False
         self.error = exc if isinstance(exc, Exception) else RuntimeError(str(exc))

@@ -260,16 +260,16 @@ class Snapshotter:
     async def _snapshot(self) -> bool:
         """Store one now, then move the journal it covers to the archive. True if
         stored."""
-        written = await store(self.client, self.keys, self.engine, applied=self.applied)
+        digest = await store(self.client, self.keys, self.engine, applied=self.applied)
         # Not written: another writer stored a newer one (the gateway at shutdown).
-        self.stored = self.engine.seq if written else await stored_seq(self.client, self.keys)
-        if written:
-            log.info("snapshot written at seq %d, state hash %s", self.engine.seq, written)
+        self.stored = self.engine.seq if digest else await stored_seq(self.client, self.keys)
+        if digest:
+            log.info("snapshot written at seq %d, state hash %s", self.engine.seq, digest)
             await self._trim()
             # Automatic collection is off here as in the gateway (`gctune`); between
             # snapshots is this process's quiet moment to reclaim any cycles.
             gctune.full_collect()
-        return written is not None
+        return digest is not None
 
     async def _trim(self) -> None:
         """Move what the new snapshot covers to the archive, then out of Redis. A failed

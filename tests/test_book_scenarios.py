@@ -979,10 +979,14 @@ def test_a_bid_with_a_min_ticket_walks_the_asks_it_skips_once_not_once_per_fill(
     assert walked() - before == 1_000 + 1 + 10             # each ask once
     assert fills == ref.bid(1, F1, 300, 10_000, min_ticket=1_000)
     assert [f.ask_id for f in fills] == [12_000 + i for i in range(10)]
-    # 500 left, below its min_ticket of 1,000: one rescan, and the 600 takes it all.
+    # Nothing of 1,000 left: a pass with no fill, and no rescan.
+    before = walked()
     fills = core.bid(2, F1, 300, 10_500, min_ticket=1_000, tif="ioc")
+    assert walked() - before == 1_001
     assert fills == ref.bid(2, F1, 300, 10_500, min_ticket=1_000, tif="ioc")
-    assert fills == []                                     # nothing left of 1,000 each
+    assert fills == []
+    # 500 left after the 10,000, below its min_ticket of 1,000: one rescan, and the 600
+    # takes it all.
     core.ask(13_000, S3, 350, 10_000, tif="gtc")
     ref.ask(13_000, S3, 350, 10_000, tif="gtc")
     before = walked()

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from matcher import protocol as wire
 from matcher.engine import Engine
@@ -351,18 +352,29 @@ def test_a_retried_write_found_under_its_number_must_be_its_own(
         theirs = wire.JournalEntry(mine.entry.seq, time.time_ns(), 0, wire.Resume())
         await client.xadd(KEYS.journal, {"n": 1, "e": wire.journal_encoder.encode([theirs])},
                           id=f"{theirs.seq}-0")           # B's, under the number
+        # A's write goes out and its reply is lost (the partition): not sent at all, and
+        # settled as the connection settles a reply.
+        loop = asyncio.get_running_loop()
+        lost: asyncio.Future[Any] = loop.create_future()
+        lost.set_exception(RedisConnectionError("connection lost"))
+
+        def send(batch: Any) -> asyncio.Future[Any]:
+            loop.call_soon(journal._settle)
+            return lost
+        journal._send = send                                # type: ignore[method-assign]
         refused: BaseException | None = None
         try:
-            await journal._check_ours([mine.entry])
+            await journal.append(mine.entry, mine.trades)
         except WriterReplaced as exc:
             refused = exc
-        await journal._check_ours([theirs])              # its own: nothing to say
+        error = journal.error
         await journal.close()
         await client.aclose()
-        return refused, engine.seq
+        return refused, error, engine.seq
 
-    refused, seq = run(scenario())
+    refused, error, seq = run(scenario())
     assert refused is not None and f"entry {seq}-0 is not the batch" in str(refused)
+    assert error is refused
 
 
 def test_the_journal_is_healthy_again_once_a_check_that_met_busy_passes(

@@ -197,7 +197,8 @@ def test_a_refused_subscribe_of_the_watchers_fails_the_reconciliation() -> None:
     client._on_message(json.dumps({"type": "error", "code": "invalid", "message": "m",
                                    "path": "$.x"}).encode(), 3)
     out = run.rec.reconcile({})
-    assert (out["follows_refused"], out["errors"]) == ({"rate_limited": 1}, {"invalid": 1})
+    assert (out["follows_refused"], out["errors_unmatched"]) == ({"rate_limited": 1},
+                                                                  {"invalid": 1})
     assert not out["ok"]
     assert "watchers' subscribes refused: {'rate_limited': 1}" in out["problems"]
     assert "errors answering nothing sent: {'invalid': 1}" in out["problems"]
