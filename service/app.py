@@ -305,7 +305,8 @@ class Service:
             why = (f"Redis did not take them within shutdown_timeout, {timeout:g} s"
                    if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}")
             log.error("could not finish the journal writes (%s); the commands not yet "
-                      "written are lost, and none of them was acknowledged", why)
+                      "written may or may not land (a write on its way can), none was "
+                      "acknowledged, and their senders are told `unconfirmed`", why)
             # Their senders are told so before the connections close (found in review).
             gw.journal.abandon(f"the gateway stopped before Redis took these writes ({why})")
             for _ in range(3):          # the batches' callbacks, then the sends they queue

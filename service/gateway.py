@@ -823,7 +823,23 @@ class Gateway:
         # every `STATUS_ORDERS_PER_TOKEN` orders, about what a command costs, which the
         # connection's next messages wait for.
         conn.allow.owe(self.engine.resting_count(whose) / STATUS_ORDERS_PER_TOKEN)
-        conn.send(self._encode(self.engine.status(whose)))
+        # Read now, sent once the journal holds every command it shows (and after the
+        # answers to those commands): it listed orders and loans not yet written, which
+        # a crash then took back, to a client told to rebuild its position from it
+        # (found in an audit). Later commands are not in it.
+        data = self._encode(self.engine.status(whose))
+        barrier = self.journal.barrier() or self._held_batch
+        if barrier is None:
+            conn.send(data)
+        else:
+            barrier.add_done_callback(partial(self._status_durable, conn, data))
+
+    def _status_durable(self, conn: Connection, data: bytes,
+                        batch: asyncio.Future[int]) -> None:
+        if batch.cancelled() or batch.exception() is not None:
+            self._error(conn, self.unwritten())
+        else:
+            conn.send(data)
 
     def _quote(self, conn: Connection, req: wire.QuoteRequest) -> None:
         if self.journal.error is not None:

@@ -1803,6 +1803,33 @@ def test_sigterm_while_redis_does_not_answer_tells_the_held_commands_unconfirmed
     assert [(m["type"], m["client_id"]) for m in got] == [("unconfirmed", "b1")]
 
 
+def test_status_shows_only_what_the_journal_holds(
+        start_server: Callable[..., ServerProcess], redis_server: LocalRedis) -> None:
+    """`status` listed a bid and a loan not yet written, which a crash then took back,
+    to a client told to rebuild its position from it (found in an audit): it is
+    answered once the journal holds what it shows, after those commands' answers."""
+    server = start_server()
+
+    async def scenario() -> tuple[list[str], list[Any]]:
+        async with session(server, F11) as f11:
+            await f11.ok(line("DFM"))
+            assert redis_server.process is not None
+            os.kill(redis_server.process.pid, signal.SIGSTOP)     # Redis stalls
+            try:
+                await f11.send(bid("b1", "DFM-30D", 250, 1_000))
+                await f11.send({"type": "status"})
+                early = await f11.quiet(0.5)                      # nothing yet
+            finally:
+                os.kill(redis_server.process.pid, signal.SIGCONT)
+            got = [await f11.recv(), await f11.recv()]
+        return [m["type"] for m in early], got
+
+    early, (first, second) = run(scenario())
+    assert early == []
+    assert (first["type"], first["client_id"]) == ("accepted", "b1")
+    assert second["type"] == "status" and [o["client_id"] for o in second["orders"]] == ["b1"]
+
+
 def test_a_client_reconnecting_during_the_shutdown_is_refused_or_closed_1001(
         server: ServerProcess) -> None:
     """Clients closed with 1001 reconnect at once. One that gets in while the server
