@@ -664,14 +664,17 @@ class Service:
     @web.middleware
     async def _unkeyed_budget(self, request: web.Request,
                               handler: Handler) -> web.StreamResponse:
-        """The board's files take no key: they cost the address's budget, as the quote
-        and the segment list do (a file was answered for nothing, as often as anyone
-        asked). `/health` and `/metrics` do not: load balancers and Prometheus poll them,
-        and a probe refused would say the gateway is down."""
+        """What takes no key costs the client address's budget, one place for all: the
+        segment list, the quote (their handlers owe more for the orders they walk) and
+        the board's files (a file was answered for nothing, as often as anyone asked).
+        `/health` and `/metrics` do not: load balancers and Prometheus poll them, and a
+        probe refused would say the gateway is down."""
         path = request.path
-        if (path == "/" or path.startswith("/static/")) \
-                and not self._quote_budgets.allow(forwarded.budget_key(self._client(request))):
-            return self._rate_limited("this address")
+        if path == "/" or path.startswith(("/static/", "/v1/segments")):
+            address = forwarded.budget_key(self._client(request))
+            request[_ADDRESS] = address
+            if not self._quote_budgets.allow(address):
+                return self._rate_limited("this address")
         return await handler(request)
 
     async def _index(self, request: web.Request) -> web.FileResponse:
@@ -692,9 +695,7 @@ class Service:
     async def _segments(self, request: web.Request) -> web.Response:
         gw = self.gateway
         assert gw is not None
-        address = forwarded.budget_key(self._client(request))
-        if not self._quote_budgets.allow(address):
-            return self._rate_limited("this address")      # no key: the quote's budget
+        address = request[_ADDRESS]                 # its budget allowed it (middleware)
         bad = _unknown_parameter(request, ())
         if bad is not None:
             return self._refused(400, bad)
@@ -713,9 +714,7 @@ class Service:
     async def _rest_quote(self, request: web.Request) -> web.Response:
         gw = self.gateway
         assert gw is not None
-        address = forwarded.budget_key(self._client(request))
-        if not self._quote_budgets.allow(address):
-            return self._rate_limited("this address")
+        address = request[_ADDRESS]                 # its budget allowed it (middleware)
         # Its errors name its `ref`, as over the WebSocket (when it is a valid one).
         ref = _valid_ref(request.query.get("ref"))
         if gw.journal.error is not None:
@@ -1033,6 +1032,11 @@ def check_listen(host: str, port: int) -> None:
                 raise StartRefused(f"server.port: cannot listen on {address[0]} port "
                                     f"{port} ({exc.strerror}): is a gateway running "
                                     "there already?") from None
+
+
+#: The request's client address as its budget knows it (`forwarded.budget_key`), set by
+#: `Service._unkeyed_budget` for the handlers that owe more.
+_ADDRESS = web.RequestKey[str | None]("address")
 
 
 @web.middleware
