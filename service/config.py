@@ -277,16 +277,24 @@ def load(path: str | Path | None, environ: dict[str, str] | None = None) -> Conf
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
+def _repeated(ids: list[Any]) -> int | None:
+    """The index of the first id given before it in `ids`, if any."""
+    seen: set[Any] = set()
+    for i, value in enumerate(ids):
+        if value in seen:
+            return i
+        seen.add(value)
+    return None
+
+
 def _check_participants(cfg: Config) -> None:
     """Each participant's id, by its path, and then the directory the gateway builds
     from them with the demo's (ids of the demo's, keys shared): these were checked only
     once the start had begun, and refused with a traceback (found in an audit)."""
-    ids: set[int] = set()
-    for i, p in enumerate(cfg.participants):
-        if p.id in ids:
-            raise msgspec.ValidationError(f"id {p.id} is given twice - at "
-                                          f"`$.participants[{i}].id`")
-        ids.add(p.id)
+    i = _repeated([p.id for p in cfg.participants])
+    if i is not None:
+        raise msgspec.ValidationError(f"id {cfg.participants[i].id} is given twice - at "
+                                      f"`$.participants[{i}].id`")
     try:
         Directory(cfg.all_participants())
     except ValueError as exc:
@@ -297,12 +305,10 @@ def _checked(data: dict[str, Any]) -> Config:
     """The settings as a Config, each checked: raises ValidationError naming the path."""
     # strict=False: environment values are strings ("8081" -> 8081).
     cfg = msgspec.convert(data, Config, strict=False)
-    seen: set[str] = set()
-    for i, seg in enumerate(cfg.segments):
-        if seg.id in seen:
-            raise msgspec.ValidationError(f"segment {seg.id!r} is configured twice - at "
-                                          f"`$.segments[{i}].id`")
-        seen.add(seg.id)
+    i = _repeated([seg.id for seg in cfg.segments])
+    if i is not None:
+        raise msgspec.ValidationError(f"segment {cfg.segments[i].id!r} is configured twice "
+                                      f"- at `$.segments[{i}].id`")
     for i, proxy in enumerate(cfg.server.trusted_proxies):
         try:
             ipaddress.ip_network(proxy, strict=False)

@@ -25,7 +25,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -1775,6 +1775,17 @@ def test_sigterm_closes_clients_1001_and_exits_0(server: ServerProcess) -> None:
     assert (sme_got, sme_code) == ([], 1001)
 
 
+@contextmanager
+def stalled(redis_server: LocalRedis) -> Iterator[None]:
+    """Redis stopped in its tracks (SIGSTOP), its connections open, until the block ends."""
+    assert redis_server.process is not None
+    os.kill(redis_server.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+
+
 def test_sigterm_while_redis_does_not_answer_tells_the_held_commands_unconfirmed(
         start_server: Callable[..., ServerProcess], redis_server: LocalRedis,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1787,15 +1798,11 @@ def test_sigterm_while_redis_does_not_answer_tells_the_held_commands_unconfirmed
     async def scenario() -> tuple[Any, ...]:
         async with session(server, F11) as f11:
             await f11.ok(line("DFM"))
-            assert redis_server.process is not None
-            os.kill(redis_server.process.pid, signal.SIGSTOP)     # Redis stalls
-            try:
+            with stalled(redis_server):
                 await f11.send(bid("b1", "DFM-30D", 250, 1_000))
                 await asyncio.sleep(0.3)                          # applied, held
                 status = await asyncio.to_thread(server.terminate)
                 got, code = await f11.closed()
-            finally:
-                os.kill(redis_server.process.pid, signal.SIGCONT)
             return status, got, code
 
     status, got, code = run(scenario())
@@ -1813,14 +1820,10 @@ def test_status_shows_only_what_the_journal_holds(
     async def scenario() -> tuple[list[str], list[Any]]:
         async with session(server, F11) as f11:
             await f11.ok(line("DFM"))
-            assert redis_server.process is not None
-            os.kill(redis_server.process.pid, signal.SIGSTOP)     # Redis stalls
-            try:
+            with stalled(redis_server):
                 await f11.send(bid("b1", "DFM-30D", 250, 1_000))
                 await f11.send({"type": "status"})
                 early = await f11.quiet(0.5)                      # nothing yet
-            finally:
-                os.kill(redis_server.process.pid, signal.SIGCONT)
             got = [await f11.recv(), await f11.recv()]
         return [m["type"] for m in early], got
 
